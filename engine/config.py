@@ -1,0 +1,161 @@
+"""Model configuration: Llama hyper-parameters, named presets, and reading a HF `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-family model. Field names follow Hugging Face's `LlamaConfig`."""
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    head_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"{self.name}: hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{self.name}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind in (None, "default"):
+                object.__setattr__(self, "rope_scaling", None)
+            elif kind != "llama3":
+                raise ConfigError(
+                    f"{self.name}: rope_scaling type {kind!r} is not supported; "
+                    "only Llama-3 ('llama3') scaling or none"
+                )
+
+    @property
+    def num_params(self) -> int:
+        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = h * d * (self.num_attention_heads + 2 * self.num_key_value_heads) + self.num_attention_heads * d * h
+        per_layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else self.vocab_size * h
+        return self.num_hidden_layers * per_layer + self.vocab_size * h + h + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The `config.json` of an equivalent Hugging Face `LlamaForCausalLM`."""
+        d = {k: v for k, v in self.to_dict().items() if k != "name"}
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                 attention_bias=False, mlp_bias=False, torch_dtype="float32")
+        if d["rope_scaling"] is None:
+            del d["rope_scaling"]
+        return d
+
+
+_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+# Shapes from the public config.json of each model.
+PRESETS: dict[str, ModelConfig] = {
+    # The CPU default: GQA, Llama-3 RoPE scaling, compiles and runs in seconds.
+    "tiny": ModelConfig(
+        name="tiny", hidden_size=128, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
+        max_position_embeddings=2048, rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_SCALING, "factor": 4.0, "original_max_position_embeddings": 256},
+    ),
+    "tinyllama-1.1b": ModelConfig(
+        name="tinyllama-1.1b", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+        max_position_embeddings=2048, rope_theta=10000.0,
+    ),
+    "llama3.2-1b": ModelConfig(
+        name="llama3.2-1b", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
+        rope_scaling={**_LLAMA3_SCALING, "factor": 32.0},
+    ),
+    "llama3-8b": ModelConfig(
+        name="llama3-8b", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+    "llama2-13b": ModelConfig(
+        name="llama2-13b", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, vocab_size=32000,
+        max_position_embeddings=4096, rope_theta=10000.0,
+    ),
+    "llama3-70b": ModelConfig(
+        name="llama3-70b", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0,
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+_HF_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)} - {"name"}
+
+
+def from_hf_folder(path: str | Path) -> ModelConfig:
+    """Read the `config.json` of a local Hugging Face Llama checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ConfigError(f"checkpoint folder {str(folder)!r} does not exist; pass model.path=<a local HF Llama folder>")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ConfigError(f"{str(folder)!r} has no config.json; it must be a Hugging Face checkpoint folder")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{cfg_file} is not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file} must hold a JSON object")
+    archs = raw.get("architectures") or []
+    if raw.get("model_type") not in (None, "llama") or (archs and "LlamaForCausalLM" not in archs):
+        raise ConfigError(f"{cfg_file} describes {raw.get('model_type') or archs}, not a Llama (LlamaForCausalLM)")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "vocab_size") if k not in raw]
+    if missing:
+        raise ConfigError(f"{cfg_file} lacks {', '.join(missing)}; is it a Llama config.json?")
+    if raw.get("hidden_act", "silu") != "silu" or raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise ConfigError(f"{cfg_file}: only silu activation without attention/MLP biases is supported")
+    fields = {k: raw[k] for k in _HF_FIELDS if raw.get(k) is not None}
+    rope = raw.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            fields["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        if scaling.get("rope_type", "default") != "default":
+            fields["rope_scaling"] = scaling
+    fields.setdefault("num_key_value_heads", raw["num_attention_heads"])
+    fields.setdefault("max_position_embeddings", 2048)
+    return ModelConfig(name=folder.name, **fields)

@@ -1,0 +1,163 @@
+"""Prefill and decode over TVM's paged KV cache, with greedy sampling on the device.
+
+Every prefill chunk and decode step is reported to the `on_step` hooks as a `StepTiming`
+(host clock, taken after the step's result is on the host, so it includes device time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .config import ConfigError
+
+
+@dataclasses.dataclass
+class StepTiming:
+    kind: str  # "prefill" | "decode"
+    index: int  # decode step number, or prefill chunk number
+    start: float  # time.perf_counter() seconds
+    end: float
+    tokens: int  # tokens processed in this step (prompt tokens, or batch size)
+
+    @property
+    def seconds(self) -> float:
+        return self.end - self.start
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompts: list[list[int]]
+    tokens: list[list[int]]  # generated tokens per sequence (the first comes from prefill)
+    steps: list[StepTiming]
+
+    @property
+    def prefill_steps(self) -> list[StepTiming]:
+        return [s for s in self.steps if s.kind == "prefill"]
+
+    @property
+    def decode_steps(self) -> list[StepTiming]:
+        return [s for s in self.steps if s.kind == "decode"]
+
+
+StepHook = Callable[[StepTiming], None]
+
+
+class Generator:
+    """Drives one session's model: a KV cache of `max_batch` sequences of `max_total_len` tokens."""
+
+    def __init__(self, session, max_batch: int = 1, max_total_len: int = 2048, prefill_chunk: int = 2048,
+                 page_size: int = 16, on_step: Sequence[StepHook] = ()):
+        context = session.artifact.build_spec().config.max_position_embeddings
+        if max_total_len > context:
+            raise ConfigError(f"max_total_len {max_total_len} exceeds the model's context {context}")
+        self.session = session
+        self.max_batch, self.max_total_len = max_batch, max_total_len
+        self.prefill_chunk, self.page_size = prefill_chunk, page_size
+        self.hooks = list(on_step)
+        self.kv = None
+        self._lengths: dict[int, int] = {}
+
+    def reset(self) -> None:
+        """A fresh, empty KV cache (old sequences dropped)."""
+        self.kv = None
+        self.kv = self.session.create_kv_cache(self.max_batch, self.max_total_len, self.prefill_chunk, self.page_size)
+        self._lengths = {}
+
+    def _emit(self, timing: StepTiming) -> None:
+        for hook in self.hooks:
+            hook(timing)
+
+    def _check_room(self, seq_id: int, extra: int) -> None:
+        total = self._lengths.get(seq_id, 0) + extra
+        if total > self.max_total_len:
+            raise ConfigError(f"sequence {seq_id} would reach {total} tokens, over the KV cache's "
+                              f"{self.max_total_len}; shorten the prompt or the number of new tokens")
+
+    def add_sequence(self, seq_id: int) -> None:
+        if self.kv is None:
+            self.reset()
+        if len(self._lengths) >= self.max_batch:
+            raise ConfigError(f"the KV cache holds at most {self.max_batch} sequences")
+        self.session.add_sequence(self.kv, seq_id)
+        self._lengths[seq_id] = 0
+
+    def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int]):
+        for sid, n in zip(seq_ids, lengths):
+            self._check_room(sid, n)
+        s = self.session
+        s.begin_forward(self.kv, seq_ids, lengths)
+        out = s.call(fn, ids, self.kv)
+        s.end_forward(self.kv)
+        for sid, n in zip(seq_ids, lengths):
+            self._lengths[sid] += n
+        return out
+
+    def prefill(self, seq_id: int, prompt: Sequence[int], all_logits: bool = False):
+        """Feed `prompt` in chunks. Returns (next token, logits[vocab]) or, with `all_logits`,
+        the logits of every prompt position [len, vocab]."""
+        if len(prompt) == 0:
+            raise ConfigError("the prompt is empty; give at least one token")
+        rows, token, last = [], None, None
+        for chunk_no, lo in enumerate(range(0, len(prompt), self.prefill_chunk)):
+            chunk = np.asarray(prompt[lo:lo + self.prefill_chunk], dtype=np.int32)[None, :]
+            start = time.perf_counter()
+            if all_logits:
+                logits, _ = self._forward("prefill_logits", [seq_id], chunk, [chunk.shape[1]])
+                rows.append(self.session.to_numpy(logits))
+            else:
+                token, last, _ = self._forward("prefill", [seq_id], chunk, [chunk.shape[1]])
+                token = int(self.session.to_numpy(token)[0])
+            self._emit(StepTiming("prefill", chunk_no, start, time.perf_counter(), chunk.shape[1]))
+        if all_logits:
+            return np.concatenate(rows, axis=0)
+        return token, last
+
+    def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], step: int = 0):
+        """One decode step for `seq_ids` fed `tokens`; returns (next tokens, device logits)."""
+        ids = np.asarray(tokens, dtype=np.int32).reshape(len(seq_ids), 1)
+        fn = "decode" if len(seq_ids) == 1 else "batch_decode"
+        start = time.perf_counter()
+        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids))
+        next_host = self.session.to_numpy(next_ids).astype(np.int64).tolist()
+        self._emit(StepTiming("decode", step, start, time.perf_counter(), len(seq_ids)))
+        return next_host, logits
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> GenerationResult:
+        """Greedy generation for a batch of prompts (each prefilled, then decoded together)."""
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(prompts) > self.max_batch:
+            raise ConfigError(f"{len(prompts)} prompts but the KV cache holds {self.max_batch}; raise max_batch")
+        steps: list[StepTiming] = []
+        self.hooks.append(steps.append)
+        try:
+            self.reset()
+            seq_ids = list(range(len(prompts)))
+            out: list[list[int]] = []
+            for sid, prompt in zip(seq_ids, prompts):
+                self._check_room(sid, len(prompt) + max_new_tokens - 1)
+                self.add_sequence(sid)
+                token, _ = self.prefill(sid, prompt)
+                out.append([token])
+            for step in range(max_new_tokens - 1):
+                nxt, _ = self.decode(seq_ids, [o[-1] for o in out], step)
+                for o, t in zip(out, nxt):
+                    o.append(t)
+        finally:
+            self.hooks.remove(steps.append)
+        return GenerationResult([list(p) for p in prompts], out, steps)
+
+    def teacher_forced_logits(self, tokens: Sequence[int], prompt_len: int) -> np.ndarray:
+        """Logits at every position of `tokens`: the first `prompt_len` in one prefill, the rest
+        one decode step each (fed the given token, not the sampled one). [len(tokens), vocab]."""
+        self.reset()
+        self.add_sequence(0)
+        rows = [self.prefill(0, tokens[:prompt_len], all_logits=True)]
+        for i, tok in enumerate(tokens[prompt_len:]):
+            _, logits = self.decode([0], [tok], i)
+            rows.append(self.session.to_numpy(logits).reshape(1, -1))
+        return np.concatenate(rows, axis=0)

@@ -1,0 +1,206 @@
+"""Llama in `tvm.relax.frontend.nn`, per tensor-parallel rank, with TVM's paged KV cache.
+
+Exported functions (parameters packed into one tuple argument, as MLC does):
+  prefill(input_ids[1, s], kv)          -> (next_token[1], logits[1, vocab], kv)   last position
+  prefill_logits(input_ids[1, s], kv)   -> (logits[s, vocab], kv)                  every position
+  decode(input_ids[1, 1], kv)           -> (next_token[1], logits[1, vocab], kv)   static batch 1
+  batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
+  create_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window) -> kv
+Greedy sampling (argmax) happens on the device; logits stay there unless read.
+"""
+
+from __future__ import annotations
+
+from tvm import relax, te, topi
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+
+from .config import ModelConfig
+from .quantize import GROUP_SIZE, QuantSpec, te_embedding, te_linear
+from .sharding import ShardPlan
+
+
+def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parameter]:
+    if not spec.quantized:
+        return {"weight": nn.Parameter((rows, cols), spec.model_dtype)}
+    return {"q_weight": nn.Parameter((rows, cols // spec.per_word), "uint32"),
+            "q_scale": nn.Parameter((rows, cols // GROUP_SIZE), "float16")}
+
+
+class Linear(nn.Module):
+    """y = x W^T, W [out, in], (de)quantized inline in the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, out_dtype: str | None = None):
+        self.spec = spec
+        self.out_dtype = out_dtype or spec.model_dtype
+        for name, param in _weight_params(spec, out_features, in_features).items():
+            setattr(self, name, param)
+
+    def _weights(self) -> list[Tensor]:
+        return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype), "linear", [x, *self._weights()])
+
+
+class Embedding(Linear):
+    """Token embedding; `forward` gathers rows, `lm_head` multiplies by the table (tied head)."""
+
+    def __init__(self, vocab: int, hidden: int, spec: QuantSpec):
+        super().__init__(hidden, vocab, spec)
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
+
+    def lm_head(self, x: Tensor) -> Tensor:
+        return op.tensor_expr_op(te_linear(self.spec, "float32"), "lm_head", [x, *self._weights()])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, plan: ShardPlan, spec: QuantSpec):
+        self.head_dim = config.head_dim
+        self.q_heads, self.kv_heads = plan.q_heads, plan.kv_heads
+        d = self.head_dim
+        self.qkv_proj = Linear(config.hidden_size, (self.q_heads + 2 * self.kv_heads) * d, spec)
+        self.o_proj = Linear(self.q_heads * d, config.hidden_size, spec)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.q_heads * self.head_dim)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, plan: ShardPlan, spec: QuantSpec):
+        self.gate_up_proj = Linear(config.hidden_size, 2 * plan.intermediate, spec)
+        self.down_proj = Linear(plan.intermediate, config.hidden_size, spec)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, plan: ShardPlan, spec: QuantSpec):
+        self.tp = plan.tp
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=spec.model_dtype)
+        self.self_attn = Attention(config, plan, spec)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=spec.model_dtype)
+        self.mlp = MLP(config, plan, spec)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        return op.ccl_allreduce(partial, "sum") if self.tp > 1 else partial
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        x = x + self._reduce(self.self_attn(self.input_layernorm(x), kv, layer_id))
+        return x + self._reduce(self.mlp(self.post_attention_layernorm(x)))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, plan: ShardPlan, spec: QuantSpec):
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, spec)
+        self.layers = nn.ModuleList([DecoderLayer(config, plan, spec) for _ in range(config.num_hidden_layers)])
+        self.norm = nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=spec.model_dtype)
+
+    def forward(self, hidden: Tensor, kv: PagedKVCache) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            hidden = layer(hidden, kv, layer_id)
+        return self.norm(hidden)
+
+
+def _argmax_last(logits: Tensor) -> Tensor:
+    return op.tensor_expr_op(lambda x: topi.argmax(x, axis=-1).astype("int32"), "argmax", [logits])
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target):
+        self.config, self.spec, self.target = config, spec, target
+        self.plan = ShardPlan(config, tp)
+        self.plan.check_quant(spec)
+        self.model = LlamaModel(config, self.plan, spec)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, spec, out_dtype="float32")
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.lm_head(hidden)
+        return self.lm_head(hidden)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        if self.plan.tp > 1:  # the controller writes token ids to worker 0 only
+            input_ids = op.ccl_broadcast_from_worker0(input_ids)
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_ids: Tensor, kv: PagedKVCache):
+        hidden = self.model(self._embed(input_ids), kv)
+        logits = self._logits(_take_last(hidden))
+        return _argmax_last(logits), logits, kv
+
+    def prefill_logits(self, input_ids: Tensor, kv: PagedKVCache):
+        hidden = self.model(self._embed(input_ids), kv)
+        _, s, h = hidden.shape
+        return self._logits(op.reshape(hidden, (s, h))), kv
+
+    def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        hidden = self.model(self._embed(input_ids), kv)
+        b, _, h = hidden.shape
+        logits = self._logits(op.reshape(hidden, (b, h)))
+        return _argmax_last(logits), logits, kv
+
+    batch_decode = decode
+
+    def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                        support_sliding_window) -> PagedKVCache:
+        c = self.config
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=self.plan.q_heads,
+            num_key_value_heads=self.plan.kv_heads,
+            qk_head_dim=c.head_dim,
+            v_head_dim=c.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=c.rope_theta,
+            rope_scaling=dict(c.rope_scaling or {}),
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=c.head_dim,
+            enable_disaggregation=False,
+            dtype=self.spec.model_dtype,
+            target=self.target,
+        )
+
+    def export_spec(self) -> nn.spec.ModuleSpec:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        ids = lambda *shape: nn.spec.Tensor(list(shape), "int32")  # noqa: E731
+        return nn.spec.ModuleSpec.from_raw({
+            "prefill": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
+            "prefill_logits": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
+            "decode": {"input_ids": ids(1, 1), "kv": kv, "$": packed},
+            "batch_decode": {"input_ids": ids("batch_size", 1), "kv": kv, "$": packed},
+            "create_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }, self)
+
+
+def _take_last(hidden: Tensor) -> Tensor:
+    """hidden[0, -1, :] as [1, h]."""
+    def compute(x):
+        s = x.shape[1]
+        return te.compute((1, x.shape[2]), lambda i, j: x[0, s - 1, j], name="take_last")
+
+    return op.tensor_expr_op(compute, "take_last", [hidden])

@@ -1,0 +1,121 @@
+"""Load a compiled artifact with its weights and call its functions.
+
+`VMSession` (tp == 1) runs the Relax VM in this process. `DiscoSession` (tp > 1, in
+`engine.disco`) runs one VM per worker process. Both expose the same small interface, which is
+all `engine.generate` uses: create a KV cache, drive it (add sequence, begin/end forward), call
+`prefill` / `prefill_logits` / `decode` / `batch_decode`, and read results back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from .compile import Artifact
+from .config import ConfigError
+from .sharding import ShardPlan
+from .weights import TensorSource, rank_params
+
+log = logging.getLogger(__name__)
+
+
+def device_of(target: str, index: int = 0):
+    import tvm
+
+    if target == "llvm":
+        return tvm.cpu(index)
+    dev = tvm.cuda(index)
+    if not dev.exist:
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu")
+    return dev
+
+
+class VMSession:
+    """tp == 1: one Relax VM in this process."""
+
+    tp = 1
+
+    def __init__(self, artifact: Artifact, source: TensorSource, device_index: int = 0):
+        import tvm
+        import tvm.runtime.vm  # noqa: F401  (registers the VM)
+        from tvm import relax
+
+        from . import runtime_loader
+
+        self.artifact = artifact
+        spec = artifact.build_spec()
+        if spec.tp != 1:
+            raise ConfigError(f"artifact {artifact.path} is built for tp={spec.tp}; use a DiscoSession")
+        runtime_loader.check_target(spec)
+        self.device = device_of(spec.target, device_index)
+        t0 = time.perf_counter()
+        executable = tvm.runtime.load_module(str(artifact.library))
+        self.vm = relax.VirtualMachine(executable, self.device)
+        self.load_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, 1), 0, artifact.param_names)
+        self.params = [tvm.runtime.tensor(v, self.device) for v in host.values()]
+        self.weight_bytes = sum(v.nbytes for v in host.values())
+        self.weights_seconds = time.perf_counter() - t0
+        self._fns: dict[str, Any] = {}
+        g = tvm.get_global_func
+        self._add_seq = g("vm.builtin.kv_state_add_sequence")
+        self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+
+    def _fn(self, name: str):
+        if name not in self._fns:
+            self._fns[name] = self.vm[name]
+        return self._fns[name]
+
+    # KV cache
+    def create_kv_cache(self, max_batch: int, max_total_len: int, prefill_chunk: int, page_size: int = 16):
+        from tvm.runtime import ShapeTuple
+
+        return self._fn("create_kv_cache")(ShapeTuple([max_batch]), ShapeTuple([max_total_len]),
+                                           ShapeTuple([prefill_chunk]), ShapeTuple([page_size]), ShapeTuple([0]))
+
+    def add_sequence(self, kv, seq_id: int) -> None:
+        self._add_seq(kv, seq_id)
+
+    def remove_sequence(self, kv, seq_id: int) -> None:
+        self._remove_seq(kv, seq_id)
+
+    def begin_forward(self, kv, seq_ids: list[int], lengths: list[int]) -> None:
+        from tvm.runtime import ShapeTuple
+
+        self._begin(kv, ShapeTuple(seq_ids), ShapeTuple(lengths))
+
+    def end_forward(self, kv) -> None:
+        self._end(kv)
+
+    # model functions; inputs are host int32 arrays or device tensors
+    def to_device(self, array: np.ndarray):
+        import tvm
+
+        return tvm.runtime.tensor(array, self.device)
+
+    def call(self, name: str, input_ids, kv):
+        if isinstance(input_ids, np.ndarray):
+            input_ids = self.to_device(input_ids)
+        return self._fn(name)(input_ids, kv, self.params)
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return value.numpy()
+
+    def sync(self) -> None:
+        self.device.sync()
+
+    def close(self) -> None:
+        self.params = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
