@@ -1,0 +1,115 @@
+"""From a Hydra config to engine objects, and the error handling every entry point shares."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from engine.compile import Artifact, BuildSpec, compile_model, default_cache_dir
+from engine.config import ConfigError, ModelConfig, from_hf_folder, preset
+from engine.weights import TensorSource, open_source
+
+log = logging.getLogger("experiments")
+
+
+def quiet_tvm() -> None:
+    for name in ("tvm", "tvm.relax", "tvm.s_tir", "tvm.ffi"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TVM_LOG_DEBUG", "0")
+
+
+def cuda_visible() -> bool:
+    try:
+        import tvm
+
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001  (a runtime without CUDA support)
+        return False
+
+
+def cuda_device_count() -> int:
+    import tvm
+
+    n = 0
+    while n < 64 and tvm.cuda(n).exist:
+        n += 1
+    return n
+
+
+def resolve_target(device_cfg) -> tuple[str, str]:
+    """(engine target, cuda arch) from the `device` config group."""
+    kind = device_cfg.kind
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"unknown device {kind!r}; choose device=auto, device=cpu or device=cuda")
+    has_gpu = cuda_visible()
+    if kind == "auto":
+        kind = "cuda" if has_gpu else "cpu"
+    arch = device_cfg.get("cuda_arch")
+    if kind == "cuda":
+        if arch is None:
+            if not has_gpu:
+                raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu "
+                                  "(or set device.cuda_arch=sm_90 to only build for a GPU)")
+            import tvm
+
+            arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+        return "cuda", arch
+    return "llvm", arch or "sm_90"
+
+
+def model_config(model_cfg) -> ModelConfig:
+    if model_cfg.get("path"):
+        return from_hf_folder(model_cfg.path)
+    return preset(model_cfg.preset)
+
+
+def weights_source(model_cfg, config: ModelConfig) -> TensorSource:
+    return open_source(config, model_cfg.get("path"), seed=int(model_cfg.get("seed", 0)))
+
+
+def cache_dir(cfg) -> Path:
+    return Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
+
+
+def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:
+    spec = BuildSpec(config, quant, tp, target, arch)
+    return compile_model(spec, cache_dir(cfg))
+
+
+def open_session(artifact: Artifact, source: TensorSource):
+    """A VM session for tp == 1, a disco session over one worker per device for tp > 1."""
+    if artifact.metadata["tp"] == 1:
+        from engine.session import VMSession
+
+        return VMSession(artifact, source)
+    from engine.disco import DiscoSession
+
+    return DiscoSession(artifact, source)
+
+
+def positive(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def guarded(task: Callable) -> Callable:
+    """Wrap a Hydra task: user-facing errors become one line on stderr and exit status 2, with
+    no traceback; a task returning a non-zero int exits with it."""
+
+    @functools.wraps(task)
+    def run(cfg) -> None:
+        quiet_tvm()
+        try:
+            code = task(cfg)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        if code:
+            sys.exit(code)
+
+    return run

@@ -1,0 +1,63 @@
+"""Shared fixtures: compiled tiny models and random HF checkpoints, cached per test session."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One compile cache for the whole session (LAB_TEST_CACHE reuses one across sessions)."""
+    path = Path(os.environ["LAB_TEST_CACHE"]) if os.environ.get("LAB_TEST_CACHE") else tmp_path_factory.mktemp("cache")
+    os.environ["LAB_CACHE_DIR"] = str(path)  # entry points run as subprocesses share it
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from engine.config import preset
+
+    return preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def gqa_config():
+    """A second shape: 3 layers, GQA 8/2 heads of 16, untied head, no RoPE scaling, tied embeddings."""
+    from engine.config import ModelConfig
+
+    return ModelConfig(name="gqa-test", hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                       num_attention_heads=8, num_key_value_heads=2, vocab_size=512,
+                       max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def _checkpoint(config, cache_dir: Path, std: float = 0.1) -> Path:
+    from experiments.oracle import random_checkpoint
+
+    return random_checkpoint(config, cache_dir / "hf" / config.name, seed=0, std=std)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_config, cache_dir) -> Path:
+    return _checkpoint(tiny_config, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def gqa_checkpoint(gqa_config, cache_dir) -> Path:
+    return _checkpoint(gqa_config, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def compiled(cache_dir):
+    """compiled(config, quant, tp=1) -> Artifact, compiled once per session."""
+    from engine.compile import BuildSpec, compile_model
+
+    def get(config, quant: str, tp: int = 1, target: str = "llvm"):
+        return compile_model(BuildSpec(config, quant, tp, target), cache_dir)
+
+    return get

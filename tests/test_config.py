@@ -1,0 +1,95 @@
+"""Configuration validation: bad input gets an error that names the fix."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.config import PRESETS, ConfigError, from_hf_folder, preset
+from engine.quantize import quant_spec
+from engine.sharding import ShardPlan
+from engine.weights import RandomSource, rank_params
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="llama3-8b"):
+        preset("llama9")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        from_hf_folder(tmp_path / "nope")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        from_hf_folder(tmp_path)
+
+
+def test_malformed_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        from_hf_folder(tmp_path)
+
+
+def test_not_a_llama(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "hidden_size": 8}))
+    with pytest.raises(ConfigError, match="not a Llama"):
+        from_hf_folder(tmp_path)
+
+
+def test_config_without_weights(tmp_path, tiny_config):
+    from engine.weights import open_source
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config.to_hf_dict()))
+    config = from_hf_folder(tmp_path)
+    with pytest.raises(ConfigError, match="safetensors"):
+        open_source(config, tmp_path)
+
+
+def test_transformers_v5_rope_parameters_are_read(tmp_path, tiny_config):
+    raw = tiny_config.to_hf_dict()
+    raw.pop("rope_theta"), raw.pop("rope_scaling")
+    raw["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 123.0, "factor": 2.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    config = from_hf_folder(tmp_path)
+    assert config.rope_theta == 123.0 and config.rope_scaling["factor"] == 2.0
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_are_consistent(name):
+    c = preset(name)
+    assert c.head_dim * c.num_attention_heads >= c.hidden_size // 2
+    for tp in (1, 2, 4):
+        ShardPlan(c, tp).check_quant(quant_spec("q4f16_1"))
+
+
+def test_bad_tp_names_the_valid_choices(tiny_config):
+    with pytest.raises(ConfigError, match=r"choose tp from \[1, 2, 4\]"):
+        ShardPlan(tiny_config, 3)
+
+
+def test_kv_heads_are_replicated_past_their_count(tiny_config):
+    plan = ShardPlan(tiny_config, 4)  # 2 KV heads
+    assert plan.kv_replicated and plan.kv_heads == 1
+    assert [plan.kv_head_range(r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_random_weights_are_the_same_model_for_every_tp(tiny_config, tp):
+    """Shards generated independently per rank reassemble into the tp=1 weights."""
+    spec = quant_spec("q0f32")
+    source = RandomSource(tiny_config, seed=7)
+    full = rank_params(source, tiny_config, spec, ShardPlan(tiny_config, 1), 0)
+    shards = [rank_params(source, tiny_config, spec, ShardPlan(tiny_config, tp), r) for r in range(tp)]
+    d, plan = tiny_config.head_dim, ShardPlan(tiny_config, tp)
+    name = "model.layers.1.mlp.down_proj.weight"
+    np.testing.assert_array_equal(np.concatenate([s[name] for s in shards], axis=1), full[name])
+    name = "model.layers.0.mlp.gate_up_proj.weight"
+    gate = np.concatenate([s[name][:plan.intermediate] for s in shards])
+    np.testing.assert_array_equal(gate, full[name][:tiny_config.intermediate_size])
+    name = "model.layers.0.self_attn.qkv_proj.weight"
+    q = np.concatenate([s[name][:plan.q_heads * d] for s in shards])
+    np.testing.assert_array_equal(q, full[name][:tiny_config.num_attention_heads * d])
+    np.testing.assert_array_equal(shards[0]["lm_head.weight"], full["lm_head.weight"])
