@@ -53,7 +53,9 @@ class BuildSpec:
 
         if self.target == "llvm":
             return tvm.target.Target({"kind": "llvm"})
-        return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch})
+        return tvm.target.Target({"kind": "cuda", "arch": self.cuda_arch, "max_shared_memory_per_block": 49152,
+                                  "max_threads_per_block": 1024, "thread_warp_size": 32,
+                                  "registers_per_block": 65536})
 
     def key(self) -> str:
         import tvm

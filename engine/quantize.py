@@ -84,6 +84,22 @@ def quantize(weight: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarra
     return packed, scale
 
 
+def quantize_torch(weight, spec: QuantSpec):
+    """`quantize` for a torch tensor, on its device; the same bits as the numpy version."""
+    import torch
+
+    check_quantizable(spec, tuple(weight.shape))
+    out_f, in_f = weight.shape
+    groups = weight.float().reshape(out_f, in_f // GROUP_SIZE, GROUP_SIZE)
+    scale = (groups.abs().amax(dim=2) / spec.max_int).half()
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    q = torch.round(groups / safe[:, :, None]) + spec.max_int
+    q = q.clamp_(0, 2 * spec.max_int).to(torch.int64).reshape(out_f, in_f // spec.per_word, spec.per_word)
+    shifts = torch.arange(spec.per_word, device=weight.device, dtype=torch.int64) * spec.bits
+    packed = (q << shifts).sum(dim=2)  # disjoint bit fields: the sum is the bitwise or
+    return packed.to(torch.uint32), scale
+
+
 def dequantize(packed: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.ndarray:
     """Inverse of `quantize` (up to rounding), as float32 [out, in]."""
     out_f, words = packed.shape

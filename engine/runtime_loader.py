@@ -15,3 +15,13 @@ def check_target(spec) -> None:
         bootstrap.check_cuda_arch(spec.cuda_arch)
     except bootstrap.RuntimeMismatch as err:
         raise ConfigError(str(err)) from None
+
+
+def start_disco(num_workers: int, ccl: str, device_ids: list[int], spec):
+    """A disco ProcessSession with `ccl` initialised in the controller and every worker."""
+    from runtime_patch import ccl as ccl_plugins
+
+    try:
+        return ccl_plugins.start_session(num_workers, ccl, device_ids)
+    except ccl_plugins.CCLBuildError as err:
+        raise ConfigError(str(err)) from None

@@ -17,7 +17,7 @@ import numpy as np
 from .compile import Artifact
 from .config import ConfigError
 from .sharding import ShardPlan
-from .weights import TensorSource, rank_params
+from .weights import TensorSource, nbytes, rank_params, to_tvm
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,15 @@ def device_of(target: str, index: int = 0):
     return dev
 
 
+def visible_cuda_devices() -> int:
+    import tvm
+
+    count = 0
+    while count < 64 and tvm.cuda(count).exist:
+        count += 1
+    return count
+
+
 class VMSession:
     """tp == 1: one Relax VM in this process."""
 
@@ -40,8 +49,7 @@ class VMSession:
 
     def __init__(self, artifact: Artifact, source: TensorSource, device_index: int = 0):
         import tvm
-        import tvm.runtime.vm  # noqa: F401  (registers the VM)
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine  # not tvm.relax: that needs the compiler
 
         from . import runtime_loader
 
@@ -53,12 +61,12 @@ class VMSession:
         self.device = device_of(spec.target, device_index)
         t0 = time.perf_counter()
         executable = tvm.runtime.load_module(str(artifact.library))
-        self.vm = relax.VirtualMachine(executable, self.device)
+        self.vm = VirtualMachine(executable, self.device)
         self.load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, 1), 0, artifact.param_names)
-        self.params = [tvm.runtime.tensor(v, self.device) for v in host.values()]
-        self.weight_bytes = sum(v.nbytes for v in host.values())
+        self.params = [to_tvm(v, self.device) for v in host.values()]
+        self.weight_bytes = sum(nbytes(v) for v in host.values())
         self.weights_seconds = time.perf_counter() - t0
         self._fns: dict[str, Any] = {}
         g = tvm.get_global_func

@@ -15,7 +15,7 @@ from typing import Iterator, Protocol
 import numpy as np
 
 from .config import ConfigError, ModelConfig
-from .quantize import QuantSpec, quantize
+from .quantize import QuantSpec, quantize, quantize_torch
 from .sharding import ShardPlan
 
 Span = tuple[int, int] | None
@@ -102,20 +102,35 @@ class RandomSource:
     """Seeded random weights, generated block by block along the dimension that gets sharded.
 
     Every block's values depend only on (seed, tensor name, block index), so the full model is the
-    same function whatever the tp, while each rank generates only its own blocks.
+    same function whatever the tp, while each rank generates only its own blocks. numpy's
+    generator here; `TorchRandomSource` draws on a (GPU) device instead, much faster for big
+    models, with other values (a random model is a function of seed and backend).
     """
+
+    backend = "numpy"
 
     def __init__(self, config: ModelConfig, seed: int = 0, std: float = 0.02):
         self.config, self.seed, self.std = config, seed, std
 
-    def _rng(self, name: str, block: int) -> np.random.Generator:
+    def _block_seed(self, name: str, block: int) -> int:
         digest = hashlib.sha256(f"{self.seed}/{name}/{block}".encode()).digest()
-        return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+        return int.from_bytes(digest[:8], "little") >> 1
 
-    def get(self, name: str, rows: Span = None, cols: Span = None) -> np.ndarray:
+    def _normal(self, name: str, block: int, shape: tuple[int, ...]):
+        return np.random.default_rng(self._block_seed(name, block)).standard_normal(shape, dtype=np.float32)
+
+    @staticmethod
+    def _cat(parts):
+        return np.concatenate(parts, axis=0)
+
+    @staticmethod
+    def _transpose(x):
+        return np.ascontiguousarray(x.T)
+
+    def get(self, name: str, rows: Span = None, cols: Span = None):
         shape = hf_shape(self.config, name)
         if len(shape) == 1:
-            return (1.0 + self.std * self._rng(name, 0).standard_normal(shape, dtype=np.float32))
+            return 1.0 + self.std * self._normal(name, 0, shape)
         by_cols = name.endswith(("o_proj.weight", "down_proj.weight"))  # sharded along the input
         axis_len = shape[1] if by_cols else shape[0]
         lo, hi = (cols if by_cols else rows) or (0, axis_len)
@@ -123,14 +138,37 @@ class RandomSource:
         parts = []
         for block in range(lo // BLOCK, -(-hi // BLOCK)):
             start = block * BLOCK
-            n = min(BLOCK, axis_len - start)
-            values = self.std * self._rng(name, block).standard_normal((n, other), dtype=np.float32)
+            values = self.std * self._normal(name, block, (min(BLOCK, axis_len - start), other))
             parts.append(values[max(lo - start, 0):hi - start])
-        out = np.concatenate(parts, axis=0)  # [selected along the sharded axis, other]
+        out = self._cat(parts)  # [selected along the sharded axis, other]
         other_span = rows if by_cols else cols
         if other_span:
             out = out[:, slice(*other_span)]
-        return np.ascontiguousarray(out.T) if by_cols else out
+        return self._transpose(out) if by_cols else out
+
+
+class TorchRandomSource(RandomSource):
+    """`RandomSource` drawn with torch on `device` (e.g. "cuda:0"); returns torch tensors there."""
+
+    backend = "torch"
+
+    def __init__(self, config: ModelConfig, seed: int = 0, std: float = 0.02, device: str = "cpu"):
+        super().__init__(config, seed, std)
+        import torch
+
+        self.torch, self.device = torch, device
+        self._gen = torch.Generator(device=device)
+
+    def _normal(self, name: str, block: int, shape: tuple[int, ...]):
+        self._gen.manual_seed(self._block_seed(name, block))
+        return self.torch.randn(shape, generator=self._gen, device=self.device, dtype=self.torch.float32)
+
+    def _cat(self, parts):
+        return self.torch.cat(parts, dim=0)
+
+    @staticmethod
+    def _transpose(x):
+        return x.T.contiguous()
 
 
 def _layer_tensors(plan: ShardPlan, rank: int, prefix: str) -> Iterator[tuple[str, list[tuple[str, Span, Span]]]]:
@@ -159,10 +197,15 @@ def rank_params(source: TensorSource, config: ModelConfig, spec: QuantSpec, plan
                 rank: int, expected_names: list[str] | None = None) -> dict[str, np.ndarray]:
     """The parameters of rank `rank`, keyed by the exported module's parameter names."""
     out: dict[str, np.ndarray] = {}
+    on_torch = getattr(source, "backend", "numpy") == "torch"
     for stem, parts in engine_tensors(config, plan, rank):
-        value = np.concatenate([source.get(n, r, c) for n, r, c in parts], axis=0)
+        values = [source.get(n, r, c) for n, r, c in parts]
+        value = source._cat(values) if on_torch else np.concatenate(values, axis=0)
         if value.ndim == 2 and spec.quantized:
-            out[f"{stem}.q_weight"], out[f"{stem}.q_scale"] = quantize(value, spec)
+            packed, scale = (quantize_torch if on_torch else quantize)(value, spec)
+            out[f"{stem}.q_weight"], out[f"{stem}.q_scale"] = packed, scale
+        elif on_torch:
+            out[f"{stem}.weight"] = value.to(getattr(source.torch, spec.model_dtype))
         else:
             out[f"{stem}.weight"] = value.astype(spec.model_dtype)
     if expected_names is not None and list(out) != list(expected_names):
@@ -172,8 +215,14 @@ def rank_params(source: TensorSource, config: ModelConfig, spec: QuantSpec, plan
     return out
 
 
-def open_source(config: ModelConfig, path: str | Path | None, seed: int = 0) -> TensorSource:
+def open_source(config: ModelConfig, path: str | Path | None, seed: int = 0, backend: str = "numpy",
+                device: str = "cpu") -> TensorSource:
+    """A checkpoint folder, or (path None) seeded random weights drawn with `backend`."""
     if path is None:
+        if backend == "torch":
+            return TorchRandomSource(config, seed, device=device)
+        if backend != "numpy":
+            raise ConfigError(f"unknown random weights backend {backend!r}; choose numpy or torch")
         return RandomSource(config, seed)
     source = SafetensorsSource(path, config)
     if config.tie_word_embeddings is False and not source.has("lm_head.weight"):
@@ -181,7 +230,37 @@ def open_source(config: ModelConfig, path: str | Path | None, seed: int = 0) -> 
     return source
 
 
-def describe(source: TensorSource) -> str:
+def source_spec(source: TensorSource) -> dict:
+    """A JSON-able description from which a worker process reopens the same source."""
     if isinstance(source, RandomSource):
-        return f"random(seed={source.seed}, std={source.std})"
-    return f"safetensors({source.folder})"
+        return {"kind": "random", "seed": source.seed, "std": source.std, "backend": source.backend}
+    return {"kind": "safetensors", "path": str(source.folder)}
+
+
+def source_from_spec(config: ModelConfig, spec: dict, device: str = "cpu") -> TensorSource:
+    """`device`: where a torch-backed random source draws (the worker's own GPU)."""
+    if spec["kind"] == "random":
+        if spec.get("backend") == "torch":
+            return TorchRandomSource(config, spec["seed"], spec["std"], device)
+        return RandomSource(config, spec["seed"], spec["std"])
+    return SafetensorsSource(spec["path"], config)
+
+
+def to_tvm(value, device):
+    """A host numpy array or a torch tensor (zero-copy through DLPack) as a TVM tensor on `device`."""
+    import tvm
+
+    if isinstance(value, np.ndarray):
+        return tvm.runtime.tensor(value, device)
+    return tvm.runtime.from_dlpack(value.contiguous())
+
+
+def nbytes(value) -> int:
+    return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
+
+
+def describe(source: TensorSource) -> str:
+    spec = source_spec(source)
+    if spec["kind"] == "random":
+        return f"random(seed={spec['seed']}, std={spec['std']})"
+    return f"safetensors({spec['path']})"

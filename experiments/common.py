@@ -31,15 +31,6 @@ def cuda_visible() -> bool:
         return False
 
 
-def cuda_device_count() -> int:
-    import tvm
-
-    n = 0
-    while n < 64 and tvm.cuda(n).exist:
-        n += 1
-    return n
-
-
 def resolve_target(device_cfg) -> tuple[str, str]:
     """(engine target, cuda arch) from the `device` config group."""
     kind = device_cfg.kind
@@ -67,8 +58,21 @@ def model_config(model_cfg) -> ModelConfig:
     return preset(model_cfg.preset)
 
 
-def weights_source(model_cfg, config: ModelConfig) -> TensorSource:
-    return open_source(config, model_cfg.get("path"), seed=int(model_cfg.get("seed", 0)))
+def weights_source(model_cfg, config: ModelConfig, target: str = "llvm") -> TensorSource:
+    """The checkpoint at model.path, or seeded random weights: drawn with torch on the GPU for a
+    cuda target when torch has CUDA (model.random_backend=auto), else with numpy."""
+    backend = model_cfg.get("random_backend", "auto")
+    if backend == "auto":
+        backend = "numpy"
+        if target == "cuda":
+            try:
+                import torch
+
+                backend = "torch" if torch.cuda.is_available() else "numpy"
+            except ImportError:
+                pass
+    return open_source(config, model_cfg.get("path"), seed=int(model_cfg.get("seed", 0)), backend=backend,
+                       device="cuda:0" if target == "cuda" else "cpu")
 
 
 def cache_dir(cfg) -> Path:

@@ -38,7 +38,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
         artifact = common.build(config, quant, tp, target, arch, cfg)
         t1 = time.perf_counter()
         point.phases.append(("compile (cached)" if t1 - t0 < 1 else "compile", t0, t1))
-        session = common.open_session(artifact, common.weights_source(cfg.model, config))
+        session = common.open_session(artifact, common.weights_source(cfg.model, config, target))
         t2 = time.perf_counter()
         point.phases.append(("load + weights", t1, t2))
         gen = Generator(session, max_batch=w.batch, max_total_len=w.prompt_len + w.new_tokens,

@@ -8,7 +8,7 @@ import pytest
 from engine.config import PRESETS, ConfigError, from_hf_folder, preset
 from engine.quantize import quant_spec
 from engine.sharding import ShardPlan
-from engine.weights import RandomSource, rank_params
+from engine.weights import rank_params
 
 
 def test_unknown_preset_lists_the_presets():
@@ -76,13 +76,20 @@ def test_kv_heads_are_replicated_past_their_count(tiny_config):
     assert [plan.kv_head_range(r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
 
 
+def _as_numpy(params):
+    return {k: v if isinstance(v, np.ndarray) else v.numpy() for k, v in params.items()}
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_random_weights_are_the_same_model_for_every_tp(tiny_config, tp):
+def test_random_weights_are_the_same_model_for_every_tp(tiny_config, tp, backend):
     """Shards generated independently per rank reassemble into the tp=1 weights."""
+    from engine.weights import open_source
+
     spec = quant_spec("q0f32")
-    source = RandomSource(tiny_config, seed=7)
-    full = rank_params(source, tiny_config, spec, ShardPlan(tiny_config, 1), 0)
-    shards = [rank_params(source, tiny_config, spec, ShardPlan(tiny_config, tp), r) for r in range(tp)]
+    source = open_source(tiny_config, None, seed=7, backend=backend)
+    full = _as_numpy(rank_params(source, tiny_config, spec, ShardPlan(tiny_config, 1), 0))
+    shards = [_as_numpy(rank_params(source, tiny_config, spec, ShardPlan(tiny_config, tp), r)) for r in range(tp)]
     d, plan = tiny_config.head_dim, ShardPlan(tiny_config, tp)
     name = "model.layers.1.mlp.down_proj.weight"
     np.testing.assert_array_equal(np.concatenate([s[name] for s in shards], axis=1), full[name])
@@ -93,3 +100,17 @@ def test_random_weights_are_the_same_model_for_every_tp(tiny_config, tp):
     q = np.concatenate([s[name][:plan.q_heads * d] for s in shards])
     np.testing.assert_array_equal(q, full[name][:tiny_config.num_attention_heads * d])
     np.testing.assert_array_equal(shards[0]["lm_head.weight"], full["lm_head.weight"])
+
+
+def test_torch_quantized_random_weights_match_numpy_quantization(tiny_config):
+    """The torch path quantizes on the device with the same bits as the numpy path."""
+    from engine.quantize import quantize
+    from engine.weights import TorchRandomSource
+
+    spec, plan = quant_spec("q4f16_1"), ShardPlan(tiny_config, 2)
+    source = TorchRandomSource(tiny_config, seed=3)
+    params = _as_numpy(rank_params(source, tiny_config, spec, plan, 1))
+    down = source.get("model.layers.0.mlp.down_proj.weight", None, plan.rows("mlp", 1)).numpy()
+    packed, scale = quantize(down, spec)
+    np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_weight"], packed)
+    np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_scale"], scale)

@@ -1,0 +1,153 @@
+"""tp > 1: one Relax VM per disco worker process, one worker per device, collectives via a CCL.
+
+Same interface as `engine.session.VMSession`. Token ids go to worker 0 only (the model
+broadcasts them); results are read back from worker 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+
+from .compile import Artifact
+from .config import ConfigError
+from .weights import TensorSource, source_spec
+
+log = logging.getLogger(__name__)
+
+MAX_CPU_WORKERS = 16  # on the CPU, tp is bounded by a sane number of worker processes
+
+
+@dataclasses.dataclass
+class RemoteTensor:
+    """A tensor on every worker; `shape`/`dtype` describe worker 0's copy."""
+
+    dref: object
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def ccl_for(target: str) -> str:
+    return "nccl" if target == "cuda" else "cpu_shm"
+
+
+class DiscoSession:
+    def __init__(self, artifact: Artifact, source: TensorSource, device_ids: list[int] | None = None):
+        import tvm
+        from tvm.runtime import ShapeTuple
+
+        from . import runtime_loader
+
+        spec = artifact.build_spec()
+        self.artifact, self.tp = artifact, spec.tp
+        if spec.target == "llvm" and self.tp > MAX_CPU_WORKERS:
+            raise ConfigError(f"tp={self.tp} on the CPU would start {self.tp} worker processes; "
+                              f"at most {MAX_CPU_WORKERS}")
+        runtime_loader.check_target(spec)
+        if spec.target == "cuda":
+            from .session import visible_cuda_devices
+
+            found = visible_cuda_devices()
+            if self.tp > found:
+                raise ConfigError(f"tp={self.tp} needs {self.tp} GPUs but {found} are visible; choose tp <= {found}")
+        self.device_ids = list(device_ids or range(self.tp))
+        self.vocab = spec.config.vocab_size
+        t0 = time.perf_counter()
+        self.sess = runtime_loader.start_disco(self.tp, ccl_for(spec.target), self.device_ids, spec)
+        try:
+            self.sess.import_python_module("engine.disco_rank")
+            device = tvm.cuda(0) if spec.target == "cuda" else tvm.cpu(0)
+            self.mod = self.sess.load_vm_module(str(artifact.library), device=None if spec.target == "llvm" else device)
+            self.load_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            loader = self.sess.get_global_func("lab.engine.load_rank_params")
+            self.params = loader(str(artifact.path), json.dumps(source_spec(source)))
+            self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
+            self.weights_seconds = time.perf_counter() - t0
+        except Exception:
+            self.sess.shutdown()
+            raise
+        self.weight_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                                for p in artifact.metadata["params"])
+        g = self.sess.get_global_func
+        self._add_seq = g("vm.builtin.kv_state_add_sequence")
+        self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
+        self._begin = g("vm.builtin.kv_state_begin_forward")
+        self._end = g("vm.builtin.kv_state_end_forward")
+        self._getitem = g("vm.builtin.tuple_getitem")
+        self._fns: dict[str, object] = {}
+        self._inputs: dict[tuple[int, ...], object] = {}
+        self._shape = ShapeTuple
+
+    def _fn(self, name: str):
+        if name not in self._fns:
+            self._fns[name] = self.mod[name]
+        return self._fns[name]
+
+    def create_kv_cache(self, max_batch: int, max_total_len: int, prefill_chunk: int, page_size: int = 16):
+        s = self._shape
+        return self._fn("create_kv_cache")(s([max_batch]), s([max_total_len]), s([prefill_chunk]), s([page_size]), s([0]))
+
+    def add_sequence(self, kv, seq_id: int) -> None:
+        self._add_seq(kv, seq_id)
+
+    def remove_sequence(self, kv, seq_id: int) -> None:
+        self._remove_seq(kv, seq_id)
+
+    def begin_forward(self, kv, seq_ids: list[int], lengths: list[int]) -> None:
+        self._begin(kv, self._shape(seq_ids), self._shape(lengths))
+
+    def end_forward(self, kv) -> None:
+        self._end(kv)
+
+    def _upload(self, array: np.ndarray):
+        """Token ids to worker 0, into a buffer allocated on every worker (reused per shape)."""
+        import tvm
+
+        key = array.shape
+        if key not in self._inputs:
+            self._inputs[key] = self.sess.empty(array.shape, "int32")
+        self.sess.copy_to_worker_0(tvm.runtime.tensor(array), self._inputs[key])
+        return self._inputs[key]
+
+    def call(self, name: str, input_ids: np.ndarray, kv):
+        out = self._fn(name)(self._upload(input_ids), kv, self.params)
+        rows = input_ids.shape[1] if name == "prefill_logits" else input_ids.shape[0]
+        item = lambda i: self._getitem(out, i)  # noqa: E731
+        logits = RemoteTensor(item(0 if name == "prefill_logits" else 1), (rows, self.vocab), "float32")
+        if name == "prefill_logits":
+            return logits, kv
+        return RemoteTensor(item(0), (rows,), "int32"), logits, kv
+
+    def to_numpy(self, value: RemoteTensor) -> np.ndarray:
+        import tvm
+
+        host = tvm.runtime.empty(value.shape, value.dtype, tvm.cpu())
+        self.sess.copy_from_worker_0(host, value.dref)
+        self.sess._sync_worker(0)
+        return host.numpy()
+
+    def sync(self) -> None:
+        self.sess._sync_all()
+
+    def close(self) -> None:
+        if self.sess is not None:
+            self.sess.shutdown()
+            self.sess = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def allreduce_seconds(session: DiscoSession, numel: int, dtype: str, iters: int = 50) -> list[float]:
+    """Per-worker seconds per allreduce of `numel` elements, timed inside the workers."""
+    result = session.sess.get_global_func("lab.engine.time_allreduce")(numel, dtype, iters)
+    session.sess._sync_all()
+    return [float(result.debug_get_from_remote(i)) for i in range(session.tp)]
