@@ -47,7 +47,8 @@ StepHook = Callable[[StepTiming], None]
 
 
 class Generator:
-    """Drives one session's model: a KV cache of `max_batch` sequences of `max_total_len` tokens."""
+    """Drives one session's model: a KV cache for `max_batch` sequences of up to `max_total_len`
+    tokens each (the cache is sized in whole pages for all of them)."""
 
     def __init__(self, session, max_batch: int = 1, max_total_len: int = 2048, prefill_chunk: int = 2048,
                  page_size: int = 16, on_step: Sequence[StepHook] = ()):
@@ -64,7 +65,9 @@ class Generator:
     def reset(self) -> None:
         """A fresh, empty KV cache (old sequences dropped)."""
         self.kv = None
-        self.kv = self.session.create_kv_cache(self.max_batch, self.max_total_len, self.prefill_chunk, self.page_size)
+        pages = -(-self.max_total_len // self.page_size)
+        capacity = self.max_batch * pages * self.page_size
+        self.kv = self.session.create_kv_cache(self.max_batch, capacity, self.prefill_chunk, self.page_size)
         self._lengths = {}
 
     def _emit(self, timing: StepTiming) -> None:

@@ -27,10 +27,10 @@ def check_workload(workload, config: ModelConfig) -> None:
 
 
 def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp: int, target: str, arch: str,
-              bandwidth: float | None, progress=None, after_load=None) -> Point:
-    """Build (cached), load and time one configuration. Errors are caught into the point, so a
-    failing sweep point does not sink the others."""
-    w = cfg.workload
+              bandwidth: float | None, progress=None, after_load=None, workload=None) -> Point:
+    """Build (cached), load and time one configuration (`workload`, default cfg.workload). Errors
+    are caught into the point, so a failing sweep point does not sink the others."""
+    w = workload or cfg.workload
     point = Point(label, params)
     session = None
     try:

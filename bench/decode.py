@@ -1,0 +1,171 @@
+"""Decode benchmark on one GPU: the compiled engine beside PyTorch peers, against the roofline.
+
+    python bench/decode.py --model llama3-8b --quants q0f16,q8f16_1,q4f16_1 --prompts 128,1024 \
+        --batches 1,16,64 --peers eager,compile --artifacts DIR --out docs/benchmarks
+
+In one process on one card: the device's copy bandwidth; per (quant, prompt, batch) the engine's
+TTFT and decode step times (median, p95, raw samples) and the fraction of the bandwidth roofline
+(bytes read per step incl. KV / bandwidth over the measured step); the peers on the same shapes
+and the same random weights (transformers eager, and with a static cache under torch.compile).
+Writes `<out>/<date>-<card>-decode.json`. Artifacts must be compiled beforehand (on any machine)
+with `python -m bench.build_artifacts`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime_patch import runtime_only  # noqa: E402
+
+runtime_only.prepare()
+
+import numpy as np  # noqa: E402
+
+from engine.compile import Artifact, BuildSpec  # noqa: E402
+from engine.config import preset  # noqa: E402
+from engine.generate import Generator  # noqa: E402
+from engine.session import VMSession  # noqa: E402
+from engine.weights import open_source  # noqa: E402
+from experiments import device_probe, measure, stats  # noqa: E402
+
+
+def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
+    matches = sorted(root.glob(f"{spec.config.name}-{spec.quant}-tp{spec.tp}-{spec.target}-*"))
+    if not matches:
+        raise SystemExit(f"no artifact for {spec.folder_name()} under {root}: run python -m bench.build_artifacts")
+    return Artifact.load(matches[-1])
+
+
+def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
+    gen = Generator(session, max_batch=batch, max_total_len=prompt_len + new_tokens, prefill_chunk=prompt_len)
+    prompts = measure.random_prompts(config.vocab_size, batch, prompt_len, seed=0)
+    samples, _ = measure.timed_runs(gen, prompts, new_tokens, warmup, repeats)
+    steps = [t for s in samples for t in s.itl_s]
+    return {"ttft_s": stats.summarize([s.ttft_s for s in samples]), "step_s": stats.summarize(steps),
+            "tokens_per_s": batch / float(np.median(steps)), "raw_step_s": steps,
+            "raw_ttft_s": [s.ttft_s for s in samples]}
+
+
+def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens: int, repeats: int) -> dict:
+    """transformers on the same weights: `eager`, or `compile` (static cache + torch.compile)."""
+    import torch
+    import transformers
+
+    hf = transformers.LlamaConfig(**config.to_hf_dict())
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf)
+    state = {name: source.get(name).to(torch.float16) for name in model.state_dict()}
+    model.load_state_dict(state, assign=True, strict=True)
+    model = model.to("cuda", torch.float16).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device="cuda")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    if kind == "compile":
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kwargs["cache_implementation"] = "static"
+    first = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - first
+        per_token = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            model.generate(ids, **kwargs)
+            torch.cuda.synchronize()
+            per_token.append((time.perf_counter() - start) / new_tokens)
+        prefill = []
+        for _ in range(repeats):
+            start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start_ev.record()
+            model(ids)
+            end_ev.record()
+            torch.cuda.synchronize()
+            prefill.append(start_ev.elapsed_time(end_ev) / 1e3)
+    del model
+    torch.cuda.empty_cache()
+    return {"peer": f"transformers {kind}", "step_s_incl_prefill_amortised": stats.summarize(per_token),
+            "tokens_per_s": batch / float(np.median(per_token)), "prefill_s": stats.summarize(prefill),
+            "first_call_s": first, "raw_per_token_s": per_token}
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--quants", default="q0f16,q8f16_1,q4f16_1")
+    ap.add_argument("--prompts", default="128,1024")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
+    ap.add_argument("--artifacts", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sha", default=None, help="git SHA of the code (when run outside a checkout)")
+    args = ap.parse_args()
+
+    import tvm
+
+    config = preset(args.model)
+    dev = tvm.cuda(0)
+    card = dev.device_name
+    bandwidth = device_probe.copy_bandwidth("cuda")
+    record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
+              "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
+              "bandwidth": bandwidth, "engine": [], "peers": []}
+    for quant in args.quants.split(","):
+        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90"))
+        source = open_source(config, None, seed=0, backend="torch", device="cuda:0")
+        t0 = time.perf_counter()
+        session = VMSession(artifact, source)
+        load_s = time.perf_counter() - t0
+        for prompt in map(int, args.prompts.split(",")):
+            for batch in map(int, args.batches.split(",")):
+                r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
+                context = prompt + args.new_tokens / 2
+                per_step = measure.decode_bytes_per_step(artifact.metadata, session.weight_bytes, batch, context)
+                r.update(quant=quant, prompt=prompt, batch=batch, load_s=load_s, bytes_per_step=per_step,
+                         roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
+                                                                   r["step_s"]["p50"]))
+                print(f"{quant} prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
+                      f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
+                      f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
+                record["engine"].append(r)
+        session.close()
+        del session
+    peers = [p for p in args.peers.split(",") if p]
+    if peers:
+        source = open_source(config, None, seed=0, backend="torch", device="cuda:0")
+        for kind in peers:
+            for prompt in map(int, args.prompts.split(",")):
+                try:
+                    r = time_peer(kind, source, config, prompt, 1, args.new_tokens, args.repeats)
+                except Exception as err:  # noqa: BLE001  (a peer that does not run is recorded as such)
+                    r = {"peer": f"transformers {kind}", "error": f"{type(err).__name__}: {err}"}
+                r.update(prompt=prompt, batch=1)
+                print(json.dumps({k: v for k, v in r.items() if not k.startswith("raw")}), flush=True)
+                record["peers"].append(r)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{record['date']}-{card.replace(' ', '-')}-decode.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

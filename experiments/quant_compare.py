@@ -1,0 +1,177 @@
+"""python -m experiments.quant_compare: INT4 on one device vs INT8 on two, speed and accuracy.
+
+Every (quantization, tp) configuration runs on the same weights and prompts. Accuracy is measured
+against the `reference` quantization (q0f16) on those weights: a random prompt is continued
+greedily by the reference, and every configuration is teacher-forced over that token stream;
+per position: KL(reference || config), top-1 agreement, logits error. With `eval.text` and a
+tokenizer in the model folder, perplexity over the text too.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from engine.config import ConfigError
+from engine.generate import Generator
+from engine.quantize import quant_spec
+from engine.sharding import ShardPlan
+
+from . import accuracy, common, plots, sweep
+from .report import BASE_COLUMNS, write_report
+from .results import RunDir
+from .tensor_parallel import check_devices
+
+log = logging.getLogger("experiments.quant_compare")
+
+
+def pairs_of(cfg, config) -> list[tuple[str, int]]:
+    pairs = []
+    for item in cfg.configs:
+        quant, tp = quant_spec(item["quant"]).name, common.positive("configs[].tp", item["tp"])
+        ShardPlan(config, tp).check_quant(quant_spec(quant))
+        pairs.append((quant, tp))
+    if not pairs:
+        raise ConfigError("configs is empty; list (quant, tp) pairs, e.g. configs='[{quant: q4f16_1, tp: 1}]'")
+    return pairs
+
+
+def eval_stream(cfg, config, target, arch) -> tuple[list[int], int]:
+    """Token stream for accuracy: a text file through the model's tokenizer, or a random prompt
+    continued greedily by the reference quantization."""
+    if cfg.eval.text:
+        text = Path(cfg.eval.text)
+        folder = cfg.model.get("path")
+        if not text.is_file():
+            raise ConfigError(f"eval.text={text} does not exist")
+        if not folder or not (Path(folder) / "tokenizer.json").is_file():
+            raise ConfigError("perplexity needs a tokenizer: eval.text works with model.path=DIR holding tokenizer.json")
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(text.read_text()).ids
+        limit = min(config.max_position_embeddings, cfg.eval.prompt_len + cfg.eval.tokens)
+        return ids[:limit], min(cfg.eval.prompt_len, len(ids[:limit]) - 1)
+    import numpy as np
+
+    prompt = np.random.default_rng(int(cfg.seed)).integers(0, config.vocab_size, cfg.eval.prompt_len).tolist()
+    artifact = common.build(config, cfg.reference, 1, target, arch, cfg)
+    with common.open_session(artifact, common.weights_source(cfg.model, config, target)) as session:
+        gen = Generator(session, 1, cfg.eval.prompt_len + cfg.eval.tokens, cfg.eval.prompt_len)
+        continuation = gen.generate([prompt], cfg.eval.tokens).tokens[0]
+    return prompt + continuation[:-1], len(prompt)
+
+
+def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int]):
+    def hook(point, session, artifact):
+        gen = Generator(session, 1, len(stream), prompt_len)
+        store[key] = gen.teacher_forced_logits(stream, prompt_len)
+    return hook
+
+
+def conclusion(rows: list[dict]) -> str:
+    ok = [r for r in rows if r.get("tokens_per_s")]
+    if not ok:
+        return "No configuration completed."
+    batch1 = [r for r in ok if r["batch"] == 1] or ok
+    big = max(r["batch"] for r in ok)
+    bigs = [r for r in ok if r["batch"] == big]
+    fastest = max(batch1, key=lambda r: r["tokens_per_s"])
+    most = max(bigs, key=lambda r: r["tokens_per_s"])
+
+    def acc(r):
+        return f"KL {r['kl']:.2e}, top-1 {r['top1']:.1%}" if r.get("kl") is not None else "accuracy not measured"
+
+    return (f"Lowest batch-1 latency: {fastest['config']} ({fastest['tokens_per_s']:.1f} tok/s, {acc(fastest)}). "
+            f"Highest throughput at batch {big}: {most['config']} ({most['tokens_per_s']:.1f} tok/s, {acc(most)}).")
+
+
+@hydra.main(config_path="../conf", config_name="quant_compare", version_base="1.3")
+@common.guarded
+def main(cfg: DictConfig) -> int:
+    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        config = common.model_config(cfg.model)
+        pairs = pairs_of(cfg, config)
+        quant_spec(cfg.reference)
+        batches = [common.positive("batches[]", b) for b in cfg.batches]
+        sweep.check_workload(cfg.workload, config)
+        target, arch = common.resolve_target(cfg.device)
+        check_devices([tp for _, tp in pairs], target)
+        stream, prompt_len = eval_stream(cfg, config, target, arch)
+    except Exception as err:
+        run_dir.write_failure(plain, str(err))
+        raise
+    bandwidth = sweep.measured_bandwidth(cfg, target)
+    reference_logits: dict = {}
+    logits: dict = {}
+    points = []
+    w = cfg.workload
+    with tqdm(total=len(pairs) * len(batches) * (w.warmup + w.repeats), desc="quant_compare", unit="run") as bar:
+        for quant, tp in pairs:
+            for batch in batches:
+                workload = OmegaConf.merge(w, {"batch": batch})
+                hook = accuracy_hook(stream, prompt_len, logits, (quant, tp)) if batch == batches[0] else None
+                label = f"{quant}@tp{tp} b{batch}"
+                bar.set_postfix_str(label)
+                points.append(sweep.run_point(label, {"quant": quant, "tp": tp, "batch": batch}, cfg, config, quant,
+                                              tp, target, arch, bandwidth and bandwidth["bytes_per_s"], bar,
+                                              after_load=hook, workload=workload))
+    ref_key = next(((q, tp) for q, tp in sorted(logits, key=lambda k: k[1]) if q == cfg.reference), None)
+    if ref_key is None:  # the reference is not among the configurations: run it for its logits
+        artifact = common.build(config, cfg.reference, 1, target, arch, cfg)
+        with common.open_session(artifact, common.weights_source(cfg.model, config, target)) as session:
+            accuracy_hook(stream, prompt_len, reference_logits, "ref")(None, session, artifact)
+        ref = reference_logits["ref"]
+    else:
+        ref = logits[ref_key]
+    comparisons = {f"{q}@tp{tp}": accuracy.compare(v, ref) for (q, tp), v in logits.items()}
+    if cfg.eval.text:
+        for (q, tp), v in logits.items():
+            comparisons[f"{q}@tp{tp}"]["perplexity"] = accuracy.perplexity(v, stream)
+    rows = []
+    for p in points:
+        key = f"{p.params['quant']}@tp{p.params['tp']}"
+        c = comparisons.get(key, {})
+        p.summary.update({"kl": c.get("kl_mean"), "top1": c.get("top1")} if p.ok else {})
+        rows.append({"config": key, "batch": p.params["batch"], "tokens_per_s": p.summary.get("decode_tokens_per_s"),
+                     "kl": c.get("kl_mean"), "top1": c.get("top1"), "max_err": c.get("max_logits_error"),
+                     "ttft_ms": p.summary["ttft_s"]["p50"] * 1e3 if p.ok else None,
+                     "weight_gib": p.summary.get("weight_bytes", 0) / 2**30 if p.ok else None,
+                     "perplexity": c.get("perplexity")})
+    text = conclusion(rows)
+    if any(r["tokens_per_s"] and r["kl"] is not None for r in rows):
+        plots.scatter_tradeoff([{"label": f"{r['config']} b{r['batch']}", "x": r["tokens_per_s"], "y": r["kl"]}
+                                for r in rows if r["tokens_per_s"] and r["kl"] is not None],
+                               "decode tokens/s", f"KL divergence vs {cfg.reference} (nats/token)",
+                               f"{config.name}: speed vs accuracy", run_dir.path("tradeoff.png"))
+    from . import markdown
+
+    acc_table = markdown.table(rows, [("config", "config", None), ("batch", "batch", None),
+                                      ("tokens_per_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT (ms)", "{:.1f}"),
+                                      ("kl", "KL vs ref", "{:.3e}"), ("top1", "top-1", "{:.1%}"),
+                                      ("max_err", "max logits err", "{:.3f}"), ("perplexity", "perplexity", "{:.2f}"),
+                                      ("weight_gib", "weights/rank (GiB)", "{:.3f}")])
+    summary_extra = {"comparisons": {k: {kk: vv for kk, vv in v.items() if kk != "kl_per_token"}
+                                     for k, v in comparisons.items()},
+                     "table": rows, "conclusion": text, "reference": cfg.reference}
+    for quant in ("q4f16_1", "q8f16_1", "q0f16"):  # the keys a reader looks for
+        summary_extra[quant] = {k: v for k, v in comparisons.items() if k.startswith(quant)}
+    status = write_report(run_dir, f"Quantization: {config.name} on {target}", plain, points,
+                          sections=[("Speed and accuracy", acc_table), ("Conclusion", text)],
+                          summary_extra=summary_extra,
+                          extra={"bandwidth": bandwidth, "eval_token_ids": stream, "eval_prompt_len": prompt_len,
+                                 "kl_per_token": {k: v["kl_per_token"] for k, v in comparisons.items()}})
+    print(acc_table)
+    print(text)
+    print(f"results: {run_dir.root}")
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    main()
