@@ -144,7 +144,7 @@ class CpuSampler:
         self.psutil = psutil
         self.root = psutil.Process(root_pid)
         self.known: dict[int, object] = {}
-        self.description = "the experiment's process tree through psutil (CPU sampling: no GPU visible)"
+        self.description = "no GPU visible: the experiment's process tree, CPU% and RSS through psutil"
 
     def sample(self) -> list[dict]:
         ps = self.psutil
