@@ -167,15 +167,23 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     mod, params = export(spec)
     target = spec.tvm_target()
     config = {"relax.backend.use_cuda_graph": bool(spec.cuda_graph and spec.target == "cuda")}
-    with tvm.transform.PassContext(opt_level=3, config=config):
+    from . import runtime_loader
+
+    with runtime_loader.record_cuda_sources() as cuda_sources, \
+            tvm.transform.PassContext(opt_level=3, config=config):
         executable = tvm.compile(mod, target, relax_pipeline=_pipeline(spec, target))
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
         executable.export_library(str(tmp / "model.so"))
+        # Kernels are compiled when a CUDA library is loaded; with nvcc here, do it now, so that a
+        # GPU node loads them from the artifact instead of compiling.
+        precompiled = runtime_loader.precompile_cubins(cuda_sources.sources, spec.cuda_arch, tmp / "kernels") \
+            if spec.target == "cuda" else 0
         metadata = {
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
             "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
+            "precompiled_cubins": precompiled,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],
         }
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))

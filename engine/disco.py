@@ -47,7 +47,7 @@ class DiscoSession:
         if spec.target == "llvm" and self.tp > MAX_CPU_WORKERS:
             raise ConfigError(f"tp={self.tp} on the CPU would start {self.tp} worker processes; "
                               f"at most {MAX_CPU_WORKERS}")
-        runtime_loader.check_target(spec)
+        runtime_loader.check_target(spec, artifact.path)
         if spec.target == "cuda":
             from .session import visible_cuda_devices
 
@@ -60,6 +60,7 @@ class DiscoSession:
         self.sess = runtime_loader.start_disco(self.tp, ccl_for(spec.target), self.device_ids, spec)
         try:
             self.sess.import_python_module("engine.disco_rank")
+            self.sess.get_global_func("lab.engine.prepare_target")(str(artifact.path))
             device = tvm.cuda(0) if spec.target == "cuda" else tvm.cpu(0)
             self.mod = self.sess.load_vm_module(str(artifact.library), device=None if spec.target == "llvm" else device)
             self.load_seconds = time.perf_counter() - t0

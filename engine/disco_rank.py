@@ -14,6 +14,14 @@ from .sharding import ShardPlan
 from .weights import rank_params, source_from_spec, to_tvm
 
 
+@tvm.register_global_func("lab.engine.prepare_target", override=True)
+def prepare_target(artifact_dir: str) -> None:
+    """In each worker: the CUDA kernel compile callback and the architecture check."""
+    from . import runtime_loader
+
+    runtime_loader.check_target(Artifact.load(artifact_dir).build_spec(), artifact_dir)
+
+
 @tvm.register_global_func("lab.engine.load_rank_params", override=True)
 def load_rank_params(artifact_dir: str, source_json: str):
     rank = int(tvm.get_global_func("runtime.disco.worker_rank")())

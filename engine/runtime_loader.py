@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .config import ConfigError
 
 
-def check_target(spec) -> None:
+def check_target(spec, artifact_dir=None) -> None:
+    """Before loading a cuda artifact: the kernel compile callback (using the artifact's
+    precompiled cubins when it has them) and the GPU architecture check."""
     if spec.target != "cuda":
         return
     from runtime_patch import bootstrap
 
-    bootstrap.ensure_cuda_compiler(spec.cuda_arch)
+    bootstrap.ensure_cuda_compiler(spec.cuda_arch, [Path(artifact_dir) / "kernels"] if artifact_dir else [])
     try:
         bootstrap.check_cuda_arch(spec.cuda_arch)
     except bootstrap.RuntimeMismatch as err:
@@ -25,3 +29,21 @@ def start_disco(num_workers: int, ccl: str, device_ids: list[int], spec):
         return ccl_plugins.start_session(num_workers, ccl, device_ids)
     except ccl_plugins.CCLBuildError as err:
         raise ConfigError(str(err)) from None
+
+
+def record_cuda_sources():
+    """A context manager collecting the CUDA source of a build (see `precompile_cubins`)."""
+    from runtime_patch.bootstrap import CudaSourceRecorder
+
+    return CudaSourceRecorder()
+
+
+def precompile_cubins(sources: list[str], arch: str, folder: Path) -> int:
+    """nvcc each source into `folder` where this machine has nvcc; returns how many (0 without)."""
+    from runtime_patch import bootstrap
+
+    if bootstrap._nvcc() is None:
+        return 0
+    for code in sources:
+        bootstrap.compile_cubin(code, arch, folder / bootstrap.cubin_name(code, arch))
+    return len(sources)

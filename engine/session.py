@@ -57,7 +57,7 @@ class VMSession:
         spec = artifact.build_spec()
         if spec.tp != 1:
             raise ConfigError(f"artifact {artifact.path} is built for tp={spec.tp}; use a DiscoSession")
-        runtime_loader.check_target(spec)
+        runtime_loader.check_target(spec, artifact.path)
         self.device = device_of(spec.target, device_index)
         t0 = time.perf_counter()
         executable = tvm.runtime.load_module(str(artifact.library))
