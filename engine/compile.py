@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("llvm", "cuda")
 ENGINE_DIR = Path(__file__).resolve().parent
+# The engine sources that shape a compiled artifact (the cache key hashes them); the loaders and
+# the generate loop are not among them, so changing those keeps the cache.
+COMPILED_SOURCES = ("config.py", "quantize.py", "sharding.py", "model.py", "compile.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +64,8 @@ class BuildSpec:
         import tvm
 
         source = hashlib.sha256()
-        for file in sorted(ENGINE_DIR.glob("*.py")):
-            source.update(file.name.encode() + file.read_bytes())
+        for name in COMPILED_SOURCES:
+            source.update(name.encode() + (ENGINE_DIR / name).read_bytes())
         payload = json.dumps({
             "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
             "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
