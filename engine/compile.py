@@ -3,7 +3,7 @@
 An artifact folder holds `model.so` (the Relax VM executable with its kernels) and
 `metadata.json` (model config, quantization, tp, target, parameter names/shapes/dtypes). Its
 name ends in a hash of everything that changes the output: model config, quantization, tp,
-target, TVM version and the engine's own source. Folders are written to a temporary name and
+target, TVM version and the engine sources that shape the compiled module (COMPILED_SOURCES). Folders are written to a temporary name and
 renamed into place, so a cache entry is either complete or absent.
 """
 
