@@ -1,0 +1,54 @@
+"""Entry point of a disco worker process: load what the worker needs, then run TVM's worker loop.
+
+    ProcessSession(n, entrypoint="runtime_patch.disco_worker")   # runtime_patch.ccl.start_session does this
+
+Started as `python -m runtime_patch.disco_worker <worker_id> <num_workers> <num_groups> <read_fd>
+<write_fd>` (the arguments of tvm.exec.disco_worker). Before handing over it
+- loads the CCL plugins named in $LAB_CCL_PLUGINS (comma separated, e.g. "cpu_shm" or "nccl"),
+  before `import tvm`, as the runtime-only TVM needs;
+- imports the Python modules named in $LAB_DISCO_WORKER_IMPORTS (comma separated), for globals the
+  controller will call on workers (a CUDA compile callback, say).
+`import tvm_ffi` imports torch when it is installed (3 of the ~4.5 s a worker takes to start on
+a CPU box); workers need none of it, so it is skipped unless LAB_DISCO_WORKER_TORCH=1. torch can
+still be imported later by worker code (then tvm_ffi does not convert torch tensors implicitly:
+hand them over with tvm_ffi.from_dlpack). When the session shuts the worker down, the process
+ends at once (os._exit), without Python's slow and crash-prone teardown of TVM and CUDA state.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+
+def _names(var: str) -> list[str]:
+    return [s.strip() for s in os.environ.get(var, "").split(",") if s.strip()]
+
+
+def main() -> None:
+    skip_torch = os.environ.get("LAB_DISCO_WORKER_TORCH", "0") != "1" and "torch" not in sys.modules
+    if skip_torch:
+        sys.modules["torch"] = None  # makes tvm_ffi's `import torch` fail fast (it catches that)
+    try:
+        from runtime_patch.ccl.build import load
+
+        for name in _names("LAB_CCL_PLUGINS"):
+            load(name)
+        from tvm.exec import disco_worker  # imports tvm
+    finally:
+        if skip_torch:
+            del sys.modules["torch"]
+    for module in _names("LAB_DISCO_WORKER_IMPORTS"):
+        importlib.import_module(module)
+    disco_worker.main()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (OSError, KeyboardInterrupt):
+        pass  # the controller went away: as tvm.exec.disco_worker does
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
