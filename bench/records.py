@@ -1,0 +1,82 @@
+"""Turn experiment results (results.json) into benchmark records under docs/benchmarks/.
+
+    python -m bench.records results/tensor_parallel/20261126-150000 [...] --out docs/benchmarks
+
+One JSON record per results folder: model, quant, tp, batch, card, date, command, git SHA and the
+figures (decode tokens/s, speedup, efficiency, allreduce share, roofline fraction, TTFT), with the
+raw per-step samples kept. Prints Markdown table rows for docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from experiments.results import atomic_write_json
+
+
+def _card(env: dict) -> str:
+    gpus = env.get("gpus") or []
+    return f"{len(gpus)} x {gpus[0]['name']}" if gpus else (env.get("cpu_model") or "CPU")
+
+
+def record_of(results_dir: Path) -> dict:
+    data = json.loads((results_dir / "results.json").read_text())
+    env, cfg = data["environment"], data["config"]
+    points = []
+    for run in data["runs"]:
+        s = data["summary"].get(run["label"], data["summary"] if data["summary"].get("label") == run["label"] else {})
+        point = {"label": run["label"], **run["params"], "batch": cfg.get("workload", {}).get("batch"),
+                 "error": run["error"]}
+        if not run["error"]:
+            point.update({
+                "decode_tokens_per_s": s.get("decode_tokens_per_s"), "speedup": s.get("speedup"),
+                "efficiency": s.get("efficiency"), "allreduce_share": s.get("allreduce_share"),
+                "allreduce_seconds_each": (s.get("allreduce") or {}).get("seconds_each"),
+                "roofline_fraction": s.get("roofline_fraction"), "ttft_s_p50": s["ttft_s"]["p50"],
+                "itl_s": {k: s["itl_s"][k] for k in ("p50", "p95", "mean", "count")},
+                "weight_bytes_per_rank": s.get("weight_bytes"), "gpu_memory_used_bytes": s.get("gpu_memory_used_bytes"),
+                "raw_itl_s": [t for sample in run["samples"] for t in sample["itl_s"]],
+            })
+        points.append(point)
+    return {"experiment": results_dir.parent.name, "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
+            "workload": cfg.get("workload"), "card": _card(env), "date": env["timestamp"][:10],
+            "command": env.get("command"), "git_sha": (env.get("git") or {}).get("sha"),
+            "git_dirty": (env.get("git") or {}).get("dirty"), "bandwidth_bytes_per_s": (data.get("bandwidth") or {}).get("bytes_per_s"),
+            "status": data["status"], "points": points, "source": str(results_dir)}
+
+
+def table_rows(record: dict) -> list[str]:
+    rows = []
+    for p in record["points"]:
+        if p["error"]:
+            rows.append(f"| {record['model']} | {record['quant']} | {p.get('tp')} | {p.get('batch')} | error: {p['error'][:60]} |||||")
+            continue
+        fmt = lambda v, f: "—" if v is None else f.format(v)  # noqa: E731
+        rows.append(f"| {record['model']} | {record['quant']} | {p.get('tp')} | {p.get('batch')} | "
+                    f"{fmt(p['decode_tokens_per_s'], '{:.1f}')} | {fmt(p['itl_s']['p50'] * 1e3, '{:.2f}')} / "
+                    f"{fmt(p['itl_s']['p95'] * 1e3, '{:.2f}')} | {fmt(p['speedup'], '{:.2f}x')} | "
+                    f"{fmt(p['efficiency'], '{:.0%}')} | {fmt(p['allreduce_share'], '{:.0%}')} | "
+                    f"{fmt(p['roofline_fraction'], '{:.0%}')} |")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("results", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    for folder in args.results:
+        record = record_of(folder)
+        batch = record["points"][0].get("batch")
+        name = (f"{record['date']}-{record['card'].replace(' ', '')}-{record['experiment']}-{record['model']}-"
+                f"{record['quant']}-b{batch}{args.tag}.json")
+        atomic_write_json(args.out / name, record)
+        print(f"<!-- {name} -->")
+        print("\n".join(table_rows(record)))
+
+
+if __name__ == "__main__":
+    main()

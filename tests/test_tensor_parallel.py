@@ -1,0 +1,125 @@
+"""Tensor parallelism on the CPU (disco ProcessSession + the cpu_shm CCL): the same model at every tp."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import ConfigError, from_hf_folder
+from engine.disco import DiscoSession
+from engine.generate import Generator
+from engine.session import VMSession
+from engine.weights import open_source
+from experiments.oracle import Reference, relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT, STEPS = 16, 8
+
+
+def _logits_and_tokens(compiled, folder, quant, tp):
+    config = from_hf_folder(folder)
+    artifact = compiled(config, quant, tp)
+    source = open_source(config, folder)
+    with (VMSession(artifact, source) if tp == 1 else DiscoSession(artifact, source)) as session:
+        gen = Generator(session, max_batch=2, max_total_len=128, prefill_chunk=32)
+        rng = np.random.default_rng(11)
+        tokens = rng.integers(0, config.vocab_size, PROMPT + STEPS).tolist()
+        logits = gen.teacher_forced_logits(tokens, PROMPT)
+        prompts = [tokens[:PROMPT], tokens[3:PROMPT]]
+        generated = gen.generate(prompts, STEPS).tokens
+    return tokens, logits, generated
+
+
+CASES = [("tiny", q, tp) for q in ("q0f32", "q0f16", "q8f16_1", "q4f16_1") for tp in (2, 4)]
+CASES += [("gqa", "q0f32", 2), ("gqa", "q0f32", 4), ("gqa", "q4f16_1", 2)]
+
+
+@pytest.mark.parametrize("model,quant,tp", CASES)
+def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, model, quant, tp):
+    folder = tiny_checkpoint if model == "tiny" else gqa_checkpoint
+    tokens, base, base_tokens = _logits_and_tokens(compiled, folder, quant, 1)
+    _, logits, generated = _logits_and_tokens(compiled, folder, quant, tp)
+    tolerance = 1e-5 if quant == "q0f32" else 1e-2
+    assert relative_error(logits, base) <= tolerance
+    assert generated == base_tokens  # greedy tokens identical, batch of two
+    if quant in ("q0f32", "q0f16"):  # and the same as transformers
+        assert relative_error(logits, Reference(folder).logits(tokens)) <= (1e-4 if quant == "q0f32" else 1e-2)
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused(compiled, tiny_config):
+    with pytest.raises(ConfigError, match="choose tp from"):
+        compiled(tiny_config, "q0f16", 3)
+
+
+def run_module(module, *overrides, cache_dir, out, timeout=900):
+    env = {**os.environ, "LAB_CACHE_DIR": str(cache_dir)}
+    return subprocess.run([sys.executable, "-m", module, f"hydra.run.dir={out}", *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_sweep_reports_scaling(cache_dir, tmp_path):
+    out = tmp_path / "tp"
+    proc = run_module("experiments.tensor_parallel", "tp=[1,2]", "device=cpu", "workload.prompt_len=8",
+                      "workload.new_tokens=6", "workload.warmup=1", "workload.repeats=2",
+                      cache_dir=cache_dir, out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "ok"
+    s = results["summary"]
+    assert s["tp=1"]["speedup"] == 1.0 and s["tp=2"]["speedup"] > 0
+    assert 0 < s["tp=2"]["allreduce_share"] < 1 and s["tp=2"]["allreduce"]["count_per_step"] == 4
+    assert s["tp=2"]["efficiency"] == pytest.approx(s["tp=2"]["speedup"] / 2)
+    assert s["tp=1"]["tokens_first_sequence"] == s["tp=2"]["tokens_first_sequence"]
+    assert (out / "speedup.png").stat().st_size > 5000 and (out / "trace.json").is_file()
+
+
+@pytest.mark.parametrize("override,message", [("tp=[1,64]", "at most 16"), ("tp=[1,3]", "choose tp from"),
+                                              ("tp=[]", "tp is empty"), ("tp=[2,2]", "twice")])
+def test_bad_tp_lists_are_refused_up_front(cache_dir, tmp_path, override, message):
+    proc = run_module("experiments.tensor_parallel", override, "device=cpu", cache_dir=cache_dir, out=tmp_path / "r")
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_verify_accepts_tp(cache_dir, tmp_path):
+    out = tmp_path / "v"
+    proc = run_module("experiments.verify", "tp=2", "prompt_len=8", "decode_steps=6", cache_dir=cache_dir, out=out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["summary"]["greedy_tokens_identical"]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from engine.compile import Artifact
+    from engine.disco import DiscoSession
+    from engine.generate import Generator
+    from engine.weights import RandomSource
+    from runtime_patch.ccl import worker_pids
+    artifact = Artifact.load(sys.argv[1])
+    session = DiscoSession(artifact, RandomSource(artifact.build_spec().config))
+    gen = Generator(session, 1, 64, 16)
+    gen.generate([[1, 2, 3]], 2)
+    os.kill(worker_pids(session.sess)[1], signal.SIGKILL)
+    try:
+        gen.generate([[1, 2, 3]], 4)
+    except Exception as err:
+        print("CLEAN ERROR:", type(err).__name__, err)
+        session.close()
+        sys.exit(0)
+    sys.exit(1)
+""")
+
+
+def test_a_killed_worker_gives_a_clean_error_and_no_hang(compiled, tiny_config, tmp_path):
+    artifact = compiled(tiny_config, "q0f16", 2)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), str(artifact.path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "CLEAN ERROR" in proc.stdout
