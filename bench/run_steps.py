@@ -22,6 +22,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=540)
     ap.add_argument("--min-left", type=float, default=30)
+    ap.add_argument("--step-timeout", type=float, default=240, help="seconds one command may run")
     ap.add_argument("commands", nargs="+")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -37,7 +38,7 @@ def main() -> int:
             t0 = time.monotonic()
             try:
                 rc = subprocess.run(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=left - 10).returncode
+                                    timeout=min(left - 10, args.step_timeout)).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
             failures += rc != 0

@@ -61,8 +61,8 @@ class DiscoSession:
         try:
             self.sess.import_python_module("engine.disco_rank")
             self.sess.get_global_func("lab.engine.prepare_target")(str(artifact.path))
-            device = tvm.cuda(0) if spec.target == "cuda" else tvm.cpu(0)
-            self.mod = self.sess.load_vm_module(str(artifact.library), device=None if spec.target == "llvm" else device)
+            # device=None: each worker's own default device (the CCL set it to device_ids[rank])
+            self.mod = self.sess.load_vm_module(str(artifact.library), device=None)
             self.load_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             loader = self.sess.get_global_func("lab.engine.load_rank_params")
