@@ -61,11 +61,16 @@ def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens
     import transformers
 
     hf = transformers.LlamaConfig(**config.to_hf_dict())
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf)
-    state = {name: source.get(name).to(torch.float16) for name in model.state_dict()}
-    model.load_state_dict(state, assign=True, strict=True)
-    model = model.to("cuda", torch.float16).eval()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(hf).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # the engine's weights, so both run the same model
+        for name, tensor in model.state_dict().items():
+            if name.endswith(".weight"):
+                tensor.copy_(source.get(name))
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device="cuda")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if kind == "compile":
