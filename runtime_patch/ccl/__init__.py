@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -94,13 +96,15 @@ class WorkerPool:
         self.procs: dict[int, subprocess.Popen] = {}
         self._to_worker: dict[int, int] = {}  # write ends, owned (and closed) by the C++ session
         self._silenced: set[int] = set()
+        self._silence_lock = threading.Lock()
         self._released = False
         self._shape = Shape  # no imports in __call__: the session may call it while Python exits
         _live_pools.add(self)
 
     def __call__(self, worker_id: int):
         if worker_id == 0:  # the session has closed the pipes: only the processes are left
-            self._released = True
+            with self._silence_lock:
+                self._released = True
             self._reap(grace_s=2.0)
             return None
         return self._shape(self._spawn(worker_id))
@@ -111,11 +115,26 @@ class WorkerPool:
         cmd = [sys.executable, "-m", self.entrypoint, str(worker_id), str(self.num_workers),
                str(self.num_groups), str(to_worker_r), str(from_worker_w)]
         try:
-            self.procs[worker_id] = subprocess.Popen(cmd, pass_fds=(to_worker_r, from_worker_w), env=self.env)
+            proc = subprocess.Popen(cmd, pass_fds=(to_worker_r, from_worker_w), env=self.env)
+        except BaseException:
+            for fd in (to_worker_r, to_worker_w, from_worker_r):
+                os.close(fd)
+            raise
         finally:
-            os.close(to_worker_r)
             os.close(from_worker_w)
+        self.procs[worker_id] = proc
         self._to_worker[worker_id] = to_worker_w
+        # This process keeps the read end of the pipe to the worker, and drains it once the worker
+        # has exited: a message to a dead worker (any session call, or the kKillReg that a DRef's
+        # C++ destructor sends, where an exception aborts the process) then goes into the pipe
+        # instead of failing with EPIPE, and the group's failure surfaces as CCLError at the
+        # next sync.
+        try:
+            pidfd = os.pidfd_open(proc.pid)  # here, before anything can reap the process
+        except (AttributeError, OSError):  # Python or kernel too old: the thread polls
+            pidfd = None
+        threading.Thread(target=_drain_after_exit, args=(proc, pidfd, to_worker_r),
+                         name=f"disco-worker-{worker_id}-drain", daemon=True).start()
         return from_worker_r, to_worker_w
 
     def pids(self) -> list[int]:
@@ -128,16 +147,17 @@ class WorkerPool:
     def silence_exited(self) -> None:
         """Point the pipe to each exited worker at /dev/null: what the session still sends it
         (its destructor sends a shutdown) then goes nowhere instead of failing with EPIPE."""
-        if self._released:
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            for i, proc in self.procs.items():
-                if i not in self._silenced and proc.poll() is not None:
-                    os.dup2(devnull, self._to_worker[i])
-                    self._silenced.add(i)
-        finally:
-            os.close(devnull)
+        with self._silence_lock:
+            if self._released:
+                return
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                for i, proc in self.procs.items():
+                    if i not in self._silenced and proc.poll() is not None:
+                        os.dup2(devnull, self._to_worker[i])
+                        self._silenced.add(i)
+            finally:
+                os.close(devnull)
 
     def stop(self, grace_s: float) -> None:
         """Wait up to `grace_s` for the workers to exit, kill the rest, silence their pipes."""
@@ -152,6 +172,26 @@ class WorkerPool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _drain_after_exit(proc: subprocess.Popen, pidfd: int | None, read_fd: int) -> None:
+    """Wait until the worker `proc` exits (through its `pidfd`, which does not reap it, or by
+    polling), then read and drop whatever is written to it through `read_fd` until every write end
+    is closed, and close `read_fd` (and `pidfd`)."""
+    try:
+        if pidfd is None:
+            while proc.poll() is None:
+                time.sleep(0.05)
+        else:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        while os.read(read_fd, 1 << 16):
+            pass
+    except (OSError, ValueError):
+        pass
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        os.close(read_fd)
 
 
 _pending_pool: WorkerPool | None = None
@@ -206,7 +246,11 @@ def _session_class(threaded: bool) -> type:
         __slots__ = ()
 
         def _sync_worker(self, worker_id: int) -> None:
-            super()._sync_worker(worker_id)
+            try:
+                super()._sync_worker(worker_id)
+            except Exception as e:  # e.g. the pipe from a dead worker closed: report why
+                check(self, cause=e)
+                raise
             check(self)
 
         def _release_ccl(self) -> None:
@@ -303,20 +347,41 @@ def start_session(num_workers: int, ccl: str = "cpu_shm", device_ids: Sequence[i
     return sess
 
 
-def check(sess) -> None:
-    """Raise CCLError if the collective group of `sess` (a cpu_shm session) has failed.
+def check(sess, cause: BaseException | None = None) -> None:
+    """Raise CCLError if the collective group of `sess` (a session from start_session) has failed:
+    its CCL recorded a failure (cpu_shm), or one of its worker processes has exited.
 
     Also stops the session's worker processes then, so that the session can still be shut down
-    and destroyed without hanging or aborting."""
-    if getattr(sess, "lab_ccl", None) != "cpu_shm":
+    and destroyed without hanging or aborting. `cause`: the exception that made the caller look,
+    chained to the CCLError."""
+    ccl = getattr(sess, "lab_ccl", None)
+    if ccl is None:  # not (or no longer) a started session
         return
-    import tvm_ffi
+    message = ""
+    if ccl == "cpu_shm":
+        import tvm_ffi
 
-    message = str(tvm_ffi.get_global_func("runtime.disco.cpu_shm.status")(sess))
+        message = str(tvm_ffi.get_global_func("runtime.disco.cpu_shm.status")(sess))
+    pool = getattr(sess, "lab_pool", None)
+    if not message and pool is not None:
+        exited = pool.exited()
+        if exited:
+            message = "; ".join(f"disco worker {i} (pid {pool.procs[i].pid}) died ({_exit_reason(code)})"
+                                for i, code in exited.items())
+            message += "; the session is broken, shut it down and start a new one"
     if message:
-        if sess.lab_pool is not None:
-            sess.lab_pool.stop(grace_s=0.0)
-        raise CCLError(message)
+        if pool is not None:
+            pool.stop(grace_s=0.0)
+        raise CCLError(message) from cause
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
 
 
 def worker_pids(sess) -> list[int]:

@@ -550,18 +550,58 @@ void EndChunk(WorkerContext* ctx, int buf, const char* what) {
   }
 }
 
+// What a collective that did not complete leaves in a buffer it should have written: `src`'s
+// bytes [src_off, src_off + src_len) (this worker's own data) repeated to fill `dst` when the sizes
+// allow, zeros otherwise. The model running on a failed worker goes on computing with these (the
+// controller learns of the failure at its next sync), and reads them as it reads real results:
+// worker 0 gathers embedding rows at the token ids that broadcast_from_worker0 delivers, so an
+// uninitialised buffer there is an out-of-bounds read that kills the controller. Never throws, and
+// writes nothing into a buffer it cannot vouch for.
+int64_t WritableBytes(const Tensor& t) {
+  if (!t.defined() || t->data == nullptr) return -1;
+  if (t->device.device_type != kDLCPU && t->device.device_type != kDLCUDAHost) return -1;
+  if (!ffi::IsContiguous(*t.operator->())) return -1;
+  return NumElements(t) * ElemBytes(t->dtype);
+}
+
+void FillUnreceived(const Tensor& dst, const Tensor& src = Tensor(nullptr), int64_t src_off = 0,
+                    int64_t src_len = -1) noexcept {
+  try {
+    int64_t dst_bytes = WritableBytes(dst);
+    if (dst_bytes <= 0) return;
+    char* out = DataPtr(dst);
+    int64_t src_bytes = WritableBytes(src);
+    if (src_len < 0) src_len = src_bytes - src_off;
+    if (src_bytes > 0 && src_off >= 0 && src_len > 0 && src_off + src_len <= src_bytes &&
+        dst_bytes % src_len == 0) {
+      const char* in = DataPtr(src) + src_off;
+      if (in == out && src_len == dst_bytes) return;  // in place: already this worker's own data
+      std::vector<char> copy(in, in + src_len);        // `dst` may overlap `src`
+      for (int64_t off = 0; off < dst_bytes; off += src_len) std::memcpy(out + off, copy.data(), src_len);
+      return;
+    }
+    std::memset(out, 0, dst_bytes);
+  } catch (...) {
+  }
+}
+
 // Runs one collective on this worker. A failure (this worker's, or another's recorded in the
 // header) disables this and every later collective of the worker; it is reported to the
-// controller by `runtime.disco.cpu_shm.status` and, once per process, on stderr.
-template <typename F>
-void RunCollective(const char* what, F body) {
+// controller by `runtime.disco.cpu_shm.status` and, once per process, on stderr. A collective
+// that fails or is skipped runs `unreceived` instead, which fills the buffers it would have
+// written (FillUnreceived).
+template <typename F, typename G>
+void RunCollective(const char* what, F body, G unreceived) {
   WorkerContext* ctx = WorkerContext::Get();
   if (ctx->hdr == nullptr) {
     // Only reachable if disco calls a CCL function on a worker that never initialised it; this
     // worker is then not a thread of the controller (those are initialised before use).
     TVM_FFI_THROW(RuntimeError) << "cpu_shm: " << what << " called on a worker where cpu_shm is not initialised";
   }
-  if (!ctx->failure.empty()) return;
+  if (!ctx->failure.empty()) {
+    unreceived(ctx);
+    return;
+  }
   try {
     if (ctx->hdr->abort_state.load(std::memory_order_acquire) != 0) Fail(ctx, "");
     body(ctx);
@@ -573,6 +613,7 @@ void RunCollective(const char* what, F body) {
     ctx->failure = RecordFailure(ctx->hdr, std::string("cpu_shm ") + what + " on worker " +
                                                std::to_string(ctx->rank) + ": " + e.what());
   }
+  unreceived(ctx);
   if (ctx->rank == 0 || !ctx->in_controller) {
     std::fprintf(stderr, "[cpu_shm] worker %d: collectives disabled: %s\n", ctx->rank, ctx->failure.c_str());
   }
@@ -611,7 +652,7 @@ void AllReduce(Tensor send, int kind_code, bool in_group, Tensor recv) {
       Reduce(dtype, slots, dst + off * esize, m, kind, &ctx->acc);
       off += m;
     } while (off < numel);
-  });
+  }, [&](WorkerContext*) { FillUnreceived(recv, send); });
 }
 
 void AllGather(Tensor send, bool in_group, Tensor recv) {
@@ -634,7 +675,7 @@ void AllGather(Tensor send, bool in_group, Tensor recv) {
       for (int j = 0; j < ctx->n; ++j) std::memcpy(dst + j * bytes + off, ctx->Slot(buf, j), len);
       off += len;
     } while (off < bytes);
-  });
+  }, [&](WorkerContext*) { FillUnreceived(recv, send); });
 }
 
 Tensor ValueOrNull(const ffi::Optional<Tensor>& t) { return t.has_value() ? t.value() : Tensor(nullptr); }
@@ -666,6 +707,8 @@ void BroadcastFromWorker0(ffi::Optional<Tensor> send_opt, bool in_group, Tensor 
       }
       off += len;
     } while (off < bytes);
+  }, [&](WorkerContext* ctx) {
+    FillUnreceived(recv, ctx->rank == 0 ? ValueOrNull(send_opt) : Tensor(nullptr));  // zeros off the root
   });
 }
 
@@ -693,6 +736,8 @@ void ScatterFromWorker0(ffi::Optional<Tensor> send_opt, bool in_group, Tensor re
       std::memcpy(DataPtr(recv) + off, ctx->Slot(buf, ctx->rank), len);
       off += len;
     } while (off < shard);
+  }, [&](WorkerContext* ctx) {  // the root keeps its own shard (the first)
+    FillUnreceived(recv, ctx->rank == 0 ? ValueOrNull(send_opt) : Tensor(nullptr), 0, WritableBytes(recv));
   });
 }
 
@@ -720,15 +765,17 @@ void GatherToWorker0(Tensor send, bool in_group, ffi::Optional<Tensor> recv_opt)
       }
       off += len;
     } while (off < shard);
+  }, [&](WorkerContext* ctx) {
+    if (ctx->rank == 0) FillUnreceived(ValueOrNull(recv_opt), send);
   });
 }
 
-void Unsupported(const char* what) {
+void Unsupported(const char* what, const Tensor& buffer) {
   RunCollective(what, [&](WorkerContext*) {
     TVM_FFI_THROW(ValueError) << "cpu_shm does not implement " << what
                               << " (point-to-point and multi-group operations need num_groups > 1 or "
                                  "a GPU CCL)";
-  });
+  }, [&](WorkerContext*) { if (std::strncmp(what, "recv", 4) == 0) FillUnreceived(buffer); });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -941,11 +988,11 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("runtime.disco.cpu_shm.scatter_from_worker0", ScatterFromWorker0)
       .def("runtime.disco.cpu_shm.gather_to_worker0", GatherToWorker0)
       .def("runtime.disco.cpu_shm.sync_worker", []() {})
-      .def("runtime.disco.cpu_shm.recv_from_worker0", [](Tensor) { Unsupported("recv_from_worker0"); })
-      .def("runtime.disco.cpu_shm.send_to_next_group", [](Tensor) { Unsupported("send_to_next_group"); })
-      .def("runtime.disco.cpu_shm.recv_from_prev_group", [](Tensor) { Unsupported("recv_from_prev_group"); })
-      .def("runtime.disco.cpu_shm.send_to_worker", [](Tensor, int) { Unsupported("send_to_worker"); })
-      .def("runtime.disco.cpu_shm.recv_from_worker", [](Tensor, int) { Unsupported("recv_from_worker"); })
+      .def("runtime.disco.cpu_shm.recv_from_worker0", [](Tensor t) { Unsupported("recv_from_worker0", t); })
+      .def("runtime.disco.cpu_shm.send_to_next_group", [](Tensor t) { Unsupported("send_to_next_group", t); })
+      .def("runtime.disco.cpu_shm.recv_from_prev_group", [](Tensor t) { Unsupported("recv_from_prev_group", t); })
+      .def("runtime.disco.cpu_shm.send_to_worker", [](Tensor t, int) { Unsupported("send_to_worker", t); })
+      .def("runtime.disco.cpu_shm.recv_from_worker", [](Tensor t, int) { Unsupported("recv_from_worker", t); })
       .def("runtime.disco.cpu_shm.status", Status)
       .def("runtime.disco.cpu_shm.worker_pids", WorkerPids)
       .def("runtime.disco.cpu_shm.release", ReleaseSession);
