@@ -153,6 +153,17 @@ def export(spec: BuildSpec):
     return mod, params
 
 
+def _build(mod, spec: BuildSpec, target, config: dict):
+    import tvm
+
+    from . import runtime_loader
+
+    with runtime_loader.record_cuda_sources() as cuda_sources, \
+            tvm.transform.PassContext(opt_level=3, config=config):
+        executable = tvm.compile(mod, target, relax_pipeline=_pipeline(spec, target))
+    return executable, cuda_sources
+
+
 def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: bool = False) -> Artifact:
     """Compile (or reuse) the artifact for `spec`; returns the artifact folder."""
     import tvm
@@ -172,9 +183,16 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     config = {"relax.backend.use_cuda_graph": bool(spec.cuda_graph and spec.target == "cuda")}
     from . import runtime_loader
 
-    with runtime_loader.record_cuda_sources() as cuda_sources, \
-            tvm.transform.PassContext(opt_level=3, config=config):
-        executable = tvm.compile(mod, target, relax_pipeline=_pipeline(spec, target))
+    try:
+        executable, cuda_sources = _build(mod, spec, target, config)
+    except tvm.error.InternalError as err:
+        # TIR's common-subexpression elimination emits a use before its definition for some
+        # small shapes (e.g. tiny at tp=2 on cuda) in this TVM; build those without it.
+        if "used before definition" not in str(err):
+            raise
+        log.warning("TIR CSE failed (%s); rebuilding with tirx.disable_cse_tir", str(err).splitlines()[-1][:120])
+        config["tirx.disable_cse_tir"] = True
+        executable, cuda_sources = _build(export(spec)[0], spec, target, config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
     try:
         executable.export_library(str(tmp / "model.so"))
@@ -186,7 +204,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
             "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
-            "precompiled_cubins": precompiled,
+            "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],
         }
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))

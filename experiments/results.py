@@ -100,8 +100,8 @@ def atomic_save_npy(path, array) -> Path:
 def git_info(repo_root=REPO_ROOT) -> dict | None:
     """{"sha", "dirty"} of the checkout at `repo_root`; where it is a copy without .git (a GPU
     box), the SHA the copy was made from, from $LAB_GIT_SHA; else None."""
-    if not (Path(repo_root) / ".git").exists() and os.environ.get("LAB_GIT_SHA"):
-        return {"sha": os.environ["LAB_GIT_SHA"], "dirty": None, "from": "LAB_GIT_SHA"}
+    fallback = {"sha": os.environ["LAB_GIT_SHA"], "dirty": None, "from": "LAB_GIT_SHA"} \
+        if os.environ.get("LAB_GIT_SHA") else None
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo_root, capture_output=True,
@@ -109,10 +109,10 @@ def git_info(repo_root=REPO_ROOT) -> dict | None:
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return None
+            return fallback
         status = git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
     return {"sha": head.stdout.strip(),
             "dirty": status.returncode != 0 or bool(status.stdout.strip())}
 
