@@ -67,9 +67,12 @@ def main() -> None:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--sha", default=None, help="the git SHA the run was made from, where results lack it")
     args = ap.parse_args()
     for folder in args.results:
         record = record_of(folder)
+        if args.sha and not record["git_sha"]:
+            record["git_sha"] = args.sha
         batch = record["points"][0].get("batch")
         name = (f"{record['date']}-{record['card'].replace(' ', '')}-{record['experiment']}-{record['model']}-"
                 f"{record['quant']}-b{batch}{args.tag}.json")
