@@ -39,10 +39,13 @@ def record_cuda_sources():
 
 
 def precompile_cubins(sources: list[str], arch: str, folder: Path) -> int:
-    """nvcc each source into `folder` where this machine has nvcc; returns how many (0 without)."""
+    """nvcc each source into `folder` where this machine has nvcc; returns how many (0 without,
+    or with LAB_PRECOMPILE_CUBINS=0: the GPU node then compiles them at its first load)."""
+    import os
+
     from runtime_patch import bootstrap
 
-    if bootstrap._nvcc() is None:
+    if bootstrap._nvcc() is None or os.environ.get("LAB_PRECOMPILE_CUBINS") == "0":
         return 0
     for code in sources:
         bootstrap.compile_cubin(code, arch, folder / bootstrap.cubin_name(code, arch))

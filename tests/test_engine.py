@@ -114,3 +114,18 @@ def test_context_overflow_is_refused(compiled, tiny_checkpoint):
     _, gen = _run(compiled, tiny_checkpoint, "q0f16")
     with pytest.raises(ConfigError, match="KV cache"):
         gen.generate([list(range(250))], 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset_name", ["tiny", "llama3-8b"])
+def test_cuda_target_compiles_without_a_gpu(tmp_path, monkeypatch, preset_name):
+    """Build on a CPU host: the CUDA artifact is written here and loads on a GPU node."""
+    from engine.compile import BuildSpec, compile_model
+    from engine.config import preset
+
+    monkeypatch.setenv("LAB_PRECOMPILE_CUBINS", "0")  # nvcc'ing every kernel takes minutes on 2 cores
+    artifact = compile_model(BuildSpec(preset(preset_name), "q4f16_1", 1, "cuda", "sm_90"), tmp_path)
+    assert artifact.library.stat().st_size > 100_000
+    assert artifact.metadata["target"] == "cuda" and artifact.metadata["cuda_arch"] == "sm_90"
+    names = artifact.param_names
+    assert "model.layers.0.mlp.down_proj.q_weight" in names and "lm_head.q_scale" in names

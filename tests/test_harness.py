@@ -95,3 +95,15 @@ def test_verify_fails_loudly_past_its_tolerance(cache_dir, tmp_path):
 def test_verify_bad_checkpoint_folder(cache_dir, tmp_path):
     proc = run("experiments.verify", f"model.path={tmp_path / 'missing'}", cache_dir=cache_dir, out=tmp_path / "v")
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_multirun_writes_one_results_dir_per_job(cache_dir, tmp_path):
+    env = {**os.environ, "LAB_CACHE_DIR": str(cache_dir)}
+    cmd = [sys.executable, "-m", "experiments.baseline", "-m", "quant=q0f16,q4f16_1", *FAST,
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2
+    assert {json.loads(r.read_text())["config"]["quant"]["name"] for r in results} == {"q0f16", "q4f16_1"}
