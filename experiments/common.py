@@ -101,6 +101,18 @@ def positive(name: str, value) -> int:
     return value
 
 
+def _exit_now_after_nccl(code: int) -> None:
+    """Results are written and sessions closed: after an nccl session, leave without interpreter
+    teardown, which was seen to hang there (see runtime_patch.ccl.nccl_was_used)."""
+    from runtime_patch import ccl
+
+    if ccl.nccl_was_used():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def guarded(task: Callable) -> Callable:
     """Wrap a Hydra task: user-facing errors become one line on stderr and exit status 2, with
     no traceback; a task returning a non-zero int exits with it."""
@@ -113,6 +125,7 @@ def guarded(task: Callable) -> Callable:
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
+        _exit_now_after_nccl(code or 0)
         if code:
             sys.exit(code)
 

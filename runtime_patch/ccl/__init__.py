@@ -344,7 +344,21 @@ def start_session(num_workers: int, ccl: str = "cpu_shm", device_ids: Sequence[i
         sess.shutdown()
         raise
     sess.lab_ccl = ccl
+    if ccl == "nccl":
+        global _nccl_used
+        _nccl_used = True
     return sess
+
+
+_nccl_used = False
+
+
+def nccl_was_used() -> bool:
+    """Whether this process started an nccl session. On the GPU box such processes were seen
+    (2026-11-26, 4 x H100) to hang in interpreter teardown after the session was shut down and
+    every result written (NCCL's thread-local communicator of worker 0, which runs in this process,
+    is destroyed late); `experiments` entry points then end with os._exit once they are done."""
+    return _nccl_used
 
 
 def check(sess, cause: BaseException | None = None) -> None:
