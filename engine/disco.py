@@ -80,6 +80,7 @@ class DiscoSession:
         self._begin = g("vm.builtin.kv_state_begin_forward")
         self._end = g("vm.builtin.kv_state_end_forward")
         self._getitem = g("vm.builtin.tuple_getitem")
+        self._reshape = g("vm.builtin.reshape")
         self._fns: dict[str, object] = {}
         self._inputs: dict[tuple[int, ...], object] = {}
         self._shape = ShapeTuple
@@ -115,14 +116,21 @@ class DiscoSession:
         self.sess.copy_to_worker_0(tvm.runtime.tensor(array), self._inputs[key])
         return self._inputs[key]
 
-    def call(self, name: str, input_ids: np.ndarray, kv):
-        out = self._fn(name)(self._upload(input_ids), kv, self.params)
+    def call(self, name: str, input_ids, kv):
+        """`input_ids`: host int32 (copied to worker 0), or a RemoteTensor already on the workers."""
+        ids = self._upload(input_ids) if isinstance(input_ids, np.ndarray) else input_ids.dref
+        out = self._fn(name)(ids, kv, self.params)
         rows = input_ids.shape[1] if name == "prefill_logits" else input_ids.shape[0]
         item = lambda i: self._getitem(out, i)  # noqa: E731
         logits = RemoteTensor(item(0 if name == "prefill_logits" else 1), (rows, self.vocab), "float32")
         if name == "prefill_logits":
             return logits, kv
         return RemoteTensor(item(0), (rows,), "int32"), logits, kv
+
+    def decode_input(self, next_ids: RemoteTensor):
+        """Each worker's tokens [b] as its decode input [b, 1] (a view on every worker)."""
+        rows = next_ids.shape[0]
+        return RemoteTensor(self._reshape(next_ids.dref, self._shape([rows, 1])), (rows, 1), "int32")
 
     def to_numpy(self, value: RemoteTensor) -> np.ndarray:
         import tvm

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -46,6 +46,35 @@ class GenerationResult:
 StepHook = Callable[[StepTiming], None]
 
 
+class DecodeScheduler(Protocol):
+    """Orders the decode steps of `Generator.generate` (runtime_patch.stream_overlap has others).
+
+    `run` performs `steps` decode steps for `seq_ids`, the first fed `first` (one token per
+    sequence), using `gen.launch`, `gen.next_input` and `gen.session.to_numpy`, reports a
+    "decode" timing per step through `gen.record` (consecutive: from the previous step's tokens
+    on the host to this step's; "launch" spans may overlap them), and returns the tokens per
+    sequence."""
+
+    name: str
+
+    def run(self, gen: "Generator", seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]: ...
+
+
+class SyncDecode:
+    """Mode `none`: feed the host's tokens, run the step, read its tokens back, decide, repeat."""
+
+    name = "none"
+
+    def run(self, gen: "Generator", seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in seq_ids]
+        last = first
+        for step in range(steps):
+            last, _ = gen.decode(seq_ids, last, step)
+            for o, t in zip(out, last):
+                o.append(t)
+        return out
+
+
 class Generator:
     """Drives one session's model: a KV cache for `max_batch` sequences of up to `max_total_len`
     tokens each (the cache is sized in whole pages for all of them)."""
@@ -73,6 +102,10 @@ class Generator:
     def _emit(self, timing: StepTiming) -> None:
         for hook in self.hooks:
             hook(timing)
+
+    def record(self, kind: str, index: int, start: float, end: float, tokens: int) -> None:
+        """Report a step's timing to the hooks (for schedulers outside the engine)."""
+        self._emit(StepTiming(kind, index, start, end, tokens))
 
     def _check_room(self, seq_id: int, extra: int) -> None:
         total = self._lengths.get(seq_id, 0) + extra
@@ -119,18 +152,31 @@ class Generator:
             return np.concatenate(rows, axis=0)
         return token, last
 
+    def launch(self, seq_ids: Sequence[int], ids):
+        """Issue one decode step fed `ids` (host int32 [b, 1], or a device tensor from
+        `next_input`); returns (next token ids, logits), both on the device. On a GPU this does
+        not wait for the step to finish."""
+        fn = "decode" if len(seq_ids) == 1 else "batch_decode"
+        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids))
+        return next_ids, logits
+
+    def next_input(self, next_ids):
+        """The device-resident tokens of a step as the next step's input ([b] -> [b, 1] view)."""
+        return self.session.decode_input(next_ids)
+
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], step: int = 0):
         """One decode step for `seq_ids` fed `tokens`; returns (next tokens, device logits)."""
         ids = np.asarray(tokens, dtype=np.int32).reshape(len(seq_ids), 1)
-        fn = "decode" if len(seq_ids) == 1 else "batch_decode"
         start = time.perf_counter()
-        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids))
+        next_ids, logits = self.launch(seq_ids, ids)
         next_host = self.session.to_numpy(next_ids).astype(np.int64).tolist()
         self._emit(StepTiming("decode", step, start, time.perf_counter(), len(seq_ids)))
         return next_host, logits
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> GenerationResult:
-        """Greedy generation for a batch of prompts (each prefilled, then decoded together)."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 scheduler: "DecodeScheduler | None" = None) -> GenerationResult:
+        """Greedy generation for a batch of prompts (each prefilled, then decoded together).
+        `scheduler` orders the decode steps (default: `SyncDecode`, one step at a time)."""
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if len(prompts) > self.max_batch:
@@ -140,16 +186,16 @@ class Generator:
         try:
             self.reset()
             seq_ids = list(range(len(prompts)))
-            out: list[list[int]] = []
+            first: list[int] = []
             for sid, prompt in zip(seq_ids, prompts):
                 self._check_room(sid, len(prompt) + max_new_tokens - 1)
                 self.add_sequence(sid)
-                token, _ = self.prefill(sid, prompt)
-                out.append([token])
-            for step in range(max_new_tokens - 1):
-                nxt, _ = self.decode(seq_ids, [o[-1] for o in out], step)
-                for o, t in zip(out, nxt):
-                    o.append(t)
+                first.append(self.prefill(sid, prompt)[0])
+            out = [[t] for t in first]
+            if max_new_tokens > 1:
+                later = (scheduler or SyncDecode()).run(self, seq_ids, first, max_new_tokens - 1)
+                for o, tokens in zip(out, later):
+                    o.extend(tokens)
         finally:
             self.hooks.remove(steps.append)
         return GenerationResult([list(p) for p in prompts], out, steps)

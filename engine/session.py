@@ -116,6 +116,11 @@ class VMSession:
     def to_numpy(value) -> np.ndarray:
         return value.numpy()
 
+    @staticmethod
+    def decode_input(next_ids):
+        """Tokens [b] on the device as a decode input [b, 1] (a view: no copy, no sync)."""
+        return next_ids._create_view((next_ids.shape[0], 1))
+
     def sync(self) -> None:
         self.device.sync()
 

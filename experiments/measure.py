@@ -53,12 +53,13 @@ def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> list[l
 
 
 def timed_runs(gen: Generator, prompts: list[list[int]], new_tokens: int, warmup: int, repeats: int,
-               progress=None) -> tuple[list[RunSample], list[list[int]]]:
-    """`warmup` untimed generations, then `repeats` timed ones. Returns samples and the tokens."""
+               progress=None, scheduler=None) -> tuple[list[RunSample], list[list[int]]]:
+    """`warmup` untimed generations, then `repeats` timed ones. Returns samples and the tokens.
+    `scheduler`: how decode steps are ordered (runtime_patch.stream_overlap), default synchronous."""
     samples, tokens = [], []
     for i in range(warmup + repeats):
         start = time.perf_counter()
-        result = gen.generate(prompts, new_tokens)
+        result = gen.generate(prompts, new_tokens, scheduler)
         end = time.perf_counter()
         if i >= warmup:
             samples.append(RunSample(i - warmup, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps))

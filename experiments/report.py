@@ -64,14 +64,17 @@ def trace_of(points: list[Point], origin: float) -> Trace:
     trace = Trace(origin, {"note": "host-side spans; kernel-level timelines: ./profile_gpu.sh -m timeline"})
     for pid, p in enumerate(points, start=1):
         trace.process(pid, f"{p.label} (controller)", sort_index=pid)
-        trace.thread(pid, 1, "host: generate loop", sort_index=1)
+        trace.thread(pid, 1, "host: generate loop (steps until tokens are on the host)", sort_index=1)
+        if any(step.kind == "launch" for sample in p.samples for step in sample.steps):
+            trace.thread(pid, 2, "host: step launches", sort_index=2)
         for name, start, end in p.phases:
             trace.span(pid, 1, name, start, end, cat="setup")
         for sample in p.samples:
             trace.span(pid, 1, f"run {sample.repeat}", sample.start, sample.end, cat="run",
                        args={"batch": sample.batch, "prompt_len": sample.prompt_len})
             for step in sample.steps:
-                trace.span(pid, 1, f"{step.kind} {step.index}", step.start, step.end, cat=step.kind,
+                tid = 2 if step.kind == "launch" else 1  # launches run ahead of the steps (pipeline)
+                trace.span(pid, tid, f"{step.kind} {step.index}", step.start, step.end, cat=step.kind,
                            args={"tokens": step.tokens})
     return trace
 

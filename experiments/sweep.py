@@ -27,7 +27,7 @@ def check_workload(workload, config: ModelConfig) -> None:
 
 
 def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp: int, target: str, arch: str,
-              bandwidth: float | None, progress=None, after_load=None, workload=None) -> Point:
+              bandwidth: float | None, progress=None, after_load=None, workload=None, scheduler=None) -> Point:
     """Build (cached), load and time one configuration (`workload`, default cfg.workload). Errors
     are caught into the point, so a failing sweep point does not sink the others."""
     w = workload or cfg.workload
@@ -44,7 +44,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
         gen = Generator(session, max_batch=w.batch, max_total_len=w.prompt_len + w.new_tokens,
                         prefill_chunk=min(w.prompt_len, 2048))
         prompts = measure.random_prompts(config.vocab_size, w.batch, w.prompt_len, int(cfg.get("seed", 0)))
-        samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, progress)
+        samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, progress, scheduler)
         point.samples = samples
         point.summary = measure.summarize(samples, artifact.metadata, session.weight_bytes, bandwidth)
         point.summary["tokens_first_sequence"] = tokens[0]

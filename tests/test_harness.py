@@ -104,6 +104,6 @@ def test_multirun_writes_one_results_dir_per_job(cache_dir, tmp_path):
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    results = sorted((tmp_path / "sweep").glob("[0-9]*/results.json"))
     assert len(results) == 2
     assert {json.loads(r.read_text())["config"]["quant"]["name"] for r in results} == {"q0f16", "q4f16_1"}

@@ -1,0 +1,109 @@
+"""python -m experiments.overlap mode=pipeline: what overlapping the decode loop buys.
+
+Each mode runs the same workload on the same weights; `none` always runs too (the baseline of
+the comparison). Per mode: decode tokens/s, speedup over `none`, whether the tokens are exactly
+`none`'s, the host time per step the mode hid (`none`'s inter-token latency minus the mode's), and
+a trace with a track for the steps and one for the launches that run ahead of them. The device's
+idle time between steps needs device timestamps: `./profile_gpu.sh -m timeline -s overlap`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+import numpy as np
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from tqdm import tqdm
+
+from engine.config import ConfigError
+from engine.quantize import quant_spec
+from runtime_patch import stream_overlap
+
+from . import common, sweep
+from .report import BASE_COLUMNS, Point, write_report
+from .results import RunDir
+from .tensor_parallel import check_devices
+
+log = logging.getLogger("experiments.overlap")
+
+
+def modes_of(value) -> list[str]:
+    modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    known = stream_overlap.MODES + stream_overlap.PLANNED
+    for m in modes:
+        if m not in known:
+            raise ConfigError(f"unknown overlap mode {m!r}; choose from {', '.join(known)}")
+    return ["none"] + [m for m in dict.fromkeys(modes) if m != "none"]
+
+
+COLUMNS = BASE_COLUMNS + [("speedup", "speedup vs none", "{:.3f}x"), ("hidden_ms", "host ms hidden/step", "{:.3f}"),
+                          ("same_tokens", "tokens = none", None)]
+
+
+@hydra.main(config_path="../conf", config_name="overlap", version_base="1.3")
+@common.guarded
+def main(cfg: DictConfig) -> int:
+    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        modes = modes_of(cfg.mode)
+        tp = common.positive("tp", cfg.tp)
+        config = common.model_config(cfg.model)
+        quant = quant_spec(cfg.quant.name).name
+        sweep.check_workload(cfg.workload, config)
+        target, arch = common.resolve_target(cfg.device)
+        check_devices([tp], target)
+    except Exception as err:
+        run_dir.write_failure(plain, str(err))
+        raise
+    bandwidth = sweep.measured_bandwidth(cfg, target)
+    w = cfg.workload
+    points = []
+    with tqdm(total=len(modes) * (w.warmup + w.repeats), desc=f"{config.name} overlap", unit="run") as bar:
+        for mode in modes:
+            bar.set_postfix_str(mode)
+            try:
+                scheduler = stream_overlap.install(mode)
+            except NotImplementedError as err:
+                points.append(Point(mode, {"mode": mode, "tp": tp}, error=str(err)))
+                continue
+            point = sweep.run_point(mode, {"mode": mode, "tp": tp}, cfg, config, quant, tp, target, arch,
+                                    bandwidth and bandwidth["bytes_per_s"], bar, scheduler=scheduler)
+            if point.ok and scheduler is not None:
+                point.summary["token_reader"] = scheduler.reader_kind
+            points.append(point)
+    base = points[0]
+    for p in points:
+        if p.ok and base.ok:
+            p.summary["speedup"] = p.summary["decode_tokens_per_s"] / base.summary["decode_tokens_per_s"]
+            p.summary["hidden_ms"] = (base.summary["itl_s"]["p50"] - p.summary["itl_s"]["p50"]) * 1e3
+            p.summary["same_tokens"] = p.summary["tokens_first_sequence"] == base.summary["tokens_first_sequence"]
+            launches = [s.seconds for r in p.samples for s in r.steps if s.kind == "launch"]
+            if launches:
+                p.summary["launch_s_p50"] = float(np.median(launches))
+    notes = ("`none` waits for every step's tokens before launching the next; `pipeline` launches step t+1 from "
+             "step t's device-resident tokens and reads step t's tokens meanwhile (on a CUDA VM session through "
+             "a separate copy stream; elsewhere a host thread). Not implemented in this version: "
+             + ", ".join(stream_overlap.PLANNED) + ".")
+    rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens")} for p in points}
+    status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
+                          columns=COLUMNS, sections=[("Method", notes)], summary_extra={"comparison": rows_extra},
+                          extra={"bandwidth": bandwidth})
+    for p in points:
+        if p.ok:
+            s = p.summary
+            print(f"{p.label}: {s['decode_tokens_per_s']:.1f} decode tokens/s, speedup {s.get('speedup', 1.0):.3f}x, "
+                  f"tokens identical to none: {s.get('same_tokens')}")
+        else:
+            print(f"{p.label}: {p.error}")
+    print(f"results: {run_dir.root}")
+    if any(p.ok and not p.summary.get("same_tokens", True) for p in points):
+        print("error: a mode produced other tokens than `none`", flush=True)
+        return 1
+    return 0 if status == "ok" else 1
+
+
+if __name__ == "__main__":
+    main()
