@@ -37,7 +37,6 @@ def ccl_for(target: str) -> str:
 
 class DiscoSession:
     def __init__(self, artifact: Artifact, source: TensorSource, device_ids: list[int] | None = None):
-        import tvm
         from tvm.runtime import ShapeTuple
 
         from . import runtime_loader

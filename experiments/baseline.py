@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -25,17 +24,12 @@ log = logging.getLogger("experiments.baseline")
 
 @hydra.main(config_path="../conf", config_name="baseline", version_base="1.3")
 @common.guarded
-def main(cfg: DictConfig) -> int:
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig, run_dir: RunDir) -> int:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        config = common.model_config(cfg.model)
-        quant = quant_spec(cfg.quant.name).name
-        sweep.check_workload(cfg.workload, config)
-        target, arch = common.resolve_target(cfg.device)
-    except Exception as err:
-        run_dir.write_failure(plain, str(err))
-        raise
+    config = common.model_config(cfg.model)
+    quant = quant_spec(cfg.quant.name).name
+    sweep.check_workload(cfg.workload, config)
+    target, arch = common.resolve_target(cfg.device)
     bandwidth = sweep.measured_bandwidth(cfg, target)
     w = cfg.workload
     with tqdm(total=w.warmup + w.repeats, desc=f"{config.name} {quant}", unit="run") as bar:

@@ -114,15 +114,26 @@ def _exit_now_after_nccl(code: int) -> None:
 
 
 def guarded(task: Callable) -> Callable:
-    """Wrap a Hydra task: user-facing errors become one line on stderr and exit status 2, with
-    no traceback; a task returning a non-zero int exits with it."""
+    """Wrap a Hydra task `task(cfg, run_dir) -> exit code`. A failure before the task wrote its
+    results leaves a results.json with status "error" (never one claiming success); user-facing
+    errors become one line on stderr and exit status 2, with no traceback."""
 
     @functools.wraps(task)
     def run(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from .results import RunDir
+
         quiet_tvm()
+        run_dir = RunDir(HydraConfig.get().runtime.output_dir)
         try:
-            code = task(cfg)
-        except ConfigError as err:
+            code = task(cfg, run_dir)
+        except Exception as err:
+            if not run_dir.path("results.json").exists():
+                run_dir.write_failure(OmegaConf.to_container(cfg, resolve=True), str(err))
+            if not isinstance(err, ConfigError):
+                raise
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         _exit_now_after_nccl(code or 0)

@@ -13,7 +13,6 @@ import logging
 
 import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
@@ -44,20 +43,15 @@ COLUMNS = BASE_COLUMNS + [("speedup", "speedup vs none", "{:.3f}x"), ("hidden_ms
 
 @hydra.main(config_path="../conf", config_name="overlap", version_base="1.3")
 @common.guarded
-def main(cfg: DictConfig) -> int:
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig, run_dir: RunDir) -> int:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        modes = modes_of(cfg.mode)
-        tp = common.positive("tp", cfg.tp)
-        config = common.model_config(cfg.model)
-        quant = quant_spec(cfg.quant.name).name
-        sweep.check_workload(cfg.workload, config)
-        target, arch = common.resolve_target(cfg.device)
-        check_devices([tp], target)
-    except Exception as err:
-        run_dir.write_failure(plain, str(err))
-        raise
+    modes = modes_of(cfg.mode)
+    tp = common.positive("tp", cfg.tp)
+    config = common.model_config(cfg.model)
+    quant = quant_spec(cfg.quant.name).name
+    sweep.check_workload(cfg.workload, config)
+    target, arch = common.resolve_target(cfg.device)
+    check_devices([tp], target)
     bandwidth = sweep.measured_bandwidth(cfg, target)
     w = cfg.workload
     points = []

@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -23,7 +22,7 @@ from engine.quantize import quant_spec
 from engine.sharding import ShardPlan
 
 from . import accuracy, common, plots, sweep
-from .report import BASE_COLUMNS, write_report
+from .report import write_report
 from .results import RunDir
 from .tensor_parallel import check_devices
 
@@ -92,21 +91,16 @@ def conclusion(rows: list[dict]) -> str:
 
 @hydra.main(config_path="../conf", config_name="quant_compare", version_base="1.3")
 @common.guarded
-def main(cfg: DictConfig) -> int:
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig, run_dir: RunDir) -> int:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        config = common.model_config(cfg.model)
-        pairs = pairs_of(cfg, config)
-        quant_spec(cfg.reference)
-        batches = [common.positive("batches[]", b) for b in cfg.batches]
-        sweep.check_workload(cfg.workload, config)
-        target, arch = common.resolve_target(cfg.device)
-        check_devices([tp for _, tp in pairs], target)
-        stream, prompt_len = eval_stream(cfg, config, target, arch)
-    except Exception as err:
-        run_dir.write_failure(plain, str(err))
-        raise
+    config = common.model_config(cfg.model)
+    pairs = pairs_of(cfg, config)
+    quant_spec(cfg.reference)
+    batches = [common.positive("batches[]", b) for b in cfg.batches]
+    sweep.check_workload(cfg.workload, config)
+    target, arch = common.resolve_target(cfg.device)
+    check_devices([tp for _, tp in pairs], target)
+    stream, prompt_len = eval_stream(cfg, config, target, arch)
     bandwidth = sweep.measured_bandwidth(cfg, target)
     reference_logits: dict = {}
     logits: dict = {}

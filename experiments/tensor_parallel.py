@@ -13,7 +13,6 @@ import logging
 
 import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
@@ -89,21 +88,16 @@ COLUMNS = BASE_COLUMNS + [("speedup", "speedup", "{:.2f}x"), ("efficiency", "eff
 
 @hydra.main(config_path="../conf", config_name="tensor_parallel", version_base="1.3")
 @common.guarded
-def main(cfg: DictConfig) -> int:
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
+def main(cfg: DictConfig, run_dir: RunDir) -> int:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        tps = tp_list(cfg.tp)
-        config = common.model_config(cfg.model)
-        quant = quant_spec(cfg.quant.name).name
-        sweep.check_workload(cfg.workload, config)
-        target, arch = common.resolve_target(cfg.device)
-        check_devices(tps, target)
-        for tp in tps:
-            ShardPlan(config, tp).check_quant(quant_spec(quant))
-    except Exception as err:
-        run_dir.write_failure(plain, str(err))
-        raise
+    tps = tp_list(cfg.tp)
+    config = common.model_config(cfg.model)
+    quant = quant_spec(cfg.quant.name).name
+    sweep.check_workload(cfg.workload, config)
+    target, arch = common.resolve_target(cfg.device)
+    check_devices(tps, target)
+    for tp in tps:
+        ShardPlan(config, tp).check_quant(quant_spec(quant))
     bandwidth = sweep.measured_bandwidth(cfg, target)
     w = cfg.workload
     points = []

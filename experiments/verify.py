@@ -14,12 +14,12 @@ import logging
 
 import hydra
 import numpy as np
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from engine.config import ConfigError
 from engine.generate import Generator
 from engine.quantize import quant_spec
+from engine.weights import open_source
 
 from . import common, oracle
 from .results import RunDir, atomic_save_npy
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
     tokens = prompt + continuation[:-1]  # every token fed; the last prediction needs no feed
     ref_logits = reference.logits(tokens)
 
-    with common.open_session(artifact, common.open_source(config, folder)) as session:
+    with common.open_session(artifact, open_source(config, folder)) as session:
         gen = Generator(session, max_batch=1, max_total_len=min(config.max_position_embeddings, 4096),
                         prefill_chunk=max(prompt_len, 16))
         engine_logits = gen.teacher_forced_logits(tokens, prompt_len)
@@ -90,13 +90,8 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
 
 @hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
 @common.guarded
-def main(cfg: DictConfig) -> int:
-    run_dir = RunDir(HydraConfig.get().runtime.output_dir)
-    try:
-        summary = run(cfg, run_dir)
-    except ConfigError as err:
-        run_dir.write_failure(OmegaConf.to_container(cfg, resolve=True), str(err))
-        raise
+def main(cfg: DictConfig, run_dir: RunDir) -> int:
+    summary = run(cfg, run_dir)
     run_dir.update_latest_link()
     line = (f"{cfg.quant.name} tp={cfg.tp}: relative logits error {summary['relative_logits_error']:.2e} "
             f"(tolerance {summary['tolerance']:.0e}), top-1 agreement {summary['top1_agreement']:.3f}, "
