@@ -32,7 +32,10 @@ def load_rank_params(artifact_dir: str, source_json: str):
     source = source_from_spec(spec.config, json.loads(source_json), torch_device)
     host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, spec.tp), rank,
                        artifact.param_names)
-    return [to_tvm(value, device) for value in host.values()]
+    params = [to_tvm(value, device) for value in host.values()]
+    del host
+    getattr(source, "release", lambda: None)()
+    return params
 
 
 @tvm.register_global_func("lab.engine.time_allreduce", override=True)

@@ -67,6 +67,8 @@ class VMSession:
         host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, 1), 0, artifact.param_names)
         self.params = [to_tvm(v, self.device) for v in host.values()]
         self.weight_bytes = sum(nbytes(v) for v in host.values())
+        del host
+        getattr(source, "release", lambda: None)()
         self.weights_seconds = time.perf_counter() - t0
         self._fns: dict[str, Any] = {}
         g = tvm.get_global_func

@@ -166,6 +166,11 @@ class TorchRandomSource(RandomSource):
     def _cat(self, parts):
         return self.torch.cat(parts, dim=0)
 
+    def release(self) -> None:
+        """Return the float32 intermediates torch's caching allocator still holds to the device."""
+        if self.device != "cpu":
+            self.torch.cuda.empty_cache()
+
     @staticmethod
     def _transpose(x):
         return x.T.contiguous()

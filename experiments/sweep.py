@@ -6,8 +6,10 @@ import logging
 import time
 import traceback
 
+from engine import memory
 from engine.config import ConfigError, ModelConfig
 from engine.generate import Generator
+from engine.quantize import quant_spec
 
 from . import common, device_probe, measure
 from .report import Point
@@ -34,6 +36,13 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
     point = Point(label, params)
     session = None
     try:
+        prediction = memory.predict(config, quant_spec(quant), tp, w.batch, w.prompt_len + w.new_tokens,
+                                    min(w.prompt_len, 2048))
+        point.summary["memory_predicted_bytes"] = prediction
+        if target == "cuda":
+            import tvm
+
+            memory.check_fits(prediction, tvm.cuda(0).total_global_memory, f"{config.name} {quant} tp={tp}")
         t0 = time.perf_counter()
         artifact = common.build(config, quant, tp, target, arch, cfg)
         t1 = time.perf_counter()
@@ -46,7 +55,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
         prompts = measure.random_prompts(config.vocab_size, w.batch, w.prompt_len, int(cfg.get("seed", 0)))
         samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, progress, scheduler)
         point.samples = samples
-        point.summary = measure.summarize(samples, artifact.metadata, session.weight_bytes, bandwidth)
+        point.summary.update(measure.summarize(samples, artifact.metadata, session.weight_bytes, bandwidth))
         point.summary["tokens_first_sequence"] = tokens[0]
         point.summary["peak_host_rss_bytes"] = device_probe.host_peak_rss_bytes()
         if target == "cuda":

@@ -114,3 +114,25 @@ def test_torch_quantized_random_weights_match_numpy_quantization(tiny_config):
     packed, scale = quantize(down, spec)
     np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_weight"], packed)
     np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_scale"], scale)
+
+
+@pytest.mark.parametrize("quant", ["q0f16", "q4f16_1", "q8f16_1"])
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_memory_prediction_of_weights_is_exact(tiny_config, quant, tp):
+    from engine import memory
+    from engine.weights import nbytes, open_source
+
+    spec = quant_spec(quant)
+    params = rank_params(open_source(tiny_config, None), tiny_config, spec, ShardPlan(tiny_config, tp), tp - 1)
+    assert memory.weight_bytes(tiny_config, spec, tp) == sum(nbytes(v) for v in params.values())
+
+
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers():
+    from engine import memory
+    from engine.config import preset
+
+    prediction = memory.predict(preset("llama3-70b"), quant_spec("q0f16"), 1, 1, 4096, 2048)
+    assert prediction["weights"] > 130 * 2**30
+    with pytest.raises(ConfigError, match=r"needs about 1\d\d\.\d GiB per device .* use a larger tp"):
+        memory.check_fits(prediction, 80 * 2**30, "llama3-70b q0f16 tp=1")
+    memory.check_fits(memory.predict(preset("llama3-70b"), quant_spec("q4f16_1"), 4, 1, 4096, 2048), 80 * 2**30, "ok")

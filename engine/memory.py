@@ -1,0 +1,55 @@
+"""Predict one rank's device memory before a run: weights, KV cache, workspace."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import ConfigError, ModelConfig
+from .quantize import GROUP_SIZE, QuantSpec
+from .sharding import ShardPlan
+
+
+def _matrix_bytes(rows: int, cols: int, spec: QuantSpec) -> int:
+    if not spec.quantized:
+        return rows * cols * np.dtype(spec.model_dtype).itemsize
+    return rows * (cols // spec.per_word) * 4 + rows * (cols // GROUP_SIZE) * 2
+
+
+def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int) -> int:
+    """Bytes of one rank's parameters, exactly as `engine.weights.rank_params` lays them out."""
+    plan, c, d = ShardPlan(config, tp), config, config.head_dim
+    act = np.dtype(spec.model_dtype).itemsize
+    per_layer = (_matrix_bytes((plan.q_heads + 2 * plan.kv_heads) * d, c.hidden_size, spec)
+                 + _matrix_bytes(c.hidden_size, plan.q_heads * d, spec)
+                 + _matrix_bytes(2 * plan.intermediate, c.hidden_size, spec)
+                 + _matrix_bytes(c.hidden_size, plan.intermediate, spec)
+                 + 2 * c.hidden_size * act)
+    head = 0 if c.tie_word_embeddings else _matrix_bytes(c.vocab_size, c.hidden_size, spec)
+    return (c.num_hidden_layers * per_layer + _matrix_bytes(c.vocab_size, c.hidden_size, spec)
+            + c.hidden_size * act + head)
+
+
+def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_total_len: int,
+            prefill_chunk: int, page_size: int = 16) -> dict[str, int]:
+    """Per-rank bytes: weights (exact), KV cache (the pages `Generator` allocates: every sequence
+    at max_total_len), workspace (an estimate: the largest activations of a prefill chunk and the
+    float32 logits of a decode batch)."""
+    plan, c = ShardPlan(config, tp), config
+    act = np.dtype(spec.model_dtype).itemsize
+    pages = max_batch * -(-max_total_len // page_size)
+    kv = 2 * c.num_hidden_layers * plan.kv_heads * c.head_dim * act * pages * page_size
+    tokens = max(prefill_chunk, max_batch)
+    widest = max((plan.q_heads + 2 * plan.kv_heads) * c.head_dim, 2 * plan.intermediate, c.hidden_size)
+    workspace = tokens * (3 * c.hidden_size + widest) * 4 + max_batch * c.vocab_size * 4 * 2
+    weights = weight_bytes(config, spec, tp)
+    return {"weights": weights, "kv_cache": kv, "workspace": workspace, "total": weights + kv + workspace}
+
+
+def check_fits(prediction: dict[str, int], capacity: int, what: str) -> None:
+    """Refuse, with the numbers, a run whose predicted memory exceeds 95% of `capacity`."""
+    if prediction["total"] > 0.95 * capacity:
+        gib = {k: v / 2**30 for k, v in prediction.items()}
+        raise ConfigError(
+            f"{what} needs about {gib['total']:.1f} GiB per device (weights {gib['weights']:.1f}, KV cache "
+            f"{gib['kv_cache']:.1f}, workspace {gib['workspace']:.1f}) but the device has {capacity / 2**30:.1f} GiB; "
+            "use a larger tp, a smaller quantization, or a shorter context/batch")
