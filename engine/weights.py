@@ -262,10 +262,3 @@ def to_tvm(value, device):
 
 def nbytes(value) -> int:
     return value.nbytes if isinstance(value, np.ndarray) else value.numel() * value.element_size()
-
-
-def describe(source: TensorSource) -> str:
-    spec = source_spec(source)
-    if spec["kind"] == "random":
-        return f"random(seed={spec['seed']}, std={spec['std']})"
-    return f"safetensors({spec['path']})"
