@@ -25,10 +25,12 @@ def main() -> None:
     ap.add_argument("--tps", default="1")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
+    ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch)
-             for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")]
+    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head)
+             for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
+             for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

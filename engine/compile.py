@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from .config import ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
+from .sharding import ShardPlan
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +41,11 @@ class BuildSpec:
     target: str = "llvm"  # llvm | cuda
     cuda_arch: str = "sm_90"
     cuda_graph: bool = True
+    lm_head: str = "replicated"  # | "vocab_parallel" (engine.sharding)
 
     def __post_init__(self) -> None:
         quant_spec(self.quant)
+        self.plan  # validates the layout
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
@@ -50,6 +54,10 @@ class BuildSpec:
     @property
     def quant_spec(self) -> QuantSpec:
         return quant_spec(self.quant)
+
+    @property
+    def plan(self) -> ShardPlan:
+        return ShardPlan(self.config, self.tp, self.lm_head)
 
     def tvm_target(self):
         import tvm
@@ -69,13 +77,14 @@ class BuildSpec:
         payload = json.dumps({
             "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
             "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
-            "cuda_graph": self.cuda_graph if self.target == "cuda" else None,
-            "tvm": tvm.__version__, "engine": source.hexdigest(),
+            "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head,
+            "tvm": tvm.__version__, "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"), "engine": source.hexdigest(),
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def folder_name(self) -> str:
-        return f"{self.config.name}-{self.quant}-tp{self.tp}-{self.target}-{self.key()}"
+        head = "-vocabpar" if self.plan.vocab_parallel else ""
+        return f"{self.config.name}-{self.quant}-tp{self.tp}{head}-{self.target}-{self.key()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +110,8 @@ class Artifact:
 
     def build_spec(self) -> BuildSpec:
         m = self.metadata
-        return BuildSpec(ModelConfig(**m["config"]), m["quant"], m["tp"], m["target"], m["cuda_arch"], m["cuda_graph"])
+        return BuildSpec(ModelConfig(**m["config"]), m["quant"], m["tp"], m["target"], m["cuda_arch"], m["cuda_graph"],
+                         m.get("lm_head", "replicated"))
 
 
 def default_cache_dir() -> Path:
@@ -118,12 +128,18 @@ def _pipeline(spec: BuildSpec, target):
     from tvm.relax.backend.cuda import pipeline as cuda
     from tvm.s_tir import dlight as dl
 
+    tensorize_crashes = importlib.metadata.version("apache-tvm-ffi").startswith("0.1.15")
+
     @tvm.transform.module_pass(opt_level=0)
     def no_tensorize(mod, _ctx):
-        # dlight's tensor-core path segfaults in this TVM (see docs/ARCHITECTURE.md); SIMT instead.
-        for gv, func in list(mod.functions.items()):
-            if isinstance(func, tvm.tirx.PrimFunc):
-                mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
+        # apache-tvm-ffi 0.1.15.x segfaults in dlight's tensor-core matmul (docs/ARCHITECTURE.md);
+        # with that version installed, fall back to SIMT matmuls rather than crash.
+        if tensorize_crashes:
+            log.warning("apache-tvm-ffi 0.1.15 installed: prefill matmuls without tensor cores "
+                        "(pip install apache-tvm-ffi==0.1.14.post1 to get them back)")
+            for gv, func in list(mod.functions.items()):
+                if isinstance(func, tvm.tirx.PrimFunc):
+                    mod[gv] = func.with_attr("dlight.do_not_tensorize", True)
         return mod
 
     @tvm.transform.module_pass(opt_level=0)
@@ -132,8 +148,7 @@ def _pipeline(spec: BuildSpec, target):
             seq = tvm.transform.Sequential(
                 cuda.library_dispatch_passes(target)
                 + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-                   relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(),
-                   no_tensorize,
+                   relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR(), no_tensorize,
                    dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                            dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
                 + cuda.dataflow_lower_passes(target)
@@ -148,7 +163,7 @@ def export(spec: BuildSpec):
     """The Relax IRModule and parameter list of one tp rank (no weights involved)."""
     from .model import LlamaForCausalLM
 
-    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target())
+    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head)
     mod, params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
     return mod, params
 
@@ -202,7 +217,8 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
             if spec.target == "cuda" else 0
         metadata = {
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
-            "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "key": spec.key(),
+            "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head,
+            "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
             "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],

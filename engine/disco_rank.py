@@ -10,7 +10,6 @@ import json
 import tvm
 
 from .compile import Artifact
-from .sharding import ShardPlan
 from .weights import rank_params, source_from_spec, to_tvm
 
 
@@ -30,7 +29,7 @@ def load_rank_params(artifact_dir: str, source_json: str):
     spec = artifact.build_spec()
     torch_device = f"cuda:{device.index}" if spec.target == "cuda" else "cpu"
     source = source_from_spec(spec.config, json.loads(source_json), torch_device)
-    host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, spec.tp), rank,
+    host = rank_params(source, spec.config, spec.quant_spec, spec.plan, rank,
                        artifact.param_names)
     params = [to_tvm(value, device) for value in host.values()]
     del host

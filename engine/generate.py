@@ -121,13 +121,16 @@ class Generator:
         self.session.add_sequence(self.kv, seq_id)
         self._lengths[seq_id] = 0
 
-    def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int]):
+    def _begin(self, seq_ids: list[int], lengths: list[int]) -> None:
         for sid, n in zip(seq_ids, lengths):
             self._check_room(sid, n)
-        s = self.session
-        s.begin_forward(self.kv, seq_ids, lengths)
-        out = s.call(fn, ids, self.kv)
-        s.end_forward(self.kv)
+        self.session.begin_forward(self.kv, seq_ids, lengths)
+
+    def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int], begun: bool = False):
+        if not begun:
+            self._begin(seq_ids, lengths)
+        out = self.session.call(fn, ids, self.kv)
+        self.session.end_forward(self.kv)
         for sid, n in zip(seq_ids, lengths):
             self._lengths[sid] += n
         return out
@@ -152,12 +155,19 @@ class Generator:
             return np.concatenate(rows, axis=0)
         return token, last
 
-    def launch(self, seq_ids: Sequence[int], ids):
+    def begin_decode(self, seq_ids: Sequence[int]) -> None:
+        """The host side of the next decode step's KV-cache bookkeeping (positions, page tables),
+        done ahead: it needs no token, and may run while the previous step computes on a GPU
+        (the KV cache copies it to the device only when the step launches). Follow it with
+        `launch(..., begun=True)`."""
+        self._begin(list(seq_ids), [1] * len(seq_ids))
+
+    def launch(self, seq_ids: Sequence[int], ids, begun: bool = False):
         """Issue one decode step fed `ids` (host int32 [b, 1], or a device tensor from
         `next_input`); returns (next token ids, logits), both on the device. On a GPU this does
         not wait for the step to finish."""
         fn = "decode" if len(seq_ids) == 1 else "batch_decode"
-        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids))
+        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids), begun)
         return next_ids, logits
 
     def next_input(self, next_ids):

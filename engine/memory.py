@@ -15,22 +15,22 @@ def _matrix_bytes(rows: int, cols: int, spec: QuantSpec) -> int:
     return rows * (cols // spec.per_word) * 4 + rows * (cols // GROUP_SIZE) * 2
 
 
-def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int) -> int:
+def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int, lm_head: str = "replicated") -> int:
     """Bytes of one rank's parameters, exactly as `engine.weights.rank_params` lays them out."""
-    plan, c, d = ShardPlan(config, tp), config, config.head_dim
+    plan, c, d = ShardPlan(config, tp, lm_head), config, config.head_dim
     act = np.dtype(spec.model_dtype).itemsize
     per_layer = (_matrix_bytes((plan.q_heads + 2 * plan.kv_heads) * d, c.hidden_size, spec)
                  + _matrix_bytes(c.hidden_size, plan.q_heads * d, spec)
                  + _matrix_bytes(2 * plan.intermediate, c.hidden_size, spec)
                  + _matrix_bytes(c.hidden_size, plan.intermediate, spec)
                  + 2 * c.hidden_size * act)
-    head = 0 if c.tie_word_embeddings else _matrix_bytes(c.vocab_size, c.hidden_size, spec)
+    head = 0 if c.tie_word_embeddings else _matrix_bytes(plan.vocab, c.hidden_size, spec)
     return (c.num_hidden_layers * per_layer + _matrix_bytes(c.vocab_size, c.hidden_size, spec)
             + c.hidden_size * act + head)
 
 
 def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_total_len: int,
-            prefill_chunk: int, page_size: int = 16) -> dict[str, int]:
+            prefill_chunk: int, page_size: int = 16, lm_head: str = "replicated") -> dict[str, int]:
     """Per-rank bytes: weights (exact), KV cache (the pages `Generator` allocates: every sequence
     at max_total_len), workspace (an estimate: the largest activations of a prefill chunk and the
     float32 logits of a decode batch)."""
@@ -41,7 +41,7 @@ def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_t
     tokens = max(prefill_chunk, max_batch)
     widest = max((plan.q_heads + 2 * plan.kv_heads) * c.head_dim, 2 * plan.intermediate, c.hidden_size)
     workspace = tokens * (3 * c.hidden_size + widest) * 4 + max_batch * c.vocab_size * 4 * 2
-    weights = weight_bytes(config, spec, tp)
+    weights = weight_bytes(config, spec, tp, lm_head)
     return {"weights": weights, "kv_cache": kv, "workspace": workspace, "total": weights + kv + workspace}
 
 

@@ -115,18 +115,26 @@ def _argmax_last(logits: Tensor) -> Tensor:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target):
+    def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated"):
         self.config, self.spec, self.target = config, spec, target
-        self.plan = ShardPlan(config, tp)
+        self.plan = ShardPlan(config, tp, lm_head)
         self.plan.check_quant(spec)
         self.model = LlamaModel(config, self.plan, spec)
         if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, spec, out_dtype="float32")
+            self.lm_head = Linear(config.hidden_size, self.plan.vocab, spec, out_dtype="float32")
 
     def _logits(self, hidden: Tensor) -> Tensor:
+        """[n, hidden] -> float32 logits [n, vocab] on every rank."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.lm_head(hidden)
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        if not self.plan.vocab_parallel:
+            return logits
+        # Rank r holds vocabulary slice r: allgather stacks the slices as [tp * n, V/tp]; put the
+        # vocabulary back in order as [n, tp * V/tp].
+        tp, n = self.plan.tp, logits.shape[0]
+        gathered = op.reshape(op.ccl_allgather(logits, tp), (tp, n, self.plan.vocab))
+        return op.reshape(op.permute_dims(gathered, [1, 0, 2]), (n, self.config.vocab_size))
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         if self.plan.tp > 1:  # the controller writes token ids to worker 0 only

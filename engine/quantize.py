@@ -125,17 +125,25 @@ def _te_weight_value(spec: QuantSpec, weight, n, k):
 
 
 def te_linear(spec: QuantSpec, out_dtype: str):
-    """x[..., K] @ W[N, K]^T with W (de)quantized inline; accumulates in float32."""
+    """x[..., K] @ W[N, K]^T; accumulates in float32. A quantized W is dequantized to the model
+    dtype by a producer stage of the same kernel: dlight's GEMV schedule inlines it into the
+    weight loads, and its tensor-core matmul sees an fp16 x fp16 product it can tensorize."""
     from tvm import te
 
     def compute(x, *weight):
-        n_out = weight[0].shape[0]
         k_in = x.shape[-1]
+        if spec.quantized:
+            n_out = weight[0].shape[0]
+            w = te.compute((n_out, k_in), lambda n, k: _te_weight_value(spec, weight, n, k).astype(spec.model_dtype),
+                           name="dequantize")
+        else:
+            w = weight[0]
+            n_out = w.shape[0]
         k = te.reduce_axis((0, k_in), name="k")
 
         def body(*idx):
             *lead, n = idx
-            return te.sum(x[(*lead, k)].astype("float32") * _te_weight_value(spec, weight, n, k), axis=k)
+            return te.sum(x[(*lead, k)].astype("float32") * w[n, k].astype("float32"), axis=k)
 
         acc = te.compute((*x.shape[:-1], n_out), body, name="linear_acc")
         if out_dtype == "float32":

@@ -16,7 +16,6 @@ import numpy as np
 
 from .compile import Artifact
 from .config import ConfigError
-from .sharding import ShardPlan
 from .weights import TensorSource, nbytes, rank_params, to_tvm
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ class VMSession:
         self.vm = VirtualMachine(executable, self.device)
         self.load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        host = rank_params(source, spec.config, spec.quant_spec, ShardPlan(spec.config, 1), 0, artifact.param_names)
+        host = rank_params(source, spec.config, spec.quant_spec, spec.plan, 0, artifact.param_names)
         self.params = [to_tvm(v, self.device) for v in host.values()]
         self.weight_bytes = sum(nbytes(v) for v in host.values())
         del host

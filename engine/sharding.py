@@ -2,8 +2,11 @@
 
 Column-parallel: q/k/v and gate/up projections (output rows split by heads / channels).
 Row-parallel: o and down projections (input columns split), followed by an allreduce.
-Embedding, norms and LM head are replicated. When tp exceeds the number of KV heads, KV heads
-are replicated: rank r uses KV head r * kv_heads // tp (tp must be a multiple of kv_heads).
+Embedding and norms are replicated. The LM head is replicated (`lm_head="replicated"`, every
+rank computes all logits) or vocab-parallel (`"vocab_parallel"`: rank r holds vocabulary rows
+[r*V/tp, (r+1)*V/tp) and the ranks' logits are allgathered). When tp exceeds the number of KV
+heads, KV heads are replicated: rank r uses KV head r * kv_heads // tp (tp must be a multiple of
+kv_heads).
 """
 
 from __future__ import annotations
@@ -16,15 +19,28 @@ from .config import ConfigError, ModelConfig
 from .quantize import GROUP_SIZE, QuantSpec
 
 
+LM_HEAD_LAYOUTS = ("replicated", "vocab_parallel")
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardPlan:
     config: ModelConfig
     tp: int
+    lm_head: str = "replicated"
 
     def __post_init__(self) -> None:
         c, tp = self.config, self.tp
         if tp < 1:
             raise ConfigError(f"tp must be >= 1, got {tp}")
+        if self.lm_head not in LM_HEAD_LAYOUTS:
+            raise ConfigError(f"unknown lm_head layout {self.lm_head!r}; choose one of: {', '.join(LM_HEAD_LAYOUTS)}")
+        if self.lm_head == "vocab_parallel":
+            if c.tie_word_embeddings:
+                raise ConfigError(f"{c.name} ties its LM head to the embedding table, which stays replicated; "
+                                  "use lm_head=replicated")
+            if c.vocab_size % tp:
+                raise ConfigError(f"{c.name}: vocab_size {c.vocab_size} is not divisible by tp={tp}; "
+                                  "use lm_head=replicated")
         if tp == 1:
             return
         valid = [t for t in range(1, 65) if c.num_attention_heads % t == 0
@@ -67,6 +83,15 @@ class ShardPlan:
         return self.tp > self.config.num_key_value_heads
 
     @property
+    def vocab_parallel(self) -> bool:
+        return self.lm_head == "vocab_parallel" and self.tp > 1
+
+    @property
+    def vocab(self) -> int:
+        """LM head rows per rank."""
+        return self.config.vocab_size // self.tp if self.vocab_parallel else self.config.vocab_size
+
+    @property
     def intermediate(self) -> int:
         return self.config.intermediate_size // self.tp
 
@@ -86,6 +111,8 @@ class ShardPlan:
             return lo * d, hi * d
         if kind == "mlp":
             return rank * self.intermediate, (rank + 1) * self.intermediate
+        if kind == "vocab":
+            return rank * self.vocab, (rank + 1) * self.vocab
         raise KeyError(kind)
 
 

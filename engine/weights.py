@@ -195,7 +195,7 @@ def engine_tensors(config: ModelConfig, plan: ShardPlan, rank: int):
         yield from _layer_tensors(plan, rank, f"model.layers.{i}")
     yield "model.norm", [("model.norm.weight", None, None)]
     if not config.tie_word_embeddings:
-        yield "lm_head", [("lm_head.weight", None, None)]
+        yield "lm_head", [("lm_head.weight", plan.rows("vocab", rank) if plan.vocab_parallel else None, None)]
 
 
 def rank_params(source: TensorSource, config: ModelConfig, spec: QuantSpec, plan: ShardPlan,

@@ -30,7 +30,7 @@ log = logging.getLogger("experiments.overlap")
 
 def modes_of(value) -> list[str]:
     modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    known = stream_overlap.MODES + stream_overlap.PLANNED
+    known = stream_overlap.MODES + tuple(stream_overlap.PLANNED)
     for m in modes:
         if m not in known:
             raise ConfigError(f"unknown overlap mode {m!r}; choose from {', '.join(known)}")
@@ -77,10 +77,13 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
             launches = [s.seconds for r in p.samples for s in r.steps if s.kind == "launch"]
             if launches:
                 p.summary["launch_s_p50"] = float(np.median(launches))
-    notes = ("`none` waits for every step's tokens before launching the next; `pipeline` launches step t+1 from "
-             "step t's device-resident tokens and reads step t's tokens meanwhile (on a CUDA VM session through "
-             "a separate copy stream; elsewhere a host thread). Not implemented in this version: "
-             + ", ".join(stream_overlap.PLANNED) + ".")
+    notes = ("`none` waits for every step's tokens, then does its bookkeeping, copies the next ids in and "
+             "launches. `prefetch` does the next step's KV-cache bookkeeping while the step computes and stages the "
+             "ids through a pinned buffer and a copy stream (CUDA VM sessions). `pipeline` launches step t+1 from "
+             "step t's device-resident tokens and does step t's bookkeeping while step t+1 computes; on a GPU it "
+             "waits for step t before launching t+1, because TVM 0.27's paged KV cache refreshes one device buffer "
+             "of attention metadata per step on its own copy stream (docs/ARCHITECTURE.md). Not implemented: "
+             + "; ".join(f"{m} ({why})" for m, why in stream_overlap.PLANNED.items()) + ".")
     rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens")} for p in points}
     status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
                           columns=COLUMNS, sections=[("Method", notes)], summary_extra={"comparison": rows_extra},

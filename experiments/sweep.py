@@ -37,7 +37,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
     session = None
     try:
         prediction = memory.predict(config, quant_spec(quant), tp, w.batch, w.prompt_len + w.new_tokens,
-                                    min(w.prompt_len, 2048))
+                                    min(w.prompt_len, 2048), lm_head=cfg.get("lm_head") or "replicated")
         point.summary["memory_predicted_bytes"] = prediction
         if target == "cuda":
             import tvm

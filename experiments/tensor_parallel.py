@@ -97,7 +97,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     target, arch = common.resolve_target(cfg.device)
     check_devices(tps, target)
     for tp in tps:
-        ShardPlan(config, tp).check_quant(quant_spec(quant))
+        ShardPlan(config, tp, cfg.lm_head).check_quant(quant_spec(quant))
     bandwidth = sweep.measured_bandwidth(cfg, target)
     w = cfg.workload
     points = []
@@ -116,7 +116,9 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "Allreduce share = 2 x layers x (one allreduce of [batch, hidden], timed inside the workers) / "
              "median inter-token latency. KV heads are "
              + ("replicated past tp=" + str(config.num_key_value_heads) if max(tps) > config.num_key_value_heads
-                else "split across ranks") + "; embedding and LM head are replicated.")
+                else "split across ranks") + "; the embedding is replicated; the LM head is "
+             + ("vocab-parallel (each rank computes its slice of the vocabulary, then an allgather)"
+                if cfg.lm_head == "vocab_parallel" else "replicated (every rank computes all logits)") + ".")
     status = write_report(run_dir, f"Tensor parallelism: {config.name} {quant} on {target}", plain, points,
                           columns=COLUMNS, sections=[("Method", notes)], summary_extra=scaling,
                           extra={"bandwidth": bandwidth})

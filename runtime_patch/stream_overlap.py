@@ -2,22 +2,33 @@
 
 A scheduler orders the decode steps that `engine.generate.Generator` issues (the engine knows
 only the small `DecodeScheduler` interface: `run(gen, seq_ids, first, steps)`; `gen` offers
-`launch`, `next_input`, `session.to_numpy` and `record`). This module never imports the engine.
-Modes:
+`begin_decode`, `launch`, `next_input`, `session.to_numpy` and `record`). This module never
+imports the engine. Modes:
 
 - `none` (engine.generate.SyncDecode): feed the host's tokens, run, read the tokens, repeat; the
-  host waits every step.
-- `pipeline`: one step ahead. Step t+1 is launched from step t's device-resident tokens (greedy
-  sampling stays on the device) before the host reads step t's tokens, so the host's read-back and
-  bookkeeping of step t overlap step t+1's execution. The read goes through a `TokenReader`: on
-  a CUDA VM session with torch, a copy on a separate non-blocking stream, ordered by an event
-  recorded after step t, into pinned host memory (so it does not wait for step t+1); on a CPU
-  VM session a host thread; on a disco session (tp > 1) a read issued after the next launch on
-  the same thread (disco's controller channel is not thread-safe). Stop conditions are seen one
-  step late (the loop here generates a fixed count).
+  host waits every step, and everything else the host does sits between two steps.
+- `prefetch`: what the next step needs from the host and does not depend on this step's token
+  is prepared while this step computes: the KV cache's host-side bookkeeping for step t+1
+  (positions, page tables: `begin_decode`) is done right after launching step t, and on a CUDA
+  VM session the token ids go through a pinned host buffer and a copy on a separate stream into a
+  pre-allocated device buffer, with an event ordering the copy before the step. (The KV cache's
+  per-step metadata already travels that way: TVM's paged KV cache stages it in pinned memory and
+  copies it on its own copy stream.)
+- `pipeline`: step t+1 is launched from step t's device-resident tokens (greedy sampling stays on
+  the device): no host-to-device copy of ids, and the host's bookkeeping of step t (appending
+  tokens, timing hooks, stop checks) runs while step t+1 computes, with the next step's KV
+  bookkeeping done ahead as in `prefetch`.
 
-Not in this version: `prefetch`, `double_buffer`, `full_overlap` (`MODES` lists what exists;
-`experiments.overlap` reports the others as not implemented rather than running `none`).
+Why `pipeline` waits for step t before launching step t+1 on a GPU: TVM 0.27's paged KV cache
+keeps one device buffer (and one pinned staging buffer) for a step's attention metadata and
+refreshes it on its own non-blocking copy stream when the next step's first attention launches,
+with no ordering against the previous step's kernels. Launching step t+1 while step t still runs
+would let that copy overwrite metadata step t's later layers read (see docs/ARCHITECTURE.md).
+On CPU sessions the step runs synchronously in the call, and a host thread reads step t's tokens
+while step t+1 runs.
+
+Not in this version: `double_buffer` and `full_overlap` (see PLANNED for why; `experiments.overlap`
+reports them as not implemented rather than running `none`).
 """
 
 from __future__ import annotations
@@ -27,103 +38,42 @@ import time
 
 import numpy as np
 
-MODES = ("none", "pipeline")
-PLANNED = ("prefetch", "double_buffer", "full_overlap")
+MODES = ("none", "prefetch", "pipeline")
+PLANNED = {
+    "double_buffer": "needs a second set of the KV cache's attention-metadata buffers (TVM 0.27 has one per "
+                     "cache), so that step t+1 can launch while step t runs",
+    "full_overlap": "needs the CCL to issue collectives on a communication stream of their own (TVM's NCCL CCL "
+                    "uses the compute stream) and a decode function that interleaves two micro-batches layer by layer",
+}
 
 
-class DeferredReader:
-    """Reads tokens on the calling thread when asked (disco sessions: their controller channel
-    is not thread-safe, so the read is issued after the next launch, in order)."""
-
-    kind = "deferred read (same thread)"
-
-    def __init__(self, session):
-        self.session = session
-
-    def start(self, next_ids):
-        return _Deferred(self.session, next_ids)
-
-    def close(self) -> None:
-        pass
+def _on_gpu(session) -> bool:
+    return session.artifact.metadata.get("target") == "cuda"
 
 
-class _Deferred:
-    def __init__(self, session, next_ids):
-        self.session, self.next_ids = session, next_ids
-
-    def result(self) -> np.ndarray:
-        return self.session.to_numpy(self.next_ids)
-
-
-class HostThreadReader:
-    """Reads tokens to the host on a helper thread (CPU VM sessions)."""
-
-    kind = "host thread"
+class _Reader:
+    """Reads a step's tokens: now (GPU sessions, and disco), or on a host thread (CPU VM)."""
 
     def __init__(self, session):
         self.session = session
-        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="token-reader")
-
-    def start(self, next_ids) -> concurrent.futures.Future:
-        return self.pool.submit(self.session.to_numpy, next_ids)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-class CudaStreamReader:
-    """Reads tokens on a separate non-blocking CUDA stream after an event recorded behind the step
-    that produced them, into pinned host memory: the read never waits for later steps."""
-
-    kind = "cuda copy stream"
-
-    def __init__(self, device_index: int):
-        import torch
-
-        self.torch = torch
-        self.device = torch.device("cuda", device_index)
-        self.stream = torch.cuda.Stream(self.device)  # torch's pool streams are non-blocking
+        threaded = not _on_gpu(session) and getattr(session, "tp", 1) == 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="token-reader") if threaded else None
+        self.kind = "host thread" if threaded else "same thread, before the next launch"
 
     def start(self, next_ids):
-        torch = self.torch
-        after_step = torch.cuda.Event()
-        after_step.record(torch.cuda.default_stream(self.device))  # TVM launches on the default stream
-        source = torch.from_dlpack(next_ids)
-        host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
-        done = torch.cuda.Event()
-        with torch.cuda.stream(self.stream):
-            self.stream.wait_event(after_step)
-            host.copy_(source, non_blocking=True)
-            done.record(self.stream)
-        return _EventResult(done, host)
+        if self.pool is not None:
+            return self.pool.submit(self.session.to_numpy, next_ids)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(self.session.to_numpy(next_ids))
+        return done
 
     def close(self) -> None:
-        self.stream.synchronize()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
-class _EventResult:
-    def __init__(self, event, host):
-        self.event, self.host = event, host
-
-    def result(self) -> np.ndarray:
-        self.event.synchronize()
-        return self.host.numpy()
-
-
-def token_reader(session):
-    """The fastest reader this session supports."""
-    if getattr(session, "tp", 1) > 1:
-        return DeferredReader(session)
-    device = getattr(session, "device", None)
-    if device is not None and device.dlpack_device_type() == 2:  # kDLCUDA, a VM session
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                return CudaStreamReader(device.index)
-        except ImportError:
-            pass
-    return HostThreadReader(session)
+def _as_list(tokens) -> list[int]:
+    return np.asarray(tokens).astype(np.int64).reshape(-1).tolist()
 
 
 class PipelineDecode:
@@ -133,7 +83,7 @@ class PipelineDecode:
         self.reader_kind: str | None = None
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
-        reader = token_reader(gen.session)
+        reader = _Reader(gen.session)
         self.reader_kind = reader.kind
         out: list[list[int]] = [[] for _ in seq_ids]
         b = len(seq_ids)
@@ -143,21 +93,103 @@ class PipelineDecode:
             gen.record("launch", 0, t0, time.perf_counter(), b)
             previous = t0
             for step in range(steps):
-                ready = reader.start(pending)
-                if step + 1 < steps:  # launch step+1 from step's device tokens before reading them
+                more = step + 1 < steps
+                if more:
+                    gen.begin_decode(seq_ids)  # host-side KV bookkeeping while the step computes
+                ready = reader.start(pending)  # GPU: waits for step `step` (see the module doc)
+                if more:  # step+1 is fed step's device tokens: no host round trip of the ids
                     t0 = time.perf_counter()
-                    following, _ = gen.launch(seq_ids, gen.next_input(pending))
+                    following, _ = gen.launch(seq_ids, gen.next_input(pending), begun=True)
                     gen.record("launch", step + 1, t0, time.perf_counter(), b)
-                tokens = np.asarray(ready.result()).astype(np.int64).reshape(-1).tolist()
+                tokens = _as_list(ready.result())
                 now = time.perf_counter()
                 gen.record("decode", step, previous, now, b)
                 previous = now
                 for o, t in zip(out, tokens):
                     o.append(t)
-                if step + 1 < steps:
+                if more:
                     pending = following
         finally:
             reader.close()
+        return out
+
+
+class _PinnedStaging:
+    """Token ids to the device through a pinned host buffer and a copy on a side stream, into a
+    pre-allocated device buffer; the compute stream waits on an event behind the copy."""
+
+    kind = "pinned buffer + copy stream"
+
+    def __init__(self, session, batch: int):
+        import torch
+        import tvm
+
+        device = torch.device("cuda", session.device.index)
+        self.torch = torch
+        self.stream = torch.cuda.Stream(device)
+        self.compute = torch.cuda.default_stream(device)  # TVM launches on the legacy default stream
+        self.host = torch.empty((batch, 1), dtype=torch.int32, pin_memory=True)
+        self.host_view = self.host.numpy()
+        self.device_ids = torch.empty((batch, 1), dtype=torch.int32, device=device)
+        self.tvm_ids = tvm.runtime.from_dlpack(self.device_ids)
+        self.copied = torch.cuda.Event()
+
+    def stage(self, tokens: list[int]):
+        self.host_view[:, 0] = tokens
+        with self.torch.cuda.stream(self.stream):
+            self.device_ids.copy_(self.host, non_blocking=True)
+            self.copied.record(self.stream)
+        self.compute.wait_event(self.copied)
+        return self.tvm_ids
+
+
+class _HostStaging:
+    """Token ids into a pre-allocated host array (CPU and disco sessions: the session uploads it)."""
+
+    kind = "pre-allocated host buffer"
+
+    def __init__(self, batch: int):
+        self.ids = np.zeros((batch, 1), dtype=np.int32)
+
+    def stage(self, tokens: list[int]):
+        self.ids[:, 0] = tokens
+        return self.ids
+
+
+def _staging(session, batch: int):
+    if _on_gpu(session) and getattr(session, "tp", 1) == 1:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                return _PinnedStaging(session, batch)
+        except ImportError:
+            pass
+    return _HostStaging(batch)
+
+
+class PrefetchDecode:
+    name = "prefetch"
+
+    def __init__(self):
+        self.reader_kind: str | None = None
+
+    def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        staging = _staging(gen.session, len(seq_ids))
+        self.reader_kind = staging.kind
+        out: list[list[int]] = [[] for _ in seq_ids]
+        b, last = len(seq_ids), list(first)
+        begun = False
+        for step in range(steps):
+            start = time.perf_counter()
+            next_ids, _ = gen.launch(seq_ids, staging.stage(last), begun=begun)
+            begun = step + 1 < steps
+            if begun:
+                gen.begin_decode(seq_ids)  # overlaps the step on a GPU
+            last = _as_list(gen.session.to_numpy(next_ids))
+            gen.record("decode", step, start, time.perf_counter(), b)
+            for o, t in zip(out, last):
+                o.append(t)
         return out
 
 
@@ -168,6 +200,8 @@ def install(mode: str):
         return None
     if mode == "pipeline":
         return PipelineDecode()
+    if mode == "prefetch":
+        return PrefetchDecode()
     if mode in PLANNED:
-        raise NotImplementedError(f"overlap mode {mode!r} is not implemented in this version (have: {', '.join(MODES)})")
-    raise ValueError(f"unknown overlap mode {mode!r}; choose one of: {', '.join(MODES + PLANNED)}")
+        raise NotImplementedError(f"overlap mode {mode!r} is not implemented in this version: {PLANNED[mode]}")
+    raise ValueError(f"unknown overlap mode {mode!r}; choose one of: {', '.join(MODES + tuple(PLANNED))}")

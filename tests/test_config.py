@@ -118,13 +118,17 @@ def test_torch_quantized_random_weights_match_numpy_quantization(tiny_config):
 
 @pytest.mark.parametrize("quant", ["q0f16", "q4f16_1", "q8f16_1"])
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_memory_prediction_of_weights_is_exact(tiny_config, quant, tp):
+@pytest.mark.parametrize("lm_head", ["replicated", "vocab_parallel"])
+def test_memory_prediction_of_weights_is_exact(tiny_config, quant, tp, lm_head):
     from engine import memory
     from engine.weights import nbytes, open_source
 
     spec = quant_spec(quant)
-    params = rank_params(open_source(tiny_config, None), tiny_config, spec, ShardPlan(tiny_config, tp), tp - 1)
-    assert memory.weight_bytes(tiny_config, spec, tp) == sum(nbytes(v) for v in params.values())
+    plan = ShardPlan(tiny_config, tp, lm_head)
+    params = rank_params(open_source(tiny_config, None), tiny_config, spec, plan, tp - 1)
+    assert memory.weight_bytes(tiny_config, spec, tp, lm_head) == sum(nbytes(v) for v in params.values())
+    if plan.vocab_parallel:
+        assert params["lm_head.weight" if quant == "q0f16" else "lm_head.q_weight"].shape[0] == tiny_config.vocab_size // tp
 
 
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers():

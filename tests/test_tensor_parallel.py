@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 16, 8
 
 
-def _logits_and_tokens(compiled, folder, quant, tp):
+def _logits_and_tokens(compiled, folder, quant, tp, lm_head="replicated"):
     config = from_hf_folder(folder)
-    artifact = compiled(config, quant, tp)
+    artifact = compiled(config, quant, tp, lm_head=lm_head)
     source = open_source(config, folder)
     with (VMSession(artifact, source) if tp == 1 else DiscoSession(artifact, source)) as session:
         gen = Generator(session, max_batch=2, max_total_len=128, prefill_chunk=32)
@@ -35,15 +35,16 @@ def _logits_and_tokens(compiled, folder, quant, tp):
     return tokens, logits, generated
 
 
-CASES = [("tiny", q, tp) for q in ("q0f32", "q0f16", "q8f16_1", "q4f16_1") for tp in (2, 4)]
-CASES += [("gqa", "q0f32", 2), ("gqa", "q0f32", 4), ("gqa", "q4f16_1", 2)]
+CASES = [("tiny", q, tp, "replicated") for q in ("q0f32", "q0f16", "q8f16_1", "q4f16_1") for tp in (2, 4)]
+CASES += [("gqa", "q0f32", 2, "replicated"), ("gqa", "q0f32", 4, "replicated"), ("gqa", "q4f16_1", 2, "replicated")]
+CASES += [("tiny", "q0f32", 4, "vocab_parallel"), ("tiny", "q4f16_1", 2, "vocab_parallel")]
 
 
-@pytest.mark.parametrize("model,quant,tp", CASES)
-def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, model, quant, tp):
+@pytest.mark.parametrize("model,quant,tp,lm_head", CASES)
+def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, model, quant, tp, lm_head):
     folder = tiny_checkpoint if model == "tiny" else gqa_checkpoint
     tokens, base, base_tokens = _logits_and_tokens(compiled, folder, quant, 1)
-    _, logits, generated = _logits_and_tokens(compiled, folder, quant, tp)
+    _, logits, generated = _logits_and_tokens(compiled, folder, quant, tp, lm_head)
     tolerance = 1e-5 if quant == "q0f32" else 1e-2
     assert relative_error(logits, base) <= tolerance
     assert generated == base_tokens  # greedy tokens identical, batch of two
@@ -54,6 +55,13 @@ def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, 
 def test_tp_that_does_not_divide_the_heads_is_refused(compiled, tiny_config):
     with pytest.raises(ConfigError, match="choose tp from"):
         compiled(tiny_config, "q0f16", 3)
+
+
+def test_vocab_parallel_head_is_refused_where_it_cannot_apply(compiled, gqa_config, tiny_config):
+    with pytest.raises(ConfigError, match="ties its LM head .* use lm_head=replicated"):
+        compiled(gqa_config, "q0f32", 2, lm_head="vocab_parallel")
+    with pytest.raises(ConfigError, match="unknown lm_head layout 'rows'"):
+        compiled(tiny_config, "q0f32", 2, lm_head="rows")
 
 
 def run_module(module, *overrides, cache_dir, out, timeout=900):
