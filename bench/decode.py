@@ -36,6 +36,7 @@ from engine.generate import Generator  # noqa: E402
 from engine.session import VMSession  # noqa: E402
 from engine.weights import open_source  # noqa: E402
 from experiments import device_probe, measure, stats  # noqa: E402
+from experiments.results import atomic_write_text  # noqa: E402
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
@@ -122,6 +123,7 @@ def main() -> None:
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
     ap.add_argument("--sha", default=None, help="git SHA of the code (when run outside a checkout)")
     args = ap.parse_args()
 
@@ -167,8 +169,9 @@ def main() -> None:
                 print(json.dumps({k: v for k, v in r.items() if not k.startswith("raw")}), flush=True)
                 record["peers"].append(r)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{record['date']}-{card.replace(' ', '-')}-decode.json"
-    path.write_text(json.dumps(record, indent=1))
+    tag = f"-{args.tag}" if args.tag else ""
+    path = args.out / f"{record['date']}-{card.replace(' ', '-')}-decode{tag}.json"
+    atomic_write_text(path, json.dumps(record, indent=1))
     print(f"wrote {path}")
 
 
