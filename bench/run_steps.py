@@ -10,6 +10,8 @@ docs/benchmarks/ are packed into <out>/results.tgz at the end (the device tool b
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -23,6 +25,7 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=540)
     ap.add_argument("--min-left", type=float, default=30)
     ap.add_argument("--step-timeout", type=float, default=240, help="seconds one command may run")
+    ap.add_argument("--max-file-mb", type=float, default=8, help="files above this stay out of results.tgz")
     ap.add_argument("commands", nargs="+")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -36,18 +39,34 @@ def main() -> int:
                 continue
             print(f"[step {i}] $ {cmd}", file=log, flush=True)
             t0 = time.monotonic()
+            # A session of its own, so that a step past its time is stopped with all its processes
+            # (disco workers included), not just the shell; SIGABRT first makes a Python with
+            # PYTHONFAULTHANDLER=1 print where it was.
+            proc = subprocess.Popen(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                rc = subprocess.run(["bash", "-c", cmd], stdout=log, stderr=subprocess.STDOUT,
-                                    timeout=min(left - 10, args.step_timeout)).returncode
+                rc = proc.wait(timeout=min(left - 10, args.step_timeout))
             except subprocess.TimeoutExpired:
                 rc = "timeout"
+                for sig, grace in ((signal.SIGABRT, 5), (signal.SIGKILL, 5)):
+                    try:
+                        os.killpg(proc.pid, sig)
+                        proc.wait(timeout=grace)
+                        break
+                    except (ProcessLookupError, subprocess.TimeoutExpired):
+                        continue
             failures += rc != 0
             print(f"[step {i}] exit {rc} after {time.monotonic() - t0:.1f} s", file=log, flush=True)
             print(f"[step {i}] exit {rc} after {time.monotonic() - t0:.1f} s: {cmd[:120]}", flush=True)
+    left_out = []
     with tarfile.open(args.out / "results.tgz", "w:gz") as tar:
         for folder in ("results", "docs/benchmarks"):
-            if Path(folder).exists():
-                tar.add(folder)
+            for path in sorted(Path(folder).rglob("*")) if Path(folder).exists() else []:
+                if path.is_file() and path.stat().st_size > args.max_file_mb * 2**20:
+                    left_out.append(f"{path} ({path.stat().st_size / 2**20:.0f} MiB)")
+                elif path.is_file():
+                    tar.add(path)
+    if left_out:  # the device tool brings back a limited size: big traces stay on the box
+        print("left out of results.tgz:\n  " + "\n  ".join(left_out), flush=True)
     return 1 if failures else 0
 
 

@@ -7,7 +7,9 @@ Started as `python -m runtime_patch.disco_worker <worker_id> <num_workers> <num_
 - loads the CCL plugins named in $LAB_CCL_PLUGINS (comma separated, e.g. "cpu_shm" or "nccl"),
   before `import tvm`, as the runtime-only TVM needs;
 - imports the Python modules named in $LAB_DISCO_WORKER_IMPORTS (comma separated), for globals the
-  controller will call on workers (a CUDA compile callback, say).
+  controller will call on workers (a CUDA compile callback, say);
+- starts CUPTI tracing when $LAB_CUPTI_DIR is set (`./profile_gpu.sh -m timeline`), before the
+  worker touches CUDA, and stops it (writing the records) before the process ends.
 `import tvm_ffi` imports torch when it is installed (3 of the ~4.5 s a worker takes to start on
 a CPU box); workers need none of it, so it is skipped unless LAB_DISCO_WORKER_TORCH=1. torch can
 still be imported later by worker code (then tvm_ffi does not convert torch tensors implicitly:
@@ -27,6 +29,10 @@ def _names(var: str) -> list[str]:
 
 
 def main() -> None:
+    if os.environ.get("LAB_CUPTI_DIR"):
+        from runtime_patch import cupti_tracer
+
+        cupti_tracer.maybe_start_from_env(f"disco worker {sys.argv[1] if len(sys.argv) > 1 else '?'}")
     skip_torch = os.environ.get("LAB_DISCO_WORKER_TORCH", "0") != "1" and "torch" not in sys.modules
     if skip_torch:
         sys.modules["torch"] = None  # makes tvm_ffi's `import torch` fail fast (it catches that)
@@ -49,6 +55,8 @@ if __name__ == "__main__":
         main()
     except (OSError, KeyboardInterrupt):
         pass  # the controller went away: as tvm.exec.disco_worker does
+    if "runtime_patch.cupti_tracer" in sys.modules:
+        sys.modules["runtime_patch.cupti_tracer"].stop()  # os._exit skips at-exit handlers
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
