@@ -92,8 +92,13 @@ class Generator:
         self._lengths: dict[int, int] = {}
 
     def reset(self) -> None:
-        """A fresh, empty KV cache (old sequences dropped)."""
-        self.kv = None
+        """An empty KV cache: the old sequences removed (their pages freed), the cache itself kept,
+        so that a generation's TTFT does not include allocating it (created on first use)."""
+        if self.kv is not None:
+            for sid in list(self._lengths):
+                self.session.remove_sequence(self.kv, sid)
+            self._lengths = {}
+            return
         pages = -(-self.max_total_len // self.page_size)
         capacity = self.max_batch * pages * self.page_size
         self.kv = self.session.create_kv_cache(self.max_batch, capacity, self.prefill_chunk, self.page_size)

@@ -8,6 +8,7 @@ the others are still written.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from typing import Any
 
 from . import markdown, plots
@@ -90,6 +91,10 @@ def write_report(run_dir: RunDir, title: str, config: dict, points: list[Point],
         summary = {"label": points[0].label, **summary[points[0].label]}
     summary.update(summary_extra or {})
     run_dir.write_results(config, [p.to_dict() for p in points], summary, status, extra)
+    # Plotting makes many short-lived objects; with a large heap (weights, samples) the cyclic
+    # collector's full passes made the first figure take minutes on the GPU box. Exempt what exists.
+    gc.collect()
+    gc.freeze()
 
     rows = [point_row(p) for p in points]
     doc_sections = [("Results", markdown.table(rows, list(columns) + [("status", "status", None)]))]
