@@ -35,12 +35,14 @@ def record_of(results_dir: Path) -> dict:
                 "efficiency": s.get("efficiency"), "allreduce_share": s.get("allreduce_share"),
                 "allreduce_seconds_each": (s.get("allreduce") or {}).get("seconds_each"),
                 "roofline_fraction": s.get("roofline_fraction"), "ttft_s_p50": s["ttft_s"]["p50"],
+                "kl": s.get("kl"), "top1": s.get("top1"),
                 "itl_s": {k: s["itl_s"][k] for k in ("p50", "p95", "mean", "count")},
                 "weight_bytes_per_rank": s.get("weight_bytes"), "gpu_memory_used_bytes": s.get("gpu_memory_used_bytes"),
                 "raw_itl_s": [t for sample in run["samples"] for t in sample["itl_s"]],
             })
         points.append(point)
     return {"experiment": results_dir.parent.name, "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
+            "lm_head": cfg.get("lm_head"),
             "workload": cfg.get("workload"), "card": _card(env), "date": env["timestamp"][:10],
             "command": env.get("command"), "git_sha": (env.get("git") or {}).get("sha"),
             "git_dirty": (env.get("git") or {}).get("dirty"), "bandwidth_bytes_per_s": (data.get("bandwidth") or {}).get("bytes_per_s"),
@@ -67,15 +69,15 @@ def main() -> None:
     ap.add_argument("results", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--tag", default="")
-    ap.add_argument("--sha", default=None, help="the git SHA the run was made from, where results lack it")
+    ap.add_argument("--sha", default=None, help="the git SHA the run was made from (replaces what the results say)")
     args = ap.parse_args()
     for folder in args.results:
         record = record_of(folder)
-        if args.sha and not record["git_sha"]:
-            record["git_sha"] = args.sha
+        if args.sha and args.sha != record["git_sha"]:
+            record["git_sha"], record["git_dirty"], record["git_sha_from"] = args.sha, None, "--sha"
         batch = record["points"][0].get("batch")
         name = (f"{record['date']}-{record['card'].replace(' ', '')}-{record['experiment']}-{record['model']}-"
-                f"{record['quant']}-b{batch}{args.tag}.json")
+                f"{record['quant'] or 'mixed'}-b{batch}{args.tag}.json")
         atomic_write_json(args.out / name, record)
         print(f"<!-- {name} -->")
         print("\n".join(table_rows(record)))

@@ -7,6 +7,7 @@ broadcasts them); results are read back from worker 0.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -143,9 +144,24 @@ class DiscoSession:
         self.sess._sync_all()
 
     def close(self) -> None:
-        if self.sess is not None:
-            self.sess.shutdown()
-            self.sess = None
+        if self.sess is None:
+            return
+        sess, self.sess = self.sess, None
+        try:
+            # Free what the workers hold for this session while they still answer, and let the
+            # collector run now: on the GPU box, processes that went on after closing a session
+            # were seen to stall later inside a garbage collection (cause not established; a
+            # worker-side reference finalised after shutdown is the suspect).
+            self.params = self.mod = None
+            self._fns.clear()
+            self._inputs.clear()
+            self._add_seq = self._remove_seq = self._begin = self._end = self._getitem = self._reshape = None
+            gc.collect()
+            sess._sync_all()
+        except Exception:  # noqa: BLE001  (a dead worker: shutting down is all that is left)
+            pass
+        finally:
+            sess.shutdown()
 
     def __enter__(self):
         return self

@@ -76,17 +76,18 @@ def conclusion(rows: list[dict]) -> str:
     ok = [r for r in rows if r.get("tokens_per_s")]
     if not ok:
         return "No configuration completed."
-    batch1 = [r for r in ok if r["batch"] == 1] or ok
-    big = max(r["batch"] for r in ok)
-    bigs = [r for r in ok if r["batch"] == big]
-    fastest = max(batch1, key=lambda r: r["tokens_per_s"])
-    most = max(bigs, key=lambda r: r["tokens_per_s"])
+    small, big = min(r["batch"] for r in ok), max(r["batch"] for r in ok)
+    fastest = max((r for r in ok if r["batch"] == small), key=lambda r: r["tokens_per_s"])
+    most = max((r for r in ok if r["batch"] == big), key=lambda r: r["tokens_per_s"])
 
     def acc(r):
         return f"KL {r['kl']:.2e}, top-1 {r['top1']:.1%}" if r.get("kl") is not None else "accuracy not measured"
 
-    return (f"Lowest batch-1 latency: {fastest['config']} ({fastest['tokens_per_s']:.1f} tok/s, {acc(fastest)}). "
-            f"Highest throughput at batch {big}: {most['config']} ({most['tokens_per_s']:.1f} tok/s, {acc(most)}).")
+    latency = (f"Lowest latency at batch {small}: {fastest['config']} ({fastest['tokens_per_s']:.1f} tok/s, "
+               f"{acc(fastest)}).")
+    if big == small:
+        return latency
+    return latency + f" Highest throughput at batch {big}: {most['config']} ({most['tokens_per_s']:.1f} tok/s, {acc(most)})."
 
 
 @hydra.main(config_path="../conf", config_name="quant_compare", version_base="1.3")

@@ -98,10 +98,11 @@ def atomic_save_npy(path, array) -> Path:
 # --- environment ---------------------------------------------------------------------------
 
 def git_info(repo_root=REPO_ROOT) -> dict | None:
-    """{"sha", "dirty"} of the checkout at `repo_root`; where it is a copy without .git (a GPU
-    box), the SHA the copy was made from, from $LAB_GIT_SHA; else None."""
-    fallback = {"sha": os.environ["LAB_GIT_SHA"], "dirty": None, "from": "LAB_GIT_SHA"} \
-        if os.environ.get("LAB_GIT_SHA") else None
+    """{"sha", "dirty"} of the checkout at `repo_root`, or None. $LAB_GIT_SHA, where set, wins: a
+    copy of the tree on a GPU box may carry a .git that is not the commit the copy was made from."""
+    fallback = None
+    if os.environ.get("LAB_GIT_SHA"):
+        return {"sha": os.environ["LAB_GIT_SHA"], "dirty": None, "from": "LAB_GIT_SHA"}
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=repo_root, capture_output=True,

@@ -33,7 +33,7 @@ def test_q8_on_two_workers_is_far_closer_to_fp16_than_q4_on_one(cache_dir, tmp_p
     rows = s["table"]
     assert {r["batch"] for r in rows} == {1, 2} and all(r["tokens_per_s"] > 0 for r in rows)
     assert {"kl", "top1", "tokens_per_s"} <= set(rows[0])
-    assert s["conclusion"].startswith("Lowest batch-1 latency:")
+    assert s["conclusion"].startswith("Lowest latency at batch 1:")
     assert (out / "tradeoff.png").stat().st_size > 5000
     assert "Conclusion" in (out / "summary.md").read_text()
 

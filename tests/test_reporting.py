@@ -73,7 +73,13 @@ def test_environment_fields(monkeypatch):
 
 def test_git_info_outside_a_checkout(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("LAB_GIT_SHA", raising=False)
     assert results.git_info(tmp_path) is None
+
+
+def test_lab_git_sha_names_the_commit_of_a_copied_tree(monkeypatch):
+    monkeypatch.setenv("LAB_GIT_SHA", "0123abc")  # wins over the checkout's own .git
+    assert results.git_info() == {"sha": "0123abc", "dirty": None, "from": "LAB_GIT_SHA"}
 
 
 def test_nvidia_smi_parsing():
