@@ -75,8 +75,11 @@ def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens
     ids = torch.randint(0, config.vocab_size, (batch, prompt_len), device="cuda")
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     if kind == "compile":
-        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        # generate() compiles the decoding forward itself when the cache is static (transformers
+        # >= 4.50); compiling model.forward by hand as well made CUDA graphs overwrite outputs
+        # still in use ("accessing tensor output of CUDAGraphs that has been overwritten").
         kwargs["cache_implementation"] = "static"
+        kwargs["compile_config"] = transformers.CompileConfig(fullgraph=True, mode="reduce-overhead")
     first = time.perf_counter()
     with torch.no_grad():
         model.generate(ids, **kwargs)

@@ -4,7 +4,8 @@ Each mode runs the same workload on the same weights; `none` always runs too (th
 the comparison). Per mode: decode tokens/s, speedup over `none`, whether the tokens are exactly
 `none`'s, the host time per step the mode hid (`none`'s inter-token latency minus the mode's), and
 a trace with a track for the steps and one for the launches that run ahead of them. The device's
-idle time between steps needs device timestamps: `./profile_gpu.sh -m timeline -s overlap`.
+idle time between steps needs device timestamps: `./profile_gpu.sh -m timeline -s overlap`
+(its kernels.md and summary.json give the GPU idle fraction during each mode's decode steps).
 """
 
 from __future__ import annotations

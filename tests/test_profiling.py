@@ -288,3 +288,20 @@ def test_nsys_kernel_summary_is_parsed():
     stats = kernels.parse_nsys_kernel_summary(text)
     assert [(s.name, s.calls, s.total_ns, s.min_ns, s.max_ns) for s in stats] == [
         ("gemv", 3, 600.0, 100.0, 300.0), ("matmul", 1, 400.0, 400.0, 400.0)]
+
+
+def test_gpu_idle_during_decode_steps_is_measured_from_the_records():
+
+    host = Trace(origin_s=10.0)
+    host.process(1, "pipeline")
+    host.span(1, 1, "decode 0", 10.2, 10.3)
+    host.span(1, 1, "decode 1", 10.3, 10.4)
+    host.span(1, 1, "prefill 0", 10.0, 10.2)  # not a decode step: outside the windows
+    rows = timeline.device_idle_during_decode([(Path("trace.json"), host.to_dict())], synthetic_docs())
+    by_gpu = {r["device"]: r for r in rows}
+    assert set(by_gpu) == {0, 1} and all(r["host_track"] == "pipeline" and r["decode_steps"] == 2 for r in rows)
+    # GPU 0: two overlapping 50 us kernels from 10.2 s (their union, 90 us, counts once) and a 1 us copy
+    assert by_gpu[0]["decode_s"] == pytest.approx(0.2)
+    assert by_gpu[0]["busy_s"] == pytest.approx(91e-6)
+    assert by_gpu[0]["idle_fraction"] == pytest.approx(1 - 91e-6 / 0.2)
+    assert by_gpu[1]["busy_s"] == pytest.approx(20e-6)  # the worker's allreduce

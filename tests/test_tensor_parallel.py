@@ -94,11 +94,14 @@ def test_bad_tp_lists_are_refused_up_front(cache_dir, tmp_path, override, messag
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_verify_accepts_tp(cache_dir, tmp_path):
+@pytest.mark.parametrize("lm_head", ["replicated", "vocab_parallel"])
+def test_verify_accepts_tp(cache_dir, tmp_path, lm_head):
     out = tmp_path / "v"
-    proc = run_module("experiments.verify", "tp=2", "prompt_len=8", "decode_steps=6", cache_dir=cache_dir, out=out)
+    proc = run_module("experiments.verify", "tp=2", f"lm_head={lm_head}", "prompt_len=8", "decode_steps=6",
+                      cache_dir=cache_dir, out=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads((out / "results.json").read_text())["summary"]["greedy_tokens_identical"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"]["greedy_tokens_identical"] and results["config"]["lm_head"] == lm_head
 
 
 KILL_SCRIPT = textwrap.dedent("""

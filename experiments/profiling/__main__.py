@@ -268,6 +268,17 @@ class Profile:
                      f"{stats['flows']} launch arrows; merged with {len(host)} host trace(s)")
             for row in kernels.table_rows(kstats, 5):
                 self.say(f"  {row['share']:6.1%}  {row['total_ms']:10.3f} ms  {row['calls']:7d} x  {row['name'][:70]}")
+            idle = timeline.device_idle_during_decode(host, docs)
+            if idle:
+                self.summary["device_idle_during_decode"] = idle
+                sections.append(("GPU idle time during decode steps", (
+                    "Per host track with decode steps (a sweep point, an overlap mode) and GPU: the wall time of "
+                    "its decode steps, the time the GPU ran a kernel, copy or set inside them, and the rest as "
+                    "the idle fraction (host work and launch gaps the GPU waited through; tracing adds host "
+                    "time, so this is an upper bound).\n\n") + markdown.table(idle, timeline.IDLE_COLUMNS)))
+                for row in idle:
+                    self.say(f"  GPU {row['device']} idle during {row['host_track']}'s decode steps: "
+                             f"{row['idle_fraction']:.1%} of {row['decode_s'] * 1e3:.1f} ms")
         else:
             preface = (f"FALLBACK: no kernel-level records ({reason}). The trace holds the experiment's "
                        "host spans; below, per-step timings from them.")

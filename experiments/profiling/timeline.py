@@ -14,6 +14,7 @@ Every time is placed on the host clock (time.perf_counter) through each file's c
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
 from collections import defaultdict
@@ -281,6 +282,79 @@ def merged_document(host_traces: list[tuple[Path, dict]], extra: Trace, other_da
 
 def host_origin_candidates(host_traces) -> list[float]:
     return [float(d["otherData"]["origin_s"]) for _, d in host_traces if "origin_s" in d.get("otherData", {})]
+
+
+# --- device idle time during decode ---------------------------------------------------------------
+
+def decode_windows(host_traces: list[tuple[Path, dict]]) -> dict[str, list[tuple[float, float]]]:
+    """The host's decode-step spans ("decode N"), per host process name, in perf_counter seconds."""
+    windows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for _, doc in host_traces:
+        origin = doc.get("otherData", {}).get("origin_s")
+        if origin is None:
+            continue
+        events = doc.get("traceEvents", [])
+        names = {e["pid"]: str(e.get("args", {}).get("name")) for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+        for e in events:
+            if e.get("ph") == "X" and _STEP_INDEX.sub("", str(e["name"])) == "decode":
+                start = float(origin) + e["ts"] / 1e6
+                windows[names.get(e["pid"], str(e["pid"]))].append((start, start + e["dur"] / 1e6))
+    return dict(windows)
+
+
+def busy_intervals(docs: list[dict]) -> dict[int, list[tuple[float, float]]]:
+    """Per GPU, the union of the intervals in which a kernel, copy or set ran (host clock, sorted)."""
+    spans: dict[int, list[tuple[float, float]]] = defaultdict(list)
+    for doc in docs:
+        pairs = doc.get("clock", {}).get("pairs", [])
+        if not pairs:
+            continue
+        to_s = host_clock(pairs)
+        for r in doc.get("records", []):
+            if r["kind"] in DEVICE_KINDS:
+                spans[r.get("device_id", 0)].append((to_s(r["start_ns"]), to_s(r["end_ns"])))
+    merged = {}
+    for dev, items in spans.items():
+        out: list[list[float]] = []
+        for a, b in sorted(items):
+            if out and a <= out[-1][1]:
+                out[-1][1] = max(out[-1][1], b)
+            else:
+                out.append([a, b])
+        merged[dev] = [(a, b) for a, b in out]
+    return merged
+
+
+def busy_within(windows: list[tuple[float, float]], busy: list[tuple[float, float]]) -> float:
+    """Seconds of `busy` (sorted, disjoint) that fall inside `windows`."""
+    starts = [a for a, _ in busy]
+    total = 0.0
+    for lo, hi in windows:
+        i = max(bisect.bisect_right(starts, lo) - 1, 0)
+        while i < len(busy) and busy[i][0] < hi:
+            total += max(0.0, min(hi, busy[i][1]) - max(lo, busy[i][0]))
+            i += 1
+    return total
+
+
+def device_idle_during_decode(host_traces: list[tuple[Path, dict]], docs: list[dict]) -> list[dict]:
+    """Per host process with decode steps and per GPU: the decode steps' wall time, the time the GPU
+    ran anything inside them, and the idle fraction (1 - busy / wall)."""
+    busy = busy_intervals(docs)
+    rows = []
+    for track, windows in sorted(decode_windows(host_traces).items()):
+        wall = sum(b - a for a, b in windows)
+        for dev, intervals in sorted(busy.items()):
+            used = busy_within(windows, intervals)
+            rows.append({"host_track": track, "device": dev, "decode_steps": len(windows), "decode_s": wall,
+                         "busy_s": used, "idle_fraction": 1.0 - used / wall if wall > 0 else None})
+    return rows
+
+
+IDLE_COLUMNS = [("host_track", "host track", None), ("device", "GPU", None), ("decode_steps", "decode steps", None),
+                ("decode_s", "decode wall (s)", "{:.4f}"), ("busy_s", "GPU busy (s)", "{:.4f}"),
+                ("idle_fraction", "GPU idle", "{:.1%}")]
 
 
 # --- host step timings (the fallback) -------------------------------------------------------------
