@@ -88,21 +88,41 @@ class Generator:
         self.max_batch, self.max_total_len = max_batch, max_total_len
         self.prefill_chunk, self.page_size = prefill_chunk, page_size
         self.hooks = list(on_step)
-        self.kv = None
+        self._caches: list = []  # one paged KV cache per request group (usually one)
+        self._group_of: dict[int, int] = {}
         self._lengths: dict[int, int] = {}
 
-    def reset(self) -> None:
-        """An empty KV cache: the old sequences removed (their pages freed), the cache itself kept,
-        so that a generation's TTFT does not include allocating it (created on first use)."""
-        if self.kv is not None:
-            for sid in list(self._lengths):
-                self.session.remove_sequence(self.kv, sid)
-            self._lengths = {}
-            return
-        pages = -(-self.max_total_len // self.page_size)
-        capacity = self.max_batch * pages * self.page_size
-        self.kv = self.session.create_kv_cache(self.max_batch, capacity, self.prefill_chunk, self.page_size)
-        self._lengths = {}
+    def reset(self, groups: int = 1) -> None:
+        """Empty KV cache(s): the old sequences removed (their pages freed), the caches kept, so
+        that a generation's TTFT does not include allocating them (created on first use). With
+        `groups` > 1 the sequences are split over that many caches, each with its own per-step
+        attention metadata, so one group's step can be launched while another's runs."""
+        if len(self._caches) == groups:
+            for sid, g in self._group_of.items():
+                self.session.remove_sequence(self._caches[g], sid)
+        else:
+            self._caches = []  # free the old caches before allocating new ones
+            per = self._per_group(groups)
+            pages = -(-self.max_total_len // self.page_size)
+            self._caches = [self.session.create_kv_cache(per, per * pages * self.page_size, self.prefill_chunk,
+                                                         self.page_size) for _ in range(groups)]
+        self._group_of, self._lengths = {}, {}
+
+    def _per_group(self, groups: int) -> int:
+        return -(-self.max_batch // groups)
+
+    def _cache(self, seq_ids: Sequence[int]):
+        groups = {self._group_of[s] for s in seq_ids}
+        if len(groups) != 1:
+            raise ValueError(f"one forward pass takes sequences of one KV-cache group, got groups {sorted(groups)}")
+        return self._caches[groups.pop()]
+
+    def groups_of(self, seq_ids: Sequence[int]) -> list[list[int]]:
+        """`seq_ids` split by KV-cache group, in group order."""
+        by_group: dict[int, list[int]] = {}
+        for sid in seq_ids:
+            by_group.setdefault(self._group_of[sid], []).append(sid)
+        return [by_group[g] for g in sorted(by_group)]
 
     def _emit(self, timing: StepTiming) -> None:
         for hook in self.hooks:
@@ -118,24 +138,28 @@ class Generator:
             raise ConfigError(f"sequence {seq_id} would reach {total} tokens, over the KV cache's "
                               f"{self.max_total_len}; shorten the prompt or the number of new tokens")
 
-    def add_sequence(self, seq_id: int) -> None:
-        if self.kv is None:
+    def add_sequence(self, seq_id: int, group: int = 0) -> None:
+        if not self._caches:
             self.reset()
-        if len(self._lengths) >= self.max_batch:
+        if not 0 <= group < len(self._caches):
+            raise ConfigError(f"KV-cache group {group} does not exist (there are {len(self._caches)})")
+        per = self._per_group(len(self._caches))
+        if sum(1 for g in self._group_of.values() if g == group) >= per:
             raise ConfigError(f"the KV cache holds at most {self.max_batch} sequences")
-        self.session.add_sequence(self.kv, seq_id)
-        self._lengths[seq_id] = 0
+        self.session.add_sequence(self._caches[group], seq_id)
+        self._lengths[seq_id], self._group_of[seq_id] = 0, group
 
     def _begin(self, seq_ids: list[int], lengths: list[int]) -> None:
         for sid, n in zip(seq_ids, lengths):
             self._check_room(sid, n)
-        self.session.begin_forward(self.kv, seq_ids, lengths)
+        self.session.begin_forward(self._cache(seq_ids), seq_ids, lengths)
 
     def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int], begun: bool = False):
         if not begun:
             self._begin(seq_ids, lengths)
-        out = self.session.call(fn, ids, self.kv)
-        self.session.end_forward(self.kv)
+        kv = self._cache(seq_ids)
+        out = self.session.call(fn, ids, kv)
+        self.session.end_forward(kv)
         for sid, n in zip(seq_ids, lengths):
             self._lengths[sid] += n
         return out
@@ -199,12 +223,14 @@ class Generator:
         steps: list[StepTiming] = []
         self.hooks.append(steps.append)
         try:
-            self.reset()
+            # A scheduler may ask for the batch split over several KV caches (`kv_groups`).
+            groups = max(1, min(int(getattr(scheduler, "kv_groups", 1)), len(prompts)))
+            self.reset(groups)
             seq_ids = list(range(len(prompts)))
             first: list[int] = []
             for sid, prompt in zip(seq_ids, prompts):
                 self._check_room(sid, len(prompt) + max_new_tokens - 1)
-                self.add_sequence(sid)
+                self.add_sequence(sid, sid * groups // len(prompts))
                 first.append(self.prefill(sid, prompt)[0])
             out = [[t] for t in first]
             if max_new_tokens > 1:

@@ -68,6 +68,8 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                                     bandwidth and bandwidth["bytes_per_s"], bar, scheduler=scheduler)
             if point.ok and scheduler is not None:
                 point.summary["token_reader"] = scheduler.reader_kind
+                if scheduler.note:  # the mode could not apply as such (e.g. double_buffer at batch 1)
+                    point.summary["note"] = scheduler.note
             points.append(point)
     base = points[0]
     for p in points:
@@ -83,9 +85,13 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "ids through a pinned buffer and a copy stream (CUDA VM sessions). `pipeline` launches step t+1 from "
              "step t's device-resident tokens and does step t's bookkeeping while step t+1 computes; on a GPU it "
              "waits for step t before launching t+1, because TVM 0.27's paged KV cache refreshes one device buffer "
-             "of attention metadata per step on its own copy stream (docs/ARCHITECTURE.md). Not implemented: "
+             "of attention metadata per step on its own copy stream (docs/ARCHITECTURE.md). `double_buffer` splits "
+             "the batch into two request groups with a KV cache each and interleaves their steps, so one group's "
+             "next step is launched while the other's runs (at batch 1 it runs as pipeline and says so). "
+             "Not implemented: "
              + "; ".join(f"{m} ({why})" for m, why in stream_overlap.PLANNED.items()) + ".")
-    rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens")} for p in points}
+    rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens", "note")}
+                  for p in points}
     status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
                           columns=COLUMNS, sections=[("Method", notes)], summary_extra={"comparison": rows_extra},
                           extra={"bandwidth": bandwidth})

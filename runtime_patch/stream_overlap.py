@@ -27,8 +27,14 @@ would let that copy overwrite metadata step t's later layers read (see docs/ARCH
 On CPU sessions the step runs synchronously in the call, and a host thread reads step t's tokens
 while step t+1 runs.
 
-Not in this version: `double_buffer` and `full_overlap` (see PLANNED for why; `experiments.overlap`
-reports them as not implemented rather than running `none`).
+- `double_buffer`: the batch is split into two request groups (micro-batches), each in a KV cache
+  of its own, so each group has its own metadata buffers (the ping-pong set): while group B's step
+  t runs, the host reads group A's step t and launches A's step t+1 behind it, then the same for
+  B. The device always has the other group's step queued. At batch 1 there is one group: the mode
+  runs as `pipeline` and says so (`note`).
+
+Not in this version: `full_overlap` (see PLANNED for why; `experiments.overlap` reports it as not
+implemented rather than running `none`).
 """
 
 from __future__ import annotations
@@ -38,10 +44,8 @@ import time
 
 import numpy as np
 
-MODES = ("none", "prefetch", "pipeline")
+MODES = ("none", "prefetch", "pipeline", "double_buffer")
 PLANNED = {
-    "double_buffer": "needs a second set of the KV cache's attention-metadata buffers (TVM 0.27 has one per "
-                     "cache), so that step t+1 can launch while step t runs",
     "full_overlap": "needs the CCL to issue collectives on a communication stream of their own (TVM's NCCL CCL "
                     "uses the compute stream) and a decode function that interleaves two micro-batches layer by layer",
 }
@@ -81,6 +85,7 @@ class PipelineDecode:
 
     def __init__(self):
         self.reader_kind: str | None = None
+        self.note: str | None = None
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         reader = _Reader(gen.session)
@@ -112,6 +117,49 @@ class PipelineDecode:
         finally:
             reader.close()
         return out
+
+
+class DoubleBufferDecode:
+    """Two request groups in two KV caches, their steps interleaved (see the module doc)."""
+
+    name = "double_buffer"
+    kv_groups = 2
+
+    def __init__(self):
+        self.reader_kind: str | None = "same thread, one group while the other runs"
+        self.note: str | None = None
+
+    def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        groups = gen.groups_of(seq_ids)
+        if len(groups) < 2:
+            self.note = "batch 1: a single request group, so double_buffer ran as pipeline"
+            pipeline = PipelineDecode()
+            out = pipeline.run(gen, seq_ids, first, steps)
+            self.reader_kind = pipeline.reader_kind
+            return out
+        first_of = dict(zip(seq_ids, first))
+        out: dict[int, list[int]] = {sid: [] for sid in seq_ids}
+        b = len(seq_ids)
+        t0 = time.perf_counter()
+        pending = [gen.launch(g, np.asarray([first_of[s] for s in g], dtype=np.int32).reshape(len(g), 1))[0]
+                   for g in groups]
+        gen.record("launch", 0, t0, time.perf_counter(), b)
+        previous = t0
+        for step in range(steps):
+            more = step + 1 < steps
+            for i, group in enumerate(groups):
+                tokens = _as_list(gen.session.to_numpy(pending[i]))  # this group's step; the other's runs
+                if more:  # this group's cache is free again: its next step goes behind the other's
+                    t0 = time.perf_counter()
+                    gen.begin_decode(group)
+                    pending[i] = gen.launch(group, gen.next_input(pending[i]), begun=True)[0]
+                    gen.record("launch", step + 1, t0, time.perf_counter(), len(group))
+                for sid, t in zip(group, tokens):
+                    out[sid].append(t)
+            now = time.perf_counter()
+            gen.record("decode", step, previous, now, b)
+            previous = now
+        return [out[sid] for sid in seq_ids]
 
 
 class _PinnedStaging:
@@ -173,6 +221,7 @@ class PrefetchDecode:
 
     def __init__(self):
         self.reader_kind: str | None = None
+        self.note: str | None = None
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         staging = _staging(gen.session, len(seq_ids))
@@ -202,6 +251,8 @@ def install(mode: str):
         return PipelineDecode()
     if mode == "prefetch":
         return PrefetchDecode()
+    if mode == "double_buffer":
+        return DoubleBufferDecode()
     if mode in PLANNED:
         raise NotImplementedError(f"overlap mode {mode!r} is not implemented in this version: {PLANNED[mode]}")
     raise ValueError(f"unknown overlap mode {mode!r}; choose one of: {', '.join(MODES + tuple(PLANNED))}")
