@@ -77,7 +77,7 @@ class BuildSpec:
         payload = json.dumps({
             "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
             "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
-            "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head,
+            "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head_layout,
             "tvm": tvm.__version__, "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"), "engine": source.hexdigest(),
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -217,7 +217,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
             if spec.target == "cuda" else 0
         metadata = {
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
-            "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head,
+            "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head_layout,
             "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
             "precompiled_cubins": precompiled, "pass_config": config,

@@ -149,15 +149,16 @@ class Generator:
         self.session.add_sequence(self._caches[group], seq_id)
         self._lengths[seq_id], self._group_of[seq_id] = 0, group
 
-    def _begin(self, seq_ids: list[int], lengths: list[int]) -> None:
+    def _begin(self, seq_ids: list[int], lengths: list[int]):
+        """begin_forward on the sequences' KV cache; returns that cache."""
         for sid, n in zip(seq_ids, lengths):
             self._check_room(sid, n)
-        self.session.begin_forward(self._cache(seq_ids), seq_ids, lengths)
+        kv = self._cache(seq_ids)
+        self.session.begin_forward(kv, seq_ids, lengths)
+        return kv
 
     def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int], begun: bool = False):
-        if not begun:
-            self._begin(seq_ids, lengths)
-        kv = self._cache(seq_ids)
+        kv = self._cache(seq_ids) if begun else self._begin(seq_ids, lengths)
         out = self.session.call(fn, ids, kv)
         self.session.end_forward(kv)
         for sid, n in zip(seq_ids, lengths):

@@ -87,6 +87,11 @@ class ShardPlan:
         return self.lm_head == "vocab_parallel" and self.tp > 1
 
     @property
+    def lm_head_layout(self) -> str:
+        """The layout in effect: at tp=1 there is only the replicated one."""
+        return "vocab_parallel" if self.vocab_parallel else "replicated"
+
+    @property
     def vocab(self) -> int:
         """LM head rows per rank."""
         return self.config.vocab_size // self.tp if self.vocab_parallel else self.config.vocab_size

@@ -80,8 +80,7 @@ def cache_dir(cfg) -> Path:
 
 
 def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:
-    lm_head = (cfg.get("lm_head") or "replicated") if tp > 1 else "replicated"  # one layout at tp=1
-    spec = BuildSpec(config, quant, tp, target, arch, lm_head=lm_head)
+    spec = BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated")
     return compile_model(spec, cache_dir(cfg))
 
 

@@ -80,12 +80,19 @@ def _as_list(tokens) -> list[int]:
     return np.asarray(tokens).astype(np.int64).reshape(-1).tolist()
 
 
-class PipelineDecode:
-    name = "pipeline"
+class _Scheduler:
+    """What `experiments.overlap` reads from a scheduler after a run: how tokens were read or
+    staged (`reader_kind`), and a note where the mode could not apply as such."""
+
+    name = ""
 
     def __init__(self):
         self.reader_kind: str | None = None
         self.note: str | None = None
+
+
+class PipelineDecode(_Scheduler):
+    name = "pipeline"
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         reader = _Reader(gen.session)
@@ -119,18 +126,15 @@ class PipelineDecode:
         return out
 
 
-class DoubleBufferDecode:
+class DoubleBufferDecode(_Scheduler):
     """Two request groups in two KV caches, their steps interleaved (see the module doc)."""
 
     name = "double_buffer"
     kv_groups = 2
 
-    def __init__(self):
-        self.reader_kind: str | None = "same thread, one group while the other runs"
-        self.note: str | None = None
-
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         groups = gen.groups_of(seq_ids)
+        self.reader_kind = "same thread, one group while the other runs"
         if len(groups) < 2:
             self.note = "batch 1: a single request group, so double_buffer ran as pipeline"
             pipeline = PipelineDecode()
@@ -216,12 +220,8 @@ def _staging(session, batch: int):
     return _HostStaging(batch)
 
 
-class PrefetchDecode:
+class PrefetchDecode(_Scheduler):
     name = "prefetch"
-
-    def __init__(self):
-        self.reader_kind: str | None = None
-        self.note: str | None = None
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         staging = _staging(gen.session, len(seq_ids))

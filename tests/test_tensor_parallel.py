@@ -62,6 +62,10 @@ def test_vocab_parallel_head_is_refused_where_it_cannot_apply(compiled, gqa_conf
         compiled(gqa_config, "q0f32", 2, lm_head="vocab_parallel")
     with pytest.raises(ConfigError, match="unknown lm_head layout 'rows'"):
         compiled(tiny_config, "q0f32", 2, lm_head="rows")
+    from engine.compile import BuildSpec
+
+    # at tp=1 there is one layout: both names build (and cache) the same artifact
+    assert BuildSpec(tiny_config, "q0f32", 1, lm_head="vocab_parallel").key() == BuildSpec(tiny_config, "q0f32", 1).key()
 
 
 def run_module(module, *overrides, cache_dir, out, timeout=900):
