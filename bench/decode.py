@@ -40,10 +40,14 @@ from experiments.results import atomic_write_text  # noqa: E402
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
-    matches = sorted(root.glob(f"{spec.config.name}-{spec.quant}-tp{spec.tp}-{spec.target}-*"))
-    if not matches:
-        raise SystemExit(f"no artifact for {spec.folder_name()} under {root}: run python -m bench.build_artifacts")
-    return Artifact.load(matches[-1])
+    """An artifact under `root` built for `spec`'s model, quant, tp, target and prefill GEMM (its
+    key may differ: the box has no compiler to check it with)."""
+    for path in sorted(root.glob(f"{spec.config.name}-{spec.quant}-tp{spec.tp}-{spec.target}-*"), reverse=True):
+        artifact = Artifact.load(path)
+        if artifact.metadata.get("prefill_gemm", "tir") == spec.prefill_gemm:
+            return artifact
+    raise SystemExit(f"no artifact for {spec.folder_name()} (prefill_gemm={spec.prefill_gemm}) under {root}: "
+                     f"run python -m bench.build_artifacts --prefill-gemms {spec.prefill_gemm}")
 
 
 def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
@@ -124,6 +128,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
+    ap.add_argument("--prefill-gemms", default="library",
+                    help="comma list of library (cuBLAS), tir: the engine runs once per artifact")
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
@@ -139,8 +145,8 @@ def main() -> None:
     record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
               "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
               "bandwidth": bandwidth, "engine": [], "peers": []}
-    for quant in args.quants.split(","):
-        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90"))
+    for quant, prefill_gemm in [(q, g) for q in args.quants.split(",") for g in args.prefill_gemms.split(",")]:
+        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90", prefill_gemm=prefill_gemm))
         source = open_source(config, None, seed=0, backend="torch", device="cuda:0")
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
@@ -150,10 +156,11 @@ def main() -> None:
                 r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
                 context = prompt + args.new_tokens / 2
                 per_step = measure.decode_bytes_per_step(artifact.metadata, session.weight_bytes, batch, context)
-                r.update(quant=quant, prompt=prompt, batch=batch, load_s=load_s, bytes_per_step=per_step,
+                r.update(quant=quant, prefill_gemm=prefill_gemm, prompt=prompt, batch=batch, load_s=load_s,
+                         bytes_per_step=per_step,
                          roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
                                                                    r["step_s"]["p50"]))
-                print(f"{quant} prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
+                print(f"{quant} ({prefill_gemm} prefill) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
                       f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
                       f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
                 record["engine"].append(r)

@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 
+# How the prefill functions multiply (engine.model): TVM's own TIR matmuls, or the library GEMM
+# of runtime_patch.gemm (cuBLAS on CUDA).
+PREFILL_GEMMS = ("tir", "library")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; the message says how to fix it."""
 

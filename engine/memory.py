@@ -30,17 +30,22 @@ def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int, lm_head: str = "
 
 
 def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_total_len: int,
-            prefill_chunk: int, page_size: int = 16, lm_head: str = "replicated") -> dict[str, int]:
+            prefill_chunk: int, page_size: int = 16, lm_head: str = "replicated",
+            prefill_gemm: str = "tir") -> dict[str, int]:
     """Per-rank bytes: weights (exact), KV cache (the pages `Generator` allocates: every sequence
-    at max_total_len), workspace (an estimate: the largest activations of a prefill chunk and the
-    float32 logits of a decode batch)."""
-    plan, c = ShardPlan(config, tp), config
+    at max_total_len), workspace (an estimate: the largest activations of a prefill chunk, the
+    float32 logits of a decode batch and, for a quantized model with the library prefill GEMM,
+    the largest weight matrix dequantized to fp16)."""
+    plan, c = ShardPlan(config, tp, lm_head), config
     act = np.dtype(spec.model_dtype).itemsize
     pages = max_batch * -(-max_total_len // page_size)
     kv = 2 * c.num_hidden_layers * plan.kv_heads * c.head_dim * act * pages * page_size
     tokens = max(prefill_chunk, max_batch)
     widest = max((plan.q_heads + 2 * plan.kv_heads) * c.head_dim, 2 * plan.intermediate, c.hidden_size)
     workspace = tokens * (3 * c.hidden_size + widest) * 4 + max_batch * c.vocab_size * 4 * 2
+    if spec.quantized and prefill_gemm == "library":
+        # the largest matrix dequantized to fp16: in prefill_logits, the LM head's
+        workspace += max(widest, plan.vocab) * c.hidden_size * act
     weights = weight_bytes(config, spec, tp, lm_head)
     return {"weights": weights, "kv_cache": kv, "workspace": workspace, "total": weights + kv + workspace}
 

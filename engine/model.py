@@ -7,17 +7,25 @@ Exported functions (parameters packed into one tuple argument, as MLC does):
   batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
   create_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window) -> kv
 Greedy sampling (argmax) happens on the device; logits stay there unless read.
+
+With `prefill_gemm="library"` the linears of the prefill functions (many rows) call the library
+GEMM `lab.gemm.nt` (runtime_patch.gemm: cuBLAS on CUDA) instead of a TIR matmul; a quantized
+weight is first dequantized by a TIR kernel. `decode` (batch 1) computes quantized weights in
+float32 inside its GEMV kernels; `batch_decode` and TIR prefills dequantize them to fp16 in a
+producer stage, which tensor-core matmuls can use.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from tvm import relax, te, topi
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from .config import ModelConfig
-from .quantize import GROUP_SIZE, QuantSpec, te_embedding, te_linear
+from .config import PREFILL_GEMMS, ModelConfig
+from .quantize import GROUP_SIZE, QuantSpec, te_dequantize, te_embedding, te_linear
 from .sharding import ShardPlan
 
 
@@ -28,8 +36,36 @@ def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parame
             "q_scale": nn.Parameter((rows, cols // GROUP_SIZE), "float16")}
 
 
+LIBRARY_GEMM = "lab.gemm.nt"
+
+
+class _GemmChoice:
+    """Shared by every Linear of a model: which function is being traced. In a prefill with the
+    library GEMM, the linears call it; in the batch-1 decode they compute quantized weights in
+    float32 inside the GEMV; elsewhere a quantized weight goes through an fp16 producer stage
+    that tensor-core matmuls can use (engine.quantize.te_linear)."""
+
+    def __init__(self, library_in_prefill: bool):
+        self.library_in_prefill, self.mode = library_in_prefill, None
+
+    @contextlib.contextmanager
+    def tracing(self, mode: str):
+        self.mode = mode
+        try:
+            yield
+        finally:
+            self.mode = None
+
+    @property
+    def library(self) -> bool:
+        return self.mode == "prefill" and self.library_in_prefill
+
+
 class Linear(nn.Module):
-    """y = x W^T, W [out, in], (de)quantized inline in the reduction."""
+    """y = x W^T, W [out, in], (de)quantized inline in the reduction (or by a kernel of its own
+    before a library GEMM)."""
+
+    gemm: _GemmChoice | None = None  # set on every Linear by LlamaForCausalLM
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec, out_dtype: str | None = None):
         self.spec = spec
@@ -41,7 +77,16 @@ class Linear(nn.Module):
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
     def forward(self, x: Tensor) -> Tensor:
-        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype), "linear", [x, *self._weights()])
+        if self.gemm is not None and self.gemm.library:
+            return self._library_gemm(x)
+        fp16_weights = self.gemm is None or self.gemm.mode != "decode"
+        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, fp16_weights), "linear", [x, *self._weights()])
+
+    def _library_gemm(self, x: Tensor) -> Tensor:
+        w = self.weight if not self.spec.quantized else \
+            op.tensor_expr_op(te_dequantize(self.spec), "dequantize", self._weights())
+        out = Tensor.placeholder([*x.shape[:-1], w.shape[0]], self.out_dtype)
+        return op.extern(LIBRARY_GEMM, [x, w], out)
 
 
 class Embedding(Linear):
@@ -54,7 +99,8 @@ class Embedding(Linear):
         return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
     def lm_head(self, x: Tensor) -> Tensor:
-        return op.tensor_expr_op(te_linear(self.spec, "float32"), "lm_head", [x, *self._weights()])
+        fp16_weights = self.gemm is None or self.gemm.mode != "decode"
+        return op.tensor_expr_op(te_linear(self.spec, "float32", fp16_weights), "lm_head", [x, *self._weights()])
 
 
 class Attention(nn.Module):
@@ -115,13 +161,20 @@ def _argmax_last(logits: Tensor) -> Tensor:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated"):
+    def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated",
+                 prefill_gemm: str = "tir"):
+        if prefill_gemm not in PREFILL_GEMMS:
+            raise ValueError(f"prefill_gemm must be one of {PREFILL_GEMMS}, got {prefill_gemm!r}")
         self.config, self.spec, self.target = config, spec, target
         self.plan = ShardPlan(config, tp, lm_head)
         self.plan.check_quant(spec)
         self.model = LlamaModel(config, self.plan, spec)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, self.plan.vocab, spec, out_dtype="float32")
+        self._gemm = _GemmChoice(prefill_gemm == "library")
+        for module in _submodules(self):
+            if isinstance(module, Linear):
+                module.gemm = self._gemm
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """[n, hidden] -> float32 logits [n, vocab] on every rank."""
@@ -142,22 +195,27 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
-        hidden = self.model(self._embed(input_ids), kv)
-        logits = self._logits(_take_last(hidden))
+        with self._gemm.tracing("prefill"):
+            hidden = self.model(self._embed(input_ids), kv)
+        with self._gemm.tracing("decode"):  # one row: the GEMV
+            logits = self._logits(_take_last(hidden))
         return _argmax_last(logits), logits, kv
 
     def prefill_logits(self, input_ids: Tensor, kv: PagedKVCache):
-        hidden = self.model(self._embed(input_ids), kv)
-        _, s, h = hidden.shape
-        return self._logits(op.reshape(hidden, (s, h))), kv
+        with self._gemm.tracing("prefill"):
+            hidden = self.model(self._embed(input_ids), kv)
+            _, s, h = hidden.shape
+            return self._logits(op.reshape(hidden, (s, h))), kv
 
     def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        with self._gemm.tracing("decode"):
+            return self.batch_decode(input_ids, kv)
+
+    def batch_decode(self, input_ids: Tensor, kv: PagedKVCache):
         hidden = self.model(self._embed(input_ids), kv)
         b, _, h = hidden.shape
         logits = self._logits(op.reshape(hidden, (b, h)))
         return _argmax_last(logits), logits, kv
-
-    batch_decode = decode
 
     def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                         support_sliding_window) -> PagedKVCache:
@@ -203,6 +261,15 @@ class LlamaForCausalLM(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }, self)
+
+
+def _submodules(module: nn.Module):
+    for value in vars(module).values():
+        children = value if isinstance(value, nn.ModuleList) else [value]
+        for child in children:
+            if isinstance(child, nn.Module):
+                yield child
+                yield from _submodules(child)
 
 
 def _take_last(hidden: Tensor) -> Tensor:

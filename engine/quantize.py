@@ -111,8 +111,15 @@ def dequantize(packed: np.ndarray, scale: np.ndarray, spec: QuantSpec) -> np.nda
 
 # ---- TVM tensor expressions (dequantize fused into the consumer) ------------------------------
 
+# float32 bits 0x4B000000 | q (q < 2^23) are the float 2^23 + q: an OR and a subtraction turn the
+# unsigned integer q into a float, where a conversion instruction would be slower (decode GEMVs of
+# int4 weights are bound by instructions per weight, not by memory).
+_FLOAT_2P23_BITS = 0x4B000000
+
+
 def _te_weight_value(spec: QuantSpec, weight, n, k):
-    """The dequantized weight w[n, k] as an expression; `weight` is a tuple of te tensors."""
+    """The dequantized weight w[n, k] in float32, exactly (q - max_int) * scale; `weight` is a
+    tuple of te tensors."""
     from tvm import tirx
 
     if not spec.quantized:
@@ -121,34 +128,50 @@ def _te_weight_value(spec: QuantSpec, weight, n, k):
     word = packed[n, k // spec.per_word]
     shift = (k % spec.per_word).astype("uint32") * tirx.const(spec.bits, "uint32")
     q = tirx.bitwise_and(tirx.shift_right(word, shift), tirx.const((1 << spec.bits) - 1, "uint32"))
-    return (q.astype("float32") - float(spec.max_int)) * scale[n, k // GROUP_SIZE].astype("float32")
+    as_float = tirx.reinterpret("float32", tirx.bitwise_or(q, tirx.const(_FLOAT_2P23_BITS, "uint32")))
+    return (as_float - float(2**23 + spec.max_int)) * scale[n, k // GROUP_SIZE].astype("float32")
 
 
-def te_linear(spec: QuantSpec, out_dtype: str):
-    """x[..., K] @ W[N, K]^T; accumulates in float32. A quantized W is dequantized to the model
-    dtype by a producer stage of the same kernel: dlight's GEMV schedule inlines it into the
-    weight loads, and its tensor-core matmul sees an fp16 x fp16 product it can tensorize."""
+def te_linear(spec: QuantSpec, out_dtype: str, fp16_weights: bool = True):
+    """x[..., K] @ W[N, K]^T; accumulates in float32. With `fp16_weights` a quantized W is
+    dequantized to the model dtype by a producer stage of the same kernel, so that dlight's
+    tensor-core matmul sees an fp16 x fp16 product it can tensorize (prefill, batched decode);
+    without, the float32 weight value is computed inside the reduction (the batch-1 GEMV: two
+    conversions per weight fewer)."""
     from tvm import te
 
     def compute(x, *weight):
         k_in = x.shape[-1]
-        if spec.quantized:
+        if spec.quantized and fp16_weights:
             n_out = weight[0].shape[0]
             w = te.compute((n_out, k_in), lambda n, k: _te_weight_value(spec, weight, n, k).astype(spec.model_dtype),
                            name="dequantize")
+            value = lambda n, k: w[n, k].astype("float32")  # noqa: E731
         else:
-            w = weight[0]
-            n_out = w.shape[0]
+            n_out = weight[0].shape[0]
+            value = lambda n, k: _te_weight_value(spec, weight, n, k)  # noqa: E731
         k = te.reduce_axis((0, k_in), name="k")
 
         def body(*idx):
             *lead, n = idx
-            return te.sum(x[(*lead, k)].astype("float32") * w[n, k].astype("float32"), axis=k)
+            return te.sum(x[(*lead, k)].astype("float32") * value(n, k), axis=k)
 
         acc = te.compute((*x.shape[:-1], n_out), body, name="linear_acc")
         if out_dtype == "float32":
             return acc
         return te.compute(acc.shape, lambda *i: acc[i].astype(out_dtype), name="linear_out")
+
+    return compute
+
+
+def te_dequantize(spec: QuantSpec):
+    """The whole weight W[N, K], dequantized to the model dtype (for a library GEMM)."""
+    from tvm import te
+
+    def compute(*weight):
+        n_out, k_in = weight[0].shape[0], weight[0].shape[1] * spec.per_word
+        return te.compute((n_out, k_in), lambda n, k: _te_weight_value(spec, weight, n, k).astype(spec.model_dtype),
+                          name="dequantize")
 
     return compute
 

@@ -8,8 +8,17 @@ from .config import ConfigError
 
 
 def check_target(spec, artifact_dir=None) -> None:
-    """Before loading a cuda artifact: the kernel compile callback (using the artifact's
-    precompiled cubins when it has them) and the GPU architecture check."""
+    """Before loading an artifact: the library GEMM its prefill calls (if any); for cuda, the
+    kernel compile callback (using the artifact's precompiled cubins when it has them) and the
+    GPU architecture check."""
+    if spec.prefill_gemm == "library":
+        from runtime_patch import gemm
+        from runtime_patch.ccl import CCLBuildError
+
+        try:
+            gemm.register(spec.target)
+        except CCLBuildError as err:
+            raise ConfigError(str(err)) from None
     if spec.target != "cuda":
         return
     from runtime_patch import bootstrap

@@ -79,9 +79,13 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
 
 
+def build_spec(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> BuildSpec:
+    return BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated",
+                     prefill_gemm=(cfg.get("device") or {}).get("prefill_gemm") or "auto")
+
+
 def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:
-    spec = BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated")
-    return compile_model(spec, cache_dir(cfg))
+    return compile_model(build_spec(config, quant, tp, target, arch, cfg), cache_dir(cfg))
 
 
 def open_session(artifact: Artifact, source: TensorSource):

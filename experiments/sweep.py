@@ -9,7 +9,6 @@ import traceback
 from engine import memory
 from engine.config import ConfigError, ModelConfig
 from engine.generate import Generator
-from engine.quantize import quant_spec
 
 from . import common, device_probe, measure
 from .report import Point
@@ -36,8 +35,9 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
     point = Point(label, params)
     session = None
     try:
-        prediction = memory.predict(config, quant_spec(quant), tp, w.batch, w.prompt_len + w.new_tokens,
-                                    min(w.prompt_len, 2048), lm_head=cfg.get("lm_head") or "replicated")
+        spec = common.build_spec(config, quant, tp, target, arch, cfg)
+        prediction = memory.predict(config, spec.quant_spec, tp, w.batch, w.prompt_len + w.new_tokens,
+                                    min(w.prompt_len, 2048), lm_head=spec.lm_head, prefill_gemm=spec.prefill_gemm)
         point.summary["memory_predicted_bytes"] = prediction
         if target == "cuda":
             import tvm

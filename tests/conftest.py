@@ -56,7 +56,9 @@ def compiled(cache_dir):
     """compiled(config, quant, tp=1) -> Artifact, compiled once per session."""
     from engine.compile import BuildSpec, compile_model
 
-    def get(config, quant: str, tp: int = 1, target: str = "llvm", lm_head: str = "replicated"):
-        return compile_model(BuildSpec(config, quant, tp, target, lm_head=lm_head), cache_dir)
+    def get(config, quant: str, tp: int = 1, target: str = "llvm", lm_head: str = "replicated",
+            prefill_gemm: str = "auto"):
+        return compile_model(BuildSpec(config, quant, tp, target, lm_head=lm_head, prefill_gemm=prefill_gemm),
+                             cache_dir)
 
     return get

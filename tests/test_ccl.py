@@ -309,3 +309,25 @@ def test_nccl_plugin_compiles(tmp_path, monkeypatch):
     for fn in ("init_ccl", "init_ccl_per_worker", "allreduce", "allgather", "broadcast_from_worker0"):
         assert f"runtime.disco.nccl.{fn}".encode() in blob
     assert {p.name for p in tmp_path.iterdir()} == {path.name, path.with_suffix(".json").name}  # no temp left
+
+
+def test_cublas_plugin_missing_cublas_names_the_fix(monkeypatch):
+    from runtime_patch.ccl import build as b
+
+    monkeypatch.delenv("CUBLAS_HOME", raising=False)
+    monkeypatch.setattr(b, "_package_dir", lambda name: None if name.startswith("nvidia") else b._package_dir(name))
+    monkeypatch.setattr(b, "_cuda_home", lambda: (_ for _ in ()).throw(CCLBuildError("no CUDA")))
+    with pytest.raises(CCLBuildError, match="pip install nvidia-cublas.*prefill_gemm=tir"):
+        b._cublas_dirs()
+
+
+def test_cublas_plugin_compiles_where_cublas_is(tmp_path, monkeypatch):
+    from runtime_patch.ccl import build as b
+
+    try:
+        b._cublas_dirs(), b._cuda_home()
+    except CCLBuildError as e:
+        pytest.skip(f"cannot build the cublas_gemm plugin here: {e}")
+    monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
+    path = build("cublas_gemm")
+    assert b"lab.gemm.nt" in path.read_bytes()

@@ -140,3 +140,15 @@ def test_a_model_that_cannot_fit_is_refused_with_the_numbers():
     with pytest.raises(ConfigError, match=r"needs about 1\d\d\.\d GiB per device .* use a larger tp"):
         memory.check_fits(prediction, 80 * 2**30, "llama3-70b q0f16 tp=1")
     memory.check_fits(memory.predict(preset("llama3-70b"), quant_spec("q4f16_1"), 4, 1, 4096, 2048), 80 * 2**30, "ok")
+
+
+def test_library_prefill_of_a_quantized_model_predicts_the_dequantized_weight():
+    from engine import memory
+    from engine.config import preset
+
+    c = preset("llama3-8b")
+    tir = memory.predict(c, quant_spec("q4f16_1"), 1, 1, 2048, 1024)
+    library = memory.predict(c, quant_spec("q4f16_1"), 1, 1, 2048, 1024, prefill_gemm="library")
+    assert library["workspace"] - tir["workspace"] == c.vocab_size * c.hidden_size * 2  # the LM head in fp16
+    fp16 = quant_spec("q0f16")
+    assert memory.predict(c, fp16, 1, 1, 2048, 1024, prefill_gemm="library") == memory.predict(c, fp16, 1, 1, 2048, 1024)

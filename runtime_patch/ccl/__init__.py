@@ -310,10 +310,10 @@ def start_session(num_workers: int, ccl: str = "cpu_shm", device_ids: Sequence[i
     nccl; unused by cpu_shm). The session's `sync_worker_0()` and `_sync_all()` raise CCLError
     once the group has failed; `shutdown()` stops the workers.
     """
-    from .build import PLUGINS, load
+    from .build import CCLS, load
 
-    if ccl not in PLUGINS:
-        raise ValueError(f"unknown CCL {ccl!r}; choose one of {PLUGINS}")
+    if ccl not in CCLS:
+        raise ValueError(f"unknown CCL {ccl!r}; choose one of {CCLS}")
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     device_ids = list(range(num_workers)) if device_ids is None else [int(d) for d in device_ids]

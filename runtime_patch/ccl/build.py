@@ -1,4 +1,5 @@
-"""Build and load the CCL plugins that TVM disco needs: `cpu_shm` (ours) and `nccl`.
+"""Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`,
+and `cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill, see runtime_patch.gemm).
 
 A plugin is a shared library whose static initialisers register the globals
 `runtime.disco.<ccl>.*`. `build(name)` compiles it with g++ into a cache dir, keyed by a hash of
@@ -24,7 +25,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-PLUGINS = ("cpu_shm", "nccl")
+CCLS = ("cpu_shm", "nccl")
+PLUGINS = (*CCLS, "cublas_gemm")
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _STUBS = _HERE / "nccl_stubs"
@@ -111,6 +113,33 @@ def _cuda_home() -> Path:
     raise CCLBuildError("CUDA toolkit not found (nvcc, cuda_runtime.h): install it, or set CUDA_HOME")
 
 
+def _cublas_dirs() -> tuple[Path, Path]:
+    """(include dir, lib dir) of cuBLAS: $CUBLAS_HOME, the CUDA toolkit, or the nvidia-cublas wheel
+    (cu13 layout nvidia/cu13, cu12 layout nvidia/cublas)."""
+    candidates = []
+    if os.environ.get("CUBLAS_HOME"):
+        home = Path(os.environ["CUBLAS_HOME"])
+        candidates += [(home / "include", home / sub) for sub in ("lib64", "lib")]
+    try:
+        home = _cuda_home()
+        candidates += [(home / "include", home / sub) for sub in ("lib64", "lib", "targets/x86_64-linux/lib")]
+    except CCLBuildError:
+        pass
+    for pkg_name in ("nvidia.cu13", "nvidia.cublas"):
+        pkg = _package_dir(pkg_name)
+        if pkg is not None:
+            candidates.append((pkg / "include", pkg / "lib"))
+    for inc, lib in candidates:
+        if (inc / "cublas_v2.h").is_file() and any(lib.glob("libcublas.so*")):
+            return inc, lib
+    raise CCLBuildError("cuBLAS not found (cublas_v2.h, libcublas.so): install the CUDA toolkit or "
+                        "pip install nvidia-cublas, or set CUBLAS_HOME; or build with prefill_gemm=tir")
+
+
+def _cublas_lib_flag(lib: Path) -> str:
+    return "-lcublas" if (lib / "libcublas.so").exists() else f"-l:{sorted(lib.glob('libcublas.so.*'))[0].name}"
+
+
 def _cuda_lib_dir(home: Path) -> Path:
     for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
         if (home / sub / "libcudart.so").exists():
@@ -186,6 +215,17 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
             cuda = _cuda_home()
             r.include_dirs = [*_tvm_include_dirs(), nccl_inc, cuda / "include"]
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, _cuda_lib_dir(cuda)]
+        return r
+    if name == "cublas_gemm":
+        src = _HERE.parent / "gemm" / "cublas_gemm.cc"
+        r = _Recipe(name, [src], [src], list(_COMMON_FLAGS), libs=["-ltvm_ffi", "-lcudart"])
+        if for_build:
+            cublas_inc, cublas_lib = _cublas_dirs()
+            cuda = _cuda_home()
+            ffi = _ffi_dir()
+            r.include_dirs = [ffi / "include", ffi / "3rdparty" / "dlpack" / "include", cublas_inc, cuda / "include"]
+            r.lib_dirs = [ffi / "lib", cublas_lib, _cuda_lib_dir(cuda)]
+            r.libs = ["-ltvm_ffi", _cublas_lib_flag(cublas_lib), "-lcudart"]
         return r
     raise ValueError(f"unknown CCL plugin {name!r}; choose one of {PLUGINS}")
 
@@ -291,8 +331,14 @@ def load(name: str) -> Path:
         return _loaded[name]
     if name not in PLUGINS:
         raise ValueError(f"unknown CCL plugin {name!r}; choose one of {PLUGINS}")
-    load_runtime_libs(cuda=name == "nccl")
+    load_runtime_libs(cuda=name in ("nccl", "cublas_gemm"))
     path = build(name)
+    if name == "cublas_gemm":  # no rpath (see _TVM_LIBS): load cuBLAS from where it was found
+        lib = _cublas_dirs()[1]
+        for pattern in ("libcublasLt.so*", "libcublas.so*"):
+            found = sorted(lib.glob(pattern))
+            if found:
+                _cdll(found[0], ctypes.RTLD_GLOBAL, "cuBLAS")
     _cdll(path, ctypes.RTLD_GLOBAL, f"the {name} CCL plugin")
     _loaded[name] = path
     return path

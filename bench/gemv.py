@@ -1,0 +1,152 @@
+"""The batch-1 decode GEMV kernels of quantized linears, per shape, against the copy bandwidth.
+
+Two formulations of the same linear, both scheduled by dlight's GEMV rule:
+`fp32_inline` (what the engine's `decode` uses: the float32 weight computed inside the reduction)
+and `fp16_stage` (the fp16 producer stage that prefill and batch decode use for tensor cores).
+
+    python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
+    python bench/gemv.py run --dir DIR --out F.json   # on the GPU: check against NumPy, time
+
+Shapes are Llama-3-8B's batch-1 decode linears (tp=1). `run` times each kernel with CUDA events
+over many calls, rotating over enough weight copies (> 2x L2) that every call reads from HBM, and
+reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+VARIANTS = {"fp32_inline": "decode", "fp16_stage": "batch_decode"}
+
+
+def build(out: Path, quants: list[str]) -> None:
+    import tvm
+    from tvm.relax.frontend import nn
+
+    from engine.compile import BuildSpec, _pipeline
+    from engine.config import preset
+    from engine.model import Linear, _GemmChoice
+    from engine.quantize import quant_spec
+    from runtime_patch.bootstrap import CudaSourceRecorder, compile_cubin, cubin_name
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = []
+    for quant in quants:
+        for shape_name, (n, k) in SHAPES.items():
+            for variant, mode in VARIANTS.items():
+                class One(nn.Module):
+                    def __init__(self):
+                        self.l = Linear(k, n, quant_spec(quant))
+                        self.l.gemm = self.choice = _GemmChoice(False)
+
+                    def forward(self, x):
+                        with self.choice.tracing(mode):
+                            return self.l(x)
+
+                mod, _ = One().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 1, k], "float16"),
+                                                            "$": {"param_mode": "packed", "effect_mode": "none"}}})
+                spec = BuildSpec(preset("llama3-8b"), quant, 1, "cuda", "sm_90", cuda_graph=False)
+                target = spec.tvm_target()
+                with CudaSourceRecorder() as sources:
+                    ex = tvm.compile(mod, target, relax_pipeline=_pipeline(spec, target))
+                name = f"{quant}-{shape_name}-{variant}"
+                ex.export_library(str(out / f"{name}.so"))
+                for code in sources.sources:
+                    compile_cubin(code, "sm_90", out / "kernels" / cubin_name(code, "sm_90"))
+                manifest.append({"name": name, "quant": quant, "shape": shape_name, "n": n, "k": k, "variant": variant})
+                print(name, flush=True)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def run(folder: Path, out: Path) -> None:
+    from runtime_patch import runtime_only
+
+    runtime_only.prepare()
+    import numpy as np
+    import torch
+    import tvm
+    import tvm_ffi
+    from tvm.runtime.vm import VirtualMachine
+
+    from engine.quantize import quant_spec, quantize_torch
+    from experiments import device_probe
+    from runtime_patch import bootstrap
+
+    bootstrap.ensure_cuda_compiler("sm_90", [folder / "kernels"])
+    dev = tvm.cuda(0)
+    bandwidth = device_probe.copy_bandwidth("cuda")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    results, reference = [], {}
+    l2 = 50 * 2**20
+    for entry in manifest:
+        spec = quant_spec(entry["quant"])
+        n, k = entry["n"], entry["k"]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02
+        packed, scale = quantize_torch(w, spec)
+        weight_bytes = packed.numel() * 4 + scale.numel() * 2
+        copies = max(1, -(-4 * l2 // weight_bytes))
+        params = [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
+        vm = VirtualMachine(tvm.runtime.load_module(str(folder / f"{entry['name']}.so")), dev)
+        fn = vm["forward"]
+        xt = tvm_ffi.from_dlpack(x)
+        y = torch.from_dlpack(fn(xt, params[0])).float().cpu().numpy().ravel()
+        key = (entry["quant"], entry["shape"])
+        if key not in reference:
+            deq = (packed, scale)
+            from engine.quantize import dequantize
+
+            wd = dequantize(deq[0].cpu().numpy(), deq[1].cpu().numpy(), spec)
+            reference[key] = wd @ x.float().cpu().numpy().ravel()
+        err = float(np.abs(y - reference[key]).max() / (np.abs(reference[key]).max() + 1e-6))
+        for i in range(10):
+            fn(xt, params[i % copies])
+        calls = 200
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start.record()
+            for i in range(calls):
+                fn(xt, params[i % copies])
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / calls)
+        t = float(np.median(samples))
+        r = dict(entry, rel_error=err, us=t * 1e6, gb_s=weight_bytes / t / 1e9,
+                 bandwidth_fraction=weight_bytes / t / bandwidth["bytes_per_s"], raw_s=samples)
+        print(f"{entry['name']:28s} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s ({r['bandwidth_fraction']:.0%}) err {err:.1e}",
+              flush=True)
+        results.append(r)
+        del params
+    out.write_text(json.dumps({"card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "bandwidth": bandwidth,
+                               "results": results}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument("--quants", default="q4f16_1,q8f16_1")
+    r = sub.add_parser("run")
+    r.add_argument("--dir", type=Path, required=True)
+    r.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    if args.cmd == "build":
+        build(args.out, args.quants.split(","))
+    else:
+        run(args.dir, args.out)
+
+
+if __name__ == "__main__":
+    main()

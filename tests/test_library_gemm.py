@@ -1,0 +1,90 @@
+"""prefill_gemm=library: the prefill linears call `lab.gemm.nt` (cuBLAS on CUDA; NumPy here),
+and the model still computes what transformers computes."""
+
+import numpy as np
+import pytest
+import tvm_ffi
+
+from engine.config import from_hf_folder
+from engine.generate import Generator
+from engine.session import VMSession
+from engine.weights import open_source
+from experiments.oracle import Reference, relative_error
+from runtime_patch import gemm
+
+PROMPT, STEPS = 24, 8
+
+
+@pytest.fixture
+def gemm_calls():
+    """Counts the calls of lab.gemm.nt in this process (the NumPy one, wrapped)."""
+    gemm.register("llvm")
+    calls = []
+
+    def counting(x, w, out):
+        calls.append(tuple(w.shape))
+        gemm._numpy_gemm_nt(x, w, out)
+
+    tvm_ffi.register_global_func(gemm.FUNCTION, counting, override=True)
+    yield calls
+    tvm_ffi.register_global_func(gemm.FUNCTION, gemm._numpy_gemm_nt, override=True)
+
+
+@pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2)])
+def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant, tolerance):
+    from engine.quantize import quant_spec
+
+    config = from_hf_folder(tiny_checkpoint)
+    artifact = compiled(config, quant, prefill_gemm="library")
+    assert artifact.metadata["prefill_gemm"] == "library"
+    gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
+                    prefill_chunk=64)
+    reference = Reference(tiny_checkpoint, quant_spec(quant) if quant != "q0f32" else None)
+    prompt = np.random.default_rng(3).integers(0, config.vocab_size, PROMPT).tolist()
+    continuation = reference.greedy(prompt, STEPS)
+    tokens = prompt + continuation[:-1]
+
+    logits = gen.teacher_forced_logits(tokens, PROMPT)
+    assert relative_error(logits, reference.logits(tokens)) <= tolerance
+    # prefill_logits: four linears per layer and the LM head (untied), all through the library
+    per_layer = 4 * config.num_hidden_layers
+    assert len(gemm_calls) >= per_layer + (0 if config.tie_word_embeddings else 1)
+
+    gemm_calls.clear()
+    assert gen.generate([prompt], STEPS).tokens[0] == continuation
+    # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none
+    assert len(gemm_calls) == per_layer
+
+
+def test_tir_prefill_calls_no_library(compiled, tiny_checkpoint, gemm_calls):
+    config = from_hf_folder(tiny_checkpoint)
+    artifact = compiled(config, "q0f32", prefill_gemm="tir")
+    gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
+                    prefill_chunk=64)
+    gen.generate([[1, 2, 3, 4]], 2)
+    assert gemm_calls == []
+
+
+def test_library_prefill_in_disco_workers(compiled, tiny_checkpoint):
+    """tp=2 over the CPU CCL: every worker registers the library GEMM itself."""
+    from engine.disco import DiscoSession
+
+    config = from_hf_folder(tiny_checkpoint)
+    reference = Reference(tiny_checkpoint)
+    prompt = list(range(5, 5 + PROMPT))
+    session = DiscoSession(compiled(config, "q0f32", tp=2, prefill_gemm="library"), open_source(config, tiny_checkpoint))
+    try:
+        gen = Generator(session, max_batch=2, max_total_len=128, prefill_chunk=64)
+        assert gen.generate([prompt], STEPS).tokens[0] == reference.greedy(prompt, STEPS)
+    finally:
+        session.close()
+
+
+def test_bad_prefill_gemm_is_refused(tiny_config):
+    from engine.compile import BuildSpec
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match="prefill_gemm"):
+        BuildSpec(tiny_config, "q0f32", prefill_gemm="cutlass")
+    assert BuildSpec(tiny_config, "q0f32").prefill_gemm == "tir"
+    assert BuildSpec(tiny_config, "q0f32", target="cuda").prefill_gemm == "library"
