@@ -66,7 +66,7 @@ def build(out: Path, quants: list[str]) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def run(folder: Path, out: Path) -> None:
+def run(folder: Path, out: Path, sha: str | None) -> None:
     from runtime_patch import runtime_only
 
     runtime_only.prepare()
@@ -128,8 +128,12 @@ def run(folder: Path, out: Path) -> None:
               flush=True)
         results.append(r)
         del params
-    out.write_text(json.dumps({"card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "bandwidth": bandwidth,
-                               "results": results}, indent=1))
+    from experiments.results import atomic_write_text
+
+    atomic_write_text(out, json.dumps({
+        "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
+        "command": " ".join(["python", "bench/gemv.py", *sys.argv[1:]]), "bandwidth": bandwidth,
+        "results": results}, indent=1))
 
 
 def main() -> None:
@@ -141,11 +145,12 @@ def main() -> None:
     r = sub.add_parser("run")
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--sha", default=None, help="git SHA of the code that built --dir")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.quants.split(","))
     else:
-        run(args.dir, args.out)
+        run(args.dir, args.out, args.sha)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""Kernel choices the model makes for cuda, checked on the exported IR (no GPU needed)."""
+
+import re
+
+import tvm
+
+from engine.compile import BuildSpec, export
+
+
+def _prefill_attention_blocks(mod) -> dict[str, int]:
+    blocks = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("batch_prefill"):
+            blocks[gv.name_hint] = int(re.findall(r'T.thread_binding\((\d+), thread="blockIdx.x"\)', func.script())[0])
+    return blocks
+
+
+def test_prefill_attention_gets_more_thread_blocks_on_cuda(tiny_config):
+    from tvm.relax.frontend.nn.llm import _prefill_kernels
+
+    from engine.model import PREFILL_ATTENTION_BLOCKS
+
+    original = _prefill_kernels._get_prefill_kernel_config
+    mod, _ = export(BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90"))
+    blocks = _prefill_attention_blocks(mod)
+    assert blocks.get("batch_prefill_ragged_kv") == PREFILL_ATTENTION_BLOCKS
+    assert blocks.get("batch_prefill_paged_kv") == PREFILL_ATTENTION_BLOCKS
+    assert _prefill_kernels._get_prefill_kernel_config is original  # TVM's function is put back
+
+
+def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config):
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90"))
+    assert "lab.gemm.nt" in mod["prefill"].script()
+    assert "lab.gemm.nt" in mod["prefill_logits"].script()
+    assert "lab.gemm.nt" not in mod["decode"].script()
+    assert "lab.gemm.nt" not in mod["batch_decode"].script()
+    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", prefill_gemm="tir"))
+    assert "lab.gemm.nt" not in tir["prefill"].script()
