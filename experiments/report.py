@@ -48,7 +48,8 @@ def point_row(p: Point) -> dict:
                    itl_p95_ms=_ms(s.get("itl_s"), "p95"), decode_tps=s.get("decode_tokens_per_s"),
                    prefill_tps=s.get("prefill_tokens_per_s"), roofline=s.get("roofline_fraction"),
                    weight_gib=s["weight_bytes"] / 2**30)
-        row.update({k: v for k, v in s.items() if k in ("speedup", "efficiency", "allreduce_share")})
+        row.update({k: v for k, v in s.items()
+                    if k in ("speedup", "efficiency", "allreduce_share", "hidden_ms", "same_tokens", "note")})
     return row
 
 

@@ -70,6 +70,9 @@ def test_overlap_experiment_compares_against_none_and_traces_two_tracks(cache_di
     comparison = results["summary"]["comparison"]
     assert comparison["pipeline"]["same_tokens"] is True and comparison["pipeline"]["speedup"] > 0
     assert "not implemented" in results["summary"]["full_overlap"]["error"]
+    pipeline_row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| pipeline |"))
+    cells = [c.strip() for c in pipeline_row.strip("|").split("|")]
+    assert cells[-2] == "True" and cells[-3] != "—"  # tokens = none, host ms hidden/step
     trace = json.loads((out / "trace.json").read_text())
     validate(trace)
     tracks = {(e["pid"], e["tid"]) for e in trace["traceEvents"] if e["ph"] == "X"}
