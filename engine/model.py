@@ -76,11 +76,15 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
+    def _fp16_weights(self) -> bool:
+        """Quantized weights through an fp16 producer stage, except in the batch-1 decode GEMV."""
+        return self.gemm is None or self.gemm.mode != "decode"
+
     def forward(self, x: Tensor) -> Tensor:
         if self.gemm is not None and self.gemm.library:
             return self._library_gemm(x)
-        fp16_weights = self.gemm is None or self.gemm.mode != "decode"
-        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, fp16_weights), "linear", [x, *self._weights()])
+        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self._fp16_weights()), "linear",
+                                 [x, *self._weights()])
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         w = self.weight if not self.spec.quantized else \
@@ -99,8 +103,8 @@ class Embedding(Linear):
         return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
     def lm_head(self, x: Tensor) -> Tensor:
-        fp16_weights = self.gemm is None or self.gemm.mode != "decode"
-        return op.tensor_expr_op(te_linear(self.spec, "float32", fp16_weights), "lm_head", [x, *self._weights()])
+        return op.tensor_expr_op(te_linear(self.spec, "float32", self._fp16_weights()), "lm_head",
+                                 [x, *self._weights()])
 
 
 class Attention(nn.Module):

@@ -141,14 +141,11 @@ def te_linear(spec: QuantSpec, out_dtype: str, fp16_weights: bool = True):
     from tvm import te
 
     def compute(x, *weight):
-        k_in = x.shape[-1]
+        k_in, n_out = x.shape[-1], weight[0].shape[0]
         if spec.quantized and fp16_weights:
-            n_out = weight[0].shape[0]
-            w = te.compute((n_out, k_in), lambda n, k: _te_weight_value(spec, weight, n, k).astype(spec.model_dtype),
-                           name="dequantize")
+            w = te_dequantize(spec)(*weight)
             value = lambda n, k: w[n, k].astype("float32")  # noqa: E731
         else:
-            n_out = weight[0].shape[0]
             value = lambda n, k: _te_weight_value(spec, weight, n, k)  # noqa: E731
         k = te.reduce_axis((0, k_in), name="k")
 

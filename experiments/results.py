@@ -100,7 +100,6 @@ def atomic_save_npy(path, array) -> Path:
 def git_info(repo_root=REPO_ROOT) -> dict | None:
     """{"sha", "dirty"} of the checkout at `repo_root`, or None. $LAB_GIT_SHA, where set, wins: a
     copy of the tree on a GPU box may carry a .git that is not the commit the copy was made from."""
-    fallback = None
     if os.environ.get("LAB_GIT_SHA"):
         return {"sha": os.environ["LAB_GIT_SHA"], "dirty": None, "from": "LAB_GIT_SHA"}
 
@@ -110,10 +109,10 @@ def git_info(repo_root=REPO_ROOT) -> dict | None:
     try:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
-            return fallback
+            return None
         status = git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
     return {"sha": head.stdout.strip(),
             "dirty": status.returncode != 0 or bool(status.stdout.strip())}
 

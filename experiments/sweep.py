@@ -7,6 +7,7 @@ import time
 import traceback
 
 from engine import memory
+from engine.compile import compile_model
 from engine.config import ConfigError, ModelConfig
 from engine.generate import Generator
 
@@ -44,7 +45,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
 
             memory.check_fits(prediction, tvm.cuda(0).total_global_memory, f"{config.name} {quant} tp={tp}")
         t0 = time.perf_counter()
-        artifact = common.build(config, quant, tp, target, arch, cfg)
+        artifact = compile_model(spec, common.cache_dir(cfg))
         t1 = time.perf_counter()
         point.phases.append(("compile (cached)" if t1 - t0 < 1 else "compile", t0, t1))
         session = common.open_session(artifact, common.weights_source(cfg.model, config, target))
