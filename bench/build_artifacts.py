@@ -2,6 +2,7 @@
 
     python -m bench.build_artifacts --out artifacts --models llama3-8b --quants q0f16,q4f16_1 --tps 1,2,4
     python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-gemms library,tir
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-attentions library,tir
 
 The folder can be carried to the GPU box; `--out` is a compile cache like any other.
 """
@@ -28,12 +29,15 @@ def main() -> None:
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
     ap.add_argument("--prefill-gemms", default="auto", help="prefill GEMMs (auto, library, tir), comma-separated")
+    ap.add_argument("--prefill-attentions", default="auto",
+                    help="prefill self-attention (auto, library, tir), comma-separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, prefill_gemm=g)
+    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, prefill_gemm=g,
+                       prefill_attention=a)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
-             for g in args.prefill_gemms.split(",")]
+             for g in args.prefill_gemms.split(",") for a in args.prefill_attentions.split(",")]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

@@ -11,6 +11,9 @@ from typing import Any
 # How the prefill functions multiply (engine.model): TVM's own TIR matmuls, or the library GEMM
 # of runtime_patch.gemm (cuBLAS on CUDA).
 PREFILL_GEMMS = ("tir", "library")
+# How a prefill attends to the tokens it appends: TVM's TIR kernel, or runtime_patch.attention
+# (cuBLAS GEMMs and a softmax kernel on CUDA).
+PREFILL_ATTENTIONS = ("tir", "library")
 
 
 class ConfigError(ValueError):

@@ -31,11 +31,11 @@ def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int, lm_head: str = "
 
 def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_total_len: int,
             prefill_chunk: int, page_size: int = 16, lm_head: str = "replicated",
-            prefill_gemm: str = "tir") -> dict[str, int]:
+            prefill_gemm: str = "tir", prefill_attention: str = "tir") -> dict[str, int]:
     """Per-rank bytes: weights (exact), KV cache (the pages `Generator` allocates: every sequence
     at max_total_len), workspace (an estimate: the largest activations of a prefill chunk, the
-    float32 logits of a decode batch and, for a quantized model with the library prefill GEMM,
-    the largest weight matrix dequantized to fp16)."""
+    float32 logits of a decode batch, for a quantized model with the library prefill GEMM the
+    largest weight matrix dequantized to fp16, and the library prefill attention's scores)."""
     plan, c = ShardPlan(config, tp, lm_head), config
     act = np.dtype(spec.model_dtype).itemsize
     pages = max_batch * -(-max_total_len // page_size)
@@ -46,6 +46,8 @@ def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_t
     if spec.quantized and prefill_gemm == "library":
         # the largest matrix dequantized to fp16: in prefill_logits, the LM head's
         workspace += max(widest, plan.vocab) * c.hidden_size * act
+    if prefill_attention == "library":
+        workspace += attention_workspace_bytes(plan.q_heads, prefill_chunk)
     weights = weight_bytes(config, spec, tp, lm_head)
     return {"weights": weights, "kv_cache": kv, "workspace": workspace, "total": weights + kv + workspace}
 
@@ -58,3 +60,13 @@ def check_fits(prediction: dict[str, int], capacity: int, what: str) -> None:
             f"{what} needs about {gib['total']:.1f} GiB per device (weights {gib['weights']:.1f}, KV cache "
             f"{gib['kv_cache']:.1f}, workspace {gib['workspace']:.1f}) but the device has {capacity / 2**30:.1f} GiB; "
             "use a larger tp, a smaller quantization, or a shorter context/batch")
+
+
+# runtime_patch/attention/cublas_attention.cu: a chunk of query rows' float32 scores and float16
+# probabilities, at most this many bytes (unless one row alone needs more).
+ATTENTION_WORKSPACE_CAP = 256 << 20
+
+
+def attention_workspace_bytes(q_heads: int, prefill_chunk: int) -> int:
+    row = q_heads * prefill_chunk * 6
+    return max(row, min(ATTENTION_WORKSPACE_CAP, row * prefill_chunk))

@@ -10,7 +10,10 @@ Greedy sampling (argmax) happens on the device; logits stay there unless read.
 
 With `prefill_gemm="library"` the linears of the prefill functions (many rows) call the library
 GEMM `lab.gemm.nt` (runtime_patch.gemm: cuBLAS on CUDA) instead of a TIR matmul; a quantized
-weight is first dequantized by a TIR kernel. `decode` (batch 1) computes quantized weights in
+weight is first dequantized by a TIR kernel. With `prefill_attention="library"` the KV cache's
+attention of a prefill over the tokens it appends is `lab.attention.prefill_ragged`
+(runtime_patch.attention: cuBLAS GEMMs and a softmax kernel on CUDA) instead of TVM's TIR kernel;
+attention over tokens already in the cache stays TVM's. `decode` (batch 1) computes quantized weights in
 float32 inside its GEMV kernels; `batch_decode` and TIR prefills dequantize them to fp16 in a
 producer stage, which tensor-core matmuls can use.
 """
@@ -19,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 
-from tvm import relax, te, topi
+from tvm import ir, relax, te, topi
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from .config import PREFILL_GEMMS, ModelConfig
+from .config import PREFILL_ATTENTIONS, PREFILL_GEMMS, ModelConfig
 from .quantize import GROUP_SIZE, QuantSpec, te_dequantize, te_embedding, te_linear
 from .sharding import ShardPlan
 
@@ -166,9 +169,12 @@ def _argmax_last(logits: Tensor) -> Tensor:
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated",
-                 prefill_gemm: str = "tir"):
+                 prefill_gemm: str = "tir", prefill_attention: str = "tir"):
         if prefill_gemm not in PREFILL_GEMMS:
             raise ValueError(f"prefill_gemm must be one of {PREFILL_GEMMS}, got {prefill_gemm!r}")
+        if prefill_attention not in PREFILL_ATTENTIONS:
+            raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTIONS}, got {prefill_attention!r}")
+        self.prefill_attention = prefill_attention
         self.config, self.spec, self.target = config, spec, target
         self.plan = ShardPlan(config, tp, lm_head)
         self.plan.check_quant(spec)
@@ -230,7 +236,8 @@ class LlamaForCausalLM(nn.Module):
     def _paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                         support_sliding_window) -> PagedKVCache:
         c = self.config
-        return TIRPagedKVCache(
+        kv_cache = _LibraryPrefillKVCache if self.prefill_attention == "library" else TIRPagedKVCache
+        return kv_cache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
@@ -271,6 +278,36 @@ class LlamaForCausalLM(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }, self)
+
+
+LIBRARY_PREFILL_ATTENTION = "lab.attention.prefill_ragged"
+
+
+class _SwapRaggedPrefill(PagedKVCache):
+    """Between TIRPagedKVCache and PagedKVCache in _LibraryPrefillKVCache's method order, so it
+    receives the `vm.builtin.paged_attention_kv_cache_create` call TIRPagedKVCache builds: it puts
+    the library function in the slot of TVM's ragged prefill kernel ("tirx", <prim func>), whose
+    arguments it takes."""
+
+    def __init__(self, *, _expr, _name):
+        args = [_library_ragged_prefill(arg) for arg in _expr.args]
+        if not any(new is not None for new in args):
+            raise RuntimeError("TVM's paged KV cache has no ragged prefill kernel slot to replace "
+                               "(a TVM version this lab does not know): build with prefill_attention=tir")
+        args = [new if new is not None else old for new, old in zip(args, _expr.args)]
+        super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
+
+
+class _LibraryPrefillKVCache(TIRPagedKVCache, _SwapRaggedPrefill):
+    """TVM's TIR paged KV cache with runtime_patch.attention's prefill self-attention."""
+
+
+def _library_ragged_prefill(arg):
+    """The library function's slot if `arg` is the slot of TVM's ragged prefill kernel, else None."""
+    if isinstance(arg, relax.Tuple) and len(arg.fields) == 2 and isinstance(arg.fields[1], ir.GlobalVar) \
+            and arg.fields[1].name_hint.startswith("tir_attention_prefill_ragged"):
+        return relax.Tuple([arg.fields[0], relax.ExternFunc(LIBRARY_PREFILL_ATTENTION)])
+    return None
 
 
 # Thread blocks per KV head of TVM's prefill attention kernels (a persistent loop over query tiles

@@ -8,17 +8,18 @@ from .config import ConfigError
 
 
 def check_target(spec, artifact_dir=None) -> None:
-    """Before loading an artifact: the library GEMM its prefill calls (if any); for cuda, the
-    kernel compile callback (using the artifact's precompiled cubins when it has them) and the
-    GPU architecture check."""
-    if spec.prefill_gemm == "library":
-        from runtime_patch import gemm
-        from runtime_patch.ccl import CCLBuildError
+    """Before loading an artifact: the library GEMM and attention its prefill calls (if any); for
+    cuda, the kernel compile callback (using the artifact's precompiled cubins when it has them)
+    and the GPU architecture check."""
+    from runtime_patch import attention, gemm
+    from runtime_patch.ccl import CCLBuildError
 
-        try:
-            gemm.register(spec.target)
-        except CCLBuildError as err:
-            raise ConfigError(str(err)) from None
+    for library, used in ((gemm, spec.prefill_gemm), (attention, spec.prefill_attention)):
+        if used == "library":
+            try:
+                library.register(spec.target)
+            except CCLBuildError as err:
+                raise ConfigError(str(err)) from None
     if spec.target != "cuda":
         return
     from runtime_patch import bootstrap

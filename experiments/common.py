@@ -80,8 +80,10 @@ def cache_dir(cfg) -> Path:
 
 
 def build_spec(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> BuildSpec:
+    device = cfg.get("device") or {}
     return BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated",
-                     prefill_gemm=(cfg.get("device") or {}).get("prefill_gemm") or "auto")
+                     prefill_gemm=device.get("prefill_gemm") or "auto",
+                     prefill_attention=device.get("prefill_attention") or "auto")
 
 
 def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:

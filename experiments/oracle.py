@@ -75,10 +75,20 @@ class Reference:
         return out.logits[0].float().numpy()
 
     def greedy(self, prompt: list[int], new_tokens: int) -> list[int]:
-        with self.torch.no_grad():
-            out = self.model.generate(self.torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                      min_new_tokens=new_tokens, pad_token_id=0)
-        return out[0, len(prompt):].tolist()
+        """The argmax continuation, one forward step per token over transformers' KV cache (not
+        `generate`, whose default logits processors can change a token)."""
+        import inspect
+
+        torch, tokens = self.torch, []
+        # transformers >= 5.x calls the KV cache `cache`; earlier, `past_key_values`
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        with torch.no_grad():
+            out = self.model(torch.tensor([prompt], dtype=torch.long), use_cache=True)
+            for _ in range(new_tokens):
+                tokens.append(int(out.logits[0, -1].argmax()))
+                out = self.model(torch.tensor([tokens[-1:]], dtype=torch.long), use_cache=True,
+                                 **{name: getattr(out, name)})
+        return tokens
 
 
 def relative_error(engine: np.ndarray, reference: np.ndarray) -> float:

@@ -38,7 +38,8 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
     try:
         spec = common.build_spec(config, quant, tp, target, arch, cfg)
         prediction = memory.predict(config, spec.quant_spec, tp, w.batch, w.prompt_len + w.new_tokens,
-                                    min(w.prompt_len, 2048), lm_head=spec.lm_head, prefill_gemm=spec.prefill_gemm)
+                                    min(w.prompt_len, 2048), lm_head=spec.lm_head, prefill_gemm=spec.prefill_gemm,
+                                    prefill_attention=spec.prefill_attention)
         point.summary["memory_predicted_bytes"] = prediction
         if target == "cuda":
             import tvm

@@ -331,3 +331,17 @@ def test_cublas_plugin_compiles_where_cublas_is(tmp_path, monkeypatch):
     monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
     path = build("cublas_gemm")
     assert b"lab.gemm.nt" in path.read_bytes()
+
+
+def test_cublas_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
+    """The prefill attention plugin: CUDA kernels by nvcc, for sm_80 and sm_90 (+ PTX)."""
+    from runtime_patch.ccl import build as b
+
+    try:
+        b._cublas_dirs(), b._nvcc()
+    except CCLBuildError as e:
+        pytest.skip(f"cannot build the cublas_attention plugin here: {e}")
+    monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
+    path = build("cublas_attention")
+    blob = path.read_bytes()
+    assert b"lab.attention.prefill_ragged" in blob and b"sm_90" in blob

@@ -1,11 +1,13 @@
 """Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`,
-and `cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill, see runtime_patch.gemm).
+`cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill) and `cublas_attention`
+(runtime_patch/attention: the prefill self-attention on cuBLAS and a softmax kernel of ours).
 
-A plugin is a shared library whose static initialisers register the globals
-`runtime.disco.<ccl>.*`. `build(name)` compiles it with g++ into a cache dir, keyed by a hash of
-its sources, flags and the TVM / tvm-ffi versions (not the machine, so a `build/ccl` made here
-loads on a GPU box with the same TVM). `load(name)` builds it if needed and loads it into this
-process with RTLD_GLOBAL, after the TVM runtime libraries it links against.
+A plugin is a shared library whose static initialisers register its globals (the CCLs:
+`runtime.disco.<ccl>.*`). `build(name)` compiles it with g++ (nvcc for CUDA kernels) into a
+cache dir, keyed by a hash of its sources, flags and the TVM / tvm-ffi versions (not the machine,
+so a `build/ccl` made here loads on a GPU box with the same TVM). `load(name)` builds it if
+needed and loads it into this process with RTLD_GLOBAL, after the TVM runtime libraries it links
+against.
 
     python -m runtime_patch.ccl.build cpu_shm nccl     # prebuild, prints the paths
 """
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CCLS = ("cpu_shm", "nccl")
-PLUGINS = (*CCLS, "cublas_gemm")
+PLUGINS = (*CCLS, "cublas_gemm", "cublas_attention")
+CUBLAS_PLUGINS = ("cublas_gemm", "cublas_attention")
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _STUBS = _HERE / "nccl_stubs"
@@ -133,7 +136,8 @@ def _cublas_dirs() -> tuple[Path, Path]:
         if (inc / "cublas_v2.h").is_file() and any(lib.glob("libcublas.so*")):
             return inc, lib
     raise CCLBuildError("cuBLAS not found (cublas_v2.h, libcublas.so): install the CUDA toolkit or "
-                        "pip install nvidia-cublas, or set CUBLAS_HOME; or build with prefill_gemm=tir")
+                        "pip install nvidia-cublas, or set CUBLAS_HOME; or build with prefill_gemm=tir and "
+                        "prefill_attention=tir")
 
 
 def _cublas_lib_flag(lib: Path) -> str:
@@ -145,6 +149,14 @@ def _cuda_lib_dir(home: Path) -> Path:
         if (home / sub / "libcudart.so").exists():
             return home / sub
     raise CCLBuildError(f"libcudart.so not found under {home}: install the CUDA toolkit, or set CUDA_HOME")
+
+
+def _nvcc() -> str:
+    path = _cuda_home() / "bin" / "nvcc"
+    if not path.is_file():
+        raise CCLBuildError(f"nvcc not found under {path.parent}: install the CUDA toolkit, or set CUDA_HOME; "
+                            "or build with prefill_attention=tir")
+    return str(path)
 
 
 def _compiler() -> str:
@@ -170,6 +182,7 @@ class _Recipe:
     lib_dirs: list[Path] = field(default_factory=list)
     libs: list[str] = field(default_factory=list)
     needs_anchor: bool = False  # see _relative_include_anchor
+    nvcc: bool = False          # compiled by nvcc (CUDA kernels) instead of the C++ compiler
 
 
 _COMMON_FLAGS = ["-std=c++17", "-O2", "-g0", "-fPIC", "-shared", "-fvisibility=hidden",
@@ -178,6 +191,10 @@ _COMMON_FLAGS = ["-std=c++17", "-O2", "-g0", "-fPIC", "-shared", "-fvisibility=h
 # No rpath: the TVM libraries are found already loaded in the process (by soname), so the .so
 # stays relocatable. load() loads them first.
 _TVM_LIBS = ["-l:libtvm_runtime_extra.so", "-ltvm_runtime", "-ltvm_ffi"]
+# CUDA kernels for the GPUs the lab targets (A100, H100/H200), plus PTX that newer GPUs JIT.
+_NVCC_FLAGS = ["-std=c++17", "-O2", "-shared", "-Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wno-unused-parameter",
+               "-Xlinker=--no-undefined,--as-needed", "-gencode=arch=compute_80,code=sm_80",
+               "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
 
 
 def _stub_headers() -> list[Path]:
@@ -216,9 +233,10 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
             r.include_dirs = [*_tvm_include_dirs(), nccl_inc, cuda / "include"]
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, _cuda_lib_dir(cuda)]
         return r
-    if name == "cublas_gemm":
-        src = _HERE.parent / "gemm" / "cublas_gemm.cc"
-        r = _Recipe(name, [src], [src], list(_COMMON_FLAGS), libs=["-ltvm_ffi", "-lcudart"])
+    if name in CUBLAS_PLUGINS:
+        src = _HERE.parent / ("gemm/cublas_gemm.cc" if name == "cublas_gemm" else "attention/cublas_attention.cu")
+        flags = list(_COMMON_FLAGS) if name == "cublas_gemm" else list(_NVCC_FLAGS)
+        r = _Recipe(name, [src], [src], flags, libs=["-ltvm_ffi", "-lcudart"], nvcc=name != "cublas_gemm")
         if for_build:
             cublas_inc, cublas_lib = _cublas_dirs()
             cuda = _cuda_home()
@@ -258,12 +276,12 @@ def _relative_include_anchor(tmp: Path) -> Path:
 
 
 def build(name: str, force: bool = False) -> Path:
-    """Compile plugin `name` ("cpu_shm" or "nccl") unless cached; return the .so path."""
+    """Compile plugin `name` (one of PLUGINS) unless cached; return the .so path."""
     out = plugin_path(name)
     if out.is_file() and not force:
         return out
     r = _recipe(name, for_build=True)
-    cxx = _compiler()
+    cxx = _nvcc() if r.nvcc else _compiler()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=out.parent))
     try:
@@ -331,9 +349,9 @@ def load(name: str) -> Path:
         return _loaded[name]
     if name not in PLUGINS:
         raise ValueError(f"unknown CCL plugin {name!r}; choose one of {PLUGINS}")
-    load_runtime_libs(cuda=name in ("nccl", "cublas_gemm"))
+    load_runtime_libs(cuda=name in ("nccl", *CUBLAS_PLUGINS))
     path = build(name)
-    if name == "cublas_gemm":  # no rpath (see _TVM_LIBS): load cuBLAS from where it was found
+    if name in CUBLAS_PLUGINS:  # no rpath (see _TVM_LIBS): load cuBLAS from where it was found
         lib = _cublas_dirs()[1]
         for pattern in ("libcublasLt.so*", "libcublas.so*"):
             found = sorted(lib.glob(pattern))

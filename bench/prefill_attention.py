@@ -1,0 +1,153 @@
+"""The library prefill attention (`lab.attention.prefill_ragged`, runtime_patch/attention) on one
+GPU: checked against a float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
+
+    python bench/prefill_attention.py --out F.json [--sha SHA]
+
+Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4); one
+sequence of 128, 1024 and 4096 tokens (causal self-attention: what a first prefill does), and a
+ragged batch of three sequences whose queries are the last tokens of longer key ranges (what a
+chunked prefill with a prefix does). Output and the base-2 log-sum-exp are compared; each case is
+timed with CUDA events (median and p95 of repeated calls, after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
+HEAD_DIM = 128
+# (name, [(query tokens, key tokens)] per sequence)
+CASES = [("n128", [(128, 128)]), ("n1024", [(1024, 1024)]), ("n4096", [(4096, 4096)]),
+         ("ragged3", [(300, 700), (17, 17), (512, 1536)])]
+
+
+def reference(q, k, v, seqs, sm_scale):
+    """float32 causal attention per sequence; returns (out [n, Hq, d], lse2 [n, Hq])."""
+    import torch
+
+    group = q.shape[1] // k.shape[1]
+    outs, lses, qo, ko = [], [], 0, 0
+    for n, m in seqs:
+        qs = q[qo:qo + n].float().transpose(0, 1)                                 # [Hq, n, d]
+        ks = k[ko:ko + m].float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, m, d]
+        vs = v[ko:ko + m].float().repeat_interleave(group, dim=1).transpose(0, 1)
+        s = qs @ ks.transpose(1, 2) * sm_scale
+        mask = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
+        s = s.masked_fill(~mask, float("-inf"))
+        outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+        lses.append((torch.logsumexp(s, -1) / math.log(2)).transpose(0, 1))
+        qo, ko = qo + n, ko + m
+    return torch.cat(outs), torch.cat(lses)
+
+
+def sdpa(q, k, v, seqs):
+    """PyTorch's fused attention on the same sequences (its flash kernel where it applies)."""
+    import torch.nn.functional as F
+
+    group, qo, ko = q.shape[1] // k.shape[1], 0, 0
+    for n, m in seqs:
+        qs = q[qo:qo + n].transpose(0, 1)[None]
+        ks = k[ko:ko + m].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        vs = v[ko:ko + m].repeat_interleave(group, dim=1).transpose(0, 1)[None]
+        # is_causal aligns the mask to the top left; a prefix (m > n) needs it at the bottom right
+        if n == m:
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:
+            import torch
+
+            mask = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
+            F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        qo, ko = qo + n, ko + m
+
+
+def timed(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return samples
+
+
+def run(out: Path, sha: str | None) -> None:
+    from runtime_patch import runtime_only
+
+    runtime_only.prepare()
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from experiments import stats
+    from experiments.results import atomic_write_text
+    from runtime_patch import attention
+
+    attention.register("cuda")
+    fn = tvm_ffi.get_global_func(attention.FUNCTION)
+    sm_scale = 1 / math.sqrt(HEAD_DIM)
+    results = []
+    for heads_name, (hq, hkv) in HEADS.items():
+        for case, seqs in CASES:
+            g = torch.Generator(device="cuda").manual_seed(0)
+            n_total, m_total = sum(n for n, _ in seqs), sum(m for _, m in seqs)
+            q = torch.randn(n_total, hq, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+            k = torch.randn(m_total, hkv, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+            v = torch.randn(m_total, hkv, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+            qo = torch.tensor(np.cumsum([0] + [n for n, _ in seqs]), dtype=torch.int32, device="cuda")
+            ko = torch.tensor(np.cumsum([0] + [m for _, m in seqs]), dtype=torch.int32, device="cuda")
+            pos = torch.zeros(n_total, dtype=torch.int32, device="cuda")
+            offset = torch.zeros(len(seqs), dtype=torch.int32, device="cuda")
+            o = torch.empty_like(q)
+            lse = torch.empty(n_total, hq, device="cuda", dtype=torch.float32)
+            args = [tvm_ffi.from_dlpack(t) for t in (q, qo, k, v, ko, pos, offset, o, lse)]
+
+            def call():
+                fn(*args[:7], args[7], args[8], 1, 0, 1.0, 500000.0, sm_scale)
+
+            call()
+            torch.cuda.synchronize()
+            want_o, want_lse = reference(q, k, v, seqs, sm_scale)
+            err_o = float((o.float() - want_o).abs().max() / want_o.abs().max())
+            err_lse = float((lse - want_lse).abs().max())
+            lib = timed(call)
+            peer = timed(lambda: sdpa(q, k, v, seqs))
+            flops = sum(4 * n * m * HEAD_DIM * hq for n, m in seqs)  # QK^T and PV, without the causal saving
+            r = {"heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
+                 "seqs": seqs, "out_rel_error": err_o, "lse_abs_error": err_lse,
+                 "library_s": stats.summarize(lib), "sdpa_s": stats.summarize(peer),
+                 "library_tflops": flops / stats.summarize(lib)["p50"] / 1e12, "raw_library_s": lib, "raw_sdpa_s": peer}
+            print(f"{heads_name} {case:8s} library {r['library_s']['p50'] * 1e6:8.1f} us "
+                  f"(p95 {r['library_s']['p95'] * 1e6:.1f}), SDPA {r['sdpa_s']['p50'] * 1e6:8.1f} us; "
+                  f"out err {err_o:.1e}, lse err {err_lse:.1e}", flush=True)
+            results.append(r)
+    atomic_write_text(out, json.dumps({
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
+        "command": " ".join(["python", "bench/prefill_attention.py", *sys.argv[1:]]),
+        "torch": torch.__version__, "results": results}, indent=1))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sha", default=None, help="git SHA of the code")
+    args = ap.parse_args()
+    run(args.out, args.sha)
+
+
+if __name__ == "__main__":
+    main()
