@@ -2,7 +2,8 @@
 
     python -m bench.build_artifacts --out artifacts --models llama3-8b --quants q0f16,q4f16_1 --tps 1,2,4
     python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-gemms library,tir
-    python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-attentions library,tir
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-attentions library,tir \
+        --decode-attentions library,tir
 
 The folder can be carried to the GPU box; `--out` is a compile cache like any other.
 """
@@ -31,13 +32,15 @@ def main() -> None:
     ap.add_argument("--prefill-gemms", default="auto", help="prefill GEMMs (auto, library, tir), comma-separated")
     ap.add_argument("--prefill-attentions", default="auto",
                     help="prefill self-attention (auto, library, tir), comma-separated")
+    ap.add_argument("--decode-attentions", default="auto", help="decode attention (auto, library, tir), comma-separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, prefill_gemm=g,
-                       prefill_attention=a)
+                       prefill_attention=a, decode_attention=d)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
-             for g in args.prefill_gemms.split(",") for a in args.prefill_attentions.split(",")]
+             for g in args.prefill_gemms.split(",") for a in args.prefill_attentions.split(",")
+             for d in args.decode_attentions.split(",")]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

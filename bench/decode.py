@@ -40,16 +40,15 @@ from experiments.results import atomic_write_text  # noqa: E402
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
-    """An artifact under `root` built for `spec`'s model, quant, tp, target, prefill GEMM and
-    attention (its key may differ: the box has no compiler to check it with)."""
-    prefill = {"prefill_gemm": spec.prefill_gemm, "prefill_attention": spec.prefill_attention}
+    """An artifact under `root` built for `spec`'s model, quant, tp, target and kernel sources (its
+    key may differ: the box has no compiler to check it with)."""
     for path in sorted(root.glob(f"{spec.config.name}-{spec.quant}-tp{spec.tp}-{spec.target}-*"), reverse=True):
         artifact = Artifact.load(path)
-        if all(artifact.metadata.get(k, "tir") == v for k, v in prefill.items()):
+        if all(artifact.metadata.get(k, "tir") == v for k, v in spec.kernels.items()):
             return artifact
-    raise SystemExit(f"no artifact for {spec.folder_name()} ({prefill}) under {root}: run python -m "
+    raise SystemExit(f"no artifact for {spec.folder_name()} ({spec.kernels}) under {root}: run python -m "
                      f"bench.build_artifacts --prefill-gemms {spec.prefill_gemm} "
-                     f"--prefill-attentions {spec.prefill_attention}")
+                     f"--prefill-attentions {spec.prefill_attention} --decode-attentions {spec.decode_attention}")
 
 
 def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
@@ -134,6 +133,8 @@ def main() -> None:
                     help="comma list of library (cuBLAS), tir: the engine runs once per artifact")
     ap.add_argument("--prefill-attentions", default="library",
                     help="comma list of library (cuBLAS + softmax kernel), tir: once per artifact")
+    ap.add_argument("--decode-attentions", default="library",
+                    help="comma list of library (split over the keys), tir: once per artifact")
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
@@ -149,11 +150,11 @@ def main() -> None:
     record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
               "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
               "bandwidth": bandwidth, "engine": [], "peers": []}
-    for quant, prefill_gemm, prefill_attention in [(q, g, a) for q in args.quants.split(",")
-                                                   for g in args.prefill_gemms.split(",")
-                                                   for a in args.prefill_attentions.split(",")]:
-        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90", prefill_gemm=prefill_gemm,
-                                                           prefill_attention=prefill_attention))
+    variants = [(q, {"prefill_gemm": g, "prefill_attention": a, "decode_attention": d})
+                for q in args.quants.split(",") for g in args.prefill_gemms.split(",")
+                for a in args.prefill_attentions.split(",") for d in args.decode_attentions.split(",")]
+    for quant, kernels in variants:
+        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90", **kernels))
         source = open_source(config, None, seed=0, backend="torch", device="cuda:0")
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
@@ -163,12 +164,11 @@ def main() -> None:
                 r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
                 context = prompt + args.new_tokens / 2
                 per_step = measure.decode_bytes_per_step(artifact.metadata, session.weight_bytes, batch, context)
-                r.update(quant=quant, prefill_gemm=prefill_gemm, prefill_attention=prefill_attention, prompt=prompt,
-                         batch=batch, load_s=load_s,
+                r.update(quant=quant, **kernels, prompt=prompt, batch=batch, load_s=load_s,
                          bytes_per_step=per_step,
                          roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
                                                                    r["step_s"]["p50"]))
-                print(f"{quant} ({prefill_gemm} GEMMs, {prefill_attention} attention) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
+                print(f"{quant} ({', '.join(f'{k}={v}' for k, v in kernels.items())}) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
                       f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
                       f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
                 record["engine"].append(r)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import PREFILL_ATTENTIONS, PREFILL_GEMMS, ConfigError, ModelConfig
+from .config import KERNEL_OPTIONS, KERNEL_SOURCES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
 
@@ -42,25 +42,30 @@ class BuildSpec:
     cuda_arch: str = "sm_90"
     cuda_graph: bool = True
     lm_head: str = "replicated"  # | "vocab_parallel" (engine.sharding)
-    # GEMMs of prefill: "library" (cuBLAS on cuda, NumPy on llvm: runtime_patch.gemm) or "tir";
-    # "auto" is library on cuda, tir on llvm.
+    # Kernel sources (engine.config.KERNEL_OPTIONS): "library" (runtime_patch: cuBLAS and CUDA
+    # kernels on cuda, NumPy on llvm) or "tir" (TVM's); "auto" is library on cuda, tir on llvm.
     prefill_gemm: str = "auto"
-    # The prefill's attention over the tokens it appends: "library" (runtime_patch.attention) or
-    # "tir" (TVM's kernel); "auto" is library on cuda, tir on llvm.
     prefill_attention: str = "auto"
+    decode_attention: str = "auto"
 
     def __post_init__(self) -> None:
         quant_spec(self.quant)
         self.plan  # validates the layout
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
-        for name, choices in (("prefill_gemm", PREFILL_GEMMS), ("prefill_attention", PREFILL_ATTENTIONS)):
+        for name in KERNEL_OPTIONS:
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, "library" if self.target == "cuda" else "tir")
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, {', '.join(choices)}")
+            if getattr(self, name) not in KERNEL_SOURCES:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
+                                  f"{', '.join(KERNEL_SOURCES)}")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
+
+    @property
+    def kernels(self) -> dict[str, str]:
+        """Where each heavy kernel comes from: {option: "tir" | "library"} (KERNEL_OPTIONS)."""
+        return {name: getattr(self, name) for name in KERNEL_OPTIONS}
 
     @property
     def quant_spec(self) -> QuantSpec:
@@ -89,7 +94,7 @@ class BuildSpec:
             "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
             "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
             "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head_layout,
-            "prefill_gemm": self.prefill_gemm, "prefill_attention": self.prefill_attention, "tvm": tvm.__version__,
+            **self.kernels, "tvm": tvm.__version__,
             "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"), "engine": source.hexdigest(),
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -123,7 +128,7 @@ class Artifact:
     def build_spec(self) -> BuildSpec:
         m = self.metadata
         return BuildSpec(ModelConfig(**m["config"]), m["quant"], m["tp"], m["target"], m["cuda_arch"], m["cuda_graph"],
-                         m.get("lm_head", "replicated"), m.get("prefill_gemm", "tir"), m.get("prefill_attention", "tir"))
+                         m.get("lm_head", "replicated"), **{name: m.get(name, "tir") for name in KERNEL_OPTIONS})
 
 
 def default_cache_dir() -> Path:
@@ -175,8 +180,7 @@ def export(spec: BuildSpec):
     """The Relax IRModule and parameter list of one tp rank (no weights involved)."""
     from .model import LlamaForCausalLM
 
-    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head, spec.prefill_gemm,
-                             spec.prefill_attention)
+    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head, **spec.kernels)
     mod, params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
     return mod, params
 
@@ -231,7 +235,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         metadata = {
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
             "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head_layout,
-            "prefill_gemm": spec.prefill_gemm, "prefill_attention": spec.prefill_attention, "key": spec.key(),
+            **spec.kernels, "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
             "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],

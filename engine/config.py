@@ -8,12 +8,15 @@ from pathlib import Path
 from typing import Any
 
 
-# How the prefill functions multiply (engine.model): TVM's own TIR matmuls, or the library GEMM
-# of runtime_patch.gemm (cuBLAS on CUDA).
-PREFILL_GEMMS = ("tir", "library")
-# How a prefill attends to the tokens it appends: TVM's TIR kernel, or runtime_patch.attention
-# (cuBLAS GEMMs and a softmax kernel on CUDA).
-PREFILL_ATTENTIONS = ("tir", "library")
+# Where the engine's heavy kernels come from (BuildSpec options, each "tir" or "library"; "auto"
+# is library on cuda, tir on llvm):
+#   prefill_gemm       the prefill linears: TVM's TIR matmuls, or runtime_patch.gemm (cuBLAS)
+#   prefill_attention  a prefill's attention over the tokens it appends: TVM's TIR kernel, or
+#                      runtime_patch.attention (cuBLAS GEMMs and a softmax kernel)
+#   decode_attention   a decode step's attention over the KV cache's pages: TVM's TIR kernel, or
+#                      runtime_patch.attention (split over the keys)
+KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention")
+KERNEL_SOURCES = ("tir", "library")
 
 
 class ConfigError(ValueError):

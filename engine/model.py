@@ -12,8 +12,10 @@ With `prefill_gemm="library"` the linears of the prefill functions (many rows) c
 GEMM `lab.gemm.nt` (runtime_patch.gemm: cuBLAS on CUDA) instead of a TIR matmul; a quantized
 weight is first dequantized by a TIR kernel. With `prefill_attention="library"` the KV cache's
 attention of a prefill over the tokens it appends is `lab.attention.prefill_ragged`
-(runtime_patch.attention: cuBLAS GEMMs and a softmax kernel on CUDA) instead of TVM's TIR kernel;
-attention over tokens already in the cache stays TVM's. `decode` (batch 1) computes quantized weights in
+(runtime_patch.attention: cuBLAS GEMMs and a softmax kernel on CUDA), and with
+`decode_attention="library"` a decode step's attention over the pages is
+`lab.attention.decode_paged` (split over the keys), instead of TVM's TIR kernels; a prefill's
+attention over pages already in the cache stays TVM's. `decode` (batch 1) computes quantized weights in
 float32 inside its GEMV kernels; `batch_decode` and TIR prefills dequantize them to fp16 in a
 producer stage, which tensor-core matmuls can use.
 """
@@ -27,7 +29,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 
-from .config import PREFILL_ATTENTIONS, PREFILL_GEMMS, ModelConfig
+from .config import KERNEL_SOURCES, ModelConfig
 from .quantize import GROUP_SIZE, QuantSpec, te_dequantize, te_embedding, te_linear
 from .sharding import ShardPlan
 
@@ -169,12 +171,14 @@ def _argmax_last(logits: Tensor) -> Tensor:
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated",
-                 prefill_gemm: str = "tir", prefill_attention: str = "tir"):
-        if prefill_gemm not in PREFILL_GEMMS:
-            raise ValueError(f"prefill_gemm must be one of {PREFILL_GEMMS}, got {prefill_gemm!r}")
-        if prefill_attention not in PREFILL_ATTENTIONS:
-            raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTIONS}, got {prefill_attention!r}")
-        self.prefill_attention = prefill_attention
+                 prefill_gemm: str = "tir", prefill_attention: str = "tir", decode_attention: str = "tir"):
+        for name, value in (("prefill_gemm", prefill_gemm), ("prefill_attention", prefill_attention),
+                            ("decode_attention", decode_attention)):
+            if value not in KERNEL_SOURCES:
+                raise ValueError(f"{name} must be one of {KERNEL_SOURCES}, got {value!r}")
+        # TVM's kernel slots (names of its functions) -> the library function that replaces each
+        self._attention_swaps = {**(_PREFILL_SLOTS if prefill_attention == "library" else {}),
+                                 **(_DECODE_SLOTS if decode_attention == "library" else {})}
         self.config, self.spec, self.target = config, spec, target
         self.plan = ShardPlan(config, tp, lm_head)
         self.plan.check_quant(spec)
@@ -236,7 +240,7 @@ class LlamaForCausalLM(nn.Module):
     def _paged_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                         support_sliding_window) -> PagedKVCache:
         c = self.config
-        kv_cache = _LibraryPrefillKVCache if self.prefill_attention == "library" else TIRPagedKVCache
+        kv_cache = _library_kv_cache(self._attention_swaps) if self._attention_swaps else TIRPagedKVCache
         return kv_cache(
             attn_kind="mha",
             max_batch_size=max_batch_size,
@@ -280,34 +284,40 @@ class LlamaForCausalLM(nn.Module):
         }, self)
 
 
+# TVM's TIR kernels in the KV cache (by the names TIRPagedKVCache gives them, cuda and llvm) and
+# the runtime_patch.attention functions with the same arguments that replace them.
 LIBRARY_PREFILL_ATTENTION = "lab.attention.prefill_ragged"
+LIBRARY_DECODE_ATTENTION = "lab.attention.decode_paged"
+_PREFILL_SLOTS = {name: LIBRARY_PREFILL_ATTENTION
+                  for name in ("tir_attention_prefill_ragged", "tir_attention_prefill_ragged_cpu")}
+_DECODE_SLOTS = {name: LIBRARY_DECODE_ATTENTION for name in ("tir_attention_decode", "tir_attention_decode_cpu")}
 
 
-class _SwapRaggedPrefill(PagedKVCache):
-    """Between TIRPagedKVCache and PagedKVCache in _LibraryPrefillKVCache's method order, so it
-    receives the `vm.builtin.paged_attention_kv_cache_create` call TIRPagedKVCache builds: it puts
-    the library function in the slot of TVM's ragged prefill kernel ("tirx", <prim func>), whose
-    arguments it takes."""
+class _SwapAttentionKernels(PagedKVCache):
+    """Between TIRPagedKVCache and PagedKVCache in a _library_kv_cache class's method order, so it
+    receives the `vm.builtin.paged_attention_kv_cache_create` call TIRPagedKVCache builds: in each
+    kernel slot ("tirx", <prim func>) named in `swaps` it puts the library function instead."""
+
+    swaps: dict[str, str] = {}
 
     def __init__(self, *, _expr, _name):
-        args = [_library_ragged_prefill(arg) for arg in _expr.args]
-        if not any(new is not None for new in args):
-            raise RuntimeError("TVM's paged KV cache has no ragged prefill kernel slot to replace "
-                               "(a TVM version this lab does not know): build with prefill_attention=tir")
-        args = [new if new is not None else old for new, old in zip(args, _expr.args)]
+        args, found = [], set()
+        for arg in _expr.args:
+            if isinstance(arg, relax.Tuple) and len(arg.fields) == 2 and isinstance(arg.fields[1], ir.GlobalVar) \
+                    and arg.fields[1].name_hint in self.swaps:
+                found.add(self.swaps[arg.fields[1].name_hint])
+                arg = relax.Tuple([arg.fields[0], relax.ExternFunc(self.swaps[arg.fields[1].name_hint])])
+            args.append(arg)
+        missing = set(self.swaps.values()) - found
+        if missing:
+            raise RuntimeError(f"TVM's paged KV cache has no kernel slot for {sorted(missing)} (a TVM version this "
+                               "lab does not know): build with prefill_attention=tir decode_attention=tir")
         super().__init__(_expr=relax.Call(_expr.op, args, _expr.attrs, _expr.ty_args), _name=_name)
 
 
-class _LibraryPrefillKVCache(TIRPagedKVCache, _SwapRaggedPrefill):
-    """TVM's TIR paged KV cache with runtime_patch.attention's prefill self-attention."""
-
-
-def _library_ragged_prefill(arg):
-    """The library function's slot if `arg` is the slot of TVM's ragged prefill kernel, else None."""
-    if isinstance(arg, relax.Tuple) and len(arg.fields) == 2 and isinstance(arg.fields[1], ir.GlobalVar) \
-            and arg.fields[1].name_hint.startswith("tir_attention_prefill_ragged"):
-        return relax.Tuple([arg.fields[0], relax.ExternFunc(LIBRARY_PREFILL_ATTENTION)])
-    return None
+def _library_kv_cache(swaps: dict[str, str]) -> type:
+    """TVM's TIR paged KV cache with the kernel slots in `swaps` taken by runtime_patch.attention."""
+    return type("LibraryAttentionKVCache", (TIRPagedKVCache, _SwapAttentionKernels), {"swaps": swaps})
 
 
 # Thread blocks per KV head of TVM's prefill attention kernels (a persistent loop over query tiles

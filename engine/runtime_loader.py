@@ -8,14 +8,16 @@ from .config import ConfigError
 
 
 def check_target(spec, artifact_dir=None) -> None:
-    """Before loading an artifact: the library GEMM and attention its prefill calls (if any); for
+    """Before loading an artifact: the library GEMM and attention it calls (if any); for
     cuda, the kernel compile callback (using the artifact's precompiled cubins when it has them)
     and the GPU architecture check."""
     from runtime_patch import attention, gemm
     from runtime_patch.ccl import CCLBuildError
 
-    for library, used in ((gemm, spec.prefill_gemm), (attention, spec.prefill_attention)):
-        if used == "library":
+    uses = {gemm: spec.prefill_gemm == "library",
+            attention: "library" in (spec.prefill_attention, spec.decode_attention)}
+    for library, used in uses.items():
+        if used:
             try:
                 library.register(spec.target)
             except CCLBuildError as err:

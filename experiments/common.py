@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.compile import Artifact, BuildSpec, compile_model, default_cache_dir
-from engine.config import ConfigError, ModelConfig, from_hf_folder, preset
+from engine.config import KERNEL_OPTIONS, ConfigError, ModelConfig, from_hf_folder, preset
 from engine.weights import TensorSource, open_source
 
 log = logging.getLogger("experiments")
@@ -82,8 +82,7 @@ def cache_dir(cfg) -> Path:
 def build_spec(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> BuildSpec:
     device = cfg.get("device") or {}
     return BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated",
-                     prefill_gemm=device.get("prefill_gemm") or "auto",
-                     prefill_attention=device.get("prefill_attention") or "auto")
+                     **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS})
 
 
 def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:

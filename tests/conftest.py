@@ -57,8 +57,7 @@ def compiled(cache_dir):
     from engine.compile import BuildSpec, compile_model
 
     def get(config, quant: str, tp: int = 1, target: str = "llvm", lm_head: str = "replicated",
-            prefill_gemm: str = "auto", prefill_attention: str = "auto"):
-        return compile_model(BuildSpec(config, quant, tp, target, lm_head=lm_head, prefill_gemm=prefill_gemm,
-                                       prefill_attention=prefill_attention), cache_dir)
+            **kernels):
+        return compile_model(BuildSpec(config, quant, tp, target, lm_head=lm_head, **kernels), cache_dir)
 
     return get

@@ -152,3 +152,17 @@ def test_library_prefill_of_a_quantized_model_predicts_the_dequantized_weight():
     assert library["workspace"] - tir["workspace"] == c.vocab_size * c.hidden_size * 2  # the LM head in fp16
     fp16 = quant_spec("q0f16")
     assert memory.predict(c, fp16, 1, 1, 2048, 1024, prefill_gemm="library") == memory.predict(c, fp16, 1, 1, 2048, 1024)
+
+
+def test_library_prefill_attention_predicts_its_score_workspace():
+    from engine import memory
+    from engine.config import preset
+
+    c = preset("llama3-8b")
+    fp16 = quant_spec("q0f16")
+    tir = memory.predict(c, fp16, 1, 1, 2048, 1024)
+    library = memory.predict(c, fp16, 1, 1, 2048, 1024, prefill_attention="library")
+    # one chunk of 1024 x 1024 float32 scores and float16 probabilities for 32 query heads
+    assert library["workspace"] - tir["workspace"] == 32 * 1024 * 1024 * 6
+    long = memory.predict(c, fp16, 1, 1, 8192, 8192, prefill_attention="library")
+    assert long["workspace"] - memory.predict(c, fp16, 1, 1, 8192, 8192)["workspace"] == memory.ATTENTION_WORKSPACE_CAP

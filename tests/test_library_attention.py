@@ -1,7 +1,10 @@
-"""prefill_attention=library: the KV cache's prefill self-attention is `lab.attention.prefill_ragged`
-(cuBLAS + a softmax kernel on CUDA; NumPy here), and the model still computes what transformers
-computes, also when a later prompt chunk attends to earlier ones in the cache (TVM merges the two
-attentions by their log-sum-exp, which the library function must give in TVM's base 2)."""
+"""prefill_attention / decode_attention = library: the KV cache's attention kernels are
+`lab.attention.prefill_ragged` and `lab.attention.decode_paged` (CUDA kernels and cuBLAS on the
+GPU; NumPy here), and the model still computes what transformers computes, also when a later
+prompt chunk attends to earlier ones in the cache (TVM merges the two attentions by their
+log-sum-exp, which the library functions must give in TVM's base 2)."""
+
+import collections
 
 import numpy as np
 import pytest
@@ -15,29 +18,34 @@ from experiments.oracle import Reference, relative_error
 from runtime_patch import attention
 
 PROMPT, CHUNK, STEPS = 40, 16, 6  # three prefill chunks: the 2nd and 3rd have a prefix in the cache
+LIBRARY = {"prefill_attention": "library", "decode_attention": "library"}
 
 
 @pytest.fixture
 def attention_calls():
-    """Counts the calls of lab.attention.prefill_ragged in this process (the NumPy one, wrapped)."""
+    """Counts the calls of each library attention function in this process (NumPy, wrapped)."""
     attention.register("llvm")
-    calls = []
+    calls = collections.Counter()
 
-    def counting(q, q_indptr, k, *rest):
-        calls.append((tuple(q.shape), tuple(k.shape)))
-        attention._numpy_prefill_ragged(q, q_indptr, k, *rest)
+    def counting(name, impl):
+        def call(*args):
+            calls[name] += 1
+            impl(*args)
+        return call
 
-    tvm_ffi.register_global_func(attention.FUNCTION, counting, override=True)
+    for name, impl in attention.NUMPY.items():
+        tvm_ffi.register_global_func(name, counting(name, impl), override=True)
     yield calls
-    tvm_ffi.register_global_func(attention.FUNCTION, attention._numpy_prefill_ragged, override=True)
+    for name, impl in attention.NUMPY.items():
+        tvm_ffi.register_global_func(name, impl, override=True)
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "gqa_checkpoint"])
 def test_library_attention_matches_transformers(compiled, request, attention_calls, checkpoint):
     path = request.getfixturevalue(checkpoint)
     config = from_hf_folder(path)
-    artifact = compiled(config, "q0f32", prefill_attention="library")
-    assert artifact.metadata["prefill_attention"] == "library"
+    artifact = compiled(config, "q0f32", **LIBRARY)
+    assert {k: artifact.metadata[k] for k in LIBRARY} == LIBRARY
     gen = Generator(VMSession(artifact, open_source(config, path)), max_batch=2, max_total_len=128,
                     prefill_chunk=CHUNK)
     reference = Reference(path)
@@ -47,23 +55,32 @@ def test_library_attention_matches_transformers(compiled, request, attention_cal
 
     logits = gen.teacher_forced_logits(tokens, PROMPT)
     assert relative_error(logits, reference.logits(tokens)) <= 1e-4
-    chunks = -(-PROMPT // CHUNK)
-    assert len(attention_calls) == chunks * config.num_hidden_layers  # every prefill chunk, no decode step
-    q_heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    assert attention_calls[0] == ((CHUNK, q_heads, config.head_dim), (CHUNK, kv_heads, config.head_dim))
+    layers, chunks = config.num_hidden_layers, -(-PROMPT // CHUNK)
+    # every prefill chunk's self-attention; every decode step's attention over the pages
+    assert attention_calls == {attention.FUNCTION: chunks * layers, attention.DECODE_FUNCTION: (STEPS - 1) * layers}
 
     attention_calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    assert len(attention_calls) == chunks * config.num_hidden_layers
+
+
+def test_batched_decode_over_pages_of_different_lengths(compiled, gqa_checkpoint):
+    """Two sequences of different lengths decoded together: each attends to its own pages."""
+    config = from_hf_folder(gqa_checkpoint)
+    reference = Reference(gqa_checkpoint)
+    gen = Generator(VMSession(compiled(config, "q0f32", **LIBRARY), open_source(config, gqa_checkpoint)),
+                    max_batch=2, max_total_len=128, prefill_chunk=64)
+    prompts = [list(range(3, 40)), list(range(50, 61))]
+    result = gen.generate(prompts, STEPS)
+    assert result.tokens == [reference.greedy(p, STEPS) for p in prompts]
 
 
 def test_tir_attention_calls_no_library(compiled, tiny_checkpoint, attention_calls):
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, "q0f32", prefill_attention="tir")
+    artifact = compiled(config, "q0f32", prefill_attention="tir", decode_attention="tir")
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=CHUNK)
     gen.generate([[1, 2, 3, 4]], 2)
-    assert attention_calls == []
+    assert not attention_calls
 
 
 def test_library_attention_in_disco_workers(compiled, tiny_checkpoint):
@@ -73,8 +90,7 @@ def test_library_attention_in_disco_workers(compiled, tiny_checkpoint):
     config = from_hf_folder(tiny_checkpoint)
     reference = Reference(tiny_checkpoint)
     prompt = list(range(7, 7 + PROMPT))
-    session = DiscoSession(compiled(config, "q0f32", tp=2, prefill_attention="library"),
-                           open_source(config, tiny_checkpoint))
+    session = DiscoSession(compiled(config, "q0f32", tp=2, **LIBRARY), open_source(config, tiny_checkpoint))
     try:
         gen = Generator(session, max_batch=2, max_total_len=128, prefill_chunk=CHUNK)
         assert gen.generate([prompt], STEPS).tokens[0] == reference.greedy(prompt, STEPS)
@@ -82,17 +98,21 @@ def test_library_attention_in_disco_workers(compiled, tiny_checkpoint):
         session.close()
 
 
-def test_prefill_attention_choice(tiny_config):
+def test_attention_choice(tiny_config):
     from engine.compile import BuildSpec, export
     from engine.config import ConfigError
 
-    with pytest.raises(ConfigError, match="prefill_attention"):
-        BuildSpec(tiny_config, "q0f32", prefill_attention="flash")
-    assert BuildSpec(tiny_config, "q0f32").prefill_attention == "tir"
+    for option in LIBRARY:
+        with pytest.raises(ConfigError, match=option):
+            BuildSpec(tiny_config, "q0f32", **{option: "flash"})
+    cpu = BuildSpec(tiny_config, "q0f32")
+    assert (cpu.prefill_attention, cpu.decode_attention) == ("tir", "tir")
     cuda = BuildSpec(tiny_config, "q0f16", target="cuda")
-    assert cuda.prefill_attention == "library"
-    assert cuda.key() != BuildSpec(tiny_config, "q0f16", target="cuda", prefill_attention="tir").key()
-    mod, _ = export(cuda)
-    create = mod["create_kv_cache"].script()
+    assert (cuda.prefill_attention, cuda.decode_attention) == ("library", "library")
+    assert cuda.key() != BuildSpec(tiny_config, "q0f16", target="cuda", decode_attention="tir").key()
+    create = export(cuda)[0]["create_kv_cache"].script()
     assert f'R.ExternFunc("{attention.FUNCTION}")' in create
-    assert "batch_prefill_paged_kv" in create  # attention over cached pages stays TVM's
+    assert f'R.ExternFunc("{attention.DECODE_FUNCTION}")' in create
+    assert "batch_prefill_paged_kv" in create  # a prefill's attention over cached pages stays TVM's
+    only_decode = export(BuildSpec(tiny_config, "q0f16", target="cuda", prefill_attention="tir"))[0]
+    assert attention.FUNCTION not in only_decode["create_kv_cache"].script()

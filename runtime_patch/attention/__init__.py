@@ -1,13 +1,17 @@
-"""The prefill self-attention of the paged KV cache: `lab.attention.prefill_ragged`, put by
-engine/model.py (`prefill_attention="library"`) in the KV cache's "ragged prefill" slot where TVM
-puts its TIR kernel; it takes that kernel's arguments and gives its results (the attention output
-and the base-2 log-sum-exp that TVM's merge kernel combines with attention over cached pages).
+"""Attention of the paged KV cache, put by engine/model.py in the slots where TVM puts its TIR
+kernels; each takes that kernel's arguments and gives its results (the attention output and the
+base-2 log-sum-exp that TVM's merge kernel uses to combine attentions):
 
-- CUDA: `cublas_attention.cu` (built on first use like the CCL plugins, into $LAB_CCL_DIR):
-  S = Q K^T and O = P V as cuBLAS batched GEMMs on tensor cores, a causal softmax kernel of ours
-  between them, on the stream TVM's kernels use. TVM's TIR kernel uses no tensor cores.
-- CPU: NumPy, in float32. It lets the CPU test suite run the same compiled graph as the GPU, and
-  compare it with `transformers`.
+- `lab.attention.prefill_ragged` (`prefill_attention="library"`): a prefill's self-attention over
+  the tokens it appends. CUDA: S = Q K^T and O = P V as cuBLAS batched GEMMs on tensor cores, a
+  causal softmax kernel of ours between them (TVM's kernel uses no tensor cores).
+- `lab.attention.decode_paged` (`decode_attention="library"`): a decode step's attention over the
+  pages, split over the keys so that a batch-1 step fills the GPU (TVM's kernel runs one block per
+  sequence and KV head).
+
+CUDA: `cuda_attention.cu`, built by nvcc on first use like the CCL plugins (into $LAB_CCL_DIR),
+on the stream TVM's kernels use. CPU: NumPy in float32, so the CPU test suite runs the same
+compiled graph as the GPU and compares it with `transformers`.
 
 Call `register(target)` in every process that runs such an artifact, before it creates a KV cache
 (engine.runtime_loader.check_target does, in the controller and in every disco worker).
@@ -18,47 +22,84 @@ from __future__ import annotations
 import math
 
 FUNCTION = "lab.attention.prefill_ragged"
+DECODE_FUNCTION = "lab.attention.decode_paged"
 _registered: set[str] = set()
+
+
+def _attend(q, k, v, sm_scale: float, causal: bool):
+    """q [n, Hq, d], k and v [m, Hkv, d] (float32) -> (out [n, Hq, d], base-2 lse [n, Hq]); with
+    `causal`, query i sees keys j <= i + (m - n)."""
+    import numpy as np
+
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    n, m = len(q), len(k)
+    scores = np.einsum("ihd,jhd->hij", q, k) * (sm_scale * math.log2(math.e))
+    if causal:
+        scores = np.where(np.arange(m)[None, :] <= np.arange(n)[:, None] + (m - n), scores, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    lse = top + np.log2(np.exp2(scores - top).sum(axis=-1, keepdims=True))
+    return np.einsum("hij,jhd->ihd", np.exp2(scores - lse), v), lse[..., 0].T
+
+
+def _no_inline_rope(rotary_mode, name: str) -> None:
+    if rotary_mode:
+        raise ValueError(f"{name}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
 
 
 def _numpy_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
                           causal, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
     import numpy as np
 
-    if rotary_mode:
-        raise ValueError(f"{FUNCTION}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
+    _no_inline_rope(rotary_mode, FUNCTION)
     qa, ka, va = (np.from_dlpack(t).astype(np.float32) for t in (q, k, v))
     out, lse_out = np.from_dlpack(output), np.from_dlpack(lse)
     qo, kvo = np.from_dlpack(q_indptr), np.from_dlpack(kv_indptr)
-    group = qa.shape[1] // ka.shape[1]
     for b in range(len(qo) - 1):
-        qs = qa[qo[b]:qo[b + 1]]                                   # [n, Hq, d]
-        ks = np.repeat(ka[kvo[b]:kvo[b + 1]], group, axis=1)       # [m, Hq, d]
-        vs = np.repeat(va[kvo[b]:kvo[b + 1]], group, axis=1)
-        n, m = len(qs), len(ks)
-        scores = np.einsum("ihd,jhd->hij", qs, ks) * (sm_scale * math.log2(math.e))  # base 2
-        if causal:  # query i sees keys j <= i + (m - n)
-            scores = np.where(np.arange(m)[None, :] <= np.arange(n)[:, None] + (m - n), scores, -np.inf)
-        top = scores.max(axis=-1, keepdims=True)
-        row_lse = top + np.log2(np.exp2(scores - top).sum(axis=-1, keepdims=True))
-        out[qo[b]:qo[b + 1]] = np.einsum("hij,jhd->ihd", np.exp2(scores - row_lse), vs).astype(out.dtype)
-        lse_out[qo[b]:qo[b + 1]] = row_lse[..., 0].T
+        o, row_lse = _attend(qa[qo[b]:qo[b + 1]], ka[kvo[b]:kvo[b + 1]], va[kvo[b]:kvo[b + 1]], sm_scale, bool(causal))
+        out[qo[b]:qo[b + 1]], lse_out[qo[b]:qo[b + 1]] = o.astype(out.dtype), row_lse
+
+
+def _numpy_decode_paged(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
+                        output, lse, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
+    """pages [num_pages, 2 (K, V), Hkv, page_size, d]; sequence b owns pages
+    page_values[page_indptr[b]:page_indptr[b+1]], the last filled to length_info[b]."""
+    import numpy as np
+
+    _no_inline_rope(rotary_mode, DECODE_FUNCTION)
+    if len(length_info.shape) != 1:
+        raise ValueError(f"{DECODE_FUNCTION}: sliding-window KV caches are not supported")
+    qa, kv = np.from_dlpack(q).astype(np.float32), np.from_dlpack(pages)
+    out, lse_out = np.from_dlpack(output), np.from_dlpack(lse)
+    indptr, values, last = np.from_dlpack(page_indptr), np.from_dlpack(page_values), np.from_dlpack(length_info)
+    page_size = kv.shape[3]
+    for b in range(qa.shape[0]):
+        own = values[indptr[b]:indptr[b + 1]]
+        length = (len(own) - 1) * page_size + int(last[b]) if len(own) else 0
+        # [pages, 2, Hkv, page_size, d] -> [2, tokens, Hkv, d]
+        seq = kv[own].astype(np.float32).transpose(1, 0, 3, 2, 4).reshape(2, -1, kv.shape[2], kv.shape[4])[:, :length]
+        o, row_lse = _attend(qa[b:b + 1], seq[0], seq[1], sm_scale, causal=False)
+        out[b], lse_out[b] = o[0].astype(out.dtype), row_lse[0]
+
+
+NUMPY = {FUNCTION: _numpy_prefill_ragged, DECODE_FUNCTION: _numpy_decode_paged}
 
 
 def register(target: str) -> None:
-    """Make `lab.attention.prefill_ragged` available in this process for `target` ("cuda" or
-    "llvm"). Idempotent. Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if the
-    CUDA plugin cannot be built."""
+    """Make the attention functions available in this process for `target` ("cuda" or "llvm").
+    Idempotent. Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if the CUDA
+    plugin cannot be built."""
     if target in _registered:
         return
     if target == "cuda":
         from runtime_patch.ccl.build import load
 
-        load("cublas_attention")
+        load("cuda_attention")
     elif target == "llvm":
         import tvm_ffi
 
-        tvm_ffi.register_global_func(FUNCTION, _numpy_prefill_ragged, override=True)
+        for name, impl in NUMPY.items():
+            tvm_ffi.register_global_func(name, impl, override=True)
     else:
-        raise ValueError(f"no library prefill attention for target {target!r}")
+        raise ValueError(f"no library attention for target {target!r}")
     _registered.add(target)

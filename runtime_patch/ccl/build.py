@@ -1,6 +1,6 @@
 """Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`,
-`cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill) and `cublas_attention`
-(runtime_patch/attention: the prefill self-attention on cuBLAS and a softmax kernel of ours).
+`cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill) and `cuda_attention`
+(runtime_patch/attention: the KV cache's prefill and decode attention, cuBLAS and kernels of ours).
 
 A plugin is a shared library whose static initialisers register its globals (the CCLs:
 `runtime.disco.<ccl>.*`). `build(name)` compiles it with g++ (nvcc for CUDA kernels) into a
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CCLS = ("cpu_shm", "nccl")
-PLUGINS = (*CCLS, "cublas_gemm", "cublas_attention")
-CUBLAS_PLUGINS = ("cublas_gemm", "cublas_attention")
+PLUGINS = (*CCLS, "cublas_gemm", "cuda_attention")
+CUBLAS_PLUGINS = ("cublas_gemm", "cuda_attention")
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _STUBS = _HERE / "nccl_stubs"
@@ -234,7 +234,7 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, _cuda_lib_dir(cuda)]
         return r
     if name in CUBLAS_PLUGINS:
-        src = _HERE.parent / ("gemm/cublas_gemm.cc" if name == "cublas_gemm" else "attention/cublas_attention.cu")
+        src = _HERE.parent / ("gemm/cublas_gemm.cc" if name == "cublas_gemm" else "attention/cuda_attention.cu")
         flags = list(_COMMON_FLAGS) if name == "cublas_gemm" else list(_NVCC_FLAGS)
         r = _Recipe(name, [src], [src], flags, libs=["-ltvm_ffi", "-lcudart"], nvcc=name != "cublas_gemm")
         if for_build:

@@ -1,13 +1,15 @@
-"""The library prefill attention (`lab.attention.prefill_ragged`, runtime_patch/attention) on one
-GPU: checked against a float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
+"""The library attention functions (runtime_patch/attention) on one GPU: checked against a
+float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
 
-    python bench/prefill_attention.py --out F.json [--sha SHA]
+    python bench/attention.py --out F.json [--sha SHA]
 
-Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4); one
-sequence of 128, 1024 and 4096 tokens (causal self-attention: what a first prefill does), and a
-ragged batch of three sequences whose queries are the last tokens of longer key ranges (what a
-chunked prefill with a prefix does). Output and the base-2 log-sum-exp are compared; each case is
-timed with CUDA events (median and p95 of repeated calls, after warm-up).
+Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
+`lab.attention.prefill_ragged`: one sequence of 128, 1024 and 4096 tokens (causal
+self-attention: what a first prefill does), and a ragged batch of three sequences whose queries
+are the last tokens of longer key ranges (what a chunked prefill with a prefix does).
+`lab.attention.decode_paged`: batch 1 and 16 at contexts of 1024 and 4096 tokens, over pages of
+16 tokens in shuffled order. Output and the base-2 log-sum-exp are compared; each case is timed
+with CUDA events (median and p95 of repeated calls, after warm-up).
 """
 
 from __future__ import annotations
@@ -68,6 +70,63 @@ def sdpa(q, k, v, seqs):
         qo, ko = qo + n, ko + m
 
 
+DECODE_CASES = [("b1-ctx1024", 1, 1024), ("b1-ctx4096", 1, 4096), ("b16-ctx1024", 16, 1024), ("b16-ctx4096", 16, 4096)]
+PAGE = 16
+
+
+def decode_case(fn, hq: int, hkv: int, batch: int, context: int, sm_scale: float) -> dict:
+    """Random pages in shuffled order; sequence b has context - 7 * b tokens (ragged last pages)."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lengths = [context - 7 * b for b in range(batch)]
+    counts = [-(-n // PAGE) for n in lengths]
+    order = torch.randperm(sum(counts), generator=torch.Generator().manual_seed(2)).to(torch.int32)
+    pages = torch.randn(sum(counts), 2, hkv, PAGE, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(batch, hq, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
+    indptr = torch.tensor(np.cumsum([0] + counts), dtype=torch.int32, device="cuda")
+    values = order.cuda()
+    last = torch.tensor([n - (c - 1) * PAGE for n, c in zip(lengths, counts)], dtype=torch.int32, device="cuda")
+    zeros = torch.zeros(batch, dtype=torch.int32, device="cuda")
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, hq, device="cuda", dtype=torch.float32)
+    args = [tvm_ffi.from_dlpack(t) for t in (q, pages, indptr, values, last, zeros, zeros, o, lse)]
+
+    def call():
+        fn(*args, 0, 1.0, 500000.0, sm_scale)
+
+    call()
+    torch.cuda.synchronize()
+    want_o, want_lse, ks, vs = [], [], [], []
+    for b, n in enumerate(lengths):
+        own = values[indptr[b]:indptr[b + 1]].long()
+        kv = pages[own].permute(1, 0, 3, 2, 4).reshape(2, -1, hkv, HEAD_DIM)[:, :n]  # [2, n, Hkv, d]
+        out, l2 = reference(q[b:b + 1], kv[0], kv[1], [(1, n)], sm_scale)
+        want_o.append(out)
+        want_lse.append(l2)
+        ks.append(kv[0])
+        vs.append(kv[1])
+    want_o, want_lse = torch.cat(want_o), torch.cat(want_lse)
+    lib = timed(call)
+    group = hq // hkv
+    dense_k = [k.repeat_interleave(group, dim=1).transpose(0, 1)[None] for k in ks]
+    dense_v = [v.repeat_interleave(group, dim=1).transpose(0, 1)[None] for v in vs]
+
+    def peer():
+        import torch.nn.functional as F
+
+        for b in range(batch):
+            F.scaled_dot_product_attention(q[b:b + 1].transpose(0, 1)[None], dense_k[b], dense_v[b])
+
+    peer_s = timed(peer)
+    kv_bytes = sum(lengths) * hkv * HEAD_DIM * 2 * 2
+    return {"out_rel_error": float((o.float() - want_o).abs().max() / want_o.abs().max()),
+            "lse_abs_error": float((lse - want_lse).abs().max()), "library_s": lib, "sdpa_s": peer_s,
+            "kv_bytes": kv_bytes}
+
+
 def timed(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
     import torch
 
@@ -98,6 +157,7 @@ def run(out: Path, sha: str | None) -> None:
 
     attention.register("cuda")
     fn = tvm_ffi.get_global_func(attention.FUNCTION)
+    decode_fn = tvm_ffi.get_global_func(attention.DECODE_FUNCTION)
     sm_scale = 1 / math.sqrt(HEAD_DIM)
     results = []
     for heads_name, (hq, hkv) in HEADS.items():
@@ -126,7 +186,7 @@ def run(out: Path, sha: str | None) -> None:
             lib = timed(call)
             peer = timed(lambda: sdpa(q, k, v, seqs))
             flops = sum(4 * n * m * HEAD_DIM * hq for n, m in seqs)  # QK^T and PV, without the causal saving
-            r = {"heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
+            r = {"function": attention.FUNCTION, "heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
                  "seqs": seqs, "out_rel_error": err_o, "lse_abs_error": err_lse,
                  "library_s": stats.summarize(lib), "sdpa_s": stats.summarize(peer),
                  "library_tflops": flops / stats.summarize(lib)["p50"] / 1e12, "raw_library_s": lib, "raw_sdpa_s": peer}
@@ -134,9 +194,20 @@ def run(out: Path, sha: str | None) -> None:
                   f"(p95 {r['library_s']['p95'] * 1e6:.1f}), SDPA {r['sdpa_s']['p50'] * 1e6:8.1f} us; "
                   f"out err {err_o:.1e}, lse err {err_lse:.1e}", flush=True)
             results.append(r)
+        for case, batch, context in DECODE_CASES:
+            d = decode_case(decode_fn, hq, hkv, batch, context, sm_scale)
+            raw_lib, raw_peer = d.pop("library_s"), d.pop("sdpa_s")
+            lib, peer = stats.summarize(raw_lib), stats.summarize(raw_peer)
+            r = {"function": attention.DECODE_FUNCTION, "heads": heads_name, "q_heads": hq, "kv_heads": hkv,
+                 "head_dim": HEAD_DIM, "case": case, **d, "library_s": lib, "sdpa_s": peer,
+                 "library_gb_s": d["kv_bytes"] / lib["p50"] / 1e9, "raw_library_s": raw_lib, "raw_sdpa_s": raw_peer}
+            print(f"{heads_name} decode {case:12s} library {lib['p50'] * 1e6:8.1f} us (p95 {lib['p95'] * 1e6:.1f}, "
+                  f"{r['library_gb_s']:.0f} GB/s of KV), SDPA per sequence {peer['p50'] * 1e6:8.1f} us; "
+                  f"out err {d['out_rel_error']:.1e}, lse err {d['lse_abs_error']:.1e}", flush=True)
+            results.append(r)
     atomic_write_text(out, json.dumps({
         "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
-        "command": " ".join(["python", "bench/prefill_attention.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "bench/attention.py", *sys.argv[1:]]),
         "torch": torch.__version__, "results": results}, indent=1))
     print(f"wrote {out}")
 

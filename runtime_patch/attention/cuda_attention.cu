@@ -1,0 +1,424 @@
+// The paged KV cache's attention on the GPU, in the slots where TVM puts its TIR kernels
+// (engine/model.py), with those kernels' arguments and results. TVM's kernels use no tensor cores,
+// and its decode kernel runs one thread block per (sequence, KV head): 8 blocks for a batch-1
+// Llama-3-8B step on a GPU of 132 SMs.
+//
+// lab.attention.prefill_ragged: the self-attention of a prefill over the tokens it appends,
+//   (q [n, Hq, d], q_indptr [b+1], k [m, Hkv, d], v [m, Hkv, d], kv_indptr [b+1],
+//    q_rope_position, k_rope_pos_offset, output [n, Hq, d], lse [n, Hq] float32,
+//    causal, rotary_mode, rope_scale, rope_theta, sm_scale)
+//   per sequence and chunk of query rows: S = Q K^T as cuBLAS strided-batched GEMMs (float16 in,
+//   float32 out, tensor cores), a causal softmax kernel of ours writing float16 P, O = P V the same
+//   way. A chunk's S and P live in a workspace of at most kWorkspaceBytes per device (grown on
+//   demand); with causal masking a chunk only reads the keys its last row can see.
+//
+// lab.attention.decode_paged: one new token per sequence against the paged cache,
+//   (q [b, Hq, d], pages [num_pages, 2, Hkv, page_size, d], page_indptr [b+1], page_values [nnz],
+//    last_page_len [b], k_rope_pos_offset, q_rope_position, output [b, Hq, d], lse [b, Hq] float32,
+//    rotary_mode, rope_scale, rope_theta, sm_scale)
+//   split over the keys (flash decoding): a block per (split, KV head, sequence) keeps an online
+//   softmax for the query heads of its KV group over its share of the keys; a second kernel merges
+//   the splits. The number of splits fills the GPU whatever the batch; each block derives its key
+//   range from the lengths on the device, so nothing is read back to the host.
+//
+// lse is in base 2 of the scaled scores, log2(sum_j 2^(s_j * sm_scale * log2(e))), as TVM's merge
+// kernel expects when it combines attention over the appended tokens with attention over pages.
+#include <cublas_v2.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/container/tensor.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/c_env_api.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/reflection/registry.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
+constexpr int kSoftmaxThreads = 256;
+
+#define CHECK_CUDA(expr)                                                                   \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                               \
+      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << cudaGetErrorString(err_);     \
+  } while (0)
+
+#define CHECK_CUBLAS(expr)                                                                 \
+  do {                                                                                     \
+    cublasStatus_t status_ = (expr);                                                       \
+    if (status_ != CUBLAS_STATUS_SUCCESS)                                                  \
+      TVM_FFI_THROW(RuntimeError) << #expr << " failed: cuBLAS status " << int(status_);   \
+  } while (0)
+
+// Per (thread, device): a cuBLAS handle and the S/P workspace. A disco worker is one thread on one
+// device; cuBLAS handles are not thread-safe.
+struct DeviceState {
+  cublasHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  int64_t workspace_bytes = 0;
+  int sms = 0;
+};
+
+DeviceState& State(int device) {
+  thread_local std::unordered_map<int, DeviceState> states;
+  DeviceState& s = states[device];
+  if (s.handle == nullptr) {
+    CHECK_CUBLAS(cublasCreate(&s.handle));
+    CHECK_CUDA(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
+  }
+  return s;
+}
+
+void* Workspace(DeviceState& s, int64_t bytes, cudaStream_t stream) {
+  if (bytes > s.workspace_bytes) {
+    if (s.workspace != nullptr) {
+      CHECK_CUDA(cudaStreamSynchronize(stream));  // the last use of the old buffer is on it
+      CHECK_CUDA(cudaFree(s.workspace));
+    }
+    CHECK_CUDA(cudaMalloc(&s.workspace, bytes));
+    s.workspace_bytes = bytes;
+  }
+  return s.workspace;
+}
+
+__device__ float BlockReduce(float value, bool is_max, float* shared) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    float other = __shfl_xor_sync(0xffffffffu, value, offset);
+    value = is_max ? fmaxf(value, other) : value + other;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // `shared` may still be read by the previous reduction
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  value = shared[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) value = is_max ? fmaxf(value, shared[w]) : value + shared[w];
+  return value;
+}
+
+// One block per row of S [group][Hkv][rows][cols]: P = 2^(S * scale2 - lse) for the columns a
+// causal row sees (col <= row + first_row + causal_shift), 0 for the others; lse of the row.
+__global__ void CausalSoftmax(const float* __restrict__ s, __half* __restrict__ p, float* __restrict__ lse,
+                              int rows, int cols, int kv_heads, int group, int first_row,
+                              int64_t lse_row0, int q_heads, int causal, int64_t causal_shift,
+                              float scale2) {
+  __shared__ float shared[kSoftmaxThreads / 32];
+  const int64_t row_id = blockIdx.x;  // ((r * kv_heads + hk) * rows + i)
+  const int i = int(row_id % rows);
+  const int hk = int((row_id / rows) % kv_heads);
+  const int r = int(row_id / (int64_t(rows) * kv_heads));
+  const int64_t seen = first_row + i + causal_shift;  // the last key this row sees
+  const int64_t last = causal && seen < cols - 1 ? seen : cols - 1;
+  const float* srow = s + row_id * cols;
+  __half* prow = p + row_id * cols;
+
+  // One read for the statistics: each thread's running maximum and sum, rescaled when the
+  // maximum grows, then combined across the block; a second read writes P.
+  float m = -INFINITY, sum = 0.f;
+  for (int64_t j = threadIdx.x; j <= last; j += blockDim.x) {
+    const float x = srow[j] * scale2;
+    if (x > m) {
+      sum = sum * exp2f(m - x) + 1.f;
+      m = x;
+    } else {
+      sum += exp2f(x - m);
+    }
+  }
+  const float row_max = BlockReduce(m, true, shared);
+  sum = BlockReduce(m == -INFINITY ? 0.f : sum * exp2f(m - row_max), false, shared);
+  const float row_lse = row_max + log2f(sum);
+  for (int64_t j = threadIdx.x; j < cols; j += blockDim.x)
+    prow[j] = __float2half(j <= last ? exp2f(srow[j] * scale2 - row_lse) : 0.f);
+  if (threadIdx.x == 0) lse[(lse_row0 + first_row + i) * q_heads + hk * group + r] = row_lse;
+}
+
+constexpr int kDecodeWarps = 4;
+constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
+// A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
+// does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
+constexpr float kEmptyLse = -5e4f;
+
+// Per lane VEC consecutive elements of a head_dim = 32 * VEC vector, as floats.
+template <int VEC>
+__device__ void LoadHalfs(const __half* src, float* dst) {
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) dst[i] = __half2float(src[i]);
+}
+
+template <int VEC>
+__global__ void DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages,
+                              const int32_t* __restrict__ page_indptr, const int32_t* __restrict__ page_values,
+                              const int32_t* __restrict__ last_page_len, float* __restrict__ part_o,
+                              float* __restrict__ part_lse, int kv_heads, int group, int page_size,
+                              int splits, float scale2) {
+  constexpr int D = 32 * VEC;
+  __shared__ float sm_m[kDecodeWarps][kMaxGroup], sm_d[kDecodeWarps][kMaxGroup];
+  __shared__ float sm_o[kDecodeWarps][kMaxGroup][D];
+  const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int q_heads = kv_heads * group;
+  const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
+  const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
+  const int chunk = (len + splits - 1) / splits;
+  const int t0 = split * chunk, t1 = min(len, t0 + chunk);
+
+  float qr[kMaxGroup][VEC], o[kMaxGroup][VEC], m[kMaxGroup], d[kMaxGroup];
+#pragma unroll
+  for (int g = 0; g < kMaxGroup; ++g) {
+    m[g] = -INFINITY;
+    d[g] = 0.f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
+    if (g < group) LoadHalfs<VEC>(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * VEC, qr[g]);
+  }
+  const int64_t kv_stride = int64_t(kv_heads) * page_size * D;  // K to V of a page
+  for (int t = t0 + warp; t < t1; t += kDecodeWarps) {  // a warp per key
+    const int64_t page = page_values[p0 + t / page_size];
+    const __half* krow = pages + (page * 2 * kv_heads + hk) * page_size * D + int64_t(t % page_size) * D;
+    float k[VEC], v[VEC];
+    LoadHalfs<VEC>(krow + lane * VEC, k);
+    LoadHalfs<VEC>(krow + kv_stride + lane * VEC, v);
+#pragma unroll
+    for (int g = 0; g < kMaxGroup; ++g) {
+      if (g >= group) break;
+      float s = 0.f;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) s += qr[g][i] * k[i];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+      s *= scale2;
+      const float m_new = fmaxf(m[g], s);
+      const float rescale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
+      d[g] = d[g] * rescale + p;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) o[g][i] = o[g][i] * rescale + p * v[i];
+      m[g] = m_new;
+    }
+  }
+  for (int g = 0; g < group; ++g) {
+    if (lane == 0) sm_m[warp][g] = m[g], sm_d[warp][g] = d[g];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) sm_o[warp][g][lane * VEC + i] = o[g][i];
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+    const int g = idx / D, j = idx % D;
+    float top = -INFINITY;
+    for (int w = 0; w < kDecodeWarps; ++w) top = fmaxf(top, sm_m[w][g]);
+    float dsum = 0.f, osum = 0.f;
+    if (top != -INFINITY) {
+      for (int w = 0; w < kDecodeWarps; ++w) {
+        const float a = sm_m[w][g] == -INFINITY ? 0.f : exp2f(sm_m[w][g] - top);
+        dsum += sm_d[w][g] * a;
+        osum += sm_o[w][g][j] * a;
+      }
+    }
+    const int64_t row = (int64_t(b) * q_heads + hk * group + g) * splits + split;
+    part_o[row * D + j] = dsum > 0.f ? osum / dsum : 0.f;
+    if (j == 0) part_lse[row] = dsum > 0.f ? top + log2f(dsum) : -INFINITY;
+  }
+}
+
+// One block per (sequence, query head), a thread per element of head_dim: merge the splits.
+__global__ void DecodeMerge(const float* __restrict__ part_o, const float* __restrict__ part_lse,
+                            __half* __restrict__ out, float* __restrict__ lse, int splits, int d) {
+  const int64_t row = blockIdx.x;  // b * q_heads + h
+  const float* lses = part_lse + row * splits;
+  float top = -INFINITY;
+  for (int s = 0; s < splits; ++s) top = fmaxf(top, lses[s]);
+  if (top == -INFINITY) {
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = __float2half(0.f);
+    if (threadIdx.x == 0) lse[row] = kEmptyLse;
+    return;
+  }
+  float wsum = 0.f;
+  for (int s = 0; s < splits; ++s) wsum += lses[s] == -INFINITY ? 0.f : exp2f(lses[s] - top);
+  for (int j = threadIdx.x; j < d; j += blockDim.x) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s)
+      if (lses[s] != -INFINITY) acc += exp2f(lses[s] - top) * part_o[(row * splits + s) * d + j];
+    out[row * d + j] = __float2half(acc / wsum);
+  }
+  if (threadIdx.x == 0) lse[row] = top + log2f(wsum);
+}
+
+bool IsCompact(const DLTensor* t) {
+  if (t->strides == nullptr) return true;
+  int64_t expected = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->shape[i] != 1 && t->strides[i] != expected) return false;
+    expected *= t->shape[i];
+  }
+  return true;
+}
+
+void Check(const DLTensor* t, const char* role, int ndim, int bits, DLDataTypeCode code) {
+  if (t->device.device_type != kDLCUDA)
+    TVM_FFI_THROW(ValueError) << "lab.attention: " << role << " is not on a CUDA device";
+  if (t->ndim != ndim || t->dtype.code != code || t->dtype.bits != bits || t->dtype.lanes != 1)
+    TVM_FFI_THROW(TypeError) << "lab.attention: " << role << " must be a " << ndim
+                             << "-d " << (code == kDLFloat ? "float" : "int") << bits << " tensor";
+  if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << "lab.attention: " << role << " is not compact";
+}
+
+template <typename T>
+T* Data(const DLTensor* t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
+}
+
+std::vector<int32_t> HostIndptr(const DLTensor* t, cudaStream_t stream) {
+  std::vector<int32_t> host(t->shape[0]);
+  CHECK_CUDA(cudaMemcpyAsync(host.data(), Data<int32_t>(t), host.size() * sizeof(int32_t),
+                             cudaMemcpyDeviceToHost, stream));
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  return host;
+}
+
+void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DLTensor* kv_indptr,
+                   DLTensor* q_rope_position, DLTensor* k_rope_pos_offset, DLTensor* output,
+                   DLTensor* lse, int64_t causal, int64_t rotary_mode, double rope_scale,
+                   double rope_theta, double sm_scale) {
+  Check(q, "q", 3, 16, kDLFloat);
+  Check(k, "k", 3, 16, kDLFloat);
+  Check(v, "v", 3, 16, kDLFloat);
+  Check(output, "output", 3, 16, kDLFloat);
+  Check(lse, "lse", 2, 32, kDLFloat);
+  Check(q_indptr, "q_indptr", 1, 32, kDLInt);
+  Check(kv_indptr, "kv_indptr", 1, 32, kDLInt);
+  if (rotary_mode != 0)
+    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: inline RoPE is not supported (the model "
+                                 "applies RoPE before the KV cache: RopeMode.NORMAL)";
+  const int64_t q_heads = q->shape[1], kv_heads = k->shape[1], d = q->shape[2];
+  if (q_heads % kv_heads != 0 || k->shape[2] != d || v->shape[2] != d || v->shape[1] != kv_heads ||
+      output->shape[1] != q_heads || output->shape[2] != d || lse->shape[1] != q_heads)
+    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: head counts or head dims do not agree";
+  const int64_t group = q_heads / kv_heads;
+  const int64_t batch = q_indptr->shape[0] - 1;
+  if (batch < 1 || kv_indptr->shape[0] != batch + 1)
+    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: q_indptr and kv_indptr must have batch + 1 entries";
+
+  const int device = q->device.device_id;
+  DeviceState& state = State(device);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  CHECK_CUBLAS(cublasSetStream(state.handle, stream));
+
+  // One sequence: the lengths are the tensors' (no device read); several: read the indptrs.
+  std::vector<int32_t> qo{0, int32_t(q->shape[0])}, kvo{0, int32_t(k->shape[0])};
+  if (batch > 1) {
+    qo = HostIndptr(q_indptr, stream);
+    kvo = HostIndptr(kv_indptr, stream);
+  }
+  const float scale2 = float(sm_scale * 1.4426950408889634);  // exp(x) = 2^(x log2 e)
+  const float one = 1.f, zero = 0.f;
+  const int64_t q_row = q_heads * d, kv_row = kv_heads * d;
+
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = qo[b + 1] - qo[b], m = kvo[b + 1] - kvo[b];
+    if (n == 0) continue;
+    const int64_t shift = m - n;  // a query row i sees keys j <= i + shift
+    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kWorkspaceBytes / (q_heads * m * 6)));
+    char* ws = static_cast<char*>(Workspace(state, q_heads * chunk * m * 6, stream));
+    const __half* kb = Data<__half>(k) + kvo[b] * kv_row;
+    const __half* vb = Data<__half>(v) + kvo[b] * kv_row;
+    for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+      const int64_t rows = std::min(chunk, n - i0);
+      const int64_t cols = causal ? std::min(m, i0 + rows + shift) : m;
+      if (cols <= 0) TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: a causal query row sees no key";
+      float* s = reinterpret_cast<float*>(ws);
+      __half* p = reinterpret_cast<__half*>(ws + q_heads * rows * cols * 4);
+      const __half* qb = Data<__half>(q) + (qo[b] + i0) * q_row;
+      __half* ob = Data<__half>(output) + (qo[b] + i0) * q_row;
+      for (int64_t r = 0; r < group; ++r) {
+        // Row-major S_h[rows, cols] = Q_h[rows, d] K_hk[cols, d]^T for h = hk * group + r, batched
+        // over hk; in cuBLAS's column-major terms S_h^T = K_hk^T^T Q_h^T.
+        CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+            state.handle, CUBLAS_OP_T, CUBLAS_OP_N, int(cols), int(rows), int(d), &one,
+            kb, CUDA_R_16F, int(kv_row), d, qb + r * d, CUDA_R_16F, int(q_row), group * d, &zero,
+            s + r * kv_heads * rows * cols, CUDA_R_32F, int(cols), rows * cols, int(kv_heads),
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+      CausalSoftmax<<<unsigned(group * kv_heads * rows), kSoftmaxThreads, 0, stream>>>(
+          s, p, Data<float>(lse), int(rows), int(cols), int(kv_heads), int(group), int(i0), qo[b],
+          int(q_heads), int(causal), shift, scale2);
+      CHECK_CUDA(cudaGetLastError());
+      for (int64_t r = 0; r < group; ++r) {
+        // O_h[rows, d] = P_h[rows, cols] V_hk[cols, d]: column-major O_h^T = V_hk^T P_h^T.
+        CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+            state.handle, CUBLAS_OP_N, CUBLAS_OP_N, int(d), int(rows), int(cols), &one,
+            vb, CUDA_R_16F, int(kv_row), d, p + r * kv_heads * rows * cols, CUDA_R_16F, int(cols),
+            rows * cols, &zero, ob + r * d, CUDA_R_16F, int(q_row), group * d, int(kv_heads),
+            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      }
+    }
+  }
+}
+
+template <int VEC>
+void LaunchDecode(dim3 grid, cudaStream_t stream, const __half* q, const __half* pages, const int32_t* page_indptr,
+                  const int32_t* page_values, const int32_t* last_page_len, float* part_o, float* part_lse,
+                  int kv_heads, int group, int page_size, int splits, float scale2) {
+  DecodePartial<VEC><<<grid, kDecodeWarps * 32, 0, stream>>>(q, pages, page_indptr, page_values, last_page_len,
+                                                             part_o, part_lse, kv_heads, group, page_size, splits,
+                                                             scale2);
+}
+
+void DecodePaged(DLTensor* q, DLTensor* pages, DLTensor* page_indptr, DLTensor* page_values, DLTensor* length_info,
+                 DLTensor* k_rope_pos_offset, DLTensor* q_rope_position, DLTensor* output, DLTensor* lse,
+                 int64_t rotary_mode, double rope_scale, double rope_theta, double sm_scale) {
+  const char* fn = "lab.attention.decode_paged";
+  Check(q, "q", 3, 16, kDLFloat);
+  Check(pages, "pages", 5, 16, kDLFloat);
+  Check(output, "output", 3, 16, kDLFloat);
+  Check(lse, "lse", 2, 32, kDLFloat);
+  Check(page_indptr, "page_indptr", 1, 32, kDLInt);
+  Check(page_values, "page_values", 1, 32, kDLInt);
+  if (length_info->ndim != 1)
+    TVM_FFI_THROW(ValueError) << fn << ": sliding-window KV caches are not supported (build with decode_attention=tir)";
+  Check(length_info, "length_info", 1, 32, kDLInt);
+  if (rotary_mode != 0)
+    TVM_FFI_THROW(ValueError) << fn << ": inline RoPE is not supported (the model applies RoPE before the KV cache)";
+  const int64_t batch = q->shape[0], q_heads = q->shape[1], d = q->shape[2];
+  const int64_t kv_heads = pages->shape[2], page_size = pages->shape[3];
+  if (pages->shape[1] != 2 || pages->shape[4] != d || q_heads % kv_heads != 0 || output->shape[0] != batch ||
+      output->shape[1] != q_heads || output->shape[2] != d || page_indptr->shape[0] != batch + 1)
+    TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree";
+  const int64_t group = q_heads / kv_heads;
+  if (group > kMaxGroup)
+    TVM_FFI_THROW(ValueError) << fn << ": " << group << " query heads per KV head, at most " << kMaxGroup
+                              << " supported (build with decode_attention=tir)";
+  if (d != 32 && d != 64 && d != 128 && d != 256)
+    TVM_FFI_THROW(ValueError) << fn << ": head_dim " << d << " is not 32, 64, 128 or 256 (build with decode_attention=tir)";
+  if (batch == 0) return;
+
+  const int device = q->device.device_id;
+  DeviceState& state = State(device);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  // About two blocks per SM whatever the batch, at most 64 splits of a sequence's keys.
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (2 * state.sms + batch * kv_heads - 1) /
+                                                                         (batch * kv_heads)));
+  float* part_o = static_cast<float*>(Workspace(state, batch * q_heads * splits * (d + 1) * 4, stream));
+  float* part_lse = part_o + batch * q_heads * splits * d;
+  const dim3 grid{unsigned(splits), unsigned(kv_heads), unsigned(batch)};
+  const float scale2 = float(sm_scale * 1.4426950408889634);
+  auto launch = d == 32 ? LaunchDecode<1> : d == 64 ? LaunchDecode<2> : d == 128 ? LaunchDecode<4> : LaunchDecode<8>;
+  launch(grid, stream, Data<__half>(q), Data<__half>(pages), Data<int32_t>(page_indptr), Data<int32_t>(page_values),
+         Data<int32_t>(length_info), part_o, part_lse, int(kv_heads), int(group), int(page_size), int(splits), scale2);
+  CHECK_CUDA(cudaGetLastError());
+  DecodeMerge<<<unsigned(batch * q_heads), unsigned(std::max<int64_t>(32, d)), 0, stream>>>(
+      part_o, part_lse, Data<__half>(output), Data<float>(lse), int(splits), int(d));
+  CHECK_CUDA(cudaGetLastError());
+}
+
+}  // namespace
+
+TVM_FFI_STATIC_INIT_BLOCK() {
+  namespace refl = tvm::ffi::reflection;
+  refl::GlobalDef().def("lab.attention.prefill_ragged", PrefillRagged);
+  refl::GlobalDef().def("lab.attention.decode_paged", DecodePaged);
+}
