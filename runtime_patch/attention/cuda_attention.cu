@@ -139,81 +139,92 @@ __global__ void CausalSoftmax(const float* __restrict__ s, __half* __restrict__ 
 }
 
 constexpr int kDecodeWarps = 4;
+constexpr int kDecodeBlocksPerSM = 8;
 constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
 // A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
 // does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
 constexpr float kEmptyLse = -5e4f;
 
-// Per lane VEC consecutive elements of a head_dim = 32 * VEC vector, as floats.
-template <int VEC>
-__device__ void LoadHalfs(const __half* src, float* dst) {
+// 8 consecutive halfs (one 16-byte load) as floats.
+__device__ void Load8(const __half* src, float* dst) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
-  for (int i = 0; i < VEC; ++i) dst[i] = __half2float(src[i]);
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
+  }
 }
 
-template <int VEC>
-__global__ void DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages,
-                              const int32_t* __restrict__ page_indptr, const int32_t* __restrict__ page_values,
-                              const int32_t* __restrict__ last_page_len, float* __restrict__ part_o,
-                              float* __restrict__ part_lse, int kv_heads, int group, int page_size,
-                              int splits, float scale2) {
-  constexpr int D = 32 * VEC;
-  __shared__ float sm_m[kDecodeWarps][kMaxGroup], sm_d[kDecodeWarps][kMaxGroup];
-  __shared__ float sm_o[kDecodeWarps][kMaxGroup][D];
+// A block per (split, KV head, sequence). A key is handled by a team of D / 8 lanes, each with
+// 8 elements of head_dim (16-byte loads), so a warp reads 32 / (D / 8) keys at once; each team
+// keeps an online softmax per query head of the KV group, and the teams are combined in shared
+// memory into the split's (output, lse).
+template <int D, int G>  // G: query heads per KV head this instance can hold (registers)
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, const int32_t* __restrict__ page_indptr,
+              const int32_t* __restrict__ page_values, const int32_t* __restrict__ last_page_len,
+              float* __restrict__ part_o, float* __restrict__ part_lse, int kv_heads, int group, int page_size,
+              int splits, float scale2) {
+  constexpr int kTeam = D / 8, kTeams = kDecodeWarps * 32 / kTeam;
+  __shared__ float sm_m[kTeams][G], sm_d[kTeams][G];
+  __shared__ float sm_o[kTeams][G][D];
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int team = threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
   const int q_heads = kv_heads * group;
   const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
   const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
 
-  float qr[kMaxGroup][VEC], o[kMaxGroup][VEC], m[kMaxGroup], d[kMaxGroup];
+  float qr[G][8], o[G][8], m[G], d[G];
 #pragma unroll
-  for (int g = 0; g < kMaxGroup; ++g) {
+  for (int g = 0; g < G; ++g) {
     m[g] = -INFINITY;
     d[g] = 0.f;
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
-    if (g < group) LoadHalfs<VEC>(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * VEC, qr[g]);
+    for (int i = 0; i < 8; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
+    if (g < group) Load8(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * 8, qr[g]);
   }
   const int64_t kv_stride = int64_t(kv_heads) * page_size * D;  // K to V of a page
-  for (int t = t0 + warp; t < t1; t += kDecodeWarps) {  // a warp per key
+  for (int t = t0 + team; t < t1; t += kTeams) {
     const int64_t page = page_values[p0 + t / page_size];
     const __half* krow = pages + (page * 2 * kv_heads + hk) * page_size * D + int64_t(t % page_size) * D;
-    float k[VEC], v[VEC];
-    LoadHalfs<VEC>(krow + lane * VEC, k);
-    LoadHalfs<VEC>(krow + kv_stride + lane * VEC, v);
+    float k[8], v[8];
+    Load8(krow + lane * 8, k);
+    Load8(krow + kv_stride + lane * 8, v);
 #pragma unroll
-    for (int g = 0; g < kMaxGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       if (g >= group) break;
       float s = 0.f;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) s += qr[g][i] * k[i];
+      for (int i = 0; i < 8; ++i) s += qr[g][i] * k[i];
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+      for (int offset = kTeam / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
       s *= scale2;
       const float m_new = fmaxf(m[g], s);
       const float rescale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
       d[g] = d[g] * rescale + p;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) o[g][i] = o[g][i] * rescale + p * v[i];
+      for (int i = 0; i < 8; ++i) o[g][i] = o[g][i] * rescale + p * v[i];
       m[g] = m_new;
     }
   }
-  for (int g = 0; g < group; ++g) {
-    if (lane == 0) sm_m[warp][g] = m[g], sm_d[warp][g] = d[g];
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) sm_o[warp][g][lane * VEC + i] = o[g][i];
+  for (int g = 0; g < G; ++g) {  // static indices keep m, d and o in registers
+    if (g >= group) break;
+    if (lane == 0) sm_m[team][g] = m[g], sm_d[team][g] = d[g];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) sm_o[team][g][lane * 8 + i] = o[g][i];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
     const int g = idx / D, j = idx % D;
     float top = -INFINITY;
-    for (int w = 0; w < kDecodeWarps; ++w) top = fmaxf(top, sm_m[w][g]);
+    for (int w = 0; w < kTeams; ++w) top = fmaxf(top, sm_m[w][g]);
     float dsum = 0.f, osum = 0.f;
     if (top != -INFINITY) {
-      for (int w = 0; w < kDecodeWarps; ++w) {
+      for (int w = 0; w < kTeams; ++w) {
         const float a = sm_m[w][g] == -INFINITY ? 0.f : exp2f(sm_m[w][g] - top);
         dsum += sm_d[w][g] * a;
         osum += sm_o[w][g][j] * a;
@@ -359,13 +370,13 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
   }
 }
 
-template <int VEC>
-void LaunchDecode(dim3 grid, cudaStream_t stream, const __half* q, const __half* pages, const int32_t* page_indptr,
-                  const int32_t* page_values, const int32_t* last_page_len, float* part_o, float* part_lse,
-                  int kv_heads, int group, int page_size, int splits, float scale2) {
-  DecodePartial<VEC><<<grid, kDecodeWarps * 32, 0, stream>>>(q, pages, page_indptr, page_values, last_page_len,
-                                                             part_o, part_lse, kv_heads, group, page_size, splits,
-                                                             scale2);
+using DecodeKernel = void (*)(const __half*, const __half*, const int32_t*, const int32_t*, const int32_t*, float*,
+                              float*, int, int, int, int, float);
+
+template <int D>
+DecodeKernel DecodeFor(int64_t group) {
+  return group <= 1 ? DecodePartial<D, 1> : group <= 2 ? DecodePartial<D, 2> : group <= 4 ? DecodePartial<D, 4>
+                                                                                           : DecodePartial<D, 8>;
 }
 
 void DecodePaged(DLTensor* q, DLTensor* pages, DLTensor* page_indptr, DLTensor* page_values, DLTensor* length_info,
@@ -399,16 +410,21 @@ void DecodePaged(DLTensor* q, DLTensor* pages, DLTensor* page_indptr, DLTensor* 
   const int device = q->device.device_id;
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  // About two blocks per SM whatever the batch, at most 64 splits of a sequence's keys.
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (2 * state.sms + batch * kv_heads - 1) /
-                                                                         (batch * kv_heads)));
+  // About kDecodeBlocksPerSM blocks per SM whatever the batch (enough loads in flight to keep
+  // HBM busy), at most 64 splits of a sequence's keys.
+  const int64_t blocks = int64_t(kDecodeBlocksPerSM) * state.sms;
+  const int64_t splits =
+      std::max<int64_t>(1, std::min<int64_t>(64, (blocks + batch * kv_heads - 1) / (batch * kv_heads)));
   float* part_o = static_cast<float*>(Workspace(state, batch * q_heads * splits * (d + 1) * 4, stream));
   float* part_lse = part_o + batch * q_heads * splits * d;
   const dim3 grid{unsigned(splits), unsigned(kv_heads), unsigned(batch)};
   const float scale2 = float(sm_scale * 1.4426950408889634);
-  auto launch = d == 32 ? LaunchDecode<1> : d == 64 ? LaunchDecode<2> : d == 128 ? LaunchDecode<4> : LaunchDecode<8>;
-  launch(grid, stream, Data<__half>(q), Data<__half>(pages), Data<int32_t>(page_indptr), Data<int32_t>(page_values),
-         Data<int32_t>(length_info), part_o, part_lse, int(kv_heads), int(group), int(page_size), int(splits), scale2);
+  const DecodeKernel kernel = d == 32 ? DecodeFor<32>(group) : d == 64 ? DecodeFor<64>(group)
+                             : d == 128 ? DecodeFor<128>(group) : DecodeFor<256>(group);
+  kernel<<<grid, kDecodeWarps * 32, 0, stream>>>(Data<__half>(q), Data<__half>(pages), Data<int32_t>(page_indptr),
+                                                 Data<int32_t>(page_values), Data<int32_t>(length_info), part_o,
+                                                 part_lse, int(kv_heads), int(group), int(page_size), int(splits),
+                                                 scale2);
   CHECK_CUDA(cudaGetLastError());
   DecodeMerge<<<unsigned(batch * q_heads), unsigned(std::max<int64_t>(32, d)), 0, stream>>>(
       part_o, part_lse, Data<__half>(output), Data<float>(lse), int(splits), int(d));
