@@ -187,12 +187,20 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
     if (g < group) Load8(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * 8, qr[g]);
   }
   const int64_t kv_stride = int64_t(kv_heads) * page_size * D;  // K to V of a page
-  for (int t = t0 + team; t < t1; t += kTeams) {
-    const int64_t page = page_values[p0 + t / page_size];
-    const __half* krow = pages + (page * 2 * kv_heads + hk) * page_size * D + int64_t(t % page_size) * D;
-    float k[8], v[8];
-    Load8(krow + lane * 8, k);
-    Load8(krow + kv_stride + lane * 8, v);
+  // The warp's teams take consecutive keys; every lane of a warp runs the same iterations (the
+  // shuffles below need the whole warp), a team past the split's end computes on zeros and keeps
+  // its state.
+  constexpr int kTeamsPerWarp = 32 / kTeam;
+  for (int base = t0 + (threadIdx.x / 32) * kTeamsPerWarp; base < t1; base += kTeams) {
+    const int t = base + (threadIdx.x % 32) / kTeam;
+    const bool valid = t < t1;
+    float k[8] = {}, v[8] = {};
+    if (valid) {
+      const int64_t page = page_values[p0 + t / page_size];
+      const __half* krow = pages + (page * 2 * kv_heads + hk) * page_size * D + int64_t(t % page_size) * D;
+      Load8(krow + lane * 8, k);
+      Load8(krow + kv_stride + lane * 8, v);
+    }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
       if (g >= group) break;
@@ -201,6 +209,7 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
       for (int i = 0; i < 8; ++i) s += qr[g][i] * k[i];
 #pragma unroll
       for (int offset = kTeam / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
+      if (!valid) continue;
       s *= scale2;
       const float m_new = fmaxf(m[g], s);
       const float rescale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
