@@ -33,14 +33,15 @@ def main() -> None:
     ap.add_argument("--prefill-attentions", default="auto",
                     help="prefill self-attention (auto, library, tir), comma-separated")
     ap.add_argument("--decode-attentions", default="auto", help="decode attention (auto, library, tir), comma-separated")
+    ap.add_argument("--decode-gemvs", default="auto", help="q4 decode GEMVs (auto, library, tir), comma-separated")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, prefill_gemm=g,
-                       prefill_attention=a, decode_attention=d)
+                       prefill_attention=a, decode_attention=d, decode_gemv=v)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
              for g in args.prefill_gemms.split(",") for a in args.prefill_attentions.split(",")
-             for d in args.decode_attentions.split(",")]
+             for d in args.decode_attentions.split(",") for v in args.decode_gemvs.split(",")]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

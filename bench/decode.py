@@ -48,7 +48,8 @@ def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
             return artifact
     raise SystemExit(f"no artifact for {spec.folder_name()} ({spec.kernels}) under {root}: run python -m "
                      f"bench.build_artifacts --prefill-gemms {spec.prefill_gemm} "
-                     f"--prefill-attentions {spec.prefill_attention} --decode-attentions {spec.decode_attention}")
+                     f"--prefill-attentions {spec.prefill_attention} --decode-attentions {spec.decode_attention} "
+                     f"--decode-gemvs {spec.decode_gemv}")
 
 
 def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
@@ -135,6 +136,8 @@ def main() -> None:
                     help="comma list of library (cuBLAS + softmax kernel), tir: once per artifact")
     ap.add_argument("--decode-attentions", default="library",
                     help="comma list of library (split over the keys), tir: once per artifact")
+    ap.add_argument("--decode-gemvs", default="library",
+                    help="comma list of library (q4 half2 GEMV), tir: once per artifact")
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
@@ -150,9 +153,10 @@ def main() -> None:
     record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
               "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
               "bandwidth": bandwidth, "engine": [], "peers": []}
-    variants = [(q, {"prefill_gemm": g, "prefill_attention": a, "decode_attention": d})
+    variants = [(q, {"prefill_gemm": g, "prefill_attention": a, "decode_attention": d, "decode_gemv": v})
                 for q in args.quants.split(",") for g in args.prefill_gemms.split(",")
-                for a in args.prefill_attentions.split(",") for d in args.decode_attentions.split(",")]
+                for a in args.prefill_attentions.split(",") for d in args.decode_attentions.split(",")
+                for v in args.decode_gemvs.split(",")]
     for quant, kernels in variants:
         artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90", **kernels))
         source = open_source(config, None, seed=0, backend="torch", device="cuda:0")

@@ -47,6 +47,7 @@ class BuildSpec:
     prefill_gemm: str = "auto"
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
+    decode_gemv: str = "auto"
 
     def __post_init__(self) -> None:
         quant_spec(self.quant)

@@ -15,7 +15,9 @@ from typing import Any
 #                      runtime_patch.attention (cuBLAS GEMMs and a softmax kernel)
 #   decode_attention   a decode step's attention over the KV cache's pages: TVM's TIR kernel, or
 #                      runtime_patch.attention (split over the keys)
-KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention")
+#   decode_gemv        the batch-1 decode GEMVs of q4f16_1 weights: TVM's (dlight) kernels, or
+#                      runtime_patch.gemm's (half2 dequantization); other quantizations keep TVM's
+KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv")
 KERNEL_SOURCES = ("tir", "library")
 
 

@@ -15,7 +15,8 @@ attention of a prefill over the tokens it appends is `lab.attention.prefill_ragg
 (runtime_patch.attention: cuBLAS GEMMs and a softmax kernel on CUDA), and with
 `decode_attention="library"` a decode step's attention over the pages is
 `lab.attention.decode_paged` (split over the keys), instead of TVM's TIR kernels; a prefill's
-attention over pages already in the cache stays TVM's. `decode` (batch 1) computes quantized weights in
+attention over pages already in the cache stays TVM's. With `decode_gemv="library"` the `decode`
+function's q4f16_1 linears (and LM head) call `lab.gemv.q4` (runtime_patch.gemm). `decode` (batch 1) computes quantized weights in
 float32 inside its GEMV kernels; `batch_decode` and TIR prefills dequantize them to fp16 in a
 producer stage, which tensor-core matmuls can use.
 """
@@ -42,6 +43,7 @@ def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parame
 
 
 LIBRARY_GEMM = "lab.gemm.nt"
+LIBRARY_GEMV_Q4 = "lab.gemv.q4"
 
 
 class _GemmChoice:
@@ -50,8 +52,8 @@ class _GemmChoice:
     float32 inside the GEMV; elsewhere a quantized weight goes through an fp16 producer stage
     that tensor-core matmuls can use (engine.quantize.te_linear)."""
 
-    def __init__(self, library_in_prefill: bool):
-        self.library_in_prefill, self.mode = library_in_prefill, None
+    def __init__(self, library_in_prefill: bool, library_in_decode: bool = False):
+        self.library_in_prefill, self.library_in_decode, self.mode = library_in_prefill, library_in_decode, None
 
     @contextlib.contextmanager
     def tracing(self, mode: str):
@@ -64,6 +66,10 @@ class _GemmChoice:
     @property
     def library(self) -> bool:
         return self.mode == "prefill" and self.library_in_prefill
+
+    def library_gemv(self, spec: QuantSpec) -> bool:
+        """The batch-1 decode GEMV of a q4 weight through `lab.gemv.q4`."""
+        return self.mode == "decode" and self.library_in_decode and spec.bits == 4
 
 
 class Linear(nn.Module):
@@ -88,8 +94,14 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.gemm is not None and self.gemm.library:
             return self._library_gemm(x)
+        if self.gemm is not None and self.gemm.library_gemv(self.spec):
+            return self._library_gemv(x, self.out_dtype)
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self._fp16_weights()), "linear",
                                  [x, *self._weights()])
+
+    def _library_gemv(self, x: Tensor, out_dtype: str) -> Tensor:
+        out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], out_dtype)
+        return op.extern(LIBRARY_GEMV_Q4, [x, self.q_weight, self.q_scale], out)
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         w = self.weight if not self.spec.quantized else \
@@ -108,6 +120,8 @@ class Embedding(Linear):
         return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
     def lm_head(self, x: Tensor) -> Tensor:
+        if self.gemm is not None and self.gemm.library_gemv(self.spec):
+            return self._library_gemv(x, "float32")
         return op.tensor_expr_op(te_linear(self.spec, "float32", self._fp16_weights()), "lm_head",
                                  [x, *self._weights()])
 
@@ -171,9 +185,10 @@ def _argmax_last(logits: Tensor) -> Tensor:
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated",
-                 prefill_gemm: str = "tir", prefill_attention: str = "tir", decode_attention: str = "tir"):
+                 prefill_gemm: str = "tir", prefill_attention: str = "tir", decode_attention: str = "tir",
+                 decode_gemv: str = "tir"):
         for name, value in (("prefill_gemm", prefill_gemm), ("prefill_attention", prefill_attention),
-                            ("decode_attention", decode_attention)):
+                            ("decode_attention", decode_attention), ("decode_gemv", decode_gemv)):
             if value not in KERNEL_SOURCES:
                 raise ValueError(f"{name} must be one of {KERNEL_SOURCES}, got {value!r}")
         # TVM's kernel slots (names of its functions) -> the library function that replaces each
@@ -185,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config, self.plan, spec)
         if not config.tie_word_embeddings:
             self.lm_head = Linear(config.hidden_size, self.plan.vocab, spec, out_dtype="float32")
-        self._gemm = _GemmChoice(prefill_gemm == "library")
+        self._gemm = _GemmChoice(prefill_gemm == "library", decode_gemv == "library")
         for module in _submodules(self):
             if isinstance(module, Linear):
                 module.gemm = self._gemm

@@ -14,7 +14,7 @@ def check_target(spec, artifact_dir=None) -> None:
     from runtime_patch import attention, gemm
     from runtime_patch.ccl import CCLBuildError
 
-    uses = {gemm: spec.prefill_gemm == "library",
+    uses = {gemm: "library" in (spec.prefill_gemm, spec.decode_gemv),
             attention: "library" in (spec.prefill_attention, spec.decode_attention)}
     for library, used in uses.items():
         if used:

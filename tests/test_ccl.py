@@ -327,10 +327,10 @@ def test_cublas_plugin_compiles_where_cublas_is(tmp_path, monkeypatch):
     try:
         b._cublas_dirs(), b._cuda_home()
     except CCLBuildError as e:
-        pytest.skip(f"cannot build the cublas_gemm plugin here: {e}")
+        pytest.skip(f"cannot build the cuda_gemm plugin here: {e}")
     monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    path = build("cublas_gemm")
-    assert b"lab.gemm.nt" in path.read_bytes()
+    path = build("cuda_gemm")
+    assert b"lab.gemm.nt" in path.read_bytes() and b"lab.gemv.q4" in path.read_bytes()
 
 
 def test_cublas_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):

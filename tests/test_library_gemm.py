@@ -88,3 +88,41 @@ def test_bad_prefill_gemm_is_refused(tiny_config):
         BuildSpec(tiny_config, "q0f32", prefill_gemm="cutlass")
     assert BuildSpec(tiny_config, "q0f32").prefill_gemm == "tir"
     assert BuildSpec(tiny_config, "q0f32", target="cuda").prefill_gemm == "library"
+
+
+@pytest.fixture
+def gemv_calls():
+    """Counts the calls of lab.gemv.q4 in this process (the NumPy one, wrapped)."""
+    gemm.register("llvm")
+    calls = []
+
+    def counting(x, w, scale, out):
+        calls.append(tuple(w.shape))
+        gemm._numpy_gemv_q4(x, w, scale, out)
+
+    tvm_ffi.register_global_func(gemm.GEMV_Q4, counting, override=True)
+    yield calls
+    tvm_ffi.register_global_func(gemm.GEMV_Q4, gemm._numpy_gemv_q4, override=True)
+
+
+def test_library_q4_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls):
+    """decode_gemv=library: the batch-1 decode's q4 linears and LM head call lab.gemv.q4."""
+    from engine.quantize import quant_spec
+
+    config = from_hf_folder(tiny_checkpoint)
+    artifact = compiled(config, "q4f16_1", decode_gemv="library")
+    assert artifact.metadata["decode_gemv"] == "library"
+    gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
+                    prefill_chunk=64)
+    reference = Reference(tiny_checkpoint, quant_spec("q4f16_1"))
+    prompt = np.random.default_rng(4).integers(0, config.vocab_size, PROMPT).tolist()
+    continuation = reference.greedy(prompt, STEPS)
+    tokens = prompt + continuation[:-1]
+    assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
+    # 4 linears per layer and the LM head per decode step; the prefill's one-row head is a GEMV too
+    per_step = 4 * config.num_hidden_layers + 1
+    assert len(gemv_calls) == (STEPS - 1) * per_step
+
+    gemv_calls.clear()
+    assert gen.generate([prompt], STEPS).tokens[0] == continuation
+    assert len(gemv_calls) == 1 + (STEPS - 1) * per_step  # + the prefill's last-row head

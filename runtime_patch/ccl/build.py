@@ -1,5 +1,5 @@
 """Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`,
-`cublas_gemm` (runtime_patch/gemm: the library GEMM of prefill) and `cuda_attention`
+`cuda_gemm` (runtime_patch/gemm: the prefill's cuBLAS GEMM, the q4 decode GEMV) and `cuda_attention`
 (runtime_patch/attention: the KV cache's prefill and decode attention, cuBLAS and kernels of ours).
 
 A plugin is a shared library whose static initialisers register its globals (the CCLs:
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CCLS = ("cpu_shm", "nccl")
-PLUGINS = (*CCLS, "cublas_gemm", "cuda_attention")
-CUBLAS_PLUGINS = ("cublas_gemm", "cuda_attention")
+PLUGINS = (*CCLS, "cuda_gemm", "cuda_attention")
+CUBLAS_PLUGINS = ("cuda_gemm", "cuda_attention")
 _HERE = Path(__file__).resolve().parent
 _REPO_ROOT = _HERE.parents[1]
 _STUBS = _HERE / "nccl_stubs"
@@ -234,9 +234,10 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, _cuda_lib_dir(cuda)]
         return r
     if name in CUBLAS_PLUGINS:
-        src = _HERE.parent / ("gemm/cublas_gemm.cc" if name == "cublas_gemm" else "attention/cuda_attention.cu")
-        flags = list(_COMMON_FLAGS) if name == "cublas_gemm" else list(_NVCC_FLAGS)
-        r = _Recipe(name, [src], [src], flags, libs=["-ltvm_ffi", "-lcudart"], nvcc=name != "cublas_gemm")
+        here = _HERE.parent
+        srcs = [here / "gemm" / "cublas_gemm.cc", here / "gemm" / "q4_gemv.cu"] if name == "cuda_gemm" \
+            else [here / "attention" / "cuda_attention.cu"]
+        r = _Recipe(name, srcs, list(srcs), list(_NVCC_FLAGS), libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
         if for_build:
             cublas_inc, cublas_lib = _cublas_dirs()
             cuda = _cuda_home()

@@ -1,18 +1,24 @@
-"""The library GEMM of prefill: `lab.gemm.nt(x, w, out)`, out = x @ w^T, called by the compiled
-model (engine/model.py, `prefill_gemm="library"`) through relax's call_dps_packed.
+"""Library matrix products called by the compiled model (engine/model.py) through relax's
+call_dps_packed:
 
-- CUDA: cuBLAS (`cublas_gemm.cc`, built on first use like the CCL plugins, into $LAB_CCL_DIR):
-  float16 inputs, float32 accumulation, tensor cores; on the stream TVM's kernels use.
-- CPU: NumPy's matmul (its BLAS), accumulating in float32. It lets the CPU test suite run the
-  same compiled graph as the GPU, and compare it with `transformers`.
+- `lab.gemm.nt(x, w, out)`, out = x @ w^T, the prefill linears (`prefill_gemm="library"`). CUDA:
+  cuBLAS (`cublas_gemm.cc`), float16 inputs, float32 accumulation, tensor cores.
+- `lab.gemv.q4(x, q_weight, q_scale, out)`, the batch-1 decode GEMV of a q4f16_1 weight
+  (`decode_gemv="library"`). CUDA: `q4_gemv.cu`, two weights per instruction in half2.
 
-Call `register(target)` in every process that runs such an artifact, before its first prefill
+On CUDA both live in the `cuda_gemm` plugin (built on first use like the CCL plugins, into
+$LAB_CCL_DIR) and run on the stream TVM's kernels use. On CPU they are NumPy, accumulating in
+float32, so the CPU test suite runs the same compiled graph as the GPU and compares it with
+`transformers`.
+
+Call `register(target)` in every process that runs such an artifact, before its first call
 (engine.runtime_loader.check_target does, in the controller and in every disco worker).
 """
 
 from __future__ import annotations
 
 FUNCTION = "lab.gemm.nt"
+GEMV_Q4 = "lab.gemv.q4"
 _registered: set[str] = set()
 
 
@@ -24,19 +30,34 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
+def _numpy_gemv_q4(x, q_weight, q_scale, out) -> None:
+    """q_weight [N, K/8] uint32, 8 values per word lowest bits first; value = (q - 7) * scale."""
+    import numpy as np
+
+    xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
+    q = (wa[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    weight = (q.reshape(wa.shape[0], -1).astype(np.float32) - 7) * np.repeat(sa.astype(np.float32), 32, axis=1)
+    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
+    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+
+NUMPY = {FUNCTION: _numpy_gemm_nt, GEMV_Q4: _numpy_gemv_q4}
+
+
 def register(target: str) -> None:
-    """Make `lab.gemm.nt` available in this process for `target` ("cuda" or "llvm"). Idempotent.
-    Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if cuBLAS cannot be built."""
+    """Make the functions available in this process for `target` ("cuda" or "llvm"). Idempotent.
+    Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if the plugin cannot be built."""
     if target in _registered:
         return
     if target == "cuda":
         from runtime_patch.ccl.build import load
 
-        load("cublas_gemm")
+        load("cuda_gemm")
     elif target == "llvm":
         import tvm_ffi
 
-        tvm_ffi.register_global_func(FUNCTION, _numpy_gemm_nt, override=True)
+        for name, impl in NUMPY.items():
+            tvm_ffi.register_global_func(name, impl, override=True)
     else:
         raise ValueError(f"no library GEMM for target {target!r}")
     _registered.add(target)
