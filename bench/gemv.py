@@ -1,11 +1,14 @@
 """The batch-1 decode GEMV kernels of quantized linears, per shape, against the copy bandwidth.
 
 Two formulations of the same linear, both scheduled by dlight's GEMV rule:
-`fp32_inline` (what the engine's `decode` uses: the float32 weight computed inside the reduction)
-and `fp16_stage` (the fp16 producer stage that prefill and batch decode use for tensor cores).
+`fp32_inline` (what the engine's `decode` uses with decode_gemv=tir: the float32 weight computed
+inside the reduction) and `fp16_stage` (the fp16 producer stage that prefill and batch decode use
+for tensor cores); and for q4f16_1 `library`, runtime_patch.gemm's `lab.gemv.q4` (the engine's
+`decode` with decode_gemv=library, the default on cuda).
 
     python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
     python bench/gemv.py run --dir DIR --out F.json   # on the GPU: check against NumPy, time
+                                                      # (without DIR/manifest.json: library only)
 
 Shapes are Llama-3-8B's batch-1 decode linears (tp=1). `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (> 2x L2) that every call reads from HBM, and
@@ -83,7 +86,13 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
     bootstrap.ensure_cuda_compiler("sm_90", [folder / "kernels"])
     dev = tvm.cuda(0)
     bandwidth = device_probe.copy_bandwidth("cuda")
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else []
+    from runtime_patch import gemm
+
+    gemm.register("cuda")
+    library = tvm_ffi.get_global_func(gemm.GEMV_Q4)
+    manifest += [{"name": f"q4f16_1-{shape}-library", "quant": "q4f16_1", "shape": shape, "variant": "library",
+                  "n": n, "k": k} for shape, (n, k) in SHAPES.items()]
     results, reference = [], {}
     l2 = 50 * 2**20
     for entry in manifest:
@@ -96,9 +105,16 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
         copies = max(1, -(-4 * l2 // weight_bytes))
         params = [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
-        vm = VirtualMachine(tvm.runtime.load_module(str(folder / f"{entry['name']}.so")), dev)
-        fn = vm["forward"]
         xt = tvm_ffi.from_dlpack(x)
+        if entry["variant"] == "library":
+            y_out = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
+            yt = tvm_ffi.from_dlpack(y_out)
+
+            def fn(x_arg, p):
+                library(x_arg, p[0], p[1], yt)
+                return yt
+        else:
+            fn = VirtualMachine(tvm.runtime.load_module(str(folder / f"{entry['name']}.so")), dev)["forward"]
         y = torch.from_dlpack(fn(xt, params[0])).float().cpu().numpy().ravel()
         key = (entry["quant"], entry["shape"])
         if key not in reference:
