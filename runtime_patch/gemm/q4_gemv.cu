@@ -12,7 +12,7 @@
 // half2 sum is taken into float32; x is scaled by 1/16 for that sum, so no product sum of a word
 // overflows float16 for any float16 x.
 //
-// A warp computes kRows rows; a lane takes whole groups (4 words, one 16-byte load, one scale),
+// A warp computes kRows rows (4 for wide outputs, else 1); a lane takes whole groups (4 words, one 16-byte load, one scale),
 // the warp's lanes consecutive groups, so a warp load reads 512 contiguous bytes of a row.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,12 +28,14 @@
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kRows = 4;  // rows per warp: x's pairs are built once per group for all of them
+// Rows per warp: x's pairs are built once per group for all of them; few rows leave the GPU idle
+// (4096 rows at 4 per warp are 128 blocks of 8 warps), so wide outputs only.
+constexpr int kRowsWide = 4, kWideFrom = 16384;
 constexpr float kXScale = 1.f / 16.f;
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
-template <typename OutT>
+template <int kRows, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
 GemvQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
        OutT* __restrict__ out, int n, int k) {
@@ -126,15 +128,22 @@ void GemvQ4Packed(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
                               << out->shape[out->ndim - 1] << "])";
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  const unsigned blocks = unsigned((n + kWarps * kRows - 1) / (kWarps * kRows));
-  if (out->dtype.code == kDLFloat && out->dtype.bits == 32) {
-    GemvQ4<float><<<blocks, kWarps * 32, 0, stream>>>(Data<__half>(x), Data<uint32_t>(w), Data<__half>(scale),
-                                                      Data<float>(out), int(n), int(k));
-  } else if (out->dtype.code == kDLFloat && out->dtype.bits == 16) {
-    GemvQ4<__half><<<blocks, kWarps * 32, 0, stream>>>(Data<__half>(x), Data<uint32_t>(w), Data<__half>(scale),
-                                                       Data<__half>(out), int(n), int(k));
-  } else {
+  const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
+  if (!f32 && !(out->dtype.code == kDLFloat && out->dtype.bits == 16))
     TVM_FFI_THROW(TypeError) << fn << ": out must be float16 or float32";
+  const int rows = n >= kWideFrom ? kRowsWide : 1;
+  const unsigned blocks = unsigned((n + kWarps * rows - 1) / (kWarps * rows));
+  const auto* xp = Data<__half>(x);
+  const auto* wp = Data<uint32_t>(w);
+  const auto* sp = Data<__half>(scale);
+  if (f32 && rows == kRowsWide) {
+    GemvQ4<kRowsWide, float><<<blocks, kWarps * 32, 0, stream>>>(xp, wp, sp, Data<float>(out), int(n), int(k));
+  } else if (f32) {
+    GemvQ4<1, float><<<blocks, kWarps * 32, 0, stream>>>(xp, wp, sp, Data<float>(out), int(n), int(k));
+  } else if (rows == kRowsWide) {
+    GemvQ4<kRowsWide, __half><<<blocks, kWarps * 32, 0, stream>>>(xp, wp, sp, Data<__half>(out), int(n), int(k));
+  } else {
+    GemvQ4<1, __half><<<blocks, kWarps * 32, 0, stream>>>(xp, wp, sp, Data<__half>(out), int(n), int(k));
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
