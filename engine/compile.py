@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .config import KERNEL_OPTIONS, KERNEL_SOURCES, ConfigError, ModelConfig
+from .config import AUTO_TIR, KERNEL_OPTIONS, KERNEL_SOURCES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
 
@@ -43,7 +43,8 @@ class BuildSpec:
     cuda_graph: bool = True
     lm_head: str = "replicated"  # | "vocab_parallel" (engine.sharding)
     # Kernel sources (engine.config.KERNEL_OPTIONS): "library" (runtime_patch: cuBLAS and CUDA
-    # kernels on cuda, NumPy on llvm) or "tir" (TVM's); "auto" is library on cuda, tir on llvm.
+    # kernels on cuda, NumPy on llvm) or "tir" (TVM's); "auto" is library on cuda, tir on llvm
+    # (decode_gemv: tir everywhere).
     prefill_gemm: str = "auto"
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
@@ -56,7 +57,7 @@ class BuildSpec:
             raise ConfigError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         for name in KERNEL_OPTIONS:
             if getattr(self, name) == "auto":
-                object.__setattr__(self, name, "library" if self.target == "cuda" else "tir")
+                object.__setattr__(self, name, "library" if self.target == "cuda" and name not in AUTO_TIR else "tir")
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")

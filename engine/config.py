@@ -9,7 +9,7 @@ from typing import Any
 
 
 # Where the engine's heavy kernels come from (BuildSpec options, each "tir" or "library"; "auto"
-# is library on cuda, tir on llvm):
+# is library on cuda, tir on llvm, except decode_gemv: tir, see AUTO_TIR):
 #   prefill_gemm       the prefill linears: TVM's TIR matmuls, or runtime_patch.gemm (cuBLAS)
 #   prefill_attention  a prefill's attention over the tokens it appends: TVM's TIR kernel, or
 #                      runtime_patch.attention (cuBLAS GEMMs and a softmax kernel)
@@ -18,6 +18,8 @@ from typing import Any
 #   decode_gemv        the batch-1 decode GEMVs of q4f16_1 weights: TVM's (dlight) kernels, or
 #                      runtime_patch.gemm's (half2 dequantization); other quantizations keep TVM's
 KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv")
+# The library q4 GEMV is no faster than TVM's end to end (docs/BENCHMARKS.md): opt-in only.
+AUTO_TIR = ("decode_gemv",)
 KERNEL_SOURCES = ("tir", "library")
 
 

@@ -39,11 +39,13 @@ def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config):
 
 
 def test_library_q4_gemv_only_in_the_batch1_decode(tiny_config):
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90"))
+    assert BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90").decode_gemv == "tir"  # opt-in
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", decode_gemv="library"))
     assert "lab.gemv.q4" in mod["decode"].script()
     assert "lab.gemv.q4" not in mod["batch_decode"].script()
     assert "lab.gemv.q4" not in mod["prefill_logits"].script()
     for other in ("q0f16", "q8f16_1"):  # TVM's GEMVs for the other quantizations
-        assert "lab.gemv.q4" not in export(BuildSpec(tiny_config, other, 1, "cuda", "sm_90"))[0]["decode"].script()
+        spec = BuildSpec(tiny_config, other, 1, "cuda", "sm_90", decode_gemv="library")
+        assert "lab.gemv.q4" not in export(spec)[0]["decode"].script()
     tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", decode_gemv="tir"))
     assert "lab.gemv.q4" not in tir["decode"].script()
