@@ -16,9 +16,9 @@ attention of a prefill over the tokens it appends is `lab.attention.prefill_ragg
 `decode_attention="library"` a decode step's attention over the pages is
 `lab.attention.decode_paged` (split over the keys), instead of TVM's TIR kernels; a prefill's
 attention over pages already in the cache stays TVM's. With `decode_gemv="library"` the `decode`
-function's q4f16_1 linears (and LM head) call `lab.gemv.q4` (runtime_patch.gemm). `decode` (batch 1) computes quantized weights in
-float32 inside its GEMV kernels; `batch_decode` and TIR prefills dequantize them to fp16 in a
-producer stage, which tensor-core matmuls can use.
+function's q4f16_1 linears (and LM head) call `lab.gemv.q4` (runtime_patch.gemm); otherwise
+`decode` (batch 1) computes quantized weights in float32 inside its GEMV kernels; `batch_decode`
+and TIR prefills dequantize them to fp16 in a producer stage, which tensor-core matmuls can use.
 """
 
 from __future__ import annotations
