@@ -136,8 +136,8 @@ def main() -> None:
                     help="comma list of library (cuBLAS + softmax kernel), tir: once per artifact")
     ap.add_argument("--decode-attentions", default="library",
                     help="comma list of library (split over the keys), tir: once per artifact")
-    ap.add_argument("--decode-gemvs", default="library",
-                    help="comma list of library (q4 half2 GEMV), tir: once per artifact")
+    ap.add_argument("--decode-gemvs", default="tir",
+                    help="comma list of tir (the default, as auto), library (q4 half2 GEMV): once per artifact")
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
