@@ -340,7 +340,7 @@ def test_cublas_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
     try:
         b._cublas_dirs(), b._nvcc()
     except CCLBuildError as e:
-        pytest.skip(f"cannot build the cublas_attention plugin here: {e}")
+        pytest.skip(f"cannot build the cuda_attention plugin here: {e}")
     monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
     path = build("cublas_attention")
     blob = path.read_bytes()
