@@ -62,7 +62,7 @@ def check_fits(prediction: dict[str, int], capacity: int, what: str) -> None:
             "use a larger tp, a smaller quantization, or a shorter context/batch")
 
 
-# runtime_patch/attention/cublas_attention.cu: a chunk of query rows' float32 scores and float16
+# runtime_patch/attention/cuda_attention.cu: a chunk of query rows' float32 scores and float16
 # probabilities, at most this many bytes (unless one row alone needs more).
 ATTENTION_WORKSPACE_CAP = 256 << 20
 

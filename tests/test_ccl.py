@@ -333,8 +333,8 @@ def test_cublas_plugin_compiles_where_cublas_is(tmp_path, monkeypatch):
     assert b"lab.gemm.nt" in path.read_bytes() and b"lab.gemv.q4" in path.read_bytes()
 
 
-def test_cublas_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
-    """The prefill attention plugin: CUDA kernels by nvcc, for sm_80 and sm_90 (+ PTX)."""
+def test_cuda_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
+    """The attention plugin: CUDA kernels by nvcc, for sm_80 and sm_90 (+ PTX)."""
     from runtime_patch.ccl import build as b
 
     try:
@@ -342,6 +342,6 @@ def test_cublas_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
     except CCLBuildError as e:
         pytest.skip(f"cannot build the cuda_attention plugin here: {e}")
     monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    path = build("cublas_attention")
+    path = build("cuda_attention")
     blob = path.read_bytes()
-    assert b"lab.attention.prefill_ragged" in blob and b"sm_90" in blob
+    assert b"lab.attention.prefill_ragged" in blob and b"lab.attention.decode_paged" in blob and b"sm_90" in blob
