@@ -321,27 +321,18 @@ def test_cublas_plugin_missing_cublas_names_the_fix(monkeypatch):
         b._cublas_dirs()
 
 
-def test_cublas_plugin_compiles_where_cublas_is(tmp_path, monkeypatch):
-    from runtime_patch.ccl import build as b
-
-    try:
-        b._cublas_dirs(), b._cuda_home()
-    except CCLBuildError as e:
-        pytest.skip(f"cannot build the cuda_gemm plugin here: {e}")
-    monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    path = build("cuda_gemm")
-    assert b"lab.gemm.nt" in path.read_bytes() and b"lab.gemv.q4" in path.read_bytes()
-
-
-def test_cuda_attention_plugin_compiles_where_cuda_is(tmp_path, monkeypatch):
-    """The attention plugin: CUDA kernels by nvcc, for sm_80 and sm_90 (+ PTX)."""
+@pytest.mark.parametrize("name,symbols", [
+    ("cuda_gemm", [b"lab.gemm.nt", b"lab.gemv.q4"]),
+    ("cuda_attention", [b"lab.attention.prefill_ragged", b"lab.attention.decode_paged"]),
+])
+def test_cuda_plugin_compiles_where_cublas_and_nvcc_are(tmp_path, monkeypatch, name, symbols):
+    """The CUDA plugins: kernels by nvcc for sm_80 and sm_90 (+ PTX), linked against cuBLAS."""
     from runtime_patch.ccl import build as b
 
     try:
         b._cublas_dirs(), b._nvcc()
     except CCLBuildError as e:
-        pytest.skip(f"cannot build the cuda_attention plugin here: {e}")
+        pytest.skip(f"cannot build the {name} plugin here: {e}")
     monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    path = build("cuda_attention")
-    blob = path.read_bytes()
-    assert b"lab.attention.prefill_ragged" in blob and b"lab.attention.decode_paged" in blob and b"sm_90" in blob
+    blob = build(name).read_bytes()
+    assert all(symbol in blob for symbol in symbols) and b"sm_90" in blob

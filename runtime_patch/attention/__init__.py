@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from runtime_patch import library
+
 FUNCTION = "lab.attention.prefill_ragged"
 DECODE_FUNCTION = "lab.attention.decode_paged"
 _registered: set[str] = set()
@@ -89,17 +91,4 @@ def register(target: str) -> None:
     """Make the attention functions available in this process for `target` ("cuda" or "llvm").
     Idempotent. Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if the CUDA
     plugin cannot be built."""
-    if target in _registered:
-        return
-    if target == "cuda":
-        from runtime_patch.ccl.build import load
-
-        load("cuda_attention")
-    elif target == "llvm":
-        import tvm_ffi
-
-        for name, impl in NUMPY.items():
-            tvm_ffi.register_global_func(name, impl, override=True)
-    else:
-        raise ValueError(f"no library attention for target {target!r}")
-    _registered.add(target)
+    library.register(target, "cuda_attention", NUMPY, _registered, "attention")

@@ -38,29 +38,19 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../cuda_common.h"
+
 namespace {
+
+using lab::Data;
+using lab::IsCompact;
 
 constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
 constexpr int kSoftmaxThreads = 256;
 
-#define CHECK_CUDA(expr)                                                                   \
-  do {                                                                                     \
-    cudaError_t err_ = (expr);                                                             \
-    if (err_ != cudaSuccess)                                                               \
-      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << cudaGetErrorString(err_);     \
-  } while (0)
-
-#define CHECK_CUBLAS(expr)                                                                 \
-  do {                                                                                     \
-    cublasStatus_t status_ = (expr);                                                       \
-    if (status_ != CUBLAS_STATUS_SUCCESS)                                                  \
-      TVM_FFI_THROW(RuntimeError) << #expr << " failed: cuBLAS status " << int(status_);   \
-  } while (0)
-
-// Per (thread, device): a cuBLAS handle and the S/P workspace. A disco worker is one thread on one
-// device; cuBLAS handles are not thread-safe.
+// Per (thread, device): the S/P workspace and the SM count (a disco worker is one thread on one
+// device).
 struct DeviceState {
-  cublasHandle_t handle = nullptr;
   void* workspace = nullptr;
   int64_t workspace_bytes = 0;
   int sms = 0;
@@ -69,20 +59,17 @@ struct DeviceState {
 DeviceState& State(int device) {
   thread_local std::unordered_map<int, DeviceState> states;
   DeviceState& s = states[device];
-  if (s.handle == nullptr) {
-    CHECK_CUBLAS(cublasCreate(&s.handle));
-    CHECK_CUDA(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
-  }
+  if (s.sms == 0) LAB_CHECK_CUDA(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
   return s;
 }
 
 void* Workspace(DeviceState& s, int64_t bytes, cudaStream_t stream) {
   if (bytes > s.workspace_bytes) {
     if (s.workspace != nullptr) {
-      CHECK_CUDA(cudaStreamSynchronize(stream));  // the last use of the old buffer is on it
-      CHECK_CUDA(cudaFree(s.workspace));
+      LAB_CHECK_CUDA(cudaStreamSynchronize(stream));  // the last use of the old buffer is on it
+      LAB_CHECK_CUDA(cudaFree(s.workspace));
     }
-    CHECK_CUDA(cudaMalloc(&s.workspace, bytes));
+    LAB_CHECK_CUDA(cudaMalloc(&s.workspace, bytes));
     s.workspace_bytes = bytes;
   }
   return s.workspace;
@@ -268,16 +255,6 @@ __global__ void DecodeMerge(const float* __restrict__ part_o, const float* __res
   if (threadIdx.x == 0) lse[row] = top + log2f(wsum);
 }
 
-bool IsCompact(const DLTensor* t) {
-  if (t->strides == nullptr) return true;
-  int64_t expected = 1;
-  for (int i = t->ndim - 1; i >= 0; --i) {
-    if (t->shape[i] != 1 && t->strides[i] != expected) return false;
-    expected *= t->shape[i];
-  }
-  return true;
-}
-
 void Check(const DLTensor* t, const char* role, int ndim, int bits, DLDataTypeCode code) {
   if (t->device.device_type != kDLCUDA)
     TVM_FFI_THROW(ValueError) << "lab.attention: " << role << " is not on a CUDA device";
@@ -287,16 +264,11 @@ void Check(const DLTensor* t, const char* role, int ndim, int bits, DLDataTypeCo
   if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << "lab.attention: " << role << " is not compact";
 }
 
-template <typename T>
-T* Data(const DLTensor* t) {
-  return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
-}
-
 std::vector<int32_t> HostIndptr(const DLTensor* t, cudaStream_t stream) {
   std::vector<int32_t> host(t->shape[0]);
-  CHECK_CUDA(cudaMemcpyAsync(host.data(), Data<int32_t>(t), host.size() * sizeof(int32_t),
+  LAB_CHECK_CUDA(cudaMemcpyAsync(host.data(), Data<int32_t>(t), host.size() * sizeof(int32_t),
                              cudaMemcpyDeviceToHost, stream));
-  CHECK_CUDA(cudaStreamSynchronize(stream));
+  LAB_CHECK_CUDA(cudaStreamSynchronize(stream));
   return host;
 }
 
@@ -326,7 +298,8 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
   const int device = q->device.device_id;
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  CHECK_CUBLAS(cublasSetStream(state.handle, stream));
+  cublasHandle_t handle = lab::CublasHandle(device);
+  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
 
   // One sequence: the lengths are the tensors' (no device read); several: read the indptrs.
   std::vector<int32_t> qo{0, int32_t(q->shape[0])}, kvo{0, int32_t(k->shape[0])};
@@ -357,8 +330,8 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
       for (int64_t r = 0; r < group; ++r) {
         // Row-major S_h[rows, cols] = Q_h[rows, d] K_hk[cols, d]^T for h = hk * group + r, batched
         // over hk; in cuBLAS's column-major terms S_h^T = K_hk^T^T Q_h^T.
-        CHECK_CUBLAS(cublasGemmStridedBatchedEx(
-            state.handle, CUBLAS_OP_T, CUBLAS_OP_N, int(cols), int(rows), int(d), &one,
+        LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+            handle, CUBLAS_OP_T, CUBLAS_OP_N, int(cols), int(rows), int(d), &one,
             kb, CUDA_R_16F, int(kv_row), d, qb + r * d, CUDA_R_16F, int(q_row), group * d, &zero,
             s + r * kv_heads * rows * cols, CUDA_R_32F, int(cols), rows * cols, int(kv_heads),
             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -366,11 +339,11 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
       CausalSoftmax<<<unsigned(group * kv_heads * rows), kSoftmaxThreads, 0, stream>>>(
           s, p, Data<float>(lse), int(rows), int(cols), int(kv_heads), int(group), int(i0), qo[b],
           int(q_heads), int(causal), shift, scale2);
-      CHECK_CUDA(cudaGetLastError());
+      LAB_CHECK_CUDA(cudaGetLastError());
       for (int64_t r = 0; r < group; ++r) {
         // O_h[rows, d] = P_h[rows, cols] V_hk[cols, d]: column-major O_h^T = V_hk^T P_h^T.
-        CHECK_CUBLAS(cublasGemmStridedBatchedEx(
-            state.handle, CUBLAS_OP_N, CUBLAS_OP_N, int(d), int(rows), int(cols), &one,
+        LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+            handle, CUBLAS_OP_N, CUBLAS_OP_N, int(d), int(rows), int(cols), &one,
             vb, CUDA_R_16F, int(kv_row), d, p + r * kv_heads * rows * cols, CUDA_R_16F, int(cols),
             rows * cols, &zero, ob + r * d, CUDA_R_16F, int(q_row), group * d, int(kv_heads),
             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -434,10 +407,10 @@ void DecodePaged(DLTensor* q, DLTensor* pages, DLTensor* page_indptr, DLTensor* 
                                                  Data<int32_t>(page_values), Data<int32_t>(length_info), part_o,
                                                  part_lse, int(kv_heads), int(group), int(page_size), int(splits),
                                                  scale2);
-  CHECK_CUDA(cudaGetLastError());
+  LAB_CHECK_CUDA(cudaGetLastError());
   DecodeMerge<<<unsigned(batch * q_heads), unsigned(std::max<int64_t>(32, d)), 0, stream>>>(
       part_o, part_lse, Data<__half>(output), Data<float>(lse), int(splits), int(d));
-  CHECK_CUDA(cudaGetLastError());
+  LAB_CHECK_CUDA(cudaGetLastError());
 }
 
 }  // namespace

@@ -237,7 +237,8 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
         here = _HERE.parent
         srcs = [here / "gemm" / "cublas_gemm.cc", here / "gemm" / "q4_gemv.cu"] if name == "cuda_gemm" \
             else [here / "attention" / "cuda_attention.cu"]
-        r = _Recipe(name, srcs, list(srcs), list(_NVCC_FLAGS), libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
+        hashed = [*srcs, here / "cuda_common.h"]
+        r = _Recipe(name, srcs, hashed, list(_NVCC_FLAGS), libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
         if for_build:
             cublas_inc, cublas_lib = _cublas_dirs()
             cuda = _cuda_home()

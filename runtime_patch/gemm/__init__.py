@@ -17,6 +17,8 @@ Call `register(target)` in every process that runs such an artifact, before its 
 
 from __future__ import annotations
 
+from runtime_patch import library
+
 FUNCTION = "lab.gemm.nt"
 GEMV_Q4 = "lab.gemv.q4"
 _registered: set[str] = set()
@@ -47,17 +49,4 @@ NUMPY = {FUNCTION: _numpy_gemm_nt, GEMV_Q4: _numpy_gemv_q4}
 def register(target: str) -> None:
     """Make the functions available in this process for `target` ("cuda" or "llvm"). Idempotent.
     Raises runtime_patch.ccl.CCLBuildError (naming what is missing) if the plugin cannot be built."""
-    if target in _registered:
-        return
-    if target == "cuda":
-        from runtime_patch.ccl.build import load
-
-        load("cuda_gemm")
-    elif target == "llvm":
-        import tvm_ffi
-
-        for name, impl in NUMPY.items():
-            tvm_ffi.register_global_func(name, impl, override=True)
-    else:
-        raise ValueError(f"no library GEMM for target {target!r}")
-    _registered.add(target)
+    library.register(target, "cuda_gemm", NUMPY, _registered, "GEMM")

@@ -12,8 +12,9 @@
 // half2 sum is taken into float32; x is scaled by 1/16 for that sum, so no product sum of a word
 // overflows float16 for any float16 x.
 //
-// A warp computes kRows rows (4 for wide outputs, else 1); a lane takes whole groups (4 words, one 16-byte load, one scale),
-// the warp's lanes consecutive groups, so a warp load reads 512 contiguous bytes of a row.
+// A warp computes kRows rows (4 for wide outputs, else 1); a lane takes whole groups (4 words,
+// one 16-byte load, one scale), the warp's lanes consecutive groups, so a warp load reads 512
+// contiguous bytes of a row.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
@@ -25,7 +26,13 @@
 
 #include <cstdint>
 
+#include "../cuda_common.h"
+
 namespace {
+
+using lab::Data;
+using lab::IsCompact;
+using lab::Rows;
 
 constexpr int kWarps = 8;
 // Rows per warp: x's pairs are built once per group for all of them; few rows leave the GPU idle
@@ -87,27 +94,6 @@ GemvQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __hal
     for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
     if (lane == 0 && row0 + r < n) out[row0 + r] = OutT(v / kXScale);
   }
-}
-
-bool IsCompact(const DLTensor* t) {
-  if (t->strides == nullptr) return true;
-  int64_t expected = 1;
-  for (int i = t->ndim - 1; i >= 0; --i) {
-    if (t->shape[i] != 1 && t->strides[i] != expected) return false;
-    expected *= t->shape[i];
-  }
-  return true;
-}
-
-int64_t Rows(const DLTensor* t) {
-  int64_t rows = 1;
-  for (int i = 0; i < t->ndim - 1; ++i) rows *= t->shape[i];
-  return rows;
-}
-
-template <typename T>
-T* Data(const DLTensor* t) {
-  return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
 }
 
 void GemvQ4Packed(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {

@@ -1,0 +1,81 @@
+// Helpers shared by runtime_patch's CUDA plugins (gemm/, attention/): error checks, the cuBLAS
+// handle of a (thread, device), and reading DLTensors. Each plugin compiles its own copy (inline).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <dlpack/dlpack.h>
+#include <tvm/ffi/error.h>
+
+#include <cstdint>
+#include <unordered_map>
+
+namespace lab {
+
+inline const char* CublasStatusName(cublasStatus_t s) {
+  switch (s) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    default: return "cuBLAS error";
+  }
+}
+
+#define LAB_CHECK_CUDA(expr)                                                               \
+  do {                                                                                     \
+    cudaError_t err_ = (expr);                                                             \
+    if (err_ != cudaSuccess)                                                               \
+      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << cudaGetErrorString(err_);     \
+  } while (0)
+
+#define LAB_CHECK_CUBLAS(expr)                                                             \
+  do {                                                                                     \
+    cublasStatus_t status_ = (expr);                                                       \
+    if (status_ != CUBLAS_STATUS_SUCCESS)                                                  \
+      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << lab::CublasStatusName(status_); \
+  } while (0)
+
+// One handle per (thread, device): cuBLAS handles are not thread-safe, and a disco worker is one
+// thread on one device.
+inline cublasHandle_t CublasHandle(int device) {
+  thread_local std::unordered_map<int, cublasHandle_t> handles;
+  auto it = handles.find(device);
+  if (it != handles.end()) return it->second;
+  int previous = 0;
+  cudaGetDevice(&previous);
+  cudaSetDevice(device);
+  cublasHandle_t handle = nullptr;
+  LAB_CHECK_CUBLAS(cublasCreate(&handle));
+  cudaSetDevice(previous);
+  handles.emplace(device, handle);
+  return handle;
+}
+
+// Row-major with no gaps (strides of size-1 dimensions do not matter).
+inline bool IsCompact(const DLTensor* t) {
+  if (t->strides == nullptr) return true;
+  int64_t expected = 1;
+  for (int i = t->ndim - 1; i >= 0; --i) {
+    if (t->shape[i] != 1 && t->strides[i] != expected) return false;
+    expected *= t->shape[i];
+  }
+  return true;
+}
+
+// The product of all dimensions but the last: the rows of a [..., K] tensor.
+inline int64_t Rows(const DLTensor* t) {
+  int64_t rows = 1;
+  for (int i = 0; i < t->ndim - 1; ++i) rows *= t->shape[i];
+  return rows;
+}
+
+// The first element, byte_offset applied.
+template <typename T>
+T* Data(const DLTensor* t) {
+  return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
+}
+
+}  // namespace lab
