@@ -11,13 +11,32 @@ The folder can be carried to the GPU box; `--out` is a compile cache like any ot
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from pathlib import Path
 
 from tqdm import tqdm
 
 from engine.compile import BuildSpec, compile_model
-from engine.config import preset
+from engine.config import KERNEL_OPTIONS, preset
+
+
+def kernel_flag(option: str) -> str:
+    """The command-line flag of a kernel option (engine.config.KERNEL_OPTIONS): --prefill-gemms."""
+    return "--" + option.replace("_", "-") + "s"
+
+
+def add_kernel_args(ap: argparse.ArgumentParser) -> None:
+    """One comma-separated flag per kernel option; each combination is one artifact."""
+    for option in KERNEL_OPTIONS:
+        ap.add_argument(kernel_flag(option), default="auto",
+                        help=f"{option}: auto, library, tir (comma-separated; one artifact each)")
+
+
+def kernel_variants(args: argparse.Namespace) -> list[dict[str, str]]:
+    """Every combination of the kernel flags' values, as BuildSpec keyword arguments."""
+    choices = [getattr(args, option + "s").split(",") for option in KERNEL_OPTIONS]
+    return [dict(zip(KERNEL_OPTIONS, combo)) for combo in itertools.product(*choices)]
 
 
 def main() -> None:
@@ -29,19 +48,13 @@ def main() -> None:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
-    ap.add_argument("--prefill-gemms", default="auto", help="prefill GEMMs (auto, library, tir), comma-separated")
-    ap.add_argument("--prefill-attentions", default="auto",
-                    help="prefill self-attention (auto, library, tir), comma-separated")
-    ap.add_argument("--decode-attentions", default="auto", help="decode attention (auto, library, tir), comma-separated")
-    ap.add_argument("--decode-gemvs", default="auto", help="q4 decode GEMVs (auto, library, tir), comma-separated")
+    add_kernel_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, prefill_gemm=g,
-                       prefill_attention=a, decode_attention=d, decode_gemv=v)
+    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
-             for g in args.prefill_gemms.split(",") for a in args.prefill_attentions.split(",")
-             for d in args.decode_attentions.split(",") for v in args.decode_gemvs.split(",")]
+             for kernels in kernel_variants(args)]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

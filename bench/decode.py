@@ -30,6 +30,7 @@ runtime_only.prepare()
 
 import numpy as np  # noqa: E402
 
+from bench.build_artifacts import add_kernel_args, kernel_flag, kernel_variants  # noqa: E402
 from engine.compile import Artifact, BuildSpec  # noqa: E402
 from engine.config import preset  # noqa: E402
 from engine.generate import Generator  # noqa: E402
@@ -46,10 +47,9 @@ def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
         artifact = Artifact.load(path)
         if all(artifact.metadata.get(k, "tir") == v for k, v in spec.kernels.items()):
             return artifact
+    flags = " ".join(f"{kernel_flag(k)} {v}" for k, v in spec.kernels.items())
     raise SystemExit(f"no artifact for {spec.folder_name()} ({spec.kernels}) under {root}: run python -m "
-                     f"bench.build_artifacts --prefill-gemms {spec.prefill_gemm} "
-                     f"--prefill-attentions {spec.prefill_attention} --decode-attentions {spec.decode_attention} "
-                     f"--decode-gemvs {spec.decode_gemv}")
+                     f"bench.build_artifacts {flags}")
 
 
 def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
@@ -130,14 +130,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
-    ap.add_argument("--prefill-gemms", default="library",
-                    help="comma list of library (cuBLAS), tir: the engine runs once per artifact")
-    ap.add_argument("--prefill-attentions", default="library",
-                    help="comma list of library (cuBLAS + softmax kernel), tir: once per artifact")
-    ap.add_argument("--decode-attentions", default="library",
-                    help="comma list of library (split over the keys), tir: once per artifact")
-    ap.add_argument("--decode-gemvs", default="tir",
-                    help="comma list of tir (the default, as auto), library (q4 half2 GEMV): once per artifact")
+    add_kernel_args(ap)  # the engine runs once per artifact
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
@@ -153,12 +146,10 @@ def main() -> None:
     record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
               "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
               "bandwidth": bandwidth, "engine": [], "peers": []}
-    variants = [(q, {"prefill_gemm": g, "prefill_attention": a, "decode_attention": d, "decode_gemv": v})
-                for q in args.quants.split(",") for g in args.prefill_gemms.split(",")
-                for a in args.prefill_attentions.split(",") for d in args.decode_attentions.split(",")
-                for v in args.decode_gemvs.split(",")]
-    for quant, kernels in variants:
-        artifact = find_artifact(args.artifacts, BuildSpec(config, quant, 1, "cuda", "sm_90", **kernels))
+    for quant, variant in [(q, v) for q in args.quants.split(",") for v in kernel_variants(args)]:
+        spec = BuildSpec(config, quant, 1, "cuda", "sm_90", **variant)
+        kernels = spec.kernels  # "auto" resolved for cuda
+        artifact = find_artifact(args.artifacts, spec)
         source = open_source(config, None, seed=0, backend="torch", device="cuda:0")
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
