@@ -4,6 +4,7 @@
     python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-gemms library,tir
     python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-attentions library,tir \
         --decode-attentions library,tir
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 2 --microbatch-decode   # full_overlap
 
 The folder can be carried to the GPU box; `--out` is a compile cache like any other.
 """
@@ -48,10 +49,13 @@ def main() -> None:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
+    ap.add_argument("--microbatch-decode", action="store_true",
+                    help="also export batch_decode_pair (what experiments.overlap mode=full_overlap builds at tp > 1)")
     add_kernel_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels)
+    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels,
+                       microbatch_decode=args.microbatch_decode and int(tp) > 1)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
              for kernels in kernel_variants(args)]

@@ -49,6 +49,8 @@ class BuildSpec:
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
     decode_gemv: str = "auto"
+    # Also export `batch_decode_pair` (engine.model): the two-micro-batch decode of full_overlap.
+    microbatch_decode: bool = False
 
     def __post_init__(self) -> None:
         quant_spec(self.quant)
@@ -61,6 +63,8 @@ class BuildSpec:
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")
+        if not isinstance(self.microbatch_decode, bool):
+            raise ConfigError(f"microbatch_decode must be true or false, got {self.microbatch_decode!r}")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
 
@@ -96,7 +100,7 @@ class BuildSpec:
             "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
             "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
             "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head_layout,
-            **self.kernels, "tvm": tvm.__version__,
+            **self.kernels, "microbatch_decode": self.microbatch_decode, "tvm": tvm.__version__,
             "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"), "engine": source.hexdigest(),
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -130,7 +134,8 @@ class Artifact:
     def build_spec(self) -> BuildSpec:
         m = self.metadata
         return BuildSpec(ModelConfig(**m["config"]), m["quant"], m["tp"], m["target"], m["cuda_arch"], m["cuda_graph"],
-                         m.get("lm_head", "replicated"), **{name: m.get(name, "tir") for name in KERNEL_OPTIONS})
+                         m.get("lm_head", "replicated"), **{name: m.get(name, "tir") for name in KERNEL_OPTIONS},
+                         microbatch_decode=m.get("microbatch_decode", False))
 
 
 def default_cache_dir() -> Path:
@@ -182,7 +187,8 @@ def export(spec: BuildSpec):
     """The Relax IRModule and parameter list of one tp rank (no weights involved)."""
     from .model import LlamaForCausalLM
 
-    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head, **spec.kernels)
+    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head, **spec.kernels,
+                             microbatch_decode=spec.microbatch_decode)
     mod, params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
     return mod, params
 
@@ -237,7 +243,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         metadata = {
             "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
             "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head_layout,
-            **spec.kernels, "key": spec.key(),
+            **spec.kernels, "microbatch_decode": spec.microbatch_decode, "key": spec.key(),
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
             "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],

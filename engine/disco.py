@@ -68,6 +68,9 @@ class DiscoSession:
             loader = self.sess.get_global_func("lab.engine.load_rank_params")
             self.params = loader(str(artifact.path), json.dumps(source_spec(source)))
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
+            if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
+                self.sess.get_global_func(runtime_loader.SPLIT_ALLREDUCE_INIT)()
+                self.sess._sync_all()
             self.weights_seconds = time.perf_counter() - t0
         except Exception:
             self.sess.shutdown()
@@ -116,21 +119,29 @@ class DiscoSession:
         self.sess.copy_to_worker_0(tvm.runtime.tensor(array), self._inputs[key])
         return self._inputs[key]
 
-    def call(self, name: str, input_ids, kv):
-        """`input_ids`: host int32 (copied to worker 0), or a RemoteTensor already on the workers."""
+    def call(self, name: str, input_ids, kv, *more_kv):
+        """`input_ids`: host int32 (copied to worker 0), or a RemoteTensor already on the workers.
+        Returns what VMSession.call does, as RemoteTensors (with `more_kv`, batch_decode_pair:
+        tokens [2, m] and logits [2, m, vocab])."""
         ids = self._upload(input_ids) if isinstance(input_ids, np.ndarray) else input_ids.dref
-        out = self._fn(name)(ids, kv, self.params)
-        rows = input_ids.shape[1] if name == "prefill_logits" else input_ids.shape[0]
+        out = self._fn(name)(ids, kv, *more_kv, self.params)
+        rows = (input_ids.shape[1],) if name == "prefill_logits" else tuple(input_ids.shape[:-1])
         item = lambda i: self._getitem(out, i)  # noqa: E731
-        logits = RemoteTensor(item(0 if name == "prefill_logits" else 1), (rows, self.vocab), "float32")
+        logits = RemoteTensor(item(0 if name == "prefill_logits" else 1), (*rows, self.vocab), "float32")
         if name == "prefill_logits":
             return logits, kv
-        return RemoteTensor(item(0), (rows,), "int32"), logits, kv
+        return RemoteTensor(item(0), rows, "int32"), logits, kv, *more_kv
 
     def decode_input(self, next_ids: RemoteTensor):
-        """Each worker's tokens [b] as its decode input [b, 1] (a view on every worker)."""
-        rows = next_ids.shape[0]
-        return RemoteTensor(self._reshape(next_ids.dref, self._shape([rows, 1])), (rows, 1), "int32")
+        """Each worker's tokens [b] ([2, m]) as its decode input [b, 1] ([2, m, 1]): a view on every
+        worker."""
+        shape = (*next_ids.shape, 1)
+        return RemoteTensor(self._reshape(next_ids.dref, self._shape(list(shape))), shape, "int32")
+
+    def call_workers(self, name: str, *args) -> None:
+        """Call global function `name` on every worker and wait for all of them."""
+        self.sess.get_global_func(name)(*args)
+        self.sess._sync_all()
 
     def to_numpy(self, value: RemoteTensor) -> np.ndarray:
         import tvm

@@ -200,8 +200,25 @@ class Generator:
         next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids), begun)
         return next_ids, logits
 
+    def launch_pair(self, groups: Sequence[Sequence[int]], ids, begun: bool = False):
+        """Issue one decode step of two request groups of equal size m in one call of
+        `batch_decode_pair` (artifacts built with `microbatch_decode`): group i's sequences are
+        micro-batch i, in its own KV cache. `ids`: host int32 [2, m, 1] or a device tensor from
+        `next_input`. Returns (next token ids [2, m], logits [2, m, vocab]) on the device."""
+        if len(groups) != 2 or len(groups[0]) != len(groups[1]):
+            raise ValueError(f"batch_decode_pair takes two request groups of equal size, got {[len(g) for g in groups]}")
+        groups = [list(g) for g in groups]
+        kvs = [self._cache(g) if begun else self._begin(g, [1] * len(g)) for g in groups]
+        next_ids, logits, *_ = self.session.call("batch_decode_pair", ids, *kvs)
+        for g, kv in zip(groups, kvs):
+            self.session.end_forward(kv)
+            for sid in g:
+                self._lengths[sid] += 1
+        return next_ids, logits
+
     def next_input(self, next_ids):
-        """The device-resident tokens of a step as the next step's input ([b] -> [b, 1] view)."""
+        """The device-resident tokens of a step as the next step's input ([b] -> [b, 1] view,
+        [2, m] -> [2, m, 1] for launch_pair)."""
         return self.session.decode_input(next_ids)
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], step: int = 0):

@@ -5,6 +5,9 @@ Exported functions (parameters packed into one tuple argument, as MLC does):
   prefill_logits(input_ids[1, s], kv)   -> (logits[s, vocab], kv)                  every position
   decode(input_ids[1, 1], kv)           -> (next_token[1], logits[1, vocab], kv)   static batch 1
   batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
+  batch_decode_pair(input_ids[2, m, 1], kv_a, kv_b) -> (next_token[2, m], logits[2, m, vocab], kv_a, kv_b)
+                                        (with `microbatch_decode`: two micro-batches of m sequences,
+                                        one per KV cache, interleaved layer by layer; see below)
   create_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window) -> kv
 Greedy sampling (argmax) happens on the device; logits stay there unless read.
 
@@ -19,6 +22,16 @@ attention over pages already in the cache stays TVM's. With `decode_gemv="librar
 function's q4f16_1 linears (and LM head) call `lab.gemv.q4` (runtime_patch.gemm); otherwise
 `decode` (batch 1) computes quantized weights in float32 inside its GEMV kernels; `batch_decode`
 and TIR prefills dequantize them to fp16 in a producer stage, which tensor-core matmuls can use.
+
+`batch_decode_pair` (build option `microbatch_decode`) is the decode of `full_overlap`
+(runtime_patch.stream_overlap): at tp > 1 each allreduce is begun by `lab.ccl.allreduce_begin` (on
+a communication stream of its own, runtime_patch.collectives) and waited for by
+`lab.ccl.allreduce_wait` only just before its sum is needed, with the other micro-batch's
+half-layer computed in between: attention(A) begin(A) | attention(B) begin(B) | wait(A) mlp(A)
+begin(A) | wait(B) mlp(B) begin(B) | wait(A) attention(A) of the next layer, ... The wait returns a
+token that the residual add takes as an (unread) input, so the add is ordered after the wait in
+the graph, and the wait takes the allreduce's input too, so that memory planning keeps it alive
+until the collective has read it.
 """
 
 from __future__ import annotations
@@ -44,6 +57,8 @@ def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parame
 
 LIBRARY_GEMM = "lab.gemm.nt"
 LIBRARY_GEMV_Q4 = "lab.gemv.q4"
+ALLREDUCE_BEGIN = "lab.ccl.allreduce_begin"
+ALLREDUCE_WAIT = "lab.ccl.allreduce_wait"
 
 
 class _GemmChoice:
@@ -162,9 +177,34 @@ class DecoderLayer(nn.Module):
     def _reduce(self, partial: Tensor) -> Tensor:
         return op.ccl_allreduce(partial, "sum") if self.tp > 1 else partial
 
+    def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
+        """This rank's partial sum of the attention block's output (before the allreduce)."""
+        return self.self_attn(self.input_layernorm(x), kv, layer_id)
+
+    def mlp_partial(self, x: Tensor) -> Tensor:
+        return self.mlp(self.post_attention_layernorm(x))
+
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int) -> Tensor:
-        x = x + self._reduce(self.self_attn(self.input_layernorm(x), kv, layer_id))
-        return x + self._reduce(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self._reduce(self.attention_partial(x, kv, layer_id))
+        return x + self._reduce(self.mlp_partial(x))
+
+
+class _InFlight:
+    """A block's partial output whose allreduce has been begun (tp > 1), and the residual its sum
+    is added to."""
+
+    def __init__(self, partial: Tensor, residual: Tensor, tp: int):
+        self.partial, self.residual = partial, residual
+        self.reduced = None
+        if tp > 1:
+            self.reduced = op.extern(ALLREDUCE_BEGIN, [partial], Tensor.placeholder(partial.shape, partial.dtype))
+
+    def settle(self) -> Tensor:
+        """residual + the reduced sum, after waiting for the allreduce (see the module doc)."""
+        if self.reduced is None:
+            return self.residual + self.partial
+        token = op.extern(ALLREDUCE_WAIT, [self.reduced, self.partial], Tensor.placeholder([1], "int32"))
+        return op.tensor_expr_op(lambda r, x, _token: topi.add(x, r), "residual_add", [self.reduced, self.residual, token])
 
 
 class LlamaModel(nn.Module):
@@ -178,6 +218,21 @@ class LlamaModel(nn.Module):
             hidden = layer(hidden, kv, layer_id)
         return self.norm(hidden)
 
+    def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int) -> list[Tensor]:
+        """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
+        that one's allreduce runs while the other computes (module doc)."""
+        hidden = list(hidden)
+        flight: list[_InFlight | None] = [None, None]
+        for layer_id, layer in enumerate(self.layers):
+            for block in ("attention", "mlp"):
+                for m in (0, 1):
+                    if flight[m] is not None:
+                        hidden[m] = flight[m].settle()
+                    partial = layer.attention_partial(hidden[m], kvs[m], layer_id) if block == "attention" \
+                        else layer.mlp_partial(hidden[m])
+                    flight[m] = _InFlight(partial, hidden[m], tp)
+        return [self.norm(f.settle()) for f in flight]
+
 
 def _argmax_last(logits: Tensor) -> Tensor:
     return op.tensor_expr_op(lambda x: topi.argmax(x, axis=-1).astype("int32"), "argmax", [logits])
@@ -186,7 +241,7 @@ def _argmax_last(logits: Tensor) -> Tensor:
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, spec: QuantSpec, tp: int, target, lm_head: str = "replicated",
                  prefill_gemm: str = "tir", prefill_attention: str = "tir", decode_attention: str = "tir",
-                 decode_gemv: str = "tir"):
+                 decode_gemv: str = "tir", microbatch_decode: bool = False):
         for name, value in (("prefill_gemm", prefill_gemm), ("prefill_attention", prefill_attention),
                             ("decode_attention", decode_attention), ("decode_gemv", decode_gemv)):
             if value not in KERNEL_SOURCES:
@@ -195,6 +250,7 @@ class LlamaForCausalLM(nn.Module):
         self._attention_swaps = {**(_PREFILL_SLOTS if prefill_attention == "library" else {}),
                                  **(_DECODE_SLOTS if decode_attention == "library" else {})}
         self.config, self.spec, self.target = config, spec, target
+        self.microbatch_decode = microbatch_decode
         self.plan = ShardPlan(config, tp, lm_head)
         self.plan.check_quant(spec)
         self.model = LlamaModel(config, self.plan, spec)
@@ -246,6 +302,15 @@ class LlamaForCausalLM(nn.Module):
         logits = self._logits(op.reshape(hidden, (b, h)))
         return _argmax_last(logits), logits, kv
 
+    def batch_decode_pair(self, input_ids: Tensor, kv_a: PagedKVCache, kv_b: PagedKVCache):
+        _, m, _ = input_ids.shape
+        halves = [op.reshape(half, (m, 1)) for half in op.split(input_ids, 2, axis=0)]
+        hidden = self.model.forward_pair([self._embed(ids) for ids in halves], [kv_a, kv_b], self.plan.tp)
+        # The LM head per micro-batch: dlight cannot schedule a matmul over 2 * m rows.
+        logits = [self._logits(op.reshape(x, (m, x.shape[-1]))) for x in hidden]
+        stack = lambda parts: op.concat([op.reshape(t, (1, *t.shape)) for t in parts], dim=0)  # noqa: E731
+        return stack([_argmax_last(x) for x in logits]), stack(logits), kv_a, kv_b
+
     def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                         support_sliding_window) -> PagedKVCache:
         with _prefill_attention_blocks(PREFILL_ATTENTION_BLOCKS if self.target.kind.name == "cuda" else None):
@@ -286,11 +351,14 @@ class LlamaForCausalLM(nn.Module):
         packed = {"param_mode": "packed", "effect_mode": "none"}
         kv = nn.spec.Object(object_type=PagedKVCache)
         ids = lambda *shape: nn.spec.Tensor(list(shape), "int32")  # noqa: E731
+        pair = {"batch_decode_pair": {"input_ids": ids(2, "micro_batch", 1), "kv_a": kv, "kv_b": kv, "$": packed}} \
+            if self.microbatch_decode else {}
         return nn.spec.ModuleSpec.from_raw({
             "prefill": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "prefill_logits": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "decode": {"input_ids": ids(1, 1), "kv": kv, "$": packed},
             "batch_decode": {"input_ids": ids("batch_size", 1), "kv": kv, "$": packed},
+            **pair,
             "create_kv_cache": {
                 "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
                 "page_size": int, "support_sliding_window": int,

@@ -6,16 +6,20 @@ from pathlib import Path
 
 from .config import ConfigError
 
+# Called on every disco worker of an artifact with `microbatch_decode` (runtime_patch.collectives).
+SPLIT_ALLREDUCE_INIT = "lab.ccl.overlap_init"
+
 
 def check_target(spec, artifact_dir=None) -> None:
-    """Before loading an artifact: the library GEMM and attention it calls (if any); for
+    """Before loading an artifact: the library GEMM, attention and split allreduce it calls (if any); for
     cuda, the kernel compile callback (using the artifact's precompiled cubins when it has them)
     and the GPU architecture check."""
-    from runtime_patch import attention, gemm
+    from runtime_patch import attention, collectives, gemm
     from runtime_patch.ccl import CCLBuildError
 
     uses = {gemm: "library" in (spec.prefill_gemm, spec.decode_gemv),
-            attention: "library" in (spec.prefill_attention, spec.decode_attention)}
+            attention: "library" in (spec.prefill_attention, spec.decode_attention),
+            collectives: spec.microbatch_decode and spec.tp > 1}
     for library, used in uses.items():
         if used:
             try:

@@ -108,10 +108,11 @@ class VMSession:
 
         return tvm.runtime.tensor(array, self.device)
 
-    def call(self, name: str, input_ids, kv):
+    def call(self, name: str, input_ids, kv, *more_kv):
+        """`name`(input_ids, kv[, kv_b], params) -> its result tuple (tokens, logits, kv...)."""
         if isinstance(input_ids, np.ndarray):
             input_ids = self.to_device(input_ids)
-        return self._fn(name)(input_ids, kv, self.params)
+        return self._fn(name)(input_ids, kv, *more_kv, self.params)
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
@@ -119,8 +120,9 @@ class VMSession:
 
     @staticmethod
     def decode_input(next_ids):
-        """Tokens [b] on the device as a decode input [b, 1] (a view: no copy, no sync)."""
-        return next_ids._create_view((next_ids.shape[0], 1))
+        """Tokens [b] (or [2, m]) on the device as a decode input [b, 1] ([2, m, 1]): a view, no
+        copy, no sync."""
+        return next_ids._create_view((*next_ids.shape, 1))
 
     def sync(self) -> None:
         self.device.sync()

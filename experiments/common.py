@@ -79,10 +79,12 @@ def cache_dir(cfg) -> Path:
     return Path(cfg.cache_dir) if cfg.get("cache_dir") else default_cache_dir()
 
 
-def build_spec(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> BuildSpec:
+def build_spec(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg,
+               microbatch_decode: bool = False) -> BuildSpec:
     device = cfg.get("device") or {}
     return BuildSpec(config, quant, tp, target, arch, lm_head=cfg.get("lm_head") or "replicated",
-                     **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS})
+                     **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS},
+                     microbatch_decode=microbatch_decode)
 
 
 def build(config: ModelConfig, quant: str, tp: int, target: str, arch: str, cfg) -> Artifact:

@@ -6,6 +6,12 @@ the comparison). Per mode: decode tokens/s, speedup over `none`, whether the tok
 a trace with a track for the steps and one for the launches that run ahead of them. The device's
 idle time between steps needs device timestamps: `./profile_gpu.sh -m timeline -s overlap`
 (its kernels.md and summary.json give the GPU idle fraction during each mode's decode steps).
+
+`full_overlap` at tp > 1 is measured twice on the same session: as is, and with its collectives
+serialized (`lab.ccl.set_overlap(false)`: every allreduce waited for as soon as it is begun, the
+same kernels otherwise). The allreduce time it hides per step is the difference of the two
+inter-token latencies, set against the allreduce time measured in the workers (the micro-batch's
+message, 2 per layer and micro-batch).
 """
 
 from __future__ import annotations
@@ -19,9 +25,9 @@ from tqdm import tqdm
 
 from engine.config import ConfigError
 from engine.quantize import quant_spec
-from runtime_patch import stream_overlap
+from runtime_patch import collectives, stream_overlap
 
-from . import common, sweep
+from . import common, measure, sweep
 from .report import BASE_COLUMNS, Point, write_report
 from .results import RunDir
 from .tensor_parallel import check_devices
@@ -31,7 +37,7 @@ log = logging.getLogger("experiments.overlap")
 
 def modes_of(value) -> list[str]:
     modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
-    known = stream_overlap.MODES + tuple(stream_overlap.PLANNED)
+    known = stream_overlap.MODES
     for m in modes:
         if m not in known:
             raise ConfigError(f"unknown overlap mode {m!r}; choose from {', '.join(known)}")
@@ -39,7 +45,40 @@ def modes_of(value) -> list[str]:
 
 
 COLUMNS = BASE_COLUMNS + [("speedup", "speedup vs none", "{:.3f}x"), ("hidden_ms", "host ms hidden/step", "{:.3f}"),
+                          ("allreduce_hidden_ms", "allreduce ms hidden/step", "{:.3f}"),
+                          ("allreduce_hidden_fraction", "of allreduce", "{:.0%}"),
                           ("same_tokens", "tokens = none", None)]
+
+
+def allreduce_hidden(cfg, config, dtype: str, used):
+    """An `after_load` hook for `full_overlap` at tp > 1 (`used`: the scheduler of the timed runs):
+    run it again with serialized collectives and time the micro-batch's allreduce message (module
+    doc). Nothing where the mode ran as another (its `note`)."""
+    def hook(point, session, artifact, gen, prompts):
+        if used.note or session.tp == 1 or not point.summary.get("itl_s"):
+            return
+        scheduler = stream_overlap.install("full_overlap")
+        from engine.disco import allreduce_seconds
+
+        w = cfg.workload
+        session.call_workers(collectives.SET_OVERLAP, False)
+        try:
+            samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, None, scheduler)
+        finally:
+            session.call_workers(collectives.SET_OVERLAP, True)
+        serial = measure.summarize(samples, artifact.metadata, session.weight_bytes, None)["itl_s"]
+        numel = (w.batch // 2) * config.hidden_size
+        seconds_each = float(np.median(allreduce_seconds(session, numel, dtype)))
+        count = 2 * 2 * config.num_hidden_layers
+        hidden = serial["p50"] - point.summary["itl_s"]["p50"]
+        point.summary["allreduce_overlap"] = {
+            "serialized_itl_s": serial, "serialized_same_tokens": tokens[0] == point.summary["tokens_first_sequence"],
+            "message_elements": numel, "dtype": dtype, "seconds_each": seconds_each, "count_per_step": count,
+            "allreduce_s_per_step": seconds_each * count, "hidden_s_per_step": hidden,
+            "serialized_samples": [r.to_dict() for r in samples]}
+        point.summary["allreduce_hidden_ms"] = hidden * 1e3
+        point.summary["allreduce_hidden_fraction"] = hidden / (seconds_each * count)
+    return hook
 
 
 @hydra.main(config_path="../conf", config_name="overlap", version_base="1.3")
@@ -56,16 +95,16 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     bandwidth = sweep.measured_bandwidth(cfg, target)
     w = cfg.workload
     points = []
+    microbatch = "full_overlap" in modes and tp > 1  # one artifact for every mode: the same kernels
     with tqdm(total=len(modes) * (w.warmup + w.repeats), desc=f"{config.name} overlap", unit="run") as bar:
         for mode in modes:
             bar.set_postfix_str(mode)
-            try:
-                scheduler = stream_overlap.install(mode)
-            except NotImplementedError as err:
-                points.append(Point(mode, {"mode": mode, "tp": tp}, error=str(err)))
-                continue
+            scheduler = stream_overlap.install(mode)
+            hook = allreduce_hidden(cfg, config, quant_spec(quant).model_dtype, scheduler) \
+                if mode == "full_overlap" else None
             point = sweep.run_point(mode, {"mode": mode, "tp": tp}, cfg, config, quant, tp, target, arch,
-                                    bandwidth and bandwidth["bytes_per_s"], bar, scheduler=scheduler)
+                                    bandwidth and bandwidth["bytes_per_s"], bar, scheduler=scheduler,
+                                    microbatch_decode=microbatch, after_load=hook)
             if point.ok and scheduler is not None:
                 point.summary["token_reader"] = scheduler.reader_kind
                 if scheduler.note:  # the mode could not apply as such (e.g. double_buffer at batch 1)
@@ -88,9 +127,16 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "of attention metadata per step on its own copy stream (docs/ARCHITECTURE.md). `double_buffer` splits "
              "the batch into two request groups with a KV cache each and interleaves their steps, so one group's "
              "next step is launched while the other's runs (at batch 1 it runs as pipeline and says so). "
-             "Not implemented: "
-             + "; ".join(f"{m} ({why})" for m, why in stream_overlap.PLANNED.items()) + ".")
-    rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens", "note")}
+             "`full_overlap` runs the two groups as the micro-batches of one `batch_decode_pair` call per step, "
+             "interleaved half-layer by half-layer, each allreduce begun on a communication stream of its own "
+             "(a second NCCL communicator) and waited for where its sum is needed, so one micro-batch's "
+             "allreduce runs while the other computes; each micro-batch reads the weights, so a memory-bound "
+             "step reads them twice. At tp > 1 it also runs with its collectives serialized: the difference is "
+             "the allreduce time it hides (`allreduce ms hidden/step`, and its share of the measured allreduce "
+             "time). On CPU the allreduces run when begun (no streams). Where a mode cannot apply (batch 1, an "
+             "odd batch, tp=1 for full_overlap) its note says what ran instead.")
+    rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens", "note",
+                                                           "allreduce_hidden_ms", "allreduce_hidden_fraction")}
                   for p in points}
     status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
                           columns=COLUMNS, sections=[("Method", notes)], summary_extra={"comparison": rows_extra},

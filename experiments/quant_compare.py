@@ -66,7 +66,7 @@ def eval_stream(cfg, config, target, arch) -> tuple[list[int], int]:
 
 
 def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int]):
-    def hook(point, session, artifact):
+    def hook(point, session, artifact, gen, prompts):
         gen = Generator(session, 1, len(stream), prompt_len)
         store[key] = gen.teacher_forced_logits(stream, prompt_len)
     return hook

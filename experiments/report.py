@@ -49,7 +49,8 @@ def point_row(p: Point) -> dict:
                    prefill_tps=s.get("prefill_tokens_per_s"), roofline=s.get("roofline_fraction"),
                    weight_gib=s["weight_bytes"] / 2**30)
         row.update({k: v for k, v in s.items()
-                    if k in ("speedup", "efficiency", "allreduce_share", "hidden_ms", "same_tokens", "note")})
+                    if k in ("speedup", "efficiency", "allreduce_share", "hidden_ms", "same_tokens", "note",
+                             "allreduce_hidden_ms", "allreduce_hidden_fraction")})
     return row
 
 

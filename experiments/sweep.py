@@ -29,14 +29,16 @@ def check_workload(workload, config: ModelConfig) -> None:
 
 
 def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp: int, target: str, arch: str,
-              bandwidth: float | None, progress=None, after_load=None, workload=None, scheduler=None) -> Point:
+              bandwidth: float | None, progress=None, after_load=None, workload=None, scheduler=None,
+              microbatch_decode: bool = False) -> Point:
     """Build (cached), load and time one configuration (`workload`, default cfg.workload). Errors
-    are caught into the point, so a failing sweep point does not sink the others."""
+    are caught into the point, so a failing sweep point does not sink the others. `after_load`
+    (point, session, artifact, gen, prompts) runs after the timed runs, on the same session."""
     w = workload or cfg.workload
     point = Point(label, params)
     session = None
     try:
-        spec = common.build_spec(config, quant, tp, target, arch, cfg)
+        spec = common.build_spec(config, quant, tp, target, arch, cfg, microbatch_decode)
         prediction = memory.predict(config, spec.quant_spec, tp, w.batch, w.prompt_len + w.new_tokens,
                                     min(w.prompt_len, 2048), lm_head=spec.lm_head, prefill_gemm=spec.prefill_gemm,
                                     prefill_attention=spec.prefill_attention)
@@ -64,7 +66,7 @@ def run_point(label: str, params: dict, cfg, config: ModelConfig, quant: str, tp
             point.summary["gpu_memory_used_bytes"] = device_probe.gpu_memory_used_bytes()
         point.summary["load_seconds"] = t2 - t1
         if after_load is not None:
-            after_load(point, session, artifact)
+            after_load(point, session, artifact, gen, prompts)
     except ConfigError as err:
         point.error = str(err)
     except Exception as err:  # noqa: BLE001  (recorded in results; the sweep goes on)

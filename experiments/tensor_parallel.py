@@ -53,7 +53,7 @@ def check_devices(tps: list[int], target: str) -> None:
 
 def allreduce_probe(cfg, config, quant: str):
     """An `after_load` hook: time the model's allreduce message in the workers."""
-    def probe(point, session, artifact):
+    def probe(point, session, artifact, gen, prompts):
         if session.tp == 1 or not cfg.measure_allreduce or not point.summary.get("itl_s"):
             return
         from engine.disco import allreduce_seconds

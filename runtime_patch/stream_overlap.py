@@ -33,8 +33,16 @@ while step t+1 runs.
   B. The device always has the other group's step queued. At batch 1 there is one group: the mode
   runs as `pipeline` and says so (`note`).
 
-Not in this version: `full_overlap` (see PLANNED for why; `experiments.overlap` reports it as not
-implemented rather than running `none`).
+- `full_overlap`: `double_buffer`'s two request groups become the two micro-batches of one
+  `batch_decode_pair` call per step (artifacts built with `microbatch_decode`; engine/model.py),
+  which interleaves them half-layer by half-layer and begins each allreduce on a communication
+  stream (runtime_patch.collectives: a second NCCL communicator on a stream of its own), waiting
+  for it only where the sum is needed, so one micro-batch's allreduce runs while the other
+  computes; the steps are issued as in `pipeline`. Where that cannot apply it says so in `note`
+  and runs another mode: batch 1 (`pipeline`), an odd batch (micro-batches of equal size only:
+  `double_buffer`), tp=1 (nothing to overlap: `double_buffer`). On CPU the allreduces run to
+  completion when begun (the CPU CCL has no streams): the same tokens, no overlap.
+  The cost: each micro-batch reads the weights, so a memory-bound decode step reads them twice.
 """
 
 from __future__ import annotations
@@ -44,11 +52,7 @@ import time
 
 import numpy as np
 
-MODES = ("none", "prefetch", "pipeline", "double_buffer")
-PLANNED = {
-    "full_overlap": "needs the CCL to issue collectives on a communication stream of their own (TVM's NCCL CCL "
-                    "uses the compute stream) and a decode function that interleaves two micro-batches layer by layer",
-}
+MODES = ("none", "prefetch", "pipeline", "double_buffer", "full_overlap")
 
 
 def _on_gpu(session) -> bool:
@@ -94,36 +98,50 @@ class _Scheduler:
 class PipelineDecode(_Scheduler):
     name = "pipeline"
 
+    def _launch(self, gen, groups: list[list[int]], ids, begun: bool):
+        """Issue a step of `groups` fed `ids` (host tokens in group order, or the device tokens of
+        the previous step); returns the device tokens."""
+        if isinstance(ids, list):
+            ids = np.asarray(ids, dtype=np.int32).reshape(len(ids), 1)
+        return gen.launch(groups[0], ids, begun=begun)[0]
+
+    def _groups(self, gen, seq_ids: list[int]) -> list[list[int]]:
+        return [list(seq_ids)]
+
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        groups = self._groups(gen, seq_ids)
+        order = [sid for g in groups for sid in g]  # how a step's tokens come back
+        first_of = dict(zip(seq_ids, first))
         reader = _Reader(gen.session)
         self.reader_kind = reader.kind
-        out: list[list[int]] = [[] for _ in seq_ids]
+        out: dict[int, list[int]] = {sid: [] for sid in seq_ids}
         b = len(seq_ids)
         try:
             t0 = time.perf_counter()
-            pending, _ = gen.launch(seq_ids, np.asarray(first, dtype=np.int32).reshape(b, 1))
+            pending = self._launch(gen, groups, [first_of[sid] for sid in order], begun=False)
             gen.record("launch", 0, t0, time.perf_counter(), b)
             previous = t0
             for step in range(steps):
                 more = step + 1 < steps
                 if more:
-                    gen.begin_decode(seq_ids)  # host-side KV bookkeeping while the step computes
+                    for g in groups:
+                        gen.begin_decode(g)  # host-side KV bookkeeping while the step computes
                 ready = reader.start(pending)  # GPU: waits for step `step` (see the module doc)
                 if more:  # step+1 is fed step's device tokens: no host round trip of the ids
                     t0 = time.perf_counter()
-                    following, _ = gen.launch(seq_ids, gen.next_input(pending), begun=True)
+                    following = self._launch(gen, groups, gen.next_input(pending), begun=True)
                     gen.record("launch", step + 1, t0, time.perf_counter(), b)
                 tokens = _as_list(ready.result())
                 now = time.perf_counter()
                 gen.record("decode", step, previous, now, b)
                 previous = now
-                for o, t in zip(out, tokens):
-                    o.append(t)
+                for sid, t in zip(order, tokens):
+                    out[sid].append(t)
                 if more:
                     pending = following
         finally:
             reader.close()
-        return out
+        return [out[sid] for sid in seq_ids]
 
 
 class DoubleBufferDecode(_Scheduler):
@@ -164,6 +182,48 @@ class DoubleBufferDecode(_Scheduler):
             gen.record("decode", step, previous, now, b)
             previous = now
         return [out[sid] for sid in seq_ids]
+
+
+class FullOverlapDecode(PipelineDecode):
+    """Two micro-batches (request groups in KV caches of their own) in one `batch_decode_pair`
+    call per step, run as `pipeline` (see the module doc)."""
+
+    name = "full_overlap"
+    kv_groups = 2
+
+    def _groups(self, gen, seq_ids: list[int]) -> list[list[int]]:
+        return gen.groups_of(seq_ids)
+
+    def _launch(self, gen, groups: list[list[int]], ids, begun: bool):
+        if isinstance(ids, list):
+            ids = np.asarray(ids, dtype=np.int32).reshape(2, len(groups[0]), 1)
+        return gen.launch_pair(groups, ids, begun=begun)[0]
+
+    def _fallback(self, gen, seq_ids: list[int]) -> _Scheduler | None:
+        """The mode that runs instead where micro-batches cannot apply (saying why in `note`)."""
+        groups = gen.groups_of(seq_ids)
+        if len(groups) < 2:
+            self.note = "batch 1: no second micro-batch, so full_overlap ran as pipeline"
+            return PipelineDecode()
+        if len(groups[0]) != len(groups[1]):
+            self.note = (f"batch {len(seq_ids)} is odd: batch_decode_pair takes micro-batches of equal size, so "
+                         "full_overlap ran as double_buffer")
+            return DoubleBufferDecode()
+        if getattr(gen.session, "tp", 1) == 1:
+            self.note = "tp=1: no allreduce to overlap, so full_overlap ran as double_buffer"
+            return DoubleBufferDecode()
+        if not gen.session.artifact.metadata.get("microbatch_decode"):
+            raise ValueError("full_overlap needs an artifact built with microbatch_decode=true (it has no "
+                             "batch_decode_pair); experiments.overlap builds one when the mode is asked for")
+        return None
+
+    def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        instead = self._fallback(gen, seq_ids)
+        if instead is None:
+            return super().run(gen, seq_ids, first, steps)
+        out = instead.run(gen, seq_ids, first, steps)
+        self.reader_kind = instead.reader_kind
+        return out
 
 
 class _PinnedStaging:
@@ -253,6 +313,6 @@ def install(mode: str):
         return PrefetchDecode()
     if mode == "double_buffer":
         return DoubleBufferDecode()
-    if mode in PLANNED:
-        raise NotImplementedError(f"overlap mode {mode!r} is not implemented in this version: {PLANNED[mode]}")
-    raise ValueError(f"unknown overlap mode {mode!r}; choose one of: {', '.join(MODES + tuple(PLANNED))}")
+    if mode == "full_overlap":
+        return FullOverlapDecode()
+    raise ValueError(f"unknown overlap mode {mode!r}; choose one of: {', '.join(MODES)}")

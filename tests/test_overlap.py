@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.compile import BuildSpec, export
 from engine.disco import DiscoSession
 from engine.generate import Generator
 from engine.session import VMSession
@@ -22,18 +24,70 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("mode", [m for m in stream_overlap.MODES if m != "none"])
 def test_every_mode_yields_the_tokens_of_none(compiled, tiny_config, tp, mode):
-    artifact = compiled(tiny_config, "q0f16", tp)
+    artifact = compiled(tiny_config, "q0f16", tp, microbatch_decode=tp > 1)
     source = RandomSource(tiny_config, seed=5)
     with (VMSession(artifact, source) if tp == 1 else DiscoSession(artifact, source)) as session:
-        gen = Generator(session, max_batch=3, max_total_len=64, prefill_chunk=16)
+        gen = Generator(session, max_batch=4, max_total_len=64, prefill_chunk=16)
         rng = np.random.default_rng(2)
-        prompts = [rng.integers(0, tiny_config.vocab_size, n).tolist() for n in (4, 9, 6)]
+        prompts = [rng.integers(0, tiny_config.vocab_size, n).tolist() for n in (4, 9, 6, 3)]
         reference = gen.generate(prompts, 10)
-        overlapped = gen.generate(prompts, 10, scheduler=stream_overlap.install(mode))
+        scheduler = stream_overlap.install(mode)
+        overlapped = gen.generate(prompts, 10, scheduler=scheduler)
     assert overlapped.tokens == reference.tokens
     assert len(overlapped.decode_steps) == 9
     decode = overlapped.decode_steps
     assert all(a.end <= b.start + 1e-9 for a, b in zip(decode, decode[1:]))  # consecutive, one per token
+    if mode == "full_overlap":  # at tp=2 the micro-batched decode ran (no note), at tp=1 it says why not
+        assert (scheduler.note is None) if tp == 2 else "tp=1" in scheduler.note
+
+
+def test_full_overlap_says_what_ran_instead(compiled, tiny_config):
+    with DiscoSession(compiled(tiny_config, "q0f16", 2, microbatch_decode=True), RandomSource(tiny_config, seed=5)) as s:
+        gen = Generator(s, max_batch=3, max_total_len=64, prefill_chunk=16)
+        prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+        for batch, expected in ((1, "ran as pipeline"), (3, "ran as double_buffer")):
+            scheduler = stream_overlap.install("full_overlap")
+            got = gen.generate(prompts[:batch], 5, scheduler=scheduler)
+            assert got.tokens == gen.generate(prompts[:batch], 5).tokens
+            assert expected in scheduler.note
+    with DiscoSession(compiled(tiny_config, "q0f16", 2), RandomSource(tiny_config, seed=5)) as s:
+        gen = Generator(s, max_batch=2, max_total_len=64, prefill_chunk=16)
+        with pytest.raises(ValueError, match="microbatch_decode=true"):
+            gen.generate(prompts[:2], 5, scheduler=stream_overlap.install("full_overlap"))
+
+
+def _calls(script: str) -> list[str]:
+    """The split-allreduce calls of a Relax function's script, in order: ("begin"|"wait", tensor)."""
+    found = []
+    for line in script.splitlines():
+        m = re.search(r'(\w+) = R\.call_dps_packed\("lab\.ccl\.allreduce_(begin|wait)", \((\w+)', line)
+        if m:
+            found.append((m.group(2), m.group(1) if m.group(2) == "begin" else m.group(3)))
+    return found
+
+
+def test_batch_decode_pair_interleaves_the_micro_batches(tiny_config):
+    """Each allreduce is begun, then the other micro-batch's half-layer is computed, and only then
+    waited for; the residual add takes the wait's token (orders it after the wait)."""
+    mod, _ = export(BuildSpec(tiny_config, "q0f16", 2, "llvm", microbatch_decode=True))
+    script = mod["batch_decode_pair"].script()
+    calls = _calls(script)
+    layers = tiny_config.num_hidden_layers
+    assert len(calls) == 2 * 2 * 2 * layers  # per layer and micro-batch: attention and MLP, begin + wait
+    kinds = [k for k, _ in calls]
+    # begin A, begin B, then (wait, begin) alternating between the micro-batches, and two final waits
+    assert kinds[:2] == ["begin", "begin"] and kinds[-2:] == ["wait", "wait"]
+    assert kinds[2:-2] == ["wait", "begin"] * (2 * 2 * layers - 2)
+    begun = [name for k, name in calls if k == "begin"]
+    waited = [name for k, name in calls if k == "wait"]
+    assert waited == begun  # waited for in the order begun: A, B, A, B, ...
+    for name in begun[:1]:
+        wait_line = next(l for l in script.splitlines() if f'allreduce_wait", ({name},' in l)
+        token = wait_line.split("=")[0].strip()
+        assert re.search(rf"R\.call_tir\(\w*residual_add\w*, \({name}, \w+, {token}\)", script)
+    assert "batch_decode_pair" not in export(BuildSpec(tiny_config, "q0f16", 2, "llvm"))[0].get_global_vars().__str__()
+    single, _ = export(BuildSpec(tiny_config, "q0f16", 1, "llvm", microbatch_decode=True))
+    assert _calls(single["batch_decode_pair"].script()) == []  # tp=1: no collectives
 
 
 def test_double_buffer_splits_the_batch_and_says_when_it_cannot(compiled, tiny_config):
@@ -50,9 +104,7 @@ def test_double_buffer_splits_the_batch_and_says_when_it_cannot(compiled, tiny_c
         assert "ran as pipeline" in single.note
 
 
-def test_planned_and_unknown_modes_say_so():
-    with pytest.raises(NotImplementedError, match="not implemented"):
-        stream_overlap.install("full_overlap")
+def test_unknown_modes_say_so():
     with pytest.raises(ValueError, match="choose one of"):
         stream_overlap.install("warp")
 
@@ -61,19 +113,25 @@ def test_planned_and_unknown_modes_say_so():
 def test_overlap_experiment_compares_against_none_and_traces_two_tracks(cache_dir, tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "experiments.overlap", f"hydra.run.dir={out}", "mode=[pipeline,full_overlap]",
-           "device=cpu", "workload.prompt_len=8", "workload.new_tokens=6", "workload.warmup=1", "workload.repeats=2"]
+           "device=cpu", "tp=2", "workload.batch=2", "workload.prompt_len=8", "workload.new_tokens=6",
+           "workload.warmup=1", "workload.repeats=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "LAB_CACHE_DIR": str(cache_dir)},
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1  # full_overlap is reported as not implemented: a partial result
+    assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["status"] == "partial"
+    assert results["status"] == "ok"
     comparison = results["summary"]["comparison"]
-    assert comparison["pipeline"]["same_tokens"] is True and comparison["pipeline"]["speedup"] > 0
-    assert "not implemented" in results["summary"]["full_overlap"]["error"]
+    for mode in ("pipeline", "full_overlap"):
+        assert comparison[mode]["same_tokens"] is True and comparison[mode]["speedup"] > 0
+    assert comparison["full_overlap"]["note"] is None  # the micro-batched decode ran
+    overlap = results["summary"]["full_overlap"]["allreduce_overlap"]
+    assert overlap["serialized_same_tokens"] is True and overlap["count_per_step"] == 2 * 2 * 2  # tiny: 2 layers
+    assert overlap["message_elements"] == 1 * 128 and overlap["seconds_each"] > 0
+    assert comparison["full_overlap"]["allreduce_hidden_ms"] is not None
     pipeline_row = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| pipeline |"))
     cells = [c.strip() for c in pipeline_row.strip("|").split("|")]
-    assert cells[-2] == "True" and cells[-3] != "—"  # tokens = none, host ms hidden/step
+    assert cells[-2] == "True" and cells[-5] != "—"  # tokens = none, host ms hidden/step
     trace = json.loads((out / "trace.json").read_text())
     validate(trace)
     tracks = {(e["pid"], e["tid"]) for e in trace["traceEvents"] if e["ph"] == "X"}
-    assert len(tracks) > 2  # none's host track, pipeline's step and launch tracks
+    assert len(tracks) > 2  # none's host track, the modes' step and launch tracks

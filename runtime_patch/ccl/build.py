@@ -1,4 +1,5 @@
-"""Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`,
+"""Build and load the runtime plugins: the CCLs that TVM disco needs, `cpu_shm` (ours) and `nccl`
+(TVM's shipped source, with our nccl_overlap.cc: allreduces on a communication stream),
 `cuda_gemm` (runtime_patch/gemm: the prefill's cuBLAS GEMM, the q4 decode GEMV) and `cuda_attention`
 (runtime_patch/attention: the KV cache's prefill and decode attention, cuBLAS and kernels of ours).
 
@@ -224,13 +225,15 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
         if not src.is_file():
             raise CCLBuildError(f"{src} is missing: this apache-tvm wheel does not ship the NCCL CCL source "
                                 "(apache-tvm 0.27 does)")
-        hashed = [src, disco / "nccl" / "nccl_context.h", disco / "utils.h", *_stub_headers()]
-        r = _Recipe(name, [src], hashed, [*_COMMON_FLAGS, "-DTVM_NCCL_RCCL_SWITCH=0"],
+        # nccl_overlap.cc (ours) reaches the shipped CCL's per-worker context: one library
+        ours = _HERE / "nccl_overlap.cc"
+        hashed = [src, ours, disco / "nccl" / "nccl_context.h", disco / "utils.h", *_stub_headers()]
+        r = _Recipe(name, [src, ours], hashed, [*_COMMON_FLAGS, "-DTVM_NCCL_RCCL_SWITCH=0"],
                     libs=[*_TVM_LIBS, "-l:libnccl.so.2", "-lcudart"], needs_anchor=True)
         if for_build:
             nccl_inc, nccl_lib = _nccl_dirs()
             cuda = _cuda_home()
-            r.include_dirs = [*_tvm_include_dirs(), nccl_inc, cuda / "include"]
+            r.include_dirs = [*_tvm_include_dirs(), disco / "nccl", nccl_inc, cuda / "include"]
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, _cuda_lib_dir(cuda)]
         return r
     if name in CUBLAS_PLUGINS:
