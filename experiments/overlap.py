@@ -17,6 +17,7 @@ message, 2 per layer and micro-batch).
 from __future__ import annotations
 
 import logging
+import os
 
 import hydra
 import numpy as np
@@ -33,6 +34,7 @@ from .results import RunDir
 from .tensor_parallel import check_devices
 
 log = logging.getLogger("experiments.overlap")
+BATCH_SPLITTING = {"double_buffer", "full_overlap"}  # modes that run a batch as two request groups
 
 
 def modes_of(value) -> list[str]:
@@ -96,6 +98,12 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     w = cfg.workload
     points = []
     microbatch = "full_overlap" in modes and tp > 1  # one artifact for every mode: the same kernels
+    # Modes that split the batch change the decode attention's batch, and with it (by default) how
+    # its CUDA kernel splits each sequence's keys: run every mode batch-invariant, so they can be
+    # compared token for token. Read by the plugin at its first use, in every process (inherited).
+    invariant = bool(BATCH_SPLITTING & set(modes))
+    if invariant:
+        os.environ["LAB_BATCH_INVARIANT"] = "1"
     with tqdm(total=len(modes) * (w.warmup + w.repeats), desc=f"{config.name} overlap", unit="run") as bar:
         for mode in modes:
             bar.set_postfix_str(mode)
@@ -134,12 +142,16 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "step reads them twice. At tp > 1 it also runs with its collectives serialized: the difference is "
              "the allreduce time it hides (`allreduce ms hidden/step`, and its share of the measured allreduce "
              "time). On CPU the allreduces run when begun (no streams). Where a mode cannot apply (batch 1, an "
-             "odd batch, tp=1 for full_overlap) its note says what ran instead.")
+             "odd batch, tp=1 for full_overlap) its note says what ran instead. With double_buffer or full_overlap "
+             "in the run, every mode runs the CUDA decode attention batch-invariant (LAB_BATCH_INVARIANT=1: a "
+             "sequence's keys split as at batch 1), so that splitting the batch does not change the order of its "
+             "floating-point sums and the tokens can be compared exactly.")
     rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens", "note",
                                                            "allreduce_hidden_ms", "allreduce_hidden_fraction")}
                   for p in points}
     status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
-                          columns=COLUMNS, sections=[("Method", notes)], summary_extra={"comparison": rows_extra},
+                          columns=COLUMNS, sections=[("Method", notes)],
+                          summary_extra={"comparison": rows_extra, "batch_invariant_attention": invariant},
                           extra={"bandwidth": bandwidth})
     for p in points:
         if p.ok:

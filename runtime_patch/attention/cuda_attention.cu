@@ -18,8 +18,9 @@
 //    rotary_mode, rope_scale, rope_theta, sm_scale)
 //   split over the keys (flash decoding): a block per (split, KV head, sequence) keeps an online
 //   softmax for the query heads of its KV group over its share of the keys; a second kernel merges
-//   the splits. The number of splits fills the GPU whatever the batch; each block derives its key
-//   range from the lengths on the device, so nothing is read back to the host.
+//   the splits. The number of splits fills the GPU whatever the batch (or, with LAB_BATCH_INVARIANT=1,
+//   is that of a batch of 1); each block derives its key range from the lengths on the device, so
+//   nothing is read back to the host.
 //
 // lse is in base 2 of the scaled scores, log2(sum_j 2^(s_j * sm_scale * log2(e))), as TVM's merge
 // kernel expects when it combines attention over the appended tokens with attention over pages.
@@ -35,6 +36,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <unordered_map>
 #include <vector>
 
@@ -127,6 +129,14 @@ __global__ void CausalSoftmax(const float* __restrict__ s, __half* __restrict__ 
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeBlocksPerSM = 8;
+
+bool BatchInvariant() {
+  static const bool on = [] {
+    const char* v = std::getenv("LAB_BATCH_INVARIANT");
+    return v != nullptr && v[0] == '1';
+  }();
+  return on;
+}
 constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
 // A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
 // does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
@@ -393,10 +403,13 @@ void DecodePaged(DLTensor* q, DLTensor* pages, DLTensor* page_indptr, DLTensor* 
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   // About kDecodeBlocksPerSM blocks per SM whatever the batch (enough loads in flight to keep
-  // HBM busy), at most 64 splits of a sequence's keys.
+  // HBM busy), at most 64 splits of a sequence's keys. With LAB_BATCH_INVARIANT=1 the splits are
+  // those of a batch of 1 at any batch, so a sequence's keys are summed in the same order whatever
+  // else is in the batch (bit-identical tokens when a scheduler splits the batch; more, smaller
+  // blocks at large batches).
   const int64_t blocks = int64_t(kDecodeBlocksPerSM) * state.sms;
-  const int64_t splits =
-      std::max<int64_t>(1, std::min<int64_t>(64, (blocks + batch * kv_heads - 1) / (batch * kv_heads)));
+  const int64_t per_split = BatchInvariant() ? kv_heads : batch * kv_heads;
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (blocks + per_split - 1) / per_split));
   float* part_o = static_cast<float*>(Workspace(state, batch * q_heads * splits * (d + 1) * 4, stream));
   float* part_lse = part_o + batch * q_heads * splits * d;
   const dim3 grid{unsigned(splits), unsigned(kv_heads), unsigned(batch)};
