@@ -21,6 +21,10 @@ def _card(env: dict) -> str:
     return f"{len(gpus)} x {gpus[0]['name']}" if gpus else (env.get("cpu_model") or "CPU")
 
 
+# experiments.overlap's figures per mode, kept where present
+OVERLAP_FIGURES = ("same_tokens", "note", "hidden_ms", "allreduce_hidden_ms", "allreduce_hidden_fraction")
+
+
 def record_of(results_dir: Path) -> dict:
     data = json.loads((results_dir / "results.json").read_text())
     env, cfg = data["environment"], data["config"]
@@ -40,13 +44,21 @@ def record_of(results_dir: Path) -> dict:
                 "weight_bytes_per_rank": s.get("weight_bytes"), "gpu_memory_used_bytes": s.get("gpu_memory_used_bytes"),
                 "raw_itl_s": [t for sample in run["samples"] for t in sample["itl_s"]],
             })
+            point.update({k: s[k] for k in OVERLAP_FIGURES if k in s})
+            if "allreduce_overlap" in s:  # full_overlap: its run with serialized collectives, raw samples kept
+                overlap = dict(s["allreduce_overlap"])
+                samples = overlap.pop("serialized_samples", [])
+                point["allreduce_overlap"] = {**overlap,
+                                              "serialized_raw_itl_s": [t for r in samples for t in r["itl_s"]]}
         points.append(point)
     return {"experiment": results_dir.parent.name, "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
             "lm_head": cfg.get("lm_head"),
             "workload": cfg.get("workload"), "card": _card(env), "date": env["timestamp"][:10],
             "command": env.get("command"), "git_sha": (env.get("git") or {}).get("sha"),
             "git_dirty": (env.get("git") or {}).get("dirty"), "bandwidth_bytes_per_s": (data.get("bandwidth") or {}).get("bytes_per_s"),
-            "status": data["status"], "points": points, "source": str(results_dir)}
+            "status": data["status"], "points": points, "source": str(results_dir),
+            **({"batch_invariant_attention": data["summary"]["batch_invariant_attention"]}
+               if "batch_invariant_attention" in data["summary"] else {})}
 
 
 def table_rows(record: dict) -> list[str]:

@@ -7,7 +7,9 @@ base-2 log-sum-exp that TVM's merge kernel uses to combine attentions):
   causal softmax kernel of ours between them (TVM's kernel uses no tensor cores).
 - `lab.attention.decode_paged` (`decode_attention="library"`): a decode step's attention over the
   pages, split over the keys so that a batch-1 step fills the GPU (TVM's kernel runs one block per
-  sequence and KV head).
+  sequence and KV head). How many splits depends on the batch, unless LAB_BATCH_INVARIANT=1 (the
+  splits of a batch of 1 at any batch: the same sums per sequence whatever else is in the batch;
+  experiments.overlap sets it when a mode splits the batch).
 
 CUDA: `cuda_attention.cu`, built by nvcc on first use like the CCL plugins (into $LAB_CCL_DIR),
 on the stream TVM's kernels use. CPU: NumPy in float32, so the CPU test suite runs the same
