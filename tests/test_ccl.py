@@ -308,6 +308,8 @@ def test_nccl_plugin_compiles(tmp_path, monkeypatch):
     blob = path.read_bytes()
     for fn in ("init_ccl", "init_ccl_per_worker", "allreduce", "allgather", "broadcast_from_worker0"):
         assert f"runtime.disco.nccl.{fn}".encode() in blob
+    for fn in ("overlap_init", "allreduce_begin", "allreduce_wait", "set_overlap"):  # nccl_overlap.cc
+        assert f"lab.ccl.{fn}".encode() in blob
     assert {p.name for p in tmp_path.iterdir()} == {path.name, path.with_suffix(".json").name}  # no temp left
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.records import record_of
 from engine.compile import BuildSpec, export
+from engine.config import ConfigError
 from engine.disco import DiscoSession
 from engine.generate import Generator
 from engine.session import VMSession
@@ -135,3 +137,17 @@ def test_overlap_experiment_compares_against_none_and_traces_two_tracks(cache_di
     validate(trace)
     tracks = {(e["pid"], e["tid"]) for e in trace["traceEvents"] if e["ph"] == "X"}
     assert len(tracks) > 2  # none's host track, the modes' step and launch tracks
+    record = record_of(out)  # the benchmark record keeps the overlap figures and raw samples
+    full = next(p for p in record["points"] if p["label"] == "full_overlap")
+    assert full["same_tokens"] is True and "allreduce_hidden_fraction" in full
+    assert len(full["allreduce_overlap"]["serialized_raw_itl_s"]) == 2 * 5  # repeats x decode steps
+    assert "serialized_samples" not in full["allreduce_overlap"] and record["batch_invariant_attention"] is True
+
+
+def test_microbatch_decode_is_a_build_option(tiny_config, compiled):
+    with pytest.raises(ConfigError, match="microbatch_decode must be true or false"):
+        BuildSpec(tiny_config, "q0f16", 2, microbatch_decode="yes")
+    plain, paired = BuildSpec(tiny_config, "q0f16", 2), BuildSpec(tiny_config, "q0f16", 2, microbatch_decode=True)
+    assert plain.key() != paired.key()
+    artifact = compiled(tiny_config, "q0f16", 2, microbatch_decode=True)
+    assert artifact.metadata["microbatch_decode"] is True and artifact.build_spec() == paired
