@@ -69,8 +69,7 @@ class DiscoSession:
             self.params = loader(str(artifact.path), json.dumps(source_spec(source)))
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
             if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
-                self.sess.get_global_func(runtime_loader.SPLIT_ALLREDUCE_INIT)()
-                self.sess._sync_all()
+                self.call_workers(runtime_loader.SPLIT_ALLREDUCE_INIT)
             self.weights_seconds = time.perf_counter() - t0
         except Exception:
             self.sess.shutdown()

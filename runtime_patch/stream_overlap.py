@@ -94,6 +94,12 @@ class _Scheduler:
         self.reader_kind: str | None = None
         self.note: str | None = None
 
+    def _run_instead(self, other: "_Scheduler", gen, seq_ids: list[int], first: list[int], steps: int):
+        """Run `other` where this mode cannot apply (the caller has set `note`)."""
+        out = other.run(gen, seq_ids, first, steps)
+        self.reader_kind = other.reader_kind
+        return out
+
 
 class PipelineDecode(_Scheduler):
     name = "pipeline"
@@ -155,10 +161,7 @@ class DoubleBufferDecode(_Scheduler):
         self.reader_kind = "same thread, one group while the other runs"
         if len(groups) < 2:
             self.note = "batch 1: a single request group, so double_buffer ran as pipeline"
-            pipeline = PipelineDecode()
-            out = pipeline.run(gen, seq_ids, first, steps)
-            self.reader_kind = pipeline.reader_kind
-            return out
+            return self._run_instead(PipelineDecode(), gen, seq_ids, first, steps)
         first_of = dict(zip(seq_ids, first))
         out: dict[int, list[int]] = {sid: [] for sid in seq_ids}
         b = len(seq_ids)
@@ -221,9 +224,7 @@ class FullOverlapDecode(PipelineDecode):
         instead = self._fallback(gen, seq_ids)
         if instead is None:
             return super().run(gen, seq_ids, first, steps)
-        out = instead.run(gen, seq_ids, first, steps)
-        self.reader_kind = instead.reader_kind
-        return out
+        return self._run_instead(instead, gen, seq_ids, first, steps)
 
 
 class _PinnedStaging:
