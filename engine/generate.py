@@ -157,12 +157,15 @@ class Generator:
         self.session.begin_forward(kv, seq_ids, lengths)
         return kv
 
-    def _forward(self, fn: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int], begun: bool = False):
-        kv = self._cache(seq_ids) if begun else self._begin(seq_ids, lengths)
-        out = self.session.call(fn, ids, kv)
-        self.session.end_forward(kv)
-        for sid, n in zip(seq_ids, lengths):
-            self._lengths[sid] += n
+    def _forward(self, fn: str, ids, groups: list[list[int]], lengths: list[list[int]], begun: bool = False):
+        """Call `fn` on the KV caches of `groups` (one group, or batch_decode_pair's two), each
+        sequence appending `lengths` tokens; returns the function's results."""
+        kvs = [self._cache(g) if begun else self._begin(g, n) for g, n in zip(groups, lengths)]
+        out = self.session.call(fn, ids, *kvs)
+        for kv, g, n in zip(kvs, groups, lengths):
+            self.session.end_forward(kv)
+            for sid, k in zip(g, n):
+                self._lengths[sid] += k
         return out
 
     def prefill(self, seq_id: int, prompt: Sequence[int], all_logits: bool = False):
@@ -175,10 +178,10 @@ class Generator:
             chunk = np.asarray(prompt[lo:lo + self.prefill_chunk], dtype=np.int32)[None, :]
             start = time.perf_counter()
             if all_logits:
-                logits, _ = self._forward("prefill_logits", [seq_id], chunk, [chunk.shape[1]])
+                logits, _ = self._forward("prefill_logits", chunk, [[seq_id]], [[chunk.shape[1]]])
                 rows.append(self.session.to_numpy(logits))
             else:
-                token, last, _ = self._forward("prefill", [seq_id], chunk, [chunk.shape[1]])
+                token, last, _ = self._forward("prefill", chunk, [[seq_id]], [[chunk.shape[1]]])
                 token = int(self.session.to_numpy(token)[0])
             self._emit(StepTiming("prefill", chunk_no, start, time.perf_counter(), chunk.shape[1]))
         if all_logits:
@@ -197,7 +200,7 @@ class Generator:
         `next_input`); returns (next token ids, logits), both on the device. On a GPU this does
         not wait for the step to finish."""
         fn = "decode" if len(seq_ids) == 1 else "batch_decode"
-        next_ids, logits, _ = self._forward(fn, list(seq_ids), ids, [1] * len(seq_ids), begun)
+        next_ids, logits, _ = self._forward(fn, ids, [list(seq_ids)], [[1] * len(seq_ids)], begun)
         return next_ids, logits
 
     def launch_pair(self, groups: Sequence[Sequence[int]], ids, begun: bool = False):
@@ -208,12 +211,7 @@ class Generator:
         if len(groups) != 2 or len(groups[0]) != len(groups[1]):
             raise ValueError(f"batch_decode_pair takes two request groups of equal size, got {[len(g) for g in groups]}")
         groups = [list(g) for g in groups]
-        kvs = [self._cache(g) if begun else self._begin(g, [1] * len(g)) for g in groups]
-        next_ids, logits, *_ = self.session.call("batch_decode_pair", ids, *kvs)
-        for g, kv in zip(groups, kvs):
-            self.session.end_forward(kv)
-            for sid in g:
-                self._lengths[sid] += 1
+        next_ids, logits, *_ = self._forward("batch_decode_pair", ids, groups, [[1] * len(g) for g in groups], begun)
         return next_ids, logits
 
     def next_input(self, next_ids):

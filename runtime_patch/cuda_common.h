@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <unordered_map>
 
+#include "cuda_check.h"
+
 namespace lab {
 
 inline const char* CublasStatusName(cublasStatus_t s) {
@@ -23,13 +25,6 @@ inline const char* CublasStatusName(cublasStatus_t s) {
     default: return "cuBLAS error";
   }
 }
-
-#define LAB_CHECK_CUDA(expr)                                                               \
-  do {                                                                                     \
-    cudaError_t err_ = (expr);                                                             \
-    if (err_ != cudaSuccess)                                                               \
-      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << cudaGetErrorString(err_);     \
-  } while (0)
 
 #define LAB_CHECK_CUBLAS(expr)                                                             \
   do {                                                                                     \

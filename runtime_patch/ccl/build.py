@@ -227,7 +227,8 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
                                 "(apache-tvm 0.27 does)")
         # nccl_overlap.cc (ours) reaches the shipped CCL's per-worker context: one library
         ours = _HERE / "nccl_overlap.cc"
-        hashed = [src, ours, disco / "nccl" / "nccl_context.h", disco / "utils.h", *_stub_headers()]
+        hashed = [src, ours, _HERE.parent / "cuda_check.h", disco / "nccl" / "nccl_context.h", disco / "utils.h",
+                  *_stub_headers()]
         r = _Recipe(name, [src, ours], hashed, [*_COMMON_FLAGS, "-DTVM_NCCL_RCCL_SWITCH=0"],
                     libs=[*_TVM_LIBS, "-l:libnccl.so.2", "-lcudart"], needs_anchor=True)
         if for_build:
@@ -240,7 +241,7 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
         here = _HERE.parent
         srcs = [here / "gemm" / "cublas_gemm.cc", here / "gemm" / "q4_gemv.cu"] if name == "cuda_gemm" \
             else [here / "attention" / "cuda_attention.cu"]
-        hashed = [*srcs, here / "cuda_common.h"]
+        hashed = [*srcs, here / "cuda_common.h", here / "cuda_check.h"]
         r = _Recipe(name, srcs, hashed, list(_NVCC_FLAGS), libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
         if for_build:
             cublas_inc, cublas_lib = _cublas_dirs()

@@ -27,19 +27,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "../cuda_check.h"
 #include "nccl_context.h"
 
 namespace lab_overlap {
 
 using tvm::runtime::nccl::AsNCCLDataType;
 using tvm::runtime::nccl::CCLThreadLocalContext;
-
-#define LAB_OVERLAP_CUDA(expr)                                                           \
-  do {                                                                                   \
-    cudaError_t err_ = (expr);                                                           \
-    if (err_ != cudaSuccess)                                                             \
-      TVM_FFI_THROW(RuntimeError) << #expr << " failed: " << cudaGetErrorString(err_);   \
-  } while (0)
 
 // Per worker thread, like TVM's CCL context. Never destroyed: workers leave with os._exit, and
 // destroying a communicator at thread exit could wait on peers that are gone.
@@ -73,11 +67,11 @@ void Init() {
   CCLThreadLocalContext* ctx = Context();
   Overlap& s = State();
   if (s.comm != nullptr) return;
-  LAB_OVERLAP_CUDA(cudaSetDevice(ctx->device_id));
-  LAB_OVERLAP_CUDA(cudaDeviceSynchronize());  // nothing of the first communicator in flight
+  LAB_CHECK_CUDA(cudaSetDevice(ctx->device_id));
+  LAB_CHECK_CUDA(cudaDeviceSynchronize());  // nothing of the first communicator in flight
   NCCL_CALL(ncclCommSplit(ctx->global_comm, 0, ctx->worker->worker_id, &s.comm, nullptr));
-  LAB_OVERLAP_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
-  LAB_OVERLAP_CUDA(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
+  LAB_CHECK_CUDA(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
+  LAB_CHECK_CUDA(cudaEventCreateWithFlags(&s.ready, cudaEventDisableTiming));
 }
 
 Overlap& Ready() {
@@ -93,23 +87,23 @@ void Begin(DLTensor* partial, DLTensor* reduced) {
   int64_t numel = 1;
   for (int i = 0; i < partial->ndim; ++i) numel *= partial->shape[i];
   cudaStream_t compute = ComputeStream(ctx);
-  LAB_OVERLAP_CUDA(cudaEventRecord(s.ready, compute));
-  LAB_OVERLAP_CUDA(cudaStreamWaitEvent(s.stream, s.ready, 0));
+  LAB_CHECK_CUDA(cudaEventRecord(s.ready, compute));
+  LAB_CHECK_CUDA(cudaStreamWaitEvent(s.stream, s.ready, 0));
   NCCL_CALL(ncclAllReduce(static_cast<char*>(partial->data) + partial->byte_offset,
                           static_cast<char*>(reduced->data) + reduced->byte_offset, numel,
                           AsNCCLDataType(partial->dtype), ncclSum, s.comm, s.stream));
   cudaEvent_t done;
   if (s.spare.empty()) {
-    LAB_OVERLAP_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    LAB_CHECK_CUDA(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   } else {
     done = s.spare.back();
     s.spare.pop_back();
   }
-  LAB_OVERLAP_CUDA(cudaEventRecord(done, s.stream));
+  LAB_CHECK_CUDA(cudaEventRecord(done, s.stream));
   auto [it, fresh] = s.in_flight.emplace(reduced->data, done);
   if (!fresh)
     TVM_FFI_THROW(RuntimeError) << "lab.ccl.allreduce_begin: an allreduce into this buffer is already in flight";
-  if (!s.overlap) LAB_OVERLAP_CUDA(cudaStreamWaitEvent(compute, done, 0));
+  if (!s.overlap) LAB_CHECK_CUDA(cudaStreamWaitEvent(compute, done, 0));
 }
 
 void Wait(DLTensor* reduced, DLTensor* partial, DLTensor* token) {
@@ -118,7 +112,7 @@ void Wait(DLTensor* reduced, DLTensor* partial, DLTensor* token) {
   auto it = s.in_flight.find(reduced->data);
   if (it == s.in_flight.end())
     TVM_FFI_THROW(RuntimeError) << "lab.ccl.allreduce_wait: no allreduce in flight into this buffer";
-  LAB_OVERLAP_CUDA(cudaStreamWaitEvent(ComputeStream(ctx), it->second, 0));
+  LAB_CHECK_CUDA(cudaStreamWaitEvent(ComputeStream(ctx), it->second, 0));
   s.spare.push_back(it->second);  // may be recorded again: the wait above is already enqueued
   s.in_flight.erase(it);
 }
