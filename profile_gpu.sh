@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Profile one run of an experiment: ./profile_gpu.sh -h, and docs/PROFILING.md.
-# A thin wrapper: the work is done by `python -m experiments.profiling`.
+# A thin wrapper: the work is done by `python -m profiler`.
 set -euo pipefail
 
 usage() {
@@ -94,4 +94,4 @@ fi
 PYTHON="${PYTHON:-$(command -v python3 || command -v python || echo python3)}"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PYTHON" -m experiments.profiling "${args[@]}" -- "$@"
+exec "$PYTHON" -m profiler "${args[@]}" -- "$@"

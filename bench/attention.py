@@ -151,8 +151,8 @@ def run(out: Path, sha: str | None) -> None:
     import torch
     import tvm_ffi
 
-    from experiments import stats
-    from experiments.results import atomic_write_text
+    from harness import stats
+    from harness.results import atomic_write_text
     from runtime_patch import attention
 
     attention.register("cuda")

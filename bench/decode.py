@@ -36,8 +36,8 @@ from engine.config import preset  # noqa: E402
 from engine.generate import Generator  # noqa: E402
 from engine.session import VMSession  # noqa: E402
 from engine.weights import open_source  # noqa: E402
-from experiments import device_probe, measure, stats  # noqa: E402
-from experiments.results import atomic_write_text  # noqa: E402
+from harness import device_probe, measure, stats  # noqa: E402
+from harness.results import atomic_write_text  # noqa: E402
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:

@@ -80,7 +80,7 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
     from tvm.runtime.vm import VirtualMachine
 
     from engine.quantize import quant_spec, quantize_torch
-    from experiments import device_probe
+    from harness import device_probe
     from runtime_patch import bootstrap
 
     bootstrap.ensure_cuda_compiler("sm_90", [folder / "kernels"])
@@ -144,7 +144,7 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
               flush=True)
         results.append(r)
         del params
-    from experiments.results import atomic_write_text
+    from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
         "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from experiments.results import atomic_write_json
+from harness.results import atomic_write_json
 
 
 def _card(env: dict) -> str:

@@ -1,10 +1,12 @@
 """Compile a model for a target into a cached artifact folder.
 
 An artifact folder holds `model.so` (the Relax VM executable with its kernels) and
-`metadata.json` (model config, quantization, tp, target, parameter names/shapes/dtypes). Its
-name ends in a hash of everything that changes the output: model config, quantization, tp,
-target, TVM version and the engine sources that shape the compiled module (COMPILED_SOURCES). Folders are written to a temporary name and
-renamed into place, so a cache entry is either complete or absent.
+`metadata.json`: the BuildSpec it was built from (`spec`, BuildSpec.to_dict), the library
+functions it calls (`functions`, runtime_patch.functions), parameter names/shapes/dtypes, and how
+it was built. Its name ends in a hash of everything that changes the output: the spec, the TVM
+and tvm-ffi versions and the sources that shape the compiled module (COMPILED_SOURCES). Folders
+are written to a temporary name and renamed into place, so a cache entry is either complete or
+absent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime_patch import functions, settings
+
 from .config import AUTO_TIR, KERNEL_OPTIONS, KERNEL_SOURCES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
@@ -28,9 +32,11 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("llvm", "cuda")
 ENGINE_DIR = Path(__file__).resolve().parent
-# The engine sources that shape a compiled artifact (the cache key hashes them); the loaders and
-# the generate loop are not among them, so changing those keeps the cache.
-COMPILED_SOURCES = ("config.py", "quantize.py", "sharding.py", "model.py", "compile.py")
+# The sources that shape a compiled artifact (the cache key hashes them): the engine's model
+# definition and the names of the library functions it calls; the loaders and the generate loop
+# are not among them, so changing those keeps the cache.
+COMPILED_SOURCES = (*(ENGINE_DIR / n for n in ("config.py", "quantize.py", "sharding.py", "compile.py")),
+                    *sorted((ENGINE_DIR / "model").glob("*.py")), Path(functions.__file__))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +57,13 @@ class BuildSpec:
     decode_gemv: str = "auto"
     # Also export `batch_decode_pair` (engine.model): the two-micro-batch decode of full_overlap.
     microbatch_decode: bool = False
+    # The CUDA decode attention splits a sequence's keys as for a batch of 1 whatever the batch, so a
+    # sequence's sums do not depend on what else is in the batch (a scheduler that splits the batch
+    # then yields the same tokens bit for bit; slower at large batches).
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
-        quant_spec(self.quant)
-        self.plan  # validates the layout
+        self.plan.check_quant(quant_spec(self.quant))  # validates the layout, and quantized shards
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
         for name in KERNEL_OPTIONS:
@@ -63,8 +72,9 @@ class BuildSpec:
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")
-        if not isinstance(self.microbatch_decode, bool):
-            raise ConfigError(f"microbatch_decode must be true or false, got {self.microbatch_decode!r}")
+        for name in ("microbatch_decode", "batch_invariant", "cuda_graph"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
 
@@ -90,19 +100,30 @@ class BuildSpec:
                                   "max_threads_per_block": 1024, "thread_warp_size": 32,
                                   "registers_per_block": 65536})
 
+    def to_dict(self) -> dict:
+        """Every field, plain JSON (the model config as a dict); `from_dict` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["config"] = self.config.to_dict()
+        d["lm_head"] = self.plan.lm_head_layout
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "BuildSpec":
+        known = {f.name for f in dataclasses.fields(BuildSpec)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"a build spec with unknown fields {unknown} (an artifact of another version of the lab)")
+        return BuildSpec(**{**d, "config": ModelConfig(**d["config"])})
+
     def key(self) -> str:
         import tvm
 
         source = hashlib.sha256()
-        for name in COMPILED_SOURCES:
-            source.update(name.encode() + (ENGINE_DIR / name).read_bytes())
-        payload = json.dumps({
-            "config": self.config.to_dict(), "quant": self.quant, "tp": self.tp, "target": self.target,
-            "cuda_arch": self.cuda_arch if self.target == "cuda" else None,
-            "cuda_graph": self.cuda_graph if self.target == "cuda" else None, "lm_head": self.plan.lm_head_layout,
-            **self.kernels, "microbatch_decode": self.microbatch_decode, "tvm": tvm.__version__,
-            "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"), "engine": source.hexdigest(),
-        }, sort_keys=True)
+        for path in COMPILED_SOURCES:
+            source.update(path.name.encode() + path.read_bytes())
+        payload = json.dumps({"spec": self.to_dict(), "tvm": tvm.__version__,
+                              "tvm_ffi": importlib.metadata.version("apache-tvm-ffi"),
+                              "sources": source.hexdigest()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def folder_name(self) -> str:
@@ -131,15 +152,25 @@ class Artifact:
             raise ConfigError(f"{str(path)!r} is not a compiled artifact folder (needs model.so and metadata.json)")
         return Artifact(path, json.loads(meta_file.read_text()))
 
-    def build_spec(self) -> BuildSpec:
-        m = self.metadata
-        return BuildSpec(ModelConfig(**m["config"]), m["quant"], m["tp"], m["target"], m["cuda_arch"], m["cuda_graph"],
-                         m.get("lm_head", "replicated"), **{name: m.get(name, "tir") for name in KERNEL_OPTIONS},
-                         microbatch_decode=m.get("microbatch_decode", False))
+    def param_bytes(self, prefix: str) -> int:
+        """Bytes of the parameters whose names start with `prefix` (e.g. "model.embed_tokens")."""
+        import numpy as np
+
+        return sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                   for p in self.metadata["params"] if p["name"].startswith(prefix))
+
+    @property
+    def spec(self) -> BuildSpec:
+        return BuildSpec.from_dict(self.metadata["spec"])
+
+    @property
+    def functions(self) -> list[str]:
+        """The library functions (runtime_patch.functions) the compiled model calls."""
+        return list(self.metadata.get("functions", []))
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("LAB_CACHE_DIR", Path.home() / ".cache" / "tvm-tp-lab"))
+    return settings.cache_dir()
 
 
 def _pipeline(spec: BuildSpec, target):
@@ -187,10 +218,25 @@ def export(spec: BuildSpec):
     """The Relax IRModule and parameter list of one tp rank (no weights involved)."""
     from .model import LlamaForCausalLM
 
-    model = LlamaForCausalLM(spec.config, spec.quant_spec, spec.tp, spec.tvm_target(), spec.lm_head, **spec.kernels,
-                             microbatch_decode=spec.microbatch_decode)
+    model = LlamaForCausalLM(spec)
     mod, params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
     return mod, params
+
+
+def library_functions(mod) -> list[str]:
+    """The runtime_patch.functions names a Relax module calls (extern functions, KV-cache slots)."""
+    from tvm import relax
+
+    found: set[str] = set()
+
+    def visit(expr) -> None:
+        if isinstance(expr, relax.ExternFunc) and expr.global_symbol.startswith(functions.PREFIX):
+            found.add(str(expr.global_symbol))
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return sorted(found)
 
 
 def _build(mod, spec: BuildSpec, target, config: dict):
@@ -219,6 +265,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     log.info("compiling %s (%s, tp=%d, %s)", spec.config.name, spec.quant, spec.tp, spec.target)
     start = time.perf_counter()
     mod, params = export(spec)
+    called = library_functions(mod)
     target = spec.tvm_target()
     config = {"relax.backend.use_cuda_graph": bool(spec.cuda_graph and spec.target == "cuda")}
     from . import runtime_loader
@@ -241,9 +288,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         precompiled = runtime_loader.precompile_cubins(cuda_sources.sources, spec.cuda_arch, tmp / "kernels") \
             if spec.target == "cuda" else 0
         metadata = {
-            "config": spec.config.to_dict(), "quant": spec.quant, "tp": spec.tp, "target": spec.target,
-            "cuda_arch": spec.cuda_arch, "cuda_graph": spec.cuda_graph, "lm_head": spec.plan.lm_head_layout,
-            **spec.kernels, "microbatch_decode": spec.microbatch_decode, "key": spec.key(),
+            "spec": spec.to_dict(), "key": spec.key(), "functions": called,
             "tvm_version": tvm.__version__, "compile_seconds": round(time.perf_counter() - start, 3),
             "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],

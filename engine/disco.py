@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from runtime_patch import functions
+
 from .compile import Artifact
 from .config import ConfigError
 from .weights import TensorSource, source_spec
@@ -42,12 +44,12 @@ class DiscoSession:
 
         from . import runtime_loader
 
-        spec = artifact.build_spec()
+        spec = self.spec = artifact.spec
         self.artifact, self.tp = artifact, spec.tp
         if spec.target == "llvm" and self.tp > MAX_CPU_WORKERS:
             raise ConfigError(f"tp={self.tp} on the CPU would start {self.tp} worker processes; "
                               f"at most {MAX_CPU_WORKERS}")
-        runtime_loader.check_target(spec, artifact.path)
+        runtime_loader.prepare(artifact)
         if spec.target == "cuda":
             from .session import visible_cuda_devices
 
@@ -57,7 +59,7 @@ class DiscoSession:
         self.device_ids = list(device_ids or range(self.tp))
         self.vocab = spec.config.vocab_size
         t0 = time.perf_counter()
-        self.sess = runtime_loader.start_disco(self.tp, ccl_for(spec.target), self.device_ids, spec)
+        self.sess = runtime_loader.start_disco(self.tp, ccl_for(spec.target), self.device_ids)
         try:
             self.sess.import_python_module("engine.disco_rank")
             self.sess.get_global_func("lab.engine.prepare_target")(str(artifact.path))
@@ -69,7 +71,7 @@ class DiscoSession:
             self.params = loader(str(artifact.path), json.dumps(source_spec(source)))
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
             if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
-                self.call_workers(runtime_loader.SPLIT_ALLREDUCE_INIT)
+                self.call_workers(functions.OVERLAP_INIT)
             self.weights_seconds = time.perf_counter() - t0
         except Exception:
             self.sess.shutdown()

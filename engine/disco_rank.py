@@ -18,7 +18,7 @@ def prepare_target(artifact_dir: str) -> None:
     """In each worker: the CUDA kernel compile callback and the architecture check."""
     from . import runtime_loader
 
-    runtime_loader.check_target(Artifact.load(artifact_dir).build_spec(), artifact_dir)
+    runtime_loader.prepare(Artifact.load(artifact_dir))
 
 
 @tvm.register_global_func("lab.engine.load_rank_params", override=True)
@@ -26,11 +26,10 @@ def load_rank_params(artifact_dir: str, source_json: str):
     rank = int(tvm.get_global_func("runtime.disco.worker_rank")())
     device = tvm.get_global_func("runtime.disco.device")()
     artifact = Artifact.load(artifact_dir)
-    spec = artifact.build_spec()
+    spec = artifact.spec
     torch_device = f"cuda:{device.index}" if spec.target == "cuda" else "cpu"
     source = source_from_spec(spec.config, json.loads(source_json), torch_device)
-    host = rank_params(source, spec.config, spec.quant_spec, spec.plan, rank,
-                       artifact.param_names)
+    host = rank_params(source, spec.quant_spec, spec.plan, rank, artifact.param_names)
     params = [to_tvm(value, device) for value in host.values()]
     del host
     getattr(source, "release", lambda: None)()

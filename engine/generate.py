@@ -81,7 +81,7 @@ class Generator:
 
     def __init__(self, session, max_batch: int = 1, max_total_len: int = 2048, prefill_chunk: int = 2048,
                  page_size: int = 16, on_step: Sequence[StepHook] = ()):
-        context = session.artifact.build_spec().config.max_position_embeddings
+        context = session.spec.config.max_position_embeddings
         if max_total_len > context:
             raise ConfigError(f"max_total_len {max_total_len} exceeds the model's context {context}")
         self.session = session

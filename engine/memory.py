@@ -16,17 +16,15 @@ def _matrix_bytes(rows: int, cols: int, spec: QuantSpec) -> int:
 
 
 def weight_bytes(config: ModelConfig, spec: QuantSpec, tp: int, lm_head: str = "replicated") -> int:
-    """Bytes of one rank's parameters, exactly as `engine.weights.rank_params` lays them out."""
-    plan, c, d = ShardPlan(config, tp, lm_head), config, config.head_dim
+    """Bytes of one rank's parameters, exactly as `engine.weights.rank_params` lays them out (the
+    sharding table's local shapes, quantized)."""
+    plan = ShardPlan(config, tp, lm_head)
     act = np.dtype(spec.model_dtype).itemsize
-    per_layer = (_matrix_bytes((plan.q_heads + 2 * plan.kv_heads) * d, c.hidden_size, spec)
-                 + _matrix_bytes(c.hidden_size, plan.q_heads * d, spec)
-                 + _matrix_bytes(2 * plan.intermediate, c.hidden_size, spec)
-                 + _matrix_bytes(c.hidden_size, plan.intermediate, spec)
-                 + 2 * c.hidden_size * act)
-    head = 0 if c.tie_word_embeddings else _matrix_bytes(plan.vocab, c.hidden_size, spec)
-    return (c.num_hidden_layers * per_layer + _matrix_bytes(c.vocab_size, c.hidden_size, spec)
-            + c.hidden_size * act + head)
+    total = 0
+    for name, param in plan.parameters():
+        shape = plan.local_shape(param.name)
+        total += _matrix_bytes(*shape, spec) if param.matrix else int(np.prod(shape)) * act
+    return total
 
 
 def predict(config: ModelConfig, spec: QuantSpec, tp: int, max_batch: int, max_total_len: int,

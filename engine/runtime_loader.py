@@ -1,55 +1,56 @@
-"""The engine's one door into `runtime_patch`: prepare TVM's runtime for an artifact's target."""
+"""The engine's one door into `runtime_patch`: prepare TVM's runtime for an artifact, start disco
+sessions, and compile an artifact's CUDA kernels at build time."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from runtime_patch import functions, settings
+
 from .config import ConfigError
 
-# Called on every disco worker of an artifact with `microbatch_decode` (runtime_patch.collectives).
-SPLIT_ALLREDUCE_INIT = "lab.ccl.overlap_init"
 
+def prepare(artifact) -> None:
+    """Before loading `artifact` in this process (the controller, or a disco worker): register the
+    library functions it calls (runtime_patch.functions; on cuda the plugins are built or loaded),
+    and for cuda the kernel compile callback (using the artifact's precompiled cubins when it has
+    them) and the GPU architecture check."""
+    from runtime_patch.native.toolchain import PluginBuildError
 
-def check_target(spec, artifact_dir=None) -> None:
-    """Before loading an artifact: the library GEMM, attention and split allreduce it calls (if any); for
-    cuda, the kernel compile callback (using the artifact's precompiled cubins when it has them)
-    and the GPU architecture check."""
-    from runtime_patch import attention, collectives, gemm
-    from runtime_patch.ccl import CCLBuildError
-
-    uses = {gemm: "library" in (spec.prefill_gemm, spec.decode_gemv),
-            attention: "library" in (spec.prefill_attention, spec.decode_attention),
-            collectives: spec.microbatch_decode and spec.tp > 1}
-    for library, used in uses.items():
-        if used:
-            try:
-                library.register(spec.target)
-            except CCLBuildError as err:
-                raise ConfigError(str(err)) from None
+    spec = artifact.spec
+    names = list(artifact.functions)
+    if spec.microbatch_decode and spec.tp > 1:
+        names.append(functions.OVERLAP_INIT)  # called by the session, not by the model
+        names.append(functions.SET_OVERLAP)
+    try:
+        functions.register(spec.target, names)
+    except PluginBuildError as err:
+        raise ConfigError(str(err)) from None
     if spec.target != "cuda":
         return
-    from runtime_patch import bootstrap
+    from runtime_patch import cuda_compile
 
-    bootstrap.ensure_cuda_compiler(spec.cuda_arch, [Path(artifact_dir) / "kernels"] if artifact_dir else [])
+    cuda_compile.ensure_cuda_compiler(spec.cuda_arch, [Path(artifact.path) / "kernels"])
     try:
-        bootstrap.check_cuda_arch(spec.cuda_arch)
-    except bootstrap.RuntimeMismatch as err:
+        cuda_compile.check_cuda_arch(spec.cuda_arch)
+    except cuda_compile.RuntimeMismatch as err:
         raise ConfigError(str(err)) from None
 
 
-def start_disco(num_workers: int, ccl: str, device_ids: list[int], spec):
+def start_disco(num_workers: int, ccl: str, device_ids: list[int]):
     """A disco ProcessSession with `ccl` initialised in the controller and every worker."""
-    from runtime_patch import ccl as ccl_plugins
+    from runtime_patch import disco
+    from runtime_patch.native.toolchain import PluginBuildError
 
     try:
-        return ccl_plugins.start_session(num_workers, ccl, device_ids)
-    except ccl_plugins.CCLBuildError as err:
+        return disco.start_session(num_workers, ccl, device_ids)
+    except PluginBuildError as err:
         raise ConfigError(str(err)) from None
 
 
 def record_cuda_sources():
     """A context manager collecting the CUDA source of a build (see `precompile_cubins`)."""
-    from runtime_patch.bootstrap import CudaSourceRecorder
+    from runtime_patch.cuda_compile import CudaSourceRecorder
 
     return CudaSourceRecorder()
 
@@ -57,12 +58,11 @@ def record_cuda_sources():
 def precompile_cubins(sources: list[str], arch: str, folder: Path) -> int:
     """nvcc each source into `folder` where this machine has nvcc; returns how many (0 without,
     or with LAB_PRECOMPILE_CUBINS=0: the GPU node then compiles them at its first load)."""
-    import os
+    from runtime_patch import cuda_compile
+    from runtime_patch.native.toolchain import nvcc_or_none
 
-    from runtime_patch import bootstrap
-
-    if bootstrap._nvcc() is None or os.environ.get("LAB_PRECOMPILE_CUBINS") == "0":
+    if nvcc_or_none() is None or not settings.flag("LAB_PRECOMPILE_CUBINS"):
         return 0
     for code in sources:
-        bootstrap.compile_cubin(code, arch, folder / bootstrap.cubin_name(code, arch))
+        cuda_compile.compile_cubin(code, arch, folder / cuda_compile.cubin_name(code, arch))
     return len(sources)

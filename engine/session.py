@@ -32,6 +32,15 @@ def device_of(target: str, index: int = 0):
     return dev
 
 
+def open_session(artifact: Artifact, source: TensorSource):
+    """A VMSession for an artifact built for tp == 1, a DiscoSession (one worker per device) for tp > 1."""
+    if artifact.spec.tp == 1:
+        return VMSession(artifact, source)
+    from .disco import DiscoSession
+
+    return DiscoSession(artifact, source)
+
+
 def visible_cuda_devices() -> int:
     import tvm
 
@@ -53,17 +62,17 @@ class VMSession:
         from . import runtime_loader
 
         self.artifact = artifact
-        spec = artifact.build_spec()
+        spec = self.spec = artifact.spec
         if spec.tp != 1:
             raise ConfigError(f"artifact {artifact.path} is built for tp={spec.tp}; use a DiscoSession")
-        runtime_loader.check_target(spec, artifact.path)
+        runtime_loader.prepare(artifact)
         self.device = device_of(spec.target, device_index)
         t0 = time.perf_counter()
         executable = tvm.runtime.load_module(str(artifact.library))
         self.vm = VirtualMachine(executable, self.device)
         self.load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        host = rank_params(source, spec.config, spec.quant_spec, spec.plan, 0, artifact.param_names)
+        host = rank_params(source, spec.quant_spec, spec.plan, 0, artifact.param_names)
         self.params = [to_tvm(v, self.device) for v in host.values()]
         self.weight_bytes = sum(nbytes(v) for v in host.values())
         del host

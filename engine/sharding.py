@@ -1,4 +1,6 @@
-"""Tensor-parallel layout (Megatron style): which slice of each weight a rank holds.
+"""Tensor-parallel layout (Megatron style): the one table of the model's weights and which slice
+of each a rank holds. The weights (engine.weights), the memory prediction (engine.memory) and the
+model's shapes (engine.model) all read `PARAMETERS` through a `ShardPlan`.
 
 Column-parallel: q/k/v and gate/up projections (output rows split by heads / channels).
 Row-parallel: o and down projections (input columns split), followed by an allreduce.
@@ -12,14 +14,85 @@ kv_heads).
 from __future__ import annotations
 
 import dataclasses
-
-import numpy as np
+from collections.abc import Iterator
 
 from .config import ConfigError, ModelConfig
 from .quantize import GROUP_SIZE, QuantSpec
 
 
 LM_HEAD_LAYOUTS = ("replicated", "vocab_parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One Hugging Face tensor of an engine parameter (parts are concatenated along rows).
+    `split`: the axis a rank takes a slice of ("rows", "cols", or None: replicated); `follows`:
+    what the slice is of ("q" heads, "kv" heads, "mlp" channels, "vocab" rows)."""
+
+    hf: str
+    split: str | None = None
+    follows: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """An engine parameter: `name` (per layer, without the `model.layers.{i}.` prefix, when
+    `per_layer`), the HF tensors it is made of, and whether it is a matrix (quantized) or a
+    vector (norm weights, kept in the model's dtype)."""
+
+    name: str
+    parts: tuple[Part, ...]
+    per_layer: bool = False
+    matrix: bool = True
+
+
+PARAMETERS: tuple[Parameter, ...] = (
+    Parameter("model.embed_tokens", (Part("model.embed_tokens.weight"),)),
+    Parameter("input_layernorm", (Part("input_layernorm.weight"),), per_layer=True, matrix=False),
+    Parameter("self_attn.qkv_proj", (Part("self_attn.q_proj.weight", "rows", "q"),
+                                     Part("self_attn.k_proj.weight", "rows", "kv"),
+                                     Part("self_attn.v_proj.weight", "rows", "kv")), per_layer=True),
+    Parameter("self_attn.o_proj", (Part("self_attn.o_proj.weight", "cols", "q"),), per_layer=True),
+    Parameter("post_attention_layernorm", (Part("post_attention_layernorm.weight"),), per_layer=True, matrix=False),
+    Parameter("mlp.gate_up_proj", (Part("mlp.gate_proj.weight", "rows", "mlp"),
+                                   Part("mlp.up_proj.weight", "rows", "mlp")), per_layer=True),
+    Parameter("mlp.down_proj", (Part("mlp.down_proj.weight", "cols", "mlp"),), per_layer=True),
+    Parameter("model.norm", (Part("model.norm.weight"),), matrix=False),
+    # vocab-parallel only with lm_head=vocab_parallel at tp > 1 (ShardPlan.span); absent when tied
+    Parameter("lm_head", (Part("lm_head.weight", "rows", "vocab"),)),
+)
+
+Span = tuple[int, int] | None
+
+
+def _leaf(hf_name: str) -> str:
+    """"model.layers.3.self_attn.q_proj.weight" -> "q_proj"; "model.norm.weight" -> "norm"."""
+    return hf_name.split(".")[-2] if hf_name.endswith(".weight") else hf_name
+
+
+def hf_shape(config: ModelConfig, hf_name: str) -> tuple[int, ...]:
+    """The shape of a Hugging Face Llama tensor (unsharded) for `config`."""
+    c, d = config, config.head_dim
+    shapes = {
+        "embed_tokens": (c.vocab_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size),
+        "q_proj": (c.num_attention_heads * d, c.hidden_size),
+        "k_proj": (c.num_key_value_heads * d, c.hidden_size),
+        "v_proj": (c.num_key_value_heads * d, c.hidden_size),
+        "o_proj": (c.hidden_size, c.num_attention_heads * d),
+        "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+        "down_proj": (c.hidden_size, c.intermediate_size),
+    }
+    return shapes.get(_leaf(hf_name), (c.hidden_size,))
+
+
+def split_axis(hf_name: str) -> str | None:
+    """The axis of a Hugging Face tensor that tensor parallelism slices ("rows", "cols" or None)."""
+    leaf = _leaf(hf_name)
+    for param in PARAMETERS:
+        for part in param.parts:
+            if _leaf(part.hf) == leaf:
+                return part.split
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,24 +179,63 @@ class ShardPlan:
             return h, h + 1
         return rank * self.kv_heads, (rank + 1) * self.kv_heads
 
-    # Row ranges (in the logical, unsharded weight) that rank `rank` holds, per sharded weight kind.
-    def rows(self, kind: str, rank: int) -> tuple[int, int]:
+    def span(self, follows: str | None, rank: int) -> Span:
+        """The range (in the logical, unsharded weight) of what rank `rank` holds of a split that
+        follows `follows`; None: the whole axis."""
         d = self.config.head_dim
-        if kind == "q":
+        if follows is None:
+            return None
+        if follows == "q":
             return rank * self.q_heads * d, (rank + 1) * self.q_heads * d
-        if kind == "kv":
+        if follows == "kv":
             lo, hi = self.kv_head_range(rank)
             return lo * d, hi * d
-        if kind == "mlp":
+        if follows == "mlp":
             return rank * self.intermediate, (rank + 1) * self.intermediate
-        if kind == "vocab":
-            return rank * self.vocab, (rank + 1) * self.vocab
-        raise KeyError(kind)
+        if follows == "vocab":
+            return (rank * self.vocab, (rank + 1) * self.vocab) if self.vocab_parallel else None
+        raise KeyError(follows)
 
+    def parameters(self) -> Iterator[tuple[str, Parameter]]:
+        """(full engine name, Parameter) of every weight of the model, in the exported order: the
+        table's order, with the per-layer parameters repeated for each layer where the first of
+        them stands."""
+        layer = [p for p in PARAMETERS if p.per_layer]
+        for param in PARAMETERS:
+            if param.per_layer:
+                if param is layer[0]:
+                    for i in range(self.config.num_hidden_layers):
+                        yield from ((f"model.layers.{i}.{p.name}", p) for p in layer)
+            elif not (param.name == "lm_head" and self.config.tie_word_embeddings):
+                yield param.name, param
 
-def shard_rows(weight: np.ndarray, span: tuple[int, int]) -> np.ndarray:
-    return weight[span[0]:span[1]]
+    def tensors(self, rank: int) -> Iterator[tuple[str, list[tuple[str, Span, Span]]]]:
+        """(engine parameter stem, [(HF tensor name, rows, cols) to concatenate along rows]) of
+        rank `rank`; rows/cols None: the whole axis."""
+        for name, param in self.parameters():
+            prefix = name[: -len(param.name)] if param.per_layer else ""
+            parts = []
+            for part in param.parts:
+                span = self.span(part.follows, rank)
+                rows, cols = (span, None) if part.split == "rows" else (None, span) if part.split == "cols"                     else (None, None)
+                parts.append((prefix + part.hf, rows, cols))
+            yield name, parts
 
+    def local_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one rank's engine parameter `name` (a stem of PARAMETERS), unquantized."""
+        param = next(p for p in PARAMETERS if p.name == name)
+        shapes = []
+        for part in param.parts:
+            shape = list(hf_shape(self.config, part.hf))
+            span = self.span(part.follows, 0)
+            if span is not None:
+                shape[0 if part.split == "rows" else 1] = span[1] - span[0]
+            shapes.append(shape)
+        if len(shapes[0]) == 1:
+            return tuple(shapes[0])
+        return sum(s[0] for s in shapes), shapes[0][1]
 
-def shard_cols(weight: np.ndarray, span: tuple[int, int]) -> np.ndarray:
-    return weight[:, span[0]:span[1]]
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of the linear layer holding parameter `name`."""
+        rows, cols = self.local_shape(name)
+        return cols, rows

@@ -10,34 +10,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .config import ConfigError, ModelConfig
 from .quantize import QuantSpec, quantize, quantize_torch
-from .sharding import ShardPlan
-
-Span = tuple[int, int] | None
+from .sharding import ShardPlan, Span, hf_shape, split_axis
 
 
 class TensorSource(Protocol):
     def get(self, name: str, rows: Span = None, cols: Span = None) -> np.ndarray: ...
-
-
-def hf_shape(config: ModelConfig, name: str) -> tuple[int, ...]:
-    c, d = config, config.head_dim
-    leaf = name.split(".")[-2] if name.endswith(".weight") else name
-    shapes = {
-        "embed_tokens": (c.vocab_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size),
-        "q_proj": (c.num_attention_heads * d, c.hidden_size),
-        "k_proj": (c.num_key_value_heads * d, c.hidden_size),
-        "v_proj": (c.num_key_value_heads * d, c.hidden_size),
-        "o_proj": (c.hidden_size, c.num_attention_heads * d),
-        "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
-        "down_proj": (c.hidden_size, c.intermediate_size),
-    }
-    return shapes.get(leaf, (c.hidden_size,))
 
 
 def _region(shape: tuple[int, ...], rows: Span, cols: Span) -> tuple[slice, ...]:
@@ -131,7 +114,7 @@ class RandomSource:
         shape = hf_shape(self.config, name)
         if len(shape) == 1:
             return 1.0 + self.std * self._normal(name, 0, shape)
-        by_cols = name.endswith(("o_proj.weight", "down_proj.weight"))  # sharded along the input
+        by_cols = split_axis(name) == "cols"  # sharded along the input
         axis_len = shape[1] if by_cols else shape[0]
         lo, hi = (cols if by_cols else rows) or (0, axis_len)
         other = shape[0] if by_cols else shape[1]
@@ -176,34 +159,13 @@ class TorchRandomSource(RandomSource):
         return x.T.contiguous()
 
 
-def _layer_tensors(plan: ShardPlan, rank: int, prefix: str) -> Iterator[tuple[str, list[tuple[str, Span, Span]]]]:
-    """(engine param stem, [(hf name, rows, cols) to concatenate along rows])."""
-    q, kv, mlp = plan.rows("q", rank), plan.rows("kv", rank), plan.rows("mlp", rank)
-    a, m = f"{prefix}.self_attn", f"{prefix}.mlp"
-    yield f"{prefix}.input_layernorm", [(f"{prefix}.input_layernorm.weight", None, None)]
-    yield f"{a}.qkv_proj", [(f"{a}.q_proj.weight", q, None), (f"{a}.k_proj.weight", kv, None),
-                            (f"{a}.v_proj.weight", kv, None)]
-    yield f"{a}.o_proj", [(f"{a}.o_proj.weight", None, q)]
-    yield f"{prefix}.post_attention_layernorm", [(f"{prefix}.post_attention_layernorm.weight", None, None)]
-    yield f"{m}.gate_up_proj", [(f"{m}.gate_proj.weight", mlp, None), (f"{m}.up_proj.weight", mlp, None)]
-    yield f"{m}.down_proj", [(f"{m}.down_proj.weight", None, mlp)]
-
-
-def engine_tensors(config: ModelConfig, plan: ShardPlan, rank: int):
-    yield "model.embed_tokens", [("model.embed_tokens.weight", None, None)]
-    for i in range(config.num_hidden_layers):
-        yield from _layer_tensors(plan, rank, f"model.layers.{i}")
-    yield "model.norm", [("model.norm.weight", None, None)]
-    if not config.tie_word_embeddings:
-        yield "lm_head", [("lm_head.weight", plan.rows("vocab", rank) if plan.vocab_parallel else None, None)]
-
-
-def rank_params(source: TensorSource, config: ModelConfig, spec: QuantSpec, plan: ShardPlan,
-                rank: int, expected_names: list[str] | None = None) -> dict[str, np.ndarray]:
-    """The parameters of rank `rank`, keyed by the exported module's parameter names."""
+def rank_params(source: TensorSource, spec: QuantSpec, plan: ShardPlan, rank: int,
+                expected_names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The parameters of rank `rank` (the sharding table read through `plan`), quantized with
+    `spec`, keyed by the exported module's parameter names."""
     out: dict[str, np.ndarray] = {}
     on_torch = getattr(source, "backend", "numpy") == "torch"
-    for stem, parts in engine_tensors(config, plan, rank):
+    for stem, parts in plan.tensors(rank):
         values = [source.get(n, r, c) for n, r, c in parts]
         value = source._cat(values) if on_torch else np.concatenate(values, axis=0)
         if value.ndim == 2 and spec.quantized:

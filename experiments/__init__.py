@@ -1,5 +1,1 @@
-"""Experiments: Hydra entry points that build, run, measure and report."""
-
-from runtime_patch import runtime_only as _runtime_only
-
-_runtime_only.prepare()  # before anything imports tvm (a no-op unless TVM_USE_RUNTIME_LIB=1)
+"""The lab's commands: `python -m experiments.<name>`, one Hydra entry point per module."""

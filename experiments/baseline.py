@@ -13,34 +13,29 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.quantize import quant_spec
-
-from . import common, sweep
-from .report import write_report
-from .results import RunDir
+from harness import entry, sweep
+from harness.report import write_report
+from harness.results import RunDir
+from harness.spec import RunSpec
 
 log = logging.getLogger("experiments.baseline")
 
 
 @hydra.main(config_path="../conf", config_name="baseline", version_base="1.3")
-@common.guarded
+@entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    config = common.model_config(cfg.model)
-    quant = quant_spec(cfg.quant.name).name
-    sweep.check_workload(cfg.workload, config)
-    target, arch = common.resolve_target(cfg.device)
-    bandwidth = sweep.measured_bandwidth(cfg, target)
-    w = cfg.workload
-    with tqdm(total=w.warmup + w.repeats, desc=f"{config.name} {quant}", unit="run") as bar:
-        point = sweep.run_point(f"{config.name} {quant}", {"quant": quant, "tp": 1}, cfg, config, quant, 1,
-                                target, arch, bandwidth and bandwidth["bytes_per_s"], bar)
-    status = write_report(run_dir, f"Baseline: {config.name} {quant} on {target}", plain, [point],
-                          extra={"bandwidth": bandwidth})
+    spec = RunSpec.from_hydra(cfg, "baseline")
+    bandwidth = sweep.measured_bandwidth(spec)
+    build, w, name = spec.build, spec.workload, spec.config.name
+    with tqdm(total=w.warmup + w.repeats, desc=f"{name} {build.quant}", unit="run") as bar:
+        point = sweep.run_point(spec, f"{name} {build.quant}", {"quant": build.quant, "tp": 1}, build,
+                                bandwidth=bandwidth and bandwidth["bytes_per_s"], progress=bar)
+    status = write_report(run_dir, f"Baseline: {name} {build.quant} on {build.target}",
+                          OmegaConf.to_container(cfg, resolve=True), [point], extra={"bandwidth": bandwidth})
     if point.ok:
         s = point.summary
         roof = f", {s['roofline_fraction']:.0%} of the bandwidth roofline" if "roofline_fraction" in s else ""
-        print(f"{config.name} {quant} on {target}: TTFT {s['ttft_s']['p50'] * 1e3:.1f} ms, "
+        print(f"{name} {build.quant} on {build.target}: TTFT {s['ttft_s']['p50'] * 1e3:.1f} ms, "
               f"ITL p50 {s['itl_s']['p50'] * 1e3:.2f} ms, {s['decode_tokens_per_s']:.1f} decode tokens/s{roof}")
     else:
         print(f"error: {point.error}")

@@ -17,7 +17,6 @@ message, 2 per layer and micro-batch).
 from __future__ import annotations
 
 import logging
-import os
 
 import hydra
 import numpy as np
@@ -25,13 +24,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from engine.config import ConfigError
-from engine.quantize import quant_spec
-from runtime_patch import collectives, stream_overlap
-
-from . import common, measure, sweep
-from .report import BASE_COLUMNS, Point, write_report
-from .results import RunDir
-from .tensor_parallel import check_devices
+from harness import entry, measure, sweep
+from harness.report import BASE_COLUMNS, write_report
+from harness.results import RunDir
+from harness.spec import RunSpec, positive
+from runtime_patch import functions, stream_overlap
 
 log = logging.getLogger("experiments.overlap")
 BATCH_SPLITTING = {"double_buffer", "full_overlap"}  # modes that run a batch as two request groups
@@ -52,26 +49,28 @@ COLUMNS = BASE_COLUMNS + [("speedup", "speedup vs none", "{:.3f}x"), ("hidden_ms
                           ("same_tokens", "tokens = none", None)]
 
 
-def allreduce_hidden(cfg, config, dtype: str, used):
+def allreduce_hidden(spec: RunSpec, used) -> sweep.AfterLoad:
     """An `after_load` hook for `full_overlap` at tp > 1 (`used`: the scheduler of the timed runs):
     run it again with serialized collectives and time the micro-batch's allreduce message (module
     doc). Nothing where the mode ran as another (its `note`)."""
-    def hook(point, session, artifact, gen, prompts):
+    def hook(loaded: sweep.Loaded) -> None:
+        point, session, gen, prompts = loaded.point, loaded.session, loaded.generator, loaded.prompts
         if used.note or session.tp == 1 or not point.summary.get("itl_s"):
             return
         scheduler = stream_overlap.install("full_overlap")
         from engine.disco import allreduce_seconds
 
-        w = cfg.workload
-        session.call_workers(collectives.SET_OVERLAP, False)
+        w, build = spec.workload, session.spec
+        session.call_workers(functions.SET_OVERLAP, False)
         try:
             samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, None, scheduler)
         finally:
-            session.call_workers(collectives.SET_OVERLAP, True)
-        serial = measure.summarize(samples, artifact.metadata, session.weight_bytes, None)["itl_s"]
-        numel = (w.batch // 2) * config.hidden_size
+            session.call_workers(functions.SET_OVERLAP, True)
+        serial = measure.summarize(samples, build, session.weight_bytes, 0, None)["itl_s"]
+        numel = (w.batch // 2) * spec.config.hidden_size
+        dtype = build.quant_spec.model_dtype
         seconds_each = float(np.median(allreduce_seconds(session, numel, dtype)))
-        count = 2 * 2 * config.num_hidden_layers
+        count = 2 * 2 * spec.config.num_hidden_layers
         hidden = serial["p50"] - point.summary["itl_s"]["p50"]
         point.summary["allreduce_overlap"] = {
             "serialized_itl_s": serial, "serialized_same_tokens": tokens[0] == point.summary["tokens_first_sequence"],
@@ -84,35 +83,28 @@ def allreduce_hidden(cfg, config, dtype: str, used):
 
 
 @hydra.main(config_path="../conf", config_name="overlap", version_base="1.3")
-@common.guarded
+@entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
-    plain = OmegaConf.to_container(cfg, resolve=True)
     modes = modes_of(cfg.mode)
-    tp = common.positive("tp", cfg.tp)
-    config = common.model_config(cfg.model)
-    quant = quant_spec(cfg.quant.name).name
-    sweep.check_workload(cfg.workload, config)
-    target, arch = common.resolve_target(cfg.device)
-    check_devices([tp], target)
-    bandwidth = sweep.measured_bandwidth(cfg, target)
-    w = cfg.workload
-    points = []
-    microbatch = "full_overlap" in modes and tp > 1  # one artifact for every mode: the same kernels
-    # Modes that split the batch change the decode attention's batch, and with it (by default) how
-    # its CUDA kernel splits each sequence's keys: run every mode batch-invariant, so they can be
-    # compared token for token. Read by the plugin at its first use, in every process (inherited).
+    tp = positive("tp", cfg.tp)
+    # One artifact for every mode, so that all run the same kernels: with full_overlap at tp > 1 it
+    # also exports batch_decode_pair; when a mode splits the batch, the CUDA decode attention splits
+    # a sequence's keys as at batch 1 (batch_invariant), so the modes can be compared token for token.
     invariant = bool(BATCH_SPLITTING & set(modes))
-    if invariant:
-        os.environ["LAB_BATCH_INVARIANT"] = "1"
+    spec = RunSpec.from_hydra(cfg, "overlap", tp=tp, microbatch_decode="full_overlap" in modes and tp > 1,
+                              batch_invariant=invariant)
+    spec.check_devices(tp)
+    bandwidth = sweep.measured_bandwidth(spec)
+    w, config, quant, target = spec.workload, spec.config, spec.build.quant, spec.target
+    points = []
     with tqdm(total=len(modes) * (w.warmup + w.repeats), desc=f"{config.name} overlap", unit="run") as bar:
         for mode in modes:
             bar.set_postfix_str(mode)
             scheduler = stream_overlap.install(mode)
-            hook = allreduce_hidden(cfg, config, quant_spec(quant).model_dtype, scheduler) \
-                if mode == "full_overlap" else None
-            point = sweep.run_point(mode, {"mode": mode, "tp": tp}, cfg, config, quant, tp, target, arch,
-                                    bandwidth and bandwidth["bytes_per_s"], bar, scheduler=scheduler,
-                                    microbatch_decode=microbatch, after_load=hook)
+            hook = allreduce_hidden(spec, scheduler) if mode == "full_overlap" else None
+            point = sweep.run_point(spec, mode, {"mode": mode, "tp": tp}, spec.build,
+                                    bandwidth=bandwidth and bandwidth["bytes_per_s"], progress=bar,
+                                    scheduler=scheduler, after_load=hook)
             if point.ok and scheduler is not None:
                 point.summary["token_reader"] = scheduler.reader_kind
                 if scheduler.note:  # the mode could not apply as such (e.g. double_buffer at batch 1)
@@ -143,13 +135,14 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "the allreduce time it hides (`allreduce ms hidden/step`, and its share of the measured allreduce "
              "time). On CPU the allreduces run when begun (no streams). Where a mode cannot apply (batch 1, an "
              "odd batch, tp=1 for full_overlap) its note says what ran instead. With double_buffer or full_overlap "
-             "in the run, every mode runs the CUDA decode attention batch-invariant (LAB_BATCH_INVARIANT=1: a "
-             "sequence's keys split as at batch 1), so that splitting the batch does not change the order of its "
+             "in the run, every mode runs the CUDA decode attention batch-invariant (build option batch_invariant: "
+             "a sequence's keys split as at batch 1), so that splitting the batch does not change the order of its "
              "floating-point sums and the tokens can be compared exactly.")
     rows_extra = {p.label: {k: p.summary.get(k) for k in ("speedup", "hidden_ms", "same_tokens", "note",
                                                            "allreduce_hidden_ms", "allreduce_hidden_fraction")}
                   for p in points}
-    status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}", plain, points,
+    status = write_report(run_dir, f"Overlap: {config.name} {quant} tp={tp} on {target}",
+                          OmegaConf.to_container(cfg, resolve=True), points,
                           columns=COLUMNS, sections=[("Method", notes)],
                           summary_extra={"comparison": rows_extra, "batch_invariant_attention": invariant},
                           extra={"bandwidth": bandwidth})

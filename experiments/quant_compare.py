@@ -17,35 +17,45 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from engine.config import ConfigError
+from engine.compile import compile_model
 from engine.generate import Generator
-from engine.quantize import quant_spec
-from engine.sharding import ShardPlan
-
-from . import accuracy, common, plots, sweep
-from .report import write_report
-from .results import RunDir
-from .tensor_parallel import check_devices
+from engine.session import open_session
+from harness import accuracy, entry, plots, sweep
+from harness.report import write_report
+from harness.results import RunDir
+from harness.spec import RunSpec, positive
 
 log = logging.getLogger("experiments.quant_compare")
 
 
-def pairs_of(cfg, config) -> list[tuple[str, int]]:
+def pairs_of(cfg, spec: RunSpec) -> list[tuple[str, int]]:
     pairs = []
     for item in cfg.configs:
-        quant, tp = quant_spec(item["quant"]).name, common.positive("configs[].tp", item["tp"])
-        ShardPlan(config, tp).check_quant(quant_spec(quant))
-        pairs.append((quant, tp))
+        build = spec.build_for(quant=item["quant"], tp=positive("configs[].tp", item["tp"]))  # validates
+        pairs.append((build.quant, build.tp))
     if not pairs:
         raise ConfigError("configs is empty; list (quant, tp) pairs, e.g. configs='[{quant: q4f16_1, tp: 1}]'")
     return pairs
 
 
-def eval_stream(cfg, config, target, arch) -> tuple[list[int], int]:
+def teacher_forced(session, stream: list[int], prompt_len: int):
+    """Logits [len(stream), vocab] of `session`'s model over the token stream (prompt in one
+    prefill, then one decode step per token)."""
+    return Generator(session, 1, len(stream), prompt_len).teacher_forced_logits(stream, prompt_len)
+
+
+def reference_session(spec: RunSpec):
+    """A session of the reference quantization at tp=1."""
+    return open_session(compile_model(spec.build_for(tp=1), spec.cache_dir), spec.source())
+
+
+def eval_stream(cfg, spec: RunSpec) -> tuple[list[int], int]:
     """Token stream for accuracy: a text file through the model's tokenizer, or a random prompt
     continued greedily by the reference quantization."""
+    config = spec.config
     if cfg.eval.text:
         text = Path(cfg.eval.text)
-        folder = cfg.model.get("path")
+        folder = spec.weights.path
         if not text.is_file():
             raise ConfigError(f"eval.text={text} does not exist")
         if not folder or not (Path(folder) / "tokenizer.json").is_file():
@@ -57,18 +67,16 @@ def eval_stream(cfg, config, target, arch) -> tuple[list[int], int]:
         return ids[:limit], min(cfg.eval.prompt_len, len(ids[:limit]) - 1)
     import numpy as np
 
-    prompt = np.random.default_rng(int(cfg.seed)).integers(0, config.vocab_size, cfg.eval.prompt_len).tolist()
-    artifact = common.build(config, cfg.reference, 1, target, arch, cfg)
-    with common.open_session(artifact, common.weights_source(cfg.model, config, target)) as session:
+    prompt = np.random.default_rng(spec.seed).integers(0, config.vocab_size, cfg.eval.prompt_len).tolist()
+    with reference_session(spec) as session:
         gen = Generator(session, 1, cfg.eval.prompt_len + cfg.eval.tokens, cfg.eval.prompt_len)
         continuation = gen.generate([prompt], cfg.eval.tokens).tokens[0]
     return prompt + continuation[:-1], len(prompt)
 
 
-def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int]):
-    def hook(point, session, artifact, gen, prompts):
-        gen = Generator(session, 1, len(stream), prompt_len)
-        store[key] = gen.teacher_forced_logits(stream, prompt_len)
+def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int]) -> sweep.AfterLoad:
+    def hook(loaded: sweep.Loaded) -> None:
+        store[key] = teacher_forced(loaded.session, stream, prompt_len)
     return hook
 
 
@@ -91,38 +99,30 @@ def conclusion(rows: list[dict]) -> str:
 
 
 @hydra.main(config_path="../conf", config_name="quant_compare", version_base="1.3")
-@common.guarded
+@entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    config = common.model_config(cfg.model)
-    pairs = pairs_of(cfg, config)
-    quant_spec(cfg.reference)
-    batches = [common.positive("batches[]", b) for b in cfg.batches]
-    sweep.check_workload(cfg.workload, config)
-    target, arch = common.resolve_target(cfg.device)
-    check_devices([tp for _, tp in pairs], target)
-    stream, prompt_len = eval_stream(cfg, config, target, arch)
-    bandwidth = sweep.measured_bandwidth(cfg, target)
-    reference_logits: dict = {}
+    spec = RunSpec.from_hydra(cfg, "quant_compare", quant=cfg.reference)  # the template: the reference at tp=1
+    pairs = pairs_of(cfg, spec)
+    batches = [positive("batches[]", b) for b in cfg.batches]
+    spec.check_devices(max(tp for _, tp in pairs))
+    stream, prompt_len = eval_stream(cfg, spec)
+    bandwidth = sweep.measured_bandwidth(spec)
     logits: dict = {}
     points = []
-    w = cfg.workload
+    w, config, target = spec.workload, spec.config, spec.target
     with tqdm(total=len(pairs) * len(batches) * (w.warmup + w.repeats), desc="quant_compare", unit="run") as bar:
         for quant, tp in pairs:
             for batch in batches:
-                workload = OmegaConf.merge(w, {"batch": batch})
                 hook = accuracy_hook(stream, prompt_len, logits, (quant, tp)) if batch == batches[0] else None
                 label = f"{quant}@tp{tp} b{batch}"
                 bar.set_postfix_str(label)
-                points.append(sweep.run_point(label, {"quant": quant, "tp": tp, "batch": batch}, cfg, config, quant,
-                                              tp, target, arch, bandwidth and bandwidth["bytes_per_s"], bar,
-                                              after_load=hook, workload=workload))
+                points.append(sweep.run_point(spec, label, {"quant": quant, "tp": tp, "batch": batch},
+                                              spec.build_for(quant=quant, tp=tp), w.replace(batch=batch),
+                                              bandwidth and bandwidth["bytes_per_s"], bar, after_load=hook))
     ref_key = next(((q, tp) for q, tp in sorted(logits, key=lambda k: k[1]) if q == cfg.reference), None)
     if ref_key is None:  # the reference is not among the configurations: run it for its logits
-        artifact = common.build(config, cfg.reference, 1, target, arch, cfg)
-        with common.open_session(artifact, common.weights_source(cfg.model, config, target)) as session:
-            accuracy_hook(stream, prompt_len, reference_logits, "ref")(None, session, artifact)
-        ref = reference_logits["ref"]
+        with reference_session(spec) as session:
+            ref = teacher_forced(session, stream, prompt_len)
     else:
         ref = logits[ref_key]
     comparisons = {f"{q}@tp{tp}": accuracy.compare(v, ref) for (q, tp), v in logits.items()}
@@ -145,7 +145,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                                 for r in rows if r["tokens_per_s"] and r["kl"] is not None],
                                "decode tokens/s", f"KL divergence vs {cfg.reference} (nats/token)",
                                f"{config.name}: speed vs accuracy", run_dir.path("tradeoff.png"))
-    from . import markdown
+    from harness import markdown
 
     acc_table = markdown.table(rows, [("config", "config", None), ("batch", "batch", None),
                                       ("tokens_per_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT (ms)", "{:.1f}"),
@@ -157,7 +157,8 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                      "table": rows, "conclusion": text, "reference": cfg.reference}
     for quant in ("q4f16_1", "q8f16_1", "q0f16"):  # the keys a reader looks for
         summary_extra[quant] = {k: v for k, v in comparisons.items() if k.startswith(quant)}
-    status = write_report(run_dir, f"Quantization: {config.name} on {target}", plain, points,
+    status = write_report(run_dir, f"Quantization: {config.name} on {target}",
+                          OmegaConf.to_container(cfg, resolve=True), points,
                           sections=[("Speed and accuracy", acc_table), ("Conclusion", text)],
                           summary_extra=summary_extra,
                           extra={"bandwidth": bandwidth, "eval_token_ids": stream, "eval_prompt_len": prompt_len,

@@ -17,13 +17,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from tqdm import tqdm
 
 from engine.config import ConfigError
-from engine.disco import MAX_CPU_WORKERS
-from engine.quantize import quant_spec
-from engine.sharding import ShardPlan
-
-from . import common, plots, sweep
-from .report import BASE_COLUMNS, write_report
-from .results import RunDir
+from harness import entry, plots, sweep
+from harness.report import BASE_COLUMNS, write_report
+from harness.results import RunDir
+from harness.spec import RunSpec, positive
 
 log = logging.getLogger("experiments.tensor_parallel")
 
@@ -33,40 +30,30 @@ def tp_list(value) -> list[int]:
     if not values:
         raise ConfigError("tp is empty; give e.g. 'tp=[1,2]'")
     for v in values:
-        common.positive("every tp", v)
+        positive("every tp", v)
     if len(set(values)) != len(values):
         raise ConfigError(f"tp lists a value twice: {values}")
     return sorted(values)
 
 
-def check_devices(tps: list[int], target: str) -> None:
-    if target == "cuda":
-        from engine.session import visible_cuda_devices
-
-        found = visible_cuda_devices()
-        if max(tps) > found:
-            raise ConfigError(f"tp={max(tps)} needs {max(tps)} GPUs but {found} are visible; "
-                              f"use tp values <= {found}")
-    elif max(tps) > MAX_CPU_WORKERS:
-        raise ConfigError(f"tp={max(tps)} on the CPU would start {max(tps)} worker processes; at most {MAX_CPU_WORKERS}")
-
-
-def allreduce_probe(cfg, config, quant: str):
-    """An `after_load` hook: time the model's allreduce message in the workers."""
-    def probe(point, session, artifact, gen, prompts):
-        if session.tp == 1 or not cfg.measure_allreduce or not point.summary.get("itl_s"):
+def allreduce_probe(spec: RunSpec, measure: bool) -> sweep.AfterLoad:
+    """An `after_load` hook: time the model's allreduce message ([batch, hidden] in the model's
+    dtype) in the workers of the point's session."""
+    def probe(loaded: sweep.Loaded) -> None:
+        point, session = loaded.point, loaded.session
+        if session.tp == 1 or not measure or not point.summary.get("itl_s"):
             return
         from engine.disco import allreduce_seconds
 
-        numel = cfg.workload.batch * config.hidden_size
-        dtype = quant_spec(quant).model_dtype
+        numel = loaded.generator.max_batch * spec.config.hidden_size
+        dtype = session.spec.quant_spec.model_dtype
         per_worker = allreduce_seconds(session, numel, dtype)
         seconds = float(np.median(per_worker))
-        per_step = 2 * config.num_hidden_layers * seconds
+        count = 2 * spec.config.num_hidden_layers
         point.summary["allreduce"] = {"message_elements": numel, "dtype": dtype, "seconds_each": seconds,
-                                      "per_worker_seconds": per_worker, "per_decode_step_s": per_step,
-                                      "count_per_step": 2 * config.num_hidden_layers}
-        point.summary["allreduce_share"] = per_step / point.summary["itl_s"]["p50"]
+                                      "per_worker_seconds": per_worker, "per_decode_step_s": count * seconds,
+                                      "count_per_step": count}
+        point.summary["allreduce_share"] = count * seconds / point.summary["itl_s"]["p50"]
     return probe
 
 
@@ -87,41 +74,37 @@ COLUMNS = BASE_COLUMNS + [("speedup", "speedup", "{:.2f}x"), ("efficiency", "eff
 
 
 @hydra.main(config_path="../conf", config_name="tensor_parallel", version_base="1.3")
-@common.guarded
+@entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
-    plain = OmegaConf.to_container(cfg, resolve=True)
     tps = tp_list(cfg.tp)
-    config = common.model_config(cfg.model)
-    quant = quant_spec(cfg.quant.name).name
-    sweep.check_workload(cfg.workload, config)
-    target, arch = common.resolve_target(cfg.device)
-    check_devices(tps, target)
-    for tp in tps:
-        ShardPlan(config, tp, cfg.lm_head).check_quant(quant_spec(quant))
-    bandwidth = sweep.measured_bandwidth(cfg, target)
-    w = cfg.workload
+    spec = RunSpec.from_hydra(cfg, "tensor_parallel")
+    spec.check_devices(max(tps))
+    builds = {tp: spec.build_for(tp=tp) for tp in tps}  # validates every tp before anything runs
+    bandwidth = sweep.measured_bandwidth(spec)
+    w, config, quant, target = spec.workload, spec.config, spec.build.quant, spec.target
     points = []
     with tqdm(total=len(tps) * (w.warmup + w.repeats), desc=f"{config.name} {quant} tp={tps}", unit="run") as bar:
-        for tp in tps:
+        for tp, build in builds.items():
             bar.set_postfix_str(f"tp={tp}")
-            points.append(sweep.run_point(f"tp={tp}", {"tp": tp, "quant": quant}, cfg, config, quant, tp, target,
-                                          arch, bandwidth and bandwidth["bytes_per_s"], bar,
-                                          after_load=allreduce_probe(cfg, config, quant)))
+            points.append(sweep.run_point(spec, f"tp={tp}", {"tp": tp, "quant": quant}, build,
+                                          bandwidth=bandwidth and bandwidth["bytes_per_s"], progress=bar,
+                                          after_load=allreduce_probe(spec, bool(cfg.measure_allreduce))))
     scaling = add_scaling(points)
     good = [p for p in points if p.ok and "speedup" in p.summary]
     if len(good) > 1:
         plots.speedup_vs_ideal([p.params["tp"] for p in good], [p.summary["speedup"] for p in good],
                                run_dir.path("speedup.png"), f"{config.name} {quant} on {target}: decode speedup")
+    vocab_parallel = spec.build.lm_head == "vocab_parallel"
     notes = ("Speedup is decode tokens/s over the smallest tp measured; efficiency = speedup x tp_base / tp. "
              "Allreduce share = 2 x layers x (one allreduce of [batch, hidden], timed inside the workers) / "
              "median inter-token latency. KV heads are "
              + ("replicated past tp=" + str(config.num_key_value_heads) if max(tps) > config.num_key_value_heads
                 else "split across ranks") + "; the embedding is replicated; the LM head is "
              + ("vocab-parallel (each rank computes its slice of the vocabulary, then an allgather)"
-                if cfg.lm_head == "vocab_parallel" else "replicated (every rank computes all logits)") + ".")
-    status = write_report(run_dir, f"Tensor parallelism: {config.name} {quant} on {target}", plain, points,
-                          columns=COLUMNS, sections=[("Method", notes)], summary_extra=scaling,
-                          extra={"bandwidth": bandwidth})
+                if vocab_parallel else "replicated (every rank computes all logits)") + ".")
+    status = write_report(run_dir, f"Tensor parallelism: {config.name} {quant} on {target}",
+                          OmegaConf.to_container(cfg, resolve=True), points, columns=COLUMNS,
+                          sections=[("Method", notes)], summary_extra=scaling, extra={"bandwidth": bandwidth})
     for p in points:
         if p.ok:
             s = p.summary

@@ -16,48 +16,50 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from engine.config import ConfigError
+from engine.compile import compile_model
+from engine.config import ConfigError, from_hf_folder
 from engine.generate import Generator
-from engine.quantize import quant_spec
+from engine.session import open_session
 from engine.weights import open_source
-
-from . import common, oracle
-from .results import RunDir, atomic_save_npy
+from harness import entry, oracle
+from harness.results import RunDir, atomic_save_npy
+from harness.spec import RunSpec, positive
 
 log = logging.getLogger("experiments.verify")
 
 
-def checkpoint_folder(cfg: DictConfig, config) -> str:
-    if cfg.model.get("path"):
-        return cfg.model.path
-    folder = common.cache_dir(cfg) / "hf-random" / f"{config.name}-seed{cfg.model.seed}-std{cfg.random_checkpoint_std}"
-    return str(oracle.random_checkpoint(config, folder, seed=int(cfg.model.seed), std=float(cfg.random_checkpoint_std)))
+def checkpoint_folder(cfg: DictConfig, spec: RunSpec) -> str:
+    """The checkpoint at model.path, or a seeded random HF checkpoint of the preset (written once
+    under the cache dir)."""
+    if spec.weights.path:
+        return spec.weights.path
+    std = float(cfg.random_checkpoint_std)
+    folder = spec.cache_dir / "hf-random" / f"{spec.config.name}-seed{spec.weights.seed}-std{std}"
+    return str(oracle.random_checkpoint(spec.config, folder, seed=spec.weights.seed, std=std))
 
 
 def run(cfg: DictConfig, run_dir: RunDir) -> dict:
-    prompt_len = common.positive("prompt_len", cfg.prompt_len)
-    steps = common.positive("decode_steps", cfg.decode_steps)
-    tp = common.positive("tp", cfg.tp)
-    spec = quant_spec(cfg.quant.name)
-    config = common.model_config(cfg.model)
+    prompt_len = positive("prompt_len", cfg.prompt_len)
+    steps = positive("decode_steps", cfg.decode_steps)
+    spec = RunSpec.from_hydra(cfg, "verify", tp=positive("tp", cfg.tp))
+    config = spec.config
     if prompt_len + steps > config.max_position_embeddings:
         raise ConfigError(f"prompt_len + decode_steps = {prompt_len + steps} exceeds the model's context "
                           f"{config.max_position_embeddings}")
-    folder = checkpoint_folder(cfg, config)
-    from engine.config import from_hf_folder
+    spec.check_devices(spec.build.tp)
+    folder = checkpoint_folder(cfg, spec)
+    build = spec.build_for(config=from_hf_folder(folder))
+    config, quant = build.config, build.quant_spec
+    artifact = compile_model(build, spec.cache_dir)
 
-    config = from_hf_folder(folder)
-    target, arch = common.resolve_target(cfg.device)
-    artifact = common.build(config, spec.name, tp, target, arch, cfg)
-
-    rng = np.random.default_rng(int(cfg.seed))
+    rng = np.random.default_rng(spec.seed)
     prompt = rng.integers(0, config.vocab_size, prompt_len).tolist()
-    reference = oracle.Reference(folder, spec)
+    reference = oracle.Reference(folder, quant)
     continuation = reference.greedy(prompt, steps)
     tokens = prompt + continuation[:-1]  # every token fed; the last prediction needs no feed
     ref_logits = reference.logits(tokens)
 
-    with common.open_session(artifact, open_source(config, folder)) as session:
+    with open_session(artifact, open_source(config, folder)) as session:
         gen = Generator(session, max_batch=1, max_total_len=min(config.max_position_embeddings, 4096),
                         prefill_chunk=max(prompt_len, 16))
         engine_logits = gen.teacher_forced_logits(tokens, prompt_len)
@@ -78,18 +80,19 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
         "engine_greedy": free,
         "reference_greedy": continuation,
     }
-    if spec.quantized:  # what quantization itself costs, against the original weights
+    if quant.quantized:  # what quantization itself costs, against the original weights
         original = oracle.Reference(folder).logits(tokens)
         summary["quantization_error_vs_original"] = oracle.relative_error(engine_logits, original)
     ok = err <= cfg.tolerance and agree == 1.0 and summary["greedy_tokens_identical"]
     summary["passed"] = ok
-    extra = {"token_ids": tokens, "prompt_len": prompt_len, "checkpoint": folder, "artifact": str(artifact.path)}
+    extra = {"token_ids": tokens, "prompt_len": prompt_len, "checkpoint": folder, "artifact": str(artifact.path),
+             "build": build.to_dict()}
     run_dir.write_results(OmegaConf.to_container(cfg, resolve=True), [], summary, "ok" if ok else "failed", extra)
     return summary
 
 
 @hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
-@common.guarded
+@entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
     summary = run(cfg, run_dir)
     run_dir.update_latest_link()

@@ -35,6 +35,8 @@ import threading
 import time
 from pathlib import Path
 
+from runtime_patch import settings
+
 FORMAT = "lab-cupti/1"
 BUFFER_BYTES = 4 << 20
 API_KEEP = re.compile(r"Launch|Memcpy|Memset|Synchroniz|StreamWait|EventRecord|Malloc|Free|"
@@ -74,9 +76,9 @@ class _Tracer:
         self.spool_path = self.out_path.with_name(self.out_path.stem + ".partial.jsonl")
         self.label = label
         self.pid = os.getpid()
-        self.api_mode = os.environ.get("LAB_CUPTI_API", "launch")
-        self.max_records = int(os.environ.get("LAB_CUPTI_MAX_RECORDS", 5_000_000))
-        self.flush_s = float(os.environ.get("LAB_CUPTI_FLUSH_S", 1.0))
+        self.api_mode = settings.text("LAB_CUPTI_API")
+        self.max_records = settings.integer("LAB_CUPTI_MAX_RECORDS")
+        self.flush_s = settings.number("LAB_CUPTI_FLUSH_S")
         self.pending: list[dict] = []
         self.kept = 0
         self.counts: dict[str, int] = {}
@@ -342,7 +344,7 @@ def _default_label() -> str:
     # tvm.exec.disco_worker (and entrypoints built on it): <worker_id> <num_workers> <num_groups> <fds>
     if len(argv) == 6 and all(a.lstrip("-").isdigit() for a in argv[1:]):
         return f"disco worker {argv[1]}"
-    return os.environ.get("LAB_CUPTI_LABEL") or Path(argv[0] if argv else "python").stem or "python"
+    return settings.text("LAB_CUPTI_LABEL") or Path(argv[0] if argv else "python").stem or "python"
 
 
 def _on_sigterm(signum, frame):
@@ -357,12 +359,12 @@ def maybe_start_from_env(process_label: str | None = None) -> bool:
     """Start tracing if $LAB_CUPTI_DIR is set, into $LAB_CUPTI_DIR/cupti-<pid>.json, and stop at
     exit (and on SIGTERM, where nothing else handles it). Where CUPTI cannot trace, writes
     cupti-<pid>.unavailable.json with the reason instead and returns False; never raises."""
-    folder = os.environ.get("LAB_CUPTI_DIR")
-    if not folder:
+    folder = settings.path("LAB_CUPTI_DIR")
+    if folder is None:
         return False
     if is_running():
         return True
-    out = Path(folder) / f"cupti-{os.getpid()}.json"
+    out = folder / f"cupti-{os.getpid()}.json"
     label = process_label or _default_label()
     try:
         start(out, label)

@@ -56,7 +56,7 @@ MODES = ("none", "prefetch", "pipeline", "double_buffer", "full_overlap")
 
 
 def _on_gpu(session) -> bool:
-    return session.artifact.metadata.get("target") == "cuda"
+    return session.spec.target == "cuda"
 
 
 class _Reader:
@@ -215,7 +215,7 @@ class FullOverlapDecode(PipelineDecode):
         if getattr(gen.session, "tp", 1) == 1:
             self.note = "tp=1: no allreduce to overlap, so full_overlap ran as double_buffer"
             return DoubleBufferDecode()
-        if not gen.session.artifact.metadata.get("microbatch_decode"):
+        if not gen.session.spec.microbatch_decode:
             raise ValueError("full_overlap needs an artifact built with microbatch_decode=true (it has no "
                              "batch_decode_pair); experiments.overlap builds one when the mode is asked for")
         return None

@@ -36,7 +36,7 @@ def gqa_config():
 
 
 def _checkpoint(config, cache_dir: Path, std: float = 0.1) -> Path:
-    from experiments.oracle import random_checkpoint
+    from harness.oracle import random_checkpoint
 
     return random_checkpoint(config, cache_dir / "hf" / config.name, seed=0, std=std)
 
@@ -61,3 +61,31 @@ def compiled(cache_dir):
         return compile_model(BuildSpec(config, quant, tp, target, lm_head=lm_head, **kernels), cache_dir)
 
     return get
+
+
+@pytest.fixture
+def library_calls():
+    """library_calls(name, record=...) -> a list of what `record(*args)` returned (default: the
+    name) for each call of library function `name` in this process: its CPU version, wrapped.
+    Every wrapped function is put back afterwards."""
+    import tvm_ffi
+
+    from runtime_patch import cpu_functions, functions
+
+    wrapped = []
+
+    def wrap(name, record=None):
+        functions.register("llvm", [name])
+        impl, calls = cpu_functions.IMPLEMENTATIONS[name], []
+
+        def call(*args):
+            calls.append(record(*args) if record else name)
+            impl(*args)
+
+        tvm_ffi.register_global_func(name, call, override=True)
+        wrapped.append(name)
+        return calls
+
+    yield wrap
+    for name in wrapped:
+        tvm_ffi.register_global_func(name, cpu_functions.IMPLEMENTATIONS[name], override=True)

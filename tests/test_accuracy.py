@@ -1,6 +1,6 @@
 import numpy as np
 
-from experiments.accuracy import compare, perplexity
+from harness.accuracy import compare, perplexity
 
 
 def test_identical_distributions_have_zero_kl():

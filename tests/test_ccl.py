@@ -1,10 +1,9 @@
-"""The CCL plugins: cpu_shm collectives on real disco sessions, failure handling, the nccl build."""
+"""The CCLs on real disco sessions: cpu_shm collectives, failure handling (builds: test_plugins.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -13,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime_patch.ccl import CCLError, start_session, worker_pids
-from runtime_patch.ccl.build import CCLBuildError, build, plugin_path
+from runtime_patch.disco import CCLError, start_session, worker_pids
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_SLOT = 64 * 1024  # the 4-worker session's slot, so that a modest message spans many chunks
@@ -220,7 +218,7 @@ _FAILURE_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
     import tvm  # before the session: start_session must cope with disco imported too early
     import numpy as np
-    from runtime_patch.ccl import CCLError, start_session, worker_pids
+    from runtime_patch.disco import CCLError, start_session, worker_pids
 
     report = {"pid": os.getpid()}
     def expect_failure(sess, key):
@@ -273,68 +271,3 @@ def test_dead_or_stuck_worker_fails_fast(tmp_path):
     assert stopped["error"] and "timed out" in stopped["error"] and "worker(s) 1" in stopped["error"]
     assert 1.4 < stopped["seconds"] < 10 and report["stopped_reaped"]
     assert not _segments(report["pid"])
-
-
-def test_build_is_cached_and_relocatable():
-    path = build("cpu_shm")
-    assert path == plugin_path("cpu_shm") and path.is_file()
-    assert build("cpu_shm") == path  # no rebuild
-    readelf = shutil.which("readelf")
-    if readelf:
-        dynamic = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True).stdout
-        assert "RPATH" not in dynamic and "RUNPATH" not in dynamic  # resolves TVM's libraries by soname
-
-
-def _nccl_toolchain_missing() -> str | None:
-    if shutil.which("nvcc") is None and not Path("/usr/local/cuda/include/cuda_runtime.h").is_file():
-        return "nvcc / the CUDA toolkit is not installed"
-    from runtime_patch.ccl import build as b
-
-    try:
-        b._nccl_dirs()
-        b._cuda_home()
-    except CCLBuildError as e:
-        return str(e)
-    return None
-
-
-def test_nccl_plugin_compiles(tmp_path, monkeypatch):
-    missing = _nccl_toolchain_missing()
-    if missing:
-        pytest.skip(f"cannot build the nccl plugin here: {missing}")
-    monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    path = build("nccl")
-    assert path.parent == tmp_path and path.is_file()
-    blob = path.read_bytes()
-    for fn in ("init_ccl", "init_ccl_per_worker", "allreduce", "allgather", "broadcast_from_worker0"):
-        assert f"runtime.disco.nccl.{fn}".encode() in blob
-    for fn in ("overlap_init", "allreduce_begin", "allreduce_wait", "set_overlap"):  # nccl_overlap.cc
-        assert f"lab.ccl.{fn}".encode() in blob
-    assert {p.name for p in tmp_path.iterdir()} == {path.name, path.with_suffix(".json").name}  # no temp left
-
-
-def test_cublas_plugin_missing_cublas_names_the_fix(monkeypatch):
-    from runtime_patch.ccl import build as b
-
-    monkeypatch.delenv("CUBLAS_HOME", raising=False)
-    monkeypatch.setattr(b, "_package_dir", lambda name: None if name.startswith("nvidia") else b._package_dir(name))
-    monkeypatch.setattr(b, "_cuda_home", lambda: (_ for _ in ()).throw(CCLBuildError("no CUDA")))
-    with pytest.raises(CCLBuildError, match="pip install nvidia-cublas.*prefill_gemm=tir"):
-        b._cublas_dirs()
-
-
-@pytest.mark.parametrize("name,symbols", [
-    ("cuda_gemm", [b"lab.gemm.nt", b"lab.gemv.q4"]),
-    ("cuda_attention", [b"lab.attention.prefill_ragged", b"lab.attention.decode_paged"]),
-])
-def test_cuda_plugin_compiles_where_cublas_and_nvcc_are(tmp_path, monkeypatch, name, symbols):
-    """The CUDA plugins: kernels by nvcc for sm_80 and sm_90 (+ PTX), linked against cuBLAS."""
-    from runtime_patch.ccl import build as b
-
-    try:
-        b._cublas_dirs(), b._nvcc()
-    except CCLBuildError as e:
-        pytest.skip(f"cannot build the {name} plugin here: {e}")
-    monkeypatch.setenv("LAB_CCL_DIR", str(tmp_path))
-    blob = build(name).read_bytes()
-    assert all(symbol in blob for symbol in symbols) and b"sm_90" in blob

@@ -88,8 +88,8 @@ def test_random_weights_are_the_same_model_for_every_tp(tiny_config, tp, backend
 
     spec = quant_spec("q0f32")
     source = open_source(tiny_config, None, seed=7, backend=backend)
-    full = _as_numpy(rank_params(source, tiny_config, spec, ShardPlan(tiny_config, 1), 0))
-    shards = [_as_numpy(rank_params(source, tiny_config, spec, ShardPlan(tiny_config, tp), r)) for r in range(tp)]
+    full = _as_numpy(rank_params(source, spec, ShardPlan(tiny_config, 1), 0))
+    shards = [_as_numpy(rank_params(source, spec, ShardPlan(tiny_config, tp), r)) for r in range(tp)]
     d, plan = tiny_config.head_dim, ShardPlan(tiny_config, tp)
     name = "model.layers.1.mlp.down_proj.weight"
     np.testing.assert_array_equal(np.concatenate([s[name] for s in shards], axis=1), full[name])
@@ -109,8 +109,8 @@ def test_torch_quantized_random_weights_match_numpy_quantization(tiny_config):
 
     spec, plan = quant_spec("q4f16_1"), ShardPlan(tiny_config, 2)
     source = TorchRandomSource(tiny_config, seed=3)
-    params = _as_numpy(rank_params(source, tiny_config, spec, plan, 1))
-    down = source.get("model.layers.0.mlp.down_proj.weight", None, plan.rows("mlp", 1)).numpy()
+    params = _as_numpy(rank_params(source, spec, plan, 1))
+    down = source.get("model.layers.0.mlp.down_proj.weight", None, plan.span("mlp", 1)).numpy()
     packed, scale = quantize(down, spec)
     np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_weight"], packed)
     np.testing.assert_array_equal(params["model.layers.0.mlp.down_proj.q_scale"], scale)
@@ -125,7 +125,7 @@ def test_memory_prediction_of_weights_is_exact(tiny_config, quant, tp, lm_head):
 
     spec = quant_spec(quant)
     plan = ShardPlan(tiny_config, tp, lm_head)
-    params = rank_params(open_source(tiny_config, None), tiny_config, spec, plan, tp - 1)
+    params = rank_params(open_source(tiny_config, None), spec, plan, tp - 1)
     assert memory.weight_bytes(tiny_config, spec, tp, lm_head) == sum(nbytes(v) for v in params.values())
     if plan.vocab_parallel:
         assert params["lm_head.weight" if quant == "q0f16" else "lm_head.q_weight"].shape[0] == tiny_config.vocab_size // tp

@@ -7,7 +7,7 @@ from engine.config import from_hf_folder
 from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import open_source
-from experiments.oracle import Reference, confident_agreement, relative_error
+from harness.oracle import Reference, confident_agreement, relative_error
 
 PROMPT, STEPS = 24, 16
 
@@ -126,6 +126,6 @@ def test_cuda_target_compiles_without_a_gpu(tmp_path, monkeypatch, preset_name):
     monkeypatch.setenv("LAB_PRECOMPILE_CUBINS", "0")  # nvcc'ing every kernel takes minutes on 2 cores
     artifact = compile_model(BuildSpec(preset(preset_name), "q4f16_1", 1, "cuda", "sm_90"), tmp_path)
     assert artifact.library.stat().st_size > 100_000
-    assert artifact.metadata["target"] == "cuda" and artifact.metadata["cuda_arch"] == "sm_90"
+    assert artifact.spec.target == "cuda" and artifact.spec.cuda_arch == "sm_90"
     names = artifact.param_names
     assert "model.layers.0.mlp.down_proj.q_weight" in names and "lm_head.q_scale" in names

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from experiments.trace import validate
+from harness.trace import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["workload.prompt_len=8", "workload.new_tokens=6", "workload.warmup=1", "workload.repeats=2",

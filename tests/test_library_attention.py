@@ -8,36 +8,35 @@ import collections
 
 import numpy as np
 import pytest
-import tvm_ffi
 
 from engine.config import from_hf_folder
 from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import open_source
-from experiments.oracle import Reference, relative_error
-from runtime_patch import attention
+from harness.oracle import Reference, relative_error
+from runtime_patch import functions
 
 PROMPT, CHUNK, STEPS = 40, 16, 6  # three prefill chunks: the 2nd and 3rd have a prefix in the cache
 LIBRARY = {"prefill_attention": "library", "decode_attention": "library"}
 
 
+class _Counts:
+    """Calls of each library attention function in this process, as a Counter."""
+
+    def __init__(self, library_calls):
+        self.calls = {name: library_calls(name) for name in (functions.PREFILL_RAGGED, functions.DECODE_PAGED)}
+
+    def counts(self) -> collections.Counter:
+        return collections.Counter({name: len(c) for name, c in self.calls.items() if c})
+
+    def clear(self) -> None:
+        for c in self.calls.values():
+            c.clear()
+
+
 @pytest.fixture
-def attention_calls():
-    """Counts the calls of each library attention function in this process (NumPy, wrapped)."""
-    attention.register("llvm")
-    calls = collections.Counter()
-
-    def counting(name, impl):
-        def call(*args):
-            calls[name] += 1
-            impl(*args)
-        return call
-
-    for name, impl in attention.NUMPY.items():
-        tvm_ffi.register_global_func(name, counting(name, impl), override=True)
-    yield calls
-    for name, impl in attention.NUMPY.items():
-        tvm_ffi.register_global_func(name, impl, override=True)
+def attention_calls(library_calls):
+    return _Counts(library_calls)
 
 
 @pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "gqa_checkpoint"])
@@ -45,7 +44,7 @@ def test_library_attention_matches_transformers(compiled, request, attention_cal
     path = request.getfixturevalue(checkpoint)
     config = from_hf_folder(path)
     artifact = compiled(config, "q0f32", **LIBRARY)
-    assert {k: artifact.metadata[k] for k in LIBRARY} == LIBRARY
+    assert {k: getattr(artifact.spec, k) for k in LIBRARY} == LIBRARY
     gen = Generator(VMSession(artifact, open_source(config, path)), max_batch=2, max_total_len=128,
                     prefill_chunk=CHUNK)
     reference = Reference(path)
@@ -57,7 +56,8 @@ def test_library_attention_matches_transformers(compiled, request, attention_cal
     assert relative_error(logits, reference.logits(tokens)) <= 1e-4
     layers, chunks = config.num_hidden_layers, -(-PROMPT // CHUNK)
     # every prefill chunk's self-attention; every decode step's attention over the pages
-    assert attention_calls == {attention.FUNCTION: chunks * layers, attention.DECODE_FUNCTION: (STEPS - 1) * layers}
+    assert attention_calls.counts() == {functions.PREFILL_RAGGED: chunks * layers,
+                                        functions.DECODE_PAGED: (STEPS - 1) * layers}
 
     attention_calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
@@ -80,7 +80,7 @@ def test_tir_attention_calls_no_library(compiled, tiny_checkpoint, attention_cal
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=CHUNK)
     gen.generate([[1, 2, 3, 4]], 2)
-    assert not attention_calls
+    assert not attention_calls.counts()
 
 
 def test_library_attention_in_disco_workers(compiled, tiny_checkpoint):
@@ -111,8 +111,8 @@ def test_attention_choice(tiny_config):
     assert (cuda.prefill_attention, cuda.decode_attention) == ("library", "library")
     assert cuda.key() != BuildSpec(tiny_config, "q0f16", target="cuda", decode_attention="tir").key()
     create = export(cuda)[0]["create_kv_cache"].script()
-    assert f'R.ExternFunc("{attention.FUNCTION}")' in create
-    assert f'R.ExternFunc("{attention.DECODE_FUNCTION}")' in create
+    assert f'R.ExternFunc("{functions.PREFILL_RAGGED}")' in create
+    assert f'R.ExternFunc("{functions.DECODE_PAGED}")' in create
     assert "batch_prefill_paged_kv" in create  # a prefill's attention over cached pages stays TVM's
     only_decode = export(BuildSpec(tiny_config, "q0f16", target="cuda", prefill_attention="tir"))[0]
-    assert attention.FUNCTION not in only_decode["create_kv_cache"].script()
+    assert functions.PREFILL_RAGGED not in only_decode["create_kv_cache"].script()

@@ -3,31 +3,21 @@ and the model still computes what transformers computes."""
 
 import numpy as np
 import pytest
-import tvm_ffi
 
 from engine.config import from_hf_folder
 from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import open_source
-from experiments.oracle import Reference, relative_error
-from runtime_patch import gemm
+from harness.oracle import Reference, relative_error
+from runtime_patch import functions
 
 PROMPT, STEPS = 24, 8
 
 
 @pytest.fixture
-def gemm_calls():
-    """Counts the calls of lab.gemm.nt in this process (the NumPy one, wrapped)."""
-    gemm.register("llvm")
-    calls = []
-
-    def counting(x, w, out):
-        calls.append(tuple(w.shape))
-        gemm._numpy_gemm_nt(x, w, out)
-
-    tvm_ffi.register_global_func(gemm.FUNCTION, counting, override=True)
-    yield calls
-    tvm_ffi.register_global_func(gemm.FUNCTION, gemm._numpy_gemm_nt, override=True)
+def gemm_calls(library_calls):
+    """The weight shape of each call of lab.gemm.nt in this process."""
+    return library_calls(functions.GEMM_NT, lambda x, w, out: tuple(w.shape))
 
 
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2)])
@@ -36,7 +26,7 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
 
     config = from_hf_folder(tiny_checkpoint)
     artifact = compiled(config, quant, prefill_gemm="library")
-    assert artifact.metadata["prefill_gemm"] == "library"
+    assert artifact.spec.prefill_gemm == "library" and functions.GEMM_NT in artifact.functions
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec(quant) if quant != "q0f32" else None)
@@ -91,18 +81,9 @@ def test_bad_prefill_gemm_is_refused(tiny_config):
 
 
 @pytest.fixture
-def gemv_calls():
-    """Counts the calls of lab.gemv.q4 in this process (the NumPy one, wrapped)."""
-    gemm.register("llvm")
-    calls = []
-
-    def counting(x, w, scale, out):
-        calls.append(tuple(w.shape))
-        gemm._numpy_gemv_q4(x, w, scale, out)
-
-    tvm_ffi.register_global_func(gemm.GEMV_Q4, counting, override=True)
-    yield calls
-    tvm_ffi.register_global_func(gemm.GEMV_Q4, gemm._numpy_gemv_q4, override=True)
+def gemv_calls(library_calls):
+    """The weight shape of each call of lab.gemv.q4 in this process."""
+    return library_calls(functions.GEMV_Q4, lambda x, w, scale, out: tuple(w.shape))
 
 
 def test_library_q4_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls):
@@ -111,7 +92,7 @@ def test_library_q4_decode_gemv_matches_transformers(compiled, tiny_checkpoint, 
 
     config = from_hf_folder(tiny_checkpoint)
     artifact = compiled(config, "q4f16_1", decode_gemv="library")
-    assert artifact.metadata["decode_gemv"] == "library"
+    assert artifact.spec.decode_gemv == "library" and functions.GEMV_Q4 in artifact.functions
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec("q4f16_1"))

@@ -18,7 +18,7 @@ def _prefill_attention_blocks(mod) -> dict[str, int]:
 def test_prefill_attention_gets_more_thread_blocks_on_cuda(tiny_config):
     from tvm.relax.frontend.nn.llm import _prefill_kernels
 
-    from engine.model import PREFILL_ATTENTION_BLOCKS
+    from engine.model.kv_cache import PREFILL_ATTENTION_BLOCKS
 
     original = _prefill_kernels._get_prefill_kernel_config
     mod, _ = export(BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90"))

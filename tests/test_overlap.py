@@ -17,7 +17,7 @@ from engine.disco import DiscoSession
 from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import RandomSource
-from experiments.trace import validate
+from harness.trace import validate
 from runtime_patch import stream_overlap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,4 +150,4 @@ def test_microbatch_decode_is_a_build_option(tiny_config, compiled):
     plain, paired = BuildSpec(tiny_config, "q0f16", 2), BuildSpec(tiny_config, "q0f16", 2, microbatch_decode=True)
     assert plain.key() != paired.key()
     artifact = compiled(tiny_config, "q0f16", 2, microbatch_decode=True)
-    assert artifact.metadata["microbatch_decode"] is True and artifact.build_spec() == paired
+    assert artifact.spec.microbatch_decode is True and artifact.spec == paired

@@ -1,4 +1,4 @@
-"""./profile_gpu.sh and experiments.profiling: the command line as a user runs it (CPU only), and
+"""./profile_gpu.sh and profiler: the command line as a user runs it (CPU only), and
 the CUPTI record -> Chrome trace conversion on synthetic records."""
 
 import importlib.util
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments.profiling import kernels, timeline
-from experiments.trace import Trace, validate
+from profiler import kernels, timeline
+from harness.trace import Trace, validate
 from runtime_patch import cupti_tracer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_nsight_without_nsys_or_ncu_exits_3(tmp_path):
 
 
 def test_run_folders_are_never_reused(tmp_path):
-    from experiments.profiling.__main__ import make_run_dir
+    from profiler.__main__ import make_run_dir
 
     first, second = make_run_dir(tmp_path, "basic"), make_run_dir(tmp_path, "basic")
     assert first != second and first.is_dir() and second.is_dir()

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import markdown, plots, results, stats, trace
-from experiments.results import RunDir
+from harness import markdown, plots, results, stats, trace
+from harness.results import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FAKE_ENV = {"timestamp": "2026-11-26T00:00:00+00:00", "command": "python -m experiments.baseline tp=2",

@@ -15,7 +15,7 @@ from engine.disco import DiscoSession
 from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import open_source
-from experiments.oracle import Reference, relative_error
+from harness.oracle import Reference, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 16, 8
@@ -114,9 +114,9 @@ KILL_SCRIPT = textwrap.dedent("""
     from engine.disco import DiscoSession
     from engine.generate import Generator
     from engine.weights import RandomSource
-    from runtime_patch.ccl import worker_pids
+    from runtime_patch.disco import worker_pids
     artifact = Artifact.load(sys.argv[1])
-    session = DiscoSession(artifact, RandomSource(artifact.build_spec().config))
+    session = DiscoSession(artifact, RandomSource(artifact.spec.config))
     gen = Generator(session, 1, 64, 16)
     gen.generate([[1, 2, 3]], 2)
     os.kill(worker_pids(session.sess)[1], signal.SIGKILL)

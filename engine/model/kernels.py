@@ -1,0 +1,105 @@
+"""Which kernel computes each linear layer, by the phase of the function being traced.
+
+A phase is what an exported function does with its rows: `PREFILL` (many tokens of one
+sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of several sequences).
+`KernelPlan` (from the BuildSpec, immutable) says where each phase's products come from:
+
+- PREFILL with `prefill_gemm="library"`: `lab.gemm.nt` (cuBLAS on CUDA, NumPy on CPU) through
+  call_dps_packed; a quantized weight is first dequantized to fp16 by a TIR kernel.
+- DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
+  round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 weight goes to
+  `lab.gemv.q4` instead.
+- BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
+  tensor-core matmul can use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+
+from runtime_patch import functions
+
+from ..quantize import GROUP_SIZE, QuantSpec, te_dequantize, te_embedding, te_linear
+
+PREFILL, DECODE, BATCH = "prefill", "decode", "batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    library_prefill_gemm: bool = False
+    library_decode_gemv: bool = False
+
+    @staticmethod
+    def of(spec) -> "KernelPlan":
+        return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library")
+
+    def library_gemm(self, phase: str) -> bool:
+        return phase == PREFILL and self.library_prefill_gemm
+
+    def library_gemv(self, phase: str, quant: QuantSpec) -> bool:
+        """The batch-1 decode GEMV of a q4 weight through `lab.gemv.q4`."""
+        return phase == DECODE and self.library_decode_gemv and quant.bits == 4
+
+    @staticmethod
+    def fp16_weights(phase: str) -> bool:
+        """Quantized weights through an fp16 producer stage, except in the batch-1 decode GEMV."""
+        return phase != DECODE
+
+
+def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parameter]:
+    if not spec.quantized:
+        return {"weight": nn.Parameter((rows, cols), spec.model_dtype)}
+    return {"q_weight": nn.Parameter((rows, cols // spec.per_word), "uint32"),
+            "q_scale": nn.Parameter((rows, cols // GROUP_SIZE), "float16")}
+
+
+class Linear(nn.Module):
+    """y = x W^T, W [out, in], (de)quantized inline in the reduction (or by a kernel of its own
+    before a library GEMM)."""
+
+    def __init__(self, in_features: int, out_features: int, spec: QuantSpec, plan: KernelPlan,
+                 out_dtype: str | None = None):
+        self.spec, self.plan = spec, plan
+        self.out_dtype = out_dtype or spec.model_dtype
+        for name, param in _weight_params(spec, out_features, in_features).items():
+            setattr(self, name, param)
+
+    def _weights(self) -> list[Tensor]:
+        return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
+
+    def forward(self, x: Tensor, phase: str) -> Tensor:
+        if self.plan.library_gemm(phase):
+            return self._library_gemm(x)
+        if self.plan.library_gemv(phase, self.spec):
+            return self._library_gemv(x, self.out_dtype)
+        return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
+                                 [x, *self._weights()])
+
+    def _library_gemv(self, x: Tensor, out_dtype: str) -> Tensor:
+        out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], out_dtype)
+        return op.extern(functions.GEMV_Q4, [x, self.q_weight, self.q_scale], out)
+
+    def _library_gemm(self, x: Tensor) -> Tensor:
+        w = self.weight if not self.spec.quantized else \
+            op.tensor_expr_op(te_dequantize(self.spec), "dequantize", self._weights())
+        out = Tensor.placeholder([*x.shape[:-1], w.shape[0]], self.out_dtype)
+        return op.extern(functions.GEMM_NT, [x, w], out)
+
+
+class Embedding(Linear):
+    """Token embedding; `forward` gathers rows, `lm_head` multiplies by the table (tied head)."""
+
+    def __init__(self, vocab: int, hidden: int, spec: QuantSpec, plan: KernelPlan):
+        super().__init__(hidden, vocab, spec, plan)
+
+    def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
+        return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
+
+    def lm_head(self, x: Tensor, phase: str) -> Tensor:
+        if self.plan.library_gemv(phase, self.spec):
+            return self._library_gemv(x, "float32")
+        return op.tensor_expr_op(te_linear(self.spec, "float32", self.plan.fp16_weights(phase)), "lm_head",
+                                 [x, *self._weights()])

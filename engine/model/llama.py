@@ -1,0 +1,237 @@
+"""Llama in `tvm.relax.frontend.nn`, for one tensor-parallel rank, over TVM's paged KV cache.
+
+Exported functions (parameters packed into one tuple argument, as MLC does):
+  prefill(input_ids[1, s], kv)          -> (next_token[1], logits[1, vocab], kv)   last position
+  prefill_logits(input_ids[1, s], kv)   -> (logits[s, vocab], kv)                  every position
+  decode(input_ids[1, 1], kv)           -> (next_token[1], logits[1, vocab], kv)   static batch 1
+  batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
+  batch_decode_pair(input_ids[2, m, 1], kv_a, kv_b) -> (next_token[2, m], logits[2, m, vocab], kv_a, kv_b)
+                                        (with `microbatch_decode`: two micro-batches of m sequences,
+                                        one per KV cache, interleaved layer by layer; see below)
+  create_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window) -> kv
+Greedy sampling (argmax) happens on the device; logits stay there unless read.
+
+The shapes of a rank's weights come from the sharding table (engine.sharding); which kernel
+computes each product from the build's KernelPlan (engine.model.kernels); the KV cache and its
+attention kernels from engine.model.kv_cache.
+
+`batch_decode_pair` (build option `microbatch_decode`) is the decode of `full_overlap`
+(runtime_patch.stream_overlap): at tp > 1 each allreduce is begun by `lab.ccl.allreduce_begin` (on
+a communication stream of its own) and waited for by `lab.ccl.allreduce_wait` only just before
+its sum is needed, with the other micro-batch's half-layer computed in between: attention(A)
+begin(A) | attention(B) begin(B) | wait(A) mlp(A) begin(A) | wait(B) mlp(B) begin(B) | wait(A)
+attention(A) of the next layer, ... The wait returns a token that the residual add takes as an
+(unread) input, so the add is ordered after the wait in the graph, and the wait takes the
+allreduce's input too, so that memory planning keeps it alive until the collective has read it.
+"""
+
+from __future__ import annotations
+
+from tvm import te, topi
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
+
+from runtime_patch import functions
+
+from ..sharding import ShardPlan
+from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear
+from .kv_cache import create_paged_kv_cache
+
+
+class Attention(nn.Module):
+    def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
+        self.head_dim = plan.config.head_dim
+        self.q_heads, self.kv_heads = plan.q_heads, plan.kv_heads
+        self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
+        self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(op.reshape(out, (b, s, self.q_heads * self.head_dim)), phase)
+
+
+class MLP(nn.Module):
+    def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
+        self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
+        self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
+
+    def forward(self, x: Tensor, phase: str) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x, phase), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up, phase)
+
+
+def _rms_norm(config, spec) -> nn.RMSNorm:
+    return nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=spec.model_dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
+        self.tp = plan.tp
+        self.input_layernorm = _rms_norm(plan.config, spec)
+        self.self_attn = Attention(plan, spec, kernels)
+        self.post_attention_layernorm = _rms_norm(plan.config, spec)
+        self.mlp = MLP(plan, spec, kernels)
+
+    def _reduce(self, partial: Tensor) -> Tensor:
+        return op.ccl_allreduce(partial, "sum") if self.tp > 1 else partial
+
+    def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+        """This rank's partial sum of the attention block's output (before the allreduce)."""
+        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
+
+    def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
+        return self.mlp(self.post_attention_layernorm(x), phase)
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+        x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
+        return x + self._reduce(self.mlp_partial(x, phase))
+
+
+class _InFlight:
+    """A block's partial output whose allreduce has been begun (tp > 1), and the residual its sum
+    is added to."""
+
+    def __init__(self, partial: Tensor, residual: Tensor, tp: int):
+        self.partial, self.residual = partial, residual
+        self.reduced = None
+        if tp > 1:
+            self.reduced = op.extern(functions.ALLREDUCE_BEGIN, [partial],
+                                     Tensor.placeholder(partial.shape, partial.dtype))
+
+    def settle(self) -> Tensor:
+        """residual + the reduced sum, after waiting for the allreduce (see the module doc)."""
+        if self.reduced is None:
+            return self.residual + self.partial
+        token = op.extern(functions.ALLREDUCE_WAIT, [self.reduced, self.partial], Tensor.placeholder([1], "int32"))
+        return op.tensor_expr_op(lambda r, x, _token: topi.add(x, r), "residual_add", [self.reduced, self.residual, token])
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
+        c = plan.config
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, spec, kernels)
+        self.layers = nn.ModuleList([DecoderLayer(plan, spec, kernels) for _ in range(c.num_hidden_layers)])
+        self.norm = _rms_norm(c, spec)
+
+    def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
+        for layer_id, layer in enumerate(self.layers):
+            hidden = layer(hidden, kv, layer_id, phase)
+        return self.norm(hidden)
+
+    def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
+        """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
+        that one's allreduce runs while the other computes (module doc)."""
+        hidden = list(hidden)
+        flight: list[_InFlight | None] = [None, None]
+        for layer_id, layer in enumerate(self.layers):
+            for block in ("attention", "mlp"):
+                for m in (0, 1):
+                    if flight[m] is not None:
+                        hidden[m] = flight[m].settle()
+                    partial = layer.attention_partial(hidden[m], kvs[m], layer_id, phase) if block == "attention" \
+                        else layer.mlp_partial(hidden[m], phase)
+                    flight[m] = _InFlight(partial, hidden[m], tp)
+        return [self.norm(f.settle()) for f in flight]
+
+
+def _argmax_last(logits: Tensor) -> Tensor:
+    return op.tensor_expr_op(lambda x: topi.argmax(x, axis=-1).astype("int32"), "argmax", [logits])
+
+
+class LlamaForCausalLM(nn.Module):
+    """One rank of the model a BuildSpec (engine.compile) describes."""
+
+    def __init__(self, build):
+        self.config, self.quant, self.target = build.config, build.quant_spec, build.tvm_target()
+        self.build = build
+        self.plan = build.plan
+        self.plan.check_quant(self.quant)
+        kernels = KernelPlan.of(build)
+        self.model = LlamaModel(self.plan, self.quant, kernels)
+        if not self.config.tie_word_embeddings:
+            self.lm_head = Linear(*self.plan.linear_shape("lm_head"), self.quant, kernels, out_dtype="float32")
+
+    def _logits(self, hidden: Tensor, phase: str) -> Tensor:
+        """[n, hidden] -> float32 logits [n, vocab] on every rank."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.lm_head(hidden, phase)
+        logits = self.lm_head(hidden, phase)
+        if not self.plan.vocab_parallel:
+            return logits
+        # Rank r holds vocabulary slice r: allgather stacks the slices as [tp * n, V/tp]; put the
+        # vocabulary back in order as [n, tp * V/tp].
+        tp, n = self.plan.tp, logits.shape[0]
+        gathered = op.reshape(op.ccl_allgather(logits, tp), (tp, n, self.plan.vocab))
+        return op.reshape(op.permute_dims(gathered, [1, 0, 2]), (n, self.config.vocab_size))
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        if self.plan.tp > 1:  # the controller writes token ids to worker 0 only
+            input_ids = op.ccl_broadcast_from_worker0(input_ids)
+        return self.model.embed_tokens(input_ids)
+
+    def prefill(self, input_ids: Tensor, kv: PagedKVCache):
+        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        logits = self._logits(_take_last(hidden), DECODE)  # one row: the GEMV
+        return _argmax_last(logits), logits, kv
+
+    def prefill_logits(self, input_ids: Tensor, kv: PagedKVCache):
+        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        _, s, h = hidden.shape
+        return self._logits(op.reshape(hidden, (s, h)), PREFILL), kv
+
+    def _decode(self, input_ids: Tensor, kv: PagedKVCache, phase: str):
+        hidden = self.model(self._embed(input_ids), kv, phase)
+        b, _, h = hidden.shape
+        logits = self._logits(op.reshape(hidden, (b, h)), phase)
+        return _argmax_last(logits), logits, kv
+
+    def decode(self, input_ids: Tensor, kv: PagedKVCache):
+        return self._decode(input_ids, kv, DECODE)
+
+    def batch_decode(self, input_ids: Tensor, kv: PagedKVCache):
+        return self._decode(input_ids, kv, BATCH)
+
+    def batch_decode_pair(self, input_ids: Tensor, kv_a: PagedKVCache, kv_b: PagedKVCache):
+        _, m, _ = input_ids.shape
+        halves = [op.reshape(half, (m, 1)) for half in op.split(input_ids, 2, axis=0)]
+        hidden = self.model.forward_pair([self._embed(ids) for ids in halves], [kv_a, kv_b], self.plan.tp, BATCH)
+        # The LM head per micro-batch: dlight cannot schedule a matmul over 2 * m rows.
+        logits = [self._logits(op.reshape(x, (m, x.shape[-1])), BATCH) for x in hidden]
+        stack = lambda parts: op.concat([op.reshape(t, (1, *t.shape)) for t in parts], dim=0)  # noqa: E731
+        return stack([_argmax_last(x) for x in logits]), stack(logits), kv_a, kv_b
+
+    def create_kv_cache(self, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
+                        support_sliding_window) -> PagedKVCache:
+        return create_paged_kv_cache(self.build, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size,
+                                     page_size, support_sliding_window)
+
+    def export_spec(self) -> nn.spec.ModuleSpec:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        kv = nn.spec.Object(object_type=PagedKVCache)
+        ids = lambda *shape: nn.spec.Tensor(list(shape), "int32")  # noqa: E731
+        pair = {"batch_decode_pair": {"input_ids": ids(2, "micro_batch", 1), "kv_a": kv, "kv_b": kv, "$": packed}} \
+            if self.build.microbatch_decode else {}
+        return nn.spec.ModuleSpec.from_raw({
+            "prefill": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
+            "prefill_logits": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
+            "decode": {"input_ids": ids(1, 1), "kv": kv, "$": packed},
+            "batch_decode": {"input_ids": ids("batch_size", 1), "kv": kv, "$": packed},
+            **pair,
+            "create_kv_cache": {
+                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
+                "page_size": int, "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }, self)
+
+
+def _take_last(hidden: Tensor) -> Tensor:
+    """hidden[0, -1, :] as [1, h]."""
+    def compute(x):
+        s = x.shape[1]
+        return te.compute((1, x.shape[2]), lambda i, j: x[0, s - 1, j], name="take_last")
+
+    return op.tensor_expr_op(compute, "take_last", [hidden])

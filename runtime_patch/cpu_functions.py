@@ -1,0 +1,101 @@
+"""CPU (llvm) versions of the library functions in runtime_patch.functions, under the same names
+and with the same arguments as the CUDA plugins': NumPy in float32, so that the CPU test suite
+runs the graph the GPU runs and compares it with `transformers`. Registered by
+`runtime_patch.functions.register("llvm", ...)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from runtime_patch import functions
+
+
+def _numpy_gemm_nt(x, w, out) -> None:
+    xa, wa, oa = np.from_dlpack(x), np.from_dlpack(w), np.from_dlpack(out)
+    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T
+    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+
+def _numpy_gemv_q4(x, q_weight, q_scale, out) -> None:
+    """q_weight [N, K/8] uint32, 8 values per word lowest bits first; value = (q - 7) * scale."""
+    xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
+    q = (wa[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
+    weight = (q.reshape(wa.shape[0], -1).astype(np.float32) - 7) * np.repeat(sa.astype(np.float32), 32, axis=1)
+    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
+    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+
+def _attend(q, k, v, sm_scale: float, causal: bool):
+    """q [n, Hq, d], k and v [m, Hkv, d] (float32) -> (out [n, Hq, d], base-2 lse [n, Hq]); with
+    `causal`, query i sees keys j <= i + (m - n)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    n, m = len(q), len(k)
+    scores = np.einsum("ihd,jhd->hij", q, k) * (sm_scale * math.log2(math.e))
+    if causal:
+        scores = np.where(np.arange(m)[None, :] <= np.arange(n)[:, None] + (m - n), scores, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    lse = top + np.log2(np.exp2(scores - top).sum(axis=-1, keepdims=True))
+    return np.einsum("hij,jhd->ihd", np.exp2(scores - lse), v), lse[..., 0].T
+
+
+def _no_inline_rope(rotary_mode, name: str) -> None:
+    if rotary_mode:
+        raise ValueError(f"{name}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
+
+
+def _numpy_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
+                          causal, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
+    _no_inline_rope(rotary_mode, functions.PREFILL_RAGGED)
+    qa, ka, va = (np.from_dlpack(t).astype(np.float32) for t in (q, k, v))
+    out, lse_out = np.from_dlpack(output), np.from_dlpack(lse)
+    qo, kvo = np.from_dlpack(q_indptr), np.from_dlpack(kv_indptr)
+    for b in range(len(qo) - 1):
+        o, row_lse = _attend(qa[qo[b]:qo[b + 1]], ka[kvo[b]:kvo[b + 1]], va[kvo[b]:kvo[b + 1]], sm_scale, bool(causal))
+        out[qo[b]:qo[b + 1]], lse_out[qo[b]:qo[b + 1]] = o.astype(out.dtype), row_lse
+
+
+def _numpy_decode_paged(q, pages, page_indptr, page_values, length_info, k_rope_pos_offset, q_rope_position,
+                        output, lse, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
+    """pages [num_pages, 2 (K, V), Hkv, page_size, d]; sequence b owns pages
+    page_values[page_indptr[b]:page_indptr[b+1]], the last filled to length_info[b]."""
+    _no_inline_rope(rotary_mode, functions.DECODE_PAGED)
+    if len(length_info.shape) != 1:
+        raise ValueError(f"{functions.DECODE_PAGED}: sliding-window KV caches are not supported")
+    qa, kv = np.from_dlpack(q).astype(np.float32), np.from_dlpack(pages)
+    out, lse_out = np.from_dlpack(output), np.from_dlpack(lse)
+    indptr, values, last = np.from_dlpack(page_indptr), np.from_dlpack(page_values), np.from_dlpack(length_info)
+    page_size = kv.shape[3]
+    for b in range(qa.shape[0]):
+        own = values[indptr[b]:indptr[b + 1]]
+        length = (len(own) - 1) * page_size + int(last[b]) if len(own) else 0
+        # [pages, 2, Hkv, page_size, d] -> [2, tokens, Hkv, d]
+        seq = kv[own].astype(np.float32).transpose(1, 0, 3, 2, 4).reshape(2, -1, kv.shape[2], kv.shape[4])[:, :length]
+        o, row_lse = _attend(qa[b:b + 1], seq[0], seq[1], sm_scale, causal=False)
+        out[b], lse_out[b] = o[0].astype(out.dtype), row_lse[0]
+
+
+def _allreduce_begin(partial, reduced) -> None:
+    """Run TVM's allreduce (through the session's CCL, cpu_shm) to completion: on the CPU nothing
+    overlaps, the micro-batches only interleave."""
+    import tvm
+    from tvm.runtime import ShapeTuple
+
+    tvm.get_global_func("runtime.disco.allreduce")(partial, ShapeTuple([0]), False, reduced)
+
+
+IMPLEMENTATIONS = {
+    functions.GEMM_NT: _numpy_gemm_nt,
+    functions.GEMV_Q4: _numpy_gemv_q4,
+    functions.PREFILL_RAGGED: _numpy_prefill_ragged,
+    # NumPy attends each sequence on its own: its sums never depend on the batch
+    functions.DECODE_PAGED: _numpy_decode_paged,
+    functions.DECODE_PAGED_INVARIANT: _numpy_decode_paged,
+    functions.ALLREDUCE_BEGIN: _allreduce_begin,
+    functions.ALLREDUCE_WAIT: lambda reduced, partial, token: None,
+    functions.OVERLAP_INIT: lambda: None,
+    functions.SET_OVERLAP: lambda on: None,
+}
