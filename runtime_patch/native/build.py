@@ -35,8 +35,17 @@ from . import toolchain
 from .toolchain import PluginBuildError, PluginLoadError
 
 CCLS = ("cpu_shm", "nccl")
-# CUDA plugins: their sources (in this folder), compiled by nvcc, linked against cuBLAS
-CUDA_PLUGINS = {"cuda_gemm": ("cublas_gemm.cc", "q4_gemv.cu"), "cuda_attention": ("cuda_attention.cu",)}
+@dataclass(frozen=True)
+class CudaPlugin:
+    """A plugin of CUDA kernels: its sources (in this folder), compiled by nvcc, and whether it
+    links against cuBLAS."""
+
+    sources: tuple[str, ...]
+    cublas: bool = True
+
+
+CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "q4_gemv.cu")),
+                "cuda_attention": CudaPlugin(("cuda_attention.cu",))}
 PLUGINS = (*CCLS, *CUDA_PLUGINS)
 _HERE = Path(__file__).resolve().parent
 _STUBS = _HERE / "nccl_stubs"
@@ -115,16 +124,21 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
             r.lib_dirs = [*_tvm_lib_dirs(), nccl_lib, toolchain.cuda_lib_dir(cuda)]
         return r
     if name in CUDA_PLUGINS:
-        srcs = [_HERE / f for f in CUDA_PLUGINS[name]]
+        plugin = CUDA_PLUGINS[name]
+        srcs = [_HERE / f for f in plugin.sources]
         hashed = [*srcs, _HERE / "cuda_common.h", _HERE / "cuda_check.h"]
-        r = _Recipe(name, srcs, hashed, list(_NVCC_FLAGS), libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
+        r = _Recipe(name, srcs, hashed, [*_NVCC_FLAGS, *([] if plugin.cublas else ["-DLAB_NO_CUBLAS"])],
+                    libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
         if for_build:
-            cublas_inc, cublas_lib = toolchain.cublas_dirs()
             cuda = toolchain.cuda_home()
             ffi = toolchain.ffi_dir()
-            r.include_dirs = [ffi / "include", ffi / "3rdparty" / "dlpack" / "include", cublas_inc, cuda / "include"]
-            r.lib_dirs = [ffi / "lib", cublas_lib, toolchain.cuda_lib_dir(cuda)]
-            r.libs = ["-ltvm_ffi", toolchain.cublas_lib_flag(cublas_lib), "-lcudart"]
+            r.include_dirs = [ffi / "include", ffi / "3rdparty" / "dlpack" / "include", cuda / "include"]
+            r.lib_dirs = [ffi / "lib", toolchain.cuda_lib_dir(cuda)]
+            if plugin.cublas:
+                cublas_inc, cublas_lib = toolchain.cublas_dirs()
+                r.include_dirs.insert(2, cublas_inc)
+                r.lib_dirs.insert(1, cublas_lib)
+                r.libs = ["-ltvm_ffi", toolchain.cublas_lib_flag(cublas_lib), "-lcudart"]
         return r
     raise ValueError(f"unknown plugin {name!r}; choose one of {PLUGINS}")
 
@@ -214,7 +228,7 @@ def load(name: str) -> Path:
     except OSError as err:
         raise PluginLoadError(f"cannot load TVM's runtime libraries for the {name} plugin: {err}") from None
     path = build(name)
-    if name in CUDA_PLUGINS:  # no rpath (see _TVM_LIBS): load cuBLAS from where it was found
+    if name in CUDA_PLUGINS and CUDA_PLUGINS[name].cublas:  # no rpath (see _TVM_LIBS): load cuBLAS from where it was found
         lib = toolchain.cublas_dirs()[1]
         for pattern in ("libcublasLt.so*", "libcublas.so*"):
             found = sorted(lib.glob(pattern))

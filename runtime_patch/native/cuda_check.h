@@ -1,5 +1,5 @@
 // LAB_CHECK_CUDA: a failed CUDA runtime call becomes a TVM RuntimeError naming the call. Shared by
-// every plugin with CUDA code (cuda_common.h for the cuBLAS plugins, ccl/nccl_overlap.cc).
+// every plugin with CUDA code (cuda_common.h for the CUDA plugins, nccl_overlap.cc).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -1,8 +1,11 @@
-// Helpers shared by runtime_patch's CUDA plugins (gemm/, attention/): error checks, the cuBLAS
-// handle of a (thread, device), and reading DLTensors. Each plugin compiles its own copy (inline).
+// Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
+// checks, the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
+// LAB_NO_CUBLAS), and reading DLTensors. Each plugin compiles its own copy (inline).
 #pragma once
 
+#ifndef LAB_NO_CUBLAS
 #include <cublas_v2.h>
+#endif
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/error.h>
@@ -14,6 +17,7 @@
 
 namespace lab {
 
+#ifndef LAB_NO_CUBLAS
 inline const char* CublasStatusName(cublasStatus_t s) {
   switch (s) {
     case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
@@ -48,6 +52,7 @@ inline cublasHandle_t CublasHandle(int device) {
   handles.emplace(device, handle);
   return handle;
 }
+#endif  // LAB_NO_CUBLAS
 
 // Row-major with no gaps (strides of size-1 dimensions do not matter).
 inline bool IsCompact(const DLTensor* t) {
