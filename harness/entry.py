@@ -13,12 +13,30 @@ import functools
 import logging
 import os
 import sys
+from datetime import datetime
 from typing import Callable
+
+from omegaconf import OmegaConf
 
 from engine.config import ConfigError
 from runtime_patch import settings
 
 log = logging.getLogger("experiments")
+_run_id: str | None = None
+
+
+def run_id() -> str:
+    """This process's run folder name: start time to the microsecond and the process id (two
+    runs started in the same second, or microsecond, never share a folder)."""
+    global _run_id
+    if _run_id is None:
+        _run_id = f"{datetime.now():%Y%m%d-%H%M%S-%f}-{os.getpid()}"
+    return _run_id
+
+
+# conf/hydra/default.yaml names run folders with it; registered when an entry point imports this.
+if not OmegaConf.has_resolver("lab_run_id"):
+    OmegaConf.register_new_resolver("lab_run_id", run_id)
 
 
 def quiet_tvm() -> None:
