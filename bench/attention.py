@@ -1,7 +1,7 @@
 """The library attention functions (runtime_patch/attention) on one GPU: checked against a
 float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
 
-    python bench/attention.py --out F.json [--sha SHA]
+    python -m bench.attention --out F.json [--sha SHA]
 
 Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
 `lab.attention.prefill_ragged`: one sequence of 128, 1024 and 4096 tokens (causal
@@ -21,8 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
 
 HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
 HEAD_DIM = 128
@@ -144,20 +143,17 @@ def timed(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
 
 
 def run(out: Path, sha: str | None) -> None:
-    from runtime_patch import runtime_only
-
-    runtime_only.prepare()
     import numpy as np
     import torch
     import tvm_ffi
 
     from harness import stats
     from harness.results import atomic_write_text
-    from runtime_patch import attention
+    from runtime_patch import functions
 
-    attention.register("cuda")
-    fn = tvm_ffi.get_global_func(attention.FUNCTION)
-    decode_fn = tvm_ffi.get_global_func(attention.DECODE_FUNCTION)
+    functions.register("cuda", [functions.PREFILL_RAGGED, functions.DECODE_PAGED])
+    fn = tvm_ffi.get_global_func(functions.PREFILL_RAGGED)
+    decode_fn = tvm_ffi.get_global_func(functions.DECODE_PAGED)
     sm_scale = 1 / math.sqrt(HEAD_DIM)
     results = []
     for heads_name, (hq, hkv) in HEADS.items():
@@ -186,7 +182,7 @@ def run(out: Path, sha: str | None) -> None:
             lib = timed(call)
             peer = timed(lambda: sdpa(q, k, v, seqs))
             flops = sum(4 * n * m * HEAD_DIM * hq for n, m in seqs)  # QK^T and PV, without the causal saving
-            r = {"function": attention.FUNCTION, "heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
+            r = {"function": functions.PREFILL_RAGGED, "heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
                  "seqs": seqs, "out_rel_error": err_o, "lse_abs_error": err_lse,
                  "library_s": stats.summarize(lib), "sdpa_s": stats.summarize(peer),
                  "library_tflops": flops / stats.summarize(lib)["p50"] / 1e12, "raw_library_s": lib, "raw_sdpa_s": peer}
@@ -198,7 +194,7 @@ def run(out: Path, sha: str | None) -> None:
             d = decode_case(decode_fn, hq, hkv, batch, context, sm_scale)
             raw_lib, raw_peer = d.pop("library_s"), d.pop("sdpa_s")
             lib, peer = stats.summarize(raw_lib), stats.summarize(raw_peer)
-            r = {"function": attention.DECODE_FUNCTION, "heads": heads_name, "q_heads": hq, "kv_heads": hkv,
+            r = {"function": functions.DECODE_PAGED, "heads": heads_name, "q_heads": hq, "kv_heads": hkv,
                  "head_dim": HEAD_DIM, "case": case, **d, "library_s": lib, "sdpa_s": peer,
                  "library_gb_s": d["kv_bytes"] / lib["p50"] / 1e9, "raw_library_s": raw_lib, "raw_sdpa_s": raw_peer}
             print(f"{heads_name} decode {case:12s} library {lib['p50'] * 1e6:8.1f} us (p95 {lib['p95'] * 1e6:.1f}, "
@@ -207,7 +203,7 @@ def run(out: Path, sha: str | None) -> None:
             results.append(r)
     atomic_write_text(out, json.dumps({
         "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
-        "command": " ".join(["python", "bench/attention.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "bench.attention", *sys.argv[1:]]),
         "torch": torch.__version__, "results": results}, indent=1))
     print(f"wrote {out}")
 

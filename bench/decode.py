@@ -1,6 +1,6 @@
 """Decode benchmark on one GPU: the compiled engine beside PyTorch peers, against the roofline.
 
-    python bench/decode.py --model llama3-8b --quants q0f16,q8f16_1,q4f16_1 --prompts 128,1024 \
+    python -m bench.decode --model llama3-8b --quants q0f16,q8f16_1,q4f16_1 --prompts 128,1024 \
         --batches 1,16,64 --peers eager,compile --artifacts DIR --out docs/benchmarks
 
 In one process on one card: the device's copy bandwidth; per (quant, prompt, batch) the engine's
@@ -16,28 +16,20 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-from runtime_patch import runtime_only  # noqa: E402
-
-runtime_only.prepare()
-
-import numpy as np  # noqa: E402
-
-from bench.build_artifacts import add_kernel_args, kernel_flag, kernel_variants  # noqa: E402
-from engine.compile import Artifact, BuildSpec  # noqa: E402
-from engine.config import preset  # noqa: E402
-from engine.generate import Generator  # noqa: E402
-from engine.session import VMSession  # noqa: E402
-from engine.weights import open_source  # noqa: E402
-from harness import device_probe, measure, stats  # noqa: E402
-from harness.results import atomic_write_text  # noqa: E402
+from bench.build_artifacts import add_kernel_args, kernel_flag, kernel_variants
+from engine.compile import Artifact, BuildSpec
+from engine.config import preset
+from engine.generate import Generator
+from engine.session import VMSession
+from engine.weights import open_source
+from harness import device_probe, measure, stats
+from harness.results import atomic_write_text, git_info
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
@@ -45,7 +37,7 @@ def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
     key may differ: the box has no compiler to check it with)."""
     for path in sorted(root.glob(f"{spec.config.name}-{spec.quant}-tp{spec.tp}-{spec.target}-*"), reverse=True):
         artifact = Artifact.load(path)
-        if all(artifact.metadata.get(k, "tir") == v for k, v in spec.kernels.items()):
+        if artifact.spec.kernels == spec.kernels:
             return artifact
     flags = " ".join(f"{kernel_flag(k)} {v}" for k, v in spec.kernels.items())
     raise SystemExit(f"no artifact for {spec.folder_name()} ({spec.kernels}) under {root}: run python -m "
@@ -113,13 +105,6 @@ def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens
             "first_call_s": first, "raw_per_token_s": per_token}
 
 
-def git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or None
-    except OSError:
-        return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
@@ -144,7 +129,7 @@ def main() -> None:
     card = dev.device_name
     bandwidth = device_probe.copy_bandwidth("cuda")
     record = {"model": args.model, "tp": 1, "card": card, "date": dt.date.today().isoformat(),
-              "command": " ".join(["python", "bench/decode.py", *sys.argv[1:]]), "git_sha": args.sha or git_sha(),
+              "command": " ".join(["python", "-m", "bench.decode", *sys.argv[1:]]), "git_sha": args.sha or (git_info() or {}).get("sha"),
               "bandwidth": bandwidth, "engine": [], "peers": []}
     for quant, variant in [(q, v) for q in args.quants.split(",") for v in kernel_variants(args)]:
         spec = BuildSpec(config, quant, 1, "cuda", "sm_90", **variant)
@@ -158,7 +143,8 @@ def main() -> None:
             for batch in map(int, args.batches.split(",")):
                 r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
                 context = prompt + args.new_tokens / 2
-                per_step = measure.decode_bytes_per_step(artifact.metadata, session.weight_bytes, batch, context)
+                per_step = measure.decode_bytes_per_step(artifact.spec, session.weight_bytes,
+                                                         artifact.param_bytes("model.embed_tokens"), batch, context)
                 r.update(quant=quant, **kernels, prompt=prompt, batch=batch, load_s=load_s,
                          bytes_per_step=per_step,
                          roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],

@@ -7,7 +7,7 @@ for tensor cores); and for q4f16_1 `library`, runtime_patch.gemm's `lab.gemv.q4`
 `decode` with decode_gemv=library, the default on cuda).
 
     python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
-    python bench/gemv.py run --dir DIR --out F.json   # on the GPU: check against NumPy, time
+    python -m bench.gemv run --dir DIR --out F.json   # on the GPU: check against NumPy, time
                                                       # (without DIR/manifest.json: library only)
 
 Shapes are Llama-3-8B's batch-1 decode linears (tp=1). `run` times each kernel with CUDA events
@@ -23,11 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
-VARIANTS = {"fp32_inline": "decode", "fp16_stage": "batch_decode"}
+VARIANTS = {"fp32_inline": "decode", "fp16_stage": "batch"}  # engine.model.kernels phases
 
 
 def build(out: Path, quants: list[str]) -> None:
@@ -36,23 +35,21 @@ def build(out: Path, quants: list[str]) -> None:
 
     from engine.compile import BuildSpec, _pipeline
     from engine.config import preset
-    from engine.model import Linear, _GemmChoice
+    from engine.model.kernels import KernelPlan, Linear
     from engine.quantize import quant_spec
-    from runtime_patch.bootstrap import CudaSourceRecorder, compile_cubin, cubin_name
+    from runtime_patch.cuda_compile import CudaSourceRecorder, compile_cubin, cubin_name
 
     out.mkdir(parents=True, exist_ok=True)
     manifest = []
     for quant in quants:
         for shape_name, (n, k) in SHAPES.items():
-            for variant, mode in VARIANTS.items():
+            for variant, phase in VARIANTS.items():
                 class One(nn.Module):
                     def __init__(self):
-                        self.l = Linear(k, n, quant_spec(quant))
-                        self.l.gemm = self.choice = _GemmChoice(False)
+                        self.l = Linear(k, n, quant_spec(quant), KernelPlan())
 
                     def forward(self, x):
-                        with self.choice.tracing(mode):
-                            return self.l(x)
+                        return self.l(x, phase)
 
                 mod, _ = One().export_tvm(spec={"forward": {"x": nn.spec.Tensor([1, 1, k], "float16"),
                                                             "$": {"param_mode": "packed", "effect_mode": "none"}}})
@@ -70,9 +67,6 @@ def build(out: Path, quants: list[str]) -> None:
 
 
 def run(folder: Path, out: Path, sha: str | None) -> None:
-    from runtime_patch import runtime_only
-
-    runtime_only.prepare()
     import numpy as np
     import torch
     import tvm
@@ -81,16 +75,14 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
 
     from engine.quantize import quant_spec, quantize_torch
     from harness import device_probe
-    from runtime_patch import bootstrap
+    from runtime_patch import cuda_compile, functions
 
-    bootstrap.ensure_cuda_compiler("sm_90", [folder / "kernels"])
+    cuda_compile.ensure_cuda_compiler("sm_90", [folder / "kernels"])
     dev = tvm.cuda(0)
     bandwidth = device_probe.copy_bandwidth("cuda")
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else []
-    from runtime_patch import gemm
-
-    gemm.register("cuda")
-    library = tvm_ffi.get_global_func(gemm.GEMV_Q4)
+    functions.register("cuda", [functions.GEMV_Q4])
+    library = tvm_ffi.get_global_func(functions.GEMV_Q4)
     manifest += [{"name": f"q4f16_1-{shape}-library", "quant": "q4f16_1", "shape": shape, "variant": "library",
                   "n": n, "k": k} for shape, (n, k) in SHAPES.items()]
     results, reference = [], {}
@@ -148,7 +140,7 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
 
     atomic_write_text(out, json.dumps({
         "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
-        "command": " ".join(["python", "bench/gemv.py", *sys.argv[1:]]), "bandwidth": bandwidth,
+        "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "bandwidth": bandwidth,
         "results": results}, indent=1))
 
 

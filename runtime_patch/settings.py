@@ -52,7 +52,7 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in [
     # profiling
     Variable("LAB_CUPTI_DIR", "", "a folder: trace every process with CUPTI into cupti-<pid>.json (profile_gpu.sh -m timeline)"),
     Variable("LAB_CUPTI_LABEL", "", "the traced process's label in the timeline"),
-    Variable("LAB_CUPTI_API", "launch", "CUPTI runtime/driver API records kept: launch | all | none"),
+    Variable("LAB_CUPTI_API", "launch", "CUPTI runtime/driver API records kept: launch, all or none"),
     Variable("LAB_CUPTI_FLUSH_S", "1.0", "seconds between CUPTI buffer flushes to <name>.partial.jsonl"),
     Variable("LAB_CUPTI_MAX_RECORDS", "5000000", "CUPTI records kept per process (later ones are counted only)"),
     Variable("LAB_PROFILER_RANGE", "0", "1: mark the timed repeats with cudaProfilerStart/Stop (set by -m nsight)"),
@@ -100,20 +100,20 @@ def flag(name: str) -> bool:
     return text(name).strip() == "1"
 
 
-def integer(name: str) -> int:
+def _parsed(name: str, kind: type, what: str):
     value = text(name)
     try:
-        return int(value)
+        return kind(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r} is not an integer") from None
+        raise ValueError(f"{name}={value!r} is not {what}") from None
+
+
+def integer(name: str) -> int:
+    return _parsed(name, int, "an integer")
 
 
 def number(name: str) -> float:
-    value = text(name)
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number") from None
+    return _parsed(name, float, "a number")
 
 
 def path(name: str) -> Path | None:
@@ -161,3 +161,17 @@ def plugin_dir() -> Path:
 
 def kernel_cache_dir() -> Path:
     return path("LAB_KERNEL_CACHE")
+
+
+def markdown_table() -> str:
+    """The variables as a Markdown table (README.md's "Environment variables"):
+    `python -m runtime_patch.settings`."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for v in VARIABLES.values():
+        default = "" if v.default in (None, "") else f"`{v.default.replace(str(REPO_ROOT), '<repo>').replace(str(Path.home()), '~')}`"
+        rows.append(f"| `{v.name}` | {default} | {v.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One compile cache for the whole session (LAB_TEST_CACHE reuses one across sessions)."""
-    path = Path(os.environ["LAB_TEST_CACHE"]) if os.environ.get("LAB_TEST_CACHE") else tmp_path_factory.mktemp("cache")
-    os.environ["LAB_CACHE_DIR"] = str(path)  # entry points run as subprocesses share it
+    from runtime_patch import settings
+
+    path = settings.path("LAB_TEST_CACHE") or tmp_path_factory.mktemp("cache")
+    settings.set_value("LAB_CACHE_DIR", str(path))  # entry points run as subprocesses share it
     return path
 
 
