@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from .nvml import Nvml
+
 
 def copy_bandwidth(target: str, device_index: int = 0, nbytes: int = 1 << 28, repeats: int = 10) -> dict:
     """Device-to-device copy bandwidth (bytes read + written per second), median of `repeats`
@@ -44,14 +46,8 @@ def host_peak_rss_bytes() -> int:
 
 def gpu_memory_used_bytes() -> list[int] | None:
     """Memory in use on every visible GPU (NVML), or None without NVML."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001  (no driver, or nvidia-ml-py not installed)
+    nv = Nvml.open()
+    if nv is None:
         return None
-    try:
-        return [int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used)
-                for i in range(pynvml.nvmlDeviceGetCount())]
-    finally:
-        pynvml.nvmlShutdown()
+    with nv:
+        return [int(nv.module.nvmlDeviceGetMemoryInfo(h).used) for h in nv.handles]

@@ -23,6 +23,8 @@ import psutil
 
 from runtime_patch import settings
 
+from .nvml import Nvml
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESERVED_KEYS = ("config", "environment", "runs", "summary", "status")
 
@@ -130,33 +132,18 @@ def _cpu_model() -> str:
 
 
 def _gpus_nvml() -> list[dict] | None:
-    try:
-        import pynvml
-    except ImportError:
+    nv = Nvml.open()
+    if nv is None:
         return None
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return None
-    try:
-        text = lambda v: v.decode() if isinstance(v, bytes) else v
-        driver = text(pynvml.nvmlSystemGetDriverVersion())
+    with nv:
+        driver = nv.text(nv.read("nvmlSystemGetDriverVersion"))
         gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            gpus.append({"index": i,
-                         "name": text(pynvml.nvmlDeviceGetName(h)),
-                         "driver_version": driver,
-                         "memory_total_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
-                         "pci_bus_id": text(pynvml.nvmlDeviceGetPciInfo(h).busId)})
+        for i, h in enumerate(nv.handles):
+            memory, pci = nv.read("nvmlDeviceGetMemoryInfo", h), nv.read("nvmlDeviceGetPciInfo", h)
+            gpus.append({"index": i, "name": nv.text(nv.read("nvmlDeviceGetName", h)), "driver_version": driver,
+                         "memory_total_bytes": int(memory.total) if memory else None,
+                         "pci_bus_id": nv.text(pci.busId) if pci else None})
         return gpus
-    except Exception:
-        return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:
-            pass
 
 
 def parse_nvidia_smi(csv_text: str) -> list[dict]:

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from harness.nvml import Nvml
 from harness.results import atomic_save_figure, atomic_write_text
 
 GPU_FIELDS = ["gpu", "utilization_pct", "memory_utilization_pct", "memory_used_bytes", "power_w",
@@ -32,40 +33,22 @@ class NvmlSampler:
     kind = "nvml"
     fields = GPU_FIELDS
 
-    def __init__(self, pynvml, handles):
-        self.nvml, self.handles = pynvml, handles
-        self.description = f"{len(handles)} GPU(s) through NVML (pynvml)"
+    def __init__(self, nv: Nvml):
+        self.nv = nv
+        self.description = f"{len(nv.handles)} GPU(s) through NVML (pynvml)"
 
     @classmethod
     def create(cls):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # noqa: BLE001  (nvidia-ml-py absent, or no driver)
-            return None
-        try:
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # noqa: BLE001
-            handles = []
-        if not handles:
-            pynvml.nvmlShutdown()
-            return None
-        return cls(pynvml, handles)
-
-    def _read(self, fn, *args):
-        try:
-            return fn(*args)
-        except Exception:  # noqa: BLE001  (a field this card does not report)
-            return None
+        nv = Nvml.open()
+        return None if nv is None else cls(nv)
 
     def sample(self) -> list[dict]:
-        nv, rows = self.nvml, []
-        for i, h in enumerate(self.handles):
-            util = self._read(nv.nvmlDeviceGetUtilizationRates, h)
-            mem = self._read(nv.nvmlDeviceGetMemoryInfo, h)
-            power = self._read(nv.nvmlDeviceGetPowerUsage, h)
-            clock = self._read(nv.nvmlDeviceGetClockInfo, h, nv.NVML_CLOCK_SM)
+        nv, rows = self.nv, []
+        for i, h in enumerate(nv.handles):
+            util = nv.read("nvmlDeviceGetUtilizationRates", h)
+            mem = nv.read("nvmlDeviceGetMemoryInfo", h)
+            power = nv.read("nvmlDeviceGetPowerUsage", h)
+            clock = nv.read("nvmlDeviceGetClockInfo", h, nv.module.NVML_CLOCK_SM)
             rows.append({"gpu": i, "utilization_pct": util.gpu if util else None,
                          "memory_utilization_pct": util.memory if util else None,
                          "memory_used_bytes": int(mem.used) if mem else None,
@@ -73,10 +56,7 @@ class NvmlSampler:
         return rows
 
     def close(self) -> None:
-        try:
-            self.nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+        self.nv.close()
 
 
 SMI_QUERY = "index,utilization.gpu,utilization.memory,memory.used,power.draw,clocks.sm"
