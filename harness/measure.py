@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from engine.generate import Generator, StepTiming
+from runtime_patch.profiler_range import profiler_range
 
 from . import stats
 
@@ -57,15 +58,21 @@ def timed_runs(gen: Generator, prompts: list[list[int]], new_tokens: int, warmup
     """`warmup` untimed generations, then `repeats` timed ones. Returns samples and the tokens.
     `scheduler`: how decode steps are ordered (runtime_patch.stream_overlap), default synchronous."""
     samples, tokens = [], []
-    for i in range(warmup + repeats):
+
+    def one_run():
         start = time.perf_counter()
         result = gen.generate(prompts, new_tokens, scheduler)
-        end = time.perf_counter()
-        if i >= warmup:
-            samples.append(RunSample(i - warmup, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps))
-            tokens = result.tokens
         if progress is not None:
             progress.update(1)
+        return start, time.perf_counter(), result
+
+    for _ in range(warmup):
+        one_run()
+    with profiler_range():  # what `profile_gpu.sh -m nsight` captures (LAB_PROFILER_RANGE=1)
+        for i in range(repeats):
+            start, end, result = one_run()
+            samples.append(RunSample(i, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps))
+            tokens = result.tokens
     return samples, tokens
 
 

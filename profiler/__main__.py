@@ -2,8 +2,9 @@
 [-- hydra overrides...]: profile one run of an experiment (what ./profile_gpu.sh runs).
 
 Exit status: 0 ok; 1 the experiment failed (or nsight profiled no kernel); 2 usage; 3 no
-profiler for -m nsight; 124 the -d limit stopped the experiment. Outputs are written in every
-case but usage errors and a missing profiler.
+profiler for -m nsight; 124 the -d limit stopped the experiment; 130 interrupted (Ctrl-C). Outputs
+are written in every case but usage errors and a missing profiler; a stopped experiment leaves its
+results.json with status "interrupted" and the points it finished.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from harness.results import REPO_ROOT, atomic_write_json, atomic_write_text, env
 from harness.trace import Trace
 from . import MODES, kernels, nsight, runner, sampling, timeline
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_TOOL, EXIT_TIME_LIMIT = 1, 2, 3, 124
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_TOOL, EXIT_TIME_LIMIT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
 DEFAULT_OUT = REPO_ROOT / "results" / "profiles"
 
 MODES_HELP = """modes:
@@ -42,7 +43,7 @@ results folder is its experiment/ subfolder. Everything after -- goes to the exp
 overrides, e.g. -- device=cuda model=llama3-8b quant=q4f16_1.
 
 exit status: 0 ok, 1 the experiment failed, 2 usage, 3 no profiler (nsight), 124 the -d limit
-stopped the experiment."""
+stopped the experiment (its results.json: status "interrupted", the points finished), 130 interrupted."""
 
 
 def _positive(kind):
@@ -78,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ncu: profile from the first kernel, not only inside the experiment's profiler range")
     p.add_argument("--interval-ms", type=_positive(int), default=100, help="sampling interval (default 100)")
     p.add_argument("-q", "--quiet", action="store_true", help="do not echo the experiment's output")
+    p.add_argument("--full-trace", action="store_true",
+                   help="timeline: keep every record, not only those of the timed repeats (large traces)")
     return p
 
 
@@ -209,6 +212,12 @@ class Profile:
 
         docs, unavailable = timeline.load_record_files(cupti_dir)
         host = timeline.load_host_traces(self.experiment_dir)
+        windows = timeline.run_windows(host)
+        if windows and not self.args.full_trace:  # the timed repeats only: weight loading, compiles and
+            docs, left_out = timeline.keep_within(docs, windows)  # warm-up left out, a trace a browser opens
+            self.summary["trace_window"] = {"kept": "the timed repeats of every sweep point", "left_out_records": left_out}
+            self.say(f"timeline: the trace holds the timed repeats only; {left_out} records outside them left out "
+                     "(weights, compiles, warm-up; --full-trace keeps everything)")
         device_docs = [d for d in docs if any(r["kind"] in timeline.DEVICE_KINDS for r in d.get("records", []))]
         if device_docs:
             reason = None
@@ -258,7 +267,9 @@ class Profile:
                 sections.append(("Copies and sets", kernels.kernel_section(copies, self.args.top)))
             preface = (f"CUPTI activity records from {stats['processes']} process(es), GPU(s) {stats['devices']}: "
                        f"{stats['kernels']} kernels, {stats['memcpys']} memcpys, {stats['memsets']} memsets. "
-                       "Times are as the GPU ran them, in the experiment's timeline (warm-up included).")
+                       "Times are as the GPU ran them, in the experiment's timeline ("
+                       + ("everything the experiment ran, warm-up included)." if self.args.full_trace or
+                          "trace_window" not in self.summary else "the timed repeats only; --full-trace keeps all)."))
             self.say(f"timeline: CUPTI records of {stats['kernels']} kernels, {stats['memcpys']} memcpys and "
                      f"{stats['memsets']} memsets on GPU(s) {stats['devices']} from {stats['processes']} process(es), "
                      f"{stats['flows']} launch arrows; merged with {len(host)} host trace(s)")
@@ -353,8 +364,11 @@ class Profile:
         for line in self.lines:
             print(line)
         status = self.summary.get("status", "?")
-        print(f"experiment: {status}" + (f" (its results: {self.summary['experiment_results']})"
-                                         if "experiment_results" in self.summary else ""))
+        if "experiment_results" in self.summary:
+            print(f"experiment: {status}; its results.json: status {self.summary.get('experiment_status', '?')} "
+                  f"({self.summary['experiment_results']})")
+        else:
+            print(f"experiment: {status}; it wrote no results.json")
         print(f"profile written to {self.out}")
         width = max(len(name) for name in self.files)
         for name, what in sorted(self.files.items()):
@@ -364,6 +378,8 @@ class Profile:
                   "or https://ui.perfetto.dev -> Open trace file")
         if self.summary.get("status") == "time limit reached":
             return EXIT_TIME_LIMIT
+        if self.summary.get("status") == "interrupted":
+            return EXIT_INTERRUPTED
         if self.summary.get("returncode") != 0 or (self.args.mode == "nsight" and "problem" in self.summary):
             return EXIT_FAILED
         return 0

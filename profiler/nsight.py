@@ -1,7 +1,7 @@
 """Nsight Systems (nsys) over the measured region, else Nsight Compute (ncu), around an experiment.
 
-Both honour the experiment's profiler range (LAB_PROFILER_RANGE=1: the harness wraps its timed
-runs in `profiler.range.profiler_range()`): nsys with
+Both honour the experiment's profiler range (LAB_PROFILER_RANGE=1: harness.measure.timed_runs
+wraps the timed repeats in `runtime_patch.profiler_range.profiler_range()`): nsys with
 `--capture-range=cudaProfilerApi`, ncu with `--profile-from-start off`. `from_start=True` makes
 ncu profile from the first kernel instead (for an experiment that marks no range).
 """

@@ -303,6 +303,45 @@ def decode_windows(host_traces: list[tuple[Path, dict]]) -> dict[str, list[tuple
     return dict(windows)
 
 
+def run_windows(host_traces: list[tuple[Path, dict]], margin_s: float = 0.002) -> list[tuple[float, float]]:
+    """The host's timed repeats ("run N" spans of every sweep point), in perf_counter seconds,
+    widened by `margin_s` on each side."""
+    windows = []
+    for _, doc in host_traces:
+        origin = doc.get("otherData", {}).get("origin_s")
+        if origin is None:
+            continue
+        for e in doc.get("traceEvents", []):
+            if e.get("ph") == "X" and e.get("cat") == "run":
+                start = float(origin) + e["ts"] / 1e6
+                windows.append((start - margin_s, start + e["dur"] / 1e6 + margin_s))
+    return sorted(windows)
+
+
+def keep_within(docs: list[dict], windows: list[tuple[float, float]]) -> tuple[list[dict], int]:
+    """The record documents with only the records that overlap a window (host clock; `windows`
+    sorted, not overlapping but at their margins); how many were left out. A document without
+    clock pairs is kept whole."""
+    starts = [a for a, _ in windows]
+    kept_docs, dropped = [], 0
+    for doc in docs:
+        pairs = doc.get("clock", {}).get("pairs", [])
+        if not pairs:
+            kept_docs.append(doc)
+            continue
+        to_s = host_clock(pairs)
+        kept = []
+        for r in doc.get("records", []):
+            start, end = to_s(r["start_ns"]), to_s(r.get("end_ns", r["start_ns"]))
+            i = bisect.bisect_right(starts, end) - 1  # the last window starting before the record ends
+            if any(windows[j][1] >= start for j in range(max(0, i - 1), i + 1)):
+                kept.append(r)
+            else:
+                dropped += 1
+        kept_docs.append({**doc, "records": kept})
+    return kept_docs, dropped
+
+
 def busy_intervals(docs: list[dict]) -> dict[int, list[tuple[float, float]]]:
     """Per GPU, the union of the intervals in which a kernel, copy or set ran (host clock, sorted)."""
     spans: dict[int, list[tuple[float, float]]] = defaultdict(list)

@@ -305,3 +305,25 @@ def test_gpu_idle_during_decode_steps_is_measured_from_the_records():
     assert by_gpu[0]["busy_s"] == pytest.approx(91e-6)
     assert by_gpu[0]["idle_fraction"] == pytest.approx(1 - 91e-6 / 0.2)
     assert by_gpu[1]["busy_s"] == pytest.approx(20e-6)  # the worker's allreduce
+
+
+def test_timeline_keeps_the_timed_repeats_only():
+    """A kernel-level trace holds the records of the timed repeats ("run N" spans), not the weight
+    loading, compiles and warm-up around them (a Llama-3-8B run made a 1.1 GB trace before)."""
+    host = [(None, {"otherData": {"origin_s": 100.0}, "traceEvents": [
+        {"ph": "X", "cat": "run", "name": "run 0", "ts": 1_000_000, "dur": 500_000, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "run", "name": "run 1", "ts": 2_000_000, "dur": 500_000, "pid": 1, "tid": 1},
+        {"ph": "X", "cat": "setup", "name": "load + weights", "ts": 0, "dur": 900_000, "pid": 1, "tid": 1}]})]
+    windows = timeline.run_windows(host, margin_s=0.0)
+    assert windows == [(101.0, 101.5), (102.0, 102.5)]
+    # CUPTI clock = host clock in ns here (two calibration pairs on the identity)
+    doc = {"clock": {"pairs": [[0, 0.0], [10**12, 1000.0]]}, "records": [
+        {"kind": "kernel", "start_ns": int(100.2e9), "end_ns": int(100.3e9)},   # weights: out
+        {"kind": "kernel", "start_ns": int(101.1e9), "end_ns": int(101.2e9)},   # run 0: in
+        {"kind": "kernel", "start_ns": int(101.4e9), "end_ns": int(101.6e9)},   # straddles run 0's end: in
+        {"kind": "kernel", "start_ns": int(101.7e9), "end_ns": int(101.8e9)},   # between runs: out
+        {"kind": "kernel", "start_ns": int(102.4e9), "end_ns": int(102.45e9)},  # run 1: in
+        {"kind": "kernel", "start_ns": int(103.0e9), "end_ns": int(103.1e9)}]}  # after: out
+    kept, dropped = timeline.keep_within([doc], windows)
+    assert [r["start_ns"] for r in kept[0]["records"]] == [int(101.1e9), int(101.4e9), int(102.4e9)]
+    assert dropped == 3

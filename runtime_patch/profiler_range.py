@@ -1,7 +1,7 @@
 """Mark the measured region for a profiler: cudaProfilerStart/Stop around the timed runs.
 
-    with profiler_range():
-        samples = measure.timed_runs(...)
+    with profiler_range():          # harness.measure.timed_runs wraps its timed repeats
+        ...
 
 Active only when the environment has LAB_PROFILER_RANGE=1 (profile_gpu.sh -m nsight sets it, so
 `nsys --capture-range=cudaProfilerApi` and `ncu --profile-from-start off` capture just this
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 
 from runtime_patch import settings
 
-log = logging.getLogger("profiler")
+log = logging.getLogger("runtime_patch.profiler_range")
 
 ENV = "LAB_PROFILER_RANGE"
 _lock = threading.Lock()

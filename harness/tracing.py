@@ -1,0 +1,118 @@
+"""One more repeat of a sweep point under kernel-level tracing, after its timed repeats (never
+during them): where each decode and prefill step's time goes on every GPU (harness/breakdown.py).
+
+    summary["breakdown"] = traced_breakdown(session, generator, prompts, workload, scheduler, floor_us)
+
+tp=1: CUPTI in this process (runtime_patch.cupti_tracer.Window). tp>1: every disco worker traces
+itself (worker 0 runs in this process) through `lab.cupti.window_start/stop`. Where CUPTI cannot
+trace (no cupti-python, no GPU, the CPU), the breakdown says "not measured" and why; the timed
+figures never depend on it. The traced repeat's own decode tokens/s is recorded beside it, so the
+tracing's perturbation is visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+
+from runtime_patch.cupti_tracer import TracerUnavailable
+
+from . import breakdown
+
+log = logging.getLogger("experiments")
+
+
+def _workers_trace(session, run) -> list[dict]:
+    """Run `run()` with every disco worker of `session` tracing; their documents."""
+    g = session.sess.get_global_func
+    g("lab.engine.register_cupti_window")()
+    session.sess._sync_all()
+    g("lab.cupti.window_start")()
+    session.sess._sync_all()
+    try:
+        run()
+    finally:
+        stopped = g("lab.cupti.window_stop")()
+        session.sess._sync_all()
+    docs = [json.loads(str(stopped.debug_get_from_remote(i))) for i in range(session.tp)]
+    missing = [d["unavailable"] for d in docs if "unavailable" in d]
+    if missing:
+        raise TracerUnavailable("; ".join(sorted(set(missing))))
+    return docs
+
+
+def traced_breakdown(session, gen, prompts, new_tokens: int, scheduler, floor_us: float | None) -> dict:
+    """Trace one generation of `prompts`; the point's breakdown (or why it was not measured)."""
+    if session.spec.target != "cuda":
+        return breakdown.not_measured("the CPU has no kernel-level tracer (CUPTI is for NVIDIA GPUs)")
+    result = {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        result["generation"] = gen.generate(prompts, new_tokens, scheduler)
+        result["seconds"] = time.perf_counter() - start
+
+    try:
+        if session.tp == 1:
+            from runtime_patch.cupti_tracer import Window
+
+            window = Window("controller")
+            window.start()
+            try:
+                run()
+            finally:
+                docs = [window.stop()]
+        else:
+            docs = _workers_trace(session, run)
+    except TracerUnavailable as err:
+        return breakdown.not_measured(str(err))
+    except Exception as err:  # noqa: BLE001  (the extra repeat must not cost the point its timed figures)
+        log.error("the traced repeat failed:\n%s", traceback.format_exc())
+        return breakdown.not_measured(f"the traced repeat failed: {type(err).__name__}: {err}")
+    steps = result["generation"].steps
+    decode = [(s.start, s.end) for s in steps if s.kind == "decode"]
+    prefill = [(s.start, s.end) for s in steps if s.kind == "prefill"]
+    records = breakdown.records_from_documents(docs)
+    devices = sorted({r["device"] for r in records})
+    point = breakdown.point_breakdown(records, decode, prefill, devices)
+    itl = sorted(s.seconds for s in steps if s.kind == "decode")
+    point["traced_decode_tokens_per_s"] = len(prompts) / itl[len(itl) // 2] if itl else None
+    point["floor_us"] = floor_us
+    point["kernel_map"] = breakdown.kernel_map(sorted({r["name"] for r in records if r["kind"] == "kernel"}))
+    return point
+
+
+def decode_shares(point: dict) -> dict:
+    """The report's short form of a measured breakdown: the largest share of the decode step any
+    GPU spent idle, and in exposed collectives."""
+    decodes = [d["decode"] for d in point.get("devices", []) if d.get("decode")]
+    if not decodes:
+        return {}
+    return {"gpu_idle_share": max(d["shares"][breakdown.IDLE] for d in decodes),
+            "collectives_share_traced": max(d["shares"][breakdown.COLLECTIVES] for d in decodes)}
+
+
+INTRO = ("One more repeat per point after the timed ones, traced with CUPTI (never during the timed "
+         "repeats): each step's wall time on the host split, per GPU, into what the GPU ran by category "
+         "of kernel (harness/breakdown.py RULES) and the time it ran nothing (GPU idle: host, launch and VM "
+         "work the device waited through); the categories and the idle time add up to the traced step. "
+         "`floor` is the weight and KV reads of a decode step over the copy bandwidth measured in the run. "
+         "Tracing slows the host: the traced repeat's own decode tokens/s is in results.json "
+         "(`breakdown.traced_decode_tokens_per_s`).")
+
+
+def report_section(points, title: str):
+    """The "Where the time goes" section of a report from the points' `breakdown`, and the
+    function that draws its figure (a stacked bar per point and GPU, the bandwidth floor marked;
+    None where no point was measured); None where no point has a breakdown."""
+    rows = [{"label": p.label, "breakdown": p.summary["breakdown"], "floor_us": p.summary["breakdown"].get("floor_us")}
+            for p in points if p.ok and "breakdown" in p.summary]
+    if not rows:
+        return None
+    body = INTRO + "\n\n" + breakdown.markdown_table(rows)
+    if not any(r["breakdown"].get("measured") for r in rows):
+        return body, None
+    return body + "\n\nbreakdown.png: a stacked bar per point and GPU, the bandwidth floor marked.", \
+        lambda path: breakdown.plot(rows, path, title)
