@@ -5,6 +5,8 @@
     python -m bench.build_artifacts --out artifacts --quants q0f16 --prefill-attentions library,tir \
         --decode-attentions library,tir
     python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 2 --microbatch-decode   # full_overlap
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 1,2 --kv-caches static,paged
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 2 --batch-invariant   # double_buffer
 
 The folder can be carried to the GPU box; `--out` is a compile cache like any other.
 """
@@ -40,6 +42,11 @@ def kernel_variants(args: argparse.Namespace) -> list[dict[str, str]]:
     return [dict(zip(KERNEL_OPTIONS, combo)) for combo in itertools.product(*choices)]
 
 
+def resolved(kv_cache: str, target: str) -> str:
+    """The KV cache `auto` means on `target` (BuildSpec's rule)."""
+    return BuildSpec.resolved_kv_cache(kv_cache, target)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -49,16 +56,21 @@ def main() -> None:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
+    ap.add_argument("--kv-caches", default="auto", help="paged, static or auto, comma-separated (engine.config.KV_CACHES)")
     ap.add_argument("--microbatch-decode", action="store_true",
                     help="also export batch_decode_pair (what experiments.overlap mode=full_overlap builds at tp > 1)")
+    ap.add_argument("--batch-invariant", action="store_true",
+                    help="decode attention split as at batch 1 (what experiments.overlap builds with double_buffer "
+                         "or full_overlap among its modes)")
     add_kernel_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels,
-                       microbatch_decode=args.microbatch_decode and int(tp) > 1)
+    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels, kv_cache=kv,
+                       microbatch_decode=args.microbatch_decode and int(tp) > 1 and resolved(kv, args.target) == "paged",
+                       batch_invariant=args.batch_invariant)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
-             for kernels in kernel_variants(args)]
+             for kernels in kernel_variants(args) for kv in args.kv_caches.split(",")]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

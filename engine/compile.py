@@ -24,7 +24,7 @@ from pathlib import Path
 
 from runtime_patch import functions, settings
 
-from .config import AUTO_TIR, KERNEL_OPTIONS, KERNEL_SOURCES, ConfigError, ModelConfig
+from .config import AUTO_TIR, KERNEL_OPTIONS, KERNEL_SOURCES, KV_CACHES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
 
@@ -55,6 +55,9 @@ class BuildSpec:
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
     decode_gemv: str = "auto"
+    allreduce: str = "auto"
+    # engine.config.KV_CACHES: TVM's paged KV cache, or the project's static one (one-graph decode)
+    kv_cache: str = "auto"
     # Also export `batch_decode_pair` (engine.model): the two-micro-batch decode of full_overlap.
     microbatch_decode: bool = False
     # The CUDA decode attention splits a sequence's keys as for a batch of 1 whatever the batch, so a
@@ -72,11 +75,22 @@ class BuildSpec:
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")
+        object.__setattr__(self, "kv_cache", self.resolved_kv_cache(self.kv_cache, self.target))
+        if self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"unknown kv_cache {self.kv_cache!r}; choose one of: auto, {', '.join(KV_CACHES)}")
         for name in ("microbatch_decode", "batch_invariant", "cuda_graph"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.microbatch_decode and self.kv_cache != "paged":
+            raise ConfigError("microbatch_decode (batch_decode_pair, full_overlap's decode) exists on the paged KV "
+                              "cache only; build with kv_cache=paged")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
+
+    @staticmethod
+    def resolved_kv_cache(kv_cache: str, target: str) -> str:
+        """`auto`: the static cache on cuda (one-graph decode step), TVM's paged cache on llvm."""
+        return ("static" if target == "cuda" else "paged") if kv_cache == "auto" else kv_cache
 
     @property
     def kernels(self) -> dict[str, str]:
@@ -145,12 +159,43 @@ class Artifact:
         return [p["name"] for p in self.metadata["params"]]
 
     @staticmethod
-    def load(path: str | Path) -> "Artifact":
+    def load(path: str | Path, verify: bool = False) -> "Artifact":
+        """The artifact folder at `path`, checked: metadata.json readable and well formed, and
+        every file it records (model.so, kernels) present with its recorded size; with `verify`,
+        also its recorded SHA-256 (what compile_model does before reusing a cache entry). A
+        damaged folder raises ConfigError naming the file, never reaches the loader (a truncated
+        model.so is a bus error there)."""
         path = Path(path)
         meta_file = path / "metadata.json"
         if not meta_file.is_file() or not (path / "model.so").is_file():
             raise ConfigError(f"{str(path)!r} is not a compiled artifact folder (needs model.so and metadata.json)")
-        return Artifact(path, json.loads(meta_file.read_text()))
+        try:
+            metadata = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            reason = f"{err.msg} at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else str(err)
+            raise ConfigError(f"{meta_file} is not valid JSON ({reason}): a damaged artifact") from None
+        problem = _metadata_problem(metadata)
+        if problem:
+            raise ConfigError(f"{meta_file}: {problem}: a damaged artifact")
+        artifact = Artifact(path, metadata)
+        artifact.check_files(verify)
+        return artifact
+
+    def check_files(self, checksums: bool = False) -> None:
+        """Raise ConfigError if a file recorded in metadata.json ("files") is missing or has
+        another size (or, with `checksums`, another SHA-256). Artifacts of older builds record
+        none: nothing to check."""
+        for name, record in sorted(self.metadata.get("files", {}).items()):
+            file = self.path / name
+            try:
+                size = file.stat().st_size
+            except OSError:
+                raise ConfigError(f"{file} is missing: a damaged artifact") from None
+            if size != record["bytes"]:
+                raise ConfigError(f"{file} has {size} bytes, metadata.json records {record['bytes']}: a damaged "
+                                  "(truncated?) artifact")
+            if checksums and _sha256(file) != record["sha256"]:
+                raise ConfigError(f"{file} does not match the SHA-256 metadata.json records: a damaged artifact")
 
     def param_bytes(self, prefix: str) -> int:
         """Bytes of the parameters whose names start with `prefix` (e.g. "model.embed_tokens")."""
@@ -167,6 +212,96 @@ class Artifact:
     def functions(self) -> list[str]:
         """The library functions (runtime_patch.functions) the compiled model calls."""
         return list(self.metadata.get("functions", []))
+
+
+def _metadata_problem(metadata) -> str | None:
+    """What makes a parsed metadata.json unusable, or None."""
+    if not isinstance(metadata, dict):
+        return "not a JSON object"
+    if not isinstance(metadata.get("spec"), dict) or not isinstance(metadata["spec"].get("config"), dict):
+        return "no build spec"
+    params = metadata.get("params")
+    if not isinstance(params, list) or not all(isinstance(p, dict) and {"name", "shape", "dtype"} <= set(p)
+                                               for p in params):
+        return "no parameter list"
+    files = metadata.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(r, dict) and isinstance(r.get("bytes"), int)
+                                              and isinstance(r.get("sha256"), str) for r in files.values()):
+        return "a malformed file list"
+    return None
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict]:
+    """{relative path: {"bytes", "sha256"}} of every file under `folder` (metadata.json aside)."""
+    return {str(f.relative_to(folder)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "metadata.json"}
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _discard(folder: Path) -> None:
+    """Move a damaged cache entry out of the way (atomically), then delete it."""
+    aside = folder.with_name(f".{folder.name}.damaged.{os.getpid()}.{time.monotonic_ns()}")
+    try:
+        os.replace(folder, aside)
+    except FileNotFoundError:  # another process moved it first
+        return
+    except OSError:
+        aside = folder
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
+def _cached(final: Path, spec: BuildSpec) -> Artifact | None:
+    """The cache entry at `final` if it is whole and of `spec` (checksums verified); a damaged
+    one is named in a warning and removed (the caller rebuilds it)."""
+    if not final.is_dir():
+        if final.exists() or final.is_symlink():
+            log.warning("cache entry %s is not a folder: replacing it", final)
+            _discard(final)
+        return None
+    try:
+        artifact = Artifact.load(final, verify=True)
+        if artifact.metadata.get("key") != spec.key() or \
+                artifact.metadata["spec"] != json.loads(json.dumps(spec.to_dict())):
+            raise ConfigError(f"{final / 'metadata.json'} describes another build")
+        return artifact
+    except ConfigError as err:
+        log.warning("rebuilding the damaged cache entry %s: %s", final.name, err)
+    _discard(final)
+    return None
+
+
+def _cache_folder(cache: Path) -> Path:
+    if cache.exists() and not cache.is_dir():
+        raise ConfigError(f"the compile cache {cache} is a file, not a folder; set cache_dir=DIR (or LAB_CACHE_DIR)")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the compile cache {cache} ({err.strerror or err}); set cache_dir=DIR "
+                          "(or LAB_CACHE_DIR)") from None
+    return cache
 
 
 def default_cache_dir() -> Path:
@@ -220,6 +355,10 @@ def export(spec: BuildSpec):
 
     model = LlamaForCausalLM(spec)
     mod, params, _ = model.export_tvm(spec=model.export_spec(), allow_extern=True)
+    for name in model.STATIC_ARGUMENT_FUNCTIONS:
+        if name in [gv.name_hint for gv in mod.get_global_vars()]:
+            # every argument is as fixed as the weights: the CUDA-graph rewrite captures what reads them
+            mod[name] = mod[name].with_attr("num_input", 0)
     return mod, params
 
 
@@ -254,14 +393,12 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     """Compile (or reuse) the artifact for `spec`; returns the artifact folder."""
     import tvm
 
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = _cache_folder(Path(cache_dir) if cache_dir else default_cache_dir())
     final = cache / spec.folder_name()
-    if final.is_dir() and not force:
-        try:
-            return Artifact.load(final)
-        except ConfigError:
-            shutil.rmtree(final, ignore_errors=True)  # a damaged entry: rebuild it
-    cache.mkdir(parents=True, exist_ok=True)
+    if not force:
+        found = _cached(final, spec)
+        if found is not None:
+            return found
     log.info("compiling %s (%s, tp=%d, %s)", spec.config.name, spec.quant, spec.tp, spec.target)
     start = time.perf_counter()
     mod, params = export(spec)
@@ -280,7 +417,12 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         log.warning("TIR CSE failed (%s); rebuilding with tirx.disable_cse_tir", str(err).splitlines()[-1][:120])
         config["tirx.disable_cse_tir"] = True
         executable, cuda_sources = _build(export(spec)[0], spec, target, config)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the entry from a team sharing the cache
+    except OSError as err:
+        raise ConfigError(f"cannot write to the compile cache {cache} ({err.strerror or err}); set cache_dir=DIR "
+                          "(or LAB_CACHE_DIR)") from None
     try:
         executable.export_library(str(tmp / "model.so"))
         # Kernels are compiled when a CUDA library is loaded; with nvcc here, do it now, so that a
@@ -293,6 +435,8 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
             "precompiled_cubins": precompiled, "pass_config": config,
             "params": [{"name": n, "shape": [int(s) for s in p.shape], "dtype": str(p.dtype)} for n, p in params],
         }
+        # What load checks: sizes always, SHA-256 before the cache reuses the entry.
+        metadata["files"] = _file_records(tmp)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2))
         if force and final.exists():
             shutil.rmtree(final)
@@ -300,7 +444,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if final.is_dir():  # a concurrent build won the race
-            return Artifact.load(final)
+            return Artifact.load(final, verify=True)
         raise
     log.info("compiled in %.1f s -> %s", time.perf_counter() - start, final)
     return Artifact.load(final)

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 
-# Where the engine's heavy kernels come from (BuildSpec options, each "tir" or "library"; "auto"
-# is library on cuda, tir on llvm, except decode_gemv: tir, see AUTO_TIR):
-#   prefill_gemm       the prefill linears: TVM's TIR matmuls, or runtime_patch.gemm (cuBLAS)
-#   prefill_attention  a prefill's attention over the tokens it appends: TVM's TIR kernel, or
-#                      runtime_patch.attention (cuBLAS GEMMs and a softmax kernel)
-#   decode_attention   a decode step's attention over the KV cache's pages: TVM's TIR kernel, or
-#                      runtime_patch.attention (split over the keys)
+# Where the engine's heavy kernels come from (BuildSpec options, each "tir" (TVM's own) or
+# "library" (runtime_patch.functions: the project's CUDA plugins, NumPy on llvm); "auto" is
+# library on cuda, tir on llvm, except decode_gemv: tir, see AUTO_TIR):
+#   prefill_gemm       the prefill linears: TVM's TIR matmuls, or cuBLAS
+#   prefill_attention  a prefill's attention over the tokens it appends (paged KV cache): TVM's TIR
+#                      kernel, or cuBLAS GEMMs and a softmax kernel
+#   decode_attention   a decode step's attention over the paged KV cache's pages: TVM's TIR kernel,
+#                      or the project's (split over the keys)
 #   decode_gemv        the batch-1 decode GEMVs of q4f16_1 weights: TVM's (dlight) kernels, or
-#                      runtime_patch.gemm's (half2 dequantization); other quantizations keep TVM's
-KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv")
+#                      the project's (half2 dequantization); other quantizations keep TVM's
+#   allreduce          tp > 1: TVM's CCL collective (NCCL; cpu_shm on llvm), or the project's
+#                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
+KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "allreduce")
 # The library q4 GEMV is no faster than TVM's end to end (docs/BENCHMARKS.md): opt-in only.
 AUTO_TIR = ("decode_gemv",)
 KERNEL_SOURCES = ("tir", "library")
+# The KV cache (BuildSpec.kv_cache): TVM's paged cache (its attention calls split the decode's CUDA
+# graph), or the project's pre-allocated one (engine/model/static_kv.py: the decode step is one
+# graph); "auto" is static on cuda, paged on llvm.
+KV_CACHES = ("paged", "static")
 
 
 class ConfigError(ValueError):
@@ -46,27 +54,13 @@ class ModelConfig:
     head_dim: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self.to_dict(), self.name)
         if self.head_dim == 0:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError(
-                    f"{self.name}: hidden_size {self.hidden_size} is not divisible by "
-                    f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly"
-                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"{self.name}: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind in (None, "default"):
                 object.__setattr__(self, "rope_scaling", None)
-            elif kind != "llama3":
-                raise ConfigError(
-                    f"{self.name}: rope_scaling type {kind!r} is not supported; "
-                    "only Llama-3 ('llama3') scaling or none"
-                )
 
     @property
     def num_params(self) -> int:
@@ -87,6 +81,69 @@ class ModelConfig:
         if d["rope_scaling"] is None:
             del d["rope_scaling"]
         return d
+
+
+# The fields of a ModelConfig (HF names) and what each must be; checked for presets, artifacts'
+# specs and every config.json (`where` names the file in the message).
+POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings")
+LLAMA3_SCALING_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_fields(values: dict[str, Any], where: str) -> None:
+    """Raise ConfigError naming `where` and the field if `values` (ModelConfig fields, HF names)
+    cannot describe a Llama the engine builds: types (an integer given as "64" is refused),
+    ranges, and the divisibility the attention layout needs."""
+    def refuse(field: str, what: str) -> None:
+        raise ConfigError(f"{where}: {field} {what}, got {values.get(field)!r}")
+
+    for field in POSITIVE_INT_FIELDS:
+        value = values.get(field)
+        if not _is_int(value) or value < 1:
+            refuse(field, "must be a positive integer")
+    head_dim = values.get("head_dim", 0)
+    if not _is_int(head_dim) or head_dim < 0:
+        refuse("head_dim", "must be a positive integer (or absent)")
+    for field in ("rms_norm_eps", "rope_theta"):
+        if field in values and (not _is_number(values[field]) or values[field] <= 0):
+            refuse(field, "must be a positive number")
+    if not isinstance(values.get("tie_word_embeddings", False), bool):
+        refuse("tie_word_embeddings", "must be true or false")
+    hidden, heads, kv_heads = values["hidden_size"], values["num_attention_heads"], values["num_key_value_heads"]
+    if head_dim == 0:
+        if hidden % heads:
+            raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; "
+                              "set head_dim explicitly")
+        head_dim = hidden // heads
+    if head_dim % 2:
+        raise ConfigError(f"{where}: the head dimension is {head_dim}, an odd number; rotary embeddings rotate "
+                          "pairs of channels, so head_dim (hidden_size / num_attention_heads) must be even")
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    scaling = values.get("rope_scaling")
+    if scaling is None:
+        return
+    if not isinstance(scaling, dict):
+        refuse("rope_scaling", "must be an object (or null)")
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return
+    if kind != "llama3":
+        raise ConfigError(f"{where}: rope_scaling type {kind!r} is not supported; only Llama-3 ('llama3') "
+                          "scaling or none")
+    for field in LLAMA3_SCALING_FIELDS:
+        value = scaling.get(field)
+        if not _is_number(value) or value <= 0:
+            raise ConfigError(f"{where}: rope_scaling.{field} must be a positive number for llama3 scaling, "
+                              f"got {value!r}")
 
 
 _LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -165,6 +222,8 @@ def from_hf_folder(path: str | Path) -> ModelConfig:
         raise ConfigError(f"{cfg_file}: only silu activation without attention/MLP biases is supported")
     fields = {k: raw[k] for k in _HF_FIELDS if raw.get(k) is not None}
     rope = raw.get("rope_parameters")  # transformers >= 5 keeps theta and scaling here
+    if rope is not None and not isinstance(rope, dict):
+        raise ConfigError(f"{cfg_file}: rope_parameters must be an object, got {rope!r}")
     if isinstance(rope, dict):
         if "rope_theta" in rope:
             fields["rope_theta"] = rope["rope_theta"]
@@ -173,4 +232,5 @@ def from_hf_folder(path: str | Path) -> ModelConfig:
             fields["rope_scaling"] = scaling
     fields.setdefault("num_key_value_heads", raw["num_attention_heads"])
     fields.setdefault("max_position_embeddings", 2048)
+    check_fields(fields, str(cfg_file))  # the file and the field in the message
     return ModelConfig(name=folder.name, **fields)

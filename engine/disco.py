@@ -23,6 +23,9 @@ from .weights import TensorSource, source_spec
 log = logging.getLogger(__name__)
 
 MAX_CPU_WORKERS = 16  # on the CPU, tp is bounded by a sane number of worker processes
+# The one-shot allreduce takes messages up to this size (a decode step's [batch, hidden]: batch 128
+# of Llama-3-8B, 64 of 70B); larger ones (prefill) go to TVM's CCL.
+ONE_SHOT_MAX_BYTES = 1 << 20
 
 
 @dataclasses.dataclass
@@ -65,6 +68,7 @@ class DiscoSession:
             self.sess.get_global_func("lab.engine.prepare_target")(str(artifact.path))
             # device=None: each worker's own default device (the CCL set it to device_ids[rank])
             self.mod = self.sess.load_vm_module(str(artifact.library), device=None)
+            self._mods = [self.mod]
             self.load_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             loader = self.sess.get_global_func("lab.engine.load_rank_params")
@@ -72,6 +76,8 @@ class DiscoSession:
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
             if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
                 self.call_workers(functions.OVERLAP_INIT)
+            self.allreduce = self._open_one_shot() if functions.ALLREDUCE in artifact.functions \
+                else f"TVM's CCL ({ccl_for(spec.target)})"
             self.weights_seconds = time.perf_counter() - t0
         except Exception:
             self.sess.shutdown()
@@ -89,10 +95,31 @@ class DiscoSession:
         self._inputs: dict[tuple[int, ...], object] = {}
         self._shape = ShapeTuple
 
-    def _fn(self, name: str):
-        if name not in self._fns:
-            self._fns[name] = self.mod[name]
-        return self._fns[name]
+    def _open_one_shot(self) -> str:
+        """Map every worker's one-shot allreduce buffers into the others (CUDA IPC); returns what
+        `lab.ccl.allreduce` does in this session, in a line. Where a worker cannot (no peer
+        access), every worker is told to use TVM's CCL, so that no two disagree."""
+        created = self.sess.get_global_func("lab.engine.ipc_create")(self.tp, ONE_SHOT_MAX_BYTES)
+        self.sess._sync_all()
+        texts = [str(created.debug_get_from_remote(i)) for i in range(self.tp)]
+        opened = self.sess.get_global_func(functions.IPC_OPEN)(";".join(texts))
+        self.sess._sync_all()
+        if not all(bool(opened.debug_get_from_remote(i)) for i in range(self.tp)):
+            status = self.sess.get_global_func(functions.IPC_STATUS)()
+            self.sess._sync_all()
+            reasons = {str(status.debug_get_from_remote(i)) for i in range(self.tp)}
+            self.call_workers(functions.IPC_DISABLE, "; ".join(sorted(reasons)))
+        status = self.sess.get_global_func(functions.IPC_STATUS)()
+        self.sess._sync_all()
+        return str(status.debug_get_from_remote(0))
+
+    def _fn(self, name: str, instance: int = 0):
+        """Function `name` of VM `instance` on every worker (see VMSession._fn)."""
+        while len(self._mods) <= instance:
+            self._mods.append(self.sess.load_vm_module(str(self.artifact.library), device=None))
+        if (name, instance) not in self._fns:
+            self._fns[(name, instance)] = self._mods[instance][name]
+        return self._fns[(name, instance)]
 
     def create_kv_cache(self, max_batch: int, max_total_len: int, prefill_chunk: int, page_size: int = 16):
         s = self._shape
@@ -109,6 +136,39 @@ class DiscoSession:
 
     def end_forward(self, kv) -> None:
         self._end(kv)
+
+    # The static KV cache (kv_cache="static"): its tensors on every worker
+    def create_static_state(self, slots: int, max_len: int):
+        from .session import StaticState
+
+        c, plan = self.spec.config, self.spec.plan
+        shape = (c.num_hidden_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)
+        empty = lambda shape, dtype: RemoteTensor(self.sess.empty(shape, dtype), shape, dtype)  # noqa: E731
+        return StaticState(empty(shape, self.spec.quant_spec.model_dtype), empty((slots,), "int32"),
+                           empty((slots, 1), "int32"), slots, max_len)
+
+    def mailbox(self) -> int:
+        """The host address of worker 0's token mailbox (runtime_patch.functions.KV_MAILBOX): worker
+        0 runs in this process, so the address is valid here."""
+        address = self.sess.get_global_func(functions.KV_MAILBOX)()
+        self.sess._sync_all()
+        return int(address.debug_get_from_remote(0))
+
+    def check(self) -> None:
+        """Raise CCLError if a worker died or the collective group failed (never blocks)."""
+        from runtime_patch import disco
+
+        disco.check(self.sess)
+
+    def call_static(self, name: str, *args, outputs: list[tuple[tuple[int, ...], str]], instance: int = 0):
+        """`name`(*args, params) on every worker: host int32 arrays go to worker 0 (the model
+        broadcasts what it needs), RemoteTensors by reference; returns the results as
+        RemoteTensors of the given (shape, dtype) `outputs` (worker 0's copies)."""
+        out = self._fn(name, instance)(*[self._upload(a) if isinstance(a, np.ndarray) else getattr(a, "dref", a)
+                                         for a in args], self.params)
+        if len(outputs) == 1:
+            return (RemoteTensor(out, *outputs[0]),)
+        return tuple(RemoteTensor(self._getitem(out, i), shape, dtype) for i, (shape, dtype) in enumerate(outputs))
 
     def _upload(self, array: np.ndarray):
         """Token ids to worker 0, into a buffer allocated on every worker (reused per shape)."""
@@ -164,7 +224,7 @@ class DiscoSession:
             # collector run now: on the GPU box, processes that went on after closing a session
             # were seen to stall later inside a garbage collection (cause not established; a
             # worker-side reference finalised after shutdown is the suspect).
-            self.params = self.mod = None
+            self.params = self.mod = self._mods = None
             self._fns.clear()
             self._inputs.clear()
             self._add_seq = self._remove_seq = self._begin = self._end = self._getitem = self._reshape = None
@@ -183,7 +243,9 @@ class DiscoSession:
 
 
 def allreduce_seconds(session: DiscoSession, numel: int, dtype: str, iters: int = 50) -> list[float]:
-    """Per-worker seconds per allreduce of `numel` elements, timed inside the workers."""
-    result = session.sess.get_global_func("lab.engine.time_allreduce")(numel, dtype, iters)
+    """Per-worker seconds per allreduce of `numel` elements with the model's allreduce (the
+    library one where the artifact calls it, else TVM's CCL), timed inside the workers."""
+    library = functions.ALLREDUCE in session.artifact.functions
+    result = session.sess.get_global_func("lab.engine.time_allreduce")(numel, dtype, iters, library)
     session.sess._sync_all()
     return [float(result.debug_get_from_remote(i)) for i in range(session.tp)]

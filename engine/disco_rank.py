@@ -36,23 +36,49 @@ def load_rank_params(artifact_dir: str, source_json: str):
     return params
 
 
+@tvm.register_global_func("lab.engine.register_cupti_window", override=True)
+def register_cupti_window() -> None:
+    """lab.cupti.window_start/stop in this worker (harness.tracing's traced repeat)."""
+    from runtime_patch import cupti_tracer
+
+    cupti_tracer.register_window_functions()
+
+
+@tvm.register_global_func("lab.engine.ipc_create", override=True)
+def ipc_create(world: int, max_bytes: int) -> str:
+    """This worker's one-shot allreduce region (runtime_patch.functions.IPC_CREATE), for its rank."""
+    from runtime_patch import functions
+
+    rank = int(tvm.get_global_func("runtime.disco.worker_rank")())
+    return str(tvm.get_global_func(functions.IPC_CREATE)(rank, world, max_bytes))
+
+
 @tvm.register_global_func("lab.engine.time_allreduce", override=True)
-def time_allreduce(numel: int, dtype: str, iters: int) -> float:
+def time_allreduce(numel: int, dtype: str, iters: int, library: bool) -> float:
     """Seconds per allreduce (sum) of `numel` elements, timed inside the worker: `iters` calls
-    back to back after a warm-up, with the device synchronised before and after."""
+    back to back after a warm-up, with the device synchronised before and after; the model's
+    allreduce: the library one (lab.ccl.allreduce) where `library`, else TVM's CCL. Launched one
+    by one from the host (not in a CUDA graph as in the decode step): an upper bound."""
     import time
 
     from tvm.runtime import ShapeTuple
 
+    from runtime_patch import functions
+
     device = tvm.get_global_func("runtime.disco.device")()
-    allreduce = tvm.get_global_func("runtime.disco.allreduce")
     send = tvm.runtime.empty((numel,), dtype, device)
     recv = tvm.runtime.empty((numel,), dtype, device)
+    if library:
+        library_allreduce = tvm.get_global_func(functions.ALLREDUCE)
+        call = lambda: library_allreduce(send, recv)  # noqa: E731
+    else:
+        ccl_allreduce = tvm.get_global_func("runtime.disco.allreduce")
+        call = lambda: ccl_allreduce(send, ShapeTuple([0]), False, recv)  # noqa: E731
     for _ in range(3):
-        allreduce(send, ShapeTuple([0]), False, recv)
+        call()
     device.sync()
     start = time.perf_counter()
     for _ in range(iters):
-        allreduce(send, ShapeTuple([0]), False, recv)
+        call()
     device.sync()
     return (time.perf_counter() - start) / iters

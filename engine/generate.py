@@ -12,6 +12,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+from .caches import PagedCaches, StaticCaches
 from .config import ConfigError
 
 
@@ -77,45 +78,43 @@ class SyncDecode:
 
 class Generator:
     """Drives one session's model: a KV cache for `max_batch` sequences of up to `max_total_len`
-    tokens each (the cache is sized in whole pages for all of them)."""
+    tokens each (paged: sized in whole pages for all of them; static: one slot each), of the kind
+    the artifact was built with (engine.caches)."""
 
     def __init__(self, session, max_batch: int = 1, max_total_len: int = 2048, prefill_chunk: int = 2048,
                  page_size: int = 16, on_step: Sequence[StepHook] = ()):
-        context = session.spec.config.max_position_embeddings
+        spec = session.spec
+        context = spec.config.max_position_embeddings
         if max_total_len > context:
             raise ConfigError(f"max_total_len {max_total_len} exceeds the model's context {context}")
         self.session = session
         self.max_batch, self.max_total_len = max_batch, max_total_len
         self.prefill_chunk, self.page_size = prefill_chunk, page_size
         self.hooks = list(on_step)
-        self._caches: list = []  # one paged KV cache per request group (usually one)
+        self.caches = StaticCaches(session, spec.config.vocab_size) if spec.kv_cache == "static" \
+            else PagedCaches(session, prefill_chunk, page_size)
+        self._groups = 0
         self._group_of: dict[int, int] = {}
         self._lengths: dict[int, int] = {}
 
-    def reset(self, groups: int = 1) -> None:
-        """Empty KV cache(s): the old sequences removed (their pages freed), the caches kept, so
-        that a generation's TTFT does not include allocating them (created on first use). With
-        `groups` > 1 the sequences are split over that many caches, each with its own per-step
-        attention metadata, so one group's step can be launched while another's runs."""
-        if len(self._caches) == groups:
-            for sid, g in self._group_of.items():
-                self.session.remove_sequence(self._caches[g], sid)
-        else:
-            self._caches = []  # free the old caches before allocating new ones
-            per = self._per_group(groups)
-            pages = -(-self.max_total_len // self.page_size)
-            self._caches = [self.session.create_kv_cache(per, per * pages * self.page_size, self.prefill_chunk,
-                                                         self.page_size) for _ in range(groups)]
+    def reset(self, groups: int = 1, batch: int | None = None) -> None:
+        """Empty KV cache(s) for `batch` sequences (default max_batch), created on first use (so
+        that a generation's TTFT does not include allocating them) and kept while their shape stays.
+        With `groups` > 1 the sequences are split over that many caches, each with its own per-step
+        state, so one group's step can be launched while another's runs."""
+        per_group = self._per_group(groups) if self.caches.kind == "paged" else -(-(batch or self.max_batch) // groups)
+        self.caches.reset(groups, per_group, self.max_total_len, self._group_of)
+        self._groups = groups
         self._group_of, self._lengths = {}, {}
 
     def _per_group(self, groups: int) -> int:
         return -(-self.max_batch // groups)
 
-    def _cache(self, seq_ids: Sequence[int]):
+    def _group(self, seq_ids: Sequence[int]) -> int:
         groups = {self._group_of[s] for s in seq_ids}
         if len(groups) != 1:
             raise ValueError(f"one forward pass takes sequences of one KV-cache group, got groups {sorted(groups)}")
-        return self._caches[groups.pop()]
+        return groups.pop()
 
     def groups_of(self, seq_ids: Sequence[int]) -> list[list[int]]:
         """`seq_ids` split by KV-cache group, in group order."""
@@ -139,50 +138,38 @@ class Generator:
                               f"{self.max_total_len}; shorten the prompt or the number of new tokens")
 
     def add_sequence(self, seq_id: int, group: int = 0) -> None:
-        if not self._caches:
+        if not self._groups:
             self.reset()
-        if not 0 <= group < len(self._caches):
-            raise ConfigError(f"KV-cache group {group} does not exist (there are {len(self._caches)})")
-        per = self._per_group(len(self._caches))
-        if sum(1 for g in self._group_of.values() if g == group) >= per:
+        if not 0 <= group < self._groups:
+            raise ConfigError(f"KV-cache group {group} does not exist (there are {self._groups})")
+        if sum(1 for g in self._group_of.values() if g == group) >= self._per_group(self._groups):
             raise ConfigError(f"the KV cache holds at most {self.max_batch} sequences")
-        self.session.add_sequence(self._caches[group], seq_id)
+        self.caches.add(seq_id, group)
         self._lengths[seq_id], self._group_of[seq_id] = 0, group
 
-    def _begin(self, seq_ids: list[int], lengths: list[int]):
-        """begin_forward on the sequences' KV cache; returns that cache."""
-        for sid, n in zip(seq_ids, lengths):
-            self._check_room(sid, n)
-        kv = self._cache(seq_ids)
-        self.session.begin_forward(kv, seq_ids, lengths)
-        return kv
-
-    def _forward(self, fn: str, ids, groups: list[list[int]], lengths: list[list[int]], begun: bool = False):
-        """Call `fn` on the KV caches of `groups` (one group, or batch_decode_pair's two), each
-        sequence appending `lengths` tokens; returns the function's results."""
-        kvs = [self._cache(g) if begun else self._begin(g, n) for g, n in zip(groups, lengths)]
-        out = self.session.call(fn, ids, *kvs)
-        for kv, g, n in zip(kvs, groups, lengths):
-            self.session.end_forward(kv)
-            for sid, k in zip(g, n):
-                self._lengths[sid] += k
-        return out
+    def _appended(self, seq_ids: Sequence[int], n: int = 1) -> None:
+        for sid in seq_ids:
+            self._lengths[sid] += n
 
     def prefill(self, seq_id: int, prompt: Sequence[int], all_logits: bool = False):
         """Feed `prompt` in chunks. Returns (next token, logits[vocab]) or, with `all_logits`,
         the logits of every prompt position [len, vocab]."""
         if len(prompt) == 0:
             raise ConfigError("the prompt is empty; give at least one token")
+        group = self._group_of[seq_id]
         rows, token, last = [], None, None
         for chunk_no, lo in enumerate(range(0, len(prompt), self.prefill_chunk)):
             chunk = np.asarray(prompt[lo:lo + self.prefill_chunk], dtype=np.int32)[None, :]
+            self._check_room(seq_id, chunk.shape[1])
             start = time.perf_counter()
+            token, last = self.caches.prefill(group, seq_id, chunk, self._lengths[seq_id], all_logits)
+            self._appended([seq_id], chunk.shape[1])
             if all_logits:
-                logits, _ = self._forward("prefill_logits", chunk, [[seq_id]], [[chunk.shape[1]]])
-                rows.append(self.session.to_numpy(logits))
+                rows.append(self.session.to_numpy(last))
             else:
-                token, last, _ = self._forward("prefill", chunk, [[seq_id]], [[chunk.shape[1]]])
                 token = int(self.session.to_numpy(token)[0])
+                if self.caches.kind == "static":
+                    self.caches.note_held(group, [seq_id], [token])
             self._emit(StepTiming("prefill", chunk_no, start, time.perf_counter(), chunk.shape[1]))
         if all_logits:
             return np.concatenate(rows, axis=0)
@@ -192,15 +179,22 @@ class Generator:
         """The host side of the next decode step's KV-cache bookkeeping (positions, page tables),
         done ahead: it needs no token, and may run while the previous step computes on a GPU
         (the KV cache copies it to the device only when the step launches). Follow it with
-        `launch(..., begun=True)`."""
-        self._begin(list(seq_ids), [1] * len(seq_ids))
+        `launch(..., begun=True)`. (The static cache has none: its positions advance on the device.)"""
+        seq_ids = list(seq_ids)
+        for sid in seq_ids:
+            self._check_room(sid, 1)
+        self.caches.begin(self._group(seq_ids), seq_ids, [1] * len(seq_ids))
 
     def launch(self, seq_ids: Sequence[int], ids, begun: bool = False):
         """Issue one decode step fed `ids` (host int32 [b, 1], or a device tensor from
         `next_input`); returns (next token ids, logits), both on the device. On a GPU this does
         not wait for the step to finish."""
-        fn = "decode" if len(seq_ids) == 1 else "batch_decode"
-        next_ids, logits, _ = self._forward(fn, ids, [list(seq_ids)], [[1] * len(seq_ids)], begun)
+        seq_ids = list(seq_ids)
+        if not begun:
+            for sid in seq_ids:
+                self._check_room(sid, 1)
+        next_ids, logits = self.caches.decode(self._group(seq_ids), seq_ids, ids, begun)
+        self._appended(seq_ids)
         return next_ids, logits
 
     def launch_pair(self, groups: Sequence[Sequence[int]], ids, begun: bool = False):
@@ -210,21 +204,46 @@ class Generator:
         `next_input`. Returns (next token ids [2, m], logits [2, m, vocab]) on the device."""
         if len(groups) != 2 or len(groups[0]) != len(groups[1]):
             raise ValueError(f"batch_decode_pair takes two request groups of equal size, got {[len(g) for g in groups]}")
+        if self.caches.kind != "paged":
+            raise ValueError("batch_decode_pair runs on the paged KV cache: build with kv_cache=paged")
         groups = [list(g) for g in groups]
-        next_ids, logits, *_ = self._forward("batch_decode_pair", ids, groups, [[1] * len(g) for g in groups], begun)
+        for sid in (s for g in groups for s in g):
+            self._check_room(sid, 1)
+        next_ids, logits, *_ = self.caches.forward("batch_decode_pair", ids, [self._group(g) for g in groups],
+                                                   groups, [[1] * len(g) for g in groups], begun)
+        self._appended([s for g in groups for s in g])
         return next_ids, logits
 
     def next_input(self, next_ids):
         """The device-resident tokens of a step as the next step's input ([b] -> [b, 1] view,
-        [2, m] -> [2, m, 1] for launch_pair)."""
+        [2, m] -> [2, m, 1] for launch_pair; on the static cache the step's tokens as they are:
+        it wrote them into the next step's input itself)."""
+        if self.caches.kind == "static":
+            return next_ids
         return self.session.decode_input(next_ids)
+
+    @property
+    def can_launch_ahead(self) -> bool:
+        """Whether step t+1 may be launched before step t's tokens are read: on the static cache a
+        step's inputs and attention metadata are on the device (TVM's paged cache refreshes one
+        metadata buffer per step, which a step still running would read: docs/ARCHITECTURE.md)."""
+        return self.caches.kind == "static"
+
+    def read(self, next_ids) -> np.ndarray:
+        """A launched step's tokens on the host (waits for that step, not for those after it
+        where the static cache's mailbox has them)."""
+        if self.caches.kind == "static":
+            return self.caches.read(next_ids)
+        return self.session.to_numpy(next_ids)
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], step: int = 0):
         """One decode step for `seq_ids` fed `tokens`; returns (next tokens, device logits)."""
         ids = np.asarray(tokens, dtype=np.int32).reshape(len(seq_ids), 1)
         start = time.perf_counter()
         next_ids, logits = self.launch(seq_ids, ids)
-        next_host = self.session.to_numpy(next_ids).astype(np.int64).tolist()
+        next_host = self.read(next_ids).astype(np.int64).tolist()
+        if self.caches.kind == "static":  # what the step left in the device's ids
+            self.caches.note_held(self._group(seq_ids), seq_ids, next_host)
         self._emit(StepTiming("decode", step, start, time.perf_counter(), len(seq_ids)))
         return next_host, logits
 
@@ -241,7 +260,7 @@ class Generator:
         try:
             # A scheduler may ask for the batch split over several KV caches (`kv_groups`).
             groups = max(1, min(int(getattr(scheduler, "kv_groups", 1)), len(prompts)))
-            self.reset(groups)
+            self.reset(groups, len(prompts))
             seq_ids = list(range(len(prompts)))
             first: list[int] = []
             for sid, prompt in zip(seq_ids, prompts):
@@ -260,7 +279,7 @@ class Generator:
     def teacher_forced_logits(self, tokens: Sequence[int], prompt_len: int) -> np.ndarray:
         """Logits at every position of `tokens`: the first `prompt_len` in one prefill, the rest
         one decode step each (fed the given token, not the sampled one). [len(tokens), vocab]."""
-        self.reset()
+        self.reset(batch=1)
         self.add_sequence(0)
         rows = [self.prefill(0, tokens[:prompt_len], all_logits=True)]
         for i, tok in enumerate(tokens[prompt_len:]):

@@ -19,9 +19,13 @@ def prepare(artifact) -> None:
 
     spec = artifact.spec
     names = list(artifact.functions)
+    # called by the sessions, not by the model
     if spec.microbatch_decode and spec.tp > 1:
-        names.append(functions.OVERLAP_INIT)  # called by the session, not by the model
-        names.append(functions.SET_OVERLAP)
+        names += [functions.OVERLAP_INIT, functions.SET_OVERLAP]
+    if functions.KV_ADVANCE in names:
+        names.append(functions.KV_MAILBOX)
+    if functions.ALLREDUCE in names:
+        names += [functions.IPC_CREATE, functions.IPC_OPEN, functions.IPC_STATUS, functions.IPC_DISABLE]
     try:
         functions.register(spec.target, names)
     except PluginBuildError as err:

@@ -8,6 +8,7 @@ all `engine.generate` uses: create a KV cache, drive it (add sequence, begin/end
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -19,6 +20,20 @@ from .config import ConfigError
 from .weights import TensorSource, nbytes, rank_params, to_tvm
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class StaticState:
+    """The tensors of a static KV cache (engine/model/static_kv.py) on the session's device(s)."""
+
+    cache: Any       # [layers, 2, slots, kv_heads, max_len, head_dim]
+    positions: Any   # [slots] int32: each slot's length
+    ids: Any         # [slots, 1] int32: each slot's next input token
+    slots: int
+    max_len: int
+
+    def tensors(self) -> tuple:
+        return self.cache, self.positions, self.ids
 
 
 def device_of(target: str, index: int = 0):
@@ -54,6 +69,7 @@ class VMSession:
     """tp == 1: one Relax VM in this process."""
 
     tp = 1
+    allreduce = "none (tp=1)"  # what the model's allreduces run on (DiscoSession: NCCL, one-shot, cpu_shm)
 
     def __init__(self, artifact: Artifact, source: TensorSource, device_index: int = 0):
         import tvm
@@ -68,8 +84,9 @@ class VMSession:
         runtime_loader.prepare(artifact)
         self.device = device_of(spec.target, device_index)
         t0 = time.perf_counter()
-        executable = tvm.runtime.load_module(str(artifact.library))
-        self.vm = VirtualMachine(executable, self.device)
+        self._executable = tvm.runtime.load_module(str(artifact.library))
+        self.vm = VirtualMachine(self._executable, self.device)
+        self._vms = [self.vm]
         self.load_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         host = rank_params(source, spec.quant_spec, spec.plan, 0, artifact.param_names)
@@ -85,10 +102,16 @@ class VMSession:
         self._begin = g("vm.builtin.kv_state_begin_forward")
         self._end = g("vm.builtin.kv_state_end_forward")
 
-    def _fn(self, name: str):
-        if name not in self._fns:
-            self._fns[name] = self.vm[name]
-        return self._fns[name]
+    def _fn(self, name: str, instance: int = 0):
+        """Function `name` of VM `instance`: each VM has its own CUDA graphs, captured for the
+        tensors it was first called with, so two static caches of one shape need two VMs."""
+        from tvm.runtime.vm import VirtualMachine
+
+        while len(self._vms) <= instance:
+            self._vms.append(VirtualMachine(self._executable, self.device))
+        if (name, instance) not in self._fns:
+            self._fns[(name, instance)] = self._vms[instance][name]
+        return self._fns[(name, instance)]
 
     # KV cache
     def create_kv_cache(self, max_batch: int, max_total_len: int, prefill_chunk: int, page_size: int = 16):
@@ -110,6 +133,37 @@ class VMSession:
 
     def end_forward(self, kv) -> None:
         self._end(kv)
+
+    # The static KV cache (kv_cache="static", engine/model/static_kv.py)
+    def create_static_state(self, slots: int, max_len: int) -> StaticState:
+        """The tensors of a static KV cache for `slots` sequences of up to `max_len` tokens."""
+        import tvm
+
+        c, plan = self.spec.config, self.spec.plan
+        shape = (c.num_hidden_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)
+        empty = lambda shape, dtype: tvm.runtime.empty(shape, dtype, self.device)  # noqa: E731
+        return StaticState(empty(shape, self.spec.quant_spec.model_dtype), empty((slots,), "int32"),
+                           empty((slots, 1), "int32"), slots, max_len)
+
+    def mailbox(self) -> int:
+        """The host address of this device's token mailbox (runtime_patch.functions.KV_MAILBOX)."""
+        import tvm
+
+        from runtime_patch import functions
+
+        return int(tvm.get_global_func(functions.KV_MAILBOX)())
+
+    def check(self) -> None:
+        """Nothing to check: the VM runs in this process (DiscoSession checks its workers)."""
+
+    def call_static(self, name: str, *args, outputs: list[tuple[tuple[int, ...], str]], instance: int = 0):
+        """`name`(*args, params) of the static-cache functions on VM `instance` (one per static
+        cache, see `_fn`): host int32 arrays are copied to the device first; returns the
+        function's results as a tuple (`outputs`: their shapes and dtypes, which a DiscoSession
+        needs)."""
+        args = [self.to_device(a) if isinstance(a, np.ndarray) else a for a in args]
+        out = self._fn(name, instance)(*args, self.params)
+        return tuple(out) if len(outputs) > 1 else (out,)
 
     # model functions; inputs are host int32 arrays or device tensors
     def to_device(self, array: np.ndarray):

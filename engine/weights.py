@@ -9,6 +9,10 @@ or generated, so a 70B model is never materialised whole in one process.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import json
+import math
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +32,130 @@ def _region(shape: tuple[int, ...], rows: Span, cols: Span) -> tuple[slice, ...]
     if len(shape) > 1:
         idx.append(slice(*cols) if cols else slice(None))
     return tuple(idx)
+
+
+# safetensors dtypes and their sizes; the engine reads the float ones (FLOAT_DTYPES)
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def safetensors_header(file: Path) -> dict[str, dict]:
+    """{tensor name: {"dtype", "shape", "data_offsets"}} of a safetensors file, each entry checked
+    against the file: its byte range lies inside the file and holds exactly its shape's bytes, and
+    the range's last byte can be read (a truncated or unreadable file is refused here, reading
+    one byte per tensor, never the tensors)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ConfigError(f"{file} is not a safetensors file ({size} bytes: shorter than its header); "
+                                  "re-download or re-save it")
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER_BYTES):
+                raise ConfigError(f"{file} is truncated or not a safetensors file (its header claims {n} bytes, "
+                                  f"the file holds {size}); re-download or re-save it")
+            raw = f.read(n)
+            try:
+                header = json.loads(raw)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ConfigError(f"{file}: its safetensors header is not valid JSON (a damaged or truncated file); "
+                                  "re-download or re-save it") from None
+            if not isinstance(header, dict):
+                raise ConfigError(f"{file}: its safetensors header is not a JSON object; re-download or re-save it")
+            data_start, data_bytes = 8 + n, size - 8 - n
+            tensors = {}
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                tensors[name] = _check_entry(file, name, entry, data_bytes)
+            fd = f.fileno()
+            for name, entry in tensors.items():
+                begin, end = entry["data_offsets"]
+                if end > begin and len(os.pread(fd, 1, data_start + end - 1)) != 1:
+                    raise ConfigError(f"{file}: tensor {name} cannot be read to its end; re-download or re-save it")
+    except OSError as err:
+        raise ConfigError(f"{file} cannot be read ({err.strerror or err})") from None
+    return tensors
+
+
+def _check_entry(file: Path, name: str, entry, data_bytes: int) -> dict:
+    bad = ConfigError(f"{file}: the header entry of tensor {name} is malformed ({entry!r}); re-download or re-save it")
+    if not isinstance(entry, dict):
+        raise bad
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if (dtype not in SAFETENSORS_ITEMSIZE or not isinstance(shape, list) or not isinstance(offsets, list)
+            or len(offsets) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                            for v in [*shape, *offsets]) or offsets[0] > offsets[1]):
+        raise bad
+    begin, end = offsets
+    if end > data_bytes:
+        raise ConfigError(f"{file} is truncated: tensor {name} ends at byte {end} of the data, which holds "
+                          f"{data_bytes}; re-download or re-save it")
+    expected = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise ConfigError(f"{file}: tensor {name} ({dtype} {shape}) should take {expected} bytes, its header gives "
+                          f"{end - begin}; re-download or re-save it")
+    return {"dtype": dtype, "shape": tuple(shape), "data_offsets": (begin, end)}
+
+
+def required_tensors(config: ModelConfig) -> list[str]:
+    """The Hugging Face tensors the engine reads for `config` (the sharding table, unsharded)."""
+    return [name for _, parts in ShardPlan(config, 1).tensors(0) for name, _, _ in parts]
+
+
+def check_checkpoint(folder: str | Path, config: ModelConfig) -> None:
+    """Refuse a checkpoint folder the engine cannot read, before anything is compiled: every
+    tensor the model needs present, of the shape config.json implies (engine.sharding.hf_shape),
+    stored as a float, and its file whole (safetensors_header). ConfigError names the file and
+    the tensor. Reads the files' headers and one byte per tensor."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{str(folder)!r} has no *.safetensors weights (pickled .bin checkpoints are not read: "
+                          "convert them with `save_pretrained(..., safe_serialization=True)`)")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            listed = set(weight_map.values()) if isinstance(weight_map, dict) else set()
+        except (OSError, ValueError, AttributeError):
+            raise ConfigError(f"{index} is not a valid safetensors index (JSON with a weight_map); "
+                              "re-download it") from None
+        absent = sorted(f for f in listed if not isinstance(f, str) or not (folder / f).is_file())
+        if absent:
+            raise ConfigError(f"{index} names {absent[0]}, which is not in {folder}"
+                              + (f" ({len(absent)} files missing)" if len(absent) > 1 else "")
+                              + "; download the missing shards")
+    where: dict[str, tuple[Path, dict]] = {}
+    for file in files:
+        for name, entry in safetensors_header(file).items():
+            where[name] = (file, entry)
+    cfg_file = folder / "config.json"
+    needed = required_tensors(config)
+    missing = [n for n in needed if n not in where]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        why = ("; config.json sets tie_word_embeddings false, so the LM head is a tensor of its own"
+               if missing[0] == "lm_head.weight" else "")
+        raise ConfigError(f"{folder}: tensor {missing[0]}{more} is missing from the checkpoint, which {cfg_file} "
+                          f"({config.num_hidden_layers} layers) needs{why}")
+    bf16 = False
+    for name in needed:
+        file, entry = where[name]
+        expected = hf_shape(config, name)
+        if entry["shape"] != expected:
+            raise ConfigError(f"{file}: tensor {name} has shape {list(entry['shape'])}, but {cfg_file} implies "
+                              f"{list(expected)}")
+        if entry["dtype"] not in FLOAT_DTYPES:
+            raise ConfigError(f"{file}: tensor {name} is stored as {entry['dtype']}; the engine reads float weights "
+                              f"({', '.join(FLOAT_DTYPES)}): pre-quantized checkpoints are not supported, quantize "
+                              "with quant=... instead")
+        bf16 = bf16 or entry["dtype"] == "BF16"
+    if bf16 and importlib.util.find_spec("torch") is None:
+        raise ConfigError(f"{folder} stores bfloat16 weights, which need torch to decode; pip install torch")
 
 
 class SafetensorsSource:
@@ -191,6 +319,7 @@ def open_source(config: ModelConfig, path: str | Path | None, seed: int = 0, bac
         if backend != "numpy":
             raise ConfigError(f"unknown random weights backend {backend!r}; choose numpy or torch")
         return RandomSource(config, seed)
+    check_checkpoint(path, config)
     source = SafetensorsSource(path, config)
     if config.tie_word_embeddings is False and not source.has("lm_head.weight"):
         raise ConfigError(f"{path}: lm_head.weight is missing but tie_word_embeddings is false in config.json")

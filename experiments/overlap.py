@@ -16,6 +16,7 @@ message, 2 per layer and micro-batch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import hydra
@@ -36,6 +37,8 @@ BATCH_SPLITTING = {"double_buffer", "full_overlap"}  # modes that run a batch as
 
 def modes_of(value) -> list[str]:
     modes = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
+    if not modes:
+        raise ConfigError("mode is empty; give e.g. mode=pipeline or 'mode=[prefetch,pipeline]'")
     known = stream_overlap.MODES
     for m in modes:
         if m not in known:
@@ -91,9 +94,13 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     # also exports batch_decode_pair; when a mode splits the batch, the CUDA decode attention splits
     # a sequence's keys as at batch 1 (batch_invariant), so the modes can be compared token for token.
     invariant = bool(BATCH_SPLITTING & set(modes))
-    spec = RunSpec.from_hydra(cfg, "overlap", tp=tp, microbatch_decode="full_overlap" in modes and tp > 1,
-                              batch_invariant=invariant)
+    spec = RunSpec.from_hydra(cfg, "overlap", tp=tp, batch_invariant=invariant)
+    if "full_overlap" in modes and tp > 1 and spec.build.kv_cache == "paged":  # the static cache has no pair decode
+        spec = dataclasses.replace(spec, build=spec.build_for(microbatch_decode=True))
     spec.check_devices(tp)
+    if spec.workload.new_tokens < 2:
+        raise ConfigError(f"the overlap modes differ only in their decode steps, and workload.new_tokens="
+                          f"{spec.workload.new_tokens} makes none; use workload.new_tokens >= 2")
     bandwidth = sweep.measured_bandwidth(spec)
     w, config, quant, target = spec.workload, spec.config, spec.build.quant, spec.target
     points = []
@@ -149,7 +156,8 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     for p in points:
         if p.ok:
             s = p.summary
-            print(f"{p.label}: {s['decode_tokens_per_s']:.1f} decode tokens/s, speedup {s.get('speedup', 1.0):.3f}x, "
+            speedup = f"{s['speedup']:.3f}x" if "speedup" in s else "not measured (none failed)"
+            print(f"{p.label}: {s['decode_tokens_per_s']:.1f} decode tokens/s, speedup {speedup}, "
                   f"tokens identical to none: {s.get('same_tokens')}")
         else:
             print(f"{p.label}: {p.error}")
@@ -157,7 +165,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     if any(p.ok and not p.summary.get("same_tokens", True) for p in points):
         print("error: a mode produced other tokens than `none`", flush=True)
         return 1
-    return 0 if status == "ok" else 1
+    return entry.exit_status(status, points)
 
 
 if __name__ == "__main__":

@@ -87,6 +87,74 @@ def _allreduce_begin(partial, reduced) -> None:
     tvm.get_global_func("runtime.disco.allreduce")(partial, ShapeTuple([0]), False, reduced)
 
 
+def _allreduce(x, out) -> None:
+    """`lab.ccl.allreduce` on the CPU: out = the sum of x over the workers, by TVM's allreduce
+    through the session's CCL (cpu_shm), to completion; there is no one-shot to open."""
+    _allreduce_begin(x, out)
+
+
+def _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out) -> None:
+    """Write the chunk's k, v into the slot at start.., then causal attention over 0..start+n."""
+    qa, ka, va = (np.from_dlpack(t) for t in (q, k, v))  # [n, H, d]
+    kv, o = np.from_dlpack(cache), np.from_dlpack(out)  # [layers, 2, slots, Hkv, max_len, d]
+    n, end = qa.shape[0], start + qa.shape[0]
+    if end > kv.shape[4]:
+        raise ValueError(f"{functions.KV_PREFILL_ATTENTION}: positions up to {end} past the cache's {kv.shape[4]}")
+    kv[layer, 0, slot, :, start:end] = ka.transpose(1, 0, 2)
+    kv[layer, 1, slot, :, start:end] = va.transpose(1, 0, 2)
+    keys, values = (kv[layer, i, slot, :, :end].transpose(1, 0, 2).astype(np.float32) for i in (0, 1))
+    np.copyto(o, _attend(qa.astype(np.float32), keys, values, sm_scale, causal=True)[0].astype(o.dtype))
+
+
+def _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out) -> None:
+    """Per slot b: write its token's k, v at positions[b], attention over 0..positions[b] (each
+    slot on its own: batch-invariant whatever `invariant` says)."""
+    qa, ka, va = (np.from_dlpack(t) for t in (q, k, v))  # [b, H, d]
+    kv, o, pos = np.from_dlpack(cache), np.from_dlpack(out), np.from_dlpack(positions)
+    for b in range(qa.shape[0]):
+        p = int(pos[b])
+        if not 0 <= p < kv.shape[4]:
+            raise ValueError(f"{functions.KV_DECODE_ATTENTION}: slot {b} at position {p}, the cache holds {kv.shape[4]}")
+        kv[layer, 0, b, :, p], kv[layer, 1, b, :, p] = ka[b], va[b]
+        keys, values = (kv[layer, i, b, :, :p + 1].transpose(1, 0, 2).astype(np.float32) for i in (0, 1))
+        o[b] = _attend(qa[b:b + 1].astype(np.float32), keys, values, sm_scale, causal=False)[0][0].astype(o.dtype)
+
+
+def _kv_settle_prefill(next_ids, ids, positions, slot, length, out) -> None:
+    nxt = np.from_dlpack(next_ids)
+    np.from_dlpack(ids)[slot, 0] = nxt[-1]
+    np.from_dlpack(positions)[slot] = length
+    np.copyto(np.from_dlpack(out), nxt)
+
+
+_mailbox: np.ndarray | None = None  # this process's (the CPU's) mailbox, as lab.kv.mailbox makes it
+
+
+def _kv_mailbox() -> int:
+    global _mailbox
+    if _mailbox is None:
+        _mailbox = np.zeros(1 + functions.MAILBOX_RING * functions.MAILBOX_SLOTS, dtype=np.int32)
+    return int(_mailbox.ctypes.data)
+
+
+def _kv_advance(next_ids, ids, positions, out) -> None:
+    nxt = np.from_dlpack(next_ids)
+    np.from_dlpack(ids)[:, 0] = nxt
+    np.from_dlpack(positions)[:] += 1
+    np.copyto(np.from_dlpack(out), nxt)
+    if _mailbox is not None and len(nxt) <= functions.MAILBOX_SLOTS:
+        call = int(_mailbox[0])
+        entry = 1 + (call % functions.MAILBOX_RING) * functions.MAILBOX_SLOTS
+        _mailbox[entry:entry + len(nxt)] = nxt
+        _mailbox[0] = call + 1
+
+
+def _kv_set_ids(new_ids, ids, out) -> None:
+    new = np.from_dlpack(new_ids)
+    np.copyto(np.from_dlpack(ids), new)
+    np.copyto(np.from_dlpack(out), new)
+
+
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
     functions.GEMV_Q4: _numpy_gemv_q4,
@@ -98,4 +166,15 @@ IMPLEMENTATIONS = {
     functions.ALLREDUCE_WAIT: lambda reduced, partial, token: None,
     functions.OVERLAP_INIT: lambda: None,
     functions.SET_OVERLAP: lambda on: None,
+    functions.ALLREDUCE: _allreduce,
+    functions.IPC_CREATE: lambda rank, world, max_bytes: "",
+    functions.IPC_OPEN: lambda handles: False,
+    functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",
+    functions.IPC_DISABLE: lambda why: None,
+    functions.KV_PREFILL_ATTENTION: _kv_prefill_attention,
+    functions.KV_DECODE_ATTENTION: _kv_decode_attention,
+    functions.KV_SETTLE_PREFILL: _kv_settle_prefill,
+    functions.KV_ADVANCE: _kv_advance,
+    functions.KV_SET_IDS: _kv_set_ids,
+    functions.KV_MAILBOX: _kv_mailbox,
 }

@@ -21,6 +21,34 @@ stream of its own, runtime_patch/native/nccl_overlap.cc):
   ALLREDUCE_WAIT(reduced, partial, token)  what takes the token runs after that sum
   OVERLAP_INIT()                        once per worker before the first begin (sessions call it)
   SET_OVERLAP(on)                       on=false: every begin waited for at once (serialized reference)
+One-shot allreduce over CUDA IPC, safe inside CUDA graphs (plugin cuda_allreduce,
+runtime_patch/native/oneshot_allreduce.cu; on CPU, cpu_shm through TVM's allreduce):
+  ALLREDUCE(input, output)              output = sum of input over the workers (float16, bfloat16,
+                                        float32): our kernel once opened and up to the size limit,
+                                        else TVM's CCL (runtime.disco.allreduce: NCCL / cpu_shm)
+  IPC_CREATE(rank, world, max_bytes) -> text   this device's region for the peers to map
+  IPC_OPEN(texts) -> bool               every rank's text in rank order, ";"-joined; false (TVM's CCL
+                                        then) where the GPUs lack peer access
+  IPC_STATUS() -> text                  what ALLREDUCE does here, in one line
+  IPC_DISABLE(why)                      the one-shot off here (sessions: where a rank could not open)
+The project's static KV cache (engine/model/static_kv.py: cache [layers, 2, slots, kv_heads,
+max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_patch/native/cuda_attention.cu):
+  KV_PREFILL_ATTENTION(q, k, v, cache, layer, slot, start, sm_scale, out)
+                                        a prompt chunk's k, v written at start.. of the slot, then
+                                        causal attention of its q over positions 0..start+len
+  KV_DECODE_ATTENTION(q, k, v, cache, layer, positions, sm_scale, invariant, out)
+                                        one token per slot: k, v written at positions[slot], attention
+                                        over 0..positions[slot]; launch shape fixed by the tensors'
+                                        shapes (graph-safe: lengths are read on the device);
+                                        invariant=1: keys split as for one slot (batch_invariant)
+  KV_SETTLE_PREFILL(next, ids, positions, slot, length, out)   ids[slot] = next[-1], positions[slot]
+                                        = length; out = next
+  KV_ADVANCE(next, ids, positions, out) ids[:, 0] = next, positions += 1; out = next; and next into
+                                        this device's mailbox where it has one
+  KV_SET_IDS(new, ids, out)             ids = new; out = new
+  KV_MAILBOX() -> address               this device's mailbox (made on the first call): host memory the
+                                        advance calls write the steps' tokens into, so that the host
+                                        reads a step while the next one runs (no stream-ordered copy)
 """
 
 from __future__ import annotations
@@ -36,12 +64,31 @@ ALLREDUCE_BEGIN = "lab.ccl.allreduce_begin"
 ALLREDUCE_WAIT = "lab.ccl.allreduce_wait"
 OVERLAP_INIT = "lab.ccl.overlap_init"
 SET_OVERLAP = "lab.ccl.set_overlap"
+ALLREDUCE = "lab.ccl.allreduce"
+IPC_CREATE = "lab.ccl.ipc_create"
+IPC_OPEN = "lab.ccl.ipc_open"
+IPC_STATUS = "lab.ccl.ipc_status"
+IPC_DISABLE = "lab.ccl.ipc_disable"
+KV_PREFILL_ATTENTION = "lab.kv.prefill_attention"
+KV_DECODE_ATTENTION = "lab.kv.decode_attention"
+KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
+KV_ADVANCE = "lab.kv.advance"
+KV_SET_IDS = "lab.kv.set_ids"
+KV_MAILBOX = "lab.kv.mailbox"
+# The layout of a mailbox (int32 words): [0] advance calls written, then MAILBOX_RING entries of
+# MAILBOX_SLOTS tokens (call k in entry k % MAILBOX_RING); batches above MAILBOX_SLOTS get none.
+MAILBOX_RING, MAILBOX_SLOTS = 64, 256
 
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
+    ALLREDUCE: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
+    IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",
+    KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
+    KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
+    KV_MAILBOX: "cuda_attention",
 }
 PREFIX = "lab."
 _registered: dict[str, set[str]] = {}

@@ -68,6 +68,15 @@ VARIABLES: dict[str, Variable] = {v.name: v for v in [
     Variable("NCCL_HOME", "", "NCCL headers and library; else the nvidia-nccl-cu13 wheel or the system's"),
     Variable("CUBLAS_HOME", "", "cuBLAS headers and library; else the CUDA toolkit's or the nvidia-cublas wheel's"),
     Variable("CUDA_VISIBLE_DEVICES", None, "the GPUs a run may use (recorded in results.json)"),
+    # NVLink multicast stays off: a program that uses it can take a host's shared GPUs out of service
+    Variable("NCCL_NVLS_ENABLE", None, "0: NCCL without NVLink multicast (bench.allreduce sets it)"),
+    Variable("TORCH_SYMM_MEM_DISABLE_MULTICAST", None, "1: PyTorch symmetric memory without multicast (bench.allreduce sets it)"),
+    Variable("NVSHMEM_DISABLE_NVLS", None, "1: NVSHMEM without NVLink multicast (bench.allreduce sets it)"),
+    # torchrun, for the benchmarks that run one process per GPU
+    Variable("RANK", None, "torchrun: this process's rank"),
+    Variable("WORLD_SIZE", None, "torchrun: the number of processes"),
+    Variable("LOCAL_RANK", None, "torchrun: this process's rank on its host"),
+    Variable("LOCAL_WORLD_SIZE", None, "torchrun: the processes on this host"),
     # tests
     Variable("LAB_TEST_CACHE", "", "the test suite's compile cache (reused across pytest sessions where set)"),
 ]}

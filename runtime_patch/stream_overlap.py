@@ -19,7 +19,15 @@ imports the engine. Modes:
   tokens, timing hooks, stop checks) runs while step t+1 computes, with the next step's KV
   bookkeeping done ahead as in `prefetch`.
 
-Why `pipeline` waits for step t before launching step t+1 on a GPU: TVM 0.27's paged KV cache
+On the static KV cache (`kv_cache=static`, the default on CUDA) a step's inputs never leave the
+device: each step's last kernel (`lab.kv.advance`) writes its tokens into the next step's input,
+advances the positions and copies the tokens into a pinned host mailbox. So `pipeline` launches
+step t+1 before reading step t's tokens (`gen.can_launch_ahead`), reading them from the mailbox
+while step t+1 runs; `prefetch` has nothing to stage and runs as `pipeline`; `double_buffer`
+keeps a VM instance per request group; `full_overlap` (paged only) runs as `pipeline`.
+Each says so in `note` where it ran another mode.
+
+Why `pipeline` on the paged cache waits for step t before launching step t+1 on a GPU: TVM 0.27's paged KV cache
 keeps one device buffer (and one pinned staging buffer) for a step's attention metadata and
 refreshes it on its own non-blocking copy stream when the next step's first attention launches,
 with no ordering against the previous step's kernels. Launching step t+1 while step t still runs
@@ -34,9 +42,9 @@ while step t+1 runs.
   runs as `pipeline` and says so (`note`).
 
 - `full_overlap`: `double_buffer`'s two request groups become the two micro-batches of one
-  `batch_decode_pair` call per step (artifacts built with `microbatch_decode`; engine/model.py),
+  `batch_decode_pair` call per step (artifacts built with `microbatch_decode`; engine/model/llama.py),
   which interleaves them half-layer by half-layer and begins each allreduce on a communication
-  stream (runtime_patch.collectives: a second NCCL communicator on a stream of its own), waiting
+  stream (the `nccl` plugin: a second NCCL communicator on a stream of its own), waiting
   for it only where the sum is needed, so one micro-batch's allreduce runs while the other
   computes; the steps are issued as in `pipeline`. Where that cannot apply it says so in `note`
   and runs another mode: batch 1 (`pipeline`), an odd batch (micro-batches of equal size only:
@@ -60,19 +68,21 @@ def _on_gpu(session) -> bool:
 
 
 class _Reader:
-    """Reads a step's tokens: now (GPU sessions, and disco), or on a host thread (CPU VM)."""
+    """Reads a step's tokens (`gen.read`): now (GPU sessions, and disco), or on a host thread (CPU VM)."""
 
-    def __init__(self, session):
-        self.session = session
-        threaded = not _on_gpu(session) and getattr(session, "tp", 1) == 1
+    def __init__(self, gen):
+        self.gen = gen
+        threaded = not _on_gpu(gen.session) and getattr(gen.session, "tp", 1) == 1
         self.pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="token-reader") if threaded else None
         self.kind = "host thread" if threaded else "same thread, before the next launch"
+        if gen.can_launch_ahead and not threaded:
+            self.kind = "same thread, after the next launch (static KV cache)"
 
     def start(self, next_ids):
         if self.pool is not None:
-            return self.pool.submit(self.session.to_numpy, next_ids)
+            return self.pool.submit(self.gen.read, next_ids)
         done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(self.session.to_numpy(next_ids))
+        done.set_result(self.gen.read(next_ids))
         return done
 
     def close(self) -> None:
@@ -118,8 +128,9 @@ class PipelineDecode(_Scheduler):
         groups = self._groups(gen, seq_ids)
         order = [sid for g in groups for sid in g]  # how a step's tokens come back
         first_of = dict(zip(seq_ids, first))
-        reader = _Reader(gen.session)
+        reader = _Reader(gen)
         self.reader_kind = reader.kind
+        ahead = gen.can_launch_ahead  # the static cache: launch step+1, then read step
         out: dict[int, list[int]] = {sid: [] for sid in seq_ids}
         b = len(seq_ids)
         try:
@@ -132,11 +143,14 @@ class PipelineDecode(_Scheduler):
                 if more:
                     for g in groups:
                         gen.begin_decode(g)  # host-side KV bookkeeping while the step computes
-                ready = reader.start(pending)  # GPU: waits for step `step` (see the module doc)
+                if not ahead:
+                    ready = reader.start(pending)  # paged cache on a GPU: waits for step `step` (module doc)
                 if more:  # step+1 is fed step's device tokens: no host round trip of the ids
                     t0 = time.perf_counter()
                     following = self._launch(gen, groups, gen.next_input(pending), begun=True)
                     gen.record("launch", step + 1, t0, time.perf_counter(), b)
+                if ahead:
+                    ready = reader.start(pending)  # while step+1 runs
                 tokens = _as_list(ready.result())
                 now = time.perf_counter()
                 gen.record("decode", step, previous, now, b)
@@ -173,7 +187,7 @@ class DoubleBufferDecode(_Scheduler):
         for step in range(steps):
             more = step + 1 < steps
             for i, group in enumerate(groups):
-                tokens = _as_list(gen.session.to_numpy(pending[i]))  # this group's step; the other's runs
+                tokens = _as_list(gen.read(pending[i]))  # this group's step; the other's runs
                 if more:  # this group's cache is free again: its next step goes behind the other's
                     t0 = time.perf_counter()
                     gen.begin_decode(group)
@@ -204,6 +218,11 @@ class FullOverlapDecode(PipelineDecode):
 
     def _fallback(self, gen, seq_ids: list[int]) -> _Scheduler | None:
         """The mode that runs instead where micro-batches cannot apply (saying why in `note`)."""
+        if gen.caches.kind == "static":
+            self.note = ("static KV cache: no two-micro-batch decode (batch_decode_pair, paged only); its one-graph "
+                         "step with the next step launched ahead already keeps the GPU busy, and micro-batches would "
+                         "read the weights twice, so full_overlap ran as pipeline")
+            return PipelineDecode()
         groups = gen.groups_of(seq_ids)
         if len(groups) < 2:
             self.note = "batch 1: no second micro-batch, so full_overlap ran as pipeline"
@@ -285,6 +304,10 @@ class PrefetchDecode(_Scheduler):
     name = "prefetch"
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
+        if gen.caches.kind == "static":
+            self.note = ("static KV cache: a step's tokens and positions are already on the device (the step "
+                         "before wrote them), so there is nothing to prefetch; prefetch ran as pipeline")
+            return self._run_instead(PipelineDecode(), gen, seq_ids, first, steps)
         staging = _staging(gen.session, len(seq_ids))
         self.reader_kind = staging.kind
         out: list[list[int]] = [[] for _ in seq_ids]
@@ -296,7 +319,7 @@ class PrefetchDecode(_Scheduler):
             begun = step + 1 < steps
             if begun:
                 gen.begin_decode(seq_ids)  # overlaps the step on a GPU
-            last = _as_list(gen.session.to_numpy(next_ids))
+            last = _as_list(gen.read(next_ids))
             gen.record("decode", step, start, time.perf_counter(), b)
             for o, t in zip(out, last):
                 o.append(t)

@@ -107,12 +107,13 @@ def test_attention_choice(tiny_config):
             BuildSpec(tiny_config, "q0f32", **{option: "flash"})
     cpu = BuildSpec(tiny_config, "q0f32")
     assert (cpu.prefill_attention, cpu.decode_attention) == ("tir", "tir")
-    cuda = BuildSpec(tiny_config, "q0f16", target="cuda")
+    assert BuildSpec(tiny_config, "q0f16", target="cuda").kv_cache == "static"
+    cuda = BuildSpec(tiny_config, "q0f16", target="cuda", kv_cache="paged")  # the library kernels in TVM's cache
     assert (cuda.prefill_attention, cuda.decode_attention) == ("library", "library")
-    assert cuda.key() != BuildSpec(tiny_config, "q0f16", target="cuda", decode_attention="tir").key()
+    assert cuda.key() != BuildSpec(tiny_config, "q0f16", target="cuda", kv_cache="paged", decode_attention="tir").key()
     create = export(cuda)[0]["create_kv_cache"].script()
     assert f'R.ExternFunc("{functions.PREFILL_RAGGED}")' in create
     assert f'R.ExternFunc("{functions.DECODE_PAGED}")' in create
     assert "batch_prefill_paged_kv" in create  # a prefill's attention over cached pages stays TVM's
-    only_decode = export(BuildSpec(tiny_config, "q0f16", target="cuda", prefill_attention="tir"))[0]
+    only_decode = export(BuildSpec(tiny_config, "q0f16", target="cuda", kv_cache="paged", prefill_attention="tir"))[0]
     assert functions.PREFILL_RAGGED not in only_decode["create_kv_cache"].script()

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import tvm
 
 from engine.compile import BuildSpec, export
@@ -21,31 +22,39 @@ def test_prefill_attention_gets_more_thread_blocks_on_cuda(tiny_config):
     from engine.model.kv_cache import PREFILL_ATTENTION_BLOCKS
 
     original = _prefill_kernels._get_prefill_kernel_config
-    mod, _ = export(BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90"))
+    mod, _ = export(BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", kv_cache="paged"))  # TVM's cache's kernels
     blocks = _prefill_attention_blocks(mod)
     assert blocks.get("batch_prefill_ragged_kv") == PREFILL_ATTENTION_BLOCKS
     assert blocks.get("batch_prefill_paged_kv") == PREFILL_ATTENTION_BLOCKS
     assert _prefill_kernels._get_prefill_kernel_config is original  # TVM's function is put back
 
 
-def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config):
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90"))
-    assert "lab.gemm.nt" in mod["prefill"].script()
-    assert "lab.gemm.nt" in mod["prefill_logits"].script()
-    assert "lab.gemm.nt" not in mod["decode"].script()
-    assert "lab.gemm.nt" not in mod["batch_decode"].script()
-    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", prefill_gemm="tir"))
-    assert "lab.gemm.nt" not in tir["prefill"].script()
+# The exported functions' names on each KV cache (the static cache's take `_static`).
+SUFFIX = {"paged": "", "static": "_static"}
 
 
-def test_library_q4_gemv_only_in_the_batch1_decode(tiny_config):
+@pytest.mark.parametrize("kv_cache", SUFFIX)
+def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cache):
+    s = SUFFIX[kv_cache]
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache))
+    assert "lab.gemm.nt" in mod[f"prefill{s}"].script()
+    assert "lab.gemm.nt" in mod[f"prefill_logits{s}"].script()
+    assert "lab.gemm.nt" not in mod[f"decode{s}"].script()
+    assert "lab.gemm.nt" not in mod[f"batch_decode{s}"].script()
+    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, prefill_gemm="tir"))
+    assert "lab.gemm.nt" not in tir[f"prefill{s}"].script()
+
+
+@pytest.mark.parametrize("kv_cache", SUFFIX)
+def test_library_q4_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
+    s = SUFFIX[kv_cache]
     assert BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90").decode_gemv == "tir"  # opt-in
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", decode_gemv="library"))
-    assert "lab.gemv.q4" in mod["decode"].script()
-    assert "lab.gemv.q4" not in mod["batch_decode"].script()
-    assert "lab.gemv.q4" not in mod["prefill_logits"].script()
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library"))
+    assert "lab.gemv.q4" in mod[f"decode{s}"].script()
+    assert "lab.gemv.q4" not in mod[f"batch_decode{s}"].script()
+    assert "lab.gemv.q4" not in mod[f"prefill_logits{s}"].script()
     for other in ("q0f16", "q8f16_1"):  # TVM's GEMVs for the other quantizations
-        spec = BuildSpec(tiny_config, other, 1, "cuda", "sm_90", decode_gemv="library")
-        assert "lab.gemv.q4" not in export(spec)[0]["decode"].script()
-    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", decode_gemv="tir"))
-    assert "lab.gemv.q4" not in tir["decode"].script()
+        spec = BuildSpec(tiny_config, other, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library")
+        assert "lab.gemv.q4" not in export(spec)[0][f"decode{s}"].script()
+    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="tir"))
+    assert "lab.gemv.q4" not in tir[f"decode{s}"].script()

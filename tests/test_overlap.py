@@ -23,10 +23,12 @@ from runtime_patch import stream_overlap
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("kv_cache", ["paged", "static"])
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("mode", [m for m in stream_overlap.MODES if m != "none"])
-def test_every_mode_yields_the_tokens_of_none(compiled, tiny_config, tp, mode):
-    artifact = compiled(tiny_config, "q0f16", tp, microbatch_decode=tp > 1)
+def test_every_mode_yields_the_tokens_of_none(compiled, tiny_config, tp, mode, kv_cache):
+    static = kv_cache == "static"
+    artifact = compiled(tiny_config, "q0f16", tp, microbatch_decode=tp > 1 and not static, kv_cache=kv_cache)
     source = RandomSource(tiny_config, seed=5)
     with (VMSession(artifact, source) if tp == 1 else DiscoSession(artifact, source)) as session:
         gen = Generator(session, max_batch=4, max_total_len=64, prefill_chunk=16)
@@ -39,7 +41,10 @@ def test_every_mode_yields_the_tokens_of_none(compiled, tiny_config, tp, mode):
     assert len(overlapped.decode_steps) == 9
     decode = overlapped.decode_steps
     assert all(a.end <= b.start + 1e-9 for a, b in zip(decode, decode[1:]))  # consecutive, one per token
-    if mode == "full_overlap":  # at tp=2 the micro-batched decode ran (no note), at tp=1 it says why not
+    if static:  # a step's inputs are on the device: nothing to prefetch, no pair decode (module doc)
+        ran_as = {"prefetch": "pipeline", "full_overlap": "pipeline"}.get(mode)
+        assert (scheduler.note is None) if ran_as is None else f"ran as {ran_as}" in scheduler.note
+    elif mode == "full_overlap":  # at tp=2 the micro-batched decode ran (no note), at tp=1 it says why not
         assert (scheduler.note is None) if tp == 2 else "tp=1" in scheduler.note
 
 

@@ -78,7 +78,7 @@ def run_module(module, *overrides, cache_dir, out, timeout=900):
 def test_tensor_parallel_sweep_reports_scaling(cache_dir, tmp_path):
     out = tmp_path / "tp"
     proc = run_module("experiments.tensor_parallel", "tp=[1,2]", "device=cpu", "workload.prompt_len=8",
-                      "workload.new_tokens=6", "workload.warmup=1", "workload.repeats=2",
+                      "workload.new_tokens=6", "workload.warmup=1", "workload.repeats=2", "overlap=pipeline",
                       cache_dir=cache_dir, out=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -89,6 +89,7 @@ def test_tensor_parallel_sweep_reports_scaling(cache_dir, tmp_path):
     assert s["tp=2"]["efficiency"] == pytest.approx(s["tp=2"]["speedup"] / 2)
     assert s["tp=1"]["tokens_first_sequence"] == s["tp=2"]["tokens_first_sequence"]
     assert (out / "speedup.png").stat().st_size > 5000 and (out / "trace.json").is_file()
+    assert "overlap=pipeline" in (out / "summary.md").read_text()  # the decode loop it ran, named
 
 
 @pytest.mark.parametrize("override,message", [("tp=[1,64]", "at most 16"), ("tp=[1,3]", "choose tp from"),

@@ -31,10 +31,11 @@ PREFILL, DECODE, BATCH = "prefill", "decode", "batch"
 class KernelPlan:
     library_prefill_gemm: bool = False
     library_decode_gemv: bool = False
+    library_allreduce: bool = False  # lab.ccl.allreduce (one-shot over CUDA IPC) instead of TVM's CCL
 
     @staticmethod
     def of(spec) -> "KernelPlan":
-        return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library")
+        return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library", spec.allreduce == "library")
 
     def library_gemm(self, phase: str) -> bool:
         return phase == PREFILL and self.library_prefill_gemm

@@ -35,6 +35,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 from runtime_patch import functions
 
 from ..sharding import ShardPlan
+from . import static_kv
 from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear
 from .kv_cache import create_paged_kv_cache
 
@@ -69,14 +70,18 @@ def _rms_norm(config, spec) -> nn.RMSNorm:
 
 class DecoderLayer(nn.Module):
     def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
-        self.tp = plan.tp
+        self.tp, self.library_allreduce = plan.tp, kernels.library_allreduce
         self.input_layernorm = _rms_norm(plan.config, spec)
         self.self_attn = Attention(plan, spec, kernels)
         self.post_attention_layernorm = _rms_norm(plan.config, spec)
         self.mlp = MLP(plan, spec, kernels)
 
     def _reduce(self, partial: Tensor) -> Tensor:
-        return op.ccl_allreduce(partial, "sum") if self.tp > 1 else partial
+        if self.tp == 1:
+            return partial
+        if self.library_allreduce:  # the project's one-shot over CUDA IPC (NCCL where it cannot)
+            return op.extern(functions.ALLREDUCE, [partial], Tensor.placeholder(partial.shape, partial.dtype))
+        return op.ccl_allreduce(partial, "sum")
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
@@ -208,10 +213,53 @@ class LlamaForCausalLM(nn.Module):
         return create_paged_kv_cache(self.build, self.target, max_batch_size, max_total_seq_len, prefill_chunk_size,
                                      page_size, support_sliding_window)
 
+    # --- the static KV cache (kv_cache="static", engine/model/static_kv.py) -------------------------
+
+    def prefill_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
+        """A chunk of one slot's prompt at `start`; the slot's ids and positions are set for decoding."""
+        kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
+        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        logits = self._logits(_take_last(hidden), DECODE)
+        _, s = input_ids.shape
+        return static_kv.settle_prefill(_argmax_last(logits), ids, positions, slot, start + s), logits
+
+    def prefill_logits_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
+        kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
+        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        _, s, h = hidden.shape
+        logits = self._logits(op.reshape(hidden, (s, h)), PREFILL)
+        return static_kv.settle_prefill(_argmax_last(logits), ids, positions, slot, start + s), logits
+
+    def _decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor, phase: str):
+        kv = static_kv.StaticKV(self.build, cache, static_kv.DECODE, positions)
+        # every rank's ids hold the same tokens (each ran the same argmax): no broadcast
+        hidden = self.model(self.model.embed_tokens(ids), kv, phase)
+        b, _, h = hidden.shape
+        logits = self._logits(op.reshape(hidden, (b, h)), phase)
+        return static_kv.advance(_argmax_last(logits), ids, positions), logits
+
+    def decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor):
+        return self._decode_static(cache, positions, ids, DECODE)
+
+    def batch_decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor):
+        return self._decode_static(cache, positions, ids, BATCH)
+
+    def set_ids(self, input_ids: Tensor, ids: Tensor):
+        """The next decode step's input tokens from the host (teacher forcing)."""
+        if self.plan.tp > 1:
+            input_ids = op.ccl_broadcast_from_worker0(input_ids)
+        return static_kv.set_ids(input_ids, ids)
+
+    # Functions whose every argument is static (state tensors created once per generator, and the
+    # weights): their CUDA graph captures the whole decode step (engine.compile sets num_input=0).
+    STATIC_ARGUMENT_FUNCTIONS = ("decode_static", "batch_decode_static")
+
     def export_spec(self) -> nn.spec.ModuleSpec:
         packed = {"param_mode": "packed", "effect_mode": "none"}
-        kv = nn.spec.Object(object_type=PagedKVCache)
         ids = lambda *shape: nn.spec.Tensor(list(shape), "int32")  # noqa: E731
+        if self.build.kv_cache == "static":
+            return nn.spec.ModuleSpec.from_raw(self._static_export(ids, packed), self)
+        kv = nn.spec.Object(object_type=PagedKVCache)
         pair = {"batch_decode_pair": {"input_ids": ids(2, "micro_batch", 1), "kv_a": kv, "kv_b": kv, "$": packed}} \
             if self.build.microbatch_decode else {}
         return nn.spec.ModuleSpec.from_raw({
@@ -226,6 +274,23 @@ class LlamaForCausalLM(nn.Module):
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }, self)
+
+    def _static_export(self, ids, packed) -> dict:
+        c, plan = self.config, self.plan
+        dtype = self.quant.model_dtype
+
+        def state(slots):
+            return {"cache": nn.spec.Tensor([c.num_hidden_layers, 2, slots, plan.kv_heads, "max_len", c.head_dim], dtype),
+                    "positions": ids(slots), "ids": ids(slots, 1)}
+
+        prefill = {"input_ids": ids(1, "seq_len"), **state("slots"), "slot": int, "start": int, "$": packed}
+        return {
+            "prefill_static": prefill,
+            "prefill_logits_static": dict(prefill),
+            "decode_static": {**state(1), "$": packed},
+            "batch_decode_static": {**state("batch_size"), "$": packed},
+            "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
+        }
 
 
 def _take_last(hidden: Tensor) -> Tensor:

@@ -27,6 +27,9 @@ from runtime_patch import settings
 
 
 def main() -> None:
+    from runtime_patch import runtime_only
+
+    runtime_only.prepare()  # a runtime-only TVM: its libraries before anything imports tvm
     if settings.is_set("LAB_CUPTI_DIR"):
         from runtime_patch import cupti_tracer
 

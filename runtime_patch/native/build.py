@@ -4,7 +4,9 @@
 - `nccl`: TVM's shipped `disco/nccl/nccl.cc` with our nccl_overlap.cc (allreduces on a
   communication stream, `full_overlap`);
 - `cuda_gemm` (cublas_gemm.cc, q4_gemv.cu): the prefill's cuBLAS GEMM, the q4 decode GEMV;
-- `cuda_attention` (cuda_attention.cu): the paged KV cache's prefill and decode attention.
+- `cuda_attention` (cuda_attention.cu): the paged KV cache's prefill and decode attention, and
+  the static KV cache's functions (`lab.kv.*`: attention, append, the step's advance and mailbox);
+- `cuda_allreduce` (oneshot_allreduce.cu): the one-shot allreduce over CUDA IPC (`lab.ccl.*`).
 
 Which `lab.*` function each provides is in runtime_patch.functions. A plugin is a shared library
 whose static initialisers register its global functions. `build(name)` compiles it with g++ (nvcc
@@ -45,7 +47,8 @@ class CudaPlugin:
 
 
 CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "q4_gemv.cu")),
-                "cuda_attention": CudaPlugin(("cuda_attention.cu",))}
+                "cuda_attention": CudaPlugin(("cuda_attention.cu",)),
+                "cuda_allreduce": CudaPlugin(("oneshot_allreduce.cu",), cublas=False)}
 PLUGINS = (*CCLS, *CUDA_PLUGINS)
 _HERE = Path(__file__).resolve().parent
 _STUBS = _HERE / "nccl_stubs"

@@ -1,7 +1,8 @@
-// The paged KV cache's attention on the GPU, in the slots where TVM puts its TIR kernels
-// (engine/model.py), with those kernels' arguments and results. TVM's kernels use no tensor cores,
-// and its decode kernel runs one thread block per (sequence, KV head): 8 blocks for a batch-1
-// Llama-3-8B step on a GPU of 132 SMs.
+// The KV caches' attention on the GPU: TVM's paged cache (in the slots where TVM puts its TIR
+// kernels, engine/model/kv_cache.py, with those kernels' arguments and results) and the project's
+// static cache (engine/model/static_kv.py). TVM's kernels use no tensor cores, and its decode
+// kernel runs one thread block per (sequence, KV head): 8 blocks for a batch-1 Llama-3-8B step on a
+// GPU of 132 SMs.
 //
 // lab.attention.prefill_ragged: the self-attention of a prefill over the tokens it appends,
 //   (q [n, Hq, d], q_indptr [b+1], k [m, Hkv, d], v [m, Hkv, d], kv_indptr [b+1],
@@ -24,6 +25,27 @@
 //
 // lse is in base 2 of the scaled scores, log2(sum_j 2^(s_j * sm_scale * log2(e))), as TVM's merge
 // kernel expects when it combines attention over the appended tokens with attention over pages.
+//
+// The static cache: cache [layers, 2 (K, V), slots, Hkv, max_len, d] float16, positions [slots]
+// int32 (each slot's length), ids [slots, 1] int32. Its functions are called inside the decode
+// step's CUDA graph (TVM captures them), so a decode launch depends only on the tensors' shapes
+// (never on a length read to the host) and uses buffers that never move once allocated:
+// lab.kv.prefill_attention(q [n, Hq, d], k [n, Hkv, d], v, cache, layer, slot, start, sm_scale, out)
+//   the chunk's k and v written at positions start.. of the slot, then the causal attention of its
+//   queries over positions 0..start+n, the prefill's cuBLAS path above with keys read in place.
+// lab.kv.decode_attention(q [b, Hq, d], k [b, Hkv, d], v, cache, layer, positions, sm_scale, out)
+//   one token per slot at positions[slot]: its k and v written there, attention over 0..position.
+//   Split over the keys as decode_paged, with the splits fixed by the shapes (fill the GPU, at
+//   most one per kMinKeys of max_len) and, on the device, only as many used as the length needs
+//   (one per kMinKeys keys: a short context runs few, busy blocks); the last block of a
+//   (slot, KV head) to finish merges the splits (an arrival counter per (slot, KV head), reset by
+//   that block), so a step is one kernel whatever the context.
+// lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
+//                                                   the tokens into the device's mailbox, if it has one
+// lab.kv.mailbox() -> address                       pinned host words the advance calls write (below)
+// lab.kv.settle_prefill(next [n], ids, positions, slot, length, out)
+//                                                   ids[slot] = next[n-1], positions[slot] = length
+// lab.kv.set_ids(new [b, 1], ids, out)              ids = new, out = new
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -36,6 +58,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -49,11 +75,29 @@ using lab::IsCompact;
 constexpr int64_t kWorkspaceBytes = int64_t(256) << 20;
 constexpr int kSoftmaxThreads = 256;
 
-// Per (thread, device): the S/P workspace and the SM count (a disco worker is one thread on one
-// device).
+// A device buffer that grows on demand (freed and allocated again, after the stream's last use).
+struct Growable {
+  void* data = nullptr;
+  int64_t bytes = 0;
+
+  void* Get(int64_t need, cudaStream_t stream) {
+    if (need > bytes) {
+      if (data != nullptr) {
+        LAB_CHECK_CUDA(cudaStreamSynchronize(stream));  // the last use of the old buffer is on it
+        LAB_CHECK_CUDA(cudaFree(data));
+      }
+      LAB_CHECK_CUDA(cudaMalloc(&data, need));
+      bytes = need;
+    }
+    return data;
+  }
+};
+
+// Per (thread, device): the prefills' S/P workspace and log-sum-exp scratch, the paged decode's
+// partials, and the SM count (a disco worker is one thread on one device). Never used by a
+// function that runs inside a captured CUDA graph: a buffer that grows moves.
 struct DeviceState {
-  void* workspace = nullptr;
-  int64_t workspace_bytes = 0;
+  Growable workspace, lse, partials;
   int sms = 0;
 };
 
@@ -64,16 +108,24 @@ DeviceState& State(int device) {
   return s;
 }
 
-void* Workspace(DeviceState& s, int64_t bytes, cudaStream_t stream) {
-  if (bytes > s.workspace_bytes) {
-    if (s.workspace != nullptr) {
-      LAB_CHECK_CUDA(cudaStreamSynchronize(stream));  // the last use of the old buffer is on it
-      LAB_CHECK_CUDA(cudaFree(s.workspace));
-    }
-    LAB_CHECK_CUDA(cudaMalloc(&s.workspace, bytes));
-    s.workspace_bytes = bytes;
-  }
-  return s.workspace;
+// A zeroed device buffer that never moves once made, one per (device, purpose, size): what a
+// function captured into a CUDA graph may use (the graph keeps its address). Made at the first
+// call of a shape, which TVM runs before capturing (its warm-up run); never during a capture.
+void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
+  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
+  const auto key = std::make_tuple(device, purpose, bytes);
+  auto it = buffers.find(key);
+  if (it != buffers.end()) return it->second;
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  LAB_CHECK_CUDA(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone)
+    TVM_FFI_THROW(RuntimeError) << "lab.kv: a buffer of " << bytes << " bytes is first needed while a CUDA graph is "
+                                << "being captured; call the function once before capturing";
+  void* data = nullptr;
+  LAB_CHECK_CUDA(cudaMalloc(&data, bytes));
+  LAB_CHECK_CUDA(cudaMemsetAsync(data, 0, bytes, stream));
+  buffers.emplace(key, data);
+  return data;
 }
 
 __device__ float BlockReduce(float value, bool is_max, float* shared) {
@@ -128,11 +180,13 @@ __global__ void CausalSoftmax(const float* __restrict__ s, __half* __restrict__ 
 
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeBlocksPerSM = 8;
-
 constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
 // A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
 // does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
 constexpr float kEmptyLse = -5e4f;
+// The static decode uses one split per this many keys of the context at the most: a short
+// context runs a few busy blocks rather than many nearly idle ones.
+constexpr int kMinKeysPerSplit = 16;
 
 // 8 consecutive halfs (one 16-byte load) as floats.
 __device__ void Load8(const __half* src, float* dst) {
@@ -145,26 +199,46 @@ __device__ void Load8(const __half* src, float* dst) {
   }
 }
 
-// A block per (split, KV head, sequence). A key is handled by a team of D / 8 lanes, each with
-// 8 elements of head_dim (16-byte loads), so a warp reads 32 / (D / 8) keys at once; each team
-// keeps an online softmax per query head of the KV group, and the teams are combined in shared
-// memory into the split's (output, lse).
-template <int D, int G>  // G: query heads per KV head this instance can hold (registers)
-__global__ void __launch_bounds__(kDecodeWarps * 32)
-DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, const int32_t* __restrict__ page_indptr,
-              const int32_t* __restrict__ page_values, const int32_t* __restrict__ last_page_len,
-              float* __restrict__ part_o, float* __restrict__ part_lse, int kv_heads, int group, int page_size,
-              int splits, float scale2) {
+// Where a decode block finds the key and value of token t. Paged: through the sequence's page
+// table. Static: the slot's contiguous rows, the step's own token (at `pos`) from the step's k, v.
+struct PagedKeys {
+  const __half* pages;
+  const int32_t* page_values;
+  int p0, kv_heads, hk, page_size, d;
+
+  __device__ const __half* key(int t) const {
+    const int64_t page = page_values[p0 + t / page_size];
+    return pages + ((page * 2 * kv_heads + hk) * page_size + t % page_size) * d;
+  }
+  __device__ const __half* value(int t) const { return key(t) + int64_t(kv_heads) * page_size * d; }
+};
+
+struct StaticKeys {
+  const __half* k_rows;  // the slot's KV head: [max_len, d]
+  const __half* v_rows;
+  const __half* k_new;   // the step's token: [d]
+  const __half* v_new;
+  int pos, d;
+
+  __device__ const __half* key(int t) const { return t == pos ? k_new : k_rows + int64_t(t) * d; }
+  __device__ const __half* value(int t) const { return t == pos ? v_new : v_rows + int64_t(t) * d; }
+};
+
+// A block's share [t0, t1) of one (sequence b, KV head hk)'s keys. A key is handled by a team of
+// D / 8 lanes, each with 8 elements of head_dim (16-byte loads), so a warp reads 32 / (D / 8)
+// keys at once; each team keeps an online softmax per query head of the KV group, and the teams
+// are combined in shared memory into the split's normalized output and base-2 lse, written to
+// part_o / part_lse at row (b * q_heads + hk * group + g) * splits + split. Every thread of the
+// block must call it (it synchronises).
+template <int D, int G, class Keys>  // G: query heads per KV head this instance can hold (registers)
+__device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int b, int hk, int group, int t0,
+                            int t1, int split, int splits, float scale2, float* __restrict__ part_o,
+                            float* __restrict__ part_lse) {
   constexpr int kTeam = D / 8, kTeams = kDecodeWarps * 32 / kTeam;
   __shared__ float sm_m[kTeams][G], sm_d[kTeams][G];
   __shared__ float sm_o[kTeams][G][D];
-  const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int team = threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
-  const int q_heads = kv_heads * group;
-  const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
-  const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
-  const int chunk = (len + splits - 1) / splits;
-  const int t0 = split * chunk, t1 = min(len, t0 + chunk);
+  const int q_heads = int(gridDim.y) * group;
 
   float qr[G][8], o[G][8], m[G], d[G];
 #pragma unroll
@@ -175,7 +249,6 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
     for (int i = 0; i < 8; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
     if (g < group) Load8(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * 8, qr[g]);
   }
-  const int64_t kv_stride = int64_t(kv_heads) * page_size * D;  // K to V of a page
   // The warp's teams take consecutive keys; every lane of a warp runs the same iterations (the
   // shuffles below need the whole warp), a team past the split's end computes on zeros and keeps
   // its state.
@@ -185,10 +258,8 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
     const bool valid = t < t1;
     float k[8] = {}, v[8] = {};
     if (valid) {
-      const int64_t page = page_values[p0 + t / page_size];
-      const __half* krow = pages + (page * 2 * kv_heads + hk) * page_size * D + int64_t(t % page_size) * D;
-      Load8(krow + lane * 8, k);
-      Load8(krow + kv_stride + lane * 8, v);
+      Load8(keys.key(t) + lane * 8, k);
+      Load8(keys.value(t) + lane * 8, v);
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
@@ -234,27 +305,173 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
   }
 }
 
+constexpr int kMaxSplits = 64;
+
+__device__ float WarpMax(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ float WarpSum(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Merge the first `used` of the `splits` partials of `nrows` (at most kMaxGroup) consecutive
+// query-head rows from `row0` into out (and lse, where given), with the whole block (its size a
+// multiple of 32). Every partial's lse is loaded once into shared memory and turned into its
+// weight 2^(lse - max) by a warp per row; then each output element sums its weighted partials
+// with independent loads (unrolled, so they are in flight together: one load after another made
+// the merge latency-bound, 14-28 us per call). Loads bypass L1 (__ldcg): the partials may come
+// from other blocks of the same kernel.
+__device__ void MergeRows(const float* part_o, const float* part_lse, int64_t row0, int nrows, int used, int splits,
+                          int d, __half* __restrict__ out, float* __restrict__ lse) {
+  __shared__ float weight[kMaxGroup][kMaxSplits];
+  __shared__ float top[kMaxGroup], total[kMaxGroup];
+  for (int i = threadIdx.x; i < nrows * used; i += blockDim.x)
+    weight[i / used][i % used] = __ldcg(part_lse + (row0 + i / used) * splits + i % used);
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < nrows; r += blockDim.x / 32) {
+    float m = -INFINITY;
+    for (int s = lane; s < used; s += 32) m = fmaxf(m, weight[r][s]);
+    m = WarpMax(m);
+    float sum = 0.f;
+    for (int s = lane; s < used; s += 32) {
+      const float w = (m == -INFINITY || weight[r][s] == -INFINITY) ? 0.f : exp2f(weight[r][s] - m);
+      weight[r][s] = w;
+      sum += w;
+    }
+    sum = WarpSum(sum);
+    if (lane == 0) top[r] = m, total[r] = sum;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < nrows * d; i += blockDim.x) {
+    const int r = i / d, j = i % d;
+    const float* partial = part_o + (row0 + r) * splits * d + j;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int s = 0; s < used; ++s) acc += weight[r][s] * __ldcg(partial + int64_t(s) * d);
+    out[(row0 + r) * d + j] = __float2half(total[r] > 0.f ? acc / total[r] : 0.f);
+  }
+  if (lse != nullptr && threadIdx.x < nrows)
+    lse[row0 + threadIdx.x] = total[threadIdx.x] > 0.f ? top[threadIdx.x] + log2f(total[threadIdx.x]) : kEmptyLse;
+}
+
+// Paged: a block per (split, KV head, sequence), the key range from the page table's lengths.
+template <int D, int G>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, const int32_t* __restrict__ page_indptr,
+              const int32_t* __restrict__ page_values, const int32_t* __restrict__ last_page_len,
+              float* __restrict__ part_o, float* __restrict__ part_lse, int kv_heads, int group, int page_size,
+              int splits, float scale2) {
+  const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
+  const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
+  const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
+  const int chunk = (len + splits - 1) / splits;
+  const int t0 = split * chunk, t1 = min(len, t0 + chunk);
+  AttendSplit<D, G>(q, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b, hk, group, t0, t1, split,
+                    splits, scale2, part_o, part_lse);
+}
+
 // One block per (sequence, query head), a thread per element of head_dim: merge the splits.
 __global__ void DecodeMerge(const float* __restrict__ part_o, const float* __restrict__ part_lse,
                             __half* __restrict__ out, float* __restrict__ lse, int splits, int d) {
-  const int64_t row = blockIdx.x;  // b * q_heads + h
-  const float* lses = part_lse + row * splits;
-  float top = -INFINITY;
-  for (int s = 0; s < splits; ++s) top = fmaxf(top, lses[s]);
-  if (top == -INFINITY) {
-    for (int j = threadIdx.x; j < d; j += blockDim.x) out[row * d + j] = __float2half(0.f);
-    if (threadIdx.x == 0) lse[row] = kEmptyLse;
-    return;
+  MergeRows(part_o, part_lse, blockIdx.x, 1, splits, splits, d, out, lse);
+}
+
+// Static: a block per (split, KV head, slot); slot b's token is at positions[b], so the context is
+// positions[b] + 1 keys, shared by the first `used` splits (one per kMinKeysPerSplit keys at the
+// most); the block whose share ends with the token writes its k and v into the cache. The last
+// block of (b, hk) to arrive (of all `splits`, used or not) merges the used splits and resets
+// the arrival counter for the next step.
+template <int D, int G>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
+             __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int32_t* __restrict__ positions,
+             float* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ arrivals,
+             __half* __restrict__ out, int group, int max_len, int splits, float scale2) {
+  const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
+  const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int len = pos + 1;
+  const int used = min(splits, (len + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  const int64_t head = (int64_t(b) * kv_heads + hk);
+  if (split < used) {
+    const int chunk = (len + used - 1) / used;
+    const int t0 = split * chunk, t1 = min(len, t0 + chunk);
+    const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
+                          v_new + head * D, pos, D};
+    AttendSplit<D, G>(q, keys, b, hk, group, t0, t1, split, splits, scale2, part_o, part_lse);
+    if (t0 < len && t1 == len) {
+      for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
+        v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
+      }
+    }
   }
-  float wsum = 0.f;
-  for (int s = 0; s < splits; ++s) wsum += lses[s] == -INFINITY ? 0.f : exp2f(lses[s] - top);
+  __shared__ bool last;
+  __threadfence();  // this block's partials are visible before its arrival is
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(arrivals + head, 1u) == unsigned(splits - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  MergeRows(part_o, part_lse, int64_t(b) * kv_heads * group + hk * group, group, used, splits, D, out, nullptr);
+  if (threadIdx.x == 0) arrivals[head] = 0;
+}
+
+// Static prefill: the chunk's rows k, v [n, Hkv, d] into the slot's cache rows [Hkv, max_len, d]
+// at `start`. A block per (token, KV head), a thread per element.
+__global__ void AppendRows(const __half* __restrict__ k, const __half* __restrict__ v, __half* __restrict__ k_rows,
+                           __half* __restrict__ v_rows, int kv_heads, int max_len, int start, int d) {
+  const int i = blockIdx.x, h = blockIdx.y;
+  const int64_t src = (int64_t(i) * kv_heads + h) * d, dst = (int64_t(h) * max_len + start + i) * d;
   for (int j = threadIdx.x; j < d; j += blockDim.x) {
-    float acc = 0.f;
-    for (int s = 0; s < splits; ++s)
-      if (lses[s] != -INFINITY) acc += exp2f(lses[s] - top) * part_o[(row * splits + s) * d + j];
-    out[row * d + j] = __float2half(acc / wsum);
+    k_rows[dst + j] = k[src + j];
+    v_rows[dst + j] = v[src + j];
   }
-  if (threadIdx.x == 0) lse[row] = top + log2f(wsum);
+}
+
+// The steps' tokens for the host, in pinned host memory the GPU writes (lab.kv.mailbox): int32
+// words [0] = how many advance calls of this device have written (the last word written), then a
+// ring of kMailboxRing entries of kMailboxSlots tokens, call k's tokens in entry k % kMailboxRing.
+// The host reads a step's tokens as soon as its advance has run, whatever is queued behind it on
+// the stream: it can keep the next step queued while it reads (no stream-ordered copy, no sync).
+constexpr int kMailboxRing = 64, kMailboxSlots = 256;
+
+struct Mailbox {
+  volatile int32_t* host = nullptr;  // the device's view of the pinned words (UVA: the same address)
+  int32_t* calls = nullptr;          // device memory: how many advance calls have written
+};
+
+// One block of at least n threads (n <= kMailboxSlots) where there is a mailbox, else a grid.
+__global__ void Advance(const int32_t* __restrict__ next, int32_t* __restrict__ ids, int32_t* __restrict__ positions,
+                        int32_t* __restrict__ out, int n, Mailbox mailbox) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  const int32_t call = mailbox.calls != nullptr ? *mailbox.calls : 0;
+  if (i < n) {
+    ids[i] = next[i];
+    positions[i] += 1;
+    out[i] = next[i];
+    if (mailbox.host != nullptr) mailbox.host[1 + (call % kMailboxRing) * kMailboxSlots + i] = next[i];
+  }
+  if (mailbox.host == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();  // the tokens are visible to the host before the count is
+    mailbox.host[0] = call + 1;
+    *mailbox.calls = call + 1;
+  }
+}
+
+__global__ void SettlePrefill(const int32_t* __restrict__ next, int n, int32_t* __restrict__ ids,
+                              int32_t* __restrict__ positions, int slot, int length, int32_t* __restrict__ out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = next[i];
+  if (i == n - 1) {
+    ids[slot] = next[i];
+    positions[slot] = length;
+  }
 }
 
 void Check(const DLTensor* t, const char* role, int ndim, int bits, DLDataTypeCode code) {
@@ -274,10 +491,56 @@ std::vector<int32_t> HostIndptr(const DLTensor* t, cudaStream_t stream) {
   return host;
 }
 
+// Causal attention of n query rows (q, row stride q_ld) over m keys whose key i has row
+// k + i * kv_ld (and v likewise) for the first KV head and the next head kv_head_stride further:
+// per chunk of query rows, S = Q K^T and O = P V as cuBLAS strided-batched GEMMs over the KV heads
+// (one call per query head of a group), a causal softmax kernel of ours between them. Query row i
+// sees keys j <= i + shift (shift = m - n). lse of row i goes to lse[(lse_row0 + i) * q_heads + h].
+void CausalAttention(DeviceState& state, cudaStream_t stream, cublasHandle_t handle, const __half* q, int64_t q_ld,
+                     int64_t n, const __half* k, const __half* v, int64_t kv_ld, int64_t kv_head_stride, int64_t m,
+                     bool causal, __half* out, float* lse, int64_t lse_row0, int64_t q_heads, int64_t kv_heads,
+                     int64_t d, float scale2, const char* fn) {
+  const int64_t group = q_heads / kv_heads, shift = m - n;
+  const float one = 1.f, zero = 0.f;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kWorkspaceBytes / (q_heads * m * 6)));
+  char* ws = static_cast<char*>(state.workspace.Get(q_heads * chunk * m * 6, stream));
+  for (int64_t i0 = 0; i0 < n; i0 += chunk) {
+    const int64_t rows = std::min(chunk, n - i0);
+    const int64_t cols = causal ? std::min(m, i0 + rows + shift) : m;
+    if (cols <= 0) TVM_FFI_THROW(ValueError) << fn << ": a causal query row sees no key";
+    float* s = reinterpret_cast<float*>(ws);
+    __half* p = reinterpret_cast<__half*>(ws + q_heads * rows * cols * 4);
+    const __half* qb = q + i0 * q_ld;
+    __half* ob = out + i0 * q_ld;
+    for (int64_t r = 0; r < group; ++r) {
+      // Row-major S_h[rows, cols] = Q_h[rows, d] K_hk[cols, d]^T for h = hk * group + r, batched
+      // over hk; in cuBLAS's column-major terms S_h^T = K_hk^T^T Q_h^T.
+      LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+          handle, CUBLAS_OP_T, CUBLAS_OP_N, int(cols), int(rows), int(d), &one,
+          k, CUDA_R_16F, int(kv_ld), kv_head_stride, qb + r * d, CUDA_R_16F, int(q_ld), group * d, &zero,
+          s + r * kv_heads * rows * cols, CUDA_R_32F, int(cols), rows * cols, int(kv_heads),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+    CausalSoftmax<<<unsigned(group * kv_heads * rows), kSoftmaxThreads, 0, stream>>>(
+        s, p, lse, int(rows), int(cols), int(kv_heads), int(group), int(i0), lse_row0, int(q_heads), int(causal),
+        shift, scale2);
+    LAB_CHECK_CUDA(cudaGetLastError());
+    for (int64_t r = 0; r < group; ++r) {
+      // O_h[rows, d] = P_h[rows, cols] V_hk[cols, d]: column-major O_h^T = V_hk^T P_h^T.
+      LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
+          handle, CUBLAS_OP_N, CUBLAS_OP_N, int(d), int(rows), int(cols), &one,
+          v, CUDA_R_16F, int(kv_ld), kv_head_stride, p + r * kv_heads * rows * cols, CUDA_R_16F, int(cols),
+          rows * cols, &zero, ob + r * d, CUDA_R_16F, int(q_ld), group * d, int(kv_heads),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    }
+  }
+}
+
 void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DLTensor* kv_indptr,
                    DLTensor* q_rope_position, DLTensor* k_rope_pos_offset, DLTensor* output,
                    DLTensor* lse, int64_t causal, int64_t rotary_mode, double rope_scale,
                    double rope_theta, double sm_scale) {
+  const char* fn = "lab.attention.prefill_ragged";
   Check(q, "q", 3, 16, kDLFloat);
   Check(k, "k", 3, 16, kDLFloat);
   Check(v, "v", 3, 16, kDLFloat);
@@ -286,16 +549,15 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
   Check(q_indptr, "q_indptr", 1, 32, kDLInt);
   Check(kv_indptr, "kv_indptr", 1, 32, kDLInt);
   if (rotary_mode != 0)
-    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: inline RoPE is not supported (the model "
-                                 "applies RoPE before the KV cache: RopeMode.NORMAL)";
+    TVM_FFI_THROW(ValueError) << fn << ": inline RoPE is not supported (the model applies RoPE before the KV "
+                                 "cache: RopeMode.NORMAL)";
   const int64_t q_heads = q->shape[1], kv_heads = k->shape[1], d = q->shape[2];
   if (q_heads % kv_heads != 0 || k->shape[2] != d || v->shape[2] != d || v->shape[1] != kv_heads ||
       output->shape[1] != q_heads || output->shape[2] != d || lse->shape[1] != q_heads)
-    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: head counts or head dims do not agree";
-  const int64_t group = q_heads / kv_heads;
+    TVM_FFI_THROW(ValueError) << fn << ": head counts or head dims do not agree";
   const int64_t batch = q_indptr->shape[0] - 1;
   if (batch < 1 || kv_indptr->shape[0] != batch + 1)
-    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: q_indptr and kv_indptr must have batch + 1 entries";
+    TVM_FFI_THROW(ValueError) << fn << ": q_indptr and kv_indptr must have batch + 1 entries";
 
   const int device = q->device.device_id;
   DeviceState& state = State(device);
@@ -310,57 +572,56 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
     kvo = HostIndptr(kv_indptr, stream);
   }
   const float scale2 = float(sm_scale * 1.4426950408889634);  // exp(x) = 2^(x log2 e)
-  const float one = 1.f, zero = 0.f;
   const int64_t q_row = q_heads * d, kv_row = kv_heads * d;
-
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = qo[b + 1] - qo[b], m = kvo[b + 1] - kvo[b];
     if (n == 0) continue;
-    const int64_t shift = m - n;  // a query row i sees keys j <= i + shift
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kWorkspaceBytes / (q_heads * m * 6)));
-    char* ws = static_cast<char*>(Workspace(state, q_heads * chunk * m * 6, stream));
-    const __half* kb = Data<__half>(k) + kvo[b] * kv_row;
-    const __half* vb = Data<__half>(v) + kvo[b] * kv_row;
-    for (int64_t i0 = 0; i0 < n; i0 += chunk) {
-      const int64_t rows = std::min(chunk, n - i0);
-      const int64_t cols = causal ? std::min(m, i0 + rows + shift) : m;
-      if (cols <= 0) TVM_FFI_THROW(ValueError) << "lab.attention.prefill_ragged: a causal query row sees no key";
-      float* s = reinterpret_cast<float*>(ws);
-      __half* p = reinterpret_cast<__half*>(ws + q_heads * rows * cols * 4);
-      const __half* qb = Data<__half>(q) + (qo[b] + i0) * q_row;
-      __half* ob = Data<__half>(output) + (qo[b] + i0) * q_row;
-      for (int64_t r = 0; r < group; ++r) {
-        // Row-major S_h[rows, cols] = Q_h[rows, d] K_hk[cols, d]^T for h = hk * group + r, batched
-        // over hk; in cuBLAS's column-major terms S_h^T = K_hk^T^T Q_h^T.
-        LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
-            handle, CUBLAS_OP_T, CUBLAS_OP_N, int(cols), int(rows), int(d), &one,
-            kb, CUDA_R_16F, int(kv_row), d, qb + r * d, CUDA_R_16F, int(q_row), group * d, &zero,
-            s + r * kv_heads * rows * cols, CUDA_R_32F, int(cols), rows * cols, int(kv_heads),
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      }
-      CausalSoftmax<<<unsigned(group * kv_heads * rows), kSoftmaxThreads, 0, stream>>>(
-          s, p, Data<float>(lse), int(rows), int(cols), int(kv_heads), int(group), int(i0), qo[b],
-          int(q_heads), int(causal), shift, scale2);
-      LAB_CHECK_CUDA(cudaGetLastError());
-      for (int64_t r = 0; r < group; ++r) {
-        // O_h[rows, d] = P_h[rows, cols] V_hk[cols, d]: column-major O_h^T = V_hk^T P_h^T.
-        LAB_CHECK_CUBLAS(cublasGemmStridedBatchedEx(
-            handle, CUBLAS_OP_N, CUBLAS_OP_N, int(d), int(rows), int(cols), &one,
-            vb, CUDA_R_16F, int(kv_row), d, p + r * kv_heads * rows * cols, CUDA_R_16F, int(cols),
-            rows * cols, &zero, ob + r * d, CUDA_R_16F, int(q_row), group * d, int(kv_heads),
-            CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-      }
-    }
+    CausalAttention(state, stream, handle, Data<__half>(q) + qo[b] * q_row, q_row, n,
+                    Data<__half>(k) + kvo[b] * kv_row, Data<__half>(v) + kvo[b] * kv_row, kv_row, d, m, causal != 0,
+                    Data<__half>(output) + qo[b] * q_row, Data<float>(lse), qo[b], q_heads, kv_heads, d, scale2, fn);
   }
 }
 
 using DecodeKernel = void (*)(const __half*, const __half*, const int32_t*, const int32_t*, const int32_t*, float*,
                               float*, int, int, int, int, float);
+using StaticKernel = void (*)(const __half*, const __half*, const __half*, __half*, __half*, const int32_t*, float*,
+                              float*, unsigned*, __half*, int, int, int, float);
 
-template <int D>
-DecodeKernel DecodeFor(int64_t group) {
-  return group <= 1 ? DecodePartial<D, 1> : group <= 2 ? DecodePartial<D, 2> : group <= 4 ? DecodePartial<D, 4>
-                                                                                           : DecodePartial<D, 8>;
+// The kernel instance for head_dim d and `group` query heads per KV head (registers hold G heads).
+template <template <int, int> class Pick>
+auto ForShape(int64_t d, int64_t group) {
+  auto by_group = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    return group <= 1 ? Pick<D, 1>::kernel : group <= 2 ? Pick<D, 2>::kernel
+         : group <= 4 ? Pick<D, 4>::kernel : Pick<D, 8>::kernel;
+  };
+  return d == 32 ? by_group(std::integral_constant<int, 32>{}) : d == 64 ? by_group(std::integral_constant<int, 64>{})
+       : d == 128 ? by_group(std::integral_constant<int, 128>{}) : by_group(std::integral_constant<int, 256>{});
+}
+
+template <int D, int G>
+struct PagedPick {
+  static constexpr DecodeKernel kernel = DecodePartial<D, G>;
+};
+
+template <int D, int G>
+struct StaticPick {
+  static constexpr StaticKernel kernel = StaticDecode<D, G>;
+};
+
+void CheckDecodeShape(const char* fn, int64_t group, int64_t d) {
+  if (group > kMaxGroup)
+    TVM_FFI_THROW(ValueError) << fn << ": " << group << " query heads per KV head, at most " << kMaxGroup
+                              << " supported (build with decode_attention=tir)";
+  if (d != 32 && d != 64 && d != 128 && d != 256)
+    TVM_FFI_THROW(ValueError) << fn << ": head_dim " << d << " is not 32, 64, 128 or 256 (build with decode_attention=tir)";
+}
+
+// Splits of a (sequence, KV head)'s keys: about kDecodeBlocksPerSM blocks per SM for `rows`
+// sequences (enough loads in flight to keep HBM busy), at most `most`.
+int64_t DecodeSplits(const DeviceState& state, int64_t rows, int64_t kv_heads, int64_t most) {
+  const int64_t blocks = int64_t(kDecodeBlocksPerSM) * state.sms, per_split = rows * kv_heads;
+  return std::max<int64_t>(1, std::min<int64_t>(most, (blocks + per_split - 1) / per_split));
 }
 
 // `invariant`: split a sequence's keys as for a batch of 1 whatever the batch (below).
@@ -384,38 +645,199 @@ void DecodePaged(bool invariant, DLTensor* q, DLTensor* pages, DLTensor* page_in
       output->shape[1] != q_heads || output->shape[2] != d || page_indptr->shape[0] != batch + 1)
     TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree";
   const int64_t group = q_heads / kv_heads;
-  if (group > kMaxGroup)
-    TVM_FFI_THROW(ValueError) << fn << ": " << group << " query heads per KV head, at most " << kMaxGroup
-                              << " supported (build with decode_attention=tir)";
-  if (d != 32 && d != 64 && d != 128 && d != 256)
-    TVM_FFI_THROW(ValueError) << fn << ": head_dim " << d << " is not 32, 64, 128 or 256 (build with decode_attention=tir)";
+  CheckDecodeShape(fn, group, d);
   if (batch == 0) return;
 
   const int device = q->device.device_id;
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  // About kDecodeBlocksPerSM blocks per SM whatever the batch (enough loads in flight to keep
-  // HBM busy), at most 64 splits of a sequence's keys. Invariant (decode_paged_invariant, the
-  // build option batch_invariant), the splits are those of a batch of 1 at any batch, so a
-  // sequence's keys are summed in the same order whatever else is in the batch (bit-identical
-  // tokens when a scheduler splits the batch; more, smaller blocks at large batches).
-  const int64_t blocks = int64_t(kDecodeBlocksPerSM) * state.sms;
-  const int64_t per_split = invariant ? kv_heads : batch * kv_heads;
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(64, (blocks + per_split - 1) / per_split));
-  float* part_o = static_cast<float*>(Workspace(state, batch * q_heads * splits * (d + 1) * 4, stream));
+  // Invariant (decode_paged_invariant, the build option batch_invariant), the splits are those of
+  // a batch of 1 at any batch, so a sequence's keys are summed in the same order whatever else is
+  // in the batch (bit-identical tokens when a scheduler splits the batch; more, smaller blocks at
+  // large batches).
+  const int64_t splits = DecodeSplits(state, invariant ? 1 : batch, kv_heads, 64);
+  float* part_o = static_cast<float*>(state.partials.Get(batch * q_heads * splits * (d + 1) * 4, stream));
   float* part_lse = part_o + batch * q_heads * splits * d;
   const dim3 grid{unsigned(splits), unsigned(kv_heads), unsigned(batch)};
   const float scale2 = float(sm_scale * 1.4426950408889634);
-  const DecodeKernel kernel = d == 32 ? DecodeFor<32>(group) : d == 64 ? DecodeFor<64>(group)
-                             : d == 128 ? DecodeFor<128>(group) : DecodeFor<256>(group);
-  kernel<<<grid, kDecodeWarps * 32, 0, stream>>>(Data<__half>(q), Data<__half>(pages), Data<int32_t>(page_indptr),
-                                                 Data<int32_t>(page_values), Data<int32_t>(length_info), part_o,
-                                                 part_lse, int(kv_heads), int(group), int(page_size), int(splits),
-                                                 scale2);
+  ForShape<PagedPick>(d, group)<<<grid, kDecodeWarps * 32, 0, stream>>>(
+      Data<__half>(q), Data<__half>(pages), Data<int32_t>(page_indptr), Data<int32_t>(page_values),
+      Data<int32_t>(length_info), part_o, part_lse, int(kv_heads), int(group), int(page_size), int(splits), scale2);
   LAB_CHECK_CUDA(cudaGetLastError());
   DecodeMerge<<<unsigned(batch * q_heads), unsigned(std::max<int64_t>(32, d)), 0, stream>>>(
       part_o, part_lse, Data<__half>(output), Data<float>(lse), int(splits), int(d));
   LAB_CHECK_CUDA(cudaGetLastError());
+}
+
+// --- the static cache -----------------------------------------------------------------------
+
+struct StaticShape {
+  int64_t layers, slots, kv_heads, max_len, d;
+};
+
+// The cache's shape, checked against a step's q, k, v [rows, heads, d] and the layer.
+StaticShape CheckStatic(const char* fn, DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* out,
+                        int64_t layer) {
+  Check(q, "q", 3, 16, kDLFloat);
+  Check(k, "k", 3, 16, kDLFloat);
+  Check(v, "v", 3, 16, kDLFloat);
+  Check(cache, "cache", 6, 16, kDLFloat);
+  Check(out, "out", 3, 16, kDLFloat);
+  const StaticShape s{cache->shape[0], cache->shape[2], cache->shape[3], cache->shape[4], cache->shape[5]};
+  const int64_t rows = q->shape[0];
+  if (cache->shape[1] != 2 || q->shape[2] != s.d || k->shape[1] != s.kv_heads || k->shape[2] != s.d ||
+      v->shape[1] != s.kv_heads || v->shape[2] != s.d || k->shape[0] != rows || v->shape[0] != rows ||
+      out->shape[0] != rows || out->shape[1] != q->shape[1] || out->shape[2] != s.d || q->shape[1] % s.kv_heads != 0)
+    TVM_FFI_THROW(ValueError) << fn << ": q, k, v, out and the cache [layers, 2, slots, kv_heads, max_len, "
+                                 "head_dim] do not agree";
+  if (layer < 0 || layer >= s.layers) TVM_FFI_THROW(ValueError) << fn << ": layer " << layer << " of " << s.layers;
+  return s;
+}
+
+// The layer's K (kv = 0) or V (kv = 1) rows of every slot: [slots, kv_heads, max_len, d].
+__half* CacheRows(DLTensor* cache, const StaticShape& s, int64_t layer, int kv) {
+  return Data<__half>(cache) + (layer * 2 + kv) * s.slots * s.kv_heads * s.max_len * s.d;
+}
+
+void KvPrefillAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, int64_t slot,
+                        int64_t start, double sm_scale, DLTensor* out) {
+  const char* fn = "lab.kv.prefill_attention";
+  const StaticShape s = CheckStatic(fn, q, k, v, cache, out, layer);
+  const int64_t n = q->shape[0], q_heads = q->shape[1];
+  if (slot < 0 || slot >= s.slots || start < 0 || start + n > s.max_len)
+    TVM_FFI_THROW(ValueError) << fn << ": slot " << slot << " positions " << start << ".." << start + n
+                              << " do not fit a cache of " << s.slots << " slots of " << s.max_len;
+  if (n == 0) return;
+  const int device = q->device.device_id;
+  DeviceState& state = State(device);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  cublasHandle_t handle = lab::CublasHandle(device);
+  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
+  const int64_t head_rows = s.max_len * s.d, slot_offset = slot * s.kv_heads * head_rows;
+  __half* k_rows = CacheRows(cache, s, layer, 0) + slot_offset;
+  __half* v_rows = CacheRows(cache, s, layer, 1) + slot_offset;
+  AppendRows<<<dim3(unsigned(n), unsigned(s.kv_heads)), unsigned(std::min<int64_t>(256, s.d)), 0, stream>>>(
+      Data<__half>(k), Data<__half>(v), k_rows, v_rows, int(s.kv_heads), int(s.max_len), int(start), int(s.d));
+  LAB_CHECK_CUDA(cudaGetLastError());
+  float* lse = static_cast<float*>(state.lse.Get(n * q_heads * 4, stream));  // not needed: no merge follows
+  CausalAttention(state, stream, handle, Data<__half>(q), q_heads * s.d, n, k_rows, v_rows, s.d, head_rows,
+                  start + n, true, Data<__half>(out), lse, 0, q_heads, s.kv_heads, s.d,
+                  float(sm_scale * 1.4426950408889634), fn);
+}
+
+void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, DLTensor* positions,
+                       double sm_scale, int64_t invariant, DLTensor* out) {
+  const char* fn = "lab.kv.decode_attention";
+  const StaticShape s = CheckStatic(fn, q, k, v, cache, out, layer);
+  Check(positions, "positions", 1, 32, kDLInt);
+  const int64_t batch = q->shape[0], q_heads = q->shape[1], group = q_heads / s.kv_heads;
+  if (batch != s.slots || positions->shape[0] != s.slots)
+    TVM_FFI_THROW(ValueError) << fn << ": a step of " << batch << " tokens for a cache of " << s.slots
+                              << " slots (one token per slot)";
+  CheckDecodeShape(fn, group, s.d);
+  const int device = q->device.device_id;
+  DeviceState& state = State(device);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  // Fixed by the shapes (the launch is replayed by a CUDA graph): enough splits to fill the GPU,
+  // at most one per kMinKeysPerSplit keys of max_len; `invariant` as decode_paged's.
+  const int64_t splits = DecodeSplits(state, invariant ? 1 : batch, s.kv_heads,
+                                      std::min<int64_t>(64, (s.max_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
+  const int64_t partials = batch * q_heads * splits;
+  float* part_o = static_cast<float*>(StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
+  float* part_lse = part_o + partials * s.d;
+  auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
+  const dim3 grid{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)};
+  ForShape<StaticPick>(s.d, group)<<<grid, kDecodeWarps * 32, 0, stream>>>(
+      Data<__half>(q), Data<__half>(k), Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
+      Data<int32_t>(positions), part_o, part_lse, arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits),
+      float(sm_scale * 1.4426950408889634));
+  LAB_CHECK_CUDA(cudaGetLastError());
+}
+
+void CheckInt32(const char* fn, std::initializer_list<std::pair<const DLTensor*, const char*>> tensors) {
+  for (const auto& [t, role] : tensors) {
+    if (t->device.device_type != kDLCUDA || t->dtype.code != kDLInt || t->dtype.bits != 32 || !IsCompact(t))
+      TVM_FFI_THROW(TypeError) << fn << ": " << role << " must be a compact int32 tensor on the GPU";
+  }
+}
+
+int64_t Numel(const DLTensor* t) {
+  int64_t n = 1;
+  for (int i = 0; i < t->ndim; ++i) n *= t->shape[i];
+  return n;
+}
+
+cudaStream_t StreamOf(const DLTensor* t) {
+  return static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, t->device.device_id));
+}
+
+// Per device, the mailbox made by lab.kv.mailbox (never freed: host readers keep its address).
+std::unordered_map<int, std::pair<Mailbox, int32_t*>>& Mailboxes() {
+  static auto* boxes = new std::unordered_map<int, std::pair<Mailbox, int32_t*>>();
+  return *boxes;
+}
+std::mutex mailbox_mutex;
+
+// lab.kv.mailbox() -> the host address of this device's mailbox (made on the first call, zeroed):
+// int32 words as the Advance kernel writes them; kMailboxRing and kMailboxSlots as `ring`, `slots`.
+int64_t KvMailbox() {
+  int device = 0;
+  LAB_CHECK_CUDA(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mailbox_mutex);
+  auto it = Mailboxes().find(device);
+  if (it != Mailboxes().end()) return reinterpret_cast<int64_t>(it->second.second);
+  const size_t bytes = sizeof(int32_t) * (1 + size_t(kMailboxRing) * kMailboxSlots);
+  void* host = nullptr;
+  LAB_CHECK_CUDA(cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(host, 0, bytes);
+  void* device_view = nullptr;
+  LAB_CHECK_CUDA(cudaHostGetDevicePointer(&device_view, host, 0));
+  int32_t* calls = nullptr;
+  LAB_CHECK_CUDA(cudaMalloc(&calls, sizeof(int32_t)));
+  LAB_CHECK_CUDA(cudaMemset(calls, 0, sizeof(int32_t)));
+  LAB_CHECK_CUDA(cudaDeviceSynchronize());
+  Mailboxes()[device] = {Mailbox{static_cast<volatile int32_t*>(device_view), calls}, static_cast<int32_t*>(host)};
+  return reinterpret_cast<int64_t>(host);
+}
+
+void KvAdvance(DLTensor* next, DLTensor* ids, DLTensor* positions, DLTensor* out) {
+  const char* fn = "lab.kv.advance";
+  CheckInt32(fn, {{next, "next"}, {ids, "ids"}, {positions, "positions"}, {out, "out"}});
+  const int64_t n = Numel(next);
+  if (Numel(ids) != n || Numel(positions) != n || Numel(out) != n)
+    TVM_FFI_THROW(ValueError) << fn << ": next, ids, positions and out must have one entry per slot";
+  Mailbox mailbox;
+  {
+    std::lock_guard<std::mutex> lock(mailbox_mutex);
+    auto it = Mailboxes().find(next->device.device_id);
+    if (it != Mailboxes().end() && n <= kMailboxSlots) mailbox = it->second.first;
+  }
+  const unsigned threads = mailbox.host != nullptr ? unsigned(std::max<int64_t>(32, (n + 31) / 32 * 32)) : 128;
+  Advance<<<unsigned((n + threads - 1) / threads), threads, 0, StreamOf(next)>>>(
+      Data<int32_t>(next), Data<int32_t>(ids), Data<int32_t>(positions), Data<int32_t>(out), int(n), mailbox);
+  LAB_CHECK_CUDA(cudaGetLastError());
+}
+
+void KvSettlePrefill(DLTensor* next, DLTensor* ids, DLTensor* positions, int64_t slot, int64_t length, DLTensor* out) {
+  const char* fn = "lab.kv.settle_prefill";
+  CheckInt32(fn, {{next, "next"}, {ids, "ids"}, {positions, "positions"}, {out, "out"}});
+  const int64_t n = Numel(next);
+  if (slot < 0 || slot >= Numel(positions) || Numel(out) != n || n < 1)
+    TVM_FFI_THROW(ValueError) << fn << ": slot " << slot << " of " << Numel(positions);
+  SettlePrefill<<<unsigned((n + 127) / 128), 128, 0, StreamOf(next)>>>(
+      Data<int32_t>(next), int(n), Data<int32_t>(ids), Data<int32_t>(positions), int(slot), int(length),
+      Data<int32_t>(out));
+  LAB_CHECK_CUDA(cudaGetLastError());
+}
+
+void KvSetIds(DLTensor* new_ids, DLTensor* ids, DLTensor* out) {
+  const char* fn = "lab.kv.set_ids";
+  CheckInt32(fn, {{new_ids, "new"}, {ids, "ids"}, {out, "out"}});
+  const int64_t n = Numel(new_ids);
+  if (Numel(ids) != n || Numel(out) != n) TVM_FFI_THROW(ValueError) << fn << ": new, ids and out differ in size";
+  cudaStream_t stream = StreamOf(new_ids);
+  LAB_CHECK_CUDA(cudaMemcpyAsync(Data<int32_t>(ids), Data<int32_t>(new_ids), n * 4, cudaMemcpyDeviceToDevice, stream));
+  LAB_CHECK_CUDA(cudaMemcpyAsync(Data<int32_t>(out), Data<int32_t>(new_ids), n * 4, cudaMemcpyDeviceToDevice, stream));
 }
 
 }  // namespace
@@ -439,4 +861,10 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                           DecodePaged(true, q, pages, page_indptr, page_values, length_info, output, lse,
                                       rotary_mode, sm_scale);
                         });
+  refl::GlobalDef().def("lab.kv.prefill_attention", KvPrefillAttention);
+  refl::GlobalDef().def("lab.kv.decode_attention", KvDecodeAttention);
+  refl::GlobalDef().def("lab.kv.advance", KvAdvance);
+  refl::GlobalDef().def("lab.kv.mailbox", KvMailbox);
+  refl::GlobalDef().def("lab.kv.settle_prefill", KvSettlePrefill);
+  refl::GlobalDef().def("lab.kv.set_ids", KvSetIds);
 }

@@ -1,0 +1,227 @@
+"""The static KV cache's CUDA functions (runtime_patch/native/cuda_attention.cu, `lab.kv.*`) on one
+GPU: checked against a float32 PyTorch reference, then timed beside PyTorch's SDPA.
+
+    python -m bench.static_kv --out F.json [--sha SHA]
+
+Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
+- `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
+  slot (the rows are written into the cache, then causal attention over 0..start+n).
+- `lab.kv.decode_attention`: batch 1 and 16, each slot at its own position (contexts 1..max_len),
+  for max_len 256 and 4096; called directly, then captured in a CUDA graph and replayed with the
+  positions advancing between replays (the graph must follow the lengths it reads on the device and
+  reset its arrival counters), every replay checked.
+- `lab.kv.advance`, `lab.kv.settle_prefill`, `lab.kv.set_ids`.
+Outputs are compared by max |out - ref| / max |ref|; a case passes below 2e-3 (fp16 inputs, fp32
+accumulation). The process exits 1 if any case fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
+
+HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
+D, LAYERS, LAYER = 128, 2, 1
+TOLERANCE = 2e-3
+
+
+def attention(q, keys, values, causal_shift: int | None):
+    """q [n, Hq, d], keys/values [m, Hkv, d] -> [n, Hq, d] in float32; query i sees keys
+    j <= i + causal_shift (None: all)."""
+    import torch
+
+    group = q.shape[1] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)
+    v = values.float().repeat_interleave(group, dim=1)
+    s = torch.einsum("ihd,jhd->hij", q.float(), k) / math.sqrt(q.shape[-1])
+    if causal_shift is not None:
+        n, m = q.shape[0], keys.shape[0]
+        mask = torch.arange(m, device=q.device)[None, :] > (torch.arange(n, device=q.device)[:, None] + causal_shift)
+        s = s.masked_fill(mask, float("-inf"))
+    return torch.einsum("hij,jhd->ihd", s.softmax(-1), v)
+
+
+def rel_error(out, ref) -> float:
+    return float((out.float() - ref).abs().max() / ref.abs().max())
+
+
+def timed(fn, repeats: int = 50) -> list[float]:
+    import torch
+
+    for _ in range(5):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return samples
+
+
+class Functions:
+    def __init__(self):
+        import tvm_ffi
+
+        from runtime_patch import functions
+
+        names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_ADVANCE,
+                 functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS]
+        functions.register("cuda", names)
+        self.tvm_ffi = tvm_ffi
+        self.prefill, self.decode, self.advance, self.settle, self.set_ids = (tvm_ffi.get_global_func(n) for n in names)
+
+    def __call__(self, fn, *args):
+        wrapped = [self.tvm_ffi.from_dlpack(a) if hasattr(a, "data_ptr") else a for a in args]
+        with self.tvm_ffi.use_torch_stream():
+            fn(*wrapped)
+
+
+def check_prefill(f: Functions, hq: int, hkv: int, start: int, n: int, max_len: int) -> dict:
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(start + n)
+    cache = torch.randn(LAYERS, 2, 2, hkv, max_len, D, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(n, hq, D, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(n, hkv, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+    out = torch.full_like(q, float("nan"))
+    slot = 1
+    f(f.prefill, q, k, v, cache, LAYER, slot, start, 1 / math.sqrt(D), out)
+    torch.cuda.synchronize()
+    written = bool(torch.equal(cache[LAYER, 0, slot, :, start:start + n].transpose(0, 1), k)
+                   and torch.equal(cache[LAYER, 1, slot, :, start:start + n].transpose(0, 1), v))
+    keys = cache[LAYER, 0, slot, :, :start + n].transpose(0, 1)
+    values = cache[LAYER, 1, slot, :, :start + n].transpose(0, 1)
+    err = rel_error(out, attention(q, keys, values, start))
+    lib = timed(lambda: f(f.prefill, q, k, v, cache, LAYER, slot, start, 1 / math.sqrt(D), out))
+    sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1).repeat_interleave(hq // hkv, 0)[None],
+        values.transpose(0, 1).repeat_interleave(hq // hkv, 0)[None], is_causal=start == 0))
+    return {"function": "lab.kv.prefill_attention", "q_heads": hq, "kv_heads": hkv, "start": start, "tokens": n,
+            "max_len": max_len, "rel_error": err, "rows_written": written,
+            "ok": written and err < TOLERANCE, "library_s": lib, "sdpa_s": sdpa}
+
+
+def decode_reference(q, k_new, v_new, cache, positions):
+    """What one decode step must give: each slot's token written at its position, attention over
+    0..position."""
+    outs = []
+    for b, p in enumerate(positions.tolist()):
+        keys = cache[LAYER, 0, b, :, :p + 1].transpose(0, 1).clone()
+        values = cache[LAYER, 1, b, :, :p + 1].transpose(0, 1).clone()
+        keys[p], values[p] = k_new[b], v_new[b]
+        outs.append(attention(q[b:b + 1], keys, values, None))
+    return __import__("torch").cat(outs)
+
+
+def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8) -> dict:
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_len)
+    cache = torch.randn(LAYERS, 2, batch, hkv, max_len, D, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(batch, hq, D, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(batch, hkv, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+    # slots at different positions: short and long contexts in one batch, room for the replays
+    positions = torch.linspace(0, max_len - replays - 1, batch, device="cuda").to(torch.int32)
+    out = torch.full_like(q, float("nan"))
+    scale = 1 / math.sqrt(D)
+    errors, written = [], True
+    expected = decode_reference(q, k, v, cache, positions)
+    f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+    torch.cuda.synchronize()
+    errors.append(rel_error(out, expected))
+    # captured once, replayed with new inputs and advancing positions: what the decode step's graph does
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)  # warm: buffers made outside the capture
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+    torch.cuda.synchronize()
+    for step in range(replays):
+        positions += 1
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, device="cuda", dtype=torch.float16, generator=g))
+        expected = decode_reference(q, k, v, cache, positions)
+        graph.replay()
+        torch.cuda.synchronize()
+        errors.append(rel_error(out, expected))
+        for b, p in enumerate(positions.tolist()):
+            written &= bool(torch.equal(cache[LAYER, 0, b, :, p], k[b]) and torch.equal(cache[LAYER, 1, b, :, p], v[b]))
+    lib = timed(graph.replay)
+    kv_bytes = int(2 * hkv * D * 2 * (positions + 1).sum())
+    keys = cache[LAYER, 0]  # [slots, kv_heads, max_len, d]
+    sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+        q[:, :, None], keys.repeat_interleave(hq // hkv, 1), keys.repeat_interleave(hq // hkv, 1)))
+    return {"function": "lab.kv.decode_attention", "q_heads": hq, "kv_heads": hkv, "batch": batch, "max_len": max_len,
+            "positions": positions.tolist(), "rel_errors": errors, "rows_written": written,
+            "ok": written and max(errors) < TOLERANCE, "library_in_graph_s": lib, "kv_bytes": kv_bytes,
+            "sdpa_full_context_s": sdpa}
+
+
+def check_state(f: Functions) -> dict:
+    import torch
+
+    ids = torch.zeros(4, 1, dtype=torch.int32, device="cuda")
+    positions = torch.tensor([5, 6, 7, 8], dtype=torch.int32, device="cuda")
+    nxt = torch.tensor([11, 12, 13, 14], dtype=torch.int32, device="cuda")
+    out = torch.zeros(4, dtype=torch.int32, device="cuda")
+    f(f.advance, nxt, ids, positions, out)
+    ok = ids[:, 0].tolist() == [11, 12, 13, 14] and positions.tolist() == [6, 7, 8, 9] and out.tolist() == nxt.tolist()
+    chunk_tokens = torch.tensor([3, 4, 5], dtype=torch.int32, device="cuda")
+    out3 = torch.zeros(3, dtype=torch.int32, device="cuda")
+    f(f.settle, chunk_tokens, ids, positions, 2, 40, out3)
+    ok &= ids[2, 0].item() == 5 and positions[2].item() == 40 and out3.tolist() == [3, 4, 5]
+    new = torch.tensor([[7], [8], [9], [10]], dtype=torch.int32, device="cuda")
+    f(f.set_ids, new, ids, torch.zeros_like(new))
+    torch.cuda.synchronize()
+    ok &= ids.tolist() == new.tolist()
+    return {"function": "lab.kv.advance, settle_prefill, set_ids", "ok": bool(ok)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--sha", default=None, help="git SHA of the code")
+    args = ap.parse_args()
+    import torch
+
+    from harness import stats
+    from harness.results import atomic_write_text
+
+    f = Functions()
+    results = [check_state(f)]
+    for name, (hq, hkv) in HEADS.items():
+        for start, n, max_len in ((0, 128, 256), (512, 128, 1024)):
+            results.append({"heads": name, **check_prefill(f, hq, hkv, start, n, max_len)})
+        for batch in (1, 16):
+            for max_len in (256, 4096):
+                results.append({"heads": name, **check_decode(f, hq, hkv, batch, max_len)})
+    for r in results:
+        for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
+            r[key + "_summary"] = stats.summarize(r[key])
+        time_s = r.get("library_in_graph_s_summary", r.get("library_s_summary"))
+        when = f" {time_s['p50'] * 1e6:8.1f} us" if time_s else ""
+        err = max(r.get("rel_errors", [r.get("rel_error", 0.0)]))
+        print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['function']:26s} {r.get('heads', ''):4s} "
+              f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')}{when}  "
+              f"err {err:.1e}", flush=True)
+    atomic_write_text(args.out, json.dumps({
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": args.sha,
+        "command": " ".join(["python", "-m", "bench.static_kv", *sys.argv[1:]]), "torch": torch.__version__,
+        "ok": all(r["ok"] for r in results), "results": results}, indent=1))
+    print(f"wrote {args.out}")
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The project's own KV cache (build option `kv_cache="static"`): pre-allocated tensors, no page
+tables, no `vm.builtin` calls, so that a decode step is one CUDA graph.
+
+TVM's paged KV cache drives attention through `vm.builtin.attention_kv_cache_*` calls on a cache
+object; TVM's CUDA-graph rewrite (RewriteCUDAGraph) leaves every `vm.builtin` call out of the
+captured regions, so each layer's attention split the decode graph (65 graph segments and ~100
+host round trips a step for Llama-3-8B). Here the cache is plain tensors handed to the step
+functions as static arguments (with the weights, after `num_input`: the rewrite captures what only
+depends on them), and attention is `call_dps_packed` of library functions (runtime_patch.functions)
+that the rewrite captures:
+
+  cache      [layers, 2 (K, V), slots, kv_heads, max_len, head_dim]  one sequence per slot, its
+             tokens at positions 0..length-1 (contiguous: a batch-1 step reads one block of keys)
+  positions  [slots] int32   each slot's length (the position of its next token)
+  ids        [slots, 1] int32  each slot's next input token (written by the previous step on the
+             device: decode steps are fed without the host)
+
+Prefill (one slot, a chunk of tokens at `start`): RoPE (TVM's llama_rope_with_position_map, the
+kernel TVM's cache uses) at positions start.., then `lab.kv.prefill_attention`: the chunk's keys
+and values written into the slot, causal attention over the slot's positions 0..start+len.
+Decode (every slot, one token each): RoPE at `positions`, then `lab.kv.decode_attention`: the
+token's key and value written at its position, attention over 0..position (split over the keys
+on a GPU, merged in the same kernel). After the LM head and the argmax, `lab.kv.advance` writes the
+tokens into `ids` and adds 1 to `positions` (on the device), so the next step needs nothing from
+the host; `lab.kv.set_ids` writes host tokens into `ids` where the host feeds the step (teacher
+forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+from runtime_patch import functions
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+class StaticKV:
+    """A view of the static cache for one traced function: what `Attention` calls in place of
+    TVM's PagedKVCache (`attention_with_fused_qkv`, same arguments and result)."""
+
+    def __init__(self, build, cache: Tensor, kind: str, positions: Tensor, slot=None, start=None):
+        c, plan = build.config, build.plan
+        self.cache, self.kind, self.positions = cache, kind, positions
+        self.invariant = int(build.batch_invariant)
+        self._position_map_of_step = None
+        self.slot, self.start = slot, start
+        self.q_heads, self.kv_heads, self.head_dim = plan.q_heads, plan.kv_heads, c.head_dim
+        rope = llama_rope_with_position_map(c.rope_theta, 1.0, c.head_dim, plan.q_heads, plan.kv_heads,
+                                            build.quant_spec.model_dtype, dict(c.rope_scaling or {}))
+        self.rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})  # apply_rope: always
+
+    def _position_map(self, tokens) -> Tensor:
+        """The position of each token of the step: `positions` (decode), start.. (prefill; made
+        once for all layers)."""
+        if self.kind == DECODE:
+            return self.positions
+        if self._position_map_of_step is None:
+            self._position_map_of_step = op.arange(self.start, self.start + tokens, dtype="int32")
+        return self._position_map_of_step
+
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
+        b, s, heads, d = qkv.shape
+        dtype = qkv.dtype
+        flat = op.reshape(qkv, (b * s, heads, d))
+        q, k, v = op.tensor_ir_op(
+            self.rope, "rope", [flat, self._position_map(b * s)],
+            [Tensor.placeholder((b * s, self.q_heads, d), dtype), Tensor.placeholder((b * s, self.kv_heads, d), dtype),
+             Tensor.placeholder((b * s, self.kv_heads, d), dtype)])
+        out = Tensor.placeholder((b * s, self.q_heads, d), dtype)
+        if self.kind == DECODE:
+            out = op.extern(functions.KV_DECODE_ATTENTION, [q, k, v, self.cache, layer_id, self.positions,
+                                                            float(sm_scale), self.invariant], out)
+        else:
+            out = op.extern(functions.KV_PREFILL_ATTENTION, [q, k, v, self.cache, layer_id, self.slot, self.start,
+                                                             float(sm_scale)], out)
+        return op.reshape(out, (b, s, self.q_heads, d))
+
+
+def advance(next_ids: Tensor, ids: Tensor, positions: Tensor) -> Tensor:
+    """After a decode step: ids[:, 0] = next_ids, positions += 1, on the device; returns a copy of
+    next_ids (the step's result)."""
+    return op.extern(functions.KV_ADVANCE, [next_ids, ids, positions],
+                     Tensor.placeholder(next_ids.shape, next_ids.dtype))
+
+
+def settle_prefill(next_ids: Tensor, ids: Tensor, positions: Tensor, slot, length) -> Tensor:
+    """After a prefill chunk: ids[slot] = next_ids[-1] (the token after the chunk's last),
+    positions[slot] = length; returns a copy of next_ids."""
+    return op.extern(functions.KV_SETTLE_PREFILL, [next_ids, ids, positions, slot, length],
+                     Tensor.placeholder(next_ids.shape, next_ids.dtype))
+
+
+def set_ids(new_ids: Tensor, ids: Tensor) -> Tensor:
+    """ids = new_ids (host tokens for the next step); returns a copy of new_ids."""
+    return op.extern(functions.KV_SET_IDS, [new_ids, ids], Tensor.placeholder(new_ids.shape, new_ids.dtype))

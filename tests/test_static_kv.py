@@ -1,0 +1,118 @@
+"""kv_cache=static: the project's pre-allocated KV cache (engine/model/static_kv.py), on the CPU
+with the NumPy versions of its functions, against transformers: prefill in chunks, teacher-forced
+decode steps, greedy generation of sequences of different lengths together, at tp=1 and over the
+cpu_shm CCL; and the compiled graph has what the GPU's one-graph decode step needs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.compile import BuildSpec, export
+from engine.config import ConfigError, from_hf_folder
+from engine.generate import Generator
+from engine.session import open_session
+from engine.weights import open_source
+from harness.oracle import Reference, relative_error
+from runtime_patch import functions
+
+PROMPT, CHUNK, STEPS = 40, 16, 8  # three prefill chunks: the 2nd and 3rd attend to the slot's earlier tokens
+
+
+@pytest.mark.parametrize("quant,tp,tolerance", [("q0f32", 1, 1e-4), ("q0f16", 1, 1e-2), ("q0f32", 2, 1e-4),
+                                                ("q0f32", 4, 1e-4)])
+def test_static_cache_is_the_model_transformers_computes(compiled, gqa_checkpoint, quant, tp, tolerance):
+    config = from_hf_folder(gqa_checkpoint)
+    artifact = compiled(config, quant, tp, kv_cache="static")
+    assert artifact.spec.kv_cache == "static" and functions.KV_DECODE_ATTENTION in artifact.functions
+    reference = Reference(gqa_checkpoint)
+    rng = np.random.default_rng(5)
+    prompt = rng.integers(0, config.vocab_size, PROMPT).tolist()
+    continuation = reference.greedy(prompt, STEPS)
+    tokens = prompt + continuation[:-1]
+    with open_session(artifact, open_source(config, gqa_checkpoint)) as session:
+        gen = Generator(session, max_batch=3, max_total_len=96, prefill_chunk=CHUNK)
+        assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= tolerance
+        assert gen.generate([prompt], STEPS).tokens[0] == continuation
+        # three sequences of different lengths decoded together, each in its own slot
+        others = [rng.integers(0, config.vocab_size, n).tolist() for n in (7, 23)]
+        together = gen.generate([prompt, *others], STEPS).tokens
+    assert together[0] == continuation
+    assert together[1:] == [reference.greedy(p, STEPS) for p in others]
+
+
+def test_static_and_paged_caches_give_the_same_tokens(compiled, tiny_checkpoint):
+    config = from_hf_folder(tiny_checkpoint)
+    prompts = [np.random.default_rng(s).integers(0, config.vocab_size, 12 + 5 * s).tolist() for s in range(2)]
+    out = {}
+    for kind in ("paged", "static"):
+        with open_session(compiled(config, "q0f16", 1, kv_cache=kind), open_source(config, tiny_checkpoint)) as s:
+            out[kind] = Generator(s, max_batch=2, max_total_len=64, prefill_chunk=16).generate(prompts, 10).tokens
+    assert out["static"] == out["paged"]
+
+
+def test_decode_step_is_fed_on_the_device(compiled, tiny_checkpoint, library_calls):
+    """Greedy decoding writes each step's tokens into the device's ids: the host writes them
+    (lab.kv.set_ids) only where it feeds other tokens (teacher forcing)."""
+    config = from_hf_folder(tiny_checkpoint)
+    set_ids = library_calls(functions.KV_SET_IDS)
+    steps = library_calls(functions.KV_ADVANCE)
+    with open_session(compiled(config, "q0f32", 1, kv_cache="static"), open_source(config, tiny_checkpoint)) as s:
+        gen = Generator(s, max_batch=1, max_total_len=64, prefill_chunk=16)
+        gen.generate([[1, 2, 3, 4]], 6)
+        assert len(steps) == 5 and not set_ids
+        gen.teacher_forced_logits([1, 2, 3, 4, 9, 8, 7], 4)
+        assert len(set_ids) == 3
+
+
+def test_static_decode_is_one_graph_on_cuda(tiny_config):
+    """The CUDA build captures the whole decode step but the LM head: one run_or_capture region in
+    decode_static whose capture function holds every layer's attention and allreduce; outside it
+    only the LM head, the argmax and lab.kv.advance (no vm.builtin KV-cache call at all)."""
+    import tvm
+
+    from engine.compile import _pipeline
+
+    spec = BuildSpec(tiny_config, "q0f16", 2, "cuda", "sm_90", kv_cache="static", allreduce="tir")
+    mod, _ = export(spec)
+    assert mod["decode_static"].attrs["num_input"] == 0
+    mod = tvm.relax.transform.DeadCodeElimination(["decode_static"])(mod)  # the step alone: a faster build
+    with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": True}):
+        lowered = _pipeline(spec, spec.tvm_target())(mod)
+    step = lowered["decode_static"].script()
+    assert step.count("vm.builtin.cuda_graph.run_or_capture") == 1
+    assert "attention_kv_cache" not in step and "kv_state" not in step
+    captured = lowered["decode_static_cuda_graph_capture"].script()
+    layers = tiny_config.num_hidden_layers
+    assert captured.count(functions.KV_DECODE_ATTENTION) == layers
+    assert captured.count("runtime.disco.allreduce") == 2 * layers
+    assert "broadcast_from_worker0" not in captured  # every rank holds the same tokens
+    outside = step.split("run_or_capture", 1)[1]
+    assert functions.KV_ADVANCE in outside and functions.KV_DECODE_ATTENTION not in outside
+
+
+def test_kv_cache_option(tiny_config):
+    assert BuildSpec(tiny_config, "q0f16", target="cuda").kv_cache == "static"
+    assert BuildSpec(tiny_config, "q0f16").kv_cache == "paged"
+    assert BuildSpec(tiny_config, "q0f16", kv_cache="static").key() != BuildSpec(tiny_config, "q0f16").key()
+    with pytest.raises(ConfigError, match="kv_cache"):
+        BuildSpec(tiny_config, "q0f16", kv_cache="flash")
+    with pytest.raises(ConfigError, match="kv_cache=paged"):  # batch_decode_pair is the paged cache's
+        BuildSpec(tiny_config, "q0f16", 2, "cuda", microbatch_decode=True)
+
+
+def test_library_allreduce_in_the_model_over_cpu_shm(compiled, tiny_checkpoint):
+    """allreduce=library: the model calls lab.ccl.allreduce (on the CPU, TVM's cpu_shm allreduce
+    underneath; on a GPU the one-shot over CUDA IPC); the session says which path ran. The
+    vocabulary-parallel LM head (an allgather after the graph) decodes the same tokens."""
+    config = from_hf_folder(tiny_checkpoint)
+    prompt = np.random.default_rng(3).integers(0, config.vocab_size, 12).tolist()
+    tokens = {}
+    for allreduce, lm_head in (("tir", "replicated"), ("library", "replicated"), ("library", "vocab_parallel")):
+        artifact = compiled(config, "q0f32", 2, kv_cache="static", allreduce=allreduce, lm_head=lm_head)
+        assert (functions.ALLREDUCE in artifact.functions) == (allreduce == "library")
+        with open_session(artifact, open_source(config, tiny_checkpoint)) as session:
+            assert ("cpu_shm" in session.allreduce) if allreduce == "library" else session.allreduce == "TVM's CCL (cpu_shm)"
+            tokens[allreduce, lm_head] = Generator(session, 1, 64, 16).generate([prompt], 6).tokens[0]
+    assert len(set(map(tuple, tokens.values()))) == 1
+    assert tokens["tir", "replicated"] == Reference(tiny_checkpoint).greedy(prompt, 6)
