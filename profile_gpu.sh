@@ -24,7 +24,8 @@ Modes (-m):
 Options:
   -m MODE        basic | nsight | timeline (required)
   -s EXPERIMENT  module under experiments/ with a main (default: baseline), e.g. tensor_parallel
-  -d SECONDS     bound on sampling/profiling time; the experiment is stopped after it (default 300)
+  -d SECONDS     bound on sampling/profiling time; the experiment is stopped after it (SIGINT,
+                 then SIGTERM, then SIGKILL; default 300)
   -o DIR         where the run folder is made (default: results/profiles); the run folder is
                  DIR/<mode>-<YYYYmmdd-HHMMSS>, a new one every time
   -h             this help
@@ -35,7 +36,8 @@ LAB_NCU_KERNELS (ncu kernel cap, 2000), LAB_PROFILE_FROM_START=1 (ncu: profile f
 kernel rather than the experiment's profiler range).
 
 Exit status: 0 ok, 1 the experiment failed, 2 usage, 3 no profiler for the mode (nsight),
-124 the -d limit stopped the experiment.
+124 the -d limit stopped the experiment (it leaves results.json with status "interrupted" and the
+points it finished), 130 interrupted (Ctrl-C).
 USAGE
 }
 

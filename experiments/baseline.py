@@ -8,6 +8,7 @@ tokens/s, peak memory, weight bytes, and the decode's fraction of the memory-ban
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -34,13 +35,17 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                           OmegaConf.to_container(cfg, resolve=True), [point], extra={"bandwidth": bandwidth})
     if point.ok:
         s = point.summary
-        roof = f", {s['roofline_fraction']:.0%} of the bandwidth roofline" if "roofline_fraction" in s else ""
-        print(f"{name} {build.quant} on {build.target}: TTFT {s['ttft_s']['p50'] * 1e3:.1f} ms, "
-              f"ITL p50 {s['itl_s']['p50'] * 1e3:.2f} ms, {s['decode_tokens_per_s']:.1f} decode tokens/s{roof}")
+        ttft = f"{name} {build.quant} on {build.target}: TTFT {s['ttft_s']['p50'] * 1e3:.1f} ms"
+        if s.get("itl_s"):
+            roof = f", {s['roofline_fraction']:.0%} of the bandwidth roofline" if "roofline_fraction" in s else ""
+            print(f"{ttft}, ITL p50 {s['itl_s']['p50'] * 1e3:.2f} ms, {s['decode_tokens_per_s']:.1f} decode "
+                  f"tokens/s{roof}")
+        else:
+            print(f"{ttft}; decode not measured (new_tokens=1: no decode step)")
     else:
-        print(f"error: {point.error}")
+        print(f"error: {point.error}", file=sys.stderr)
     print(f"results: {run_dir.root}")
-    return 0 if status == "ok" else 1
+    return entry.exit_status(status, [point])
 
 
 if __name__ == "__main__":

@@ -104,7 +104,12 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     spec = RunSpec.from_hydra(cfg, "quant_compare", quant=cfg.reference)  # the template: the reference at tp=1
     pairs = pairs_of(cfg, spec)
     batches = [positive("batches[]", b) for b in cfg.batches]
+    if not batches:
+        raise ConfigError("batches is empty; give e.g. 'batches=[1,16]'")
     spec.check_devices(max(tp for _, tp in pairs))
+    if spec.workload.new_tokens < 2:
+        raise ConfigError(f"quant_compare compares decode tokens/s, and workload.new_tokens={spec.workload.new_tokens} "
+                          "makes no decode step; use workload.new_tokens >= 2")
     stream, prompt_len = eval_stream(cfg, spec)
     bandwidth = sweep.measured_bandwidth(spec)
     logits: dict = {}
@@ -140,11 +145,11 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                      "weight_gib": p.summary.get("weight_bytes", 0) / 2**30 if p.ok else None,
                      "perplexity": c.get("perplexity")})
     text = conclusion(rows)
-    if any(r["tokens_per_s"] and r["kl"] is not None for r in rows):
-        plots.scatter_tradeoff([{"label": f"{r['config']} b{r['batch']}", "x": r["tokens_per_s"], "y": r["kl"]}
-                                for r in rows if r["tokens_per_s"] and r["kl"] is not None],
-                               "decode tokens/s", f"KL divergence vs {cfg.reference} (nats/token)",
-                               f"{config.name}: speed vs accuracy", run_dir.path("tradeoff.png"))
+    tradeoff = [{"label": f"{r['config']} b{r['batch']}", "x": r["tokens_per_s"], "y": r["kl"]}
+                for r in rows if r["tokens_per_s"] and r["kl"] is not None]
+    figures = [("tradeoff.png", lambda path: plots.scatter_tradeoff(
+        tradeoff, "decode tokens/s", f"KL divergence vs {cfg.reference} (nats/token)",
+        f"{config.name}: speed vs accuracy", path))] if tradeoff else []
     from harness import markdown
 
     acc_table = markdown.table(rows, [("config", "config", None), ("batch", "batch", None),
@@ -162,11 +167,12 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                           sections=[("Speed and accuracy", acc_table), ("Conclusion", text)],
                           summary_extra=summary_extra,
                           extra={"bandwidth": bandwidth, "eval_token_ids": stream, "eval_prompt_len": prompt_len,
-                                 "kl_per_token": {k: v["kl_per_token"] for k, v in comparisons.items()}})
+                                 "kl_per_token": {k: v["kl_per_token"] for k, v in comparisons.items()}},
+                          figures=figures)
     print(acc_table)
     print(text)
     print(f"results: {run_dir.root}")
-    return 0 if status == "ok" else 1
+    return entry.exit_status(status, points)
 
 
 if __name__ == "__main__":

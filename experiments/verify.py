@@ -20,7 +20,7 @@ from engine.compile import compile_model
 from engine.config import ConfigError, from_hf_folder
 from engine.generate import Generator
 from engine.session import open_session
-from engine.weights import open_source
+from engine.weights import check_checkpoint, open_source
 from harness import entry, oracle
 from harness.results import RunDir, atomic_save_npy
 from harness.spec import RunSpec, positive
@@ -50,11 +50,12 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
     folder = checkpoint_folder(cfg, spec)
     build = spec.build_for(config=from_hf_folder(folder))
     config, quant = build.config, build.quant_spec
+    check_checkpoint(folder, config)  # names the file and the tensor, before anything slow
+    reference = oracle.Reference(folder, quant)  # transformers' refusal is a ConfigError too, before compiling
     artifact = compile_model(build, spec.cache_dir)
 
     rng = np.random.default_rng(spec.seed)
     prompt = rng.integers(0, config.vocab_size, prompt_len).tolist()
-    reference = oracle.Reference(folder, quant)
     continuation = reference.greedy(prompt, steps)
     tokens = prompt + continuation[:-1]  # every token fed; the last prediction needs no feed
     ref_logits = reference.logits(tokens)

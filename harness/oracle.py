@@ -53,7 +53,12 @@ class Reference:
     def __init__(self, folder: str | Path, quant: QuantSpec | None = None):
         torch, transformers = _transformers()
         self.torch = torch
-        self.model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        try:
+            self.model = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+        except Exception as err:  # noqa: BLE001  (a checkpoint transformers refuses: the user's to fix)
+            text = " ".join(str(err).split())[:500]
+            raise ConfigError(f"{folder}: transformers cannot load this checkpoint as the reference "
+                              f"({type(err).__name__}: {text}); fix or re-save the checkpoint") from None
         if quant is not None and quant.quantized:
             self._apply_quantization(quant)
 

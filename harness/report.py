@@ -2,20 +2,23 @@
 
 An experiment measures one or more `Point`s (a configuration: a tp, a quantization, a mode) and
 hands them to `write_report`. A point that failed carries its error and is reported as such;
-the others are still written.
+the others are still written. results.json is written last, its status covering everything
+before it (a plot or summary.md that could not be written makes the run "partial").
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-from typing import Any
+import logging
+from typing import Any, Callable
 
-from . import markdown, plots
+from . import markdown, plots, tracing
 from .measure import RunSample
 from .results import RunDir, atomic_write_text
 from .trace import Trace
 
+log = logging.getLogger("experiments")
 
 @dataclasses.dataclass
 class Point:
@@ -25,6 +28,7 @@ class Point:
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     phases: list[tuple[str, float, float]] = dataclasses.field(default_factory=list)  # compile, load, ...
     error: str | None = None
+    config_error: bool = False  # the error is the user's to fix (a ConfigError): see entry.exit_status
 
     @property
     def ok(self) -> bool:
@@ -50,7 +54,8 @@ def point_row(p: Point) -> dict:
                    weight_gib=s["weight_bytes"] / 2**30)
         row.update({k: v for k, v in s.items()
                     if k in ("speedup", "efficiency", "allreduce_share", "hidden_ms", "same_tokens", "note",
-                             "allreduce_hidden_ms", "allreduce_hidden_fraction")})
+                             "allreduce_hidden_ms", "allreduce_hidden_fraction", "gpu_idle_share",
+                             "collectives_share_traced")})
     return row
 
 
@@ -82,35 +87,99 @@ def trace_of(points: list[Point], origin: float) -> Trace:
     return trace
 
 
-def write_report(run_dir: RunDir, title: str, config: dict, points: list[Point], *,
-                 columns=BASE_COLUMNS, sections: list[tuple[str, str]] = (), summary_extra: dict | None = None,
-                 extra: dict | None = None) -> str:
-    """Write every output; returns the status ("ok", "partial" or "error")."""
-    good = [p for p in points if p.ok and p.samples]
-    status = "ok" if len(good) == len(points) else ("partial" if good else "error")
+def measured(points: list[Point]) -> list[Point]:
+    """The points measured without error."""
+    return [p for p in points if p.ok and p.samples]
+
+
+def status_of(points: list[Point]) -> str:
+    """"ok": every point measured; "partial": some; "error": none."""
+    good = measured(points)
+    return "ok" if points and len(good) == len(points) else ("partial" if good else "error")
+
+
+def summary_of(points: list[Point], summary_extra: dict | None = None) -> dict:
+    """results.json's `summary`: each point's figures (or its error) by label; a single point's
+    at the top level (summary["ttft_s"], ...)."""
     summary = {p.label: (p.summary if p.ok else {"error": p.error}) for p in points}
-    if len(points) == 1:  # one configuration: its figures at the top level (summary["ttft_s"], ...)
+    if len(points) == 1:
         summary = {"label": points[0].label, **summary[points[0].label]}
     summary.update(summary_extra or {})
-    run_dir.write_results(config, [p.to_dict() for p in points], summary, status, extra)
+    return summary
+
+
+Figure = tuple[str, Callable]  # (file name, function(path) that writes it)
+
+
+def write_report(run_dir: RunDir, title: str, config: dict, points: list[Point], *,
+                 columns=BASE_COLUMNS, sections: list[tuple[str, str]] = (), summary_extra: dict | None = None,
+                 extra: dict | None = None, figures: list[Figure] = ()) -> str:
+    """Write every output of the run, results.json last, and return its status: "ok" (every
+    point measured, every file written), "partial" (a point failed, or a file could not be
+    written: its error is in results.json's `report_errors`), "error" (no point measured).
+    `figures`: the experiment's own figures, written (or their failure recorded) like the others.
+    An error writing results.json itself is raised (entry.guarded then writes a smaller one)."""
+    good = measured(points)
+    status = status_of(points)
+    problems: list[str] = []
+    written: list[str] = []
+
+    def attempt(name: str, make: Callable) -> None:
+        try:
+            make(run_dir.path(name))
+            written.append(name)
+        except Exception as err:  # noqa: BLE001  (a full disk, a plot's bad input: recorded, the rest goes on)
+            problems.append(f"{name}: {type(err).__name__}: {err}")
+            log.error("could not write %s: %s: %s", run_dir.path(name), type(err).__name__, err)
+
     # Plotting makes many short-lived objects; with a large heap (weights, samples) the cyclic
     # collector's full passes made the first figure take minutes on the GPU box. Exempt what exists.
     gc.collect()
     gc.freeze()
+    if good:
+        itl = {p.label: [t for s in p.samples for t in s.itl_s] for p in good if any(s.itl_s for s in p.samples)}
+        ttft = {p.label: [s.ttft_s for s in p.samples] for p in good}
+        attempt("latency.png", lambda path: plots.latency_distribution(
+            itl or ttft, f"{title}: " + ("inter-token latency" if itl else "time to first token (no decode step)"),
+            path))
+        decode = {p.label: p.summary["decode_tokens_per_s"] for p in good if p.summary.get("decode_tokens_per_s")}
+        if decode:
+            attempt("throughput.png", lambda path: plots.throughput_bars(decode, "decode tokens/s",
+                                                                         f"{title}: decode throughput", path))
+        origin = min([s.start for p in good for s in p.samples] + [st for p in good for _, st, _ in p.phases])
+        attempt("trace.json", lambda path: trace_of(good, origin).save(path))
+    for name, make in figures:
+        attempt(name, make)
+    where = tracing.report_section(good, f"{title}: where the time goes")
+    if where is not None and where[1] is not None:
+        attempt("breakdown.png", where[1])
 
     rows = [point_row(p) for p in points]
     doc_sections = [("Results", markdown.table(rows, list(columns) + [("status", "status", None)]))]
     doc_sections += list(sections)
-    if good:
-        plots.latency_distribution({p.label: [t for s in p.samples for t in s.itl_s] for p in good
-                                    if any(s.itl_s for s in p.samples)} or {p.label: [p.samples[0].ttft_s] for p in good},
-                                   f"{title}: inter-token latency", run_dir.path("latency.png"))
-        plots.throughput_bars({p.label: p.summary.get("decode_tokens_per_s") or 0.0 for p in good},
-                              "decode tokens/s", f"{title}: decode throughput", run_dir.path("throughput.png"))
-        origin = min([s.start for p in good for s in p.samples] + [st for p in good for _, st, _ in p.phases])
-        trace_of(good, origin).save(run_dir.path("trace.json"))
-        doc_sections.append(("Files", "results.json, latency.png, throughput.png, trace.json "
-                             "(open in chrome://tracing or https://ui.perfetto.dev)"))
-    atomic_write_text(run_dir.path("summary.md"), markdown.summary_document(title, run_dir.env, doc_sections))
-    run_dir.update_latest_link()
+    if where is not None:
+        doc_sections.append(("Where the time goes", where[0]))
+    notes = {p.label: p.summary["note"] for p in good if p.summary.get("note")}
+    if notes:
+        same = len(set(notes.values())) == 1 and len(notes) == len(good)
+        doc_sections.append(("Notes", next(iter(notes.values())) if same
+                             else "\n".join(f"- {label}: {note}" for label, note in notes.items())))
+    if written:
+        doc_sections.append(("Files", "results.json, " + ", ".join(written)
+                             + (" (open trace.json in chrome://tracing or https://ui.perfetto.dev)"
+                                if "trace.json" in written else "")))
+    if problems:
+        doc_sections.append(("Not written", "\n".join(f"- {p}" for p in problems)))
+    attempt("summary.md", lambda path: atomic_write_text(
+        path, markdown.summary_document(title, run_dir.env, doc_sections)))
+    if problems and status == "ok":
+        status = "partial"
+    extra = dict(extra or {})
+    if problems:
+        extra["report_errors"] = problems
+    run_dir.write_results(config, [p.to_dict() for p in points], summary_of(points, summary_extra), status, extra)
+    try:
+        run_dir.update_latest_link()
+    except OSError as err:
+        log.warning("could not point %s at this run: %s", run_dir.root.parent / "latest", err)
     return status

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -31,13 +32,29 @@ RESERVED_KEYS = ("config", "environment", "runs", "summary", "status")
 
 # --- atomic writes -------------------------------------------------------------------------
 
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux says it (/proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def _atomic_file(path, mode: str):
-    """Yield a temp file next to `path`; on success it replaces `path`, on error it is removed."""
+    """Yield a temp file next to `path`; on success it replaces `path`, on error it is removed.
+    The file gets the mode a plain open() would give it (0666 less the umask: 0644 usually), not
+    mkstemp's 0600: results folders are shared."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -218,6 +235,13 @@ def environment() -> dict:
 
 # --- run directories -----------------------------------------------------------------------
 
+class ResultsNotWritten(OSError):
+    """results.json could not be written (a full disk, a folder gone read-only)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 class RunDir:
     """One results folder, e.g. results/<experiment>/<timestamp>/."""
 
@@ -225,6 +249,7 @@ class RunDir:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._env = env
+        self.results: dict | None = None  # the results.json last written by this process
 
     def __fspath__(self) -> str:
         return str(self.root)
@@ -249,22 +274,58 @@ class RunDir:
             raise ValueError(f"extra may not override {clash}")
         doc = {"config": config, "environment": self.env, "runs": runs,
                "summary": summary, "status": status, **extra}
-        return atomic_write_json(self.path("results.json"), doc)
+        return self.write_document(doc)
 
-    def write_failure(self, config: dict, error: str, runs: list | None = None) -> Path:
-        """results.json for a run that failed; any runs finished before the failure are kept."""
-        return self.write_results(config, runs or [], {}, "error", {"error": str(error)})
+    def write_document(self, doc: dict) -> Path:
+        """Write `doc` as results.json (atomically) and remember it (`results`); ResultsNotWritten
+        where the file system refuses (the previous results.json, if any, is left as it was)."""
+        try:
+            path = atomic_write_json(self.path("results.json"), doc)
+        except OSError as err:
+            raise ResultsNotWritten(err.errno, f"could not write {self.path('results.json')}: "
+                                               f"{err.strerror or err}") from err
+        self.results = doc
+        return path
+
+    def write_failure(self, config: dict, error: str, runs: list | None = None, status: str = "error",
+                      summary: dict | None = None, extra: dict | None = None) -> Path:
+        """results.json for a run that failed (or was interrupted: `status`); any runs finished
+        before are kept."""
+        return self.write_results(config, runs or [], summary or {}, status, {"error": str(error), **(extra or {})})
 
     def update_latest_link(self, name: str = "latest") -> Path:
-        """Point <parent>/latest at this folder (relative link; replaced atomically)."""
-        link = self.root.parent / name
-        tmp = self.root.parent / f".{name}.{os.getpid()}.tmp"
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        os.symlink(self.root.name, tmp)
+        """Point <parent>/latest at this folder (relative link; replaced atomically). Where the
+        link points at a sibling run folder named by a later start (harness.entry.run_id), it is
+        left there: `latest` is the newest run, whichever of two runs started together ends first."""
+        import fcntl
+
+        parent = self.root.parent
+        link = parent / name
+        lock = os.open(parent, os.O_RDONLY)
         try:
-            os.replace(tmp, link)
-        except BaseException:
-            tmp.unlink()
-            raise
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one updater at a time (a lock on the folder itself)
+            current = os.readlink(link) if link.is_symlink() else None
+            if current is not None and _started_later(current, self.root.name) and (parent / current).is_dir():
+                return link
+            tmp = parent / f".{name}.{os.getpid()}.tmp"
+            if tmp.is_symlink() or tmp.exists():
+                tmp.unlink()
+            os.symlink(self.root.name, tmp)
+            try:
+                os.replace(tmp, link)
+            except BaseException:
+                tmp.unlink()
+                raise
+        finally:
+            os.close(lock)
         return link
+
+
+_RUN_ID = re.compile(r"(?:multirun-)?(\d{8}-\d{6}-\d{6})-(\d+)")
+
+
+def _started_later(other: str, mine: str) -> bool:
+    """Whether run folder `other` was started after `mine`, both named by harness.entry.run_id
+    (time to the microsecond, then the pid); False for any other names."""
+    a, b = _RUN_ID.fullmatch(other), _RUN_ID.fullmatch(mine)
+    return bool(a and b) and (a[1], int(a[2])) > (b[1], int(b[2]))

@@ -16,7 +16,7 @@ from pathlib import Path
 from engine.compile import BuildSpec, default_cache_dir
 from engine.config import KERNEL_OPTIONS, ConfigError, ModelConfig, from_hf_folder, preset
 from engine.quantize import quant_spec
-from engine.weights import TensorSource, open_source
+from engine.weights import TensorSource, check_checkpoint, open_source
 
 WEIGHT_BACKENDS = ("auto", "numpy", "torch")
 
@@ -124,10 +124,10 @@ def resolve_target(device_cfg) -> tuple[str, str]:
         kind = "cuda" if has_gpu else "cpu"
     arch = device_cfg.get("cuda_arch")
     if kind == "cuda":
+        if not has_gpu:  # every entry point runs what it builds: refuse before compiling
+            raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu (to compile for a GPU node "
+                              "without running: python -m bench.build_artifacts)")
         if arch is None:
-            if not has_gpu:
-                raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu "
-                                  "(or set device.cuda_arch=sm_90 to only build for a GPU)")
             import tvm
 
             arch = "sm_" + tvm.cuda(0).compute_version.replace(".", "")
@@ -136,9 +136,27 @@ def resolve_target(device_cfg) -> tuple[str, str]:
 
 
 def model_config(model_cfg) -> ModelConfig:
+    """The preset, or the checkpoint at model.path: its config.json and its tensors checked
+    (engine.weights.check_checkpoint) before anything is compiled."""
     if model_cfg.get("path"):
-        return from_hf_folder(model_cfg.path)
+        config = from_hf_folder(model_cfg.path)
+        check_checkpoint(model_cfg.path, config)
+        return config
     return preset(model_cfg.get("preset"))
+
+
+def cache_folder(value) -> Path:
+    """The compile cache (`cache_dir`, default $LAB_CACHE_DIR): a folder, or one that can be made.
+    It may be read-only (a GPU node's artifacts): writing is checked where a build needs it."""
+    path = Path(str(value)).expanduser() if value else default_cache_dir()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"cache_dir {path} is a file, not a folder; set cache_dir=DIR (or LAB_CACHE_DIR)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create the compile cache {path} ({err.strerror or err}); set cache_dir=DIR "
+                          "(or LAB_CACHE_DIR)") from None
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +173,7 @@ class RunSpec:
     cache_dir: Path
     seed: int = 0
     measure_bandwidth: bool = True
+    breakdown: bool = True  # trace one more repeat per point (GPU: CUPTI) for the time breakdown
 
     @staticmethod
     def from_hydra(cfg, experiment: str, quant: str | None = None, tp: int = 1, **build_options) -> "RunSpec":
@@ -168,11 +187,12 @@ class RunSpec:
         device = cfg.device
         build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch,
                           lm_head=cfg.get("lm_head") or "replicated",
-                          **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS}, **build_options)
+                          **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS},
+                          kv_cache=device.get("kv_cache") or "auto", **build_options)
         workload = Workload.from_hydra(cfg.workload, config) if cfg.get("workload") is not None else None
-        return RunSpec(experiment, config, weights, build, workload,
-                       Path(cfg.cache_dir).expanduser() if cfg.get("cache_dir") else default_cache_dir(),
-                       int(cfg.get("seed", 0)), bool(cfg.get("measure_bandwidth", True)))
+        return RunSpec(experiment, config, weights, build, workload, cache_folder(cfg.get("cache_dir")),
+                       int(cfg.get("seed", 0)), bool(cfg.get("measure_bandwidth", True)),
+                       bool(cfg.get("breakdown", True)))
 
     @property
     def target(self) -> str:

@@ -14,7 +14,7 @@ from engine.config import ConfigError
 from engine.generate import Generator
 from engine.session import open_session
 
-from . import device_probe, measure
+from . import device_probe, measure, run_state, tracing
 from .report import Point
 from .spec import RunSpec, Workload
 
@@ -45,6 +45,9 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
     w = workload or spec.workload
     point = Point(label, params)
     point.summary["build"] = build.to_dict()
+    state = run_state.current()
+    if state is not None:
+        state.begin(label)
     session = None
     try:
         prediction = memory.predict(spec.config, build.quant_spec, build.tp, w.batch, w.max_total_len,
@@ -74,19 +77,50 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
         if build.target == "cuda":
             point.summary["gpu_memory_used_bytes"] = device_probe.gpu_memory_used_bytes()
         point.summary["load_seconds"] = t2 - t1
+        point.summary["allreduce_path"] = session.allreduce
+        if spec.breakdown:  # one more repeat under kernel-level tracing, after the timed ones
+            floor = point.summary.get("roofline_step_s")
+            point.summary["breakdown"] = tracing.traced_breakdown(session, gen, prompts, w.new_tokens, scheduler,
+                                                                   floor * 1e6 if floor else None)
+            point.summary.update(tracing.decode_shares(point.summary["breakdown"]))
+        if w.new_tokens == 1:
+            point.summary["note"] = NO_DECODE_NOTE
         if after_load is not None:
             after_load(Loaded(point, session, artifact, gen, prompts))
     except ConfigError as err:
-        point.error = str(err)
+        point.error, point.config_error = str(err), True
     except Exception as err:  # noqa: BLE001  (recorded in results; the sweep goes on)
-        point.error = f"{type(err).__name__}: {err}"
-        log.error("%s failed:\n%s", label, traceback.format_exc())
+        point.error, expected = failure(err)
+        if not expected:
+            log.error("%s failed:\n%s", label, traceback.format_exc())
     finally:
         if session is not None:
             session.close()
     if point.error:
         log.error("%s: %s", label, point.error)
+    if state is not None:
+        state.add(point)
     return point
+
+
+NO_DECODE_NOTE = ("new_tokens=1: the first token comes from the prefill, so there is no decode step; TTFT "
+                  "is measured, decode figures (ITL, decode tokens/s, roofline) are not")
+
+
+def failure(err: Exception) -> tuple[str, bool]:
+    """A point's error as one line, and whether it is a known way for a run to fail (a disco
+    worker that died or a collective that failed: no traceback is logged for those)."""
+    from runtime_patch.disco import CCLError
+
+    text = " ".join(str(err).split())
+    if isinstance(err, CCLError):
+        return f"CCLError: {text}", True
+    if "disco worker processes exited while starting" in text:
+        return text, True
+    if "DiscoAction" in text:  # TVM read a broken reply from a worker's pipe: the worker died
+        return ("a disco worker process died (the controller read a broken reply from its pipe: "
+                f"{text.rstrip(': ')}); its stderr above may say why"), True
+    return (f"{type(err).__name__}: {text}" if text else type(err).__name__), False
 
 
 def measured_bandwidth(spec: RunSpec) -> dict | None:
