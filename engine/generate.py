@@ -58,6 +58,10 @@ class DecodeScheduler(Protocol):
 
     name: str
 
+    def kv_groups(self, gen: "Generator") -> int:
+        """Over how many KV caches (request groups) `gen` should split the batch for this mode."""
+        ...
+
     def run(self, gen: "Generator", seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]: ...
 
 
@@ -65,6 +69,9 @@ class SyncDecode:
     """Mode `none`: feed the host's tokens, run the step, read its tokens back, decide, repeat."""
 
     name = "none"
+
+    def kv_groups(self, gen: "Generator") -> int:
+        return 1
 
     def run(self, gen: "Generator", seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in seq_ids]
@@ -259,7 +266,7 @@ class Generator:
         self.hooks.append(steps.append)
         try:
             # A scheduler may ask for the batch split over several KV caches (`kv_groups`).
-            groups = max(1, min(int(getattr(scheduler, "kv_groups", 1)), len(prompts)))
+            groups = max(1, min(scheduler.kv_groups(self) if scheduler else 1, len(prompts)))
             self.reset(groups, len(prompts))
             seq_ids = list(range(len(prompts)))
             first: list[int] = []

@@ -104,6 +104,11 @@ class _Scheduler:
         self.reader_kind: str | None = None
         self.note: str | None = None
 
+    def kv_groups(self, gen) -> int:
+        """Over how many KV caches (request groups) the generator splits the batch: one, unless
+        the mode runs micro-batches."""
+        return 1
+
     def _run_instead(self, other: "_Scheduler", gen, seq_ids: list[int], first: list[int], steps: int):
         """Run `other` where this mode cannot apply (the caller has set `note`)."""
         out = other.run(gen, seq_ids, first, steps)
@@ -168,7 +173,9 @@ class DoubleBufferDecode(_Scheduler):
     """Two request groups in two KV caches, their steps interleaved (see the module doc)."""
 
     name = "double_buffer"
-    kv_groups = 2
+
+    def kv_groups(self, gen) -> int:
+        return 2
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         groups = gen.groups_of(seq_ids)
@@ -206,7 +213,9 @@ class FullOverlapDecode(PipelineDecode):
     call per step, run as `pipeline` (see the module doc)."""
 
     name = "full_overlap"
-    kv_groups = 2
+
+    def kv_groups(self, gen) -> int:
+        return 1 if gen.caches.kind == "static" else 2  # the static cache runs it as pipeline (_fallback)
 
     def _groups(self, gen, seq_ids: list[int]) -> list[list[int]]:
         return gen.groups_of(seq_ids)
