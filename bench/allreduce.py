@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from harness.results import git_info
 from runtime_patch import settings
 
 KIB = 1024
@@ -58,17 +58,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stress-replays", type=int, default=2000,
                     help="unchecked replays of the correctness graph before its last check (default 2000)")
     return ap.parse_args(argv)
-
-
-def git_sha() -> str | None:
-    if settings.is_set("LAB_GIT_SHA"):
-        return settings.text("LAB_GIT_SHA")
-    try:
-        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=settings.REPO_ROOT, capture_output=True, text=True,
-                              timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (proc.stdout.strip() or None) if proc.returncode == 0 else None
 
 
 class Bench:
@@ -317,7 +306,7 @@ def run(args: argparse.Namespace, rank: int, world: int, local_world: int) -> in
         record = {
             "benchmark": "allreduce", "card": card, "world": world, "date": time.strftime("%Y-%m-%d"),
             "command": f"torchrun --nproc_per_node={local_world} -m bench.allreduce {' '.join(sys.argv[1:])}",
-            "git_sha": git_sha(), "torch": torch.__version__,
+            "git_sha": (git_info() or {}).get("sha"), "torch": torch.__version__,
             "nccl": ".".join(str(v) for v in torch.cuda.nccl.version()),
             "environment": {k: settings.raw(k) for k in MULTICAST_OFF},
             "ipc_status": bench.status, "ipc_opened": bench.opened, "max_bytes": args.max_bytes,

@@ -25,6 +25,24 @@ def _card(env: dict) -> str:
 OVERLAP_FIGURES = ("same_tokens", "note", "hidden_ms", "allreduce_hidden_ms", "allreduce_hidden_fraction")
 
 
+def _step_figures(s: dict) -> dict:
+    """What built and ran the point (KV cache, allreduce and its path) and where its decode step's
+    time went in the traced repeat (harness/breakdown.py), per GPU, without the kernel lists."""
+    build = s.get("build") or {}
+    out = {"kv_cache": build.get("kv_cache"), "allreduce_kernel": build.get("allreduce"),
+           "allreduce_path": s.get("allreduce_path"), "gpu_idle_share": s.get("gpu_idle_share"),
+           "collectives_share_traced": s.get("collectives_share_traced")}
+    breakdown = s.get("breakdown") or {}
+    if breakdown.get("measured"):
+        out["decode_breakdown_us"] = [
+            {"device": d["device"], "step_us": d["decode"]["step_us"], "idle_us": d["decode"]["idle_us"],
+             **d["decode"]["categories"]} for d in breakdown["devices"] if d.get("decode")]
+        out["traced_decode_tokens_per_s"] = breakdown.get("traced_decode_tokens_per_s")
+    elif breakdown:
+        out["decode_breakdown_us"] = breakdown.get("reason")
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def record_of(results_dir: Path) -> dict:
     data = json.loads((results_dir / "results.json").read_text())
     env, cfg = data["environment"], data["config"]
@@ -45,6 +63,7 @@ def record_of(results_dir: Path) -> dict:
                 "raw_itl_s": [t for sample in run["samples"] for t in sample["itl_s"]],
             })
             point.update({k: s[k] for k in OVERLAP_FIGURES if k in s})
+            point.update(_step_figures(s))
             if "allreduce_overlap" in s:  # full_overlap: its run with serialized collectives, raw samples kept
                 overlap = dict(s["allreduce_overlap"])
                 samples = overlap.pop("serialized_samples", [])
@@ -52,7 +71,7 @@ def record_of(results_dir: Path) -> dict:
                                               "serialized_raw_itl_s": [t for r in samples for t in r["itl_s"]]}
         points.append(point)
     return {"experiment": results_dir.parent.name, "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
-            "lm_head": cfg.get("lm_head"),
+            "lm_head": cfg.get("lm_head"), "overlap": cfg.get("overlap"),
             "workload": cfg.get("workload"), "card": _card(env), "date": env["timestamp"][:10],
             "command": env.get("command"), "git_sha": (env.get("git") or {}).get("sha"),
             "git_dirty": (env.get("git") or {}).get("dirty"), "bandwidth_bytes_per_s": (data.get("bandwidth") or {}).get("bytes_per_s"),
@@ -82,9 +101,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--sha", default=None, help="the git SHA the run was made from (replaces what the results say)")
+    ap.add_argument("--peers", type=Path, default=None,
+                    help="a file of JSON lines a peer printed in the same device call (e.g. ../shared/peers' "
+                         "gpt-fast): kept in every record as `peers`")
     args = ap.parse_args()
+    peers = [json.loads(line) for line in args.peers.read_text().splitlines() if line.startswith("{")] \
+        if args.peers else []
     for folder in args.results:
         record = record_of(folder)
+        if peers:
+            record["peers"] = peers
         if args.sha and args.sha != record["git_sha"]:
             record["git_sha"], record["git_dirty"], record["git_sha_from"] = args.sha, None, "--sha"
         batch = record["points"][0].get("batch")

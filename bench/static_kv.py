@@ -1,7 +1,7 @@
 """The static KV cache's CUDA functions (runtime_patch/native/cuda_attention.cu, `lab.kv.*`) on one
 GPU: checked against a float32 PyTorch reference, then timed beside PyTorch's SDPA.
 
-    python -m bench.static_kv --out F.json [--sha SHA]
+    python -m bench.static_kv --out F.json
 
 Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
 - `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
+from harness.results import git_info
+
+from . import attention as attention_bench
 
 HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
 D, LAYERS, LAYER = 128, 2, 1
@@ -51,20 +54,9 @@ def rel_error(out, ref) -> float:
     return float((out.float() - ref).abs().max() / ref.abs().max())
 
 
-def timed(fn, repeats: int = 50) -> list[float]:
-    import torch
-
-    for _ in range(5):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return samples
+def timed(fn) -> list[float]:
+    """Seconds per call of `fn` on the GPU (bench.attention's timer: CUDA events, after warm-up)."""
+    return attention_bench.timed(fn, warmup=5, repeats=50)
 
 
 class Functions:
@@ -191,7 +183,6 @@ def check_state(f: Functions) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--sha", default=None, help="git SHA of the code")
     args = ap.parse_args()
     import torch
 
@@ -216,7 +207,7 @@ def main() -> None:
               f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')}{when}  "
               f"err {err:.1e}", flush=True)
     atomic_write_text(args.out, json.dumps({
-        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": args.sha,
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),
         "command": " ".join(["python", "-m", "bench.static_kv", *sys.argv[1:]]), "torch": torch.__version__,
         "ok": all(r["ok"] for r in results), "results": results}, indent=1))
     print(f"wrote {args.out}")

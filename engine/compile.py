@@ -245,7 +245,7 @@ def _file_records(folder: Path) -> dict[str, dict]:
             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "metadata.json"}
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """This process's umask, read without changing it where Linux says it (/proc)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -293,7 +293,10 @@ def _cached(final: Path, spec: BuildSpec) -> Artifact | None:
     return None
 
 
-def _cache_folder(cache: Path) -> Path:
+def cache_folder(cache: Path) -> Path:
+    """The compile cache `cache`: a folder, or one that can be made (a ConfigError naming the fix
+    where it cannot). It may be read-only (a GPU node's artifacts): writing is checked where a
+    build needs it."""
     if cache.exists() and not cache.is_dir():
         raise ConfigError(f"the compile cache {cache} is a file, not a folder; set cache_dir=DIR (or LAB_CACHE_DIR)")
     try:
@@ -393,7 +396,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
     """Compile (or reuse) the artifact for `spec`; returns the artifact folder."""
     import tvm
 
-    cache = _cache_folder(Path(cache_dir) if cache_dir else default_cache_dir())
+    cache = cache_folder(Path(cache_dir) if cache_dir else default_cache_dir())
     final = cache / spec.folder_name()
     if not force:
         found = _cached(final, spec)
@@ -419,7 +422,7 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         executable, cuda_sources = _build(export(spec)[0], spec, target, config)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the entry from a team sharing the cache
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the entry from a team sharing the cache
     except OSError as err:
         raise ConfigError(f"cannot write to the compile cache {cache} ({err.strerror or err}); set cache_dir=DIR "
                           "(or LAB_CACHE_DIR)") from None

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from engine.compile import current_umask  # results files honour the umask as the artifact cache does
 from runtime_patch import settings
 
 from .nvml import Nvml
@@ -31,19 +32,6 @@ RESERVED_KEYS = ("config", "environment", "runs", "summary", "status")
 
 
 # --- atomic writes -------------------------------------------------------------------------
-
-def current_umask() -> int:
-    """This process's umask, read without changing it where Linux says it (/proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
 
 @contextmanager
 def _atomic_file(path, mode: str):

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 
 from engine.compile import BuildSpec, default_cache_dir
+from engine.compile import cache_folder as checked_cache_folder
 from engine.config import KERNEL_OPTIONS, ConfigError, ModelConfig, from_hf_folder, preset
 from engine.quantize import quant_spec
 from engine.weights import TensorSource, check_checkpoint, open_source
@@ -146,17 +147,8 @@ def model_config(model_cfg) -> ModelConfig:
 
 
 def cache_folder(value) -> Path:
-    """The compile cache (`cache_dir`, default $LAB_CACHE_DIR): a folder, or one that can be made.
-    It may be read-only (a GPU node's artifacts): writing is checked where a build needs it."""
-    path = Path(str(value)).expanduser() if value else default_cache_dir()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"cache_dir {path} is a file, not a folder; set cache_dir=DIR (or LAB_CACHE_DIR)")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"cannot create the compile cache {path} ({err.strerror or err}); set cache_dir=DIR "
-                          "(or LAB_CACHE_DIR)") from None
-    return path
+    """The compile cache of `cache_dir` (default $LAB_CACHE_DIR), checked (engine.compile.cache_folder)."""
+    return checked_cache_folder(Path(str(value)).expanduser() if value else default_cache_dir())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import shutil
-import subprocess
 from collections.abc import Iterable
 
 from harness import markdown
+from runtime_patch.cupti_tracer import demangle  # noqa: F401  (the profiler's c++filt: kernels.demangle)
 
 NAME_WIDTH = 110
 
@@ -40,21 +39,6 @@ def aggregate(launches: Iterable[tuple[str, float]]) -> list[KernelStat]:
         median = durations[n // 2] if n % 2 else (durations[n // 2 - 1] + durations[n // 2]) / 2
         stats.append(KernelStat(name, n, sum(durations), durations[0], durations[-1], median))
     return sorted(stats, key=lambda s: -s.total_ns)
-
-
-def demangle(names: Iterable[str]) -> dict[str, str]:
-    """Mangled C++ names (`_Z...`, e.g. NCCL's kernels) through c++filt where it exists; TVM's
-    kernels are extern "C" and stay as they are."""
-    mangled = sorted({n for n in names if n.startswith("_Z")})
-    if not mangled or shutil.which("c++filt") is None:
-        return {}
-    try:
-        out = subprocess.run(["c++filt"], input="\n".join(mangled) + "\n", capture_output=True,
-                             text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    lines = out.stdout.splitlines()
-    return dict(zip(mangled, lines)) if out.returncode == 0 and len(lines) == len(mangled) else {}
 
 
 def _short(name: str) -> str:

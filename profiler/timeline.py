@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime_patch.cupti_tracer import read_records
+from runtime_patch.cupti_tracer import host_clock, read_records
 
 from harness.trace import Trace, validate
 
@@ -76,21 +76,6 @@ def load_host_traces(experiment_dir) -> list[tuple[Path, dict]]:
 
 
 # --- clocks and lanes ----------------------------------------------------------------------------
-
-def host_clock(pairs: list) -> "callable":
-    """ns on CUPTI's clock -> s on the host's perf_counter clock. Two pairs far enough apart give
-    offset and rate (clocks drift a little); one gives the offset."""
-    if not pairs:
-        raise ValueError("no clock calibration pair")
-    pairs = sorted(pairs)
-    (c0, h0), (c1, h1) = pairs[0], pairs[-1]
-    rate = 1e-9
-    if c1 - c0 > 0.5e9:
-        fitted = (h1 - h0) / (c1 - c0)
-        if abs(fitted / 1e-9 - 1) < 1e-3:  # beyond 1000 ppm something is wrong with a pair
-            rate = fitted
-    return lambda ns: h0 + (ns - c0) * rate
-
 
 def assign_lanes(spans: list[tuple[int, int]]) -> list[int]:
     """A lane per span such that, within a lane, spans nest or follow one another (what a trace

@@ -322,7 +322,7 @@ class _Tracer:
 def host_clock(pairs: list) -> "callable":
     """ns on CUPTI's clock -> s on the host's perf_counter clock, from a document's calibration
     pairs. Two pairs far enough apart give offset and rate (clocks drift a little); one gives the
-    offset. (The same as profiler.timeline.host_clock, here so that harness/ may use it too.)"""
+    offset. (Here, below harness/ and profiler/, so that both use it.)"""
     if not pairs:
         raise ValueError("no clock calibration pair")
     pairs = sorted(pairs)
@@ -337,8 +337,8 @@ def host_clock(pairs: list) -> "callable":
 
 def demangle(names) -> dict[str, str]:
     """{mangled: demangled} for the C++ names among `names` (`_Z...`: NCCL's, cuBLAS's, the
-    project's kernels; TVM's are extern "C") through c++filt where it exists, else {}. (The same as
-    profiler.kernels.demangle, here so that harness/ may use it too.)"""
+    project's kernels; TVM's are extern "C") through c++filt where it exists, else {}. (Here, below
+    harness/ and profiler/, so that both use it.)"""
     import shutil
     import subprocess
 

@@ -147,6 +147,8 @@ def test_overlap_experiment_compares_against_none_and_traces_two_tracks(cache_di
     assert full["same_tokens"] is True and "allreduce_hidden_fraction" in full
     assert len(full["allreduce_overlap"]["serialized_raw_itl_s"]) == 2 * 5  # repeats x decode steps
     assert "serialized_samples" not in full["allreduce_overlap"] and record["batch_invariant_attention"] is True
+    assert full["decode_breakdown_us"].startswith("the CPU has no kernel-level tracer")  # kept, with why not
+    assert "- full_overlap: breakdown not measured" in (out / "summary.md").read_text()
 
 
 def test_microbatch_decode_is_a_build_option(tiny_config, compiled):

@@ -36,6 +36,7 @@ def test_q8_on_two_workers_is_far_closer_to_fp16_than_q4_on_one(cache_dir, tmp_p
     assert s["conclusion"].startswith("Lowest latency at batch 1:")
     assert (out / "tradeoff.png").stat().st_size > 5000
     assert "Conclusion" in (out / "summary.md").read_text()
+    assert "breakdown not measured: the CPU" in (out / "summary.md").read_text()  # per config, and why
 
 
 def test_perplexity_needs_a_tokenizer(cache_dir, tmp_path):

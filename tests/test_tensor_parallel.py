@@ -89,7 +89,13 @@ def test_tensor_parallel_sweep_reports_scaling(cache_dir, tmp_path):
     assert s["tp=2"]["efficiency"] == pytest.approx(s["tp=2"]["speedup"] / 2)
     assert s["tp=1"]["tokens_first_sequence"] == s["tp=2"]["tokens_first_sequence"]
     assert (out / "speedup.png").stat().st_size > 5000 and (out / "trace.json").is_file()
-    assert "overlap=pipeline" in (out / "summary.md").read_text()  # the decode loop it ran, named
+    summary_md = (out / "summary.md").read_text()
+    assert "overlap=pipeline" in summary_md  # the decode loop it ran, named
+    # the time breakdown: not measured on the CPU, and the report says why (no plot)
+    assert s["tp=2"]["breakdown"] == {"measured": False,
+                                      "reason": "the CPU has no kernel-level tracer (CUPTI is for NVIDIA GPUs)"}
+    assert "## Where the time goes" in summary_md and "- tp=2: breakdown not measured: the CPU" in summary_md
+    assert not (out / "breakdown.png").exists()
 
 
 @pytest.mark.parametrize("override,message", [("tp=[1,64]", "at most 16"), ("tp=[1,3]", "choose tp from"),
