@@ -99,19 +99,11 @@ class DiscoSession:
         """Map every worker's one-shot allreduce buffers into the others (CUDA IPC); returns what
         `lab.ccl.allreduce` does in this session, in a line. Where a worker cannot (no peer
         access), every worker is told to use TVM's CCL, so that no two disagree."""
-        created = self.sess.get_global_func("lab.engine.ipc_create")(self.tp, ONE_SHOT_MAX_BYTES)
-        self.sess._sync_all()
-        texts = [str(created.debug_get_from_remote(i)) for i in range(self.tp)]
-        opened = self.sess.get_global_func(functions.IPC_OPEN)(";".join(texts))
-        self.sess._sync_all()
-        if not all(bool(opened.debug_get_from_remote(i)) for i in range(self.tp)):
-            status = self.sess.get_global_func(functions.IPC_STATUS)()
-            self.sess._sync_all()
-            reasons = {str(status.debug_get_from_remote(i)) for i in range(self.tp)}
+        texts = [str(t) for t in self.from_workers("lab.engine.ipc_create", self.tp, ONE_SHOT_MAX_BYTES)]
+        if not all(bool(ok) for ok in self.from_workers(functions.IPC_OPEN, ";".join(texts))):
+            reasons = {str(r) for r in self.from_workers(functions.IPC_STATUS)}
             self.call_workers(functions.IPC_DISABLE, "; ".join(sorted(reasons)))
-        status = self.sess.get_global_func(functions.IPC_STATUS)()
-        self.sess._sync_all()
-        return str(status.debug_get_from_remote(0))
+        return str(self.from_workers(functions.IPC_STATUS)[0])
 
     def _fn(self, name: str, instance: int = 0):
         """Function `name` of VM `instance` on every worker (see VMSession._fn)."""
@@ -150,9 +142,7 @@ class DiscoSession:
     def mailbox(self) -> int:
         """The host address of worker 0's token mailbox (runtime_patch.functions.KV_MAILBOX): worker
         0 runs in this process, so the address is valid here."""
-        address = self.sess.get_global_func(functions.KV_MAILBOX)()
-        self.sess._sync_all()
-        return int(address.debug_get_from_remote(0))
+        return int(self.from_workers(functions.KV_MAILBOX)[0])
 
     def check(self) -> None:
         """Raise CCLError if a worker died or the collective group failed (never blocks)."""
@@ -204,6 +194,13 @@ class DiscoSession:
         self.sess.get_global_func(name)(*args)
         self.sess._sync_all()
 
+    def from_workers(self, name: str, *args) -> list:
+        """Call global function `name` on every worker, wait for all of them, and return each
+        worker's result (strings, numbers, booleans), in worker order."""
+        result = self.sess.get_global_func(name)(*args)
+        self.sess._sync_all()
+        return [result.debug_get_from_remote(i) for i in range(self.tp)]
+
     def to_numpy(self, value: RemoteTensor) -> np.ndarray:
         import tvm
 
@@ -246,6 +243,4 @@ def allreduce_seconds(session: DiscoSession, numel: int, dtype: str, iters: int 
     """Per-worker seconds per allreduce of `numel` elements with the model's allreduce (the
     library one where the artifact calls it, else TVM's CCL), timed inside the workers."""
     library = functions.ALLREDUCE in session.artifact.functions
-    result = session.sess.get_global_func("lab.engine.time_allreduce")(numel, dtype, iters, library)
-    session.sess._sync_all()
-    return [float(result.debug_get_from_remote(i)) for i in range(session.tp)]
+    return [float(t) for t in session.from_workers("lab.engine.time_allreduce", numel, dtype, iters, library)]

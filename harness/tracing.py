@@ -26,17 +26,13 @@ log = logging.getLogger("experiments")
 
 def _workers_trace(session, run) -> list[dict]:
     """Run `run()` with every disco worker of `session` tracing; their documents."""
-    g = session.sess.get_global_func
-    g("lab.engine.register_cupti_window")()
-    session.sess._sync_all()
-    g("lab.cupti.window_start")()
-    session.sess._sync_all()
+    session.call_workers("lab.engine.register_cupti_window")
+    session.call_workers("lab.cupti.window_start")
     try:
         run()
     finally:
-        stopped = g("lab.cupti.window_stop")()
-        session.sess._sync_all()
-    docs = [json.loads(str(stopped.debug_get_from_remote(i))) for i in range(session.tp)]
+        stopped = session.from_workers("lab.cupti.window_stop")
+    docs = [json.loads(str(d)) for d in stopped]
     missing = [d["unavailable"] for d in docs if "unavailable" in d]
     if missing:
         raise TracerUnavailable("; ".join(sorted(set(missing))))
