@@ -22,6 +22,10 @@ class PagedCaches:
     by begin/end_forward, which stage the pass's attention metadata (positions, page tables)."""
 
     kind = "paged"
+    # Step t+1 may not be launched before step t is read: TVM's cache refreshes one metadata buffer
+    # per step, which a step still running would read (docs/ARCHITECTURE.md).
+    can_launch_ahead = False
+    sized_by_batch = False  # one cache of max_batch sequences, kept whatever a generation's batch
 
     def __init__(self, session, prefill_chunk: int, page_size: int):
         self.session, self.prefill_chunk, self.page_size = session, prefill_chunk, page_size
@@ -67,6 +71,17 @@ class PagedCaches:
         fn = "decode" if len(seq_ids) == 1 else "batch_decode"
         next_ids, logits, _ = self.forward(fn, ids, [group], [seq_ids], [[1] * len(seq_ids)], begun)
         return next_ids, logits
+
+    def next_input(self, next_ids):
+        """A step's device tokens as the next step's input ([b] -> [b, 1], [2, m] -> [2, m, 1])."""
+        return self.session.decode_input(next_ids)
+
+    def read(self, next_ids) -> np.ndarray:
+        """A launched step's tokens on the host (waits for the step)."""
+        return self.session.to_numpy(next_ids)
+
+    def note_held(self, group: int, seq_ids: Sequence[int], tokens: Sequence[int]) -> None:
+        """Nothing to note: every step is fed from the host or through next_input."""
 
 
 class TokenMailbox:
@@ -121,6 +136,8 @@ class StaticCaches:
     addresses of the tensors it was first called with, so two groups' caches need two VMs."""
 
     kind = "static"
+    can_launch_ahead = True  # a step's inputs and positions are on the device, written by the step before
+    sized_by_batch = True  # a decode step advances every slot: a generation's batch is the slots
 
     def __init__(self, session, vocab: int):
         self.session, self.vocab = session, vocab
@@ -196,6 +213,10 @@ class StaticCaches:
         if self.mailbox is not None:
             call, self._next_call = self._next_call, self._next_call + 1
         return StepTokens(tokens, (state.slots,), call), logits
+
+    def next_input(self, tokens: StepTokens) -> StepTokens:
+        """The step's tokens as they are: it wrote them into the next step's input itself."""
+        return tokens
 
     def read(self, tokens: StepTokens) -> np.ndarray:
         """A step's tokens on the host: from the mailbox where the step wrote them there, else

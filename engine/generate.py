@@ -109,7 +109,7 @@ class Generator:
         that a generation's TTFT does not include allocating them) and kept while their shape stays.
         With `groups` > 1 the sequences are split over that many caches, each with its own per-step
         state, so one group's step can be launched while another's runs."""
-        per_group = self._per_group(groups) if self.caches.kind == "paged" else -(-(batch or self.max_batch) // groups)
+        per_group = -(-(batch or self.max_batch) // groups) if self.caches.sized_by_batch else self._per_group(groups)
         self.caches.reset(groups, per_group, self.max_total_len, self._group_of)
         self._groups = groups
         self._group_of, self._lengths = {}, {}
@@ -175,8 +175,7 @@ class Generator:
                 rows.append(self.session.to_numpy(last))
             else:
                 token = int(self.session.to_numpy(token)[0])
-                if self.caches.kind == "static":
-                    self.caches.note_held(group, [seq_id], [token])
+                self.caches.note_held(group, [seq_id], [token])
             self._emit(StepTiming("prefill", chunk_no, start, time.perf_counter(), chunk.shape[1]))
         if all_logits:
             return np.concatenate(rows, axis=0)
@@ -225,23 +224,19 @@ class Generator:
         """The device-resident tokens of a step as the next step's input ([b] -> [b, 1] view,
         [2, m] -> [2, m, 1] for launch_pair; on the static cache the step's tokens as they are:
         it wrote them into the next step's input itself)."""
-        if self.caches.kind == "static":
-            return next_ids
-        return self.session.decode_input(next_ids)
+        return self.caches.next_input(next_ids)
 
     @property
     def can_launch_ahead(self) -> bool:
         """Whether step t+1 may be launched before step t's tokens are read: on the static cache a
         step's inputs and attention metadata are on the device (TVM's paged cache refreshes one
         metadata buffer per step, which a step still running would read: docs/ARCHITECTURE.md)."""
-        return self.caches.kind == "static"
+        return self.caches.can_launch_ahead
 
     def read(self, next_ids) -> np.ndarray:
         """A launched step's tokens on the host (waits for that step, not for those after it
         where the static cache's mailbox has them)."""
-        if self.caches.kind == "static":
-            return self.caches.read(next_ids)
-        return self.session.to_numpy(next_ids)
+        return self.caches.read(next_ids)
 
     def decode(self, seq_ids: Sequence[int], tokens: Sequence[int], step: int = 0):
         """One decode step for `seq_ids` fed `tokens`; returns (next tokens, device logits)."""
@@ -249,8 +244,7 @@ class Generator:
         start = time.perf_counter()
         next_ids, logits = self.launch(seq_ids, ids)
         next_host = self.read(next_ids).astype(np.int64).tolist()
-        if self.caches.kind == "static":  # what the step left in the device's ids
-            self.caches.note_held(self._group(seq_ids), seq_ids, next_host)
+        self.caches.note_held(self._group(seq_ids), seq_ids, next_host)  # what the step left in the device's ids
         self._emit(StepTiming("decode", step, start, time.perf_counter(), len(seq_ids)))
         return next_host, logits
 
