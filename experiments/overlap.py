@@ -114,8 +114,6 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                                     scheduler=scheduler, after_load=hook)
             if point.ok and scheduler is not None:
                 point.summary["token_reader"] = scheduler.reader_kind
-                if scheduler.note:  # the mode could not apply as such (e.g. double_buffer at batch 1)
-                    point.summary["note"] = scheduler.note
             points.append(point)
     base = points[0]
     for p in points:

@@ -113,13 +113,10 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     with tqdm(total=len(tps) * (w.warmup + w.repeats), desc=f"{config.name} {quant} tp={tps}", unit="run") as bar:
         for tp, build in builds.items():
             bar.set_postfix_str(f"tp={tp}")
-            scheduler = stream_overlap.install(mode)
-            point = sweep.run_point(spec, f"tp={tp}", {"tp": tp, "quant": quant, "overlap": mode}, build,
-                                    bandwidth=bandwidth and bandwidth["bytes_per_s"], progress=bar,
-                                    after_load=allreduce_probe(spec, bool(cfg.measure_allreduce)), scheduler=scheduler)
-            if scheduler is not None and scheduler.note:  # the mode ran as another here
-                point.summary["note"] = scheduler.note
-            points.append(point)
+            points.append(sweep.run_point(spec, f"tp={tp}", {"tp": tp, "quant": quant, "overlap": mode}, build,
+                                          bandwidth=bandwidth and bandwidth["bytes_per_s"], progress=bar,
+                                          after_load=allreduce_probe(spec, bool(cfg.measure_allreduce)),
+                                          scheduler=stream_overlap.install(mode)))
     scaling = add_scaling(points)
     good = [p for p in points if p.ok and "speedup" in p.summary]
     figures = [("speedup.png", lambda path: plots.speedup_vs_ideal(

@@ -41,7 +41,9 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
               scheduler=None) -> Point:
     """Build (cached), load and time one configuration (`workload`, default the run's). Errors
     are caught into the point, so a failing sweep point does not sink the others. `after_load`
-    runs after the timed runs, on the same session."""
+    runs after the timed runs, on the same session. `scheduler`: the decode loop
+    (runtime_patch.stream_overlap; None: the engine's own); where it ran as another mode, its
+    note is the point's `note`."""
     w = workload or spec.workload
     point = Point(label, params)
     point.summary["build"] = build.to_dict()
@@ -70,6 +72,8 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
         prompts = measure.random_prompts(spec.config.vocab_size, w.batch, w.prompt_len, spec.seed)
         samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, progress, scheduler)
         point.samples = samples
+        if scheduler is not None and scheduler.note:  # the mode ran as another here (e.g. double_buffer at batch 1)
+            point.summary["note"] = scheduler.note
         embed_bytes = artifact.param_bytes("model.embed_tokens")
         point.summary.update(measure.summarize(samples, build, session.weight_bytes, embed_bytes, bandwidth))
         point.summary["tokens_first_sequence"] = tokens[0]

@@ -116,6 +116,20 @@ def test_unknown_modes_say_so():
         stream_overlap.install("warp")
 
 
+def test_a_mode_that_ran_as_another_says_so_in_the_results(cache_dir, tmp_path):
+    """The scheduler's note reaches the point's results (harness.sweep.run_point)."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "experiments.overlap", f"hydra.run.dir={out}", "mode=double_buffer",
+           "device=cpu", "workload.batch=1", "workload.prompt_len=4", "workload.new_tokens=3",
+           "workload.warmup=0", "workload.repeats=1", "measure_bandwidth=false"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "LAB_CACHE_DIR": str(cache_dir)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["double_buffer"]["note"] == "batch 1: a single request group, so double_buffer ran as pipeline"
+    assert "note" not in summary["none"]
+
+
 @pytest.mark.slow
 def test_overlap_experiment_compares_against_none_and_traces_two_tracks(cache_dir, tmp_path):
     out = tmp_path / "o"
