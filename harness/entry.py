@@ -101,9 +101,7 @@ def guarded(task: Callable) -> Callable:
                 os.replace(stale, run_dir.path("results.previous.json"))
                 log.warning("%s was moved to results.previous.json: this run writes its own", stale)
         except OSError as err:
-            print(f"error: cannot write the results folder {folder} ({err.strerror or err}); "
-                  "choose another with hydra.run.dir=DIR", file=sys.stderr)
-            sys.exit(2)
+            _refuse_folder(folder, err, "hydra.run.dir")
         code = run_task(lambda: task(cfg, run_dir), run_dir, config)
         _exit_now_after_nccl(code)
         if code:
@@ -252,6 +250,11 @@ def _check_folder(value, key: str) -> None:
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as err:
-        print(f"error: cannot write the results folder {path} ({err.strerror or err}); choose another with "
-              f"{key}=DIR", file=sys.stderr, flush=True)
-        sys.exit(2)
+        _refuse_folder(path, err, key)
+
+
+def _refuse_folder(path, err: OSError, key: str) -> None:
+    """A results folder that cannot be written: one line naming the fix, exit status 2."""
+    print(f"error: cannot write the results folder {path} ({err.strerror or err}); choose another with "
+          f"{key}=DIR", file=sys.stderr, flush=True)
+    sys.exit(2)

@@ -14,7 +14,7 @@ from engine.config import ConfigError
 from engine.generate import Generator
 from engine.session import open_session
 
-from . import device_probe, measure, run_state, tracing
+from . import device_probe, entry, measure, run_state, tracing
 from .report import Point
 from .spec import RunSpec, Workload
 
@@ -124,7 +124,7 @@ def failure(err: Exception) -> tuple[str, bool]:
     if "DiscoAction" in text:  # TVM read a broken reply from a worker's pipe: the worker died
         return ("a disco worker process died (the controller read a broken reply from its pipe: "
                 f"{text.rstrip(': ')}); its stderr above may say why"), True
-    return (f"{type(err).__name__}: {text}" if text else type(err).__name__), False
+    return entry.describe(err), False
 
 
 def measured_bandwidth(spec: RunSpec) -> dict | None:
