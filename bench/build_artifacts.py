@@ -42,11 +42,6 @@ def kernel_variants(args: argparse.Namespace) -> list[dict[str, str]]:
     return [dict(zip(KERNEL_OPTIONS, combo)) for combo in itertools.product(*choices)]
 
 
-def resolved(kv_cache: str, target: str) -> str:
-    """The KV cache `auto` means on `target` (BuildSpec's rule)."""
-    return BuildSpec.resolved_kv_cache(kv_cache, target)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -65,9 +60,12 @@ def main() -> None:
     add_kernel_args(ap)
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+
+    def pair_decode(tp: str, kv: str) -> bool:  # batch_decode_pair: tp > 1, on the paged cache only
+        return args.microbatch_decode and int(tp) > 1 and BuildSpec.resolved_kv_cache(kv, args.target) == "paged"
+
     specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels, kv_cache=kv,
-                       microbatch_decode=args.microbatch_decode and int(tp) > 1 and resolved(kv, args.target) == "paged",
-                       batch_invariant=args.batch_invariant)
+                       microbatch_decode=pair_decode(tp, kv), batch_invariant=args.batch_invariant)
              for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
              for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
              for kernels in kernel_variants(args) for kv in args.kv_caches.split(",")]
