@@ -92,8 +92,7 @@ class TokenMailbox:
     made) and returns its n tokens."""
 
     def __init__(self, address: int, check):
-        words = 1 + functions.MAILBOX_RING * functions.MAILBOX_SLOTS
-        self.words = np.ctypeslib.as_array((ctypes.c_int32 * words).from_address(address))
+        self.words = np.ctypeslib.as_array((ctypes.c_int32 * functions.MAILBOX_WORDS).from_address(address))
         self.check = check  # raises where the session's workers failed (a spin must not hang on them)
 
     @property
@@ -113,7 +112,7 @@ class TokenMailbox:
         if self.words[0] - call > functions.MAILBOX_RING:
             raise RuntimeError(f"advance call {call}'s tokens were overwritten before they were read "
                                f"(read at most {functions.MAILBOX_RING} steps behind)")
-        entry = 1 + (call % functions.MAILBOX_RING) * functions.MAILBOX_SLOTS
+        entry = functions.mailbox_entry(call)
         return self.words[entry:entry + n].tolist()
 
 

@@ -133,7 +133,7 @@ _mailbox: np.ndarray | None = None  # this process's (the CPU's) mailbox, as lab
 def _kv_mailbox() -> int:
     global _mailbox
     if _mailbox is None:
-        _mailbox = np.zeros(1 + functions.MAILBOX_RING * functions.MAILBOX_SLOTS, dtype=np.int32)
+        _mailbox = np.zeros(functions.MAILBOX_WORDS, dtype=np.int32)
     return int(_mailbox.ctypes.data)
 
 
@@ -144,7 +144,7 @@ def _kv_advance(next_ids, ids, positions, out) -> None:
     np.copyto(np.from_dlpack(out), nxt)
     if _mailbox is not None and len(nxt) <= functions.MAILBOX_SLOTS:
         call = int(_mailbox[0])
-        entry = 1 + (call % functions.MAILBOX_RING) * functions.MAILBOX_SLOTS
+        entry = functions.mailbox_entry(call)
         _mailbox[entry:entry + len(nxt)] = nxt
         _mailbox[0] = call + 1
 

@@ -78,6 +78,13 @@ KV_MAILBOX = "lab.kv.mailbox"
 # The layout of a mailbox (int32 words): [0] advance calls written, then MAILBOX_RING entries of
 # MAILBOX_SLOTS tokens (call k in entry k % MAILBOX_RING); batches above MAILBOX_SLOTS get none.
 MAILBOX_RING, MAILBOX_SLOTS = 64, 256
+MAILBOX_WORDS = 1 + MAILBOX_RING * MAILBOX_SLOTS
+
+
+def mailbox_entry(call: int) -> int:
+    """The word where advance call `call`'s tokens start in a mailbox (cuda_attention.cu's Advance
+    kernel writes them there: kMailboxRing, kMailboxSlots)."""
+    return 1 + (call % MAILBOX_RING) * MAILBOX_SLOTS
 
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
