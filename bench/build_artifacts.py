@@ -7,6 +7,7 @@
     python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 2 --microbatch-decode   # full_overlap
     python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 1,2 --kv-caches static,paged
     python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 2 --batch-invariant   # double_buffer
+    python -m bench.build_artifacts --out artifacts --quants q0f16 --tps 1 --pps 2            # pipeline stages
 
 The folder can be carried to the GPU box; `--out` is a compile cache like any other.
 """
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--models", default="llama3-8b")
     ap.add_argument("--quants", default="q0f16,q8f16_1,q4f16_1")
     ap.add_argument("--tps", default="1")
+    ap.add_argument("--pps", default="1", help="pipeline stages, comma-separated (pp > 1: every stage's artifact)")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
     ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
@@ -64,11 +66,14 @@ def main() -> None:
     def pair_decode(tp: str, kv: str) -> bool:  # batch_decode_pair: tp > 1, on the paged cache only
         return args.microbatch_decode and int(tp) > 1 and BuildSpec.resolved_kv_cache(kv, args.target) == "paged"
 
-    specs = [BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels, kv_cache=kv,
-                       microbatch_decode=pair_decode(tp, kv), batch_invariant=args.batch_invariant)
-             for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
-             for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
-             for kernels in kernel_variants(args) for kv in args.kv_caches.split(",")]
+    # with pp > 1 the KV cache and allreduce are settled by BuildSpec (paged, TVM's CCL)
+    specs = [stage for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
+             for pp in args.pps.split(",") for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
+             for kernels in kernel_variants(args) for kv in dict.fromkeys(args.kv_caches.split(",") if int(pp) == 1
+                                                                          else ["auto"])
+             for stage in BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels,
+                                    kv_cache=kv, microbatch_decode=pair_decode(tp, kv) and int(pp) == 1,
+                                    batch_invariant=args.batch_invariant, pp=int(pp)).stages]
     for spec in tqdm(specs, desc="compile", unit="artifact"):
         artifact = compile_model(spec, args.out)
         tqdm.write(f"{artifact.path.name}: {artifact.metadata['compile_seconds']} s")

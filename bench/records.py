@@ -60,6 +60,9 @@ def record_of(results_dir: Path) -> dict:
                 "kl": s.get("kl"), "top1": s.get("top1"),
                 "itl_s": {k: s["itl_s"][k] for k in ("p50", "p95", "mean", "count")},
                 "weight_bytes_per_rank": s.get("weight_bytes"), "gpu_memory_used_bytes": s.get("gpu_memory_used_bytes"),
+                "memory_predicted_bytes": s.get("memory_predicted_bytes"), "transfer_share": s.get("transfer_share"),
+                "transfer_seconds_each": (s.get("transfer") or {}).get("seconds_each"),
+                "tokens_first_sequence": s.get("tokens_first_sequence"),
                 "raw_itl_s": [t for sample in run["samples"] for t in sample["itl_s"]],
             })
             point.update({k: s[k] for k in OVERLAP_FIGURES if k in s})

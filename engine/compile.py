@@ -64,11 +64,21 @@ class BuildSpec:
     # sequence's sums do not depend on what else is in the batch (a scheduler that splits the batch
     # then yields the same tokens bit for bit; slower at large batches).
     batch_invariant: bool = False
+    # Pipeline parallelism: the layers split over `pp` stages (engine.sharding.stage_layers), each
+    # its own compiled module; this spec is stage `stage`'s (compile_pipeline builds them all).
+    pp: int = 1
+    stage: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("pp", "stage"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
         self.plan.check_quant(quant_spec(self.quant))  # validates the layout, and quantized shards
         if self.target not in TARGETS:
             raise ConfigError(f"unknown target {self.target!r}; choose one of: {', '.join(TARGETS)}")
+        if self.pp > 1:
+            self._settle_pipeline_options()
         for name in KERNEL_OPTIONS:
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, "library" if self.target == "cuda" and name not in AUTO_TIR else "tir")
@@ -87,6 +97,29 @@ class BuildSpec:
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
 
+    def _settle_pipeline_options(self) -> None:
+        """With pipeline stages the step runs on TVM's paged KV cache (whose layer partition places
+        each stage's layers) and TVM's CCL (whose in-group allreduce stays within a stage); the
+        options that need the static cache or all workers in one group are refused."""
+        for name, needed, auto in (("kv_cache", "paged", True), ("allreduce", "tir", True)):
+            value = getattr(self, name)
+            if value == "auto":
+                object.__setattr__(self, name, needed)
+            elif value != needed:
+                raise ConfigError(f"pp={self.pp} runs with {name}={needed} (got {value}); drop the {name} setting "
+                                  "or use pp=1")
+        if self.microbatch_decode:
+            raise ConfigError(f"pp={self.pp}: full_overlap's micro-batched decode (microbatch_decode) is for tp "
+                              "only; use pp=1")
+        # The stage transfers are Python functions (runtime_patch.pipeline_p2p): a CUDA graph would
+        # replay what they launched once, not run them.
+        object.__setattr__(self, "cuda_graph", False)
+
+    @property
+    def stages(self) -> list["BuildSpec"]:
+        """The spec of every pipeline stage (this one's for pp=1)."""
+        return [dataclasses.replace(self, stage=s) for s in range(self.pp)]
+
     @staticmethod
     def resolved_kv_cache(kv_cache: str, target: str) -> str:
         """`auto`: the static cache on cuda (one-graph decode step), TVM's paged cache on llvm."""
@@ -103,7 +136,7 @@ class BuildSpec:
 
     @property
     def plan(self) -> ShardPlan:
-        return ShardPlan(self.config, self.tp, self.lm_head)
+        return ShardPlan(self.config, self.tp, self.lm_head, self.pp, self.stage)
 
     def tvm_target(self):
         import tvm
@@ -142,7 +175,8 @@ class BuildSpec:
 
     def folder_name(self) -> str:
         head = "-vocabpar" if self.plan.vocab_parallel else ""
-        return f"{self.config.name}-{self.quant}-tp{self.tp}{head}-{self.target}-{self.key()}"
+        stage = f"-pp{self.pp}s{self.stage}" if self.pp > 1 else ""
+        return f"{self.config.name}-{self.quant}-tp{self.tp}{stage}{head}-{self.target}-{self.key()}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +436,8 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         found = _cached(final, spec)
         if found is not None:
             return found
-    log.info("compiling %s (%s, tp=%d, %s)", spec.config.name, spec.quant, spec.tp, spec.target)
+    log.info("compiling %s (%s, tp=%d%s, %s)", spec.config.name, spec.quant, spec.tp,
+             f", pp={spec.pp} stage {spec.stage}" if spec.pp > 1 else "", spec.target)
     start = time.perf_counter()
     mod, params = export(spec)
     called = library_functions(mod)
@@ -451,3 +486,8 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         raise
     log.info("compiled in %.1f s -> %s", time.perf_counter() - start, final)
     return Artifact.load(final)
+
+
+def compile_pipeline(spec: BuildSpec, cache_dir: str | Path | None = None, force: bool = False) -> list[Artifact]:
+    """The artifact of every pipeline stage of `spec` (one for pp=1), compiled or reused."""
+    return [compile_model(stage, cache_dir, force) for stage in spec.stages]

@@ -1,7 +1,10 @@
-"""tp > 1: one Relax VM per disco worker process, one worker per device, collectives via a CCL.
+"""tp > 1 or pp > 1: one Relax VM per disco worker process, one worker per device, collectives
+via a CCL.
 
 Same interface as `engine.session.VMSession`. Token ids go to worker 0 only (the model
-broadcasts them); results are read back from worker 0.
+broadcasts them); results are read back from worker 0. With pipeline stages the session has pp
+groups of tp workers (worker w: tp rank w % tp of stage w // tp), each group running its stage's
+module; after every step the stages' `collect` brings the last stage's results to worker 0.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import gc
 import json
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,51 +32,90 @@ MAX_CPU_WORKERS = 16  # on the CPU, tp is bounded by a sane number of worker pro
 ONE_SHOT_MAX_BYTES = 1 << 20
 
 
-@dataclasses.dataclass
 class RemoteTensor:
-    """A tensor on every worker; `shape`/`dtype` describe worker 0's copy."""
+    """A tensor on every worker; `shape`/`dtype` describe worker 0's copy. `pending`: how to get
+    it, called on first use (a pipeline step's results, brought to worker 0 only when read)."""
 
-    dref: object
-    shape: tuple[int, ...]
-    dtype: str
+    def __init__(self, dref, shape: tuple[int, ...], dtype: str, pending=None):
+        self._dref, self.shape, self.dtype, self._pending = dref, tuple(shape), dtype, pending
+
+    @property
+    def dref(self):
+        if self._pending is not None:
+            self._dref, self._pending = self._pending(), None
+        return self._dref
+
+
+class _Collect:
+    """One pipeline step's results, brought from the last stage to the first by the stages'
+    `collect` (or `collect_logits`) function when first asked for: a stage can run the next
+    micro-batch's step before the previous one's results are fetched (engine/model/llama.py)."""
+
+    def __init__(self, session: "DiscoSession", name: str, *values):
+        self.session, self.name, self.values, self.result = session, name, values, None
+
+    def item(self, i: int | None = None):
+        if self.result is None:
+            self.result = self.session._fn(self.name)(*self.values)
+            self.values = ()
+        return self.result if i is None else self.session._getitem(self.result, i)
 
 
 def ccl_for(target: str) -> str:
     return "nccl" if target == "cuda" else "cpu_shm"
 
 
+def stages_of(artifact: "Artifact | Sequence[Artifact]") -> list[Artifact]:
+    """The artifacts of every pipeline stage, checked to be the stages of one build in order."""
+    stages = [artifact] if isinstance(artifact, Artifact) else list(artifact)
+    first = stages[0].spec
+    if len(stages) != first.pp or any(a.spec != dataclasses.replace(first, stage=i) for i, a in enumerate(stages)):
+        raise ConfigError(f"a pp={first.pp} model needs the artifacts of its {first.pp} stages in order "
+                          "(engine.compile.compile_pipeline), got "
+                          f"{[(a.spec.pp, a.spec.stage) for a in stages]}")
+    return stages
+
+
 class DiscoSession:
-    def __init__(self, artifact: Artifact, source: TensorSource, device_ids: list[int] | None = None):
+    def __init__(self, artifact: "Artifact | Sequence[Artifact]", source: TensorSource,
+                 device_ids: list[int] | None = None, cluster=None):
         from tvm.runtime import ShapeTuple
 
         from . import runtime_loader
 
+        self.stages = stages_of(artifact)
+        artifact = self.stages[0]
         spec = self.spec = artifact.spec
-        self.artifact, self.tp = artifact, spec.tp
-        if spec.target == "llvm" and self.tp > MAX_CPU_WORKERS:
-            raise ConfigError(f"tp={self.tp} on the CPU would start {self.tp} worker processes; "
+        self.artifact, self.tp, self.pp = artifact, spec.tp, spec.pp
+        self.workers = self.tp * self.pp
+        if spec.target == "llvm" and self.workers > MAX_CPU_WORKERS:
+            raise ConfigError(f"tp x pp = {self.workers} on the CPU would start {self.workers} worker processes; "
                               f"at most {MAX_CPU_WORKERS}")
-        runtime_loader.prepare(artifact)
+        for stage in self.stages:
+            runtime_loader.prepare(stage)
         if spec.target == "cuda":
             from .session import visible_cuda_devices
 
             found = visible_cuda_devices()
-            if self.tp > found:
-                raise ConfigError(f"tp={self.tp} needs {self.tp} GPUs but {found} are visible; choose tp <= {found}")
-        self.device_ids = list(device_ids or range(self.tp))
+            here = cluster.workers_on_each_host(self.workers) if cluster is not None and cluster.multi_host \
+                else self.workers  # the GPUs one host needs
+            if here > found:
+                raise ConfigError(f"tp x pp = {self.workers} needs {here} GPUs on this host but {found} are visible; "
+                                  f"choose tp x pp <= {found} per host")
+        self.device_ids = list(device_ids or range(self.workers))
         self.vocab = spec.config.vocab_size
         t0 = time.perf_counter()
-        self.sess = runtime_loader.start_disco(self.tp, ccl_for(spec.target), self.device_ids)
+        self.sess = runtime_loader.start_disco(self.workers, ccl_for(spec.target), self.device_ids, self.pp, cluster=cluster)
         try:
             self.sess.import_python_module("engine.disco_rank")
-            self.sess.get_global_func("lab.engine.prepare_target")(str(artifact.path))
-            # device=None: each worker's own default device (the CCL set it to device_ids[rank])
-            self.mod = self.sess.load_vm_module(str(artifact.library), device=None)
+            folders = json.dumps([str(a.path) for a in self.stages])
+            self.sess.get_global_func("lab.engine.prepare_target")(folders)
+            self.mod = self._load_module()
             self._mods = [self.mod]
             self.load_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
             loader = self.sess.get_global_func("lab.engine.load_rank_params")
-            self.params = loader(str(artifact.path), json.dumps(source_spec(source)))
+            self.params = loader(folders, self.tp, json.dumps(source_spec(source)))
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
             if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
                 self.call_workers(functions.OVERLAP_INIT)
@@ -82,8 +125,10 @@ class DiscoSession:
         except Exception:
             self.sess.shutdown()
             raise
-        self.weight_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
-                                for p in artifact.metadata["params"])
+        # One device per stage: what each holds, and (their sum) what a step reads along the pipeline
+        self.stage_weight_bytes = [sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize
+                                       for p in a.metadata["params"]) for a in self.stages]
+        self.weight_bytes = sum(self.stage_weight_bytes)
         g = self.sess.get_global_func
         self._add_seq = g("vm.builtin.kv_state_add_sequence")
         self._remove_seq = g("vm.builtin.kv_state_remove_sequence")
@@ -105,10 +150,20 @@ class DiscoSession:
             self.call_workers(functions.IPC_DISABLE, "; ".join(sorted(reasons)))
         return str(self.from_workers(functions.IPC_STATUS)[0])
 
+    def _load_module(self):
+        """A VM of the model on every worker (of its stage's module with pipeline stages), on each
+        worker's own default device (the CCL set it to device_ids[worker])."""
+        if self.pp == 1:
+            return self.sess.load_vm_module(str(self.artifact.library), device=None)
+        from tvm.runtime.disco import DModule
+
+        load = self.sess.get_global_func("lab.engine.load_stage_module")
+        return DModule(load(json.dumps([str(a.library) for a in self.stages]), self.tp), self.sess)
+
     def _fn(self, name: str, instance: int = 0):
         """Function `name` of VM `instance` on every worker (see VMSession._fn)."""
         while len(self._mods) <= instance:
-            self._mods.append(self.sess.load_vm_module(str(self.artifact.library), device=None))
+            self._mods.append(self._load_module())
         if (name, instance) not in self._fns:
             self._fns[(name, instance)] = self._mods[instance][name]
         return self._fns[(name, instance)]
@@ -178,10 +233,16 @@ class DiscoSession:
         out = self._fn(name)(ids, kv, *more_kv, self.params)
         rows = (input_ids.shape[1],) if name == "prefill_logits" else tuple(input_ids.shape[:-1])
         item = lambda i: self._getitem(out, i)  # noqa: E731
-        logits = RemoteTensor(item(0 if name == "prefill_logits" else 1), (*rows, self.vocab), "float32")
+        if self.pp > 1:  # the last stage's results, brought to worker 0 when first used
+            if name == "prefill_logits":
+                return RemoteTensor(None, (*rows, self.vocab), "float32", _Collect(self, "collect_logits", item(0)).item), kv
+            collect = _Collect(self, "collect", item(0), item(1))
+            return (RemoteTensor(None, rows, "int32", lambda: collect.item(0)),
+                    RemoteTensor(None, (*rows, self.vocab), "float32", lambda: collect.item(1)), kv, *more_kv)
         if name == "prefill_logits":
-            return logits, kv
-        return RemoteTensor(item(0), rows, "int32"), logits, kv, *more_kv
+            return RemoteTensor(item(0), (*rows, self.vocab), "float32"), kv
+        return (RemoteTensor(item(0), rows, "int32"), RemoteTensor(item(1), (*rows, self.vocab), "float32"), kv,
+                *more_kv)
 
     def decode_input(self, next_ids: RemoteTensor):
         """Each worker's tokens [b] ([2, m]) as its decode input [b, 1] ([2, m, 1]): a view on every
@@ -199,7 +260,7 @@ class DiscoSession:
         worker's result (strings, numbers, booleans), in worker order."""
         result = self.sess.get_global_func(name)(*args)
         self.sess._sync_all()
-        return [result.debug_get_from_remote(i) for i in range(self.tp)]
+        return [result.debug_get_from_remote(i) for i in range(self.workers)]
 
     def to_numpy(self, value: RemoteTensor) -> np.ndarray:
         import tvm
@@ -244,3 +305,10 @@ def allreduce_seconds(session: DiscoSession, numel: int, dtype: str, iters: int 
     library one where the artifact calls it, else TVM's CCL), timed inside the workers."""
     library = functions.ALLREDUCE in session.artifact.functions
     return [float(t) for t in session.from_workers("lab.engine.time_allreduce", numel, dtype, iters, library)]
+
+
+def stage_transfer_seconds(session: DiscoSession, numel: int, dtype: str, iters: int = 50) -> list[float]:
+    """Seconds to pass `numel` elements from one pipeline stage to the next, per tp rank (half a
+    round trip between the first two stages, timed inside their workers)."""
+    times = [float(t) for t in session.from_workers("lab.engine.time_stage_transfer", numel, dtype, iters, session.tp)]
+    return times[:session.tp]

@@ -19,6 +19,8 @@ def prepare(artifact) -> None:
 
     spec = artifact.spec
     names = list(artifact.functions)
+    if spec.pp > 1:  # the stages' transfers (the model calls some of them on each stage)
+        names += [functions.PP_SEND_NEXT, functions.PP_SEND_FIRST, functions.PP_RECV_LAST]
     # called by the sessions, not by the model
     if spec.microbatch_decode and spec.tp > 1:
         names += [functions.OVERLAP_INIT, functions.SET_OVERLAP]
@@ -41,14 +43,16 @@ def prepare(artifact) -> None:
         raise ConfigError(str(err)) from None
 
 
-def start_disco(num_workers: int, ccl: str, device_ids: list[int]):
-    """A disco ProcessSession with `ccl` initialised in the controller and every worker."""
+def start_disco(num_workers: int, ccl: str, device_ids: list[int], num_groups: int = 1, cluster=None):
+    """A disco ProcessSession with `ccl` initialised in the controller and every worker, the
+    workers in `num_groups` groups (pipeline stages); with a `cluster` of more than one host
+    (runtime_patch.disco.Cluster) a SocketSession over its hosts."""
     from runtime_patch import disco
     from runtime_patch.native.toolchain import PluginBuildError
 
     try:
-        return disco.start_session(num_workers, ccl, device_ids)
-    except PluginBuildError as err:
+        return disco.start_session(num_workers, ccl, device_ids, num_groups=num_groups, cluster=cluster)
+    except (PluginBuildError, disco.ClusterError) as err:
         raise ConfigError(str(err)) from None
 
 

@@ -47,13 +47,31 @@ def device_of(target: str, index: int = 0):
     return dev
 
 
-def open_session(artifact: Artifact, source: TensorSource):
-    """A VMSession for an artifact built for tp == 1, a DiscoSession (one worker per device) for tp > 1."""
-    if artifact.spec.tp == 1:
-        return VMSession(artifact, source)
+def open_session(artifact: "Artifact | list[Artifact]", source: TensorSource, cluster=None):
+    """A VMSession for an artifact built for tp == 1 and pp == 1, else a DiscoSession (one worker
+    per device). `artifact`: the artifact, or every pipeline stage's (engine.compile.compile_pipeline).
+    `cluster` (runtime_patch.disco.Cluster): with more than one host, the DiscoSession's workers
+    run on its hosts, and tp x pp must fill them."""
+    stages = [artifact] if isinstance(artifact, Artifact) else list(artifact)
+    spec = stages[0].spec
+    if cluster is not None and cluster.multi_host:
+        check_cluster(cluster, spec.tp * spec.pp)
+    elif spec.tp == 1 and spec.pp == 1:
+        return VMSession(stages[0], source)
     from .disco import DiscoSession
 
-    return DiscoSession(artifact, source)
+    return DiscoSession(stages, source, cluster=cluster)
+
+
+def check_cluster(cluster, workers: int) -> int:
+    """The workers each of the cluster's hosts runs for tp x pp = `workers`; ConfigError (one line)
+    where they do not fill its hosts."""
+    from runtime_patch.disco import ClusterError
+
+    try:
+        return cluster.workers_on_each_host(workers)
+    except ClusterError as err:
+        raise ConfigError(str(err)) from None
 
 
 def visible_cuda_devices() -> int:

@@ -9,6 +9,10 @@ rank computes all logits) or vocab-parallel (`"vocab_parallel"`: rank r holds vo
 [r*V/tp, (r+1)*V/tp) and the ranks' logits are allgathered). When tp exceeds the number of KV
 heads, KV heads are replicated: rank r uses KV head r * kv_heads // tp (tp must be a multiple of
 kv_heads).
+
+Pipeline stages (`pp`, layer-split): stage s of pp holds layers `stage_layers(L, pp, s)`, an even
+split (the first L % pp stages one layer more), with the embedding on the first stage and the
+final norm and the LM head on the last (a tied LM head: the embedding table on both).
 """
 
 from __future__ import annotations
@@ -65,6 +69,14 @@ PARAMETERS: tuple[Parameter, ...] = (
 Span = tuple[int, int] | None
 
 
+def stage_layers(num_layers: int, pp: int, stage: int) -> range:
+    """The layers of pipeline stage `stage` of `pp` (consecutive; the first num_layers % pp stages
+    one more)."""
+    base, extra = divmod(num_layers, pp)
+    start = stage * base + min(stage, extra)
+    return range(start, start + base + (1 if stage < extra else 0))
+
+
 def _leaf(hf_name: str) -> str:
     """"model.layers.3.self_attn.q_proj.weight" -> "q_proj"; "model.norm.weight" -> "norm"."""
     return hf_name.split(".")[-2] if hf_name.endswith(".weight") else hf_name
@@ -100,11 +112,18 @@ class ShardPlan:
     config: ModelConfig
     tp: int
     lm_head: str = "replicated"
+    pp: int = 1     # pipeline stages
+    stage: int = 0  # which of them this plan's rank belongs to
 
     def __post_init__(self) -> None:
         c, tp = self.config, self.tp
         if tp < 1:
             raise ConfigError(f"tp must be >= 1, got {tp}")
+        if not 1 <= self.pp <= c.num_hidden_layers:
+            raise ConfigError(f"pp={self.pp}: {c.name} has {c.num_hidden_layers} layers to split into stages; "
+                              f"choose pp from 1 to {c.num_hidden_layers}")
+        if not 0 <= self.stage < self.pp:
+            raise ConfigError(f"stage {self.stage} does not exist with pp={self.pp}")
         if self.lm_head not in LM_HEAD_LAYOUTS:
             raise ConfigError(f"unknown lm_head layout {self.lm_head!r}; choose one of: {', '.join(LM_HEAD_LAYOUTS)}")
         if self.lm_head == "vocab_parallel":
@@ -142,6 +161,27 @@ class ShardPlan:
         if self.config.hidden_size % GROUP_SIZE:
             raise ConfigError(f"{self.config.name}: hidden_size {self.config.hidden_size} is not a multiple of "
                               f"the group size {GROUP_SIZE}; use q0f16")
+
+    @property
+    def first_stage(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last_stage(self) -> bool:
+        return self.stage == self.pp - 1
+
+    @property
+    def layers(self) -> range:
+        """The layers this stage holds (all of them without pipeline stages)."""
+        return stage_layers(self.config.num_hidden_layers, self.pp, self.stage)
+
+    def holds(self, name: str) -> bool:
+        """Whether this stage holds non-layer parameter `name` (a stem of PARAMETERS)."""
+        if name == "model.embed_tokens":
+            return self.first_stage or (self.last_stage and self.config.tie_word_embeddings)
+        if name in ("model.norm", "lm_head"):
+            return self.last_stage
+        return True
 
     @property
     def q_heads(self) -> int:
@@ -197,16 +237,16 @@ class ShardPlan:
         raise KeyError(follows)
 
     def parameters(self) -> Iterator[tuple[str, Parameter]]:
-        """(full engine name, Parameter) of every weight of the model, in the exported order: the
-        table's order, with the per-layer parameters repeated for each layer where the first of
-        them stands."""
+        """(full engine name, Parameter) of every weight of this stage (of the model without
+        pipeline stages), in the exported order: the table's order, with the per-layer parameters
+        repeated for each layer where the first of them stands."""
         layer = [p for p in PARAMETERS if p.per_layer]
         for param in PARAMETERS:
             if param.per_layer:
                 if param is layer[0]:
-                    for i in range(self.config.num_hidden_layers):
+                    for i in self.layers:
                         yield from ((f"model.layers.{i}.{p.name}", p) for p in layer)
-            elif not (param.name == "lm_head" and self.config.tie_word_embeddings):
+            elif not (param.name == "lm_head" and self.config.tie_word_embeddings) and self.holds(param.name):
                 yield param.name, param
 
     def tensors(self, rank: int) -> Iterator[tuple[str, list[tuple[str, Span, Span]]]]:

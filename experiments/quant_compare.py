@@ -1,6 +1,6 @@
 """python -m experiments.quant_compare: INT4 on one device vs INT8 on two, speed and accuracy.
 
-Every (quantization, tp) configuration runs on the same weights and prompts. Accuracy is measured
+Every (quantization, tp[, pp]) configuration runs on the same weights and prompts. Accuracy is measured
 against the `reference` quantization (q0f16) on those weights: a random prompt is continued
 greedily by the reference, and every configuration is teacher-forced over that token stream;
 per position: KL(reference || config), top-1 agreement, logits error. With `eval.text` and a
@@ -28,14 +28,23 @@ from harness.spec import RunSpec, positive
 log = logging.getLogger("experiments.quant_compare")
 
 
-def pairs_of(cfg, spec: RunSpec) -> list[tuple[str, int]]:
+def pairs_of(cfg, spec: RunSpec) -> list[tuple[str, int, int]]:
+    """(quant, tp, pp) of every configuration (pp: pipeline stages, 1 where a config names none)."""
     pairs = []
     for item in cfg.configs:
-        build = spec.build_for(quant=item["quant"], tp=positive("configs[].tp", item["tp"]))  # validates
-        pairs.append((build.quant, build.tp))
+        build = spec.build_for(quant=item["quant"], tp=positive("configs[].tp", item.get("tp", 1)),
+                               pp=positive("configs[].pp", item.get("pp", 1)))  # validates
+        pairs.append((build.quant, build.tp, build.pp))
     if not pairs:
         raise ConfigError("configs is empty; list (quant, tp) pairs, e.g. configs='[{quant: q4f16_1, tp: 1}]'")
     return pairs
+
+
+def config_key(quant: str, tp: int, pp: int) -> str:
+    """How a configuration is named in the tables: q8f16_1@tp2, q8f16_1@pp2, q8f16_1@tp2pp2."""
+    if pp == 1:
+        return f"{quant}@tp{tp}"
+    return f"{quant}@{'tp%d' % tp if tp > 1 else ''}pp{pp}"
 
 
 def teacher_forced(session, stream: list[int], prompt_len: int):
@@ -45,8 +54,8 @@ def teacher_forced(session, stream: list[int], prompt_len: int):
 
 
 def reference_session(spec: RunSpec):
-    """A session of the reference quantization at tp=1."""
-    return open_session(compile_model(spec.build_for(tp=1), spec.cache_dir), spec.source())
+    """A session of the reference quantization at tp=1, pp=1."""
+    return open_session(compile_model(spec.build_for(tp=1, pp=1), spec.cache_dir), spec.source())
 
 
 def eval_stream(cfg, spec: RunSpec) -> tuple[list[int], int]:
@@ -74,7 +83,7 @@ def eval_stream(cfg, spec: RunSpec) -> tuple[list[int], int]:
     return prompt + continuation[:-1], len(prompt)
 
 
-def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int]) -> sweep.AfterLoad:
+def accuracy_hook(stream: list[int], prompt_len: int, store: dict, key: tuple[str, int, int]) -> sweep.AfterLoad:
     def hook(loaded: sweep.Loaded) -> None:
         store[key] = teacher_forced(loaded.session, stream, prompt_len)
     return hook
@@ -106,7 +115,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     batches = [positive("batches[]", b) for b in cfg.batches]
     if not batches:
         raise ConfigError("batches is empty; give e.g. 'batches=[1,16]'")
-    spec.check_devices(max(tp for _, tp in pairs))
+    spec.check_devices(max(tp * pp for _, tp, pp in pairs))
     if spec.workload.new_tokens < 2:
         raise ConfigError(f"quant_compare compares decode tokens/s, and workload.new_tokens={spec.workload.new_tokens} "
                           "makes no decode step; use workload.new_tokens >= 2")
@@ -116,27 +125,27 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     points = []
     w, config, target = spec.workload, spec.config, spec.target
     with tqdm(total=len(pairs) * len(batches) * (w.warmup + w.repeats), desc="quant_compare", unit="run") as bar:
-        for quant, tp in pairs:
+        for quant, tp, pp in pairs:
             for batch in batches:
-                hook = accuracy_hook(stream, prompt_len, logits, (quant, tp)) if batch == batches[0] else None
-                label = f"{quant}@tp{tp} b{batch}"
+                hook = accuracy_hook(stream, prompt_len, logits, (quant, tp, pp)) if batch == batches[0] else None
+                label = f"{config_key(quant, tp, pp)} b{batch}"
                 bar.set_postfix_str(label)
-                points.append(sweep.run_point(spec, label, {"quant": quant, "tp": tp, "batch": batch},
-                                              spec.build_for(quant=quant, tp=tp), w.replace(batch=batch),
+                points.append(sweep.run_point(spec, label, {"quant": quant, "tp": tp, "pp": pp, "batch": batch},
+                                              spec.build_for(quant=quant, tp=tp, pp=pp), w.replace(batch=batch),
                                               bandwidth and bandwidth["bytes_per_s"], bar, after_load=hook))
-    ref_key = next(((q, tp) for q, tp in sorted(logits, key=lambda k: k[1]) if q == cfg.reference), None)
+    ref_key = next((k for k in sorted(logits, key=lambda k: k[1] * k[2]) if k[0] == cfg.reference), None)
     if ref_key is None:  # the reference is not among the configurations: run it for its logits
         with reference_session(spec) as session:
             ref = teacher_forced(session, stream, prompt_len)
     else:
         ref = logits[ref_key]
-    comparisons = {f"{q}@tp{tp}": accuracy.compare(v, ref) for (q, tp), v in logits.items()}
+    comparisons = {config_key(*k): accuracy.compare(v, ref) for k, v in logits.items()}
     if cfg.eval.text:
-        for (q, tp), v in logits.items():
-            comparisons[f"{q}@tp{tp}"]["perplexity"] = accuracy.perplexity(v, stream)
+        for k, v in logits.items():
+            comparisons[config_key(*k)]["perplexity"] = accuracy.perplexity(v, stream)
     rows = []
     for p in points:
-        key = f"{p.params['quant']}@tp{p.params['tp']}"
+        key = config_key(p.params["quant"], p.params["tp"], p.params["pp"])
         c = comparisons.get(key, {})
         p.summary.update({"kl": c.get("kl_mean"), "top1": c.get("top1")} if p.ok else {})
         rows.append({"config": key, "batch": p.params["batch"], "tokens_per_s": p.summary.get("decode_tokens_per_s"),

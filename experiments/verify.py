@@ -16,7 +16,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from engine.compile import compile_model
+from engine.compile import compile_pipeline
 from engine.config import ConfigError, from_hf_folder
 from engine.generate import Generator
 from engine.session import open_session
@@ -41,18 +41,18 @@ def checkpoint_folder(cfg: DictConfig, spec: RunSpec) -> str:
 def run(cfg: DictConfig, run_dir: RunDir) -> dict:
     prompt_len = positive("prompt_len", cfg.prompt_len)
     steps = positive("decode_steps", cfg.decode_steps)
-    spec = RunSpec.from_hydra(cfg, "verify", tp=positive("tp", cfg.tp))
+    spec = RunSpec.from_hydra(cfg, "verify", tp=positive("tp", cfg.tp), pp=positive("pp", cfg.get("pp", 1)))
     config = spec.config
     if prompt_len + steps > config.max_position_embeddings:
         raise ConfigError(f"prompt_len + decode_steps = {prompt_len + steps} exceeds the model's context "
                           f"{config.max_position_embeddings}")
-    spec.check_devices(spec.build.tp)
+    spec.check_devices(spec.build.tp * spec.build.pp)
     folder = checkpoint_folder(cfg, spec)
     build = spec.build_for(config=from_hf_folder(folder))
     config, quant = build.config, build.quant_spec
     check_checkpoint(folder, config)  # names the file and the tensor, before anything slow
     reference = oracle.Reference(folder, quant)  # transformers' refusal is a ConfigError too, before compiling
-    artifact = compile_model(build, spec.cache_dir)
+    stages = compile_pipeline(build, spec.cache_dir)
 
     rng = np.random.default_rng(spec.seed)
     prompt = rng.integers(0, config.vocab_size, prompt_len).tolist()
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
     tokens = prompt + continuation[:-1]  # every token fed; the last prediction needs no feed
     ref_logits = reference.logits(tokens)
 
-    with open_session(artifact, open_source(config, folder)) as session:
+    with open_session(stages, open_source(config, folder), spec.cluster) as session:
         gen = Generator(session, max_batch=1, max_total_len=min(config.max_position_embeddings, 4096),
                         prefill_chunk=max(prompt_len, 16))
         engine_logits = gen.teacher_forced_logits(tokens, prompt_len)
@@ -86,7 +86,8 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
         summary["quantization_error_vs_original"] = oracle.relative_error(engine_logits, original)
     ok = err <= cfg.tolerance and agree == 1.0 and summary["greedy_tokens_identical"]
     summary["passed"] = ok
-    extra = {"token_ids": tokens, "prompt_len": prompt_len, "checkpoint": folder, "artifact": str(artifact.path),
+    extra = {"token_ids": tokens, "prompt_len": prompt_len, "checkpoint": folder, "artifact": str(stages[0].path),
+             "artifacts": [str(a.path) for a in stages],
              "build": build.to_dict()}
     run_dir.write_results(OmegaConf.to_container(cfg, resolve=True), [], summary, "ok" if ok else "failed", extra)
     return summary
@@ -97,7 +98,8 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
     summary = run(cfg, run_dir)
     run_dir.update_latest_link()
-    line = (f"{cfg.quant.name} tp={cfg.tp}: relative logits error {summary['relative_logits_error']:.2e} "
+    pp = f" pp={cfg.pp}" if cfg.get("pp", 1) > 1 else ""
+    line = (f"{cfg.quant.name} tp={cfg.tp}{pp}: relative logits error {summary['relative_logits_error']:.2e} "
             f"(tolerance {summary['tolerance']:.0e}), top-1 agreement {summary['top1_agreement']:.3f}, "
             f"greedy {'identical' if summary['greedy_tokens_identical'] else 'DIFFERENT'} over "
             f"{summary['greedy_steps']} steps")

@@ -81,7 +81,9 @@ def decode_bytes_per_step(build, weight_bytes: int, embed_bytes: int, batch: int
     (less the embedding table of `embed_bytes`, of which one row per token is read) plus the KV
     cache of every sequence at `context`."""
     c = build.config
-    weights = weight_bytes - (0 if c.tie_word_embeddings else embed_bytes)  # a tied table is read whole
+    # A tied table is read whole as the LM head; with pipeline stages the first stage's copy only
+    # gathers rows (weight_bytes: every stage's, the bytes a step reads along the pipeline).
+    weights = weight_bytes - (0 if c.tie_word_embeddings and build.pp == 1 else embed_bytes)
     dtype_bytes = np.dtype(build.quant_spec.model_dtype).itemsize
     kv = 2 * c.num_hidden_layers * build.plan.kv_heads * c.head_dim * dtype_bytes * context * batch
     return weights + kv

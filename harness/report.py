@@ -55,7 +55,10 @@ def point_row(p: Point) -> dict:
         row.update({k: v for k, v in s.items()
                     if k in ("speedup", "efficiency", "allreduce_share", "hidden_ms", "same_tokens", "note",
                              "allreduce_hidden_ms", "allreduce_hidden_fraction", "gpu_idle_share",
-                             "collectives_share_traced")})
+                             "collectives_share_traced", "transfer_share", "devices")})
+        predicted = s.get("memory_predicted_bytes")
+        if predicted:
+            row["device_memory_gib"] = predicted["total"] / 2**30
     return row
 
 

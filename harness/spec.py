@@ -18,6 +18,7 @@ from engine.compile import cache_folder as checked_cache_folder
 from engine.config import KERNEL_OPTIONS, ConfigError, ModelConfig, from_hf_folder, preset
 from engine.quantize import quant_spec
 from engine.weights import TensorSource, check_checkpoint, open_source
+from runtime_patch.disco import Cluster, ClusterError
 
 WEIGHT_BACKENDS = ("auto", "numpy", "torch")
 
@@ -146,6 +147,31 @@ def model_config(model_cfg) -> ModelConfig:
     return preset(model_cfg.get("preset"))
 
 
+CLUSTER_KEYS = ("hosts", "port", "workers_per_host", "launch", "connect_timeout_s")
+
+
+def cluster_from_hydra(cluster_cfg, target: str = "llvm") -> Cluster:
+    """The `cluster` config group (conf/cluster/: local, loopback, two_nodes) as a Cluster,
+    checked: ConfigError (one line) for bad values, and for a cluster of several hosts that the
+    target's CCL cannot span (cpu_shm: every host must be this machine)."""
+    if cluster_cfg is None:
+        return Cluster()
+    unknown = sorted(set(cluster_cfg) - set(CLUSTER_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown cluster setting(s) {unknown}; the keys are: {', '.join(CLUSTER_KEYS)}")
+    values = {k: cluster_cfg[k] for k in CLUSTER_KEYS if k in cluster_cfg}
+    if "hosts" in values and not isinstance(values["hosts"], str):
+        values["hosts"] = tuple(values["hosts"] or ())
+    try:
+        cluster = Cluster(**values)
+        if cluster.multi_host:
+            cluster.check_launch()
+            cluster.check_ccl("nccl" if target == "cuda" else "cpu_shm")
+    except ClusterError as err:
+        raise ConfigError(str(err)) from None
+    return cluster
+
+
 def cache_folder(value) -> Path:
     """The compile cache of `cache_dir` (default $LAB_CACHE_DIR), checked (engine.compile.cache_folder)."""
     return checked_cache_folder(Path(str(value)).expanduser() if value else default_cache_dir())
@@ -166,6 +192,7 @@ class RunSpec:
     seed: int = 0
     measure_bandwidth: bool = True
     breakdown: bool = True  # trace one more repeat per point (GPU: CUPTI) for the time breakdown
+    cluster: Cluster = Cluster()  # the hosts a tp x pp > 1 session runs on (one: this machine)
 
     @staticmethod
     def from_hydra(cfg, experiment: str, quant: str | None = None, tp: int = 1, **build_options) -> "RunSpec":
@@ -175,23 +202,44 @@ class RunSpec:
         weights = Weights(cfg.model.get("path"), int(cfg.model.get("seed", 0)),
                           str(cfg.model.get("random_backend", "auto")))
         target, arch = resolve_target(cfg.device)
+        cluster = cluster_from_hydra(cfg.get("cluster"), target)
         quant = quant or cfg.quant.name
         device = cfg.device
+        kernels = {name: device.get(name) or "auto" for name in KERNEL_OPTIONS}
+        if cluster.multi_host and target == "cuda":
+            if kernels["allreduce"] == "library":
+                raise ConfigError("device.allreduce=library (the one-shot allreduce over CUDA IPC) works within one "
+                                  "machine; use device.allreduce=tir (NCCL) with a cluster of several hosts")
+            kernels["allreduce"] = "tir"
         build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch,
-                          lm_head=cfg.get("lm_head") or "replicated",
-                          **{name: device.get(name) or "auto" for name in KERNEL_OPTIONS},
+                          lm_head=cfg.get("lm_head") or "replicated", **kernels,
                           kv_cache=device.get("kv_cache") or "auto", **build_options)
         workload = Workload.from_hydra(cfg.workload, config) if cfg.get("workload") is not None else None
         return RunSpec(experiment, config, weights, build, workload, cache_folder(cfg.get("cache_dir")),
                        int(cfg.get("seed", 0)), bool(cfg.get("measure_bandwidth", True)),
-                       bool(cfg.get("breakdown", True)))
+                       bool(cfg.get("breakdown", True)), cluster)
 
     @property
     def target(self) -> str:
         return self.build.target
 
     def check_devices(self, devices: int) -> None:
-        """Refuse a run that needs more devices than this machine has (or CPU workers than sane)."""
+        """Refuse a run that needs more devices than this machine has (or CPU workers than sane);
+        with a cluster of several hosts, `devices` (tp x pp) must fill its hosts, and each host
+        (taken to be like this one) needs its share of the GPUs."""
+        if self.cluster.multi_host:
+            from engine.session import check_cluster
+
+            per_host = check_cluster(self.cluster, devices)
+            if self.target == "cuda":
+                from engine.session import visible_cuda_devices
+
+                found = visible_cuda_devices()
+                if per_host > found:
+                    raise ConfigError(f"{per_host} GPUs are needed on each of the cluster's {len(self.cluster.hosts)} "
+                                      f"hosts but {found} are visible here; use tp x pp <= "
+                                      f"{found * len(self.cluster.hosts)}")
+                return
         if self.target == "cuda":
             from engine.session import visible_cuda_devices
 
@@ -216,4 +264,4 @@ class RunSpec:
         return {"experiment": self.experiment, "model": self.config.to_dict(),
                 "weights": dataclasses.asdict(self.weights), "build": self.build.to_dict(),
                 "workload": dataclasses.asdict(self.workload) if self.workload else None,
-                "cache_dir": str(self.cache_dir), "seed": self.seed}
+                "cache_dir": str(self.cache_dir), "seed": self.seed, "cluster": self.cluster.to_dict()}

@@ -9,10 +9,10 @@ import traceback
 from typing import Any, Callable
 
 from engine import memory
-from engine.compile import Artifact, BuildSpec, compile_model
+from engine.compile import Artifact, BuildSpec, compile_pipeline
 from engine.config import ConfigError
 from engine.generate import Generator
-from engine.session import open_session
+from engine.session import check_cluster, open_session
 
 from . import device_probe, entry, measure, run_state, tracing
 from .report import Point
@@ -52,22 +52,8 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
         state.begin(label)
     session = None
     try:
-        prediction = memory.predict(spec.config, build.quant_spec, build.tp, w.batch, w.max_total_len,
-                                    w.prefill_chunk, lm_head=build.lm_head, prefill_gemm=build.prefill_gemm,
-                                    prefill_attention=build.prefill_attention)
-        point.summary["memory_predicted_bytes"] = prediction
-        if build.target == "cuda":
-            import tvm
-
-            memory.check_fits(prediction, tvm.cuda(0).total_global_memory,
-                              f"{spec.config.name} {build.quant} tp={build.tp}")
-        t0 = time.perf_counter()
-        artifact = compile_model(build, spec.cache_dir)
-        t1 = time.perf_counter()
-        point.phases.append(("compile (cached)" if t1 - t0 < 1 else "compile", t0, t1))
-        session = open_session(artifact, spec.weights.source(spec.config, build.target))
-        t2 = time.perf_counter()
-        point.phases.append(("load + weights", t1, t2))
+        session, artifact = load(spec, build, point, w.batch, w.max_total_len, w.prefill_chunk)
+        t1, t2 = point.phases[-1][1:]
         gen = Generator(session, max_batch=w.batch, max_total_len=w.max_total_len, prefill_chunk=w.prefill_chunk)
         prompts = measure.random_prompts(spec.config.vocab_size, w.batch, w.prompt_len, spec.seed)
         samples, tokens = measure.timed_runs(gen, prompts, w.new_tokens, w.warmup, w.repeats, progress, scheduler)
@@ -105,6 +91,31 @@ def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workloa
     if state is not None:
         state.add(point)
     return point
+
+
+def load(spec: RunSpec, build: BuildSpec, point: Point, batch: int, max_total_len: int, prefill_chunk: int):
+    """Predict the point's memory per device (into its summary; refused on a GPU it does not fit),
+    compile (cached) every pipeline stage and open a session with the run's weights; the phases go
+    into the point. Returns (session, the first stage's artifact). With a cluster of several hosts,
+    tp x pp must fill them (checked first: ConfigError)."""
+    if spec.cluster.multi_host:
+        check_cluster(spec.cluster, build.tp * build.pp)
+    prediction = memory.predict(spec.config, build.quant_spec, build.tp, batch, max_total_len, prefill_chunk,
+                                lm_head=build.lm_head, prefill_gemm=build.prefill_gemm,
+                                prefill_attention=build.prefill_attention, pp=build.pp)
+    point.summary["memory_predicted_bytes"] = prediction
+    if build.target == "cuda":
+        import tvm
+
+        memory.check_fits(prediction, tvm.cuda(0).total_global_memory,
+                          f"{spec.config.name} {build.quant} tp={build.tp}" + (f" pp={build.pp}" if build.pp > 1 else ""))
+    t0 = time.perf_counter()
+    stages = compile_pipeline(build, spec.cache_dir)
+    t1 = time.perf_counter()
+    point.phases.append(("compile (cached)" if t1 - t0 < 1 else "compile", t0, t1))
+    session = open_session(stages, spec.weights.source(spec.config, build.target), spec.cluster)
+    point.phases.append(("load + weights", t1, time.perf_counter()))
+    return session, stages[0]
 
 
 NO_DECODE_NOTE = ("new_tokens=1: the first token comes from the prefill, so there is no decode step; TTFT "

@@ -49,6 +49,10 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
   KV_MAILBOX() -> address               this device's mailbox (made on the first call): host memory the
                                         advance calls write the steps' tokens into, so that the host
                                         reads a step while the next one runs (no stream-ordered copy)
+Transfers between pipeline stages (pp > 1; Python on every target, runtime_patch/pipeline_p2p.py):
+  PP_SEND_NEXT(x, *outs)                x to the next stage (outs: a non-last stage's placeholders)
+  PP_SEND_FIRST(*ins, tp, pp, *outs)    the last stage's results to the first stage (outs: placeholders)
+  PP_RECV_LAST(*ins, tp, pp, *outs)     the first stage receives them into outs
 """
 
 from __future__ import annotations
@@ -75,6 +79,9 @@ KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
 KV_ADVANCE = "lab.kv.advance"
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
+PP_SEND_NEXT = "lab.pp.send_next"
+PP_SEND_FIRST = "lab.pp.send_first"
+PP_RECV_LAST = "lab.pp.recv_last"
 # The layout of a mailbox (int32 words): [0] advance calls written, then MAILBOX_RING entries of
 # MAILBOX_SLOTS tokens (call k in entry k % MAILBOX_RING); batches above MAILBOX_SLOTS get none.
 MAILBOX_RING, MAILBOX_SLOTS = 64, 256
@@ -86,6 +93,7 @@ def mailbox_entry(call: int) -> int:
     kernel writes them there: kMailboxRing, kMailboxSlots)."""
     return 1 + (call % MAILBOX_RING) * MAILBOX_SLOTS
 
+PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm",
@@ -96,6 +104,8 @@ PLUGIN = {
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
+    # not a native plugin: Python over disco's point-to-point operations, on every target
+    PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }
 PREFIX = "lab."
 _registered: dict[str, set[str]] = {}
@@ -110,6 +120,16 @@ def register(target: str, names: Iterable[str]) -> None:
     unknown = [n for n in names if n not in PLUGIN]
     if unknown:
         raise KeyError(f"unknown library functions {unknown}: declare them in runtime_patch.functions")
+    in_python = [n for n in names if PLUGIN[n] == PYTHON]
+    if in_python:
+        import tvm_ffi
+
+        from runtime_patch import pipeline_p2p
+
+        for name in in_python:
+            tvm_ffi.register_global_func(name, pipeline_p2p.IMPLEMENTATIONS[name], override=True)
+        done.update(in_python)
+        names = [n for n in names if n not in in_python]
     if target == "cuda":
         from runtime_patch.native.build import load
 

@@ -39,7 +39,10 @@ while step t+1 runs.
   of its own, so each group has its own metadata buffers (the ping-pong set): while group B's step
   t runs, the host reads group A's step t and launches A's step t+1 behind it, then the same for
   B. The device always has the other group's step queued. At batch 1 there is one group: the mode
-  runs as `pipeline` and says so (`note`).
+  runs as `pipeline` and says so (`note`). `DoubleBufferDecode(groups=n)` splits the batch into n
+  groups the same way: with pipeline stages (engine: pp > 1) that is the micro-batching that
+  keeps every stage busy (experiments.pipeline_parallel `microbatches`), a group's results coming
+  back from the last stage only when read.
 
 - `full_overlap`: `double_buffer`'s two request groups become the two micro-batches of one
   `batch_decode_pair` call per step (artifacts built with `microbatch_decode`; engine/model/llama.py),
@@ -174,12 +177,18 @@ class DoubleBufferDecode(_Scheduler):
 
     name = "double_buffer"
 
+    def __init__(self, groups: int = 2):
+        super().__init__()
+        if groups < 2:
+            raise ValueError(f"double_buffer interleaves 2 or more request groups, got {groups}")
+        self.groups = groups
+
     def kv_groups(self, gen) -> int:
-        return 2
+        return self.groups
 
     def run(self, gen, seq_ids: list[int], first: list[int], steps: int) -> list[list[int]]:
         groups = gen.groups_of(seq_ids)
-        self.reader_kind = "same thread, one group while the other runs"
+        self.reader_kind = "same thread, one group while the others run"
         if len(groups) < 2:
             self.note = "batch 1: a single request group, so double_buffer ran as pipeline"
             return self._run_instead(PipelineDecode(), gen, seq_ids, first, steps)

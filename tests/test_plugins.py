@@ -76,10 +76,13 @@ def test_cuda_plugin_compiles_where_cublas_and_nvcc_are(tmp_path, monkeypatch, n
 
 
 def test_every_library_function_has_a_plugin_and_a_cpu_version():
-    from runtime_patch import cpu_functions
+    from runtime_patch import cpu_functions, pipeline_p2p
 
-    assert set(functions.PLUGIN.values()) <= set(PLUGINS)
-    assert set(cpu_functions.IMPLEMENTATIONS) == set(functions.PLUGIN)
+    native = {n for n, plugin in functions.PLUGIN.items() if plugin != functions.PYTHON}
+    assert {functions.PLUGIN[n] for n in native} <= set(PLUGINS)
+    assert set(cpu_functions.IMPLEMENTATIONS) == native
+    # the Python ones (the pipeline stages' transfers) serve every target
+    assert set(pipeline_p2p.IMPLEMENTATIONS) == set(functions.PLUGIN) - native
     assert all(name.startswith(functions.PREFIX) for name in functions.PLUGIN)
     with pytest.raises(KeyError, match="declare them in runtime_patch.functions"):
         functions.register("llvm", ["lab.no.such_function"])

@@ -42,7 +42,11 @@ def kernel_swaps(spec) -> dict[str, str]:
 
 def create_paged_kv_cache(spec, target, max_batch_size, max_total_seq_len, prefill_chunk_size, page_size,
                           support_sliding_window) -> PagedKVCache:
-    """The KV cache of one rank (its query and KV heads), with the kernels the BuildSpec asks for."""
+    """The KV cache of one rank (its query and KV heads), with the kernels the BuildSpec asks for.
+    A pipeline stage's cache holds that stage's layers only, numbered from 0 (TVM's own layer
+    partition by disco worker group does not work in apache-tvm 0.27: the KV cache, in
+    libtvm_runtime, does not see the disco worker of libtvm_runtime_extra, so it takes every
+    process for group 0 of 1)."""
     c, plan = spec.config, spec.plan
     blocks = PREFILL_ATTENTION_BLOCKS if target.kind.name == "cuda" else None
     with prefill_attention_blocks(blocks):
@@ -53,8 +57,8 @@ def create_paged_kv_cache(spec, target, max_batch_size, max_total_seq_len, prefi
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, c.num_hidden_layers]),
-            num_hidden_layers=c.num_hidden_layers,
+            layer_partition=relax.ShapeExpr([0, len(plan.layers)]),
+            num_hidden_layers=len(plan.layers),
             num_attention_heads=plan.q_heads,
             num_key_value_heads=plan.kv_heads,
             qk_head_dim=c.head_dim,

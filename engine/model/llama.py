@@ -11,6 +11,17 @@ Exported functions (parameters packed into one tuple argument, as MLC does):
   create_kv_cache(max_batch, max_total_len, prefill_chunk, page_size, sliding_window) -> kv
 Greedy sampling (argmax) happens on the device; logits stay there unless read.
 
+Pipeline stages (pp > 1, engine.sharding.stage_layers): each stage is a module of its own with the
+same functions. The first stage embeds the tokens, every other one receives the previous stage's
+activations (runtime.disco.recv_from_prev_group); every stage but the last sends its output on
+(PP_SEND_NEXT) and returns placeholders in place of the tokens and logits, which only the last
+computes. Two more functions bring those to the first stage, whose worker 0 the host reads:
+  collect(tokens[n], logits[n, vocab]) -> (tokens, logits)     after prefill / decode
+  collect_logits(logits[n, vocab]) -> logits                   after prefill_logits
+(the last stage sends, the first receives, the others pass them through). Kept apart from the step
+so that a stage can start the next micro-batch before the results of the previous one are brought
+back.
+
 The shapes of a rank's weights come from the sharding table (engine.sharding); which kernel
 computes each product from the build's KernelPlan (engine.model.kernels); the KV cache and its
 attention kernels from engine.model.kv_cache.
@@ -115,23 +126,33 @@ class _InFlight:
 
 
 class LlamaModel(nn.Module):
+    """The layers of one pipeline stage (all of them for pp=1), named by their index in the whole
+    model, with the embedding on the first stage and the final norm on the last."""
+
     def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
         c = plan.config
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, spec, kernels)
-        self.layers = nn.ModuleList([DecoderLayer(plan, spec, kernels) for _ in range(c.num_hidden_layers)])
-        self.norm = _rms_norm(c, spec)
+        if plan.holds("model.embed_tokens"):
+            self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, spec, kernels)
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(plan, spec, kernels) for i in plan.layers})
+        self.last_stage = plan.last_stage
+        if plan.last_stage:
+            self.norm = _rms_norm(c, spec)
+
+    def _numbered(self):
+        """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
+        return enumerate(self.layers.modules.values())
 
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
-        for layer_id, layer in enumerate(self.layers):
+        for layer_id, layer in self._numbered():
             hidden = layer(hidden, kv, layer_id, phase)
-        return self.norm(hidden)
+        return self.norm(hidden) if self.last_stage else hidden
 
     def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
         """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
         that one's allreduce runs while the other computes (module doc)."""
         hidden = list(hidden)
         flight: list[_InFlight | None] = [None, None]
-        for layer_id, layer in enumerate(self.layers):
+        for layer_id, layer in self._numbered():
             for block in ("attention", "mlp"):
                 for m in (0, 1):
                     if flight[m] is not None:
@@ -156,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         self.plan.check_quant(self.quant)
         kernels = KernelPlan.of(build)
         self.model = LlamaModel(self.plan, self.quant, kernels)
-        if not self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings and self.plan.holds("lm_head"):
             self.lm_head = Linear(*self.plan.linear_shape("lm_head"), self.quant, kernels, out_dtype="float32")
 
     def _logits(self, hidden: Tensor, phase: str) -> Tensor:
@@ -174,24 +195,62 @@ class LlamaForCausalLM(nn.Module):
 
     def _embed(self, input_ids: Tensor) -> Tensor:
         if self.plan.tp > 1:  # the controller writes token ids to worker 0 only
-            input_ids = op.ccl_broadcast_from_worker0(input_ids)
+            if self.plan.pp > 1:  # within the first stage's group only
+                input_ids = op.extern("runtime.disco.broadcast_from_worker0", [input_ids, True],
+                                      Tensor.placeholder(input_ids.shape, input_ids.dtype))
+            else:
+                input_ids = op.ccl_broadcast_from_worker0(input_ids)
         return self.model.embed_tokens(input_ids)
 
+    def _enter(self, input_ids: Tensor) -> Tensor:
+        """The stage's input activations [b, s, hidden]: the embedded tokens on the first stage,
+        the previous stage's output on the others."""
+        if self.plan.first_stage:
+            return self._embed(input_ids)
+        b, s = input_ids.shape
+        return op.extern("runtime.disco.recv_from_prev_group", [],
+                         Tensor.placeholder([b, s, self.config.hidden_size], self.quant.model_dtype))
+
+    def _pass_on(self, hidden: Tensor, *results: tuple[list, str]):
+        """A non-last stage: `hidden` to the next stage; placeholders of the (shape, dtype)
+        `results` the last stage computes (module doc)."""
+        return _extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
+
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
-        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        hidden = self.model(self._enter(input_ids), kv, PREFILL)
+        if not self.plan.last_stage:
+            return (*self._pass_on(hidden, ([1], "int32"), ([1, self.config.vocab_size], "float32")), kv)
         logits = self._logits(_take_last(hidden), DECODE)  # one row: the GEMV
         return _argmax_last(logits), logits, kv
 
     def prefill_logits(self, input_ids: Tensor, kv: PagedKVCache):
-        hidden = self.model(self._embed(input_ids), kv, PREFILL)
+        hidden = self.model(self._enter(input_ids), kv, PREFILL)
         _, s, h = hidden.shape
+        if not self.plan.last_stage:
+            return self._pass_on(hidden, ([s, self.config.vocab_size], "float32")), kv
         return self._logits(op.reshape(hidden, (s, h)), PREFILL), kv
 
     def _decode(self, input_ids: Tensor, kv: PagedKVCache, phase: str):
-        hidden = self.model(self._embed(input_ids), kv, phase)
+        hidden = self.model(self._enter(input_ids), kv, phase)
         b, _, h = hidden.shape
+        if not self.plan.last_stage:
+            return (*self._pass_on(hidden, ([b], "int32"), ([b, self.config.vocab_size], "float32")), kv)
         logits = self._logits(op.reshape(hidden, (b, h)), phase)
         return _argmax_last(logits), logits, kv
+
+    def _to_first_stage(self, *values: Tensor):
+        """The last stage's `values` on the first stage (module doc: collect)."""
+        plan = self.plan
+        if not (plan.first_stage or plan.last_stage):
+            return values if len(values) > 1 else values[0]
+        name = functions.PP_SEND_FIRST if plan.last_stage else functions.PP_RECV_LAST
+        return _extern(name, [*values, plan.tp, plan.pp], [Tensor.placeholder(v.shape, v.dtype) for v in values])
+
+    def collect(self, tokens: Tensor, logits: Tensor):
+        return self._to_first_stage(tokens, logits)
+
+    def collect_logits(self, logits: Tensor):
+        return self._to_first_stage(logits)
 
     def decode(self, input_ids: Tensor, kv: PagedKVCache):
         return self._decode(input_ids, kv, DECODE)
@@ -262,7 +321,14 @@ class LlamaForCausalLM(nn.Module):
         kv = nn.spec.Object(object_type=PagedKVCache)
         pair = {"batch_decode_pair": {"input_ids": ids(2, "micro_batch", 1), "kv_a": kv, "kv_b": kv, "$": packed}} \
             if self.build.microbatch_decode else {}
+        stages = {}
+        if self.plan.pp > 1:
+            logits = nn.spec.Tensor(["n", self.config.vocab_size], "float32")
+            no_params = {"param_mode": "none", "effect_mode": "none"}
+            stages = {"collect": {"tokens": ids("n"), "logits": logits, "$": no_params},
+                      "collect_logits": {"logits": logits, "$": no_params}}
         return nn.spec.ModuleSpec.from_raw({
+            **stages,
             "prefill": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "prefill_logits": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "decode": {"input_ids": ids(1, 1), "kv": kv, "$": packed},
@@ -291,6 +357,20 @@ class LlamaForCausalLM(nn.Module):
             "batch_decode_static": {**state("batch_size"), "$": packed},
             "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
         }
+
+
+def _extern(name: str, args: list, outs: list[Tensor]):
+    """call_dps_packed of `name` with one output or several (op.extern takes one: its tuple
+    output type is not what call_dps_packed accepts)."""
+    if len(outs) == 1:
+        return op.extern(name, args, outs[0])
+    from tvm import relax, tirx
+    from tvm.relax.frontend.nn.core import wrap_nested
+
+    inputs = relax.Tuple([a._expr if isinstance(a, Tensor) else relax.prim_value(tirx.IntImm("int64", a))
+                          for a in args])
+    call = relax.op.call_dps_packed(name, inputs, out_ty=[o._expr.ty for o in outs])
+    return wrap_nested(call, name)
 
 
 def _take_last(hidden: Tensor) -> Tensor:

@@ -5,11 +5,21 @@
 // `init_ccl_per_worker`, and the controller unlinks its name as soon as every worker has mapped
 // it, so no segment outlives the processes using it, whatever happens to them later.
 //
-// Segment layout: a header (barrier, error slot, worker pids, per-worker collective descriptors)
-// followed by two buffers of `num_workers` slots of `slot_bytes` each. Every collective is cut
-// into chunks of at most one slot per worker; each chunk uses the next buffer (alternating), so
-// one barrier per chunk is enough: a buffer is written again only after the barrier of the
-// chunk in between, which every worker reaches only after it finished reading that buffer.
+// Segment layout: a header (barriers, error slot, worker pids, per-worker collective descriptors,
+// point-to-point inboxes) followed by, for each of the two kinds of team (all workers; the worker
+// group of a session with num_groups > 1, for in_group collectives), two buffers of `num_workers`
+// slots of `slot_bytes` each, then one inbox slot per worker. Every collective is cut into chunks
+// of at most one slot per worker; each chunk uses its team kind's next buffer (alternating), so
+// one barrier per chunk is enough: a buffer is written again only after the barrier of the chunk
+// in between, which every member reaches only after it finished reading that buffer. The teams of
+// one kind are disjoint (groups), so they share that kind's buffers, each worker using its own slot.
+//
+// Groups (pipeline parallelism: a session of num_workers = tp * pp workers in pp groups of tp):
+// in_group collectives run among the workers of the caller's group (root: the group's first
+// worker), the others among all workers; send_to_next_group / recv_from_prev_group and
+// send_to_worker / recv_from_worker move a tensor between two workers through the receiver's
+// inbox (one slot; a sender waits until it is empty, the receiver until it holds a chunk from the
+// sender it expects), chunk by chunk.
 //
 // Failure handling: a barrier wait polls whether its peers are alive and gives up after
 // LAB_CCL_TIMEOUT_S. The first worker that fails writes the reason into the header and wakes the
@@ -21,8 +31,9 @@
 // sessions do at every sync and raise CCLError).
 //
 // Globals: runtime.disco.cpu_shm.{init_ccl, init_ccl_per_worker, allreduce, allgather,
-// broadcast_from_worker0, scatter_from_worker0, gather_to_worker0, sync_worker, ...} (called by
-// disco), and, in the controller, runtime.disco.cpu_shm.{configure, status, worker_pids, release}.
+// broadcast_from_worker0, scatter_from_worker0, gather_to_worker0, sync_worker,
+// send_to_next_group, recv_from_prev_group, send_to_worker, recv_from_worker, recv_from_worker0}
+// (called by disco), and, in the controller, runtime.disco.cpu_shm.{configure, status, worker_pids, release}.
 #include <dlpack/dlpack.h>
 #include <fcntl.h>
 #include <linux/futex.h>
@@ -118,6 +129,23 @@ struct OpDesc {
   int64_t shard_bytes; // bytes each worker contributes / receives
 };
 
+// The workers a collective runs among: all of them, or the caller's group (in_group collectives
+// of a session with num_groups > 1).
+enum TeamKind { kAll = 0, kGroup = 1, kTeamKinds = 2 };
+
+struct TeamBarrier {
+  alignas(64) std::atomic<uint32_t> count;
+  alignas(64) std::atomic<uint32_t> gen;
+};
+
+// A worker's inbox for point-to-point transfers: state 0 empty, 1 being written, 2 holding a chunk.
+struct Inbox {
+  alignas(64) std::atomic<uint32_t> state;
+  int32_t sender;
+  int64_t total_bytes;  // of the whole message (checked against the receiver's buffer)
+  int64_t chunk_bytes;
+};
+
 struct SegmentHeader {
   uint64_t magic;
   int32_t num_workers;
@@ -127,15 +155,16 @@ struct SegmentHeader {
   int64_t total_bytes;
   double timeout_s;
 
-  alignas(64) std::atomic<uint32_t> barrier_count;
-  alignas(64) std::atomic<uint32_t> barrier_gen;
   alignas(64) std::atomic<int32_t> abort_state;  // 0: healthy, 1: message being written, 2: failed
   char abort_message[2048];
 
   alignas(64) std::atomic<int32_t> pids[kMaxWorkers];
   std::atomic<int32_t> init_state[kMaxWorkers];  // 0: not yet, 1: ready, 2: failed
-  std::atomic<uint64_t> barrier_rounds[kMaxWorkers];
-  OpDesc desc[2][kMaxWorkers];
+  // Per team kind (kAll, kGroup): barrier rounds per worker, descriptors per buffer and worker.
+  std::atomic<uint64_t> barrier_rounds[kTeamKinds][kMaxWorkers];
+  OpDesc desc[kTeamKinds][2][kMaxWorkers];
+  TeamBarrier barriers[kMaxWorkers + 1];  // 0: all workers; 1 + g: group g
+  Inbox inbox[kMaxWorkers];
 };
 
 static_assert(std::atomic<uint32_t>::is_always_lock_free, "shared-memory barrier needs lock-free atomics");
@@ -399,6 +428,16 @@ bool ReducibleDType(DLDataType t) {
 // Thrown inside a collective once the failure is recorded in the header; never leaves this file.
 struct Aborted {};
 
+// The workers of one collective: [base, base + size), this worker being `index` among them.
+struct Team {
+  TeamKind kind;
+  int barrier;  // index into SegmentHeader::barriers
+  int base;
+  int size;
+  int index;
+  bool Root() const { return index == 0; }
+};
+
 struct WorkerContext {
   DiscoWorker* worker = nullptr;
   SegmentHeader* hdr = nullptr;
@@ -406,9 +445,10 @@ struct WorkerContext {
   char* slots = nullptr;
   int rank = 0;
   int n = 0;
+  int group_size = 0;  // n / num_groups
   bool in_controller = false;
-  uint64_t phase = 0;  // chunks done: the next chunk uses buffer phase & 1
-  uint64_t seq = 0;    // collectives done
+  uint64_t phase[kTeamKinds] = {0, 0};  // chunks done per team kind: the next uses buffer phase & 1
+  uint64_t seq[kTeamKinds] = {0, 0};    // collectives done per team kind
   std::string failure; // non-empty once a collective failed: later ones are skipped
   std::vector<float> acc;
 
@@ -419,12 +459,25 @@ struct WorkerContext {
     hdr = nullptr;
     slots = nullptr;
     mapped_bytes = 0;
-    phase = seq = 0;
+    for (int k = 0; k < kTeamKinds; ++k) phase[k] = seq[k] = 0;
     failure.clear();
   }
 
-  char* Slot(int buf, int worker_id) const {
-    return slots + (static_cast<int64_t>(buf) * n + worker_id) * hdr->slot_bytes;
+  // in_group collectives of a session with groups run in this worker's group, all others among all.
+  Team TeamOf(bool in_group) const {
+    if (in_group && group_size < n) {
+      int g = rank / group_size;
+      return Team{kGroup, 1 + g, g * group_size, group_size, rank - g * group_size};
+    }
+    return Team{kAll, 0, 0, n, rank};
+  }
+
+  char* Slot(const Team& team, int buf, int worker_id) const {
+    return slots + ((static_cast<int64_t>(team.kind) * 2 + buf) * n + worker_id) * hdr->slot_bytes;
+  }
+
+  char* InboxSlot(int worker_id) const {
+    return slots + (static_cast<int64_t>(kTeamKinds) * 2 * n + worker_id) * hdr->slot_bytes;
   }
 
   static WorkerContext* Get() {
@@ -454,7 +507,8 @@ std::string RecordFailure(SegmentHeader* hdr, const std::string& msg) {
     hdr->abort_message[len] = '\0';
     hdr->abort_state.store(2, std::memory_order_release);
   }
-  FutexWakeAll(&hdr->barrier_gen);
+  for (int b = 0; b <= std::min(hdr->num_workers, kMaxWorkers); ++b) FutexWakeAll(&hdr->barriers[b].gen);
+  for (int j = 0; j < std::min(hdr->num_workers, kMaxWorkers); ++j) FutexWakeAll(&hdr->inbox[j].state);
   return ReadAbortMessage(hdr);
 }
 
@@ -478,28 +532,26 @@ void CheckPeers(WorkerContext* ctx, const char* what) {
   }
 }
 
-void Barrier(WorkerContext* ctx, const char* what) {
+// Wait until `ready()` holds, sleeping on `word` (which changes when it may have): fails the
+// group when a peer died, another worker failed, or LAB_CCL_TIMEOUT_S passed (`waiting_for`
+// completes the timeout's message).
+template <typename Ready, typename Describe>
+void WaitUntil(WorkerContext* ctx, std::atomic<uint32_t>* word, Ready ready, const char* what,
+               Describe waiting_for) {
   SegmentHeader* hdr = ctx->hdr;
-  uint32_t gen = hdr->barrier_gen.load(std::memory_order_acquire);
-  uint64_t round = hdr->barrier_rounds[ctx->rank].fetch_add(1, std::memory_order_relaxed) + 1;
-  if (hdr->barrier_count.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<uint32_t>(ctx->n)) {
-    hdr->barrier_count.store(0, std::memory_order_relaxed);
-    hdr->barrier_gen.store(gen + 1, std::memory_order_release);
-    FutexWakeAll(&hdr->barrier_gen);
-    return;
-  }
   for (int i = 0; i < kSpinIterations; ++i) {
-    if (hdr->barrier_gen.load(std::memory_order_acquire) != gen) return;
+    if (ready()) return;
     LAB_CPU_RELAX();
   }
   auto start = std::chrono::steady_clock::now();
   auto last_check = start;
   auto timeout = std::chrono::duration<double>(hdr->timeout_s);
   while (true) {
-    if (hdr->barrier_gen.load(std::memory_order_acquire) != gen) return;
+    uint32_t seen = word->load(std::memory_order_acquire);
+    if (ready()) return;
     if (hdr->abort_state.load(std::memory_order_acquire) != 0) Fail(ctx, "");
-    FutexWait(&hdr->barrier_gen, gen);
-    if (hdr->barrier_gen.load(std::memory_order_acquire) != gen) return;
+    FutexWait(word, seen);
+    if (ready()) return;
     auto now = std::chrono::steady_clock::now();
     if (now - last_check >= kPeerCheckInterval) {
       last_check = now;
@@ -508,30 +560,48 @@ void Barrier(WorkerContext* ctx, const char* what) {
     if (now - start > timeout) {
       std::ostringstream os;
       os << "cpu_shm: worker " << ctx->rank << " timed out after " << hdr->timeout_s << " s in " << what
-         << " waiting for worker(s)";
-      for (int j = 0; j < ctx->n; ++j) {
-        if (hdr->barrier_rounds[j].load(std::memory_order_relaxed) < round) os << " " << j;
-      }
-      os << " (raise LAB_CCL_TIMEOUT_S if they are legitimately busy)";
+         << " waiting for " << waiting_for()
+         << " (raise LAB_CCL_TIMEOUT_S if they are legitimately busy)";
       Fail(ctx, os.str());
     }
   }
 }
 
+void Barrier(WorkerContext* ctx, const Team& team, const char* what) {
+  SegmentHeader* hdr = ctx->hdr;
+  TeamBarrier& b = hdr->barriers[team.barrier];
+  uint32_t gen = b.gen.load(std::memory_order_acquire);
+  uint64_t round = hdr->barrier_rounds[team.kind][ctx->rank].fetch_add(1, std::memory_order_relaxed) + 1;
+  if (b.count.fetch_add(1, std::memory_order_acq_rel) + 1 == static_cast<uint32_t>(team.size)) {
+    b.count.store(0, std::memory_order_relaxed);
+    b.gen.store(gen + 1, std::memory_order_release);
+    FutexWakeAll(&b.gen);
+    return;
+  }
+  WaitUntil(ctx, &b.gen, [&] { return b.gen.load(std::memory_order_acquire) != gen; }, what, [&] {
+    std::ostringstream os;
+    os << "worker(s)";
+    for (int j = team.base; j < team.base + team.size; ++j) {
+      if (hdr->barrier_rounds[team.kind][j].load(std::memory_order_relaxed) < round) os << " " << j;
+    }
+    return os.str();
+  });
+}
+
 // One chunk's worth of synchronisation: announce what this worker does with the buffer, wait
-// for every worker, and check that they all called the same collective on the same sizes.
-int BeginChunk(WorkerContext* ctx, uint32_t op, DLDataType dtype, int64_t shard_bytes) {
-  int buf = static_cast<int>(ctx->phase & 1);
-  ctx->hdr->desc[buf][ctx->rank] = OpDesc{ctx->seq, op, PackDType(dtype), shard_bytes};
+// for every member of the team, and check that they all called the same collective on the same sizes.
+int BeginChunk(WorkerContext* ctx, const Team& team, uint32_t op, DLDataType dtype, int64_t shard_bytes) {
+  int buf = static_cast<int>(ctx->phase[team.kind] & 1);
+  ctx->hdr->desc[team.kind][buf][ctx->rank] = OpDesc{ctx->seq[team.kind], op, PackDType(dtype), shard_bytes};
   return buf;
 }
 
-void EndChunk(WorkerContext* ctx, int buf, const char* what) {
-  Barrier(ctx, what);
-  ++ctx->phase;
-  const OpDesc& mine = ctx->hdr->desc[buf][ctx->rank];
-  for (int j = 0; j < ctx->n; ++j) {
-    const OpDesc& other = ctx->hdr->desc[buf][j];
+void EndChunk(WorkerContext* ctx, const Team& team, int buf, const char* what) {
+  Barrier(ctx, team, what);
+  ++ctx->phase[team.kind];
+  const OpDesc& mine = ctx->hdr->desc[team.kind][buf][ctx->rank];
+  for (int j = team.base; j < team.base + team.size; ++j) {
+    const OpDesc& other = ctx->hdr->desc[team.kind][buf][j];
     if (other.seq != mine.seq || other.op != mine.op || other.dtype != mine.dtype ||
         other.shard_bytes != mine.shard_bytes) {
       std::ostringstream os;
@@ -599,8 +669,7 @@ void RunCollective(const char* what, F body, G unreceived) {
   }
   try {
     if (ctx->hdr->abort_state.load(std::memory_order_acquire) != 0) Fail(ctx, "");
-    body(ctx);
-    ++ctx->seq;
+    body(ctx);  // counts itself in ctx->seq of its team kind where it is a collective
     return;
   } catch (const Aborted&) {
     // ctx->failure holds the group's failure
@@ -630,23 +699,25 @@ void AllReduce(Tensor send, int kind_code, bool in_group, Tensor recv) {
     if (recv->dtype != dtype || NumElements(recv) != NumElements(send)) {
       TVM_FFI_THROW(ValueError) << "allreduce needs `recv` of the same dtype and size as `send`";
     }
+    Team team = ctx->TeamOf(in_group);
     int64_t esize = ElemBytes(dtype);
     int64_t numel = NumElements(send);
     int64_t chunk = ctx->hdr->slot_bytes / esize;
     const char* src = DataPtr(send);
     char* dst = DataPtr(recv);
-    std::vector<const char*> slots(ctx->n);
+    std::vector<const char*> slots(team.size);
     uint32_t op = static_cast<uint32_t>(Op::kAllReduce) | (static_cast<uint32_t>(kind_code) << 8);
     int64_t off = 0;
     do {
       int64_t m = std::min(chunk, numel - off);
-      int buf = BeginChunk(ctx, op, dtype, numel * esize);
-      std::memcpy(ctx->Slot(buf, ctx->rank), src + off * esize, m * esize);
-      EndChunk(ctx, buf, "allreduce");
-      for (int j = 0; j < ctx->n; ++j) slots[j] = ctx->Slot(buf, j);
+      int buf = BeginChunk(ctx, team, op, dtype, numel * esize);
+      std::memcpy(ctx->Slot(team, buf, ctx->rank), src + off * esize, m * esize);
+      EndChunk(ctx, team, buf, "allreduce");
+      for (int j = 0; j < team.size; ++j) slots[j] = ctx->Slot(team, buf, team.base + j);
       Reduce(dtype, slots, dst + off * esize, m, kind, &ctx->acc);
       off += m;
     } while (off < numel);
+    ++ctx->seq[team.kind];
   }, [&](WorkerContext*) { FillUnreceived(recv, send); });
 }
 
@@ -654,31 +725,36 @@ void AllGather(Tensor send, bool in_group, Tensor recv) {
   RunCollective("allgather", [&](WorkerContext* ctx) {
     CheckHostTensor(send, "send");
     CheckHostTensor(recv, "recv");
+    Team team = ctx->TeamOf(in_group);
     int64_t bytes = NumElements(send) * ElemBytes(send->dtype);
-    if (recv->dtype != send->dtype || NumElements(recv) != NumElements(send) * ctx->n) {
-      TVM_FFI_THROW(ValueError) << "allgather needs `recv` of the same dtype as `send` and num_workers ("
-                                << ctx->n << ") times its size";
+    if (recv->dtype != send->dtype || NumElements(recv) != NumElements(send) * team.size) {
+      TVM_FFI_THROW(ValueError) << "allgather needs `recv` of the same dtype as `send` and " << team.size
+                                << " (the workers taking part) times its size";
     }
     const char* src = DataPtr(send);
     char* dst = DataPtr(recv);
     int64_t off = 0;
     do {
       int64_t len = std::min(ctx->hdr->slot_bytes, bytes - off);
-      int buf = BeginChunk(ctx, static_cast<uint32_t>(Op::kAllGather), send->dtype, bytes);
-      std::memcpy(ctx->Slot(buf, ctx->rank), src + off, len);
-      EndChunk(ctx, buf, "allgather");
-      for (int j = 0; j < ctx->n; ++j) std::memcpy(dst + j * bytes + off, ctx->Slot(buf, j), len);
+      int buf = BeginChunk(ctx, team, static_cast<uint32_t>(Op::kAllGather), send->dtype, bytes);
+      std::memcpy(ctx->Slot(team, buf, ctx->rank), src + off, len);
+      EndChunk(ctx, team, buf, "allgather");
+      for (int j = 0; j < team.size; ++j) std::memcpy(dst + j * bytes + off, ctx->Slot(team, buf, team.base + j), len);
       off += len;
     } while (off < bytes);
+    ++ctx->seq[team.kind];
   }, [&](WorkerContext*) { FillUnreceived(recv, send); });
 }
 
 Tensor ValueOrNull(const ffi::Optional<Tensor>& t) { return t.has_value() ? t.value() : Tensor(nullptr); }
 
+bool IsTeamRoot(const WorkerContext* ctx, bool in_group) { return ctx->TeamOf(in_group).Root(); }
+
 void BroadcastFromWorker0(ffi::Optional<Tensor> send_opt, bool in_group, Tensor recv) {
   RunCollective("broadcast_from_worker0", [&](WorkerContext* ctx) {
     CheckHostTensor(recv, "recv");
-    bool root = ctx->rank == 0;
+    Team team = ctx->TeamOf(in_group);
+    bool root = team.Root();
     int64_t bytes = NumElements(recv) * ElemBytes(recv->dtype);
     Tensor send = ValueOrNull(send_opt);
     if (root) {
@@ -687,91 +763,170 @@ void BroadcastFromWorker0(ffi::Optional<Tensor> send_opt, bool in_group, Tensor 
         TVM_FFI_THROW(ValueError) << "broadcast needs `send` and `recv` of the same size on worker 0";
       }
     }
-    // The root stages into the whole buffer (all n slots are contiguous).
-    int64_t capacity = ctx->hdr->slot_bytes * ctx->n;
+    // The root stages into the team's whole buffer (its members' slots are contiguous).
+    int64_t capacity = ctx->hdr->slot_bytes * team.size;
     int64_t off = 0;
     do {
       int64_t len = std::min(capacity, bytes - off);
-      int buf = BeginChunk(ctx, static_cast<uint32_t>(Op::kBroadcast), recv->dtype, bytes);
-      if (root) std::memcpy(ctx->Slot(buf, 0), DataPtr(send) + off, len);
-      EndChunk(ctx, buf, "broadcast_from_worker0");
+      int buf = BeginChunk(ctx, team, static_cast<uint32_t>(Op::kBroadcast), recv->dtype, bytes);
+      if (root) std::memcpy(ctx->Slot(team, buf, team.base), DataPtr(send) + off, len);
+      EndChunk(ctx, team, buf, "broadcast_from_worker0");
       if (root) {
         if (DataPtr(recv) != DataPtr(send)) std::memmove(DataPtr(recv) + off, DataPtr(send) + off, len);
       } else {
-        std::memcpy(DataPtr(recv) + off, ctx->Slot(buf, 0), len);
+        std::memcpy(DataPtr(recv) + off, ctx->Slot(team, buf, team.base), len);
       }
       off += len;
     } while (off < bytes);
-  }, [&](WorkerContext* ctx) {
-    FillUnreceived(recv, ctx->rank == 0 ? ValueOrNull(send_opt) : Tensor(nullptr));  // zeros off the root
+    ++ctx->seq[team.kind];
+  }, [&](WorkerContext* ctx) {  // zeros off the root
+    FillUnreceived(recv, IsTeamRoot(ctx, in_group) ? ValueOrNull(send_opt) : Tensor(nullptr));
   });
 }
 
 void ScatterFromWorker0(ffi::Optional<Tensor> send_opt, bool in_group, Tensor recv) {
   RunCollective("scatter_from_worker0", [&](WorkerContext* ctx) {
     CheckHostTensor(recv, "recv");
-    bool root = ctx->rank == 0;
+    Team team = ctx->TeamOf(in_group);
+    bool root = team.Root();
     int64_t shard = NumElements(recv) * ElemBytes(recv->dtype);
     Tensor send = ValueOrNull(send_opt);
     if (root) {
       CheckHostTensor(send, "send");
-      if (send->dtype != recv->dtype || NumElements(send) != NumElements(recv) * ctx->n) {
-        TVM_FFI_THROW(ValueError) << "scatter needs `send` on worker 0 of the dtype of `recv` and num_workers ("
-                                  << ctx->n << ") times its size";
+      if (send->dtype != recv->dtype || NumElements(send) != NumElements(recv) * team.size) {
+        TVM_FFI_THROW(ValueError) << "scatter needs `send` on worker 0 of the dtype of `recv` and " << team.size
+                                  << " (the workers taking part) times its size";
       }
     }
     int64_t off = 0;
     do {
       int64_t len = std::min(ctx->hdr->slot_bytes, shard - off);
-      int buf = BeginChunk(ctx, static_cast<uint32_t>(Op::kScatter), recv->dtype, shard);
+      int buf = BeginChunk(ctx, team, static_cast<uint32_t>(Op::kScatter), recv->dtype, shard);
       if (root) {
-        for (int j = 0; j < ctx->n; ++j) std::memcpy(ctx->Slot(buf, j), DataPtr(send) + j * shard + off, len);
+        for (int j = 0; j < team.size; ++j) {
+          std::memcpy(ctx->Slot(team, buf, team.base + j), DataPtr(send) + j * shard + off, len);
+        }
       }
-      EndChunk(ctx, buf, "scatter_from_worker0");
-      std::memcpy(DataPtr(recv) + off, ctx->Slot(buf, ctx->rank), len);
+      EndChunk(ctx, team, buf, "scatter_from_worker0");
+      std::memcpy(DataPtr(recv) + off, ctx->Slot(team, buf, ctx->rank), len);
       off += len;
     } while (off < shard);
+    ++ctx->seq[team.kind];
   }, [&](WorkerContext* ctx) {  // the root keeps its own shard (the first)
-    FillUnreceived(recv, ctx->rank == 0 ? ValueOrNull(send_opt) : Tensor(nullptr), 0, WritableBytes(recv));
+    FillUnreceived(recv, IsTeamRoot(ctx, in_group) ? ValueOrNull(send_opt) : Tensor(nullptr), 0, WritableBytes(recv));
   });
 }
 
 void GatherToWorker0(Tensor send, bool in_group, ffi::Optional<Tensor> recv_opt) {
   RunCollective("gather_to_worker0", [&](WorkerContext* ctx) {
     CheckHostTensor(send, "send");
-    bool root = ctx->rank == 0;
+    Team team = ctx->TeamOf(in_group);
+    bool root = team.Root();
     int64_t shard = NumElements(send) * ElemBytes(send->dtype);
     Tensor recv = ValueOrNull(recv_opt);
     if (root) {
       CheckHostTensor(recv, "recv");
-      if (send->dtype != recv->dtype || NumElements(recv) != NumElements(send) * ctx->n) {
-        TVM_FFI_THROW(ValueError) << "gather needs `recv` on worker 0 of the dtype of `send` and num_workers ("
-                                  << ctx->n << ") times its size";
+      if (send->dtype != recv->dtype || NumElements(recv) != NumElements(send) * team.size) {
+        TVM_FFI_THROW(ValueError) << "gather needs `recv` on worker 0 of the dtype of `send` and " << team.size
+                                  << " (the workers taking part) times its size";
       }
     }
     int64_t off = 0;
     do {
       int64_t len = std::min(ctx->hdr->slot_bytes, shard - off);
-      int buf = BeginChunk(ctx, static_cast<uint32_t>(Op::kGather), send->dtype, shard);
-      std::memcpy(ctx->Slot(buf, ctx->rank), DataPtr(send) + off, len);
-      EndChunk(ctx, buf, "gather_to_worker0");
+      int buf = BeginChunk(ctx, team, static_cast<uint32_t>(Op::kGather), send->dtype, shard);
+      std::memcpy(ctx->Slot(team, buf, ctx->rank), DataPtr(send) + off, len);
+      EndChunk(ctx, team, buf, "gather_to_worker0");
       if (root) {
-        for (int j = 0; j < ctx->n; ++j) std::memcpy(DataPtr(recv) + j * shard + off, ctx->Slot(buf, j), len);
+        for (int j = 0; j < team.size; ++j) {
+          std::memcpy(DataPtr(recv) + j * shard + off, ctx->Slot(team, buf, team.base + j), len);
+        }
       }
       off += len;
     } while (off < shard);
+    ++ctx->seq[team.kind];
   }, [&](WorkerContext* ctx) {
-    if (ctx->rank == 0) FillUnreceived(ValueOrNull(recv_opt), send);
+    if (IsTeamRoot(ctx, in_group)) FillUnreceived(ValueOrNull(recv_opt), send);
   });
 }
 
-void Unsupported(const char* what, const Tensor& buffer) {
-  RunCollective(what, [&](WorkerContext*) {
-    TVM_FFI_THROW(ValueError) << "cpu_shm does not implement " << what
-                              << " (point-to-point and multi-group operations need num_groups > 1 or "
-                                 "a GPU CCL)";
-  }, [&](WorkerContext*) { if (std::strncmp(what, "recv", 4) == 0) FillUnreceived(buffer); });
+// ---------------------------------------------------------------------------------------------
+// Point to point: through the receiver's inbox, one chunk (at most a slot) at a time.
+
+void CheckPeer(const WorkerContext* ctx, int peer, const char* what) {
+  if (peer < 0 || peer >= ctx->n) {
+    TVM_FFI_THROW(ValueError) << "cpu_shm " << what << ": worker " << ctx->rank << " has no peer " << peer
+                              << " (the session has " << ctx->n << " workers in groups of " << ctx->group_size << ")";
+  }
+  if (peer == ctx->rank) TVM_FFI_THROW(ValueError) << "cpu_shm " << what << ": a worker cannot send to itself";
 }
+
+void SendTo(Tensor buffer, int receiver, const char* what) {
+  RunCollective(what, [&](WorkerContext* ctx) {
+    CheckHostTensor(buffer, "buffer");
+    CheckPeer(ctx, receiver, what);
+    Inbox& box = ctx->hdr->inbox[receiver];
+    int64_t bytes = NumElements(buffer) * ElemBytes(buffer->dtype);
+    int64_t off = 0;
+    do {
+      int64_t len = std::min(ctx->hdr->slot_bytes, bytes - off);
+      WaitUntil(ctx, &box.state, [&] {
+        uint32_t empty = 0;
+        return box.state.compare_exchange_strong(empty, 1, std::memory_order_acq_rel);
+      }, what, [&] { return "worker " + std::to_string(receiver) + " to empty its inbox"; });
+      std::memcpy(ctx->InboxSlot(receiver), DataPtr(buffer) + off, len);
+      box.sender = ctx->rank;
+      box.total_bytes = bytes;
+      box.chunk_bytes = len;
+      box.state.store(2, std::memory_order_release);
+      FutexWakeAll(&box.state);
+      off += len;
+    } while (off < bytes);
+  }, [&](WorkerContext*) {});
+}
+
+void RecvFrom(Tensor buffer, int sender, const char* what) {
+  RunCollective(what, [&](WorkerContext* ctx) {
+    CheckHostTensor(buffer, "buffer");
+    CheckPeer(ctx, sender, what);
+    Inbox& box = ctx->hdr->inbox[ctx->rank];
+    int64_t bytes = NumElements(buffer) * ElemBytes(buffer->dtype);
+    int64_t off = 0;
+    do {
+      WaitUntil(ctx, &box.state, [&] {
+        return box.state.load(std::memory_order_acquire) == 2 && box.sender == sender;
+      }, what, [&] { return "worker " + std::to_string(sender) + " to send"; });
+      int64_t len = std::min(ctx->hdr->slot_bytes, bytes - off);
+      if (box.total_bytes != bytes || box.chunk_bytes != len) {
+        std::ostringstream os;
+        os << "cpu_shm " << what << ": worker " << sender << " sent " << box.total_bytes << " bytes, worker "
+           << ctx->rank << " expected " << bytes << " (sender and receiver must agree on the tensor's size)";
+        Fail(ctx, os.str());
+      }
+      std::memcpy(DataPtr(buffer) + off, ctx->InboxSlot(ctx->rank), len);
+      box.state.store(0, std::memory_order_release);
+      FutexWakeAll(&box.state);
+      off += len;
+    } while (off < bytes);
+  }, [&](WorkerContext*) { FillUnreceived(buffer); });
+}
+
+int GroupSize() {
+  const WorkerContext* ctx = WorkerContext::Get();
+  return ctx->group_size > 0 ? ctx->group_size : 1;
+}
+
+void SendToNextGroup(Tensor buffer) {
+  const WorkerContext* ctx = WorkerContext::Get();
+  SendTo(buffer, ctx->rank + GroupSize(), "send_to_next_group");
+}
+
+void RecvFromPrevGroup(Tensor buffer) {
+  const WorkerContext* ctx = WorkerContext::Get();
+  RecvFrom(buffer, ctx->rank - GroupSize(), "recv_from_prev_group");
+}
+
+
 
 // ---------------------------------------------------------------------------------------------
 // Initialisation
@@ -815,14 +970,15 @@ void InitCCLPerWorker(ffi::Shape device_ids, ffi::String name) {
   ctx->worker = worker;
   ctx->rank = worker->worker_id;
   ctx->n = worker->num_workers;
+  ctx->group_size = worker->num_groups > 0 ? worker->num_workers / worker->num_groups : worker->num_workers;
   ctx->in_controller = getpid() == hdr->controller_pid;
   ctx->slots = reinterpret_cast<char*>(p) + hdr->header_bytes;
   std::string error;
   if (hdr->magic != kMagic || hdr->total_bytes != static_cast<int64_t>(st.st_size)) {
     error = "the segment is not a cpu_shm segment of this plugin version";
-  } else if (worker->num_groups != 1) {
-    error = "cpu_shm supports num_groups == 1 only, this session has num_groups=" +
-            std::to_string(worker->num_groups);
+  } else if (worker->num_groups < 1 || worker->num_workers % worker->num_groups != 0) {
+    error = "num_groups=" + std::to_string(worker->num_groups) + " does not divide the " +
+            std::to_string(worker->num_workers) + " workers";
   } else if (hdr->num_workers != worker->num_workers || ctx->rank < 0 || ctx->rank >= ctx->n) {
     error = "worker " + std::to_string(ctx->rank) + " of " + std::to_string(worker->num_workers) +
             " does not fit a segment made for " + std::to_string(hdr->num_workers) + " workers";
@@ -885,7 +1041,8 @@ void InitCCL(Session sess, ffi::Shape device_ids) {
   double timeout_s = config.timeout_s;
   int64_t page = sysconf(_SC_PAGESIZE);
   int64_t header_bytes = RoundUp(sizeof(SegmentHeader), page);
-  int64_t total = header_bytes + 2 * static_cast<int64_t>(n) * slot_bytes;
+  // two buffers per team kind, and one inbox slot per worker
+  int64_t total = header_bytes + (2 * kTeamKinds + 1) * static_cast<int64_t>(n) * slot_bytes;
 
   std::string name = UniqueSegmentName();
   int fd = shm_open(name.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
@@ -989,11 +1146,13 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("runtime.disco.cpu_shm.scatter_from_worker0", ScatterFromWorker0)
       .def("runtime.disco.cpu_shm.gather_to_worker0", GatherToWorker0)
       .def("runtime.disco.cpu_shm.sync_worker", []() {})
-      .def("runtime.disco.cpu_shm.recv_from_worker0", [](Tensor t) { Unsupported("recv_from_worker0", t); })
-      .def("runtime.disco.cpu_shm.send_to_next_group", [](Tensor t) { Unsupported("send_to_next_group", t); })
-      .def("runtime.disco.cpu_shm.recv_from_prev_group", [](Tensor t) { Unsupported("recv_from_prev_group", t); })
-      .def("runtime.disco.cpu_shm.send_to_worker", [](Tensor t, int) { Unsupported("send_to_worker", t); })
-      .def("runtime.disco.cpu_shm.recv_from_worker", [](Tensor t, int) { Unsupported("recv_from_worker", t); })
+      .def("runtime.disco.cpu_shm.recv_from_worker0", [](Tensor t) { RecvFrom(t, 0, "recv_from_worker0"); })
+      .def("runtime.disco.cpu_shm.send_to_next_group", SendToNextGroup)
+      .def("runtime.disco.cpu_shm.recv_from_prev_group", RecvFromPrevGroup)
+      .def("runtime.disco.cpu_shm.send_to_worker",
+           [](Tensor t, int receiver) { SendTo(t, receiver, "send_to_worker"); })
+      .def("runtime.disco.cpu_shm.recv_from_worker",
+           [](Tensor t, int sender) { RecvFrom(t, sender, "recv_from_worker"); })
       .def("runtime.disco.cpu_shm.status", Status)
       .def("runtime.disco.cpu_shm.worker_pids", WorkerPids)
       .def("runtime.disco.cpu_shm.release", ReleaseSession);
