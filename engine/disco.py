@@ -4,7 +4,8 @@ via a CCL.
 Same interface as `engine.session.VMSession`. Token ids go to worker 0 only (the model
 broadcasts them); results are read back from worker 0. With pipeline stages the session has pp
 groups of tp workers (worker w: tp rank w % tp of stage w // tp), each group running its stage's
-module; after every step the stages' `collect` brings the last stage's results to worker 0.
+module; the stages' `collect_tokens` / `collect_logits` bring the last stage's results to worker 0
+when they are read.
 """
 
 from __future__ import annotations
@@ -46,19 +47,12 @@ class RemoteTensor:
         return self._dref
 
 
-class _Collect:
-    """One pipeline step's results, brought from the last stage to the first by the stages'
-    `collect` (or `collect_logits`) function when first asked for: a stage can run the next
-    micro-batch's step before the previous one's results are fetched (engine/model/llama.py)."""
-
-    def __init__(self, session: "DiscoSession", name: str, *values):
-        self.session, self.name, self.values, self.result = session, name, values, None
-
-    def item(self, i: int | None = None):
-        if self.result is None:
-            self.result = self.session._fn(self.name)(*self.values)
-            self.values = ()
-        return self.result if i is None else self.session._getitem(self.result, i)
+def _collected(session: "DiscoSession", name: str, value):
+    """How to bring a pipeline step's result `value` from the last stage to the first (the stages'
+    `collect_tokens` or `collect_logits`, engine/model/llama.py), called when the result is first
+    read: what is never read never travels, and a stage can run the next micro-batch's step before
+    the previous one's results are fetched."""
+    return lambda: session._fn(name)(value)
 
 
 def ccl_for(target: str) -> str:
@@ -233,12 +227,12 @@ class DiscoSession:
         out = self._fn(name)(ids, kv, *more_kv, self.params)
         rows = (input_ids.shape[1],) if name == "prefill_logits" else tuple(input_ids.shape[:-1])
         item = lambda i: self._getitem(out, i)  # noqa: E731
-        if self.pp > 1:  # the last stage's results, brought to worker 0 when first used
+        if self.pp > 1:  # the last stage's results, brought to worker 0 when first read
+            logits = item(0 if name == "prefill_logits" else 1)
+            logits = RemoteTensor(None, (*rows, self.vocab), "float32", _collected(self, "collect_logits", logits))
             if name == "prefill_logits":
-                return RemoteTensor(None, (*rows, self.vocab), "float32", _Collect(self, "collect_logits", item(0)).item), kv
-            collect = _Collect(self, "collect", item(0), item(1))
-            return (RemoteTensor(None, rows, "int32", lambda: collect.item(0)),
-                    RemoteTensor(None, (*rows, self.vocab), "float32", lambda: collect.item(1)), kv, *more_kv)
+                return logits, kv
+            return RemoteTensor(None, rows, "int32", _collected(self, "collect_tokens", item(0))), logits, kv, *more_kv
         if name == "prefill_logits":
             return RemoteTensor(item(0), (*rows, self.vocab), "float32"), kv
         return (RemoteTensor(item(0), rows, "int32"), RemoteTensor(item(1), (*rows, self.vocab), "float32"), kv,

@@ -4,11 +4,13 @@ over pp stages (each on `tp` devices); 'layout=[tp2,pp2]' compares layouts of th
 Per point: TTFT, ITL, decode tokens/s, speedup over the first point, efficiency (speedup over
 the device ratio), the share of a decode step spent passing activations between stages (a probe
 timed inside the workers, as tensor_parallel's allreduce share), and the predicted memory of every
-stage's device (measured per GPU on CUDA). A batch is split into `microbatches` request groups
-(default: one per stage), whose decode steps are interleaved so that every stage has work: while
-the last stage runs micro-batch A, the first runs B (runtime_patch.stream_overlap's
-double_buffer scheduler over that many groups). At batch 1 there is nothing to split: the stages
-run one after another, and pipeline parallelism buys memory per device, not speed.
+stage's device (measured per GPU on CUDA). With `microbatches` > 1 a batch is split into that many
+request groups whose decode steps are interleaved, so that while the last stage runs micro-batch A
+the first runs B (runtime_patch.stream_overlap's double_buffer scheduler over that many groups).
+The default is 1, the stages one after another: a memory-bound decode step costs each stage the
+time to read its weights whatever the micro-batch's size, so M micro-batches over P stages take
+at best (M + P - 1) / P of one device's step, never less (measured: docs/BENCHMARKS.md). Pipeline
+parallelism here buys memory per device (a model that fits no single device), not decode speed.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def microbatches(value, pp: int, batch: int) -> int:
     the batch), else the number given (at most the batch)."""
     if value == "auto":
         return min(pp, batch)
+    if isinstance(value, str):
+        raise ConfigError(f"microbatches={value!r}: give a positive integer or auto")
     return min(positive("microbatches", value), batch)
 
 
@@ -126,7 +130,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     spec.check_devices(max(tp * pp for tp, pp in points_wanted))
     builds = {(tp, pp): spec.build_for(tp=tp, pp=pp) for tp, pp in points_wanted}  # validates every layout first
     w, config, quant, target = spec.workload, spec.config, spec.build.quant, spec.target
-    groups = {layout: microbatches(cfg.get("microbatches", "auto"), layout[1], w.batch) for layout in builds}
+    groups = {layout: microbatches(cfg.get("microbatches", 1), layout[1], w.batch) for layout in builds}
     bandwidth = sweep.measured_bandwidth(spec)
     points = []
     with tqdm(total=len(builds) * (w.warmup + w.repeats), desc=f"{config.name} {quant}", unit="run") as bar:
@@ -151,7 +155,9 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              f"worker 0. Micro-batches per point ({split}): the batch of {w.batch} split into that many request "
              "groups, each in its own KV cache, whose decode steps are interleaved (the double_buffer scheduler) so "
              "that one group's step runs on a stage while another's runs on the next; with one group the stages run "
-             "one after another and pp trades speed for memory per device. "
+             "one after another. A memory-bound decode step costs a stage the time to read its weights whatever the "
+             "micro-batch's size, so M micro-batches over P stages take at best (M + P - 1) / P of one device's step: "
+             "pp trades decode speed for memory per device. "
              "Speedup is decode tokens/s over the first point; efficiency = speedup x its "
              "devices / this point's devices. Stage transfers (probe) = (pp - 1) x (passing [batch, hidden] "
              "between two stages, timed inside the workers) / median inter-token latency. Memory/device: the "

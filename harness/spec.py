@@ -193,6 +193,9 @@ class RunSpec:
     measure_bandwidth: bool = True
     breakdown: bool = True  # trace one more repeat per point (GPU: CUPTI) for the time breakdown
     cluster: Cluster = Cluster()  # the hosts a tp x pp > 1 session runs on (one: this machine)
+    # The build options as the config gave them ("auto" where it left them), which every point's
+    # BuildSpec settles anew: auto resolves by the point (e.g. the paged KV cache where pp > 1).
+    requested: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def from_hydra(cfg, experiment: str, quant: str | None = None, tp: int = 1, **build_options) -> "RunSpec":
@@ -211,13 +214,13 @@ class RunSpec:
                 raise ConfigError("device.allreduce=library (the one-shot allreduce over CUDA IPC) works within one "
                                   "machine; use device.allreduce=tir (NCCL) with a cluster of several hosts")
             kernels["allreduce"] = "tir"
+        requested = {**kernels, "kv_cache": device.get("kv_cache") or "auto"}
         build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch,
-                          lm_head=cfg.get("lm_head") or "replicated", **kernels,
-                          kv_cache=device.get("kv_cache") or "auto", **build_options)
+                          lm_head=cfg.get("lm_head") or "replicated", **requested, **build_options)
         workload = Workload.from_hydra(cfg.workload, config) if cfg.get("workload") is not None else None
         return RunSpec(experiment, config, weights, build, workload, cache_folder(cfg.get("cache_dir")),
                        int(cfg.get("seed", 0)), bool(cfg.get("measure_bandwidth", True)),
-                       bool(cfg.get("breakdown", True)), cluster)
+                       bool(cfg.get("breakdown", True)), cluster, tuple(requested.items()))
 
     @property
     def target(self) -> str:
@@ -254,8 +257,9 @@ class RunSpec:
                                   f"at most {MAX_CPU_WORKERS}")
 
     def build_for(self, **changes) -> BuildSpec:
-        """The BuildSpec of a point: this run's with `changes` (quant, tp, microbatch_decode, ...)."""
-        return dataclasses.replace(self.build, **changes)
+        """The BuildSpec of a point: this run's with `changes` (quant, tp, pp, microbatch_decode,
+        ...), its `auto` options settled for the point."""
+        return dataclasses.replace(self.build, **{**dict(self.requested), **changes})
 
     def source(self) -> TensorSource:
         return self.weights.source(self.config, self.target)

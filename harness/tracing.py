@@ -3,8 +3,8 @@ during them): where each decode and prefill step's time goes on every GPU (harne
 
     summary["breakdown"] = traced_breakdown(session, generator, prompts, workload, scheduler, floor_us)
 
-tp=1: CUPTI in this process (runtime_patch.cupti_tracer.Window). tp>1: every disco worker traces
-itself (worker 0 runs in this process) through `lab.cupti.window_start/stop`. Where CUPTI cannot
+One device (a VM session): CUPTI in this process (runtime_patch.cupti_tracer.Window). A disco
+session (tp > 1 or pp > 1): every disco worker traces itself (worker 0 runs in this process) through `lab.cupti.window_start/stop`. Where CUPTI cannot
 trace (no cupti-python, no GPU, the CPU), the breakdown says "not measured" and why; the timed
 figures never depend on it. The traced repeat's own decode tokens/s is recorded beside it, so the
 tracing's perturbation is visible.
@@ -53,7 +53,7 @@ def traced_breakdown(session, gen, prompts, new_tokens: int, scheduler, floor_us
         result["seconds"] = time.perf_counter() - start
 
     try:
-        if session.tp == 1:
+        if getattr(session, "workers", 1) == 1:  # a VMSession; a DiscoSession has tp x pp workers
             from runtime_patch.cupti_tracer import Window
 
             window = Window("controller")

@@ -112,6 +112,14 @@ def test_pipeline_options_are_checked(tiny_config):
         BuildSpec(tiny_config, tp=2, pp=2, allreduce="library")
     spec = BuildSpec(tiny_config, target="cuda", pp=2)
     assert (spec.kv_cache, spec.allreduce, spec.cuda_graph) == ("paged", "tir", False)
+    # a run's `auto` options are settled per point: its pp=1 build (static cache on cuda) does not
+    # decide a pp=2 point's
+    from harness.spec import RunSpec, Weights
+
+    run = RunSpec("test", tiny_config, Weights(None), BuildSpec(tiny_config, target="cuda"), None, Path("."),
+                  requested=(("kv_cache", "auto"), ("allreduce", "auto")))
+    assert (run.build.kv_cache, run.build_for(tp=2).allreduce) == ("static", "library")
+    assert (run.build_for(pp=2).kv_cache, run.build_for(pp=2).allreduce) == ("paged", "tir")
     with pytest.raises(ConfigError, match="needs the artifacts of its 2 stages"):
         stages_of([Artifact(Path("."), {"spec": BuildSpec(tiny_config, pp=2).to_dict()})])
 
@@ -134,7 +142,7 @@ def test_pipeline_parallel_experiment(cache_dir, tmp_path):
     out = tmp_path / "pp"
     proc = run_module("experiments.pipeline_parallel", "layout=[tp1,pp2,tp2pp2]", "device=cpu",
                       "workload.prompt_len=8", "workload.new_tokens=4", "workload.repeats=1", "workload.warmup=0",
-                      "workload.batch=2", cache_dir=cache_dir, out=out)
+                      "workload.batch=2", "microbatches=auto", cache_dir=cache_dir, out=out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert results["status"] == "ok"
@@ -147,6 +155,11 @@ def test_pipeline_parallel_experiment(cache_dir, tmp_path):
     assert len(two["memory_predicted_bytes"]["stages"]) == 2
     assert s["tp=1 pp=1"]["speedup"] == 1.0
     assert [r["params"]["microbatches"] for r in results["runs"]] == [1, 2, 2]  # auto: one per stage
+    from experiments.pipeline_parallel import microbatches
+
+    assert [microbatches(v, 4, 3) for v in ("auto", 1, 2, 8)] == [3, 1, 2, 3]
+    with pytest.raises(ConfigError, match="microbatches='two'"):
+        microbatches("two", 2, 4)
     assert s["tp=2 pp=2"]["efficiency"] == pytest.approx(s["tp=2 pp=2"]["speedup"] / 4)
     assert (out / "layouts.png").is_file()
     assert "stage transfers (probe)" in (out / "summary.md").read_text()

@@ -16,11 +16,11 @@ same functions. The first stage embeds the tokens, every other one receives the 
 activations (runtime.disco.recv_from_prev_group); every stage but the last sends its output on
 (PP_SEND_NEXT) and returns placeholders in place of the tokens and logits, which only the last
 computes. Two more functions bring those to the first stage, whose worker 0 the host reads:
-  collect(tokens[n], logits[n, vocab]) -> (tokens, logits)     after prefill / decode
-  collect_logits(logits[n, vocab]) -> logits                   after prefill_logits
+  collect_tokens(tokens[n]) -> tokens
+  collect_logits(logits[n, vocab]) -> logits
 (the last stage sends, the first receives, the others pass them through). Kept apart from the step
-so that a stage can start the next micro-batch before the results of the previous one are brought
-back.
+so that only what is read travels (greedy decoding reads the tokens, not the logits) and so that a
+stage can start the next micro-batch before the results of the previous one are brought back.
 
 The shapes of a rank's weights come from the sharding table (engine.sharding); which kernel
 computes each product from the build's KernelPlan (engine.model.kernels); the KV cache and its
@@ -239,15 +239,15 @@ class LlamaForCausalLM(nn.Module):
         return _argmax_last(logits), logits, kv
 
     def _to_first_stage(self, *values: Tensor):
-        """The last stage's `values` on the first stage (module doc: collect)."""
+        """The last stage's `values` on the first stage (module doc: collect_tokens, collect_logits)."""
         plan = self.plan
         if not (plan.first_stage or plan.last_stage):
             return values if len(values) > 1 else values[0]
         name = functions.PP_SEND_FIRST if plan.last_stage else functions.PP_RECV_LAST
         return _extern(name, [*values, plan.tp, plan.pp], [Tensor.placeholder(v.shape, v.dtype) for v in values])
 
-    def collect(self, tokens: Tensor, logits: Tensor):
-        return self._to_first_stage(tokens, logits)
+    def collect_tokens(self, tokens: Tensor):
+        return self._to_first_stage(tokens)
 
     def collect_logits(self, logits: Tensor):
         return self._to_first_stage(logits)
@@ -325,7 +325,7 @@ class LlamaForCausalLM(nn.Module):
         if self.plan.pp > 1:
             logits = nn.spec.Tensor(["n", self.config.vocab_size], "float32")
             no_params = {"param_mode": "none", "effect_mode": "none"}
-            stages = {"collect": {"tokens": ids("n"), "logits": logits, "$": no_params},
+            stages = {"collect_tokens": {"tokens": ids("n"), "$": no_params},
                       "collect_logits": {"logits": logits, "$": no_params}}
         return nn.spec.ModuleSpec.from_raw({
             **stages,
