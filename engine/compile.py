@@ -436,6 +436,10 @@ def compile_model(spec: BuildSpec, cache_dir: str | Path | None = None, force: b
         found = _cached(final, spec)
         if found is not None:
             return found
+    if settings.flag("TVM_USE_RUNTIME_LIB"):  # a runtime-only TVM (a GPU node's devkit): no compiler
+        raise ConfigError(f"no compiled artifact {final.name} in {cache}, and this TVM is runtime-only "
+                          "(TVM_USE_RUNTIME_LIB=1): build it where TVM's compiler is installed (python -m "
+                          "bench.build_artifacts ...) and carry it here, or point cache_dir at the folder holding it")
     log.info("compiling %s (%s, tp=%d%s, %s)", spec.config.name, spec.quant, spec.tp,
              f", pp={spec.pp} stage {spec.stage}" if spec.pp > 1 else "", spec.target)
     start = time.perf_counter()

@@ -129,3 +129,14 @@ def test_cuda_target_compiles_without_a_gpu(tmp_path, monkeypatch, preset_name):
     assert artifact.spec.target == "cuda" and artifact.spec.cuda_arch == "sm_90"
     names = artifact.param_names
     assert "model.layers.0.mlp.down_proj.q_weight" in names and "lm_head.q_scale" in names
+
+
+def test_a_runtime_only_tvm_names_the_missing_artifact(tiny_config, tmp_path, monkeypatch):
+    """On a GPU node's runtime-only TVM a cache miss is one line naming the fix, not an import
+    error from deep inside TVM's compiler."""
+    from engine.compile import BuildSpec, compile_model
+    from engine.config import ConfigError
+
+    monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")
+    with pytest.raises(ConfigError, match="no compiled artifact tiny-q0f32-tp1-llvm-.* runtime-only .* bench.build_artifacts"):
+        compile_model(BuildSpec(tiny_config, "q0f32"), tmp_path)
