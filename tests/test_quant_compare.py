@@ -51,10 +51,11 @@ def test_perplexity_needs_a_tokenizer(cache_dir, tmp_path):
 @pytest.mark.slow
 def test_reference_outside_the_configs_is_run_for_its_logits(cache_dir, tmp_path):
     """The reference (q0f16) is not among the pairs: it is built and run at tp=1 for the accuracy
-    figures (this crashed with a TypeError in the hook call before the run spec took typed hooks)."""
+    figures (this crashed with a TypeError in the hook call before the run spec took typed hooks).
+    INT8 on two devices split by layers (pp=2) is the same model as on one."""
     out = tmp_path / "qc"
     cmd = [sys.executable, "-m", "experiments.quant_compare", f"hydra.run.dir={out}", "device=cpu",
-           "configs=[{quant: q4f16_1, tp: 1}, {quant: q8f16_1, tp: 2}]", "batches=[1]",
+           "configs=[{quant: q4f16_1, tp: 1}, {quant: q8f16_1, tp: 2}, {quant: q8f16_1, pp: 2}]", "batches=[1]",
            "eval.prompt_len=8", "eval.tokens=8", "workload.prompt_len=8", "workload.new_tokens=4",
            "workload.warmup=0", "workload.repeats=1"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "LAB_CACHE_DIR": str(cache_dir)},
@@ -62,5 +63,7 @@ def test_reference_outside_the_configs_is_run_for_its_logits(cache_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     comparisons = results["summary"]["comparisons"]
-    assert set(comparisons) == {"q4f16_1@tp1", "q8f16_1@tp2"} and results["summary"]["reference"] == "q0f16"
+    assert set(comparisons) == {"q4f16_1@tp1", "q8f16_1@tp2", "q8f16_1@pp2"} and results["summary"]["reference"] == "q0f16"
     assert 0 < comparisons["q8f16_1@tp2"]["kl_mean"] < comparisons["q4f16_1@tp1"]["kl_mean"]
+    assert comparisons["q8f16_1@pp2"]["kl_mean"] == pytest.approx(comparisons["q8f16_1@tp2"]["kl_mean"], rel=0.05)
+    assert [r["params"]["pp"] for r in results["runs"]] == [1, 1, 2]
