@@ -37,7 +37,7 @@ kernel rather than the experiment's profiler range).
 
 Exit status: 0 ok, 1 the experiment failed, 2 usage, 3 no profiler for the mode (nsight),
 124 the -d limit stopped the experiment (it leaves results.json with status "interrupted" and the
-points it finished), 130 interrupted (Ctrl-C).
+points it finished), 130 / 143 interrupted (Ctrl-C / SIGTERM: the experiment is stopped first).
 USAGE
 }
 

@@ -2,7 +2,8 @@
 [-- hydra overrides...]: profile one run of an experiment (what ./profile_gpu.sh runs).
 
 Exit status: 0 ok; 1 the experiment failed (or nsight profiled no kernel); 2 usage; 3 no
-profiler for -m nsight; 124 the -d limit stopped the experiment; 130 interrupted (Ctrl-C). Outputs
+profiler for -m nsight; 124 the -d limit stopped the experiment; 130 / 143 interrupted (SIGINT, e.g.
+Ctrl-C / SIGTERM: either stops the experiment's process group first). Outputs
 are written in every case but usage errors and a missing profiler; a stopped experiment leaves its
 results.json with status "interrupted" and the points it finished.
 """
@@ -22,7 +23,7 @@ from harness.results import REPO_ROOT, atomic_write_json, atomic_write_text, env
 from harness.trace import Trace
 from . import MODES, kernels, nsight, runner, sampling, timeline
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NO_TOOL, EXIT_TIME_LIMIT, EXIT_INTERRUPTED = 1, 2, 3, 124, 130
+EXIT_FAILED, EXIT_USAGE, EXIT_NO_TOOL, EXIT_TIME_LIMIT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 3, 124, 130, 143
 DEFAULT_OUT = REPO_ROOT / "results" / "profiles"
 
 MODES_HELP = """modes:
@@ -43,7 +44,8 @@ results folder is its experiment/ subfolder. Everything after -- goes to the exp
 overrides, e.g. -- device=cuda model=llama3-8b quant=q4f16_1.
 
 exit status: 0 ok, 1 the experiment failed, 2 usage, 3 no profiler (nsight), 124 the -d limit
-stopped the experiment (its results.json: status "interrupted", the points finished), 130 interrupted."""
+stopped the experiment (its results.json: status "interrupted", the points finished), 130 / 143
+interrupted by SIGINT / SIGTERM (the experiment stopped the same way)."""
 
 
 def _positive(kind):
@@ -147,6 +149,8 @@ class Profile:
     def record_run(self, done: runner.Completed) -> None:
         self.summary.update(command=done.command, returncode=done.returncode, status=done.status,
                             wall_s=round(done.wall_s, 3))
+        if done.interrupted_by:
+            self.summary["interrupted_by"] = done.interrupted_by
         results = self.experiment_dir / "results.json"
         if results.is_file():
             try:
@@ -379,7 +383,7 @@ class Profile:
         if self.summary.get("status") == "time limit reached":
             return EXIT_TIME_LIMIT
         if self.summary.get("status") == "interrupted":
-            return EXIT_INTERRUPTED
+            return EXIT_TERMINATED if self.summary.get("interrupted_by") == "SIGTERM" else EXIT_INTERRUPTED
         if self.summary.get("returncode") != 0 or (self.args.mode == "nsight" and "problem" in self.summary):
             return EXIT_FAILED
         return 0

@@ -2,7 +2,9 @@
 
 The experiment runs in a process group of its own, its output is shown and kept in
 `experiment.log`, and at the limit the whole group is asked to stop (SIGINT, so Python's at-exit
-handlers, the CUPTI tracer's among them, still run), then told (SIGTERM), then killed.
+handlers, the CUPTI tracer's among them, still run), then told (SIGTERM), then killed. A SIGINT
+(Ctrl-C) or SIGTERM sent to the profiler stops the experiment the same way, and the run is
+`interrupted` (by that signal).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class Completed:
     start_s: float  # time.perf_counter() when the process was started
     end_s: float
     log_path: Path
+    interrupted_by: str | None = None  # "SIGINT" | "SIGTERM": the signal the profiler got
 
     @property
     def wall_s(self) -> float:
@@ -92,6 +95,14 @@ def _tee(stream, log, echo: bool) -> None:
                 out.flush()
             except (OSError, ValueError):
                 out = None
+
+
+class _Terminated(Exception):
+    """The profiler got SIGTERM (raised in the main thread by the handler `run` installs)."""
+
+
+def _terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _signal_group(proc: subprocess.Popen, sig) -> None:
@@ -139,6 +150,9 @@ def run(command: list[str], env: dict, log_path: Path, time_limit_s: float, on_s
         if on_start is not None:
             on_start(proc)
         timed_out = interrupted = False
+        interrupted_by = None
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminated) if main_thread else None
         try:
             proc.wait(timeout=time_limit_s)
         except subprocess.TimeoutExpired:
@@ -146,11 +160,16 @@ def run(command: list[str], env: dict, log_path: Path, time_limit_s: float, on_s
             print(f"\nprofile: the time limit of {time_limit_s:g} s was reached: stopping the experiment",
                   file=sys.stderr, flush=True)
             stop(proc, stop_leader_first)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, _Terminated) as err:
             interrupted = True
-            print("\nprofile: interrupted: stopping the experiment (outputs so far are still written)",
-                  file=sys.stderr, flush=True)
+            interrupted_by = "SIGTERM" if isinstance(err, _Terminated) else "SIGINT"
+            print(f"\nprofile: interrupted ({interrupted_by}): stopping the experiment (outputs so far are still "
+                  "written)", file=sys.stderr, flush=True)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
             stop(proc, stop_leader_first)
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGTERM, previous)
         end_s = time.perf_counter()
         tee.join(timeout=10)
-    return Completed(command, proc.returncode, timed_out, interrupted, start_s, end_s, log_path)
+    return Completed(command, proc.returncode, timed_out, interrupted, start_s, end_s, log_path, interrupted_by)

@@ -427,6 +427,33 @@ def test_the_profilers_time_limit_leaves_an_interrupted_results_json(compiled, t
     assert "its results.json: status interrupted" in proc.stdout
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_profiler_stops_the_experiment_first(compiled, tiny_config, cache_dir, tmp_path):
+    """A SIGTERM to the profiler (a job scheduler's) reaches the experiment's process group: the
+    experiment ends `interrupted` and the profiler still writes its summary, exit 143."""
+    compiled(tiny_config, "q0f16")
+    env = {**env_for(cache_dir), "PYTHON": sys.executable}
+    proc = subprocess.Popen(["bash", str(ROOT / "profile_gpu.sh"), "-m", "basic", "-d", "300", "-o", str(tmp_path / "p"),
+                             "--", *FAST, "workload.repeats=1000000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # until the experiment is timing its repeats
+        logs = list((tmp_path / "p").glob("basic-*/experiment.log"))
+        if logs and "run/s" in logs[0].read_text(errors="replace"):
+            break
+        time.sleep(0.5)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    [folder] = (tmp_path / "p").glob("basic-*")
+    doc = results(folder / "experiment")
+    assert doc["status"] == "interrupted" and doc["interrupted_by"] == "SIGINT"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["interrupted_by"] == "SIGTERM"
+    assert summary["experiment_status"] == "interrupted"
+
+
 # --- the guard: a fault at any point never leaves a results.json claiming more ------------------
 
 def _point(label: str, ok: bool = True) -> Point:
