@@ -98,22 +98,20 @@ class BuildSpec:
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
 
     def _settle_pipeline_options(self) -> None:
-        """With pipeline stages the step runs on TVM's paged KV cache (whose layer partition places
-        each stage's layers) and TVM's CCL (whose in-group allreduce stays within a stage); the
-        options that need the static cache or all workers in one group are refused."""
-        for name, needed, auto in (("kv_cache", "paged", True), ("allreduce", "tir", True)):
-            value = getattr(self, name)
-            if value == "auto":
-                object.__setattr__(self, name, needed)
-            elif value != needed:
-                raise ConfigError(f"pp={self.pp} runs with {name}={needed} (got {value}); drop the {name} setting "
-                                  "or use pp=1")
+        """With pipeline stages the allreduce within a stage is TVM's CCL (in-group; the one-shot
+        maps every worker's memory): `allreduce=library` is refused. The stage transfers are Python
+        functions (runtime_patch.pipeline_p2p): on the static cache a CUDA graph captures what they
+        launch (fixed buffers, fixed peers), on the paged cache no graph is made."""
+        if self.allreduce == "auto":
+            object.__setattr__(self, "allreduce", "tir")
+        elif self.allreduce != "tir":
+            raise ConfigError(f"pp={self.pp} runs with allreduce=tir (got {self.allreduce}); drop the allreduce setting "
+                              "or use pp=1")
         if self.microbatch_decode:
             raise ConfigError(f"pp={self.pp}: full_overlap's micro-batched decode (microbatch_decode) is for tp "
                               "only; use pp=1")
-        # The stage transfers are Python functions (runtime_patch.pipeline_p2p): a CUDA graph would
-        # replay what they launched once, not run them.
-        object.__setattr__(self, "cuda_graph", False)
+        if self.resolved_kv_cache(self.kv_cache, self.target) == "paged":
+            object.__setattr__(self, "cuda_graph", False)
 
     @property
     def stages(self) -> list["BuildSpec"]:

@@ -183,7 +183,7 @@ class DiscoSession:
         from .session import StaticState
 
         c, plan = self.spec.config, self.spec.plan
-        shape = (c.num_hidden_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)
+        shape = (plan.cache_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)  # one shape on every stage
         empty = lambda shape, dtype: RemoteTensor(self.sess.empty(shape, dtype), shape, dtype)  # noqa: E731
         return StaticState(empty(shape, self.spec.quant_spec.model_dtype), empty((slots,), "int32"),
                            empty((slots, 1), "int32"), slots, max_len)
@@ -207,7 +207,13 @@ class DiscoSession:
                                          for a in args], self.params)
         if len(outputs) == 1:
             return (RemoteTensor(out, *outputs[0]),)
-        return tuple(RemoteTensor(self._getitem(out, i), shape, dtype) for i, (shape, dtype) in enumerate(outputs))
+        results = []
+        for i, (shape, dtype) in enumerate(outputs):
+            if self.pp > 1 and dtype == "float32":  # logits: the last stage's, brought over when read
+                results.append(RemoteTensor(None, shape, dtype, _collected(self, "collect_logits", self._getitem(out, i))))
+            else:  # tokens: the first stage received them in the step
+                results.append(RemoteTensor(self._getitem(out, i), shape, dtype))
+        return tuple(results)
 
     def _upload(self, array: np.ndarray):
         """Token ids to worker 0, into a buffer allocated on every worker (reused per shape)."""

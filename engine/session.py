@@ -158,7 +158,7 @@ class VMSession:
         import tvm
 
         c, plan = self.spec.config, self.spec.plan
-        shape = (c.num_hidden_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)
+        shape = (plan.cache_layers, 2, slots, plan.kv_heads, max_len, c.head_dim)
         empty = lambda shape, dtype: tvm.runtime.empty(shape, dtype, self.device)  # noqa: E731
         return StaticState(empty(shape, self.spec.quant_spec.model_dtype), empty((slots,), "int32"),
                            empty((slots, 1), "int32"), slots, max_len)

@@ -175,6 +175,12 @@ class ShardPlan:
         """The layers this stage holds (all of them without pipeline stages)."""
         return stage_layers(self.config.num_hidden_layers, self.pp, self.stage)
 
+    @property
+    def cache_layers(self) -> int:
+        """Layers in every stage's static KV cache tensor: the most any stage holds (the same
+        shape on every worker; a stage with fewer leaves the last unused)."""
+        return len(stage_layers(self.config.num_hidden_layers, self.pp, 0))
+
     def holds(self, name: str) -> bool:
         """Whether this stage holds non-layer parameter `name` (a stem of PARAMETERS)."""
         if name == "model.embed_tokens":

@@ -2,6 +2,7 @@
 point-to-point transfers): the layers split over pp stages give the tokens and logits of one
 stage, at tp x pp up to 4, checked against transformers too."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 12, 6
 
 
-def _run(folder, quant, tp, pp, cache_dir):
+def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto"):
     """Teacher-forced logits and a batch of two greedy generations at (tp, pp)."""
     from engine.session import open_session
 
     config = from_hf_folder(folder)
-    stages = compile_pipeline(BuildSpec(config, quant, tp, pp=pp), cache_dir)
+    stages = compile_pipeline(BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache), cache_dir)
     with open_session(stages, open_source(config, folder)) as session:
         gen = Generator(session, max_batch=2, max_total_len=64, prefill_chunk=8)  # prompts in two chunks
         tokens = np.random.default_rng(5).integers(0, config.vocab_size, PROMPT + STEPS).tolist()
@@ -44,10 +45,12 @@ def tiny_tp1(tiny_checkpoint, cache_dir):
     return _run(tiny_checkpoint, "q0f32", 1, 1, cache_dir)
 
 
-@pytest.mark.parametrize("tp,pp", [(1, 2), (2, 2)])
-def test_stages_give_the_tokens_of_one(tiny_checkpoint, cache_dir, tiny_tp1, tp, pp):
+@pytest.mark.parametrize("tp,pp,kv_cache", [(1, 2, "paged"), (2, 2, "paged"), (1, 2, "static"), (2, 2, "static")])
+def test_stages_give_the_tokens_of_one(tiny_checkpoint, cache_dir, tiny_tp1, tp, pp, kv_cache):
+    """On TVM's paged KV cache and on the static one (whose steps receive the last stage's tokens
+    on the first stage in the step itself)."""
     tokens, reference, generated = tiny_tp1
-    _, logits, got = _run(tiny_checkpoint, "q0f32", tp, pp, cache_dir)
+    _, logits, got = _run(tiny_checkpoint, "q0f32", tp, pp, cache_dir, kv_cache)
     assert got == generated
     assert relative_error(logits, reference) < 1e-5
     # and the oracle: transformers on the same checkpoint
@@ -74,12 +77,14 @@ def test_micro_batches_interleaved_over_the_stages(tiny_checkpoint, cache_dir):
 
 
 def test_uneven_stages_and_quantized(gqa_checkpoint, cache_dir):
-    """3 layers over 2 and 3 stages (tied embedding on the first and the last), q4f16_1."""
-    _, ref_logits, ref_tokens = _run(gqa_checkpoint, "q4f16_1", 1, 1, cache_dir)
-    for pp in (2, 3):
-        _, logits, tokens = _run(gqa_checkpoint, "q4f16_1", 1, pp, cache_dir)
-        assert tokens == ref_tokens
-        assert relative_error(logits, ref_logits) < 1e-3
+    """3 layers over 2 and 3 stages (tied embedding on the first and the last), q4f16_1; the
+    static cache with stages of 2 and 1 layers (one cache shape on both)."""
+    for kv_cache, stages in (("paged", (2, 3)), ("static", (2,))):
+        _, ref_logits, ref_tokens = _run(gqa_checkpoint, "q4f16_1", 1, 1, cache_dir, kv_cache)
+        for pp in stages:
+            _, logits, tokens = _run(gqa_checkpoint, "q4f16_1", 1, pp, cache_dir, kv_cache)
+            assert tokens == ref_tokens
+            assert relative_error(logits, ref_logits) < 1e-3
 
 
 def test_stage_layout_and_memory(tiny_config, gqa_config):
@@ -103,15 +108,17 @@ def test_stage_layout_and_memory(tiny_config, gqa_config):
                                                               16)["kv_cache"]
 
 
-def test_pipeline_options_are_checked(tiny_config):
+def test_pipeline_options_are_checked(tiny_config, gqa_config):
     with pytest.raises(ConfigError, match="pp=3: tiny has 2 layers"):
         BuildSpec(tiny_config, pp=3)
-    with pytest.raises(ConfigError, match="pp=2 runs with kv_cache=paged"):
-        BuildSpec(tiny_config, pp=2, kv_cache="static")
     with pytest.raises(ConfigError, match="pp=2 runs with allreduce=tir"):
         BuildSpec(tiny_config, tp=2, pp=2, allreduce="library")
-    spec = BuildSpec(tiny_config, target="cuda", pp=2)
-    assert (spec.kv_cache, spec.allreduce, spec.cuda_graph) == ("paged", "tir", False)
+    spec = BuildSpec(tiny_config, target="cuda", pp=2)  # the static cache, its steps in CUDA graphs
+    assert (spec.kv_cache, spec.allreduce, spec.cuda_graph) == ("static", "tir", True)
+    paged = BuildSpec(tiny_config, target="cuda", pp=2, kv_cache="paged")  # split by vm.builtin calls: no graph
+    assert (paged.kv_cache, paged.cuda_graph) == ("paged", False)
+    # the static cache tensor has one shape on every stage: the most layers a stage holds
+    assert [s.plan.cache_layers for s in BuildSpec(gqa_config, pp=2).stages] == [2, 2]
     # a run's `auto` options are settled per point: its pp=1 build (static cache on cuda) does not
     # decide a pp=2 point's
     from harness.spec import RunSpec, Weights
@@ -119,7 +126,10 @@ def test_pipeline_options_are_checked(tiny_config):
     run = RunSpec("test", tiny_config, Weights(None), BuildSpec(tiny_config, target="cuda"), None, Path("."),
                   requested=(("kv_cache", "auto"), ("allreduce", "auto")))
     assert (run.build.kv_cache, run.build_for(tp=2).allreduce) == ("static", "library")
-    assert (run.build_for(pp=2).kv_cache, run.build_for(pp=2).allreduce) == ("paged", "tir")
+    assert (run.build_for(pp=2).kv_cache, run.build_for(pp=2).allreduce) == ("static", "tir")
+    run = dataclasses.replace(run, requested=(("kv_cache", "auto"), ("allreduce", "library")))
+    with pytest.raises(ConfigError, match="pp=2 runs with allreduce=tir"):
+        run.build_for(pp=2)
     with pytest.raises(ConfigError, match="needs the artifacts of its 2 stages"):
         stages_of([Artifact(Path("."), {"spec": BuildSpec(tiny_config, pp=2).to_dict()})])
 

@@ -274,28 +274,50 @@ class LlamaForCausalLM(nn.Module):
 
     # --- the static KV cache (kv_cache="static", engine/model/static_kv.py) -------------------------
 
+    def _static_results(self, hidden: Tensor, logits_of, rows) -> tuple[Tensor, Tensor]:
+        """A static-cache step's next tokens [rows] and logits [rows, vocab] on this stage. The last
+        stage computes them and (with pipeline stages) sends the tokens to the first, which
+        receives them after passing its activations on: every stage then settles or advances its
+        own positions (and the first its ids and the mailbox) in the same step. A middle stage's
+        tokens and every non-last stage's logits are placeholders (module doc)."""
+        plan = self.plan
+        token = lambda: Tensor.placeholder([rows], "int32")  # noqa: E731
+        if plan.last_stage:
+            logits = logits_of(hidden)
+            tokens = _argmax_last(logits)
+            if plan.pp > 1:
+                tokens = _extern(functions.PP_SEND_FIRST, [tokens, plan.tp, plan.pp], [token()])
+            return tokens, logits
+        tokens, logits = self._pass_on(hidden, ([rows], "int32"), ([rows, self.config.vocab_size], "float32"))
+        if plan.first_stage:
+            tokens = _extern(functions.PP_RECV_LAST, [tokens, plan.tp, plan.pp], [token()])
+        return tokens, logits
+
     def prefill_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
         """A chunk of one slot's prompt at `start`; the slot's ids and positions are set for decoding."""
         kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
-        hidden = self.model(self._embed(input_ids), kv, PREFILL)
-        logits = self._logits(_take_last(hidden), DECODE)
+        hidden = self.model(self._enter(input_ids), kv, PREFILL)
         _, s = input_ids.shape
-        return static_kv.settle_prefill(_argmax_last(logits), ids, positions, slot, start + s), logits
+        tokens, logits = self._static_results(hidden, lambda h: self._logits(_take_last(h), DECODE), 1)
+        return static_kv.settle_prefill(tokens, ids, positions, slot, start + s), logits
 
     def prefill_logits_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
         kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
-        hidden = self.model(self._embed(input_ids), kv, PREFILL)
-        _, s, h = hidden.shape
-        logits = self._logits(op.reshape(hidden, (s, h)), PREFILL)
-        return static_kv.settle_prefill(_argmax_last(logits), ids, positions, slot, start + s), logits
+        hidden = self.model(self._enter(input_ids), kv, PREFILL)
+        _, s = input_ids.shape
+        h = self.config.hidden_size
+        tokens, logits = self._static_results(hidden, lambda x: self._logits(op.reshape(x, (s, h)), PREFILL), s)
+        return static_kv.settle_prefill(tokens, ids, positions, slot, start + s), logits
 
     def _decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor, phase: str):
         kv = static_kv.StaticKV(self.build, cache, static_kv.DECODE, positions)
-        # every rank's ids hold the same tokens (each ran the same argmax): no broadcast
-        hidden = self.model(self.model.embed_tokens(ids), kv, phase)
-        b, _, h = hidden.shape
-        logits = self._logits(op.reshape(hidden, (b, h)), phase)
-        return static_kv.advance(_argmax_last(logits), ids, positions), logits
+        # every rank's ids hold the same tokens (each ran the same argmax, or received it): no broadcast
+        b, _ = ids.shape
+        x = self.model.embed_tokens(ids) if self.plan.first_stage else self._enter(ids)
+        hidden = self.model(x, kv, phase)
+        h = self.config.hidden_size
+        tokens, logits = self._static_results(hidden, lambda y: self._logits(op.reshape(y, (b, h)), phase), b)
+        return static_kv.advance(tokens, ids, positions), logits
 
     def decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor):
         return self._decode_static(cache, positions, ids, DECODE)
@@ -313,22 +335,25 @@ class LlamaForCausalLM(nn.Module):
     # weights): their CUDA graph captures the whole decode step (engine.compile sets num_input=0).
     STATIC_ARGUMENT_FUNCTIONS = ("decode_static", "batch_decode_static")
 
+    def _collect_export(self, ids) -> dict:
+        """collect_tokens / collect_logits (module doc) with pipeline stages; none without."""
+        if self.plan.pp == 1:
+            return {}
+        logits = nn.spec.Tensor(["n", self.config.vocab_size], "float32")
+        no_params = {"param_mode": "none", "effect_mode": "none"}
+        return {"collect_tokens": {"tokens": ids("n"), "$": no_params},
+                "collect_logits": {"logits": logits, "$": no_params}}
+
     def export_spec(self) -> nn.spec.ModuleSpec:
         packed = {"param_mode": "packed", "effect_mode": "none"}
         ids = lambda *shape: nn.spec.Tensor(list(shape), "int32")  # noqa: E731
         if self.build.kv_cache == "static":
-            return nn.spec.ModuleSpec.from_raw(self._static_export(ids, packed), self)
+            return nn.spec.ModuleSpec.from_raw({**self._collect_export(ids), **self._static_export(ids, packed)}, self)
         kv = nn.spec.Object(object_type=PagedKVCache)
         pair = {"batch_decode_pair": {"input_ids": ids(2, "micro_batch", 1), "kv_a": kv, "kv_b": kv, "$": packed}} \
             if self.build.microbatch_decode else {}
-        stages = {}
-        if self.plan.pp > 1:
-            logits = nn.spec.Tensor(["n", self.config.vocab_size], "float32")
-            no_params = {"param_mode": "none", "effect_mode": "none"}
-            stages = {"collect_tokens": {"tokens": ids("n"), "$": no_params},
-                      "collect_logits": {"logits": logits, "$": no_params}}
         return nn.spec.ModuleSpec.from_raw({
-            **stages,
+            **self._collect_export(ids),
             "prefill": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "prefill_logits": {"input_ids": ids(1, "seq_len"), "kv": kv, "$": packed},
             "decode": {"input_ids": ids(1, 1), "kv": kv, "$": packed},
@@ -346,7 +371,7 @@ class LlamaForCausalLM(nn.Module):
         dtype = self.quant.model_dtype
 
         def state(slots):
-            return {"cache": nn.spec.Tensor([c.num_hidden_layers, 2, slots, plan.kv_heads, "max_len", c.head_dim], dtype),
+            return {"cache": nn.spec.Tensor([plan.cache_layers, 2, slots, plan.kv_heads, "max_len", c.head_dim], dtype),
                     "positions": ids(slots), "ids": ids(slots, 1)}
 
         prefill = {"input_ids": ids(1, "seq_len"), **state("slots"), "slot": int, "start": int, "$": packed}
