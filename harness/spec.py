@@ -214,7 +214,10 @@ class RunSpec:
                 raise ConfigError("device.allreduce=library (the one-shot allreduce over CUDA IPC) works within one "
                                   "machine; use device.allreduce=tir (NCCL) with a cluster of several hosts")
             kernels["allreduce"] = "tir"
-        requested = {**kernels, "kv_cache": device.get("kv_cache") or "auto"}
+        cuda_graph = device.get("cuda_graph", True)
+        if not isinstance(cuda_graph, bool):
+            raise ConfigError(f"device.cuda_graph must be true or false, got {cuda_graph!r}")
+        requested = {**kernels, "kv_cache": device.get("kv_cache") or "auto", "cuda_graph": cuda_graph}
         build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch,
                           lm_head=cfg.get("lm_head") or "replicated", **requested, **build_options)
         workload = Workload.from_hydra(cfg.workload, config) if cfg.get("workload") is not None else None
