@@ -99,12 +99,11 @@ class BuildSpec:
 
     def _settle_pipeline_options(self) -> None:
         """With pipeline stages the allreduce within a stage is TVM's CCL (in-group; the one-shot
-        maps every worker's memory): `allreduce=library` is refused. `kv_cache=auto` is TVM's paged
-        cache, whose steps are not captured in CUDA graphs; the static cache, on request, captures
-        each stage's step with the transfers' NCCL calls in it (runtime_patch.pipeline_p2p: fixed
-        buffers, fixed peers). Measured on 2 x H200 (docs/BENCHMARKS.md): the tokens are right but
-        the static pipeline is slower (Llama-3-8B b1: 46.8 tokens/s against the paged 179.3, the GPUs
-        idle most of the step, cause not established), hence the paged default."""
+        maps every worker's memory): `allreduce=library` is refused. The KV cache is settled as
+        without stages (`auto`: the static cache on cuda, each stage's step in a CUDA graph with the
+        NCCL calls of its transfers, runtime_patch.pipeline_p2p: fixed buffers, fixed peers); on
+        TVM's paged cache no graph is made. Measured on 2 x H200, Llama-3-8B pp=2 b1: 214.0
+        tokens/s on the static cache, 180.4 on the paged one (docs/BENCHMARKS.md)."""
         if self.allreduce == "auto":
             object.__setattr__(self, "allreduce", "tir")
         elif self.allreduce != "tir":
@@ -113,9 +112,7 @@ class BuildSpec:
         if self.microbatch_decode:
             raise ConfigError(f"pp={self.pp}: full_overlap's micro-batched decode (microbatch_decode) is for tp "
                               "only; use pp=1")
-        if self.kv_cache == "auto":
-            object.__setattr__(self, "kv_cache", "paged")
-        if self.kv_cache == "paged":
+        if self.resolved_kv_cache(self.kv_cache, self.target) == "paged":
             object.__setattr__(self, "cuda_graph", False)
 
     @property

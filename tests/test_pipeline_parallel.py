@@ -113,10 +113,10 @@ def test_pipeline_options_are_checked(tiny_config, gqa_config):
         BuildSpec(tiny_config, pp=3)
     with pytest.raises(ConfigError, match="pp=2 runs with allreduce=tir"):
         BuildSpec(tiny_config, tp=2, pp=2, allreduce="library")
-    spec = BuildSpec(tiny_config, target="cuda", pp=2)  # the paged cache (measured faster), no CUDA graph
-    assert (spec.kv_cache, spec.allreduce, spec.cuda_graph) == ("paged", "tir", False)
-    static = BuildSpec(tiny_config, target="cuda", pp=2, kv_cache="static")  # on request: its steps in graphs
-    assert (static.kv_cache, static.cuda_graph) == ("static", True)
+    spec = BuildSpec(tiny_config, target="cuda", pp=2)  # the static cache, each stage's step a CUDA graph
+    assert (spec.kv_cache, spec.allreduce, spec.cuda_graph) == ("static", "tir", True)
+    paged = BuildSpec(tiny_config, target="cuda", pp=2, kv_cache="paged")  # split by vm.builtin calls: no graph
+    assert (paged.kv_cache, paged.cuda_graph) == ("paged", False)
     # the static cache tensor has one shape on every stage: the most layers a stage holds
     assert [s.plan.cache_layers for s in BuildSpec(gqa_config, pp=2).stages] == [2, 2]
     # a run's `auto` options are settled per point: its pp=1 build (static cache on cuda) does not
@@ -126,7 +126,7 @@ def test_pipeline_options_are_checked(tiny_config, gqa_config):
     run = RunSpec("test", tiny_config, Weights(None), BuildSpec(tiny_config, target="cuda"), None, Path("."),
                   requested=(("kv_cache", "auto"), ("allreduce", "auto")))
     assert (run.build.kv_cache, run.build_for(tp=2).allreduce) == ("static", "library")
-    assert (run.build_for(pp=2).kv_cache, run.build_for(pp=2).allreduce) == ("paged", "tir")
+    assert (run.build_for(pp=2).kv_cache, run.build_for(pp=2).allreduce) == ("static", "tir")
     run = dataclasses.replace(run, requested=(("kv_cache", "auto"), ("allreduce", "library")))
     with pytest.raises(ConfigError, match="pp=2 runs with allreduce=tir"):
         run.build_for(pp=2)
