@@ -94,10 +94,10 @@ class TokenMailbox:
     def __init__(self, address: int, check, share_gil: bool = False):
         self.words = np.ctypeslib.as_array((ctypes.c_int32 * functions.MAILBOX_WORDS).from_address(address))
         self.check = check  # raises where the session's workers failed (a spin must not hang on them)
-        # Where the step runs Python in a thread of this process (worker 0 of a pipeline session
-        # calls runtime_patch.pipeline_p2p), the spin gives the GIL away at every turn: a spin that
-        # kept it stalled each such call for the interpreter's switch interval (5 ms; measured on
-        # 2 x H200: a pp=2 step took 21 ms instead of ~5).
+        # Where the step runs Python in a thread of this process (a DiscoSession's worker 0:
+        # `python_in_step`), the spin gives the GIL away at every turn: a spin that kept it stalled
+        # each such call for the interpreter's switch interval (5 ms; measured on 2 x H200: a pp=2
+        # step took 21 ms instead of ~5).
         self.share_gil = share_gil
 
     @property
@@ -163,7 +163,7 @@ class StaticCaches:
         if per_group <= functions.MAILBOX_SLOTS:
             if self.mailbox is None:
                 self.mailbox = TokenMailbox(self.session.mailbox(), self.session.check,
-                                            share_gil=getattr(self.session, "pp", 1) > 1)
+                                            share_gil=getattr(self.session, "python_in_step", False))
             self.session.sync()  # no advance in flight: the count is where this generator's calls start
             self._next_call = self.mailbox.calls
         else:

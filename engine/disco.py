@@ -82,6 +82,10 @@ class DiscoSession:
         spec = self.spec = artifact.spec
         self.artifact, self.tp, self.pp = artifact, spec.tp, spec.pp
         self.workers = self.tp * self.pp
+        # Worker 0 is a thread of this process; where a step calls Python there (the CPU's library
+        # functions, runtime_patch.cpu_functions; the stages' transfers, runtime_patch.pipeline_p2p),
+        # this process must not hold the GIL while it waits for the step (engine.caches.TokenMailbox).
+        self.python_in_step = spec.target == "llvm" or self.pp > 1
         if spec.target == "llvm" and self.workers > MAX_CPU_WORKERS:
             raise ConfigError(f"tp x pp = {self.workers} on the CPU would start {self.workers} worker processes; "
                               f"at most {MAX_CPU_WORKERS}")
@@ -207,13 +211,16 @@ class DiscoSession:
                                          for a in args], self.params)
         if len(outputs) == 1:
             return (RemoteTensor(out, *outputs[0]),)
-        results = []
-        for i, (shape, dtype) in enumerate(outputs):
-            if self.pp > 1 and dtype == "float32":  # logits: the last stage's, brought over when read
-                results.append(RemoteTensor(None, shape, dtype, _collected(self, "collect_logits", self._getitem(out, i))))
-            else:  # tokens: the first stage received them in the step
-                results.append(RemoteTensor(self._getitem(out, i), shape, dtype))
-        return tuple(results)
+        # logits (float32) are the last stage's; the tokens, the first stage received in the step
+        return tuple(self._result(self._getitem(out, i), shape, dtype, "collect_logits" if dtype == "float32" else None)
+                     for i, (shape, dtype) in enumerate(outputs))
+
+    def _result(self, dref, shape: tuple[int, ...], dtype: str, collect: str | None) -> RemoteTensor:
+        """A step's result `dref` as worker 0's tensor. With pipeline stages, a result the last
+        stage computed is brought to worker 0 by the stages' function `collect` when first read."""
+        if self.pp > 1 and collect is not None:
+            return RemoteTensor(None, shape, dtype, _collected(self, collect, dref))
+        return RemoteTensor(dref, shape, dtype)
 
     def _upload(self, array: np.ndarray):
         """Token ids to worker 0, into a buffer allocated on every worker (reused per shape)."""
@@ -233,16 +240,11 @@ class DiscoSession:
         out = self._fn(name)(ids, kv, *more_kv, self.params)
         rows = (input_ids.shape[1],) if name == "prefill_logits" else tuple(input_ids.shape[:-1])
         item = lambda i: self._getitem(out, i)  # noqa: E731
-        if self.pp > 1:  # the last stage's results, brought to worker 0 when first read
-            logits = item(0 if name == "prefill_logits" else 1)
-            logits = RemoteTensor(None, (*rows, self.vocab), "float32", _collected(self, "collect_logits", logits))
-            if name == "prefill_logits":
-                return logits, kv
-            return RemoteTensor(None, rows, "int32", _collected(self, "collect_tokens", item(0))), logits, kv, *more_kv
+        logits = self._result(item(0 if name == "prefill_logits" else 1), (*rows, self.vocab), "float32",
+                              "collect_logits")
         if name == "prefill_logits":
-            return RemoteTensor(item(0), (*rows, self.vocab), "float32"), kv
-        return (RemoteTensor(item(0), rows, "int32"), RemoteTensor(item(1), (*rows, self.vocab), "float32"), kv,
-                *more_kv)
+            return logits, kv
+        return self._result(item(0), rows, "int32", "collect_tokens"), logits, kv, *more_kv
 
     def decode_input(self, next_ids: RemoteTensor):
         """Each worker's tokens [b] ([2, m]) as its decode input [b, 1] ([2, m, 1]): a view on every

@@ -70,8 +70,7 @@ def ipc_create(world: int, max_bytes: int) -> str:
     """This worker's one-shot allreduce region (runtime_patch.functions.IPC_CREATE), for its rank."""
     from runtime_patch import functions
 
-    rank = int(tvm.get_global_func("runtime.disco.worker_rank")())
-    return str(tvm.get_global_func(functions.IPC_CREATE)(rank, world, max_bytes))
+    return str(tvm.get_global_func(functions.IPC_CREATE)(_worker(), world, max_bytes))
 
 
 @tvm.register_global_func("lab.engine.time_allreduce", override=True)

@@ -18,9 +18,7 @@ def prepare(artifact) -> None:
     from runtime_patch.native.toolchain import PluginBuildError
 
     spec = artifact.spec
-    names = list(artifact.functions)
-    if spec.pp > 1:  # the stages' transfers (the model calls some of them on each stage)
-        names += [functions.PP_SEND_NEXT, functions.PP_SEND_FIRST, functions.PP_RECV_LAST]
+    names = list(artifact.functions)  # a pipeline stage's transfers among them (lab.pp.*)
     # called by the sessions, not by the model
     if spec.microbatch_decode and spec.tp > 1:
         names += [functions.OVERLAP_INIT, functions.SET_OVERLAP]

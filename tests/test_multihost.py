@@ -14,20 +14,18 @@ import textwrap
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
 
 from engine.compile import BuildSpec, compile_pipeline
 from engine.config import ConfigError, from_hf_folder
-from engine.generate import Generator
 from engine.weights import open_source
 from harness.oracle import Reference, relative_error
 from runtime_patch.disco import Cluster, ClusterError, is_this_machine, start_session
 from runtime_patch.disco.cluster import free_port
+from test_pipeline_parallel import _run as run_stages
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPT, STEPS = 12, 6
 OTHER_MACHINE = "192.0.2.7"  # TEST-NET-1 (RFC 5737): never an address of this machine
 LOOPBACK = Cluster(hosts=("127.0.0.1", "127.0.0.1"), port=0, launch="local", connect_timeout_s=60)
 
@@ -63,19 +61,13 @@ def _running(p: psutil.Process) -> bool:
 
 
 def _run(folder, tp, pp, cache_dir, cluster=None):
-    """Teacher-forced logits and a batch of two greedy generations at (tp, pp), on `cluster`."""
-    from engine.session import open_session
+    """Teacher-forced logits and a batch of two greedy generations at (tp, pp), on `cluster`
+    (really spread over its hosts: TVM's SocketSession, with a node process)."""
+    def on_the_hosts(session) -> None:
+        assert session.sess.num_workers == tp * pp and session.sess.lab_nodes.pids()
 
-    config = from_hf_folder(folder)
-    stages = compile_pipeline(BuildSpec(config, "q0f32", tp, pp=pp), cache_dir)
-    with open_session(stages, open_source(config, folder), cluster) as session:
-        if cluster is not None:  # really spread over the hosts: TVM's SocketSession, a node process
-            assert session.sess.num_workers == tp * pp and session.sess.lab_nodes.pids()
-        gen = Generator(session, max_batch=2, max_total_len=64, prefill_chunk=8)
-        tokens = np.random.default_rng(5).integers(0, config.vocab_size, PROMPT + STEPS).tolist()
-        logits = gen.teacher_forced_logits(tokens, PROMPT)
-        generated = gen.generate([tokens[:PROMPT], tokens[2:PROMPT]], STEPS).tokens
-    return tokens, logits, generated
+    return run_stages(folder, "q0f32", tp, pp, cache_dir, cluster=cluster,
+                      check_session=on_the_hosts if cluster is not None else None)
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 12, 6
 
 
-def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto"):
-    """Teacher-forced logits and a batch of two greedy generations at (tp, pp)."""
+def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto", cluster=None, check_session=None):
+    """Teacher-forced logits and a batch of two greedy generations at (tp, pp) (on `cluster`;
+    `check_session(session)` is called on the open session). Shared with tests/test_multihost.py."""
     from engine.session import open_session
 
     config = from_hf_folder(folder)
     stages = compile_pipeline(BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache), cache_dir)
-    with open_session(stages, open_source(config, folder)) as session:
+    with open_session(stages, open_source(config, folder), cluster) as session:
+        if check_session is not None:
+            check_session(session)
         gen = Generator(session, max_batch=2, max_total_len=64, prefill_chunk=8)  # prompts in two chunks
         tokens = np.random.default_rng(5).integers(0, config.vocab_size, PROMPT + STEPS).tolist()
         logits = gen.teacher_forced_logits(tokens, PROMPT)

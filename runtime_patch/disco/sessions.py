@@ -801,11 +801,7 @@ def check(sess, cause: BaseException | None = None) -> None:
         message = str(tvm_ffi.get_global_func("runtime.disco.cpu_shm.status")(sess))
     pool = getattr(sess, "lab_pool", None)
     if not message and pool is not None:
-        exited = pool.exited()
-        if exited:
-            message = "; ".join(f"disco worker {i} (pid {pool.procs[i].pid}) died ({_exit_reason(code)})"
-                                for i, code in exited.items())
-            message += "; the session is broken, shut it down and start a new one"
+        message = _deaths("worker", pool.exited(), lambda i: pool.procs[i].pid)
     channels = getattr(sess, "lab_channels", None)
     if channels is not None and cause is not None and not message and _socket_failure(cause):
         # A node's connection failed before the watching thread saw it close: silence it now,
@@ -816,15 +812,20 @@ def check(sess, cause: BaseException | None = None) -> None:
         message = channels.broken
     nodes = getattr(sess, "lab_nodes", None)
     if not message and nodes is not None:
-        exited = nodes.exited()
-        if exited:
-            message = "; ".join(f"disco node {i} (pid {nodes.procs[i - 1].pid}) died ({_exit_reason(code)})"
-                                for i, code in exited.items())
-            message += "; the session is broken, shut it down and start a new one"
+        message = _deaths("node", nodes.exited(), lambda i: nodes.procs[i - 1].pid)
     if message:
         if pool is not None:
             pool.stop(grace_s=0.0)
         raise CCLError(message) from cause
+
+
+def _deaths(what: str, exited: dict[int, int], pid_of) -> str:
+    """The line that says which disco workers or nodes (`what`) exited ({id: exit code}), and that
+    the session is broken; "" where none did."""
+    if not exited:
+        return ""
+    return "; ".join(f"disco {what} {i} (pid {pid_of(i)}) died ({_exit_reason(code)})" for i, code in exited.items()) \
+        + "; the session is broken, shut it down and start a new one"
 
 
 def _exit_reason(code: int) -> str:
