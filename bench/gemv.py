@@ -3,14 +3,16 @@
 Two formulations of the same linear, both scheduled by dlight's GEMV rule:
 `fp32_inline` (what the engine's `decode` uses with decode_gemv=tir: the float32 weight computed
 inside the reduction) and `fp16_stage` (the fp16 producer stage that prefill and batch decode use
-for tensor cores); and for q4f16_1 `library`, runtime_patch.gemm's `lab.gemv.q4` (the engine's
-`decode` with decode_gemv=library, the default on cuda).
+for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv.q4` / `lab.gemv.q8`
+(the engine's `decode` with decode_gemv=library).
 
     python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
     python -m bench.gemv run --dir DIR --out F.json   # on the GPU: check against NumPy, time
                                                       # (without DIR/manifest.json: library only)
 
-Shapes are Llama-3-8B's batch-1 decode linears (tp=1). `run` times each kernel with CUDA events
+TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
+also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
+(LIBRARY_SHAPES). `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (> 2x L2) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
@@ -26,6 +28,13 @@ from pathlib import Path
 import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+LIBRARY_SHAPES = {
+    **SHAPES, "lm_head": (128256, 4096),
+    "tp2-qkv": (3072, 4096), "tp2-o": (4096, 2048), "tp2-gate_up": (14336, 4096), "tp2-down": (4096, 7168),
+    "70b-tp2-qkv": (5120, 8192), "70b-tp2-o": (8192, 4096), "70b-tp2-gate_up": (28672, 8192),
+    "70b-tp2-down": (8192, 14336),
+}
+LIBRARY = {"q4f16_1": "lab.gemv.q4", "q8f16_1": "lab.gemv.q8"}
 VARIANTS = {"fp32_inline": "decode", "fp16_stage": "batch"}  # engine.model.kernels phases
 
 
@@ -66,7 +75,7 @@ def build(out: Path, quants: list[str]) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
-def run(folder: Path, out: Path, sha: str | None) -> None:
+def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
     import numpy as np
     import torch
     import tvm
@@ -81,10 +90,10 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
     dev = tvm.cuda(0)
     bandwidth = device_probe.copy_bandwidth("cuda")
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else []
-    functions.register("cuda", [functions.GEMV_Q4])
-    library = tvm_ffi.get_global_func(functions.GEMV_Q4)
-    manifest += [{"name": f"q4f16_1-{shape}-library", "quant": "q4f16_1", "shape": shape, "variant": "library",
-                  "n": n, "k": k} for shape, (n, k) in SHAPES.items()]
+    manifest = [m for m in manifest if m["quant"] in quants]
+    functions.register("cuda", [functions.GEMV_Q4, functions.GEMV_Q8])
+    manifest += [{"name": f"{quant}-{shape}-library", "quant": quant, "shape": shape, "variant": "library",
+                  "n": n, "k": k} for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
     results, reference = [], {}
     l2 = 50 * 2**20
     for entry in manifest:
@@ -102,7 +111,9 @@ def run(folder: Path, out: Path, sha: str | None) -> None:
             y_out = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
             yt = tvm_ffi.from_dlpack(y_out)
 
-            def fn(x_arg, p):
+            library = tvm_ffi.get_global_func(LIBRARY[entry["quant"]])
+
+            def fn(x_arg, p, library=library):
                 library(x_arg, p[0], p[1], yt)
                 return yt
         else:
@@ -154,11 +165,12 @@ def main() -> None:
     r.add_argument("--dir", type=Path, required=True)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--sha", default=None, help="git SHA of the code that built --dir")
+    r.add_argument("--quants", default="q4f16_1,q8f16_1")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.quants.split(","))
     else:
-        run(args.dir, args.out, args.sha)
+        run(args.dir, args.out, args.sha, args.quants.split(","))
 
 
 if __name__ == "__main__":

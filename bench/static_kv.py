@@ -7,7 +7,7 @@ Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 /
 - `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
   slot (the rows are written into the cache, then causal attention over 0..start+n).
 - `lab.kv.decode_attention`: batch 1 and 16, each slot at its own position (contexts 1..max_len),
-  for max_len 256 and 4096; called directly, then captured in a CUDA graph and replayed with the
+  for max_len 256 and 4096, and batch 1 at each of CONTEXTS (64..4096 keys); called directly, then captured in a CUDA graph and replayed with the
   positions advancing between replays (the graph must follow the lengths it reads on the device and
   reset its arrival counters), every replay checked.
 - `lab.kv.advance`, `lab.kv.settle_prefill`, `lab.kv.set_ids`.
@@ -32,6 +32,7 @@ from . import attention as attention_bench
 HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
 D, LAYERS, LAYER = 128, 2, 1
 TOLERANCE = 2e-3
+CONTEXTS = (64, 128, 200, 256, 300, 512, 1024, 2048, 4096)
 
 
 def attention(q, keys, values, causal_shift: int | None):
@@ -114,7 +115,9 @@ def decode_reference(q, k_new, v_new, cache, positions):
     return __import__("torch").cat(outs)
 
 
-def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8) -> dict:
+def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8,
+                 context: int | None = None) -> dict:
+    """Slots at positions spread over 0..max_len (or every slot at `context` keys)."""
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_len)
@@ -123,6 +126,8 @@ def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, repl
     k, v = (torch.randn(batch, hkv, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
     # slots at different positions: short and long contexts in one batch, room for the replays
     positions = torch.linspace(0, max_len - replays - 1, batch, device="cuda").to(torch.int32)
+    if context is not None:
+        positions = torch.full((batch,), context - 1, device="cuda", dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(D)
     errors, written = [], True
@@ -155,6 +160,7 @@ def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, repl
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], keys.repeat_interleave(hq // hkv, 1), keys.repeat_interleave(hq // hkv, 1)))
     return {"function": "lab.kv.decode_attention", "q_heads": hq, "kv_heads": hkv, "batch": batch, "max_len": max_len,
+            "context": context,
             "positions": positions.tolist(), "rel_errors": errors, "rows_written": written,
             "ok": written and max(errors) < TOLERANCE, "library_in_graph_s": lib, "kv_bytes": kv_bytes,
             "sdpa_full_context_s": sdpa}
@@ -197,6 +203,10 @@ def main() -> None:
         for batch in (1, 16):
             for max_len in (256, 4096):
                 results.append({"heads": name, **check_decode(f, hq, hkv, batch, max_len)})
+        # one sequence at a given context (timed at the context after the replays): the short
+        # contexts of a decode benchmark, and where the kernel starts to split
+        for context in CONTEXTS:
+            results.append({"heads": name, **check_decode(f, hq, hkv, 1, 4096 + 16, context=context)})
     for r in results:
         for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
             r[key + "_summary"] = stats.summarize(r[key])
@@ -204,7 +214,8 @@ def main() -> None:
         when = f" {time_s['p50'] * 1e6:8.1f} us" if time_s else ""
         err = max(r.get("rel_errors", [r.get("rel_error", 0.0)]))
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['function']:26s} {r.get('heads', ''):4s} "
-              f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')}{when}  "
+              f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')} "
+              f"context={r.get('context') or '-'}{when}  "
               f"err {err:.1e}", flush=True)
     atomic_write_text(args.out, json.dumps({
         "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),

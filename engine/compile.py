@@ -85,6 +85,8 @@ class BuildSpec:
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")
+        if self.quant_spec.bits not in functions.GEMV_BY_BITS:  # nothing for the option to choose: one artifact
+            object.__setattr__(self, "decode_gemv", "tir")
         object.__setattr__(self, "kv_cache", self.resolved_kv_cache(self.kv_cache, self.target))
         if self.kv_cache not in KV_CACHES:
             raise ConfigError(f"unknown kv_cache {self.kv_cache!r}; choose one of: auto, {', '.join(KV_CACHES)}")

@@ -17,8 +17,8 @@ from typing import Any
 #                      kernel, or cuBLAS GEMMs and a softmax kernel
 #   decode_attention   a decode step's attention over the paged KV cache's pages: TVM's TIR kernel,
 #                      or the project's (split over the keys)
-#   decode_gemv        the batch-1 decode GEMVs of q4f16_1 weights: TVM's (dlight) kernels, or
-#                      the project's (half2 dequantization); other quantizations keep TVM's
+#   decode_gemv        the batch-1 decode GEMVs of q4f16_1 and q8f16_1 weights: TVM's (dlight)
+#                      kernels, or the project's (runtime_patch/native/quant_gemv.cu)
 #   allreduce          tp > 1: TVM's CCL collective (NCCL; cpu_shm on llvm), or the project's
 #                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
 KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "allreduce")

@@ -19,13 +19,19 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
-def _numpy_gemv_q4(x, q_weight, q_scale, out) -> None:
-    """q_weight [N, K/8] uint32, 8 values per word lowest bits first; value = (q - 7) * scale."""
-    xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
-    q = (wa[:, :, None] >> (4 * np.arange(8, dtype=np.uint32))) & 0xF
-    weight = (q.reshape(wa.shape[0], -1).astype(np.float32) - 7) * np.repeat(sa.astype(np.float32), 32, axis=1)
-    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
-    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+def _numpy_gemv(bits: int):
+    """lab.gemv.q4 / q8: q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits
+    first; value = (q - (2^(bits-1) - 1)) * scale."""
+    per_word, offset = 32 // bits, 2 ** (bits - 1) - 1
+
+    def gemv(x, q_weight, q_scale, out) -> None:
+        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
+        q = (wa[:, :, None] >> (bits * np.arange(per_word, dtype=np.uint32))) & np.uint32((1 << bits) - 1)
+        weight = (q.reshape(wa.shape[0], -1).astype(np.float32) - offset) * np.repeat(sa.astype(np.float32), 32, axis=1)
+        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
+        np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+    return gemv
 
 
 def _attend(q, k, v, sm_scale: float, causal: bool):
@@ -157,7 +163,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
-    functions.GEMV_Q4: _numpy_gemv_q4,
+    functions.GEMV_Q4: _numpy_gemv(4),
+    functions.GEMV_Q8: _numpy_gemv(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,

@@ -82,28 +82,36 @@ def test_bad_prefill_gemm_is_refused(tiny_config):
 
 @pytest.fixture
 def gemv_calls(library_calls):
-    """The weight shape of each call of lab.gemv.q4 in this process."""
-    return library_calls(functions.GEMV_Q4, lambda x, w, scale, out: tuple(w.shape))
+    """The weight shape of each call of lab.gemv.q4 or lab.gemv.q8 in this process, by name."""
+    calls = {name: library_calls(name, lambda x, w, scale, out: tuple(w.shape))
+             for name in (functions.GEMV_Q4, functions.GEMV_Q8)}
+    return calls
 
 
-def test_library_q4_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls):
-    """decode_gemv=library: the batch-1 decode's q4 linears and LM head call lab.gemv.q4."""
+@pytest.mark.parametrize("quant, name", [("q4f16_1", functions.GEMV_Q4), ("q8f16_1", functions.GEMV_Q8)])
+def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, name):
+    """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
+    GEMV of their width (lab.gemv.q4 / lab.gemv.q8), and the logits match transformers on the
+    quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, "q4f16_1", decode_gemv="library")
-    assert artifact.spec.decode_gemv == "library" and functions.GEMV_Q4 in artifact.functions
+    artifact = compiled(config, quant, decode_gemv="library")
+    assert artifact.spec.decode_gemv == "library" and name in artifact.functions
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
-    reference = Reference(tiny_checkpoint, quant_spec("q4f16_1"))
+    reference = Reference(tiny_checkpoint, quant_spec(quant))
     prompt = np.random.default_rng(4).integers(0, config.vocab_size, PROMPT).tolist()
     continuation = reference.greedy(prompt, STEPS)
     tokens = prompt + continuation[:-1]
+    calls = gemv_calls[name]
+    calls.clear()
     assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
     # 4 linears per layer and the LM head per decode step; the prefill's one-row head is a GEMV too
     per_step = 4 * config.num_hidden_layers + 1
-    assert len(gemv_calls) == (STEPS - 1) * per_step
+    assert len(calls) == (STEPS - 1) * per_step
 
-    gemv_calls.clear()
+    calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    assert len(gemv_calls) == 1 + (STEPS - 1) * per_step  # + the prefill's last-row head
+    assert len(calls) == 1 + (STEPS - 1) * per_step  # + the prefill's last-row head
+    assert not any(gemv_calls[other] for other in gemv_calls if other != name)

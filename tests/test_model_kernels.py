@@ -46,15 +46,17 @@ def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cach
 
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)
-def test_library_q4_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
+def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
     s = SUFFIX[kv_cache]
     assert BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90").decode_gemv == "tir"  # opt-in
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library"))
-    assert "lab.gemv.q4" in mod[f"decode{s}"].script()
-    assert "lab.gemv.q4" not in mod[f"batch_decode{s}"].script()
-    assert "lab.gemv.q4" not in mod[f"prefill_logits{s}"].script()
-    for other in ("q0f16", "q8f16_1"):  # TVM's GEMVs for the other quantizations
-        spec = BuildSpec(tiny_config, other, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library")
-        assert "lab.gemv.q4" not in export(spec)[0][f"decode{s}"].script()
-    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="tir"))
-    assert "lab.gemv.q4" not in tir[f"decode{s}"].script()
+    for quant, name, other in (("q4f16_1", "lab.gemv.q4", "lab.gemv.q8"), ("q8f16_1", "lab.gemv.q8", "lab.gemv.q4")):
+        mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library"))
+        decode = mod[f"decode{s}"].script()
+        assert name in decode and other not in decode
+        assert name not in mod[f"batch_decode{s}"].script()
+        assert name not in mod[f"prefill_logits{s}"].script()
+        tir, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="tir"))
+        assert name not in tir[f"decode{s}"].script()
+    # TVM's GEMVs for unquantized weights
+    spec = BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library")
+    assert "lab.gemv." not in export(spec)[0][f"decode{s}"].script()

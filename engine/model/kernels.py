@@ -7,8 +7,8 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 - PREFILL with `prefill_gemm="library"`: `lab.gemm.nt` (cuBLAS on CUDA, NumPy on CPU) through
   call_dps_packed; a quantized weight is first dequantized to fp16 by a TIR kernel.
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
-  round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 weight goes to
-  `lab.gemv.q4` instead.
+  round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
+  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead.
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 """
@@ -41,8 +41,8 @@ class KernelPlan:
         return phase == PREFILL and self.library_prefill_gemm
 
     def library_gemv(self, phase: str, quant: QuantSpec) -> bool:
-        """The batch-1 decode GEMV of a q4 weight through `lab.gemv.q4`."""
-        return phase == DECODE and self.library_decode_gemv and quant.bits == 4
+        """The batch-1 decode GEMV of a q4 or q8 weight through `lab.gemv.q4` / `lab.gemv.q8`."""
+        return phase == DECODE and self.library_decode_gemv and quant.bits in functions.GEMV_BY_BITS
 
     @staticmethod
     def fp16_weights(phase: str) -> bool:
@@ -81,7 +81,7 @@ class Linear(nn.Module):
 
     def _library_gemv(self, x: Tensor, out_dtype: str) -> Tensor:
         out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], out_dtype)
-        return op.extern(functions.GEMV_Q4, [x, self.q_weight, self.q_scale], out)
+        return op.extern(functions.GEMV_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale], out)
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         w = self.weight if not self.spec.quantized else \

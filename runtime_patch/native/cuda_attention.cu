@@ -36,10 +36,11 @@
 // lab.kv.decode_attention(q [b, Hq, d], k [b, Hkv, d], v, cache, layer, positions, sm_scale, out)
 //   one token per slot at positions[slot]: its k and v written there, attention over 0..position.
 //   Split over the keys as decode_paged, with the splits fixed by the shapes (fill the GPU, at
-//   most one per kMinKeys of max_len) and, on the device, only as many used as the length needs
-//   (one per kMinKeys keys: a short context runs few, busy blocks); the last block of a
-//   (slot, KV head) to finish merges the splits (an arrival counter per (slot, KV head), reset by
-//   that block), so a step is one kernel whatever the context.
+//   most one per StaticKeysPerSplit keys of max_len: 256 for Llama's heads) and, on the device,
+//   only as many used as the length needs. A context up to StaticKeysPerSplit keys is one block
+//   per (slot, KV head) that writes the output itself; a longer one's last block of a (slot, KV
+//   head) to finish merges the splits (an arrival counter per (slot, KV head), reset by that
+//   block), so a step is one kernel whatever the context.
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
 // lab.kv.mailbox() -> address                       pinned host words the advance calls write (below)
@@ -184,9 +185,6 @@ constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
 // A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
 // does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
 constexpr float kEmptyLse = -5e4f;
-// The static decode uses one split per this many keys of the context at the most: a short
-// context runs a few busy blocks rather than many nearly idle ones.
-constexpr int kMinKeysPerSplit = 16;
 
 // 8 consecutive halfs (one 16-byte load) as floats.
 __device__ void Load8(const __half* src, float* dst) {
@@ -224,20 +222,28 @@ struct StaticKeys {
   __device__ const __half* value(int t) const { return t == pos ? v_new : v_rows + int64_t(t) * d; }
 };
 
+// Keys a team loads before it computes on them (unrolled: U keys' 16-byte loads in flight per
+// lane at once; a loop that loaded one key per iteration waited a full memory latency per key).
+// Fewer for 8 query heads per KV head, whose q and output rows take the registers.
+__host__ __device__ constexpr int KeysInFlight(int group) { return group <= 4 ? 8 : 4; }
+
 // A block's share [t0, t1) of one (sequence b, KV head hk)'s keys. A key is handled by a team of
-// D / 8 lanes, each with 8 elements of head_dim (16-byte loads), so a warp reads 32 / (D / 8)
-// keys at once; each team keeps an online softmax per query head of the KV group, and the teams
-// are combined in shared memory into the split's normalized output and base-2 lse, written to
-// part_o / part_lse at row (b * q_heads + hk * group + g) * splits + split. Every thread of the
-// block must call it (it synchronises).
-template <int D, int G, class Keys>  // G: query heads per KV head this instance can hold (registers)
+// D / 8 lanes, each with 8 elements of head_dim (16-byte loads); the block's teams take U keys
+// each per round (consecutive keys to consecutive teams), all loaded before any is used. Each
+// team keeps an online softmax per query head of the KV group; the teams of a warp are combined
+// with shuffles, the warps in shared memory, into the split's normalized output and base-2 lse:
+// written to `direct` as float16 rows (b * q_heads + hk * group + g) when `direct` is given (the
+// split is the whole context), else to part_o / part_lse at row
+// (b * q_heads + hk * group + g) * splits + split. Every thread of the block must call it (it
+// synchronises).
+template <int D, int G, int Warps, class Keys>  // G: query heads per KV head this instance holds
 __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int b, int hk, int group, int t0,
                             int t1, int split, int splits, float scale2, float* __restrict__ part_o,
-                            float* __restrict__ part_lse) {
-  constexpr int kTeam = D / 8, kTeams = kDecodeWarps * 32 / kTeam;
-  __shared__ float sm_m[kTeams][G], sm_d[kTeams][G];
-  __shared__ float sm_o[kTeams][G][D];
-  const int team = threadIdx.x / kTeam, lane = threadIdx.x % kTeam;
+                            float* __restrict__ part_lse, __half* __restrict__ direct) {
+  constexpr int kTeam = D / 8, kTeams = Warps * 32 / kTeam, U = KeysInFlight(G);
+  __shared__ float sm_m[Warps][G], sm_d[Warps][G];
+  __shared__ float sm_o[Warps][G][D];
+  const int team = threadIdx.x / kTeam, lane = threadIdx.x % kTeam, warp = threadIdx.x / 32;
   const int q_heads = int(gridDim.y) * group;
 
   float qr[G][8], o[G][8], m[G], d[G];
@@ -249,57 +255,117 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
     for (int i = 0; i < 8; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
     if (g < group) Load8(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * 8, qr[g]);
   }
-  // The warp's teams take consecutive keys; every lane of a warp runs the same iterations (the
-  // shuffles below need the whole warp), a team past the split's end computes on zeros and keeps
-  // its state.
-  constexpr int kTeamsPerWarp = 32 / kTeam;
-  for (int base = t0 + (threadIdx.x / 32) * kTeamsPerWarp; base < t1; base += kTeams) {
-    const int t = base + (threadIdx.x % 32) / kTeam;
-    const bool valid = t < t1;
-    float k[8] = {}, v[8] = {};
-    if (valid) {
-      Load8(keys.key(t) + lane * 8, k);
-      Load8(keys.value(t) + lane * 8, v);
+  // Every lane of a warp runs the same rounds (the shuffles need the whole warp); a key past the
+  // split's end is loaded as zeros and given no weight.
+  for (int base = t0; base < t1; base += kTeams * U) {
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const int t = base + j * kTeams + team;
+      kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
+      if (t < t1) {
+        kr[j] = __ldg(reinterpret_cast<const uint4*>(keys.key(t) + lane * 8));
+        vr[j] = __ldg(reinterpret_cast<const uint4*>(keys.value(t) + lane * 8));
+      }
+    }
+    float s[G][U];
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int j = 0; j < U; ++j) s[g][j] = 0.f;
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const __half2* h = reinterpret_cast<const __half2*>(&kr[j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) s[g][j] += qr[g][2 * i] * f.x + qr[g][2 * i + 1] * f.y;
+      }
     }
 #pragma unroll
     for (int g = 0; g < G; ++g) {
-      if (g >= group) break;
-      float s = 0.f;
+      float top = m[g];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) s += qr[g][i] * k[i];
+      for (int j = 0; j < U; ++j) {
 #pragma unroll
-      for (int offset = kTeam / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(0xffffffffu, s, offset);
-      if (!valid) continue;
-      s *= scale2;
-      const float m_new = fmaxf(m[g], s);
-      const float rescale = exp2f(m[g] - m_new), p = exp2f(s - m_new);
-      d[g] = d[g] * rescale + p;
+        for (int offset = kTeam / 2; offset > 0; offset /= 2) s[g][j] += __shfl_xor_sync(0xffffffffu, s[g][j], offset);
+        const bool valid = base + j * kTeams + team < t1;
+        s[g][j] = valid ? s[g][j] * scale2 : -INFINITY;
+        top = fmaxf(top, s[g][j]);
+      }
+      // top is finite once the team has seen a key; before that every weight below is 0
+      const float rescale = m[g] == -INFINITY ? 0.f : exp2f(m[g] - top);
+      d[g] *= rescale;
 #pragma unroll
-      for (int i = 0; i < 8; ++i) o[g][i] = o[g][i] * rescale + p * v[i];
-      m[g] = m_new;
+      for (int i = 0; i < 8; ++i) o[g][i] *= rescale;
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        s[g][j] = s[g][j] == -INFINITY ? 0.f : exp2f(s[g][j] - top);
+        d[g] += s[g][j];
+      }
+      m[g] = top;
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      const __half2* h = reinterpret_cast<const __half2*>(&vr[j]);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __half22float2(h[i]);
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          o[g][2 * i] += s[g][j] * f.x;
+          o[g][2 * i + 1] += s[g][j] * f.y;
+        }
+      }
     }
   }
+  // The teams of a warp hold the same elements of head_dim (lane % kTeam): combine them.
 #pragma unroll
-  for (int g = 0; g < G; ++g) {  // static indices keep m, d and o in registers
-    if (g >= group) break;
-    if (lane == 0) sm_m[team][g] = m[g], sm_d[team][g] = d[g];
+  for (int offset = kTeam; offset < 32; offset *= 2) {
 #pragma unroll
-    for (int i = 0; i < 8; ++i) sm_o[team][g][lane * 8 + i] = o[g][i];
+    for (int g = 0; g < G; ++g) {
+      const float m_o = __shfl_xor_sync(0xffffffffu, m[g], offset);
+      const float d_o = __shfl_xor_sync(0xffffffffu, d[g], offset);
+      const float top = fmaxf(m[g], m_o);
+      const float a = m[g] == -INFINITY ? 0.f : exp2f(m[g] - top);
+      const float c = m_o == -INFINITY ? 0.f : exp2f(m_o - top);
+      d[g] = d[g] * a + d_o * c;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) o[g][i] = o[g][i] * a + __shfl_xor_sync(0xffffffffu, o[g][i], offset) * c;
+      m[g] = top;
+    }
+  }
+  if (threadIdx.x % 32 < kTeam) {
+#pragma unroll
+    for (int g = 0; g < G; ++g) {  // static indices keep m, d and o in registers
+      if (g >= group) break;
+      if (lane == 0) sm_m[warp][g] = m[g], sm_d[warp][g] = d[g];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) sm_o[warp][g][lane * 8 + i] = o[g][i];
+    }
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
     const int g = idx / D, j = idx % D;
     float top = -INFINITY;
-    for (int w = 0; w < kTeams; ++w) top = fmaxf(top, sm_m[w][g]);
+#pragma unroll
+    for (int w = 0; w < Warps; ++w) top = fmaxf(top, sm_m[w][g]);
     float dsum = 0.f, osum = 0.f;
     if (top != -INFINITY) {
-      for (int w = 0; w < kTeams; ++w) {
+#pragma unroll
+      for (int w = 0; w < Warps; ++w) {
         const float a = sm_m[w][g] == -INFINITY ? 0.f : exp2f(sm_m[w][g] - top);
         dsum += sm_d[w][g] * a;
         osum += sm_o[w][g][j] * a;
       }
     }
-    const int64_t row = (int64_t(b) * q_heads + hk * group + g) * splits + split;
+    const int64_t head_row = int64_t(b) * q_heads + hk * group + g;
+    if (direct != nullptr) {
+      direct[head_row * D + j] = __float2half(dsum > 0.f ? osum / dsum : 0.f);
+      continue;
+    }
+    const int64_t row = head_row * splits + split;
     part_o[row * D + j] = dsum > 0.f ? osum / dsum : 0.f;
     if (j == 0) part_lse[row] = dsum > 0.f ? top + log2f(dsum) : -INFINITY;
   }
@@ -370,8 +436,8 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
   const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-  AttendSplit<D, G>(q, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b, hk, group, t0, t1, split,
-                    splits, scale2, part_o, part_lse);
+  AttendSplit<D, G, kDecodeWarps>(q, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b, hk, group, t0,
+                                  t1, split, splits, scale2, part_o, part_lse, nullptr);
 }
 
 // One block per (sequence, query head), a thread per element of head_dim: merge the splits.
@@ -380,39 +446,53 @@ __global__ void DecodeMerge(const float* __restrict__ part_o, const float* __res
   MergeRows(part_o, part_lse, blockIdx.x, 1, splits, splits, d, out, lse);
 }
 
+// The static decode's blocks: 8 warps (4 at head_dim 256, whose shared combine is twice as large).
+__host__ __device__ constexpr int StaticWarps(int d) { return d >= 256 ? 4 : 8; }
+
+// Keys per split of the static decode: two rounds of the block's teams. A context up to this
+// long is one block per (slot, KV head) that writes the output itself (no partials, no merge: at
+// a 128-256-token context the merge's arrival and second pass were most of the kernel's time);
+// a longer one is split, one block per this many keys, up to the launch's `splits`.
+__host__ __device__ constexpr int StaticKeysPerSplit(int d, int group) {
+  return 2 * (StaticWarps(d) * 32 / (d / 8)) * KeysInFlight(group);
+}
+
 // Static: a block per (split, KV head, slot); slot b's token is at positions[b], so the context is
-// positions[b] + 1 keys, shared by the first `used` splits (one per kMinKeysPerSplit keys at the
-// most); the block whose share ends with the token writes its k and v into the cache. The last
-// block of (b, hk) to arrive (of all `splits`, used or not) merges the used splits and resets
-// the arrival counter for the next step.
+// positions[b] + 1 keys, shared by the first `used` splits (one per StaticKeysPerSplit keys, at
+// most `splits`); the others return at once. The block whose share ends with the token writes its
+// k and v into the cache. With one split used, that block writes the output; otherwise the last
+// of the used blocks of (b, hk) to arrive merges them and resets the arrival counter for the next
+// step.
 template <int D, int G>
-__global__ void __launch_bounds__(kDecodeWarps * 32)
+__global__ void __launch_bounds__(StaticWarps(D) * 32)
 StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
              __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int32_t* __restrict__ positions,
              float* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ arrivals,
              __half* __restrict__ out, int group, int max_len, int splits, float scale2) {
+  constexpr int kKeys = StaticKeysPerSplit(D, G);
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
-  const int used = min(splits, (len + kMinKeysPerSplit - 1) / kMinKeysPerSplit);
+  const int used = min(splits, (len + kKeys - 1) / kKeys);
+  if (split >= used) return;
   const int64_t head = (int64_t(b) * kv_heads + hk);
-  if (split < used) {
-    const int chunk = (len + used - 1) / used;
-    const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-    const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
-                          v_new + head * D, pos, D};
-    AttendSplit<D, G>(q, keys, b, hk, group, t0, t1, split, splits, scale2, part_o, part_lse);
-    if (t0 < len && t1 == len) {
-      for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
-        v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
-      }
+  const int chunk = (len + used - 1) / used;
+  const int t0 = split * chunk, t1 = min(len, t0 + chunk);
+  const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
+                        v_new + head * D, pos, D};
+  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, split, splits, scale2, part_o, part_lse,
+                                    used == 1 ? out : nullptr);
+  if (t0 < len && t1 == len) {
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+      k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
+      v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
     }
   }
+  if (used == 1) return;
   __shared__ bool last;
   __threadfence();  // this block's partials are visible before its arrival is
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(arrivals + head, 1u) == unsigned(splits - 1);
+  if (threadIdx.x == 0) last = atomicAdd(arrivals + head, 1u) == unsigned(used - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -739,15 +819,16 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   // Fixed by the shapes (the launch is replayed by a CUDA graph): enough splits to fill the GPU,
-  // at most one per kMinKeysPerSplit keys of max_len; `invariant` as decode_paged's.
+  // at most one per StaticKeysPerSplit keys of max_len; `invariant` as decode_paged's.
+  const int64_t keys_per_split = StaticKeysPerSplit(int(s.d), int(group));
   const int64_t splits = DecodeSplits(state, invariant ? 1 : batch, s.kv_heads,
-                                      std::min<int64_t>(64, (s.max_len + kMinKeysPerSplit - 1) / kMinKeysPerSplit));
+                                      std::min<int64_t>(kMaxSplits, (s.max_len + keys_per_split - 1) / keys_per_split));
   const int64_t partials = batch * q_heads * splits;
   float* part_o = static_cast<float*>(StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
   float* part_lse = part_o + partials * s.d;
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
   const dim3 grid{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)};
-  ForShape<StaticPick>(s.d, group)<<<grid, kDecodeWarps * 32, 0, stream>>>(
+  ForShape<StaticPick>(s.d, group)<<<grid, unsigned(StaticWarps(int(s.d)) * 32), 0, stream>>>(
       Data<__half>(q), Data<__half>(k), Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
       Data<int32_t>(positions), part_o, part_lse, arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits),
       float(sm_scale * 1.4426950408889634));
