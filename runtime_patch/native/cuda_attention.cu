@@ -47,6 +47,7 @@
 // lab.kv.settle_prefill(next [n], ids, positions, slot, length, out)
 //                                                   ids[slot] = next[n-1], positions[slot] = length
 // lab.kv.set_ids(new [b, 1], ids, out)              ids = new, out = new
+#include <cooperative_groups.h>
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -229,17 +230,16 @@ __host__ __device__ constexpr int KeysInFlight(int group) { return group <= 4 ? 
 
 // A block's share [t0, t1) of one (sequence b, KV head hk)'s keys. A key is handled by a team of
 // D / 8 lanes, each with 8 elements of head_dim (16-byte loads); the block's teams take U keys
-// each per round (consecutive keys to consecutive teams), all loaded before any is used. Each
-// team keeps an online softmax per query head of the KV group; the teams of a warp are combined
-// with shuffles, the warps in shared memory, into the split's normalized output and base-2 lse:
-// written to `direct` as float16 rows (b * q_heads + hk * group + g) when `direct` is given (the
-// split is the whole context), else to part_o / part_lse at row
-// (b * q_heads + hk * group + g) * splits + split. Every thread of the block must call it (it
-// synchronises).
-template <int D, int G, int Warps, class Keys>  // G: query heads per KV head this instance holds
+// each per round (consecutive keys to consecutive teams), all loaded before any is used, and a
+// round computes only as many keys as the share has. Each team keeps an online softmax per query
+// head of the KV group; the teams of a warp are combined with shuffles, the warps in shared
+// memory, into the share's normalized output and base-2 lse, handed to `emit(g, j, o, lse,
+// head_row)` for each element j of each query head g of the group (head_row = b * q_heads +
+// hk * group + g; lse is -inf for a share without keys). Every thread of the block must call it
+// (it synchronises).
+template <int D, int G, int Warps, class Keys, class Emit>  // G: query heads per KV head this instance holds
 __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int b, int hk, int group, int t0,
-                            int t1, int split, int splits, float scale2, float* __restrict__ part_o,
-                            float* __restrict__ part_lse, __half* __restrict__ direct) {
+                            int t1, float scale2, const Emit& emit) {
   constexpr int kTeam = D / 8, kTeams = Warps * 32 / kTeam, U = KeysInFlight(G);
   __shared__ float sm_m[Warps][G], sm_d[Warps][G];
   __shared__ float sm_o[Warps][G][D];
@@ -275,6 +275,7 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
       for (int j = 0; j < U; ++j) s[g][j] = 0.f;
 #pragma unroll
     for (int j = 0; j < U; ++j) {
+      if (base + j * kTeams >= t1) break;  // no team has key j of this round (the same for the block)
       const __half2* h = reinterpret_cast<const __half2*>(&kr[j]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -288,6 +289,7 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
       float top = m[g];
 #pragma unroll
       for (int j = 0; j < U; ++j) {
+        if (base + j * kTeams >= t1) break;
 #pragma unroll
         for (int offset = kTeam / 2; offset > 0; offset /= 2) s[g][j] += __shfl_xor_sync(0xffffffffu, s[g][j], offset);
         const bool valid = base + j * kTeams + team < t1;
@@ -301,6 +303,7 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
       for (int i = 0; i < 8; ++i) o[g][i] *= rescale;
 #pragma unroll
       for (int j = 0; j < U; ++j) {
+        if (base + j * kTeams >= t1) break;
         s[g][j] = s[g][j] == -INFINITY ? 0.f : exp2f(s[g][j] - top);
         d[g] += s[g][j];
       }
@@ -308,6 +311,7 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
+      if (base + j * kTeams >= t1) break;
       const __half2* h = reinterpret_cast<const __half2*>(&vr[j]);
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -360,16 +364,55 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
         osum += sm_o[w][g][j] * a;
       }
     }
-    const int64_t head_row = int64_t(b) * q_heads + hk * group + g;
-    if (direct != nullptr) {
-      direct[head_row * D + j] = __float2half(dsum > 0.f ? osum / dsum : 0.f);
-      continue;
-    }
-    const int64_t row = head_row * splits + split;
-    part_o[row * D + j] = dsum > 0.f ? osum / dsum : 0.f;
-    if (j == 0) part_lse[row] = dsum > 0.f ? top + log2f(dsum) : -INFINITY;
+    emit(g, j, dsum > 0.f ? osum / dsum : 0.f, dsum > 0.f ? top + log2f(dsum) : -INFINITY,
+         int64_t(b) * q_heads + hk * group + g);
   }
 }
+
+// Where AttendSplit's share goes. Partials: a split's row (head_row * splits + split) of the
+// global partials, merged later. Direct: the output itself (the share is the whole context).
+// Shared: this block's shared memory, o [G][D] and lse [G] (a cluster combines them).
+struct PartialsOut {
+  float* part_o;
+  float* part_lse;
+  int split, splits, d;
+  __device__ void operator()(int g, int j, float o, float lse, int64_t head_row) const {
+    const int64_t row = head_row * splits + split;
+    part_o[row * d + j] = o;
+    if (j == 0) part_lse[row] = lse;
+  }
+};
+
+struct DirectOut {
+  __half* out;
+  int d;
+  __device__ void operator()(int g, int j, float o, float lse, int64_t head_row) const {
+    out[head_row * d + j] = __float2half(o);
+  }
+};
+
+struct PartialsOrDirect {
+  PartialsOut partials;
+  DirectOut direct;
+  bool whole;  // the share is the whole context: the output itself
+  __device__ void operator()(int g, int j, float o, float lse, int64_t head_row) const {
+    if (whole) {
+      direct(g, j, o, lse, head_row);
+    } else {
+      partials(g, j, o, lse, head_row);
+    }
+  }
+};
+
+struct SharedOut {
+  float* o;
+  float* lse;
+  int d;
+  __device__ void operator()(int g, int j, float value, float l, int64_t head_row) const {
+    o[g * d + j] = value;
+    if (j == 0) lse[g] = l;
+  }
+};
 
 constexpr int kMaxSplits = 64;
 
@@ -437,7 +480,7 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
   const int chunk = (len + splits - 1) / splits;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
   AttendSplit<D, G, kDecodeWarps>(q, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b, hk, group, t0,
-                                  t1, split, splits, scale2, part_o, part_lse, nullptr);
+                                  t1, scale2, PartialsOut{part_o, part_lse, split, splits, D});
 }
 
 // One block per (sequence, query head), a thread per element of head_dim: merge the splits.
@@ -480,8 +523,10 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
   const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
                         v_new + head * D, pos, D};
-  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, split, splits, scale2, part_o, part_lse,
-                                    used == 1 ? out : nullptr);
+  // one instance of AttendSplit (each has its own shared memory)
+  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2,
+                                    PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
+                                                     used == 1});
   if (t0 < len && t1 == len) {
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
       k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
@@ -498,6 +543,63 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
   __threadfence();
   MergeRows(part_o, part_lse, int64_t(b) * kv_heads * group + hk * group, group, used, splits, D, out, nullptr);
   if (threadIdx.x == 0) arrivals[head] = 0;
+}
+
+// Static, on a GPU with thread-block clusters (sm_90): a cluster of `gridDim.x` blocks per
+// (KV head, slot) shares the context (each block a contiguous share: all of them read keys at
+// once, each computes a few), and the cluster's first block combines the shares from the others'
+// shared memory and writes the output. No partials in global memory, no arrival counter, no
+// second pass: at the 128-256-token contexts of a decode benchmark the split kernel's merge
+// chain (fence, atomic, reloads) and the single block's serial rounds each cost more than the
+// attention itself. The block whose share ends with the token writes its k and v into the cache.
+constexpr int kMaxCluster = 8;  // the portable cluster size
+
+template <int D, int G>
+__global__ void __launch_bounds__(StaticWarps(D) * 32)
+StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
+                    __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int32_t* __restrict__ positions,
+                    __half* __restrict__ out, int group, int max_len, float scale2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  __shared__ float share_o[G * D], share_lse[G];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
+  const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int len = pos + 1;
+  const int chunk = (len + splits - 1) / splits;
+  const int t0 = min(len, split * chunk), t1 = min(len, t0 + chunk);
+  const int64_t head = int64_t(b) * kv_heads + hk;
+  const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
+                        v_new + head * D, pos, D};
+  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2, SharedOut{share_o, share_lse, D});
+  if (t0 < len && t1 == len) {
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+      k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
+      v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
+    }
+  }
+  cluster.sync();  // every share is in its block's shared memory
+  if (split == 0) {
+    const int q_heads = kv_heads * group;
+    for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+      const int g = idx / D, j = idx % D;
+      float lse[kMaxCluster], top = -INFINITY;
+      for (int r = 0; r < splits; ++r) {
+        lse[r] = *cluster.map_shared_rank(share_lse + g, r);
+        top = fmaxf(top, lse[r]);
+      }
+      float total = 0.f, acc = 0.f;
+      for (int r = 0; r < splits; ++r) {
+        if (lse[r] == -INFINITY) continue;
+        const float w = exp2f(lse[r] - top);
+        total += w;
+        acc += w * *cluster.map_shared_rank(share_o + g * D + j, r);
+      }
+      out[(int64_t(b) * q_heads + hk * group + g) * D + j] = __float2half(total > 0.f ? acc / total : 0.f);
+    }
+  }
+  cluster.sync();  // the first block has read the others' shared memory before they exit
+#endif
 }
 
 // Static prefill: the chunk's rows k, v [n, Hkv, d] into the slot's cache rows [Hkv, max_len, d]
@@ -689,6 +791,26 @@ struct StaticPick {
   static constexpr StaticKernel kernel = StaticDecode<D, G>;
 };
 
+using ClusterKernel = void (*)(const __half*, const __half*, const __half*, __half*, __half*, const int32_t*, __half*,
+                               int, int, float);
+
+template <int D, int G>
+struct ClusterPick {
+  static constexpr ClusterKernel kernel = StaticDecodeCluster<D, G>;
+};
+
+// The static decode's cluster size for a cache of max_len keys: 0 where the split kernel runs
+// instead (no clusters before sm_90; contexts longer than kMaxCluster blocks of two rounds each,
+// which a split over more blocks reads faster), else one block per kClusterKeys keys, at most
+// kMaxCluster.
+constexpr int64_t kClusterKeys = 32;
+int64_t ClusterSize(int device, int64_t max_len, int64_t d, int64_t group) {
+  int major = 0;
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
+  return std::max<int64_t>(1, std::min<int64_t>(kMaxCluster, (max_len + kClusterKeys - 1) / kClusterKeys));
+}
+
 void CheckDecodeShape(const char* fn, int64_t group, int64_t d) {
   if (group > kMaxGroup)
     TVM_FFI_THROW(ValueError) << fn << ": " << group << " query heads per KV head, at most " << kMaxGroup
@@ -818,8 +940,28 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   const int device = q->device.device_id;
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  // Fixed by the shapes (the launch is replayed by a CUDA graph): enough splits to fill the GPU,
-  // at most one per StaticKeysPerSplit keys of max_len; `invariant` as decode_paged's.
+  const float scale2 = float(sm_scale * 1.4426950408889634);
+  // Fixed by the shapes (the launch is replayed by a CUDA graph); the clusters' split, like the
+  // split kernel's with `invariant`, does not depend on the batch.
+  if (const int64_t cluster = ClusterSize(device, s.max_len, s.d, group); cluster > 0) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
+    config.blockDim = dim3{unsigned(StaticWarps(int(s.d)) * 32)};
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = unsigned(cluster);
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, ForShape<ClusterPick>(s.d, group), Data<__half>(q), Data<__half>(k),
+                                      Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
+                                      Data<int32_t>(positions), Data<__half>(out), int(group), int(s.max_len), scale2));
+    return;
+  }
+  // Enough splits to fill the GPU, at most one per StaticKeysPerSplit keys of max_len; `invariant`
+  // as decode_paged's.
   const int64_t keys_per_split = StaticKeysPerSplit(int(s.d), int(group));
   const int64_t splits = DecodeSplits(state, invariant ? 1 : batch, s.kv_heads,
                                       std::min<int64_t>(kMaxSplits, (s.max_len + keys_per_split - 1) / keys_per_split));
@@ -831,7 +973,7 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   ForShape<StaticPick>(s.d, group)<<<grid, unsigned(StaticWarps(int(s.d)) * 32), 0, stream>>>(
       Data<__half>(q), Data<__half>(k), Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
       Data<int32_t>(positions), part_o, part_lse, arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits),
-      float(sm_scale * 1.4426950408889634));
+      scale2);
   LAB_CHECK_CUDA(cudaGetLastError());
 }
 

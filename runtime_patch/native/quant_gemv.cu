@@ -22,9 +22,8 @@
 // products (exact for any x): a byte permute makes two float16 values 1024 + q of a word's bytes
 // at once, a half2 subtraction removes 1024 + 127 (exact), and they are multiplied in float32.
 //
-// A warp computes kRows rows (4 for wide outputs, else 1): x's values are loaded once per group
-// for all of them; few rows per warp keep the narrow GEMVs' blocks many (4096 rows at 1 per warp
-// are 512 blocks of 8 warps).
+// A warp computes kRows rows (1, 2 or 4, RowsPerWarp below): x's values are loaded once per group
+// for all of them.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
@@ -34,6 +33,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda_common.h"
@@ -45,7 +45,6 @@ using lab::IsCompact;
 using lab::Rows;
 
 constexpr int kWarps = 8;
-constexpr int kRowsWide = 4, kWideFrom = 16384;
 constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (above)
 
 // 16-byte loads per group of one row, and groups in flight per lane (about 16 loads).
@@ -159,12 +158,42 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
 }
 
+// Rows per warp for an output of n rows: the fewest waves of warps times rows per warp (a warp's
+// time grows with its rows), so that a narrow GEMV is not one full wave and a few stragglers:
+// Llama-3-8B's 4096-row GEMVs at one row per warp ran 1.3 waves of the resident warps (a second,
+// nearly empty wave doubled their time). Ties go to more rows per warp (x's loads are shared).
 template <int Bits, typename OutT>
-void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, cudaStream_t stream) {
-  const int rows = n >= kWideFrom ? kRowsWide : 1;
+int RowsPerWarp(int64_t n, int device) {
+  static thread_local int resident[3] = {0, 0, 0};  // blocks per SM of the 1-, 2- and 4-row kernels
+  if (resident[0] == 0) {
+    const void* kernels[3] = {reinterpret_cast<const void*>(GemvQuant<Bits, 1, OutT>),
+                              reinterpret_cast<const void*>(GemvQuant<Bits, 2, OutT>),
+                              reinterpret_cast<const void*>(GemvQuant<Bits, 4, OutT>)};
+    for (int i = 0; i < 3; ++i)
+      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(resident + i, kernels[i], kWarps * 32, 0));
+  }
+  int sms = 0;
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int best = 1;
+  int64_t best_cost = -1;
+  for (int i = 0, rows = 1; i < 3; ++i, rows *= 2) {
+    const int64_t slots = std::max<int64_t>(1, int64_t(resident[i]) * sms * kWarps);
+    const int64_t warps = (n + rows - 1) / rows;
+    const int64_t cost = (warps + slots - 1) / slots * rows;
+    if (best_cost < 0 || cost <= best_cost) best = rows, best_cost = cost;
+  }
+  return best;
+}
+
+template <int Bits, typename OutT>
+void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, int device,
+            cudaStream_t stream) {
+  const int rows = RowsPerWarp<Bits, OutT>(n, device);
   const unsigned blocks = unsigned((n + kWarps * rows - 1) / (kWarps * rows));
-  if (rows == kRowsWide) {
-    GemvQuant<Bits, kRowsWide, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
+  if (rows == 4) {
+    GemvQuant<Bits, 4, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
+  } else if (rows == 2) {
+    GemvQuant<Bits, 2, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
   } else {
     GemvQuant<Bits, 1, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
   }
@@ -198,9 +227,9 @@ void GemvPacked(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
   if (f32) {
-    Launch<Bits>(n, k, xp, wp, sp, Data<float>(out), stream);
+    Launch<Bits>(n, k, xp, wp, sp, Data<float>(out), device, stream);
   } else {
-    Launch<Bits>(n, k, xp, wp, sp, Data<__half>(out), stream);
+    Launch<Bits>(n, k, xp, wp, sp, Data<__half>(out), device, stream);
   }
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
