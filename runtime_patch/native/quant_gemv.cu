@@ -158,31 +158,33 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
 }
 
-// Rows per warp for an output of n rows: the fewest waves of warps times rows per warp (a warp's
-// time grows with its rows), so that a narrow GEMV is not one full wave and a few stragglers:
-// Llama-3-8B's 4096-row GEMVs at one row per warp ran 1.3 waves of the resident warps (a second,
-// nearly empty wave doubled their time). Ties go to more rows per warp (x's loads are shared).
+// Rows per warp for an output of n rows. q4 shares its x loads and their conversion over 4 rows
+// where the output is wide (its GEMVs are bound by instructions per weight; 4 rows measured
+// 27.6 us against 39.9 at 1-2 rows for Llama-3-8B's 28672 x 4096 gate_up on an H200). Otherwise
+// (q8, whose 4-row kernel fits one block per SM, and narrow q4 outputs) 1 or 2 rows: the fewest
+// waves of resident warps times rows per warp (a warp's time grows with its rows), so that a
+// narrow GEMV is not one full wave and a few stragglers (Llama-3-8B's 4096 x 14336 down
+// projection at one row per warp ran 1.3 waves: 31.4 us, 18.0 at two rows). Ties go to 2 rows.
+constexpr int64_t kQ4WideFrom = 16384;
+
 template <int Bits, typename OutT>
 int RowsPerWarp(int64_t n, int device) {
-  static thread_local int resident[3] = {0, 0, 0};  // blocks per SM of the 1-, 2- and 4-row kernels
+  if (Bits == 4 && n >= kQ4WideFrom) return 4;
+  static thread_local int resident[2] = {0, 0};  // blocks per SM of the 1- and 2-row kernels
   if (resident[0] == 0) {
-    const void* kernels[3] = {reinterpret_cast<const void*>(GemvQuant<Bits, 1, OutT>),
-                              reinterpret_cast<const void*>(GemvQuant<Bits, 2, OutT>),
-                              reinterpret_cast<const void*>(GemvQuant<Bits, 4, OutT>)};
-    for (int i = 0; i < 3; ++i)
-      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(resident + i, kernels[i], kWarps * 32, 0));
+    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        resident, reinterpret_cast<const void*>(GemvQuant<Bits, 1, OutT>), kWarps * 32, 0));
+    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        resident + 1, reinterpret_cast<const void*>(GemvQuant<Bits, 2, OutT>), kWarps * 32, 0));
   }
   int sms = 0;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  int best = 1;
-  int64_t best_cost = -1;
-  for (int i = 0, rows = 1; i < 3; ++i, rows *= 2) {
-    const int64_t slots = std::max<int64_t>(1, int64_t(resident[i]) * sms * kWarps);
-    const int64_t warps = (n + rows - 1) / rows;
-    const int64_t cost = (warps + slots - 1) / slots * rows;
-    if (best_cost < 0 || cost <= best_cost) best = rows, best_cost = cost;
+  int64_t cost[2];
+  for (int i = 0; i < 2; ++i) {
+    const int64_t rows = i + 1, slots = std::max<int64_t>(1, int64_t(resident[i]) * sms * kWarps);
+    cost[i] = ((n + rows - 1) / rows + slots - 1) / slots * rows;
   }
-  return best;
+  return cost[1] <= cost[0] ? 2 : 1;
 }
 
 template <int Bits, typename OutT>
