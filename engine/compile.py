@@ -24,7 +24,7 @@ from pathlib import Path
 
 from runtime_patch import functions, settings
 
-from .config import AUTO_TIR, KERNEL_OPTIONS, KERNEL_SOURCES, KV_CACHES, ConfigError, ModelConfig
+from .config import AUTO_LIBRARY_GEMV_BITS, KERNEL_OPTIONS, KERNEL_SOURCES, KV_CACHES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
 
@@ -50,7 +50,7 @@ class BuildSpec:
     lm_head: str = "replicated"  # | "vocab_parallel" (engine.sharding)
     # Kernel sources (engine.config.KERNEL_OPTIONS): "library" (runtime_patch: cuBLAS and CUDA
     # kernels on cuda, NumPy on llvm) or "tir" (TVM's); "auto" is library on cuda, tir on llvm
-    # (decode_gemv: tir everywhere).
+    # (decode_gemv: library on cuda for the widths in AUTO_LIBRARY_GEMV_BITS only).
     prefill_gemm: str = "auto"
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
@@ -81,7 +81,7 @@ class BuildSpec:
             self._settle_pipeline_options()
         for name in KERNEL_OPTIONS:
             if getattr(self, name) == "auto":
-                object.__setattr__(self, name, "library" if self.target == "cuda" and name not in AUTO_TIR else "tir")
+                object.__setattr__(self, name, self._auto_source(name))
             if getattr(self, name) not in KERNEL_SOURCES:
                 raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
                                   f"{', '.join(KERNEL_SOURCES)}")
@@ -98,6 +98,15 @@ class BuildSpec:
                               "cache only; build with kv_cache=paged")
         if not self.cuda_arch.startswith("sm_") or not self.cuda_arch[3:].isdigit():
             raise ConfigError(f"cuda_arch must look like 'sm_90', got {self.cuda_arch!r}")
+
+    def _auto_source(self, option: str) -> str:
+        """What `auto` means for a kernel option: the library's kernels on cuda (the batch-1 GEMV
+        only for the weight widths where it is faster than TVM's), TVM's on llvm."""
+        if self.target != "cuda":
+            return "tir"
+        if option == "decode_gemv":
+            return "library" if self.quant_spec.bits in AUTO_LIBRARY_GEMV_BITS else "tir"
+        return "library"
 
     def _settle_pipeline_options(self) -> None:
         """With pipeline stages the allreduce within a stage is TVM's CCL (in-group; the one-shot

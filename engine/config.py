@@ -11,7 +11,7 @@ from typing import Any
 
 # Where the engine's heavy kernels come from (BuildSpec options, each "tir" (TVM's own) or
 # "library" (runtime_patch.functions: the project's CUDA plugins, NumPy on llvm); "auto" is
-# library on cuda, tir on llvm, except decode_gemv: tir, see AUTO_TIR):
+# library on cuda, tir on llvm, except decode_gemv, see AUTO_LIBRARY_GEMV_BITS):
 #   prefill_gemm       the prefill linears: TVM's TIR matmuls, or cuBLAS
 #   prefill_attention  a prefill's attention over the tokens it appends (paged KV cache): TVM's TIR
 #                      kernel, or cuBLAS GEMMs and a softmax kernel
@@ -22,8 +22,10 @@ from typing import Any
 #   allreduce          tp > 1: TVM's CCL collective (NCCL; cpu_shm on llvm), or the project's
 #                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
 KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "allreduce")
-# The library q4 GEMV is no faster than TVM's end to end (docs/BENCHMARKS.md): opt-in only.
-AUTO_TIR = ("decode_gemv",)
+# The weight widths whose batch-1 decode GEMV is the library's under decode_gemv=auto on cuda:
+# q4f16_1's is faster than TVM's end to end (Llama-3-8B on an H200: 383.4 against 357.1
+# tokens/s), q8f16_1's is not (308.3 against 327.5), docs/BENCHMARKS.md.
+AUTO_LIBRARY_GEMV_BITS = (4,)
 KERNEL_SOURCES = ("tir", "library")
 # The KV cache (BuildSpec.kv_cache): TVM's paged cache (its attention calls split the decode's CUDA
 # graph), or the project's pre-allocated one (engine/model/static_kv.py: the decode step is one

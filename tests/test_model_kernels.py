@@ -48,7 +48,12 @@ def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cach
 @pytest.mark.parametrize("kv_cache", SUFFIX)
 def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
     s = SUFFIX[kv_cache]
-    assert BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90").decode_gemv == "tir"  # opt-in
+    # auto: the library's q4 GEMV on cuda, TVM's q8 GEMV (slower end to end) and TVM's on llvm
+    assert BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90").decode_gemv == "library"
+    assert BuildSpec(tiny_config, "q8f16_1", 1, "cuda", "sm_90").decode_gemv == "tir"
+    assert BuildSpec(tiny_config, "q4f16_1", 1, "llvm").decode_gemv == "tir"
+    # nothing to choose for unquantized weights: one artifact whatever is asked
+    assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", decode_gemv="library").decode_gemv == "tir"
     for quant, name, other in (("q4f16_1", "lab.gemv.q4", "lab.gemv.q8"), ("q8f16_1", "lab.gemv.q8", "lab.gemv.q4")):
         mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library"))
         decode = mod[f"decode{s}"].script()

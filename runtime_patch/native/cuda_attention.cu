@@ -547,8 +547,8 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
 
 // Static, on a GPU with thread-block clusters (sm_90): a cluster of `gridDim.x` blocks per
 // (KV head, slot) shares the context (each block a contiguous share: all of them read keys at
-// once, each computes a few), and the cluster's first block combines the shares from the others'
-// shared memory and writes the output. No partials in global memory, no arrival counter, no
+// once, each computes a few), and the blocks combine the shares from each other's shared memory
+// (each a slice of the output elements) and write the output. No partials in global memory, no arrival counter, no
 // second pass: at the 128-256-token contexts of a decode benchmark the split kernel's merge
 // chain (fence, atomic, reloads) and the single block's serial rounds each cost more than the
 // attention itself. The block whose share ends with the token writes its k and v into the cache.
@@ -579,26 +579,29 @@ StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_n
     }
   }
   cluster.sync();  // every share is in its block's shared memory
-  if (split == 0) {
-    const int q_heads = kv_heads * group;
-    for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
-      const int g = idx / D, j = idx % D;
-      float lse[kMaxCluster], top = -INFINITY;
-      for (int r = 0; r < splits; ++r) {
-        lse[r] = *cluster.map_shared_rank(share_lse + g, r);
-        top = fmaxf(top, lse[r]);
-      }
-      float total = 0.f, acc = 0.f;
-      for (int r = 0; r < splits; ++r) {
-        if (lse[r] == -INFINITY) continue;
-        const float w = exp2f(lse[r] - top);
-        total += w;
-        acc += w * *cluster.map_shared_rank(share_o + g * D + j, r);
-      }
-      out[(int64_t(b) * q_heads + hk * group + g) * D + j] = __float2half(total > 0.f ? acc / total : 0.f);
+  // Every block combines its slice of the output elements (elements split + r * D / splits ...),
+  // reading the shares of all blocks at once (the loads of a thread are independent).
+  const int q_heads = kv_heads * group;
+  for (int idx = split * blockDim.x + threadIdx.x; idx < group * D; idx += splits * blockDim.x) {
+    const int g = idx / D, j = idx % D;
+    float lse[kMaxCluster], o[kMaxCluster], top = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      lse[r] = r < splits ? *cluster.map_shared_rank(share_lse + g, r) : -INFINITY;
+      o[r] = r < splits ? *cluster.map_shared_rank(share_o + g * D + j, r) : 0.f;
     }
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) top = fmaxf(top, lse[r]);
+    float total = 0.f, acc = 0.f;
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      const float w = lse[r] == -INFINITY ? 0.f : exp2f(lse[r] - top);
+      total += w;
+      acc += w * o[r];
+    }
+    out[(int64_t(b) * q_heads + hk * group + g) * D + j] = __float2half(total > 0.f ? acc / total : 0.f);
   }
-  cluster.sync();  // the first block has read the others' shared memory before they exit
+  cluster.sync();  // no block exits while another still reads its shared memory
 #endif
 }
 
