@@ -12,7 +12,8 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
 
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
-(LIBRARY_SHAPES). `run` times each kernel with CUDA events
+(LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
+on SHAPES (checked bit for bit). `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (> 2x L2) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
@@ -147,12 +148,62 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
               flush=True)
         results.append(r)
         del params
+    results += dequant_results(quants, bandwidth["bytes_per_s"])
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
         "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
         "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "bandwidth": bandwidth,
         "results": results}, indent=1))
+
+
+def dequant_results(quants: list[str], bandwidth: float) -> list[dict]:
+    """`lab.dequant.q4` / `q8` (the prefill's dequantize before its cuBLAS GEMM) on SHAPES: checked
+    bit for bit against engine.quantize.dequantize rounded to float16, timed over weight copies
+    (> 4x L2); the bytes are the packed weight and scales read plus the float16 weight written."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from engine.quantize import dequantize, quant_spec, quantize_torch
+    from runtime_patch import functions
+
+    functions.register("cuda", list(functions.DEQUANT_BY_BITS.values()))
+    results = []
+    for quant in quants:
+        spec = quant_spec(quant)
+        library = tvm_ffi.get_global_func(functions.DEQUANT_BY_BITS[spec.bits])
+        for shape, (n, k) in SHAPES.items():
+            g = torch.Generator(device="cuda").manual_seed(1)
+            packed, scale = quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02, spec)
+            out = torch.empty(n, k, device="cuda", dtype=torch.float16)
+            moved = packed.numel() * 4 + scale.numel() * 2 + out.numel() * 2
+            copies = max(1, -(-4 * 50 * 2**20 // moved))
+            params = [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
+            out_t = tvm_ffi.from_dlpack(out)
+            library(*params[0], out_t)
+            expected = dequantize(packed.cpu().numpy(), scale.cpu().numpy(), spec).astype(np.float16)
+            exact = bool(np.array_equal(out.cpu().numpy(), expected))
+            for i in range(5):
+                library(*params[i % copies], out_t)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            samples = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                start.record()
+                for i in range(50):
+                    library(*params[i % copies], out_t)
+                end.record()
+                torch.cuda.synchronize()
+                samples.append(start.elapsed_time(end) / 1e3 / 50)
+            t = float(np.median(samples))
+            r = {"name": f"{quant}-{shape}-dequant", "quant": quant, "shape": shape, "variant": "dequant", "n": n, "k": k,
+                 "exact": exact, "us": t * 1e6, "gb_s": moved / t / 1e9, "bandwidth_fraction": moved / t / bandwidth,
+                 "raw_s": samples}
+            print(f"{r['name']:28s} {r['us']:8.1f} us {r['gb_s']:7.0f} GB/s ({r['bandwidth_fraction']:.0%}) "
+                  f"{'exact' if exact else 'NOT EXACT'}", flush=True)
+            results.append(r)
+    return results
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from harness import accuracy, entry, plots, sweep
 from harness.report import write_report
 from harness.results import RunDir
 from harness.spec import RunSpec, positive
+from runtime_patch import stream_overlap
 
 log = logging.getLogger("experiments.quant_compare")
 
@@ -107,11 +108,19 @@ def conclusion(rows: list[dict]) -> str:
     return latency + f" Highest throughput at batch {big}: {most['config']} ({most['tokens_per_s']:.1f} tok/s, {acc(most)})."
 
 
+def decode_note(mode: str) -> str:
+    if mode == "none":
+        return "Decode: each step's tokens are read before the next step is launched (overlap=none)."
+    return (f"Decode: the tp points' loop is experiments.overlap's `{mode}` scheduler (overlap={mode}); pipeline "
+            "stages (pp > 1) keep the engine's own loop.")
+
+
 @hydra.main(config_path="../conf", config_name="quant_compare", version_base="1.3")
 @entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
     spec = RunSpec.from_hydra(cfg, "quant_compare", quant=cfg.reference)  # the template: the reference at tp=1
     pairs = pairs_of(cfg, spec)
+    mode = sweep.decode_loop(cfg.get("overlap", "none"), "quant_compare")
     batches = [positive("batches[]", b) for b in cfg.batches]
     if not batches:
         raise ConfigError("batches is empty; give e.g. 'batches=[1,16]'")
@@ -130,9 +139,12 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
                 hook = accuracy_hook(stream, prompt_len, logits, (quant, tp, pp)) if batch == batches[0] else None
                 label = f"{config_key(quant, tp, pp)} b{batch}"
                 bar.set_postfix_str(label)
-                points.append(sweep.run_point(spec, label, {"quant": quant, "tp": tp, "pp": pp, "batch": batch},
+                loop = mode if pp == 1 else "none"  # pipeline stages keep the engine's own loop
+                points.append(sweep.run_point(spec, label, {"quant": quant, "tp": tp, "pp": pp, "batch": batch,
+                                                            "overlap": loop},
                                               spec.build_for(quant=quant, tp=tp, pp=pp), w.replace(batch=batch),
-                                              bandwidth and bandwidth["bytes_per_s"], bar, after_load=hook))
+                                              bandwidth and bandwidth["bytes_per_s"], bar, after_load=hook,
+                                              scheduler=stream_overlap.install(loop)))
     ref_key = next((k for k in sorted(logits, key=lambda k: k[1] * k[2]) if k[0] == cfg.reference), None)
     if ref_key is None:  # the reference is not among the configurations: run it for its logits
         with reference_session(spec) as session:
@@ -173,7 +185,8 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
         summary_extra[quant] = {k: v for k, v in comparisons.items() if k.startswith(quant)}
     status = write_report(run_dir, f"Quantization: {config.name} on {target}",
                           OmegaConf.to_container(cfg, resolve=True), points,
-                          sections=[("Speed and accuracy", acc_table), ("Conclusion", text)],
+                          sections=[("Speed and accuracy", acc_table), ("Conclusion", text),
+                                    ("Method", decode_note(mode))],
                           summary_extra=summary_extra,
                           extra={"bandwidth": bandwidth, "eval_token_ids": stream, "eval_prompt_len": prompt_len,
                                  "kl_per_token": {k: v["kl_per_token"] for k, v in comparisons.items()}},

@@ -37,20 +37,6 @@ def tp_list(value) -> list[int]:
     return sorted(values)
 
 
-# The decode loops a tp point may run: those that keep the batch whole (experiments.overlap compares all).
-LOOPS = ("none", "prefetch", "pipeline")
-
-
-def overlap_mode(value) -> str:
-    """The decode loop every point runs (`overlap=`): `none` (wait for each step's tokens) or a
-    scheduler of experiments.overlap that keeps the batch whole, e.g. `pipeline` (step t+1
-    launched before step t is read)."""
-    if value not in LOOPS:
-        raise ConfigError(f"overlap={value!r}: tensor_parallel runs one of {', '.join(LOOPS)} "
-                          "(compare the batch-splitting modes with experiments.overlap)")
-    return str(value)
-
-
 def allreduce_probe(spec: RunSpec, measure: bool) -> sweep.AfterLoad:
     """An `after_load` hook: time the model's allreduce message ([batch, hidden] in the model's
     dtype) in the workers of the point's session."""
@@ -103,7 +89,7 @@ COLUMNS = BASE_COLUMNS + [("speedup", "speedup", "{:.2f}x"), ("efficiency", "eff
 @entry.guarded
 def main(cfg: DictConfig, run_dir: RunDir) -> int:
     tps = tp_list(cfg.tp)
-    mode = overlap_mode(cfg.get("overlap", "none"))
+    mode = sweep.decode_loop(cfg.get("overlap", "none"), "tensor_parallel")
     spec = RunSpec.from_hydra(cfg, "tensor_parallel")
     spec.check_devices(max(tps))
     builds = {tp: spec.build_for(tp=tp) for tp in tps}  # validates every tp before anything runs

@@ -36,6 +36,21 @@ class Loaded:
 AfterLoad = Callable[[Loaded], None]
 
 
+# The decode loops an experiment's points may run (`overlap=`): those that keep the batch whole
+# (experiments.overlap compares all five modes).
+DECODE_LOOPS = ("none", "prefetch", "pipeline")
+
+
+def decode_loop(value, experiment: str) -> str:
+    """The decode loop every point runs (`overlap=`): `none` (wait for each step's tokens) or a
+    scheduler of experiments.overlap that keeps the batch whole, e.g. `pipeline` (step t+1
+    launched before step t is read)."""
+    if value not in DECODE_LOOPS:
+        raise ConfigError(f"overlap={value!r}: {experiment} runs one of {', '.join(DECODE_LOOPS)} "
+                          "(compare the batch-splitting modes with experiments.overlap)")
+    return str(value)
+
+
 def run_point(spec: RunSpec, label: str, params: dict, build: BuildSpec, workload: Workload | None = None,
               bandwidth: float | None = None, progress=None, after_load: AfterLoad | None = None,
               scheduler=None) -> Point:

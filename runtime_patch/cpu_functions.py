@@ -19,15 +19,29 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
+def _dequantized(wa, sa, bits: int):
+    """[N, K * bits / 32] uint32 words and [N, K / 32] scales -> float32 [N, K]: (q - offset) * scale,
+    32 / bits values per word lowest bits first (engine/quantize.py's layout)."""
+    per_word, offset = 32 // bits, 2 ** (bits - 1) - 1
+    q = (wa[:, :, None] >> (bits * np.arange(per_word, dtype=np.uint32))) & np.uint32((1 << bits) - 1)
+    return (q.reshape(wa.shape[0], -1).astype(np.float32) - offset) * np.repeat(sa.astype(np.float32), 32, axis=1)
+
+
+def _numpy_dequant(bits: int):
+    """lab.dequant.q4 / q8: the whole weight as the model dtype."""
+    def dequant(q_weight, q_scale, out) -> None:
+        oa = np.from_dlpack(out)
+        np.copyto(oa, _dequantized(np.from_dlpack(q_weight), np.from_dlpack(q_scale), bits).astype(oa.dtype))
+
+    return dequant
+
+
 def _numpy_gemv(bits: int):
     """lab.gemv.q4 / q8: q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits
     first; value = (q - (2^(bits-1) - 1)) * scale."""
-    per_word, offset = 32 // bits, 2 ** (bits - 1) - 1
-
     def gemv(x, q_weight, q_scale, out) -> None:
         xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
-        q = (wa[:, :, None] >> (bits * np.arange(per_word, dtype=np.uint32))) & np.uint32((1 << bits) - 1)
-        weight = (q.reshape(wa.shape[0], -1).astype(np.float32) - offset) * np.repeat(sa.astype(np.float32), 32, axis=1)
+        weight = _dequantized(wa, sa, bits)
         product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
         np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
@@ -165,6 +179,8 @@ IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
     functions.GEMV_Q4: _numpy_gemv(4),
     functions.GEMV_Q8: _numpy_gemv(8),
+    functions.DEQUANT_Q4: _numpy_dequant(4),
+    functions.DEQUANT_Q8: _numpy_dequant(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,

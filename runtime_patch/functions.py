@@ -11,6 +11,8 @@ Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
   GEMV_Q4(x, q_weight, q_scale, out)    the batch-1 decode GEMV of a q4f16_1 weight
   GEMV_Q8(x, q_weight, q_scale, out)    the same of a q8f16_1 weight
+  DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (for GEMM_NT in a prefill)
+  DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
 Attention of TVM's paged KV cache, in the slots of its TIR kernels (plugin cuda_attention):
   PREFILL_RAGGED(...)                   a prefill's self-attention over the tokens it appends
   DECODE_PAGED(...)                     a decode step's attention over the pages, split over the keys
@@ -65,6 +67,10 @@ GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
 # The batch-1 decode GEMV of each quantized weight width (bits) that has one
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
+DEQUANT_Q4 = "lab.dequant.q4"
+DEQUANT_Q8 = "lab.dequant.q8"
+# The whole weight dequantized to float16 for the prefill's library GEMM, by width
+DEQUANT_BY_BITS = {4: DEQUANT_Q4, 8: DEQUANT_Q8}
 PREFILL_RAGGED = "lab.attention.prefill_ragged"
 DECODE_PAGED = "lab.attention.decode_paged"
 DECODE_PAGED_INVARIANT = "lab.attention.decode_paged_invariant"
@@ -100,7 +106,7 @@ def mailbox_entry(call: int) -> int:
 PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
-    GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm",
+    GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",

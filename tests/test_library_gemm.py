@@ -20,8 +20,17 @@ def gemm_calls(library_calls):
     return library_calls(functions.GEMM_NT, lambda x, w, out: tuple(w.shape))
 
 
-@pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2)])
-def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant, tolerance):
+@pytest.fixture
+def dequant_calls(library_calls):
+    """The packed weight shape of each call of lab.dequant.q4 / q8 in this process, by name."""
+    return {name: library_calls(name, lambda w, scale, out: tuple(w.shape))
+            for name in (functions.DEQUANT_Q4, functions.DEQUANT_Q8)}
+
+
+@pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2), ("q8f16_1", 1e-2)])
+def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, dequant_calls, quant, tolerance):
+    """The prefill's linears through lab.gemm.nt; a quantized weight first through the library's
+    dequantize of its width (lab.dequant.q4 / q8), one call per GEMM."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
@@ -41,9 +50,14 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
     assert len(gemm_calls) >= per_layer + (0 if config.tie_word_embeddings else 1)
 
     gemm_calls.clear()
+    for calls in dequant_calls.values():
+        calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
     # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none
     assert len(gemm_calls) == per_layer
+    bits = quant_spec(quant).bits
+    for bits_of, name in functions.DEQUANT_BY_BITS.items():
+        assert len(dequant_calls[name]) == (per_layer if bits_of == bits else 0)
 
 
 def test_tir_prefill_calls_no_library(compiled, tiny_checkpoint, gemm_calls):

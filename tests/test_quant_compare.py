@@ -52,12 +52,13 @@ def test_perplexity_needs_a_tokenizer(cache_dir, tmp_path):
 def test_reference_outside_the_configs_is_run_for_its_logits(cache_dir, tmp_path):
     """The reference (q0f16) is not among the pairs: it is built and run at tp=1 for the accuracy
     figures (this crashed with a TypeError in the hook call before the run spec took typed hooks).
-    INT8 on two devices split by layers (pp=2) is the same model as on one."""
+    INT8 on two devices split by layers (pp=2) is the same model as on one. overlap=pipeline: the tp
+    points run the pipeline scheduler, the pp point the engine's own loop, and the report says so."""
     out = tmp_path / "qc"
     cmd = [sys.executable, "-m", "experiments.quant_compare", f"hydra.run.dir={out}", "device=cpu",
            "configs=[{quant: q4f16_1, tp: 1}, {quant: q8f16_1, tp: 2}, {quant: q8f16_1, pp: 2}]", "batches=[1]",
            "eval.prompt_len=8", "eval.tokens=8", "workload.prompt_len=8", "workload.new_tokens=4",
-           "workload.warmup=0", "workload.repeats=1"]
+           "workload.warmup=0", "workload.repeats=1", "overlap=pipeline"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "LAB_CACHE_DIR": str(cache_dir)},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,3 +68,12 @@ def test_reference_outside_the_configs_is_run_for_its_logits(cache_dir, tmp_path
     assert 0 < comparisons["q8f16_1@tp2"]["kl_mean"] < comparisons["q4f16_1@tp1"]["kl_mean"]
     assert comparisons["q8f16_1@pp2"]["kl_mean"] == pytest.approx(comparisons["q8f16_1@tp2"]["kl_mean"], rel=0.05)
     assert [r["params"]["pp"] for r in results["runs"]] == [1, 1, 2]
+    assert [r["params"]["overlap"] for r in results["runs"]] == ["pipeline", "pipeline", "none"]
+    assert "overlap=pipeline" in (out / "summary.md").read_text()
+
+
+def test_a_batch_splitting_decode_loop_is_refused(cache_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.quant_compare", f"hydra.run.dir={tmp_path / 'r'}",
+                           "device=cpu", "overlap=double_buffer"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "LAB_CACHE_DIR": str(cache_dir)}, timeout=300)
+    assert proc.returncode == 2 and "overlap='double_buffer'" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,3 +1,7 @@
+// lab.dequant.q4 / lab.dequant.q8 (q_weight, q_scale, out [N, K] float16): the whole weight
+// dequantized for the prefill's cuBLAS GEMM (engine/model/kernels.py `_library_gemm`); a thread per
+// group of 32 weights, 16-byte loads and stores, so the pass runs at about the copy bandwidth.
+//
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
 // engine/model/kernels.py's `decode` (decode_gemv="library"; relax call_dps_packed, inside the
@@ -201,6 +205,61 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   }
 }
 
+// One thread per group of 32 weights of a row: its words (one or two 16-byte loads) and scale,
+// 32 float16 values out (four 16-byte stores). Exact: (q - m) * scale rounded once to float16.
+template <int Bits>
+__global__ void Dequantize(const uint32_t* __restrict__ w, const __half* __restrict__ scale,
+                           __half* __restrict__ out, int64_t groups) {
+  constexpr int L = kLoadsPerGroup<Bits>, per_word = 32 / Bits;
+  constexpr uint32_t mask = (1u << Bits) - 1;
+  constexpr float offset = float((1 << (Bits - 1)) - 1);
+  const uint4* wv = reinterpret_cast<const uint4*>(w);
+  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t words[4 * L];
+#pragma unroll
+    for (int l = 0; l < L; ++l) *reinterpret_cast<uint4*>(words + 4 * l) = __ldg(wv + g * L + l);
+    const float s = __half2float(scale[g]);
+    __align__(16) __half values[32];
+#pragma unroll
+    for (int i = 0; i < 32; ++i)
+      values[i] = __float2half((float((words[i / per_word] >> (Bits * (i % per_word))) & mask) - offset) * s);
+    uint4* dst = reinterpret_cast<uint4*>(out + g * 32);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) dst[i] = reinterpret_cast<const uint4*>(values)[i];
+  }
+}
+
+template <int Bits>
+void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
+  const char* fn = Bits == 4 ? "lab.dequant.q4" : "lab.dequant.q8";
+  constexpr int per_word = 32 / Bits;
+  for (const DLTensor* t : {w, scale, out}) {
+    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
+    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
+  }
+  if (w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.code != kDLFloat || scale->dtype.bits != 16 ||
+      out->dtype.code != kDLFloat || out->dtype.bits != 16 || w->ndim != 2 || scale->ndim != 2 || out->ndim != 2)
+    TVM_FFI_THROW(TypeError) << fn << ": expects q_weight uint32 [N, K/" << per_word
+                             << "], q_scale float16 [N, K/32], out float16 [N, K]";
+  const int64_t n = w->shape[0], k = w->shape[1] * per_word;
+  if (scale->shape[0] != n || scale->shape[1] * 32 != k || out->shape[0] != n || out->shape[1] != k)
+    TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (q_weight [" << n << ", " << w->shape[1]
+                              << "], q_scale [" << scale->shape[0] << ", " << scale->shape[1] << "], out ["
+                              << out->shape[0] << ", " << out->shape[1] << "])";
+  const int64_t groups = n * (k / 32);
+  if (groups == 0) return;
+  const int device = w->device.device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  int sms = 0;
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  constexpr int threads = 256;
+  const int64_t blocks = std::min<int64_t>((groups + threads - 1) / threads, int64_t(sms) * 16);
+  Dequantize<Bits><<<unsigned(blocks), threads, 0, stream>>>(Data<uint32_t>(w), Data<__half>(scale),
+                                                              Data<__half>(out), groups);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
+}
+
 template <int Bits>
 void GemvPacked(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   const char* fn = Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8";
@@ -243,4 +302,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef().def("lab.gemv.q4", GemvPacked<4>);
   refl::GlobalDef().def("lab.gemv.q8", GemvPacked<8>);
+  refl::GlobalDef().def("lab.dequant.q4", DequantizePacked<4>);
+  refl::GlobalDef().def("lab.dequant.q8", DequantizePacked<8>);
 }
