@@ -40,7 +40,9 @@
 //   only as many used as the length needs. A context up to StaticKeysPerSplit keys is one block
 //   per (slot, KV head) that writes the output itself; a longer one's last block of a (slot, KV
 //   head) to finish merges the splits (an arrival counter per (slot, KV head), reset by that
-//   block), so a step is one kernel whatever the context.
+//   block), so a step is one kernel whatever the context. On sm_90, where few (slot, KV head)
+//   pairs would leave most SMs idle (batch 1) and the cache is short, a thread-block cluster per
+//   pair shares the context instead (StaticDecodeCluster, ClusterSize).
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
 // lab.kv.mailbox() -> address                       pinned host words the advance calls write (below)
@@ -802,16 +804,21 @@ struct ClusterPick {
   static constexpr ClusterKernel kernel = StaticDecodeCluster<D, G>;
 };
 
-// The static decode's cluster size for a cache of max_len keys: 0 where the split kernel runs
-// instead (no clusters before sm_90; contexts longer than kMaxCluster blocks of two rounds each,
-// which a split over more blocks reads faster), else one block per kClusterKeys keys, at most
-// kMaxCluster.
+// The static decode's cluster size for a cache of max_len keys and `pairs` (slot, KV head) pairs:
+// 0 where the split kernel runs instead. Clusters help where the pairs alone leave most SMs idle
+// (batch 1: 8 pairs at tp=1); their blocks (one per SM: ~190 registers x 256 threads) must fit
+// one wave, or a batch of 16 runs 8 waves of them (44.6 us a call against ~20 for one block
+// per pair). So: sm_90 or later, a cache of at most kMaxCluster blocks of two rounds each (longer
+// ones are read faster split over more blocks), and one block per kClusterKeys keys, at most
+// kMaxCluster, at most as many as leave one block per SM.
 constexpr int64_t kClusterKeys = 32;
-int64_t ClusterSize(int device, int64_t max_len, int64_t d, int64_t group) {
+int64_t ClusterSize(int device, int sms, int64_t pairs, int64_t max_len, int64_t d, int64_t group) {
   int major = 0;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   if (major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxCluster, (max_len + kClusterKeys - 1) / kClusterKeys));
+  const int64_t size = std::min<int64_t>({int64_t(kMaxCluster), (max_len + kClusterKeys - 1) / kClusterKeys,
+                                          sms / std::max<int64_t>(1, pairs)});
+  return size >= 2 ? size : 0;
 }
 
 void CheckDecodeShape(const char* fn, int64_t group, int64_t d) {
@@ -944,9 +951,10 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const float scale2 = float(sm_scale * 1.4426950408889634);
-  // Fixed by the shapes (the launch is replayed by a CUDA graph); the clusters' split, like the
-  // split kernel's with `invariant`, does not depend on the batch.
-  if (const int64_t cluster = ClusterSize(device, s.max_len, s.d, group); cluster > 0) {
+  // Fixed by the shapes (the launch is replayed by a CUDA graph); with `invariant` the choice and
+  // the split are those of a batch of 1 whatever the batch.
+  const int64_t pairs = (invariant ? 1 : batch) * s.kv_heads;
+  if (const int64_t cluster = ClusterSize(device, state.sms, pairs, s.max_len, s.d, group); cluster > 0) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
     config.blockDim = dim3{unsigned(StaticWarps(int(s.d)) * 32)};
