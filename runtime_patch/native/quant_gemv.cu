@@ -1,6 +1,6 @@
 // lab.dequant.q4 / lab.dequant.q8 (q_weight, q_scale, out [N, K] float16): the whole weight
 // dequantized for the prefill's cuBLAS GEMM (engine/model/kernels.py `_library_gemm`); a thread per
-// group of 32 weights, 16-byte loads and stores, so the pass runs at about the copy bandwidth.
+// 8 weights, coalesced loads and 16-byte stores.
 //
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
@@ -13,9 +13,9 @@
 //
 // Memory: a lane takes whole groups of 32 weights (q4: one 16-byte load, q8: two) and the warp's
 // lanes consecutive groups, so a warp load reads 512 or 1024 contiguous bytes of a row. A lane
-// first issues the loads of kInFlight groups (and their scales), then computes on them: the
-// earlier loop, one group's load then its arithmetic, waited a memory latency per group and left
-// the 4096-row GEMVs at 36-49% of the copy bandwidth.
+// first issues the loads of 4 or 8 groups of each of its rows (and their scales), then computes
+// on them: the earlier loop, one group's load then its arithmetic, waited a memory latency per
+// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth.
 //
 // Arithmetic: q4 is instruction-bound if each weight is converted to float32 (as TVM's GEMV does).
 // Here a shift and one masked OR turn two nibbles into two float16 values 1024 + q at once
@@ -26,8 +26,8 @@
 // products (exact for any x): a byte permute makes two float16 values 1024 + q of a word's bytes
 // at once, a half2 subtraction removes 1024 + 127 (exact), and they are multiplied in float32.
 //
-// A warp computes kRows rows (1, 2 or 4, RowsPerWarp below): x's values are loaded once per group
-// for all of them.
+// A warp computes kRows rows (1, 2 or 4, Choose below): x's values are loaded once per group for
+// all of them.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
@@ -39,6 +39,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <unordered_map>
 
 #include "cuda_common.h"
 
@@ -51,11 +52,9 @@ using lab::Rows;
 constexpr int kWarps = 8;
 constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (above)
 
-// 16-byte loads per group of one row, and groups in flight per lane (about 16 loads).
+// 16-byte loads per group of one row.
 template <int Bits>
 constexpr int kLoadsPerGroup = Bits / 4;
-template <int Bits, int Rows>
-constexpr int kInFlight = 16 / (Rows * kLoadsPerGroup<Bits>) < 8 ? 16 / (Rows * kLoadsPerGroup<Bits>) : 8;
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
@@ -98,11 +97,12 @@ __device__ float GroupQ8(const uint4* words, const float* xf) {
   return sum;
 }
 
-template <int Bits, int kRows, typename OutT>
+// P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
+template <int Bits, int kRows, int P, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k) {
-  constexpr int L = kLoadsPerGroup<Bits>, P = kInFlight<Bits, kRows>;
+  constexpr int L = kLoadsPerGroup<Bits>;
   const int lane = threadIdx.x % 32;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
   if (row0 >= n) return;  // the whole warp
@@ -162,70 +162,94 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
 }
 
-// Rows per warp for an output of n rows. q4 shares its x loads and their conversion over 4 rows
-// where the output is wide (its GEMVs are bound by instructions per weight; 4 rows measured
-// 27.6 us against 39.9 at 1-2 rows for Llama-3-8B's 28672 x 4096 gate_up on an H200). Otherwise
-// (q8, whose 4-row kernel fits one block per SM, and narrow q4 outputs) 1 or 2 rows: the fewest
-// waves of resident warps times rows per warp (a warp's time grows with its rows), so that a
-// narrow GEMV is not one full wave and a few stragglers (Llama-3-8B's 4096 x 14336 down
-// projection at one row per warp ran 1.3 waves: 31.4 us, 18.0 at two rows). Ties go to 2 rows.
+// The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
+// - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
+//   bound by instructions per weight; 4 rows measured 27.6 us against 39.9 at 1-2 rows for
+//   Llama-3-8B's 28672 x 4096 gate_up on an H200).
+// - Otherwise 1 or 2 rows per warp and 4 or 8 groups per round (4 where a lane has at most 4 groups
+//   of a row: fewer registers, more resident warps; q8 at 2 rows always 4), choosing the fewest
+//   waves of resident warps x rows per warp x rounds (a warp's time grows with both), so that a
+//   narrow GEMV is not one full wave and a few stragglers: at one row per warp and 8 groups per
+//   round, Llama-3-8B's 4096 x 14336 down projection ran 1.3 waves (31.4 us; 18.0 at two rows),
+//   and in the model the 6144 x 4096 qkv projection took 10.9 us, 2 waves of one-row warps.
+//   Ties go to more rows per warp.
 constexpr int64_t kQ4WideFrom = 16384;
 
+struct Shape {
+  int rows, groups_per_round;
+  const void* kernel;
+};
+
+template <int Bits, int R, int P, typename OutT>
+Shape ShapeOf() {
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, OutT>)};
+}
+
+// Resident blocks per SM of a kernel (asked once per kernel and thread).
+int Resident(const void* kernel) {
+  static thread_local std::unordered_map<const void*, int> resident;
+  auto it = resident.find(kernel);
+  if (it != resident.end()) return it->second;
+  int blocks = 0;
+  LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, 0));
+  resident.emplace(kernel, blocks);
+  return blocks;
+}
+
 template <int Bits, typename OutT>
-int RowsPerWarp(int64_t n, int device) {
-  if (Bits == 4 && n >= kQ4WideFrom) return 4;
-  static thread_local int resident[2] = {0, 0};  // blocks per SM of the 1- and 2-row kernels
-  if (resident[0] == 0) {
-    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        resident, reinterpret_cast<const void*>(GemvQuant<Bits, 1, OutT>), kWarps * 32, 0));
-    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        resident + 1, reinterpret_cast<const void*>(GemvQuant<Bits, 2, OutT>), kWarps * 32, 0));
-  }
+Shape Choose(int64_t n, int64_t k, int device) {
+  if (Bits == 4 && n >= kQ4WideFrom) return ShapeOf<Bits, 4, 4, OutT>();
+  const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
+  const bool few = per_lane <= 4;
+  const Shape candidates[2] = {few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
+                               few || Bits == 8 ? ShapeOf<Bits, 2, 4, OutT>() : ShapeOf<Bits, 2, 8, OutT>()};
   int sms = 0;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  int64_t cost[2];
-  for (int i = 0; i < 2; ++i) {
-    const int64_t rows = i + 1, slots = std::max<int64_t>(1, int64_t(resident[i]) * sms * kWarps);
-    cost[i] = ((n + rows - 1) / rows + slots - 1) / slots * rows;
+  Shape best = candidates[0];
+  int64_t best_cost = -1;
+  for (const Shape& c : candidates) {
+    const int64_t slots = std::max<int64_t>(1, int64_t(Resident(c.kernel)) * sms * kWarps);
+    const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
+    const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
+    if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
   }
-  return cost[1] <= cost[0] ? 2 : 1;
+  return best;
 }
 
 template <int Bits, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, int device,
             cudaStream_t stream) {
-  const int rows = RowsPerWarp<Bits, OutT>(n, device);
-  const unsigned blocks = unsigned((n + kWarps * rows - 1) / (kWarps * rows));
-  if (rows == 4) {
-    GemvQuant<Bits, 4, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
-  } else if (rows == 2) {
-    GemvQuant<Bits, 2, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
-  } else {
-    GemvQuant<Bits, 1, OutT><<<blocks, kWarps * 32, 0, stream>>>(x, w, s, out, int(n), int(k));
-  }
+  const Shape shape = Choose<Bits, OutT>(n, k, device);
+  const unsigned blocks = unsigned((n + kWarps * shape.rows - 1) / (kWarps * shape.rows));
+  int n32 = int(n), k32 = int(k);
+  void* args[] = {&x, &w, &s, &out, &n32, &k32};
+  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, 0, stream));
 }
 
-// One thread per group of 32 weights of a row: its words (one or two 16-byte loads) and scale,
-// 32 float16 values out (four 16-byte stores). Exact: (q - m) * scale rounded once to float16.
+// One thread per 8 consecutive weights: its word (q4) or two (q8), their group's scale, one
+// 16-byte store; a warp reads 128 or 256 contiguous bytes and writes 512 (the first version, a
+// thread per group of 32 with four 16-byte stores 64 bytes apart, ran at 45-56% of the copy
+// bandwidth). Exact: (q - m) * scale rounded once to float16.
 template <int Bits>
 __global__ void Dequantize(const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-                           __half* __restrict__ out, int64_t groups) {
-  constexpr int L = kLoadsPerGroup<Bits>, per_word = 32 / Bits;
+                           __half* __restrict__ out, int64_t chunks) {
+  constexpr int words = Bits / 4, per_word = 32 / Bits;  // words per 8 weights
   constexpr uint32_t mask = (1u << Bits) - 1;
   constexpr float offset = float((1 << (Bits - 1)) - 1);
-  const uint4* wv = reinterpret_cast<const uint4*>(w);
-  for (int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t words[4 * L];
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t word[words];
+    if constexpr (words == 1) {
+      word[0] = __ldg(w + c);
+    } else {
+      const uint2 pair = __ldg(reinterpret_cast<const uint2*>(w) + c);
+      word[0] = pair.x, word[1] = pair.y;
+    }
+    const float s = __half2float(scale[c / 4]);  // 4 chunks of 8 per group of 32
+    __align__(16) __half values[8];
 #pragma unroll
-    for (int l = 0; l < L; ++l) *reinterpret_cast<uint4*>(words + 4 * l) = __ldg(wv + g * L + l);
-    const float s = __half2float(scale[g]);
-    __align__(16) __half values[32];
-#pragma unroll
-    for (int i = 0; i < 32; ++i)
-      values[i] = __float2half((float((words[i / per_word] >> (Bits * (i % per_word))) & mask) - offset) * s);
-    uint4* dst = reinterpret_cast<uint4*>(out + g * 32);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) dst[i] = reinterpret_cast<const uint4*>(values)[i];
+    for (int i = 0; i < 8; ++i)
+      values[i] = __float2half((float((word[i / per_word] >> (Bits * (i % per_word))) & mask) - offset) * s);
+    reinterpret_cast<uint4*>(out)[c] = *reinterpret_cast<const uint4*>(values);
   }
 }
 
@@ -246,16 +270,16 @@ void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
     TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (q_weight [" << n << ", " << w->shape[1]
                               << "], q_scale [" << scale->shape[0] << ", " << scale->shape[1] << "], out ["
                               << out->shape[0] << ", " << out->shape[1] << "])";
-  const int64_t groups = n * (k / 32);
-  if (groups == 0) return;
+  const int64_t chunks = n * (k / 8);
+  if (chunks == 0) return;
   const int device = w->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   int sms = 0;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   constexpr int threads = 256;
-  const int64_t blocks = std::min<int64_t>((groups + threads - 1) / threads, int64_t(sms) * 16);
+  const int64_t blocks = std::min<int64_t>((chunks + threads - 1) / threads, int64_t(sms) * 16);
   Dequantize<Bits><<<unsigned(blocks), threads, 0, stream>>>(Data<uint32_t>(w), Data<__half>(scale),
-                                                              Data<__half>(out), groups);
+                                                              Data<__half>(out), chunks);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
 }
