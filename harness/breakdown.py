@@ -71,10 +71,11 @@ RULES: tuple[Rule, ...] = (
          "everything between the q/k/v projection and the o projection: RoPE (fused_rope, tir_split_rotary), "
          "the KV caches' appends and page copies (tir_kv_cache_transpose_append, copy_single_page, "
          "compact_kv_copy, AppendRows), TVM's attention kernels (batch_decode_paged_kv, batch_prefill_ragged_kv, "
-         "tree_attn, tir_attention_merge_state) and ours (DecodePartial, DecodeMerge, CausalSoftmax, StaticDecode)"),
+         "tree_attn, tir_attention_merge_state) and ours (DecodePartial, DecodeMerge, CausalSoftmax, StaticDecode, "
+         "StaticDecodeCluster)"),
     Rule(WEIGHTS, _rx(r"linear|matmul|dense|dequantize|gemm|gemv|nvjet|cutlass|xmma|splitK_?reduce"),
          "TVM's linears named after their function (linear8, fused_linear6_add: the residual add is fused "
-         "into the GEMV), the prefill's weight dequantization for cuBLAS (dequantize*), our GemvQ4, "
+         "into the GEMV), the prefill's weight dequantization for cuBLAS (TVM's dequantize*, our Dequantize), our GemvQuant, "
          "cuBLAS/cuBLASLt (nvjet_sm90_*, sm90_xmma_gemm_*, cutlass, gemmk1, gemv2N, gemmSN, splitKreduce); "
          "cuBLAS GEMMs of the prefill attention are moved to attention (see step_breakdown)"),
     Rule(EMBEDDING, _rx(r"embedding|take|argmax|argsort|top_?[kp]|sampl|multinomial|softmax|cumsum|gather|"

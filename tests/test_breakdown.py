@@ -71,6 +71,12 @@ def test_every_fixture_kernel_lands_in_a_named_category():
      "int const*, float*, float*, int, int, int, int, float)", bd.ATTENTION),
     ("void (anonymous namespace)::GemvQ4<4, __half>(__half const*, unsigned int const*, __half const*, __half*, int, int)",
      bd.WEIGHTS),
+    # the quantized GEMVs and the prefill's dequantize as CUPTI named them on 2 x H200 (2026-11-30)
+    ("void (anonymous namespace)::GemvQuant<4, 2, 8, __half>(__half const*, unsigned int const*, __half const*, "
+     "__half*, int, int)", bd.WEIGHTS),
+    ("void (anonymous namespace)::Dequantize<4>(unsigned int const*, __half const*, __half*, long)", bd.WEIGHTS),
+    ("void (anonymous namespace)::StaticDecodeCluster<128, 4>(__half const*, __half const*, __half const*, __half*, "
+     "__half*, int const*, __half*, int, int, float)", bd.ATTENTION),
     # NCCL (seen on 2 x H100) and all-reduces of ours, whatever their case
     ("ncclDevKernel_AllReduce_Sum_f16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", bd.COLLECTIVES),
     ("ncclDevKernel_Broadcast_RING_LL(ncclDevKernelArgsStorage<4096ul>)", bd.COLLECTIVES),
