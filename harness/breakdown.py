@@ -187,15 +187,21 @@ def _ns(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
-def _sweep(lo: int, hi: int, pieces: list[tuple[int, int, str]]) -> tuple[dict[str, int], int, int]:
-    """One window [lo, hi) and the (start, end, category) pieces of records clipped to it ->
-    (ns per category, idle ns, collective ns hidden under another category). Every elementary
-    interval goes to the first category of PRIORITY with a record running in it, or to idle."""
-    events = sorted([(a, 1, c) for a, _, c in pieces] + [(b, -1, c) for _, b, c in pieces],
+# The name an idle interval gets where no record starts after it in its window.
+END_OF_STEP = "(end of the step)"
+
+
+def _sweep(lo: int, hi: int, pieces: list[tuple[int, int, str, str]]):
+    """One window [lo, hi) and the (start, end, category, name) pieces of records clipped to it ->
+    (ns per category, idle ns, collective ns hidden under another category, idle ns by the name of
+    the record that ends the idle interval (END_OF_STEP where none does)). Every elementary interval
+    goes to the first category of PRIORITY with a record running in it, or to idle."""
+    events = sorted([(a, 1, c, n) for a, _, c, n in pieces] + [(b, -1, c, n) for _, b, c, n in pieces],
                     key=lambda e: (e[0], e[1]))
     total = dict.fromkeys(CATEGORIES, 0)
     running = dict.fromkeys(CATEGORIES, 0)
     idle = overlapped = 0
+    idle_before: dict[str, int] = defaultdict(int)
     t, k = lo, 0
     while t < hi:
         while k < len(events) and events[k][0] <= t:
@@ -205,12 +211,14 @@ def _sweep(lo: int, hi: int, pieces: list[tuple[int, int, str]]) -> tuple[dict[s
         winner = next((c for c in PRIORITY if running[c] > 0), None)
         if winner is None:
             idle += length
+            # with nothing running, the next event is a record's start (or the window's end)
+            idle_before[events[k][3] if k < len(events) else END_OF_STEP] += length
         else:
             total[winner] += length
             if winner != COLLECTIVES and running[COLLECTIVES] > 0:
                 overlapped += length
         t += length
-    return total, idle, overlapped
+    return total, idle, overlapped, idle_before
 
 
 def step_breakdown(records: list[dict], windows, device: int, top: int = 10) -> dict:
@@ -220,8 +228,10 @@ def step_breakdown(records: list[dict], windows, device: int, top: int = 10) -> 
     interval went to another category (hidden under compute or copies). Returns {"steps",
     "step_us", "categories": {category: µs per step}, "idle_us", "shares" (of step_us, idle under
     "GPU idle"), "collectives_overlapped_us", "records_in_windows", "kernels" (the `top` kernels by
-    busy time per step, overlaps not removed), "check"}: categories + idle equal step_us by
-    construction (integer ns), "check" shows it."""
+    busy time per step, overlaps not removed), "idle_before" (the idle time per step by the record
+    the device waited to start, END_OF_STEP for idle after the step's last record: where the host
+    or another device kept it waiting; the `top` largest), "check"}: categories + idle equal
+    step_us by construction (integer ns), "check" shows it."""
     spans = sorted((_ns(a), _ns(b)) for a, b in windows)
     if not spans:
         raise ValueError("step_breakdown needs at least one step window (start_s, end_s)")
@@ -237,21 +247,27 @@ def step_breakdown(records: list[dict], windows, device: int, top: int = 10) -> 
     total = dict.fromkeys(CATEGORIES, 0)
     idle = overlapped = in_windows = 0
     busy: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])  # (name, category) -> [ns, calls]
+    waits: dict[str, int] = defaultdict(int)  # readable name (or END_OF_STEP) -> idle ns before it
+    category_of = {END_OF_STEP: IDLE}
     for lo, hi in spans:
         pieces = []
         for i in range(bisect.bisect_left(starts, lo - longest), bisect.bisect_left(starts, hi)):
             a, b = max(mine[i]["start_ns"], lo), min(mine[i]["end_ns"], hi)
             if b > a:
-                pieces.append((a, b, cats[i]))
-                entry = busy[(readable.get(mine[i]["name"], mine[i]["name"]), cats[i])]
+                name = readable.get(mine[i]["name"], mine[i]["name"])
+                pieces.append((a, b, cats[i], name))
+                category_of[name] = cats[i]
+                entry = busy[(name, cats[i])]
                 entry[0] += b - a
                 entry[1] += 1
         in_windows += len(pieces)
-        window_total, window_idle, window_overlapped = _sweep(lo, hi, pieces)
+        window_total, window_idle, window_overlapped, window_waits = _sweep(lo, hi, pieces)
         for c, ns in window_total.items():
             total[c] += ns
         idle += window_idle
         overlapped += window_overlapped
+        for name, ns in window_waits.items():
+            waits[name] += ns
 
     steps = len(spans)
     window_ns = sum(b - a for a, b in spans)
@@ -263,9 +279,11 @@ def step_breakdown(records: list[dict], windows, device: int, top: int = 10) -> 
     shares[IDLE] = us(idle) / step_us if step_us else 0.0
     kernels = sorted(({"name": name, "category": cat, "us_per_step": us(ns), "calls_per_step": calls / steps}
                       for (name, cat), (ns, calls) in busy.items()), key=lambda k: -k["us_per_step"])
+    idle_before = sorted(({"name": name, "category": category_of[name], "us_per_step": us(ns)}
+                          for name, ns in waits.items()), key=lambda w: -w["us_per_step"])
     return {"device": device, "steps": steps, "step_us": step_us, "categories": per_step, "idle_us": us(idle),
             "shares": shares, "collectives_overlapped_us": us(overlapped), "records_in_windows": in_windows,
-            "kernels": kernels[:top],
+            "kernels": kernels[:top], "idle_before": idle_before[:top],
             "check": {"sum_us": us(attributed), "step_us": step_us, "difference_us": us(attributed - window_ns),
                       "exact": attributed == window_ns}}
 
@@ -345,10 +363,33 @@ def _cell(us: float, share: float) -> str:
     return f"{us:.1f} ({share:.0%})"
 
 
+def _short(name: str) -> str:
+    """A kernel's name without its return type, anonymous namespaces and argument list (demangled
+    names are long); END_OF_STEP as it is."""
+    if name == END_OF_STEP:
+        return name
+    bare = name.replace("(anonymous namespace)::", "").removeprefix("void ")
+    return bare.split("(")[0] or name
+
+
+def idle_lines(points: list[dict], shown: int = 4) -> list[str]:
+    """A line per measured point and device whose decode step idles at least 1 µs: the idle time
+    before the kernels it waited for, the largest `shown` of them."""
+    lines = []
+    for p, entry, b in _measured_rows(points, "decode"):
+        waits = [w for w in b.get("idle_before", []) if w["us_per_step"] >= 0.05]
+        if b["idle_us"] < 1 or not waits:
+            continue
+        parts = ", ".join(f"{w['us_per_step']:.1f} before {_short(w['name'])}" for w in waits[:shown])
+        lines.append(f"- {p['label']} GPU {entry['device']}: {b['idle_us']:.1f} idle: {parts}")
+    return lines
+
+
 def markdown_table(points: list[dict]) -> str:
     """One row per measured point, device and phase (decode, prefill): step µs, each category and
     GPU idle as "µs (share)", the collective time hidden under other work, and the bandwidth floor
-    (decode rows); then a line per point that was not measured, with its reason."""
+    (decode rows); then where the decode steps idled (idle_lines), and a line per point that was
+    not measured, with its reason."""
     from . import markdown
 
     rows = []
@@ -365,6 +406,10 @@ def markdown_table(points: list[dict]) -> str:
               [(IDLE, "GPU idle µs (share)", None), ("overlapped", "collectives overlapped (µs)", "{:.1f}"),
                ("floor_us", "bandwidth floor (µs)", "{:.1f}")]
     parts = [markdown.table(rows, columns)] if rows else []
+    waits = idle_lines(points)
+    if waits:
+        parts.append("GPU idle by what the device waited to start (µs per decode step; the end of the step: "
+                     "after its last kernel):\n\n" + "\n".join(waits) + "\n")
     missing = [f"- {p['label']}: breakdown not measured: {p['breakdown'].get('reason', 'no reason given')}"
                for p in points if not p["breakdown"].get("measured")]
     if missing:

@@ -128,6 +128,31 @@ def test_sequential_records_and_idle_add_up_to_the_window():
     assert [k["name"] for k in b["kernels"]][:2] == ["linear8_kernel", "batch_decode_paged_kv_kernel"]
 
 
+def test_idle_time_goes_to_the_record_the_device_waited_to_start():
+    """Where a tp=2 step idles: before its first kernel (the host's launch), before an allreduce
+    (the other device), after its last kernel (the end of the step); per step over two steps."""
+    records = []
+    for t0 in (0, 100):
+        records += [rec("linear8_kernel", t0 + 10, t0 + 40),
+                    rec("void (anonymous namespace)::OneShotAllReduce<__half, 2>((anonymous namespace)::Params)",
+                        t0 + 45, t0 + 50),
+                    rec("linear9_kernel", t0 + 50, t0 + 90)]
+    b = bd.step_breakdown(records, [win(0, 100), win(100, 200)], device=0)
+    assert b["idle_us"] == pytest.approx(25)
+    waits = {w["name"]: (w["category"], w["us_per_step"]) for w in b["idle_before"]}
+    assert waits == {"linear8_kernel": (bd.WEIGHTS, pytest.approx(10)),
+                     bd.END_OF_STEP: (bd.IDLE, pytest.approx(10)),
+                     "void (anonymous namespace)::OneShotAllReduce<__half, 2>((anonymous namespace)::Params)":
+                         (bd.COLLECTIVES, pytest.approx(5))}
+    assert sum(w["us_per_step"] for w in b["idle_before"]) == pytest.approx(b["idle_us"])
+    assert [w["name"] for w in b["idle_before"]][2].endswith("(anonymous namespace)::Params)")  # largest first
+    point = {"label": "tp=2", "breakdown": {"measured": True, "devices": [{"device": 0, "decode": b, "prefill": None}]},
+             "floor_us": None}
+    assert bd.idle_lines([point]) == ["- tp=2 GPU 0: 25.0 idle: 10.0 before linear8_kernel, "
+                                      "10.0 before (end of the step), 5.0 before OneShotAllReduce<__half, 2>"]
+    assert "GPU idle by what the device waited to start" in bd.markdown_table([point])
+
+
 def test_overlap_goes_to_one_category_and_hidden_collective_time_is_reported():
     records = [rec("linear8_kernel", 0, 50, stream=7),
                rec("ncclDevKernel_AllReduce_Sum_f16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 30, 80, stream=9),
