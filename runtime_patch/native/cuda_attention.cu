@@ -98,17 +98,18 @@ struct Growable {
 };
 
 // Per (thread, device): the prefills' S/P workspace and log-sum-exp scratch, the paged decode's
-// partials, and the SM count (a disco worker is one thread on one device). Never used by a
-// function that runs inside a captured CUDA graph: a buffer that grows moves.
+// partials, and the device's SM count and compute capability (a disco worker is one thread on one
+// device). Never used by a function that runs inside a captured CUDA graph: a buffer that grows
+// moves.
 struct DeviceState {
   Growable workspace, lse, partials;
-  int sms = 0;
+  int sms = 0, major = 0;
 };
 
 DeviceState& State(int device) {
   thread_local std::unordered_map<int, DeviceState> states;
   DeviceState& s = states[device];
-  if (s.sms == 0) LAB_CHECK_CUDA(cudaDeviceGetAttribute(&s.sms, cudaDevAttrMultiProcessorCount, device));
+  if (s.sms == 0) s.sms = lab::Facts(device).sms, s.major = lab::Facts(device).major;
   return s;
 }
 
@@ -188,6 +189,10 @@ constexpr int kMaxGroup = 8;  // query heads per KV head (Llama-3-70B: 8)
 // A split without keys (or a sequence without pages) reports this log-sum-exp, as TVM's kernel
 // does (its running maximum starts at -5e4), so merging it gives it no weight and no NaN.
 constexpr float kEmptyLse = -5e4f;
+
+// The weight 2^(x - top) of a base-2 log value x against the largest `top`, 0 for x = -inf (a
+// share or team that saw no key; exp2f(-inf - -inf) would be NaN).
+__device__ float Weight(float x, float top) { return x == -INFINITY ? 0.f : exp2f(x - top); }
 
 // 8 consecutive halfs (one 16-byte load) as floats.
 __device__ void Load8(const __half* src, float* dst) {
@@ -299,14 +304,14 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
         top = fmaxf(top, s[g][j]);
       }
       // top is finite once the team has seen a key; before that every weight below is 0
-      const float rescale = m[g] == -INFINITY ? 0.f : exp2f(m[g] - top);
+      const float rescale = Weight(m[g], top);
       d[g] *= rescale;
 #pragma unroll
       for (int i = 0; i < 8; ++i) o[g][i] *= rescale;
 #pragma unroll
       for (int j = 0; j < U; ++j) {
         if (base + j * kTeams >= t1) break;
-        s[g][j] = s[g][j] == -INFINITY ? 0.f : exp2f(s[g][j] - top);
+        s[g][j] = Weight(s[g][j], top);
         d[g] += s[g][j];
       }
       m[g] = top;
@@ -334,8 +339,8 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
       const float m_o = __shfl_xor_sync(0xffffffffu, m[g], offset);
       const float d_o = __shfl_xor_sync(0xffffffffu, d[g], offset);
       const float top = fmaxf(m[g], m_o);
-      const float a = m[g] == -INFINITY ? 0.f : exp2f(m[g] - top);
-      const float c = m_o == -INFINITY ? 0.f : exp2f(m_o - top);
+      const float a = Weight(m[g], top);
+      const float c = Weight(m_o, top);
       d[g] = d[g] * a + d_o * c;
 #pragma unroll
       for (int i = 0; i < 8; ++i) o[g][i] = o[g][i] * a + __shfl_xor_sync(0xffffffffu, o[g][i], offset) * c;
@@ -361,7 +366,7 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
     if (top != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < Warps; ++w) {
-        const float a = sm_m[w][g] == -INFINITY ? 0.f : exp2f(sm_m[w][g] - top);
+        const float a = Weight(sm_m[w][g], top);
         dsum += sm_d[w][g] * a;
         osum += sm_o[w][g][j] * a;
       }
@@ -449,7 +454,7 @@ __device__ void MergeRows(const float* part_o, const float* part_lse, int64_t ro
     m = WarpMax(m);
     float sum = 0.f;
     for (int s = lane; s < used; s += 32) {
-      const float w = (m == -INFINITY || weight[r][s] == -INFINITY) ? 0.f : exp2f(weight[r][s] - m);
+      const float w = Weight(weight[r][s], m);  // m = -inf only where every weight is
       weight[r][s] = w;
       sum += w;
     }
@@ -491,6 +496,17 @@ __global__ void DecodeMerge(const float* __restrict__ part_o, const float* __res
   MergeRows(part_o, part_lse, blockIdx.x, 1, splits, splits, d, out, lse);
 }
 
+// The step's token (k_new, v_new of (slot, KV head) `head`) into the cache at `pos`, by the block
+// whose share of the keys ends with it.
+template <int D>
+__device__ void AppendToken(const __half* k_new, const __half* v_new, __half* k_cache, __half* v_cache, int64_t head,
+                            int pos, int max_len) {
+  for (int i = threadIdx.x; i < D; i += blockDim.x) {
+    k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
+    v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
+  }
+}
+
 // The static decode's blocks: 8 warps (4 at head_dim 256, whose shared combine is twice as large).
 __host__ __device__ constexpr int StaticWarps(int d) { return d >= 256 ? 4 : 8; }
 
@@ -529,12 +545,7 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
   AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2,
                                     PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
                                                      used == 1});
-  if (t0 < len && t1 == len) {
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-      k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
-      v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
-    }
-  }
+  if (t0 < len && t1 == len) AppendToken<D>(k_new, v_new, k_cache, v_cache, head, pos, max_len);
   if (used == 1) return;
   __shared__ bool last;
   __threadfence();  // this block's partials are visible before its arrival is
@@ -550,10 +561,11 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
 // Static, on a GPU with thread-block clusters (sm_90): a cluster of `gridDim.x` blocks per
 // (KV head, slot) shares the context (each block a contiguous share: all of them read keys at
 // once, each computes a few), and the blocks combine the shares from each other's shared memory
-// (each a slice of the output elements) and write the output. No partials in global memory, no arrival counter, no
-// second pass: at the 128-256-token contexts of a decode benchmark the split kernel's merge
-// chain (fence, atomic, reloads) and the single block's serial rounds each cost more than the
-// attention itself. The block whose share ends with the token writes its k and v into the cache.
+// (each a slice of the output elements) and write the output. No partials in global memory, no
+// arrival counter, no second pass: at the 128-256-token contexts of a decode benchmark the split
+// kernel's merge chain (fence, atomic, reloads) and the single block's serial rounds each cost
+// more than the attention itself. The block whose share ends with the token writes its k and v
+// into the cache.
 constexpr int kMaxCluster = 8;  // the portable cluster size
 
 template <int D, int G>
@@ -574,15 +586,11 @@ StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_n
   const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
                         v_new + head * D, pos, D};
   AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2, SharedOut{share_o, share_lse, D});
-  if (t0 < len && t1 == len) {
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-      k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
-      v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
-    }
-  }
+  if (t0 < len && t1 == len) AppendToken<D>(k_new, v_new, k_cache, v_cache, head, pos, max_len);
   cluster.sync();  // every share is in its block's shared memory
-  // Every block combines its slice of the output elements (elements split + r * D / splits ...),
-  // reading the shares of all blocks at once (the loads of a thread are independent).
+  // Block `split` combines the output elements split * blockDim.x + thread, then every
+  // splits * blockDim.x further, reading the shares of all blocks at once (a thread's loads are
+  // independent).
   const int q_heads = kv_heads * group;
   for (int idx = split * blockDim.x + threadIdx.x; idx < group * D; idx += splits * blockDim.x) {
     const int g = idx / D, j = idx % D;
@@ -597,7 +605,7 @@ StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_n
     float total = 0.f, acc = 0.f;
 #pragma unroll
     for (int r = 0; r < kMaxCluster; ++r) {
-      const float w = lse[r] == -INFINITY ? 0.f : exp2f(lse[r] - top);
+      const float w = Weight(lse[r], top);
       total += w;
       acc += w * o[r];
     }
@@ -812,12 +820,10 @@ struct ClusterPick {
 // ones are read faster split over more blocks), and one block per kClusterKeys keys, at most
 // kMaxCluster, at most as many as leave one block per SM.
 constexpr int64_t kClusterKeys = 32;
-int64_t ClusterSize(int device, int sms, int64_t pairs, int64_t max_len, int64_t d, int64_t group) {
-  int major = 0;
-  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  if (major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
+int64_t ClusterSize(const DeviceState& state, int64_t pairs, int64_t max_len, int64_t d, int64_t group) {
+  if (state.major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
   const int64_t size = std::min<int64_t>({int64_t(kMaxCluster), (max_len + kClusterKeys - 1) / kClusterKeys,
-                                          sms / std::max<int64_t>(1, pairs)});
+                                          state.sms / std::max<int64_t>(1, pairs)});
   return size >= 2 ? size : 0;
 }
 
@@ -954,7 +960,7 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   // Fixed by the shapes (the launch is replayed by a CUDA graph); with `invariant` the choice and
   // the split are those of a batch of 1 whatever the batch.
   const int64_t pairs = (invariant ? 1 : batch) * s.kv_heads;
-  if (const int64_t cluster = ClusterSize(device, state.sms, pairs, s.max_len, s.d, group); cluster > 0) {
+  if (const int64_t cluster = ClusterSize(state, pairs, s.max_len, s.d, group); cluster > 0) {
     cudaLaunchConfig_t config = {};
     config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
     config.blockDim = dim3{unsigned(StaticWarps(int(s.d)) * 32)};

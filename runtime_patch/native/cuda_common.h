@@ -1,6 +1,6 @@
 // Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
 // checks, the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
-// LAB_NO_CUBLAS), and reading DLTensors. Each plugin compiles its own copy (inline).
+// LAB_NO_CUBLAS), a device's SM count and compute capability, and reading DLTensors. Each plugin compiles its own copy (inline).
 #pragma once
 
 #ifndef LAB_NO_CUBLAS
@@ -53,6 +53,22 @@ inline cublasHandle_t CublasHandle(int device) {
   return handle;
 }
 #endif  // LAB_NO_CUBLAS
+
+// What a plugin sizes its launches by: the SM count and the compute capability's major version,
+// asked once per (thread, device) (a disco worker is one thread on one device).
+struct DeviceFacts {
+  int sms = 0, major = 0;
+};
+
+inline const DeviceFacts& Facts(int device) {
+  thread_local std::unordered_map<int, DeviceFacts> facts;
+  auto it = facts.find(device);
+  if (it != facts.end()) return it->second;
+  DeviceFacts f;
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device));
+  return facts.emplace(device, f).first->second;
+}
 
 // Row-major with no gaps (strides of size-1 dimensions do not matter).
 inline bool IsCompact(const DLTensor* t) {

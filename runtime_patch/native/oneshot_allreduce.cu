@@ -486,8 +486,7 @@ Entry ParseEntry(const std::string& text, int index) {
 
 // Blocks of the kernel this GPU holds at once (all dtypes of this world), on an otherwise idle GPU.
 int Capacity(int device, int world) {
-  int sms = 0;
-  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = lab::Facts(device).sms;
   int per_sm = INT_MAX;
   for (DLDataType dtype : {DLDataType{kDLFloat, 16, 1}, DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 32, 1}}) {
     int n = 0;

@@ -40,6 +40,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <map>
 #include <utility>
 
@@ -229,8 +230,7 @@ Shape Choose(int64_t n, int64_t k, int device) {
   const bool few = per_lane <= 4;
   const Shape candidates[2] = {few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
                                few || Bits == 8 ? ShapeOf<Bits, 2, 4, OutT>() : ShapeOf<Bits, 2, 8, OutT>()};
-  int sms = 0;
-  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = lab::Facts(device).sms;
   Shape best = candidates[0];
   int64_t best_cost = -1;
   for (const Shape& c : candidates) {
@@ -279,14 +279,23 @@ __global__ void Dequantize(const uint32_t* __restrict__ w, const __half* __restr
   }
 }
 
+void CheckOnGpuCompact(const char* fn, std::initializer_list<const DLTensor*> tensors) {
+  for (const DLTensor* t : tensors) {
+    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
+    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
+  }
+}
+
+void CheckLaunch(const char* fn) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
+}
+
 template <int Bits>
 void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
   const char* fn = Bits == 4 ? "lab.dequant.q4" : "lab.dequant.q8";
   constexpr int per_word = 32 / Bits;
-  for (const DLTensor* t : {w, scale, out}) {
-    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
-    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
-  }
+  CheckOnGpuCompact(fn, {w, scale, out});
   if (w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.code != kDLFloat || scale->dtype.bits != 16 ||
       out->dtype.code != kDLFloat || out->dtype.bits != 16 || w->ndim != 2 || scale->ndim != 2 || out->ndim != 2)
     TVM_FFI_THROW(TypeError) << fn << ": expects q_weight uint32 [N, K/" << per_word
@@ -300,24 +309,18 @@ void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
   if (chunks == 0) return;
   const int device = w->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  int sms = 0;
-  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   constexpr int threads = 256;
-  const int64_t blocks = std::min<int64_t>((chunks + threads - 1) / threads, int64_t(sms) * 16);
+  const int64_t blocks = std::min<int64_t>((chunks + threads - 1) / threads, int64_t(lab::Facts(device).sms) * 16);
   Dequantize<Bits><<<unsigned(blocks), threads, 0, stream>>>(Data<uint32_t>(w), Data<__half>(scale),
                                                               Data<__half>(out), chunks);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
+  CheckLaunch(fn);
 }
 
 template <int Bits>
 void GemvPacked(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   const char* fn = Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8";
   constexpr int per_word = 32 / Bits;
-  for (const DLTensor* t : {x, w, scale, out}) {
-    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
-    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
-  }
+  CheckOnGpuCompact(fn, {x, w, scale, out});
   const bool f16 = [](DLDataType d) { return d.code == kDLFloat && d.bits == 16 && d.lanes == 1; }(x->dtype);
   if (!f16 || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
       scale->ndim != 2)
@@ -342,8 +345,7 @@ void GemvPacked(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   } else {
     Launch<Bits>(n, k, xp, wp, sp, Data<__half>(out), device, stream);
   }
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
+  CheckLaunch(fn);
 }
 
 }  // namespace
