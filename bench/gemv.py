@@ -14,7 +14,7 @@ TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES)
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
 on SHAPES (checked bit for bit). `run` times each kernel with CUDA events
-over many calls, rotating over enough weight copies (> 2x L2) that every call reads from HBM, and
+over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
 
@@ -76,6 +76,38 @@ def build(out: Path, quants: list[str]) -> None:
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+L2_BYTES = 50 * 2**20  # timed calls rotate over weight copies of at least 4x this: each reads HBM
+
+
+def weight_copies(packed, scale, moved_bytes: int) -> list[list]:
+    """Copies of a packed weight and its scales (tvm_ffi tensors) enough for a call that moves
+    `moved_bytes` to read each from HBM when the calls rotate over them."""
+    import tvm_ffi
+
+    copies = max(1, -(-4 * L2_BYTES // moved_bytes))
+    return [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
+
+
+def per_call_seconds(call, params: list, warmup: int, calls: int, samples: int = 5) -> list[float]:
+    """Seconds per `call(p)` (CUDA events around `calls` launches rotating over `params`), one
+    figure per sample, after `warmup` calls."""
+    import torch
+
+    for i in range(warmup):
+        call(params[i % len(params)])
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        start.record()
+        for i in range(calls):
+            call(params[i % len(params)])
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end) / 1e3 / calls)
+    return out
+
+
 def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
     import numpy as np
     import torch
@@ -96,7 +128,6 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
     manifest += [{"name": f"{quant}-{shape}-library", "quant": quant, "shape": shape, "variant": "library",
                   "n": n, "k": k} for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
     results, reference = [], {}
-    l2 = 50 * 2**20
     for entry in manifest:
         spec = quant_spec(entry["quant"])
         n, k = entry["n"], entry["k"]
@@ -104,8 +135,7 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
         w = torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02
         packed, scale = quantize_torch(w, spec)
         weight_bytes = packed.numel() * 4 + scale.numel() * 2
-        copies = max(1, -(-4 * l2 // weight_bytes))
-        params = [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
+        params = weight_copies(packed, scale, weight_bytes)
         x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
         xt = tvm_ffi.from_dlpack(x)
         if entry["variant"] == "library":
@@ -128,19 +158,7 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
             wd = dequantize(deq[0].cpu().numpy(), deq[1].cpu().numpy(), spec)
             reference[key] = wd @ x.float().cpu().numpy().ravel()
         err = float(np.abs(y - reference[key]).max() / (np.abs(reference[key]).max() + 1e-6))
-        for i in range(10):
-            fn(xt, params[i % copies])
-        calls = 200
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            start.record()
-            for i in range(calls):
-                fn(xt, params[i % copies])
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end) / 1e3 / calls)
+        samples = per_call_seconds(lambda p: fn(xt, p), params, warmup=10, calls=200)
         t = float(np.median(samples))
         r = dict(entry, rel_error=err, us=t * 1e6, gb_s=weight_bytes / t / 1e9,
                  bandwidth_fraction=weight_bytes / t / bandwidth["bytes_per_s"], raw_s=samples)
@@ -178,24 +196,12 @@ def dequant_results(quants: list[str], bandwidth: float) -> list[dict]:
             packed, scale = quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02, spec)
             out = torch.empty(n, k, device="cuda", dtype=torch.float16)
             moved = packed.numel() * 4 + scale.numel() * 2 + out.numel() * 2
-            copies = max(1, -(-4 * 50 * 2**20 // moved))
-            params = [[tvm_ffi.from_dlpack(packed.clone()), tvm_ffi.from_dlpack(scale.clone())] for _ in range(copies)]
+            params = weight_copies(packed, scale, moved)
             out_t = tvm_ffi.from_dlpack(out)
             library(*params[0], out_t)
             expected = dequantize(packed.cpu().numpy(), scale.cpu().numpy(), spec).astype(np.float16)
             exact = bool(np.array_equal(out.cpu().numpy(), expected))
-            for i in range(5):
-                library(*params[i % copies], out_t)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            samples = []
-            for _ in range(5):
-                torch.cuda.synchronize()
-                start.record()
-                for i in range(50):
-                    library(*params[i % copies], out_t)
-                end.record()
-                torch.cuda.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3 / 50)
+            samples = per_call_seconds(lambda p: library(*p, out_t), params, warmup=5, calls=50)
             t = float(np.median(samples))
             r = {"name": f"{quant}-{shape}-dequant", "quant": quant, "shape": shape, "variant": "dequant", "n": n, "k": k,
                  "exact": exact, "us": t * 1e6, "gb_s": moved / t / 1e9, "bandwidth_fraction": moved / t / bandwidth,
