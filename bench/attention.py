@@ -6,7 +6,10 @@ float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
 Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
 `lab.attention.prefill_ragged`: one sequence of 128, 1024 and 4096 tokens (causal
 self-attention: what a first prefill does), and a ragged batch of three sequences whose queries
-are the last tokens of longer key ranges (what a chunked prefill with a prefix does).
+are the last tokens of longer key ranges (what a chunked prefill with a prefix does); both of its
+paths in the same process (`lab.attention.prefill_path`: the fused flash kernel and the cuBLAS +
+softmax one it replaced), beside PyTorch's SDPA. Also head dims 64 and 32 (the fused kernel's
+other instances; the tiny test model's heads are 32 wide) and a non-causal case, checked and timed.
 `lab.attention.decode_paged`: batch 1 and 16 at contexts of 1024 and 4096 tokens, over pages of
 16 tokens in shuffled order. Output and the base-2 log-sum-exp are compared; each case is timed
 with CUDA events (median and p95 of repeated calls, after warm-up).
@@ -28,10 +31,13 @@ HEAD_DIM = 128
 # (name, [(query tokens, key tokens)] per sequence)
 CASES = [("n128", [(128, 128)]), ("n1024", [(1024, 1024)]), ("n4096", [(4096, 4096)]),
          ("ragged3", [(300, 700), (17, 17), (512, 1536)])]
+# (head dim, causal, name, sequences): the fused kernel's other instances and the full mask
+OTHER_CASES = [(64, True, "n1000-d64", [(1000, 1000)]), (32, True, "ragged2-d32", [(77, 300), (200, 200)]),
+               (128, False, "full-n500", [(500, 700)])]
 
 
-def reference(q, k, v, seqs, sm_scale):
-    """float32 causal attention per sequence; returns (out [n, Hq, d], lse2 [n, Hq])."""
+def reference(q, k, v, seqs, sm_scale, causal: bool = True):
+    """float32 (causal) attention per sequence; returns (out [n, Hq, d], lse2 [n, Hq])."""
     import torch
 
     group = q.shape[1] // k.shape[1]
@@ -42,14 +48,15 @@ def reference(q, k, v, seqs, sm_scale):
         vs = v[ko:ko + m].float().repeat_interleave(group, dim=1).transpose(0, 1)
         s = qs @ ks.transpose(1, 2) * sm_scale
         mask = torch.arange(m, device=q.device)[None, :] <= torch.arange(n, device=q.device)[:, None] + (m - n)
-        s = s.masked_fill(~mask, float("-inf"))
+        if causal:
+            s = s.masked_fill(~mask, float("-inf"))
         outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
         lses.append((torch.logsumexp(s, -1) / math.log(2)).transpose(0, 1))
         qo, ko = qo + n, ko + m
     return torch.cat(outs), torch.cat(lses)
 
 
-def sdpa(q, k, v, seqs):
+def sdpa(q, k, v, seqs, causal: bool = True):
     """PyTorch's fused attention on the same sequences (its flash kernel where it applies)."""
     import torch.nn.functional as F
 
@@ -59,7 +66,9 @@ def sdpa(q, k, v, seqs):
         ks = k[ko:ko + m].repeat_interleave(group, dim=1).transpose(0, 1)[None]
         vs = v[ko:ko + m].repeat_interleave(group, dim=1).transpose(0, 1)[None]
         # is_causal aligns the mask to the top left; a prefix (m > n) needs it at the bottom right
-        if n == m:
+        if not causal:
+            F.scaled_dot_product_attention(qs, ks, vs)
+        elif n == m:
             F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:
             import torch
@@ -126,6 +135,58 @@ def decode_case(fn, hq: int, hkv: int, batch: int, context: int, sm_scale: float
             "kv_bytes": kv_bytes}
 
 
+def prefill_case(fn, set_path, heads_name: str, hq: int, hkv: int, d: int, causal: bool, case: str, seqs) -> dict:
+    """`lab.attention.prefill_ragged` on random sequences, each path checked against the float32
+    reference and timed, and SDPA timed on the same tensors."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from harness import stats
+    from runtime_patch import functions
+
+    sm_scale = 1 / math.sqrt(d)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    n_total, m_total = sum(n for n, _ in seqs), sum(m for _, m in seqs)
+    q = torch.randn(n_total, hq, d, device="cuda", dtype=torch.float16, generator=g)
+    k = torch.randn(m_total, hkv, d, device="cuda", dtype=torch.float16, generator=g)
+    v = torch.randn(m_total, hkv, d, device="cuda", dtype=torch.float16, generator=g)
+    qo = torch.tensor(np.cumsum([0] + [n for n, _ in seqs]), dtype=torch.int32, device="cuda")
+    ko = torch.tensor(np.cumsum([0] + [m for _, m in seqs]), dtype=torch.int32, device="cuda")
+    pos = torch.zeros(n_total, dtype=torch.int32, device="cuda")
+    offset = torch.zeros(len(seqs), dtype=torch.int32, device="cuda")
+    want_o, want_lse = reference(q, k, v, seqs, sm_scale, causal)
+    r = {"function": functions.PREFILL_RAGGED, "heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": d,
+         "causal": causal, "case": case, "seqs": seqs}
+    line = f"{heads_name} {case:12s}"
+    for path in functions.PREFILL_PATHS:
+        o = torch.full_like(q, float("nan"))
+        lse = torch.full((n_total, hq), float("nan"), device="cuda", dtype=torch.float32)
+        args = [tvm_ffi.from_dlpack(t) for t in (q, qo, k, v, ko, pos, offset, o, lse)]
+
+        def call():
+            fn(*args, int(causal), 0, 1.0, 500000.0, sm_scale)
+
+        set_path(path)
+        call()
+        torch.cuda.synchronize()
+        samples = timed(call)
+        r[path] = {"out_rel_error": float((o.float() - want_o).abs().max() / want_o.abs().max()),
+                   "lse_abs_error": float((lse - want_lse).abs().max()), "seconds": stats.summarize(samples),
+                   "raw_seconds": samples}
+        line += (f" {path} {r[path]['seconds']['p50'] * 1e6:8.1f} us (err {r[path]['out_rel_error']:.1e}, "
+                 f"lse {r[path]['lse_abs_error']:.1e})")
+    set_path(functions.PREFILL_PATHS[0])
+    peer = timed(lambda: sdpa(q, k, v, seqs, causal))
+    # QK^T and PV over the (query, key) pairs the mask keeps
+    pairs = sum(n * m - (n * (n - 1) // 2 if causal else 0) for n, m in seqs)
+    r.update(sdpa_s=stats.summarize(peer), raw_sdpa_s=peer, flops=4 * pairs * d * hq)
+    for path in functions.PREFILL_PATHS:
+        r[path]["tflops"] = r["flops"] / r[path]["seconds"]["p50"] / 1e12
+    print(f"{line}, SDPA {r['sdpa_s']['p50'] * 1e6:8.1f} us; fused {r['fused']['tflops']:.0f} TFLOP/s", flush=True)
+    return r
+
+
 def timed(fn, warmup: int = 3, repeats: int = 20) -> list[float]:
     import torch
 
@@ -151,45 +212,17 @@ def run(out: Path, sha: str | None) -> None:
     from harness.results import atomic_write_text
     from runtime_patch import functions
 
-    functions.register("cuda", [functions.PREFILL_RAGGED, functions.DECODE_PAGED])
+    functions.register("cuda", [functions.PREFILL_RAGGED, functions.DECODE_PAGED, functions.PREFILL_PATH])
     fn = tvm_ffi.get_global_func(functions.PREFILL_RAGGED)
     decode_fn = tvm_ffi.get_global_func(functions.DECODE_PAGED)
+    set_path = tvm_ffi.get_global_func(functions.PREFILL_PATH)
     sm_scale = 1 / math.sqrt(HEAD_DIM)
     results = []
+    for d, causal, case, seqs in OTHER_CASES:
+        results.append(prefill_case(fn, set_path, "tp1", *HEADS["tp1"], d, causal, case, seqs))
     for heads_name, (hq, hkv) in HEADS.items():
         for case, seqs in CASES:
-            g = torch.Generator(device="cuda").manual_seed(0)
-            n_total, m_total = sum(n for n, _ in seqs), sum(m for _, m in seqs)
-            q = torch.randn(n_total, hq, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
-            k = torch.randn(m_total, hkv, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
-            v = torch.randn(m_total, hkv, HEAD_DIM, device="cuda", dtype=torch.float16, generator=g)
-            qo = torch.tensor(np.cumsum([0] + [n for n, _ in seqs]), dtype=torch.int32, device="cuda")
-            ko = torch.tensor(np.cumsum([0] + [m for _, m in seqs]), dtype=torch.int32, device="cuda")
-            pos = torch.zeros(n_total, dtype=torch.int32, device="cuda")
-            offset = torch.zeros(len(seqs), dtype=torch.int32, device="cuda")
-            o = torch.empty_like(q)
-            lse = torch.empty(n_total, hq, device="cuda", dtype=torch.float32)
-            args = [tvm_ffi.from_dlpack(t) for t in (q, qo, k, v, ko, pos, offset, o, lse)]
-
-            def call():
-                fn(*args[:7], args[7], args[8], 1, 0, 1.0, 500000.0, sm_scale)
-
-            call()
-            torch.cuda.synchronize()
-            want_o, want_lse = reference(q, k, v, seqs, sm_scale)
-            err_o = float((o.float() - want_o).abs().max() / want_o.abs().max())
-            err_lse = float((lse - want_lse).abs().max())
-            lib = timed(call)
-            peer = timed(lambda: sdpa(q, k, v, seqs))
-            flops = sum(4 * n * m * HEAD_DIM * hq for n, m in seqs)  # QK^T and PV, without the causal saving
-            r = {"function": functions.PREFILL_RAGGED, "heads": heads_name, "q_heads": hq, "kv_heads": hkv, "head_dim": HEAD_DIM, "case": case,
-                 "seqs": seqs, "out_rel_error": err_o, "lse_abs_error": err_lse,
-                 "library_s": stats.summarize(lib), "sdpa_s": stats.summarize(peer),
-                 "library_tflops": flops / stats.summarize(lib)["p50"] / 1e12, "raw_library_s": lib, "raw_sdpa_s": peer}
-            print(f"{heads_name} {case:8s} library {r['library_s']['p50'] * 1e6:8.1f} us "
-                  f"(p95 {r['library_s']['p95'] * 1e6:.1f}), SDPA {r['sdpa_s']['p50'] * 1e6:8.1f} us; "
-                  f"out err {err_o:.1e}, lse err {err_lse:.1e}", flush=True)
-            results.append(r)
+            results.append(prefill_case(fn, set_path, heads_name, hq, hkv, HEAD_DIM, True, case, seqs))
         for case, batch, context in DECODE_CASES:
             d = decode_case(decode_fn, hq, hkv, batch, context, sm_scale)
             raw_lib, raw_peer = d.pop("library_s"), d.pop("sdpa_s")

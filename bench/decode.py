@@ -30,6 +30,7 @@ from engine.session import VMSession
 from engine.weights import open_source
 from harness import device_probe, measure, stats
 from harness.results import atomic_write_text, git_info
+from runtime_patch import functions
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
@@ -91,16 +92,24 @@ def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens
             torch.cuda.synchronize()
             per_token.append((time.perf_counter() - start) / new_tokens)
         prefill = []
+        # the logits of the last position only, as a prefill that samples one token needs (and as
+        # generate() asks for); older transformers compute them for every position
+        import inspect
+
+        last_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_kwargs = {"logits_to_keep": 1} if last_only else {}
         for _ in range(repeats):
             start_ev, end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start_ev.record()
-            model(ids)
+            model(ids, **forward_kwargs)
             end_ev.record()
             torch.cuda.synchronize()
             prefill.append(start_ev.elapsed_time(end_ev) / 1e3)
+    attention = getattr(model.config, "_attn_implementation", None)
     del model
     torch.cuda.empty_cache()
-    return {"peer": f"transformers {kind}", "step_s_incl_prefill_amortised": stats.summarize(per_token),
+    return {"peer": f"transformers {kind}", "attention": attention, "prefill_logits": "last" if last_only else "all",
+            "step_s_incl_prefill_amortised": stats.summarize(per_token),
             "tokens_per_s": batch / float(np.median(per_token)), "prefill_s": stats.summarize(prefill),
             "first_call_s": first, "raw_per_token_s": per_token}
 
@@ -115,14 +124,20 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
+    ap.add_argument("--prefill-paths", default=functions.PREFILL_PATHS[0],
+                    help=f"comma list of the library prefill attention's paths to time ({', '.join(functions.PREFILL_PATHS)})")
     add_kernel_args(ap)  # the engine runs once per artifact
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
     ap.add_argument("--sha", default=None, help="git SHA of the code (when run outside a checkout)")
     args = ap.parse_args()
+    unknown = set(args.prefill_paths.split(",")) - set(functions.PREFILL_PATHS)
+    if unknown:
+        ap.error(f"--prefill-paths: {', '.join(sorted(unknown))} is not one of {', '.join(functions.PREFILL_PATHS)}")
 
     import tvm
+    import tvm_ffi
 
     config = preset(args.model)
     dev = tvm.cuda(0)
@@ -139,20 +154,30 @@ def main() -> None:
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
         load_s = time.perf_counter() - t0
-        for prompt in map(int, args.prompts.split(",")):
-            for batch in map(int, args.batches.split(",")):
-                r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
-                context = prompt + args.new_tokens / 2
-                per_step = measure.decode_bytes_per_step(artifact.spec, session.weight_bytes,
-                                                         artifact.param_bytes("model.embed_tokens"), batch, context)
-                r.update(quant=quant, **kernels, prompt=prompt, batch=batch, load_s=load_s,
-                         bytes_per_step=per_step,
-                         roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
-                                                                   r["step_s"]["p50"]))
-                print(f"{quant} ({', '.join(f'{k}={v}' for k, v in kernels.items())}) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
-                      f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
-                      f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
-                record["engine"].append(r)
+        if kernels["prefill_attention"] == "library":
+            functions.register("cuda", [functions.PREFILL_PATH])
+            set_prefill_path = tvm_ffi.get_global_func(functions.PREFILL_PATH)
+        # the prefill attention's paths, each timed in this process (library prefill attention)
+        paths = args.prefill_paths.split(",") if kernels["prefill_attention"] == "library" else [None]
+        for prompt, batch, path in [(p, b, f) for p in map(int, args.prompts.split(","))
+                                    for b in map(int, args.batches.split(",")) for f in paths]:
+            if path is not None:
+                set_prefill_path(path)
+            r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
+            context = prompt + args.new_tokens / 2
+            per_step = measure.decode_bytes_per_step(artifact.spec, session.weight_bytes,
+                                                     artifact.param_bytes("model.embed_tokens"), batch, context)
+            r.update(quant=quant, **kernels, prefill_path=path, prompt=prompt, batch=batch, load_s=load_s,
+                     bytes_per_step=per_step,
+                     roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
+                                                               r["step_s"]["p50"]))
+            print(f"{quant} ({', '.join(f'{k}={v}' for k, v in kernels.items())}"
+                  f"{f', prefill {path}' if path else ''}) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
+                  f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
+                  f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
+            record["engine"].append(r)
+        if paths != [None]:
+            set_prefill_path(functions.PREFILL_PATHS[0])
         session.close()
         del session
     peers = [p for p in args.peers.split(",") if p]

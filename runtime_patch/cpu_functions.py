@@ -67,6 +67,17 @@ def _no_inline_rope(rotary_mode, name: str) -> None:
         raise ValueError(f"{name}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
 
 
+_prefill_path = [functions.PREFILL_PATHS[0]]
+
+
+def _set_prefill_path(name: str) -> str:
+    """The CUDA plugin's choice of prefill attention; NumPy has one (exact in float32) either way."""
+    if name not in functions.PREFILL_PATHS:
+        raise ValueError(f"{functions.PREFILL_PATH}: {name} is not one of {', '.join(functions.PREFILL_PATHS)}")
+    previous, _prefill_path[0] = _prefill_path[0], name
+    return previous
+
+
 def _numpy_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
                           causal, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
     _no_inline_rope(rotary_mode, functions.PREFILL_RAGGED)
@@ -182,6 +193,7 @@ IMPLEMENTATIONS = {
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,
+    functions.PREFILL_PATH: _set_prefill_path,
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,
     functions.DECODE_PAGED_INVARIANT: _numpy_decode_paged,

@@ -15,6 +15,9 @@ Matrix products (plugin cuda_gemm):
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
 Attention of TVM's paged KV cache, in the slots of its TIR kernels (plugin cuda_attention):
   PREFILL_RAGGED(...)                   a prefill's self-attention over the tokens it appends
+  PREFILL_PATH(name) -> previous        "fused" (flash attention, the default) or "unfused" (cuBLAS
+                                        GEMMs and a softmax through memory): which the prefills run,
+                                        for the benchmarks; one path on llvm
   DECODE_PAGED(...)                     a decode step's attention over the pages, split over the keys
   DECODE_PAGED_INVARIANT(...)           the same, split as for a batch of 1 whatever the batch
                                         (build option batch_invariant: bit-identical sums per sequence)
@@ -72,6 +75,8 @@ DEQUANT_Q8 = "lab.dequant.q8"
 # The whole weight dequantized to float16 for the prefill's library GEMM, by width
 DEQUANT_BY_BITS = {4: DEQUANT_Q4, 8: DEQUANT_Q8}
 PREFILL_RAGGED = "lab.attention.prefill_ragged"
+PREFILL_PATH = "lab.attention.prefill_path"
+PREFILL_PATHS = ("fused", "unfused")
 DECODE_PAGED = "lab.attention.decode_paged"
 DECODE_PAGED_INVARIANT = "lab.attention.decode_paged_invariant"
 ALLREDUCE_BEGIN = "lab.ccl.allreduce_begin"
@@ -107,7 +112,7 @@ PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
-    PREFILL_RAGGED: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
+    PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
     IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",

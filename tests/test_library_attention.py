@@ -117,3 +117,18 @@ def test_attention_choice(tiny_config):
     assert "batch_prefill_paged_kv" in create  # a prefill's attention over cached pages stays TVM's
     only_decode = export(BuildSpec(tiny_config, "q0f16", target="cuda", kv_cache="paged", prefill_attention="tir"))[0]
     assert functions.PREFILL_RAGGED not in only_decode["create_kv_cache"].script()
+
+
+def test_prefill_path_choice():
+    """`lab.attention.prefill_path` switches the CUDA prefill between the fused kernel and the
+    cuBLAS + softmax path (the benchmarks time both): it returns the previous choice and refuses
+    any other name, on every target."""
+    import tvm_ffi
+
+    functions.register("llvm", [functions.PREFILL_PATH])
+    choose = tvm_ffi.get_global_func(functions.PREFILL_PATH)
+    assert choose("unfused") == "fused"
+    assert choose("fused") == "unfused"
+    with pytest.raises(Exception, match="flash"):
+        choose("flash")
+    assert choose("fused") == "fused"

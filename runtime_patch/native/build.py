@@ -4,7 +4,7 @@
 - `nccl`: TVM's shipped `disco/nccl/nccl.cc` with our nccl_overlap.cc (allreduces on a
   communication stream, `full_overlap`);
 - `cuda_gemm` (cublas_gemm.cc, quant_gemv.cu): the prefill's cuBLAS GEMM, the q4 and q8 decode GEMVs;
-- `cuda_attention` (cuda_attention.cu): the paged KV cache's prefill and decode attention, and
+- `cuda_attention` (cuda_attention.cu, flash_prefill.cu): the paged KV cache's prefill and decode attention, and
   the static KV cache's functions (`lab.kv.*`: attention, append, the step's advance and mailbox);
 - `cuda_allreduce` (oneshot_allreduce.cu): the one-shot allreduce over CUDA IPC (`lab.ccl.*`).
 
@@ -47,7 +47,7 @@ class CudaPlugin:
 
 
 CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "quant_gemv.cu")),
-                "cuda_attention": CudaPlugin(("cuda_attention.cu",)),
+                "cuda_attention": CudaPlugin(("cuda_attention.cu", "flash_prefill.cu")),
                 "cuda_allreduce": CudaPlugin(("oneshot_allreduce.cu",), cublas=False)}
 PLUGINS = (*CCLS, *CUDA_PLUGINS)
 _HERE = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
     if name in CUDA_PLUGINS:
         plugin = CUDA_PLUGINS[name]
         srcs = [_HERE / f for f in plugin.sources]
-        hashed = [*srcs, _HERE / "cuda_common.h", _HERE / "cuda_check.h"]
+        hashed = [*srcs, *sorted(_HERE.glob("*.h"))]
         r = _Recipe(name, srcs, hashed, [*_NVCC_FLAGS, *([] if plugin.cublas else ["-DLAB_NO_CUBLAS"])],
                     libs=["-ltvm_ffi", "-lcudart"], nvcc=True)
         if for_build:

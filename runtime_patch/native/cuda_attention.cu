@@ -8,10 +8,13 @@
 //   (q [n, Hq, d], q_indptr [b+1], k [m, Hkv, d], v [m, Hkv, d], kv_indptr [b+1],
 //    q_rope_position, k_rope_pos_offset, output [n, Hq, d], lse [n, Hq] float32,
 //    causal, rotary_mode, rope_scale, rope_theta, sm_scale)
-//   per sequence and chunk of query rows: S = Q K^T as cuBLAS strided-batched GEMMs (float16 in,
-//   float32 out, tensor cores), a causal softmax kernel of ours writing float16 P, O = P V the same
-//   way. A chunk's S and P live in a workspace of at most kWorkspaceBytes per device (grown on
-//   demand); with causal masking a chunk only reads the keys its last row can see.
+//   per sequence: the fused flash attention of flash_prefill.cu (tensor cores, scores kept in
+//   registers) where the head dim is 32, 64 or 128 on compute capability 8.0 or newer. Otherwise
+//   (or after lab.attention.prefill_path("unfused"), for the benchmarks) per chunk of query rows:
+//   S = Q K^T as cuBLAS strided-batched GEMMs (float16 in, float32 out, tensor cores), a causal
+//   softmax kernel of ours writing float16 P, O = P V the same way. A chunk's S and P live in a
+//   workspace of at most kWorkspaceBytes per device (grown on demand); with causal masking a chunk
+//   only reads the keys its last row can see.
 //
 // lab.attention.decode_paged: one new token per sequence against the paged cache,
 //   (q [b, Hq, d], pages [num_pages, 2, Hkv, page_size, d], page_indptr [b+1], page_values [nnz],
@@ -32,7 +35,7 @@
 // (never on a length read to the host) and uses buffers that never move once allocated:
 // lab.kv.prefill_attention(q [n, Hq, d], k [n, Hkv, d], v, cache, layer, slot, start, sm_scale, out)
 //   the chunk's k and v written at positions start.. of the slot, then the causal attention of its
-//   queries over positions 0..start+n, the prefill's cuBLAS path above with keys read in place.
+//   queries over positions 0..start+n, the prefill's attention above with keys read in place.
 // lab.kv.decode_attention(q [b, Hq, d], k [b, Hkv, d], v, cache, layer, positions, sm_scale, out)
 //   one token per slot at positions[slot]: its k and v written there, attention over 0..position.
 //   Split over the keys as decode_paged, with the splits fixed by the shapes (fill the GPU, at
@@ -61,15 +64,18 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 #include <vector>
 
 #include "cuda_common.h"
+#include "flash_prefill.h"
 
 namespace {
 
@@ -686,23 +692,36 @@ std::vector<int32_t> HostIndptr(const DLTensor* t, cudaStream_t stream) {
   return host;
 }
 
+// Which prefill attention CausalAttention runs where both apply (lab.attention.prefill_path: the
+// benchmarks time both in one process); the fused kernel by default.
+enum PrefillKernel { kFused = 0, kUnfused = 1 };
+std::atomic<int> prefill_path{kFused};
+int PrefillPath() { return prefill_path.load(std::memory_order_relaxed); }
+
 // Causal attention of n query rows (q, row stride q_ld) over m keys whose key i has row
-// k + i * kv_ld (and v likewise) for the first KV head and the next head kv_head_stride further:
-// per chunk of query rows, S = Q K^T and O = P V as cuBLAS strided-batched GEMMs over the KV heads
-// (one call per query head of a group), a causal softmax kernel of ours between them. Query row i
-// sees keys j <= i + shift (shift = m - n). lse of row i goes to lse[(lse_row0 + i) * q_heads + h].
+// k + i * kv_ld (and v likewise) for the first KV head and the next head kv_head_stride further.
+// Query row i sees keys j <= i + shift (shift = m - n). lse of row i goes to
+// lse[(lse_row0 + i) * q_heads + h]. The fused kernel (flash_prefill.cu) where it applies (head
+// dims 32, 64, 128 on compute capability 8.0 or newer); otherwise, per chunk of query rows,
+// S = Q K^T and O = P V as cuBLAS strided-batched GEMMs over the KV heads (one call per query head
+// of a group), a causal softmax kernel of ours between them, S and P through a workspace.
 void CausalAttention(DeviceState& state, cudaStream_t stream, cublasHandle_t handle, const __half* q, int64_t q_ld,
                      int64_t n, const __half* k, const __half* v, int64_t kv_ld, int64_t kv_head_stride, int64_t m,
                      bool causal, __half* out, float* lse, int64_t lse_row0, int64_t q_heads, int64_t kv_heads,
                      int64_t d, float scale2, const char* fn) {
   const int64_t group = q_heads / kv_heads, shift = m - n;
+  if (causal ? m - n + 1 <= 0 : m <= 0) TVM_FFI_THROW(ValueError) << fn << ": a causal query row sees no key";
+  lab::FlashPrefillArgs flash;
+  flash.q = q, flash.q_ld = q_ld, flash.k = k, flash.v = v, flash.kv_ld = kv_ld, flash.kv_head_stride = kv_head_stride;
+  flash.out = out, flash.lse = lse, flash.lse_row0 = lse_row0, flash.n = n, flash.m = m, flash.q_heads = q_heads;
+  flash.kv_heads = kv_heads, flash.d = d, flash.causal = causal, flash.scale2 = scale2;
+  if (PrefillPath() == kFused && lab::FlashPrefillApplies(flash, state.major)) return lab::FlashPrefill(flash, stream);
   const float one = 1.f, zero = 0.f;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kWorkspaceBytes / (q_heads * m * 6)));
   char* ws = static_cast<char*>(state.workspace.Get(q_heads * chunk * m * 6, stream));
   for (int64_t i0 = 0; i0 < n; i0 += chunk) {
     const int64_t rows = std::min(chunk, n - i0);
     const int64_t cols = causal ? std::min(m, i0 + rows + shift) : m;
-    if (cols <= 0) TVM_FFI_THROW(ValueError) << fn << ": a causal query row sees no key";
     float* s = reinterpret_cast<float*>(ws);
     __half* p = reinterpret_cast<__half*>(ws + q_heads * rows * cols * 4);
     const __half* qb = q + i0 * q_ld;
@@ -729,6 +748,19 @@ void CausalAttention(DeviceState& state, cudaStream_t stream, cublasHandle_t han
           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     }
   }
+}
+
+// lab.attention.prefill_path(name) -> the previous name: "fused" or "unfused" (above).
+std::string SetPrefillPath(const std::string& name) {
+  int want;
+  if (name == "fused") {
+    want = kFused;
+  } else if (name == "unfused") {
+    want = kUnfused;
+  } else {
+    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_path: " << name << " is not fused or unfused";
+  }
+  return prefill_path.exchange(want) == kFused ? "fused" : "unfused";
 }
 
 void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DLTensor* kv_indptr,
@@ -1085,6 +1117,7 @@ void KvSetIds(DLTensor* new_ids, DLTensor* ids, DLTensor* out) {
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef().def("lab.attention.prefill_ragged", PrefillRagged);
+  refl::GlobalDef().def("lab.attention.prefill_path", SetPrefillPath);
   // The KV cache calls these with the TIR decode kernel's arguments (k_rope_pos_offset,
   // q_rope_position, rope_scale and rope_theta are unused: RoPE is applied before the cache).
   refl::GlobalDef().def("lab.attention.decode_paged",
