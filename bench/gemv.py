@@ -13,7 +13,9 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
-on SHAPES (checked bit for bit). `run` times each kernel with CUDA events
+on SHAPES (checked bit for bit); the fused GEMVs (an RMSNorm, SiLU-and-multiply or residual
+add inside the GEMV, `fused_results`) against their CPU versions, and a layer's chain of them in a
+CUDA graph against the separate kernels. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
@@ -167,12 +169,139 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
         results.append(r)
         del params
     results += dequant_results(quants, bandwidth["bytes_per_s"])
+    results += fused_results(quants)
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
         "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
         "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "bandwidth": bandwidth,
         "results": results}, indent=1))
+
+
+# The fused GEMVs of a Llama-3-8B layer at tp=1 (decode_gemv=library): (shape, input, add)
+LAYER_CHAIN = [("qkv", "rms_norm", False), ("o", "", True), ("gate_up", "rms_norm", False), ("down", "silu_mul", True)]
+CHAIN_LAYERS = 8  # layers of weights in the timed chain (> 4x L2 of weights at q4: each call reads HBM)
+
+
+def fused_results(quants: list[str]) -> list[dict]:
+    """The fused GEMVs (lab.gemv.q4_rms_norm, _add, _silu_mul, _silu_mul_add, runtime_patch.functions
+    .gemv_name) checked against their CPU versions (runtime_patch.cpu_functions, the CPU tests'
+    oracle-checked ones) on the 8B's shapes; then a layer's four GEMVs timed in one CUDA graph over
+    CHAIN_LAYERS layers of weights, fused against the same GEMVs with the RMSNorms, SiLU-and-multiply
+    and residual adds as kernels of their own (PyTorch's, in place of TVM's), per layer."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from engine.quantize import quant_spec, quantize_torch
+    from runtime_patch import cpu_functions, functions
+
+    eps = 1e-5
+    results = []
+    for quant in quants:
+        bits = quant_spec(quant).bits
+        names = [functions.gemv_name(bits, *v) for v in functions.GEMV_VARIANTS]
+        functions.register("cuda", names)
+        g = torch.Generator(device="cuda").manual_seed(2)
+        layers = []
+        for _ in range(CHAIN_LAYERS):
+            layer = {}
+            for shape, _, _ in LAYER_CHAIN:
+                n, k = SHAPES[shape]
+                layer[shape] = quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
+                                              quant_spec(quant))
+            layer["norm1"], layer["norm2"] = (1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.float16,
+                                                                    generator=g) for _ in range(2))
+            layers.append(layer)
+        hidden = torch.randn(1, 1, 4096, device="cuda", dtype=torch.float16, generator=g)
+
+        def call(input, add, shape, x, weights, residual=None, norm=None):
+            n = SHAPES[shape][0]
+            out = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
+            args = [x, *([norm, eps] if input == "rms_norm" else []), *weights, *([residual] if add else []), out]
+            with tvm_ffi.use_torch_stream():
+                tvm_ffi.get_global_func(functions.gemv_name(bits, input, add))(
+                    *[tvm_ffi.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args])
+            return out
+
+        def fused_layer(x, layer):
+            qkv = call("rms_norm", False, "qkv", x, layer["qkv"], norm=layer["norm1"])
+            h = call("", True, "o", qkv[..., :4096].contiguous(), layer["o"], residual=x)
+            gate_up = call("rms_norm", False, "gate_up", h, layer["gate_up"], norm=layer["norm2"])
+            return call("silu_mul", True, "down", gate_up, layer["down"], residual=h)
+
+        def rms_norm(x, w):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).half() * w
+
+        def separate_layer(x, layer):
+            qkv = call("", False, "qkv", rms_norm(x, layer["norm1"]), layer["qkv"])
+            h = x + call("", False, "o", qkv[..., :4096].contiguous(), layer["o"])
+            gate, up = call("", False, "gate_up", rms_norm(h, layer["norm2"]), layer["gate_up"]).chunk(2, -1)
+            return h + call("", False, "down", torch.nn.functional.silu(gate) * up, layer["down"])
+
+        # each variant against its CPU version, on the same inputs
+        layer = layers[0]
+        for shape, input, add in [*LAYER_CHAIN, ("down", "silu_mul", False), ("qkv", "", False)]:
+            n, k = SHAPES[shape]
+            x = torch.randn(1, 1, 2 * k if input == "silu_mul" else k, device="cuda", dtype=torch.float16, generator=g)
+            residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
+            norm = layer["norm1"] if k == 4096 else None
+            got = call(input, add, shape, x, layer[shape], residual, norm).float().cpu().numpy()
+            want = np.zeros((1, 1, n), np.float16)
+            host = [x.cpu().numpy(), *([norm.cpu().numpy(), eps] if input == "rms_norm" else []),
+                    *(t.cpu().numpy() for t in layer[shape]), *([residual.cpu().numpy()] if add else []), want]
+            cpu_functions.IMPLEMENTATIONS[functions.gemv_name(bits, input, add)](*host)
+            want = want.astype(np.float32)
+            err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
+            name = functions.gemv_name(bits, input, add)
+            print(f"{name:28s} {shape:8s} rel. error against the CPU version {err:.1e}", flush=True)
+            results.append({"name": f"{quant}-{shape}-{name}", "quant": quant, "shape": shape, "variant": "fused",
+                            "function": name, "n": n, "k": k, "rel_error": err})
+        # the chain, in one graph per formulation
+        timings = {}
+        outputs = {}
+        for kind, layer_fn in (("fused", fused_layer), ("separate", separate_layer)):
+            stream = torch.cuda.Stream()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                layer_fn(hidden, layers[0])  # warm-up outside the capture
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph, stream=stream):
+                    x = hidden
+                    for layer in layers:
+                        x = layer_fn(x, layer)
+                    outputs[kind] = x
+            torch.cuda.synchronize()
+            timings[kind] = [t / CHAIN_LAYERS for t in graph_seconds(graph.replay)]
+        a, b = outputs["fused"].float(), outputs["separate"].float()
+        agreement = float((a - b).abs().max() / b.abs().max())
+        r = {"name": f"{quant}-layer-chain", "quant": quant, "variant": "layer_chain", "layers": CHAIN_LAYERS,
+             "fused_s": float(np.median(timings["fused"])), "separate_s": float(np.median(timings["separate"])),
+             "raw_fused_s": timings["fused"], "raw_separate_s": timings["separate"],
+             "fused_vs_separate_rel_diff": agreement}
+        print(f"{quant} layer chain: fused {r['fused_s'] * 1e6:.1f} us per layer, separate "
+              f"{r['separate_s'] * 1e6:.1f} (difference of outputs {agreement:.1e})", flush=True)
+        results.append(r)
+    return results
+
+
+def graph_seconds(replay, warmup: int = 3, samples: int = 10) -> list[float]:
+    """Seconds per replay of a CUDA graph (CUDA events), after warm-up."""
+    import torch
+
+    for _ in range(warmup):
+        replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(samples):
+        torch.cuda.synchronize()
+        start.record()
+        replay()
+        end.record()
+        torch.cuda.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
 
 
 def dequant_results(quants: list[str], bandwidth: float) -> list[dict]:

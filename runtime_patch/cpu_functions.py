@@ -36,13 +36,37 @@ def _numpy_dequant(bits: int):
     return dequant
 
 
-def _numpy_gemv(bits: int):
-    """lab.gemv.q4 / q8: q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits
-    first; value = (q - (2^(bits-1) - 1)) * scale."""
-    def gemv(x, q_weight, q_scale, out) -> None:
-        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
-        weight = _dequantized(wa, sa, bits)
-        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ weight.T
+def _rms_norm_input(xa, norm_weight, eps: float):
+    """x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the norm's weight, rounded again
+    (transformers' LlamaRMSNorm; the CUDA prologue rounds alike)."""
+    xf = xa.astype(np.float32)
+    normed = (xf / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))).astype(xa.dtype)
+    return (normed.astype(np.float32) * norm_weight.astype(np.float32)).astype(xa.dtype)
+
+
+def _silu_mul_input(xa):
+    """[gate, up] -> silu(gate) rounded to the dtype, times up, rounded again."""
+    gate, up = np.split(xa.astype(np.float32), 2, axis=-1)
+    return ((gate / (1 + np.exp(-gate))).astype(xa.dtype).astype(np.float32) * up).astype(xa.dtype)
+
+
+def _numpy_gemv(bits: int, input: str = "", add: bool = False):
+    """lab.gemv.q4 / q8 and their fused variants (runtime_patch.functions.gemv_name): q_weight
+    [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
+    (q - (2^(bits-1) - 1)) * scale; the input computed from the first argument(s), the residual
+    added to the float32 product before the one rounding."""
+    def gemv(*args) -> None:
+        args = [np.from_dlpack(a) if not isinstance(a, float) else a for a in args]
+        xa, args = args[0], args[1:]
+        if input == "rms_norm":
+            (norm_weight, eps), args = args[:2], args[2:]
+            xa = _rms_norm_input(xa, norm_weight, eps)
+        elif input == "silu_mul":
+            xa = _silu_mul_input(xa)
+        wa, sa, oa = args[0], args[1], args[-1]
+        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
+        if add:
+            product += args[2].reshape(product.shape).astype(np.float32)
         np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
     return gemv
@@ -188,8 +212,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
-    functions.GEMV_Q4: _numpy_gemv(4),
-    functions.GEMV_Q8: _numpy_gemv(8),
+    **{functions.gemv_name(bits, *variant): _numpy_gemv(bits, *variant)
+       for bits in functions.GEMV_BY_BITS for variant in functions.GEMV_VARIANTS},
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,

@@ -58,11 +58,13 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, norm: nn.RMSNorm,
+                residual: Tensor | None = None) -> Tensor:
+        """(residual +) o_proj(attention(qkv_proj(norm(x))))."""
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        qkv = op.reshape(self.qkv_proj.fused(x, phase, norm=norm), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5)
-        return self.o_proj(op.reshape(out, (b, s, self.q_heads * self.head_dim)), phase)
+        return self.o_proj.fused(op.reshape(out, (b, s, self.q_heads * self.head_dim)), phase, residual=residual)
 
 
 class MLP(nn.Module):
@@ -70,9 +72,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
         self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, phase: str) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x, phase), 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up, phase)
+    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm, residual: Tensor | None = None) -> Tensor:
+        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x))."""
+        gate_up = self.gate_up_proj.fused(x, phase, norm=norm)
+        return self.down_proj.fused(gate_up, phase, silu_mul=True, residual=residual)
 
 
 def _rms_norm(config, spec) -> nn.RMSNorm:
@@ -96,12 +99,15 @@ class DecoderLayer(nn.Module):
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
-        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
+        return self.self_attn(x, kv, layer_id, phase, self.input_layernorm)
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
-        return self.mlp(self.post_attention_layernorm(x), phase)
+        return self.mlp(x, phase, self.post_attention_layernorm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+        if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
+            x = self.self_attn(x, kv, layer_id, phase, self.input_layernorm, residual=x)
+            return self.mlp(x, phase, self.post_attention_layernorm, residual=x)
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 

@@ -128,6 +128,12 @@ struct Params {
   int per_block;             // 16-byte vectors per block
   int rank;
   int aligned;               // input and output both 16-byte aligned
+  // lab.ccl.allreduce_add_rms_norm (a block per row, per_block = the row's vectors): output =
+  // residual + sum, normed = rms_norm(output) * norm_weight
+  const char* residual;
+  char* normed;
+  const char* norm_weight;
+  float eps;
 };
 
 __device__ __forceinline__ uint32_t LoadVolatile(const uint32_t* p) {
@@ -240,12 +246,18 @@ __device__ __forceinline__ bool Flagged(uint64_t a, uint64_t b, uint64_t c, uint
 }
 
 // One call: block b pushes its vectors to every peer, then waits for the peers' and sums.
+// With AddNorm (lab.ccl.allreduce_add_rms_norm) a block holds one row: the sum is rounded to T (as
+// the allreduce's output), the residual added and rounded (as the separate add), and once the
+// block has the row's mean square, normed = T(T(x / sqrt(ms + eps)) * weight) (transformers'
+// LlamaRMSNorm): the two kernels that follow every decode allreduce are this one.
 // __launch_bounds__(kThreads, 2): at most 128 registers, so two blocks fit an SM.
-template <typename T, int W>
+template <typename T, int W, bool AddNorm>
 __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
   constexpr int N = Lanes<T>::N;
   __shared__ uint32_t shared_epoch;
   __shared__ int shared_reported;
+  __shared__ float shared_squares[kThreads / 32];
+  float squares = 0.f;
   const int block = blockIdx.x;
   const int64_t first = int64_t(block) * p.per_block;
   const int n = int(min(int64_t(p.per_block), (p.nbytes + 15) / 16 - first));  // >= 1 (the host's grid)
@@ -338,7 +350,82 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
 #pragma unroll
       for (int k = 0; k < N; ++k) acc[k] = s == 0 ? f[k] : acc[k] + f[k];
     }
-    StoreVector(p.output, (first + i) * 16, p.nbytes, p.aligned, Lanes<T>::Pack(acc));
+    uint4 sum = Lanes<T>::Pack(acc);
+    if constexpr (AddNorm) {
+      float r[N];
+      Lanes<T>::Unpack(sum, acc);
+      Lanes<T>::Unpack(LoadVector(p.residual, (first + i) * 16, p.nbytes, p.aligned), r);
+#pragma unroll
+      for (int k = 0; k < N; ++k) acc[k] += r[k];
+      sum = Lanes<T>::Pack(acc);
+      Lanes<T>::Unpack(sum, acc);
+#pragma unroll
+      for (int k = 0; k < N; ++k) squares += acc[k] * acc[k];
+    }
+    StoreVector(p.output, (first + i) * 16, p.nbytes, p.aligned, sum);
+  }
+  if constexpr (AddNorm) {
+    // the row's mean square over the block, then each thread normalises the vectors it stored
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+    if (threadIdx.x % 32 == 0) shared_squares[threadIdx.x / 32] = squares;
+    __syncthreads();
+    squares = 0.f;
+    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared_squares[w];
+    const float inverse = rsqrtf(squares / float(p.per_block * N) + p.eps);
+    const int64_t row_bytes = int64_t(p.per_block) * 16;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      float x[N], w[N];
+      Lanes<T>::Unpack(LoadVector(p.output, (first + i) * 16, p.nbytes, p.aligned), x);
+      Lanes<T>::Unpack(LoadVector(p.norm_weight, int64_t(i) * 16, row_bytes, p.aligned), w);
+#pragma unroll
+      for (int k = 0; k < N; ++k) x[k] *= inverse;
+      Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
+#pragma unroll
+      for (int k = 0; k < N; ++k) x[k] *= w[k];
+      StoreVector(p.normed, (first + i) * 16, p.nbytes, p.aligned, Lanes<T>::Pack(x));
+    }
+  }
+}
+
+// The same add and norm after a sum made elsewhere (TVM's CCL, where the one-shot does not apply):
+// a block per row; output = output + residual, normed as above.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) AddRmsNorm(char* output, const char* residual, char* normed,
+                                                       const char* norm_weight, int64_t row_vectors, float eps) {
+  constexpr int N = Lanes<T>::N;
+  __shared__ float shared_squares[kThreads / 32];
+  const int64_t first = int64_t(blockIdx.x) * row_vectors, row_bytes = row_vectors * 16;
+  float squares = 0.f;
+  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x) {
+    float x[N], r[N];
+    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(output)[first + i], x);
+    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(residual)[first + i], r);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] += r[k];
+    const uint4 sum = Lanes<T>::Pack(x);
+    Lanes<T>::Unpack(sum, x);
+#pragma unroll
+    for (int k = 0; k < N; ++k) squares += x[k] * x[k];
+    reinterpret_cast<uint4*>(output)[first + i] = sum;
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  if (threadIdx.x % 32 == 0) shared_squares[threadIdx.x / 32] = squares;
+  __syncthreads();
+  squares = 0.f;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared_squares[w];
+  const float inverse = rsqrtf(squares / float(row_vectors * N) + eps);
+  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x) {
+    float x[N], w[N];
+    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(output)[first + i], x);
+    Lanes<T>::Unpack(LoadVector(norm_weight, i * 16, row_bytes, true), w);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] *= inverse;
+    Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] *= w[k];
+    reinterpret_cast<uint4*>(normed)[first + i] = Lanes<T>::Pack(x);
   }
 }
 
@@ -347,27 +434,38 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
 
 using Kernel = void (*)(Params);
 
-template <typename T>
+template <typename T, bool AddNorm>
 Kernel KernelForWorld(int world) {
   switch (world) {
-    case 2: return OneShotAllReduce<T, 2>;
-    case 3: return OneShotAllReduce<T, 3>;
-    case 4: return OneShotAllReduce<T, 4>;
-    case 5: return OneShotAllReduce<T, 5>;
-    case 6: return OneShotAllReduce<T, 6>;
-    case 7: return OneShotAllReduce<T, 7>;
-    case 8: return OneShotAllReduce<T, 8>;
+    case 2: return OneShotAllReduce<T, 2, AddNorm>;
+    case 3: return OneShotAllReduce<T, 3, AddNorm>;
+    case 4: return OneShotAllReduce<T, 4, AddNorm>;
+    case 5: return OneShotAllReduce<T, 5, AddNorm>;
+    case 6: return OneShotAllReduce<T, 6, AddNorm>;
+    case 7: return OneShotAllReduce<T, 7, AddNorm>;
+    case 8: return OneShotAllReduce<T, 8, AddNorm>;
     default: return nullptr;
   }
 }
 
 // nullptr for a dtype the kernel does not sum
-Kernel KernelFor(DLDataType dtype, int world) {
+Kernel KernelFor(DLDataType dtype, int world, bool add_norm = false) {
   if (dtype.lanes != 1) return nullptr;
-  if (dtype.code == kDLFloat && dtype.bits == 16) return KernelForWorld<__half>(world);
-  if (dtype.code == kDLBfloat && dtype.bits == 16) return KernelForWorld<__nv_bfloat16>(world);
-  if (dtype.code == kDLFloat && dtype.bits == 32) return KernelForWorld<float>(world);
+  if (dtype.code == kDLFloat && dtype.bits == 16)
+    return add_norm ? KernelForWorld<__half, true>(world) : KernelForWorld<__half, false>(world);
+  if (dtype.code == kDLBfloat && dtype.bits == 16)
+    return add_norm ? KernelForWorld<__nv_bfloat16, true>(world) : KernelForWorld<__nv_bfloat16, false>(world);
+  if (dtype.code == kDLFloat && dtype.bits == 32)
+    return add_norm ? KernelForWorld<float, true>(world) : KernelForWorld<float, false>(world);
   return nullptr;
+}
+
+using AddNormKernel = void (*)(char*, const char*, char*, const char*, int64_t, float);
+
+AddNormKernel AddNormFor(DLDataType dtype) {
+  if (dtype.code == kDLFloat && dtype.bits == 16) return AddRmsNorm<__half>;
+  if (dtype.code == kDLBfloat && dtype.bits == 16) return AddRmsNorm<__nv_bfloat16>;
+  return AddRmsNorm<float>;
 }
 
 struct Grid {
@@ -383,9 +481,13 @@ Grid GridFor(int64_t vectors) {
   return {int(blocks), int(per_block), int(threads)};
 }
 
+// At least a row of kRowVectors (8192 float16 values, Llama-3-70B's hidden size) per slot: the
+// add-and-norm kernel's block holds a whole row.
+constexpr int64_t kRowVectors = 1024;
+
 int64_t SlotVectors(int64_t max_bytes) {
   const int64_t vectors = (max_bytes + 15) / 16;
-  return std::max<int64_t>(kThreads, (vectors + kMaxBlocks - 1) / kMaxBlocks);
+  return std::max<int64_t>(kRowVectors, (vectors + kMaxBlocks - 1) / kMaxBlocks);
 }
 
 int64_t RegionBytes(int world, int64_t max_bytes) {
@@ -410,6 +512,7 @@ struct Ipc {
   std::string handles, reason;  // what ipc_open got; why the one-shot is off
   char* regions[kMaxWorld] = {};
   int64_t limit = 0;  // one-shot up to this many bytes
+  int blocks_at_once = 0;  // of the kernel, on every rank's GPU
 };
 
 std::mutex mutex;
@@ -489,9 +592,12 @@ int Capacity(int device, int world) {
   const int sms = lab::Facts(device).sms;
   int per_sm = INT_MAX;
   for (DLDataType dtype : {DLDataType{kDLFloat, 16, 1}, DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 32, 1}}) {
-    int n = 0;
-    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KernelFor(dtype, world), kThreads, 0));
-    per_sm = std::min(per_sm, n);
+    for (bool add_norm : {false, true}) {
+      int n = 0;
+      LAB_CHECK_CUDA(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KernelFor(dtype, world, add_norm), kThreads, 0));
+      per_sm = std::min(per_sm, n);
+    }
   }
   return per_sm * sms;
 }
@@ -612,6 +718,7 @@ bool IpcOpen(const tvm::ffi::String& handles_text) {
   int capacity = INT_MAX;
   for (const Entry& e : entries) capacity = std::min(capacity, e.capacity);
   s->limit = capacity >= kMaxBlocks ? s->max_bytes : std::min<int64_t>(s->max_bytes, int64_t(capacity) * kThreads * 16);
+  s->blocks_at_once = capacity;
   if (s->limit <= 0) {
     s->reason = "NCCL: a GPU cannot hold one block of the one-shot kernel";
     return false;
@@ -665,53 +772,50 @@ int64_t Numel(const DLTensor* t) {
   return n;
 }
 
-void AllReduce(tvm::ffi::AnyView input_view, tvm::ffi::AnyView output_view) {
-  DLTensor* input = input_view.cast<DLTensor*>();
-  DLTensor* output = output_view.cast<DLTensor*>();
-  const int64_t numel = Numel(input);
-  if (Numel(output) != numel || input->dtype.code != output->dtype.code || input->dtype.bits != output->dtype.bits ||
-      input->dtype.lanes != output->dtype.lanes)
-    TVM_FFI_THROW(ValueError) << "lab.ccl.allreduce: input and output differ in size or dtype";
-  if (!lab::IsCompact(input) || !lab::IsCompact(output))
-    TVM_FFI_THROW(ValueError) << "lab.ccl.allreduce: input and output must be compact (row-major, no gaps)";
-  if (input->device.device_type != output->device.device_type || input->device.device_id != output->device.device_id)
-    TVM_FFI_THROW(ValueError) << "lab.ccl.allreduce: input and output are on different devices";
-  const int64_t nbytes = numel * ((int64_t(input->dtype.bits) * input->dtype.lanes + 7) / 8);
-  if (numel == 0) return;
+void CheckPair(const char* fn, const DLTensor* a, const DLTensor* b, const char* what) {
+  if (Numel(a) != Numel(b) || a->dtype.code != b->dtype.code || a->dtype.bits != b->dtype.bits ||
+      a->dtype.lanes != b->dtype.lanes)
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " differ in size or dtype";
+  if (!lab::IsCompact(a) || !lab::IsCompact(b))
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be compact (row-major, no gaps)";
+  if (a->device.device_type != b->device.device_type || a->device.device_id != b->device.device_id)
+    TVM_FFI_THROW(ValueError) << fn << ": " << what << " are on different devices";
+}
 
+// The one-shot kernel for a message of `nbytes` on `input`'s device (AddNorm: `rows` rows of
+// `row_vectors` vectors, a block each), its parameters' shared part, or why not (kernel null).
+Kernel OneShotFor(const DLTensor* input, int64_t nbytes, bool add_norm, int64_t rows, int64_t row_vectors,
+                  Params& p, std::string& why) {
+  std::lock_guard<std::mutex> lock(mutex);
   const int device = input->device.device_id;
-  Params p{};
+  auto it = input->device.device_type == kDLCUDA ? States().find(device) : States().end();
+  const Ipc* s = it == States().end() ? nullptr : it->second;
   Kernel kernel = nullptr;
-  std::string why;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = input->device.device_type == kDLCUDA ? States().find(device) : States().end();
-    const Ipc* s = it == States().end() ? nullptr : it->second;
-    if (s == nullptr) {
-      why = input->device.device_type == kDLCUDA ? "lab.ccl.ipc_open not called on device " + std::to_string(device)
-                                                 : "not a CUDA tensor";
-    } else if (!s->opened) {
-      why = s->reason;
-    } else if ((kernel = KernelFor(input->dtype, s->world)) == nullptr) {
-      why = "dtype is not float16, bfloat16 or float32";
-    } else if (nbytes > s->limit) {
-      kernel = nullptr;
-      why = std::to_string(nbytes) + " bytes is above the one-shot limit of " + std::to_string(s->limit);
-    } else {
-      for (int q = 0; q < s->world; ++q) p.regions[q] = s->regions[q];
-      p.slot_lines = 2 * SlotVectors(s->max_bytes);
-      p.rank = s->rank;
-      p.mine = s->local;
-    }
+  if (s == nullptr) {
+    why = input->device.device_type == kDLCUDA ? "lab.ccl.ipc_open not called on device " + std::to_string(device)
+                                               : "not a CUDA tensor";
+  } else if (!s->opened) {
+    why = s->reason;
+  } else if ((kernel = KernelFor(input->dtype, s->world, add_norm)) == nullptr) {
+    why = "dtype is not float16, bfloat16 or float32";
+  } else if (nbytes > s->limit) {
+    kernel = nullptr;
+    why = std::to_string(nbytes) + " bytes is above the one-shot limit of " + std::to_string(s->limit);
+  } else if (add_norm && (rows > std::min(kMaxBlocks, s->blocks_at_once) || row_vectors > SlotVectors(s->max_bytes))) {
+    kernel = nullptr;
+    why = std::to_string(rows) + " rows of " + std::to_string(row_vectors * 16) +
+          " bytes do not fit the one-shot's blocks (a row per block)";
+  } else {
+    for (int q = 0; q < s->world; ++q) p.regions[q] = s->regions[q];
+    p.slot_lines = 2 * SlotVectors(s->max_bytes);
+    p.rank = s->rank;
+    p.mine = s->local;
   }
-  if (kernel == nullptr) return Fallback(input_view, output_view, why);
+  return kernel;
+}
 
-  p.input = lab::Data<const char>(input);
-  p.output = lab::Data<char>(output);
-  p.nbytes = nbytes;
-  p.aligned = (reinterpret_cast<uintptr_t>(p.input) % 16 == 0) && (reinterpret_cast<uintptr_t>(p.output) % 16 == 0);
-  const Grid grid = GridFor((nbytes + 15) / 16);
-  p.per_block = grid.per_block;
+void Launch(Kernel kernel, const Params& params, const Grid& grid, int device) {
+  Params p = params;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const int previous = CurrentDevice();
   if (previous != device) LAB_CHECK_CUDA(cudaSetDevice(device));
@@ -720,6 +824,83 @@ void AllReduce(tvm::ffi::AnyView input_view, tvm::ffi::AnyView output_view) {
                                            dim3(grid.threads), args, 0, stream);
   if (previous != device) cudaSetDevice(previous);
   LAB_CHECK_CUDA(err);
+}
+
+int64_t Bytes(const DLTensor* t) { return Numel(t) * ((int64_t(t->dtype.bits) * t->dtype.lanes + 7) / 8); }
+
+void AllReduce(tvm::ffi::AnyView input_view, tvm::ffi::AnyView output_view) {
+  DLTensor* input = input_view.cast<DLTensor*>();
+  DLTensor* output = output_view.cast<DLTensor*>();
+  CheckPair("lab.ccl.allreduce", input, output, "input and output");
+  const int64_t nbytes = Bytes(input);
+  if (nbytes == 0) return;
+  Params p{};
+  std::string why;
+  const Kernel kernel = OneShotFor(input, nbytes, false, 0, 0, p, why);
+  if (kernel == nullptr) return Fallback(input_view, output_view, why);
+  p.input = lab::Data<const char>(input);
+  p.output = lab::Data<char>(output);
+  p.nbytes = nbytes;
+  p.aligned = (reinterpret_cast<uintptr_t>(p.input) % 16 == 0) && (reinterpret_cast<uintptr_t>(p.output) % 16 == 0);
+  const Grid grid = GridFor((nbytes + 15) / 16);
+  p.per_block = grid.per_block;
+  Launch(kernel, p, grid, input->device.device_id);
+}
+
+// lab.ccl.allreduce_add_rms_norm(partial, residual, norm_weight, eps, output, normed):
+// output = residual + sum over ranks of partial; normed = rms_norm(output) * norm_weight over the
+// last dimension. The one-shot kernel with a block per row where it applies; else TVM's CCL
+// into output, then AddRmsNorm.
+void AllReduceAddRmsNorm(tvm::ffi::AnyView partial_view, tvm::ffi::AnyView residual_view,
+                         tvm::ffi::AnyView weight_view, double eps, tvm::ffi::AnyView output_view,
+                         tvm::ffi::AnyView normed_view) {
+  const char* fn = "lab.ccl.allreduce_add_rms_norm";
+  DLTensor* partial = partial_view.cast<DLTensor*>();
+  DLTensor* residual = residual_view.cast<DLTensor*>();
+  DLTensor* weight = weight_view.cast<DLTensor*>();
+  DLTensor* output = output_view.cast<DLTensor*>();
+  DLTensor* normed = normed_view.cast<DLTensor*>();
+  CheckPair(fn, partial, output, "partial and output");
+  CheckPair(fn, partial, residual, "partial and residual");
+  CheckPair(fn, partial, normed, "partial and normed");
+  if (partial->ndim < 1 || weight->ndim != 1 || weight->shape[0] != partial->shape[partial->ndim - 1] ||
+      weight->dtype.code != partial->dtype.code || weight->dtype.bits != partial->dtype.bits)
+    TVM_FFI_THROW(ValueError) << fn << ": norm_weight must be a vector of the rows' width and dtype";
+  if (partial->device.device_type != kDLCUDA)
+    TVM_FFI_THROW(ValueError) << fn << ": the tensors are not on a CUDA device";
+  const int64_t nbytes = Bytes(partial), row_bytes = Bytes(weight);
+  if (nbytes == 0) return;
+  if (row_bytes % 16 != 0 || KernelFor(partial->dtype, 2) == nullptr)
+    TVM_FFI_THROW(ValueError) << fn << ": rows must be float16, bfloat16 or float32 and a multiple of 16 bytes";
+  const char* data[] = {lab::Data<const char>(partial), lab::Data<const char>(residual), lab::Data<const char>(weight),
+                        lab::Data<const char>(output), lab::Data<const char>(normed)};
+  for (const char* d : data)
+    if (reinterpret_cast<uintptr_t>(d) % 16 != 0) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not 16-byte aligned";
+  const int64_t rows = nbytes / row_bytes, row_vectors = row_bytes / 16;
+  const int device = partial->device.device_id;
+  Params p{};
+  std::string why;
+  const Kernel kernel = OneShotFor(partial, nbytes, true, rows, row_vectors, p, why);
+  if (kernel != nullptr) {
+    p.input = lab::Data<const char>(partial);
+    p.output = lab::Data<char>(output);
+    p.nbytes = nbytes;
+    p.aligned = 1;
+    p.per_block = int(row_vectors);
+    p.residual = lab::Data<const char>(residual);
+    p.normed = lab::Data<char>(normed);
+    p.norm_weight = lab::Data<const char>(weight);
+    p.eps = float(eps);
+    const Grid grid{int(rows), int(row_vectors), int(std::min<int64_t>(kThreads, (row_vectors + 31) / 32 * 32))};
+    return Launch(kernel, p, grid, device);
+  }
+  Fallback(partial_view, output_view, why);
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  const int threads = int(std::min<int64_t>(kThreads, (row_vectors + 31) / 32 * 32));
+  AddNormFor(partial->dtype)<<<unsigned(rows), threads, 0, stream>>>(
+      lab::Data<char>(output), lab::Data<const char>(residual), lab::Data<char>(normed), lab::Data<const char>(weight),
+      row_vectors, float(eps));
+  LAB_CHECK_CUDA(cudaGetLastError());
 }
 
 }  // namespace
@@ -731,5 +912,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("lab.ccl.ipc_open", IpcOpen)
       .def("lab.ccl.ipc_status", IpcStatus)
       .def("lab.ccl.ipc_disable", IpcDisable)
-      .def("lab.ccl.allreduce", AllReduce);
+      .def("lab.ccl.allreduce", AllReduce)
+      .def("lab.ccl.allreduce_add_rms_norm", AllReduceAddRmsNorm);
 }
