@@ -258,6 +258,33 @@ def fused_results(quants: list[str]) -> list[dict]:
             print(f"{name:28s} {shape:8s} rel. error against the CPU version {err:.1e}", flush=True)
             results.append({"name": f"{quant}-{shape}-{name}", "quant": quant, "shape": shape, "variant": "fused",
                             "function": name, "n": n, "k": k, "rel_error": err})
+        # each variant alone, as the model calls it: CHAIN_LAYERS calls (one per layer's weights)
+        # in one CUDA graph, per call, beside the plain GEMV of the same shape
+        for shape, input, add in [("qkv", "", False), ("qkv", "rms_norm", False), ("o", "", False), ("o", "", True),
+                                  ("gate_up", "", False), ("gate_up", "rms_norm", False), ("down", "", False),
+                                  ("down", "", True), ("down", "silu_mul", False), ("down", "silu_mul", True)]:
+            n, k = SHAPES[shape]
+            x = torch.randn(1, 1, 2 * k if input == "silu_mul" else k, device="cuda", dtype=torch.float16, generator=g)
+            residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
+
+            def calls(shape=shape, input=input, add=add, x=x, residual=residual):
+                for layer in layers:
+                    call(input, add, shape, x, layer[shape], residual, layer["norm1"])
+
+            stream = torch.cuda.Stream()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                calls()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph, stream=stream):
+                    calls()
+            torch.cuda.synchronize()
+            samples = [t / CHAIN_LAYERS for t in graph_seconds(graph.replay)]
+            name = functions.gemv_name(bits, input, add)
+            r = {"name": f"{quant}-{shape}-{name}-in-graph", "quant": quant, "shape": shape, "variant": "in_graph",
+                 "function": name, "n": n, "k": k, "us": float(np.median(samples)) * 1e6, "raw_s": samples}
+            print(f"{name:28s} {shape:8s} {r['us']:7.1f} us per call in a graph of {CHAIN_LAYERS}", flush=True)
+            results.append(r)
         # the chain, in one graph per formulation
         timings = {}
         outputs = {}

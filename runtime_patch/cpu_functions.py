@@ -148,6 +148,15 @@ def _allreduce(x, out) -> None:
     _allreduce_begin(x, out)
 
 
+def _allreduce_add_rms_norm(partial, residual, norm_weight, eps, out, normed) -> None:
+    """`lab.ccl.allreduce_add_rms_norm` on the CPU: TVM's allreduce into out, then out += residual
+    and normed = rms_norm(out) * norm_weight, rounded where the CUDA kernel rounds."""
+    _allreduce_begin(partial, out)
+    oa, ra, na = np.from_dlpack(out), np.from_dlpack(residual), np.from_dlpack(normed)
+    np.copyto(oa, (oa.astype(np.float32) + ra.astype(np.float32)).astype(oa.dtype))
+    np.copyto(na, _rms_norm_input(oa, np.from_dlpack(norm_weight), eps))
+
+
 def _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out) -> None:
     """Write the chunk's k, v into the slot at start.., then causal attention over 0..start+n."""
     qa, ka, va = (np.from_dlpack(t) for t in (q, k, v))  # [n, H, d]
@@ -226,6 +235,7 @@ IMPLEMENTATIONS = {
     functions.OVERLAP_INIT: lambda: None,
     functions.SET_OVERLAP: lambda on: None,
     functions.ALLREDUCE: _allreduce,
+    functions.ALLREDUCE_ADD_RMS_NORM: _allreduce_add_rms_norm,
     functions.IPC_CREATE: lambda rank, world, max_bytes: "",
     functions.IPC_OPEN: lambda handles: False,
     functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",

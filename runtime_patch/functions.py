@@ -39,6 +39,12 @@ runtime_patch/native/oneshot_allreduce.cu; on CPU, cpu_shm through TVM's allredu
   ALLREDUCE(input, output)              output = sum of input over the workers (float16, bfloat16,
                                         float32): our kernel once opened and up to the size limit,
                                         else TVM's CCL (runtime.disco.allreduce: NCCL / cpu_shm)
+  ALLREDUCE_ADD_RMS_NORM(partial, residual, norm_weight, eps, output, normed)
+                                        output = residual + the sum of partial over the workers,
+                                        normed = rms_norm(output) * norm_weight (last dimension): the
+                                        residual add and the next RMSNorm of a layer at tp > 1 in the
+                                        allreduce's kernel (a block per row), else TVM's CCL and a
+                                        kernel of ours for the add and norm
   IPC_CREATE(rank, world, max_bytes) -> text   this device's region for the peers to map
   IPC_OPEN(texts) -> bool               every rank's text in rank order, ";"-joined; false (TVM's CCL
                                         then) where the GPUs lack peer access
@@ -104,6 +110,7 @@ ALLREDUCE_WAIT = "lab.ccl.allreduce_wait"
 OVERLAP_INIT = "lab.ccl.overlap_init"
 SET_OVERLAP = "lab.ccl.set_overlap"
 ALLREDUCE = "lab.ccl.allreduce"
+ALLREDUCE_ADD_RMS_NORM = "lab.ccl.allreduce_add_rms_norm"
 IPC_CREATE = "lab.ccl.ipc_create"
 IPC_OPEN = "lab.ccl.ipc_open"
 IPC_STATUS = "lab.ccl.ipc_status"
@@ -134,7 +141,7 @@ PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
-    ALLREDUCE: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
+    ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
     IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",

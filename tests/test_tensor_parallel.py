@@ -16,14 +16,15 @@ from engine.generate import Generator
 from engine.session import VMSession
 from engine.weights import open_source
 from harness.oracle import Reference, relative_error
+from runtime_patch import functions
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 16, 8
 
 
-def _logits_and_tokens(compiled, folder, quant, tp, lm_head="replicated"):
+def _logits_and_tokens(compiled, folder, quant, tp, lm_head="replicated", **kernels):
     config = from_hf_folder(folder)
-    artifact = compiled(config, quant, tp, lm_head=lm_head)
+    artifact = compiled(config, quant, tp, lm_head=lm_head, **kernels)
     source = open_source(config, folder)
     with (VMSession(artifact, source) if tp == 1 else DiscoSession(artifact, source)) as session:
         gen = Generator(session, max_batch=2, max_total_len=128, prefill_chunk=32)
@@ -38,6 +39,23 @@ def _logits_and_tokens(compiled, folder, quant, tp, lm_head="replicated"):
 CASES = [("tiny", q, tp, "replicated") for q in ("q0f32", "q0f16", "q8f16_1", "q4f16_1") for tp in (2, 4)]
 CASES += [("gqa", "q0f32", 2, "replicated"), ("gqa", "q0f32", 4, "replicated"), ("gqa", "q4f16_1", 2, "replicated")]
 CASES += [("tiny", "q0f32", 4, "vocab_parallel"), ("tiny", "q4f16_1", 2, "vocab_parallel")]
+
+
+@pytest.mark.parametrize("quant,tp", [("q0f32", 2), ("q0f16", 4), ("q4f16_1", 2)])
+def test_norms_in_the_library_allreduce(compiled, gqa_checkpoint, quant, tp):
+    """allreduce=library at tp > 1: each allreduce also adds the residual and computes the next
+    RMSNorm (lab.ccl.allreduce_add_rms_norm; its CPU version over cpu_shm here), the model's final
+    norm included: the same model as tp=1 and transformers."""
+    tokens, base, base_tokens = _logits_and_tokens(compiled, gqa_checkpoint, quant, 1)
+    config = from_hf_folder(gqa_checkpoint)
+    artifact = compiled(config, quant, tp, allreduce="library")
+    called = artifact.functions
+    assert functions.ALLREDUCE_ADD_RMS_NORM in called and functions.ALLREDUCE not in called
+    _, logits, generated = _logits_and_tokens(compiled, gqa_checkpoint, quant, tp, allreduce="library")
+    assert relative_error(logits, base) <= (1e-5 if quant == "q0f32" else 1e-2)
+    assert generated == base_tokens
+    if quant != "q4f16_1":
+        assert relative_error(logits, Reference(gqa_checkpoint).logits(tokens)) <= (1e-4 if quant == "q0f32" else 1e-2)
 
 
 @pytest.mark.parametrize("model,quant,tp,lm_head", CASES)

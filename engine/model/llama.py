@@ -58,9 +58,9 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, norm: nn.RMSNorm,
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, norm: nn.RMSNorm | None,
                 residual: Tensor | None = None) -> Tensor:
-        """(residual +) o_proj(attention(qkv_proj(norm(x))))."""
+        """(residual +) o_proj(attention(qkv_proj(norm(x)))); norm None: x is normalised already."""
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj.fused(x, phase, norm=norm), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5)
@@ -72,8 +72,8 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
         self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm, residual: Tensor | None = None) -> Tensor:
-        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x))."""
+    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm | None, residual: Tensor | None = None) -> Tensor:
+        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x)) (or of x)."""
         gate_up = self.gate_up_proj.fused(x, phase, norm=norm)
         return self.down_proj.fused(gate_up, phase, silu_mul=True, residual=residual)
 
@@ -103,6 +103,25 @@ class DecoderLayer(nn.Module):
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
         return self.mlp(x, phase, self.post_attention_layernorm)
+
+    def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
+        """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
+        outs = [Tensor.placeholder(partial.shape, partial.dtype) for _ in range(2)]
+        total, normed = _extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
+                                outs)
+        return total, normed
+
+    def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
+                       next_norm: nn.RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+        """tp > 1 with the library allreduce: the layer on x and input_layernorm(x) (`normed`, made
+        by the previous layer's last allreduce); returns its output and next_norm of it (None where
+        next_norm is None), the residual adds and norms inside the allreduces."""
+        x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase, None), x,
+                                          self.post_attention_layernorm)
+        partial = self.mlp(normed, phase, None)
+        if next_norm is None:
+            return x + self._reduce(partial), None
+        return self._reduce_add_norm(partial, x, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
@@ -143,13 +162,26 @@ class LlamaModel(nn.Module):
         self.last_stage = plan.last_stage
         if plan.last_stage:
             self.norm = _rms_norm(c, spec)
+        # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
+        # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
+        self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
 
     def _numbered(self):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
         return enumerate(self.layers.modules.values())
 
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
-        for layer_id, layer in self._numbered():
+        layers = list(self._numbered())
+        if self.norms_in_allreduce and layers:
+            normed = layers[0][1].input_layernorm(hidden)
+            for i, (layer_id, layer) in enumerate(layers):
+                if i + 1 < len(layers):
+                    next_norm = layers[i + 1][1].input_layernorm
+                else:
+                    next_norm = self.norm if self.last_stage else None
+                hidden, normed = layer.forward_normed(hidden, normed, kv, layer_id, phase, next_norm)
+            return normed if self.last_stage else hidden
+        for layer_id, layer in layers:
             hidden = layer(hidden, kv, layer_id, phase)
         return self.norm(hidden) if self.last_stage else hidden
 
@@ -398,8 +430,14 @@ def _extern(name: str, args: list, outs: list[Tensor]):
     from tvm import relax, tirx
     from tvm.relax.frontend.nn.core import wrap_nested
 
-    inputs = relax.Tuple([a._expr if isinstance(a, Tensor) else relax.prim_value(tirx.IntImm("int64", a))
-                          for a in args])
+    def convert(a):
+        if isinstance(a, Tensor):
+            return a._expr
+        if isinstance(a, float):
+            return relax.prim_value(tirx.FloatImm("float64", a))
+        return relax.prim_value(tirx.IntImm("int64", a))
+
+    inputs = relax.Tuple([convert(a) for a in args])
     call = relax.op.call_dps_packed(name, inputs, out_ty=[o._expr.ty for o in outs])
     return wrap_nested(call, name)
 

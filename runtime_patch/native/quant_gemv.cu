@@ -128,8 +128,9 @@ __device__ void SiluMulInput(const uint4* gate_up, uint4* x_shared, int k) {
   }
 }
 
-// kRmsNorm, on x in shared memory, in place: the mean square in float32 over the block, then
-// x' = float16(x / sqrt(ms + eps)) * norm_weight rounded to float16 (transformers' LlamaRMSNorm).
+// kRmsNorm, on x in shared memory (the norm's weight after it), in place: the mean square in
+// float32 over the block, then x' = float16(x / sqrt(ms + eps)) * norm_weight rounded to float16
+// (transformers' LlamaRMSNorm).
 __device__ void RmsNormInput(uint4* x_shared, int k, const Fusion& fusion) {
   __shared__ float partial[kWarps];
   float sum = 0.f;
@@ -147,9 +148,8 @@ __device__ void RmsNormInput(uint4* x_shared, int k, const Fusion& fusion) {
 #pragma unroll
   for (int i = 0; i < kWarps; ++i) sum += partial[i];
   const float inverse = rsqrtf(sum / float(k) + fusion.eps);
-  const uint4* weight = reinterpret_cast<const uint4*>(fusion.norm_weight);
   for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-    const uint4 v = x_shared[i], wv = __ldg(weight + i);
+    const uint4 v = x_shared[i], wv = x_shared[k / 8 + i];
     const __half* h = reinterpret_cast<const __half*>(&v);
     const __half* wh = reinterpret_cast<const __half*>(&wv);
     __align__(16) __half y[8];
@@ -180,6 +180,10 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   if constexpr (Input != kSiluMul) {
     for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + i, xv + i, 16);
+    if constexpr (Input == kRmsNorm) {  // the norm's weight after x, in the same copies
+      const uint4* nv = reinterpret_cast<const uint4*>(fusion.norm_weight);
+      for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + k / 8 + i, nv + i, 16);
+    }
     __pipeline_commit();
   }
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
@@ -288,16 +292,22 @@ int Resident(const void* kernel, int smem) {
   if (smem > 48 * 1024) LAB_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int blocks = 0;
   LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem));
-  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
+  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem << " bytes of inputs do not fit in shared memory";
   resident.emplace(key, blocks);
   return blocks;
+}
+
+// Dynamic shared memory of a GEMV of k inputs: x (and kRmsNorm's weight after it).
+template <int Input>
+int SharedBytes(int64_t k) {
+  return int(k * 2 * (Input == kRmsNorm ? 2 : 1));
 }
 
 template <int Bits, typename OutT, int Input>
 Shape Choose(int64_t n, int64_t k, int device) {
   if (Bits == 4 && n >= kQ4WideFrom) {
     const Shape wide = ShapeOf<Bits, 4, 4, OutT, Input>();
-    Resident(wide.kernel, int(k * 2));  // allows its shared memory
+    Resident(wide.kernel, SharedBytes<Input>(k));  // allows its shared memory
     return wide;
   }
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
@@ -309,7 +319,7 @@ Shape Choose(int64_t n, int64_t k, int device) {
   Shape best = candidates[0];
   int64_t best_cost = -1;
   for (const Shape& c : candidates) {
-    const int64_t slots = int64_t(Resident(c.kernel, int(k * 2))) * sms * kWarps;
+    const int64_t slots = int64_t(Resident(c.kernel, SharedBytes<Input>(k))) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
     const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
@@ -324,7 +334,8 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   const unsigned blocks = unsigned((n + kWarps * shape.rows - 1) / (kWarps * shape.rows));
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(k * 2), stream));
+  LAB_CHECK_CUDA(
+      cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(SharedBytes<Input>(k)), stream));
 }
 
 // One thread per 8 consecutive weights: its word (q4) or two (q8), their group's scale, one
@@ -411,6 +422,9 @@ void Gemv(const char* fn, DLTensor* x, DLTensor* norm_weight, double eps, DLTens
     TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (one row of x [.., " << x->shape[x->ndim - 1]
                               << "], q_weight [" << n << ", " << w->shape[1] << "], out [.., "
                               << out->shape[out->ndim - 1] << "])";
+  for (const DLTensor* t : {x, norm_weight})
+    if (t != nullptr && reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0)
+      TVM_FFI_THROW(ValueError) << fn << ": x and norm_weight must be 16-byte aligned";
   Fusion fusion;
   if (norm_weight != nullptr) {
     CheckOnGpuCompact(fn, {norm_weight});
