@@ -13,9 +13,8 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
-on SHAPES (checked bit for bit); the fused GEMVs (an RMSNorm, SiLU-and-multiply or residual
-add inside the GEMV, `fused_results`) against their CPU versions, and a layer's chain of them in a
-CUDA graph against the separate kernels. `run` times each kernel with CUDA events
+on SHAPES (checked bit for bit); `lab.gemv.q4_add` / `q8_add` (the residual add inside the GEMV)
+against their CPU versions, timed in a CUDA graph beside the plain GEMV. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
@@ -169,7 +168,7 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
         results.append(r)
         del params
     results += dequant_results(quants, bandwidth["bytes_per_s"])
-    results += fused_results(quants)
+    results += add_results(quants)
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
@@ -178,17 +177,15 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
         "results": results}, indent=1))
 
 
-# The fused GEMVs of a Llama-3-8B layer at tp=1 (decode_gemv=library): (shape, input, add)
-LAYER_CHAIN = [("qkv", "rms_norm", False), ("o", "", True), ("gate_up", "rms_norm", False), ("down", "silu_mul", True)]
-CHAIN_LAYERS = 8  # layers of weights in the timed chain (> 4x L2 of weights at q4: each call reads HBM)
+IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at q4: each call reads HBM)
 
 
-def fused_results(quants: list[str]) -> list[dict]:
-    """The fused GEMVs (lab.gemv.q4_rms_norm, _add, _silu_mul, _silu_mul_add, runtime_patch.functions
-    .gemv_name) checked against their CPU versions (runtime_patch.cpu_functions, the CPU tests'
-    oracle-checked ones) on the 8B's shapes; then a layer's four GEMVs timed in one CUDA graph over
-    CHAIN_LAYERS layers of weights, fused against the same GEMVs with the RMSNorms, SiLU-and-multiply
-    and residual adds as kernels of their own (PyTorch's, in place of TVM's), per layer."""
+def add_results(quants: list[str]) -> list[dict]:
+    """`lab.gemv.q4_add` / `q8_add` (the residual added in the GEMV) checked against their CPU
+    versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the 8B's o and
+    down shapes; then, per shape, the plain GEMV and the add variant timed as the model calls them:
+    IN_GRAPH_LAYERS calls (one per layer's weights) in one CUDA graph, per call (a separately
+    launched call under ~8 us is timed by its launch)."""
     import numpy as np
     import torch
     import tvm_ffi
@@ -196,120 +193,50 @@ def fused_results(quants: list[str]) -> list[dict]:
     from engine.quantize import quant_spec, quantize_torch
     from runtime_patch import cpu_functions, functions
 
-    eps = 1e-5
     results = []
     for quant in quants:
         bits = quant_spec(quant).bits
-        names = [functions.gemv_name(bits, *v) for v in functions.GEMV_VARIANTS]
-        functions.register("cuda", names)
+        functions.register("cuda", [functions.GEMV_BY_BITS[bits], functions.GEMV_ADD_BY_BITS[bits]])
         g = torch.Generator(device="cuda").manual_seed(2)
-        layers = []
-        for _ in range(CHAIN_LAYERS):
-            layer = {}
-            for shape, _, _ in LAYER_CHAIN:
-                n, k = SHAPES[shape]
-                layer[shape] = quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
-                                              quant_spec(quant))
-            layer["norm1"], layer["norm2"] = (1 + 0.1 * torch.randn(4096, device="cuda", dtype=torch.float16,
-                                                                    generator=g) for _ in range(2))
-            layers.append(layer)
-        hidden = torch.randn(1, 1, 4096, device="cuda", dtype=torch.float16, generator=g)
-
-        def call(input, add, shape, x, weights, residual=None, norm=None):
-            n = SHAPES[shape][0]
+        for shape in SHAPES:
+            n, k = SHAPES[shape]
+            layers = [quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
+                                     quant_spec(quant)) for _ in range(IN_GRAPH_LAYERS)]
+            x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
+            residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
             out = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
-            args = [x, *([norm, eps] if input == "rms_norm" else []), *weights, *([residual] if add else []), out]
-            with tvm_ffi.use_torch_stream():
-                tvm_ffi.get_global_func(functions.gemv_name(bits, input, add))(
-                    *[tvm_ffi.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args])
-            return out
 
-        def fused_layer(x, layer):
-            qkv = call("rms_norm", False, "qkv", x, layer["qkv"], norm=layer["norm1"])
-            h = call("", True, "o", qkv[..., :4096].contiguous(), layer["o"], residual=x)
-            gate_up = call("rms_norm", False, "gate_up", h, layer["gate_up"], norm=layer["norm2"])
-            return call("silu_mul", True, "down", gate_up, layer["down"], residual=h)
+            def call(add, weights):
+                name = (functions.GEMV_ADD_BY_BITS if add else functions.GEMV_BY_BITS)[bits]
+                args = [x, *weights, *([residual] if add else []), out]
+                with tvm_ffi.use_torch_stream():
+                    tvm_ffi.get_global_func(name)(*[tvm_ffi.from_dlpack(a) for a in args])
 
-        def rms_norm(x, w):
-            xf = x.float()
-            return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).half() * w
-
-        def separate_layer(x, layer):
-            qkv = call("", False, "qkv", rms_norm(x, layer["norm1"]), layer["qkv"])
-            h = x + call("", False, "o", qkv[..., :4096].contiguous(), layer["o"])
-            gate, up = call("", False, "gate_up", rms_norm(h, layer["norm2"]), layer["gate_up"]).chunk(2, -1)
-            return h + call("", False, "down", torch.nn.functional.silu(gate) * up, layer["down"])
-
-        # each variant against its CPU version, on the same inputs
-        layer = layers[0]
-        for shape, input, add in [*LAYER_CHAIN, ("down", "silu_mul", False), ("qkv", "", False)]:
-            n, k = SHAPES[shape]
-            x = torch.randn(1, 1, 2 * k if input == "silu_mul" else k, device="cuda", dtype=torch.float16, generator=g)
-            residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
-            norm = layer["norm1"] if k == 4096 else None
-            got = call(input, add, shape, x, layer[shape], residual, norm).float().cpu().numpy()
+            call(True, layers[0])
+            torch.cuda.synchronize()
             want = np.zeros((1, 1, n), np.float16)
-            host = [x.cpu().numpy(), *([norm.cpu().numpy(), eps] if input == "rms_norm" else []),
-                    *(t.cpu().numpy() for t in layer[shape]), *([residual.cpu().numpy()] if add else []), want]
-            cpu_functions.IMPLEMENTATIONS[functions.gemv_name(bits, input, add)](*host)
+            cpu_functions.IMPLEMENTATIONS[functions.GEMV_ADD_BY_BITS[bits]](
+                x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), residual.cpu().numpy(), want)
             want = want.astype(np.float32)
-            err = float(np.abs(got - want).max() / (np.abs(want).max() + 1e-6))
-            name = functions.gemv_name(bits, input, add)
-            print(f"{name:28s} {shape:8s} rel. error against the CPU version {err:.1e}", flush=True)
-            results.append({"name": f"{quant}-{shape}-{name}", "quant": quant, "shape": shape, "variant": "fused",
-                            "function": name, "n": n, "k": k, "rel_error": err})
-        # each variant alone, as the model calls it: CHAIN_LAYERS calls (one per layer's weights)
-        # in one CUDA graph, per call, beside the plain GEMV of the same shape
-        for shape, input, add in [("qkv", "", False), ("qkv", "rms_norm", False), ("o", "", False), ("o", "", True),
-                                  ("gate_up", "", False), ("gate_up", "rms_norm", False), ("down", "", False),
-                                  ("down", "", True), ("down", "silu_mul", False), ("down", "silu_mul", True)]:
-            n, k = SHAPES[shape]
-            x = torch.randn(1, 1, 2 * k if input == "silu_mul" else k, device="cuda", dtype=torch.float16, generator=g)
-            residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
-
-            def calls(shape=shape, input=input, add=add, x=x, residual=residual):
-                for layer in layers:
-                    call(input, add, shape, x, layer[shape], residual, layer["norm1"])
-
-            stream = torch.cuda.Stream()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream):
-                calls()
+            err = float(np.abs(out.float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
+            row = {"name": f"{quant}-{shape}-add", "quant": quant, "shape": shape, "variant": "add_in_graph",
+                   "n": n, "k": k, "rel_error_vs_cpu": err}
+            for add in (False, True):
+                stream = torch.cuda.Stream()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.stream(stream):
+                    call(add, layers[0])
+                    torch.cuda.synchronize()
+                    with torch.cuda.graph(graph, stream=stream):
+                        for weights in layers:
+                            call(add, weights)
                 torch.cuda.synchronize()
-                with torch.cuda.graph(graph, stream=stream):
-                    calls()
-            torch.cuda.synchronize()
-            samples = [t / CHAIN_LAYERS for t in graph_seconds(graph.replay)]
-            name = functions.gemv_name(bits, input, add)
-            r = {"name": f"{quant}-{shape}-{name}-in-graph", "quant": quant, "shape": shape, "variant": "in_graph",
-                 "function": name, "n": n, "k": k, "us": float(np.median(samples)) * 1e6, "raw_s": samples}
-            print(f"{name:28s} {shape:8s} {r['us']:7.1f} us per call in a graph of {CHAIN_LAYERS}", flush=True)
-            results.append(r)
-        # the chain, in one graph per formulation
-        timings = {}
-        outputs = {}
-        for kind, layer_fn in (("fused", fused_layer), ("separate", separate_layer)):
-            stream = torch.cuda.Stream()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(stream):
-                layer_fn(hidden, layers[0])  # warm-up outside the capture
-                torch.cuda.synchronize()
-                with torch.cuda.graph(graph, stream=stream):
-                    x = hidden
-                    for layer in layers:
-                        x = layer_fn(x, layer)
-                    outputs[kind] = x
-            torch.cuda.synchronize()
-            timings[kind] = [t / CHAIN_LAYERS for t in graph_seconds(graph.replay)]
-        a, b = outputs["fused"].float(), outputs["separate"].float()
-        agreement = float((a - b).abs().max() / b.abs().max())
-        r = {"name": f"{quant}-layer-chain", "quant": quant, "variant": "layer_chain", "layers": CHAIN_LAYERS,
-             "fused_s": float(np.median(timings["fused"])), "separate_s": float(np.median(timings["separate"])),
-             "raw_fused_s": timings["fused"], "raw_separate_s": timings["separate"],
-             "fused_vs_separate_rel_diff": agreement}
-        print(f"{quant} layer chain: fused {r['fused_s'] * 1e6:.1f} us per layer, separate "
-              f"{r['separate_s'] * 1e6:.1f} (difference of outputs {agreement:.1e})", flush=True)
-        results.append(r)
+                samples = [t / IN_GRAPH_LAYERS for t in graph_seconds(graph.replay)]
+                row["add_us" if add else "plain_us"] = float(np.median(samples)) * 1e6
+                row["raw_add_s" if add else "raw_plain_s"] = samples
+            print(f"{functions.GEMV_ADD_BY_BITS[bits]:18s} {shape:8s} {row['add_us']:7.1f} us per call in a graph "
+                  f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}", flush=True)
+            results.append(row)
     return results
 
 

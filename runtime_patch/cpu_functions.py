@@ -36,37 +36,23 @@ def _numpy_dequant(bits: int):
     return dequant
 
 
-def _rms_norm_input(xa, norm_weight, eps: float):
-    """x / sqrt(mean(x^2) + eps), rounded to x's dtype, times the norm's weight, rounded again
-    (transformers' LlamaRMSNorm; the CUDA prologue rounds alike)."""
+def _rms_norm(xa, norm_weight, eps: float):
+    """x / sqrt(mean(x^2) + eps) over the last axis, rounded to x's dtype, times the norm's weight,
+    rounded again (transformers' LlamaRMSNorm; the CUDA kernels round alike)."""
     xf = xa.astype(np.float32)
     normed = (xf / np.sqrt(np.mean(xf * xf, axis=-1, keepdims=True) + np.float32(eps))).astype(xa.dtype)
     return (normed.astype(np.float32) * norm_weight.astype(np.float32)).astype(xa.dtype)
 
 
-def _silu_mul_input(xa):
-    """[gate, up] -> silu(gate) rounded to the dtype, times up, rounded again."""
-    gate, up = np.split(xa.astype(np.float32), 2, axis=-1)
-    return ((gate / (1 + np.exp(-gate))).astype(xa.dtype).astype(np.float32) * up).astype(xa.dtype)
-
-
-def _numpy_gemv(bits: int, input: str = "", add: bool = False):
-    """lab.gemv.q4 / q8 and their fused variants (runtime_patch.functions.gemv_name): q_weight
-    [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
-    (q - (2^(bits-1) - 1)) * scale; the input computed from the first argument(s), the residual
-    added to the float32 product before the one rounding."""
-    def gemv(*args) -> None:
-        args = [np.from_dlpack(a) if not isinstance(a, float) else a for a in args]
-        xa, args = args[0], args[1:]
-        if input == "rms_norm":
-            (norm_weight, eps), args = args[:2], args[2:]
-            xa = _rms_norm_input(xa, norm_weight, eps)
-        elif input == "silu_mul":
-            xa = _silu_mul_input(xa)
-        wa, sa, oa = args[0], args[1], args[-1]
+def _numpy_gemv(bits: int, add: bool = False):
+    """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and q4_add / q8_add (..., residual, out):
+    q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
+    (q - (2^(bits-1) - 1)) * scale; the residual added to the float32 product before its rounding."""
+    def gemv(x, q_weight, q_scale, *rest) -> None:
+        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
         product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
         if add:
-            product += args[2].reshape(product.shape).astype(np.float32)
+            product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
         np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
     return gemv
@@ -154,7 +140,7 @@ def _allreduce_add_rms_norm(partial, residual, norm_weight, eps, out, normed) ->
     _allreduce_begin(partial, out)
     oa, ra, na = np.from_dlpack(out), np.from_dlpack(residual), np.from_dlpack(normed)
     np.copyto(oa, (oa.astype(np.float32) + ra.astype(np.float32)).astype(oa.dtype))
-    np.copyto(na, _rms_norm_input(oa, np.from_dlpack(norm_weight), eps))
+    np.copyto(na, _rms_norm(oa, np.from_dlpack(norm_weight), eps))
 
 
 def _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out) -> None:
@@ -221,8 +207,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
-    **{functions.gemv_name(bits, *variant): _numpy_gemv(bits, *variant)
-       for bits in functions.GEMV_BY_BITS for variant in functions.GEMV_VARIANTS},
+    **{name: _numpy_gemv(bits) for bits, name in functions.GEMV_BY_BITS.items()},
+    **{name: _numpy_gemv(bits, add=True) for bits, name in functions.GEMV_ADD_BY_BITS.items()},
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,

@@ -11,13 +11,8 @@ Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
   GEMV_Q4(x, q_weight, q_scale, out)    the batch-1 decode GEMV of a q4f16_1 weight
   GEMV_Q8(x, q_weight, q_scale, out)    the same of a q8f16_1 weight
-  gemv_name(bits, input, add): the same with its input computed in the kernel and a residual added:
-    lab.gemv.q4_rms_norm(x, norm_weight, eps, q_weight, q_scale, out)   out = W rms_norm(x)
-    lab.gemv.q4_silu_mul(gate_up, q_weight, q_scale, out)   out = W (silu(gate) * up), gate_up [.., 2K]
-    lab.gemv.q4_add(x, q_weight, q_scale, residual, out)    out = residual + W x
-    lab.gemv.q4_silu_mul_add(gate_up, q_weight, q_scale, residual, out)
-                                        (and q8_...): a decode layer's RMSNorms, SiLU and residual
-                                        adds inside its GEMVs instead of kernels of their own
+  GEMV_ADD_Q4(x, q_weight, q_scale, residual, out)   out = residual + W x: the residual add after a
+  GEMV_ADD_Q8(...)                      layer's o and down projections at tp=1 in the GEMV
   DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (for GEMM_NT in a prefill)
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
 Attention of TVM's paged KV cache, in the slots of its TIR kernels (plugin cuda_attention):
@@ -83,19 +78,8 @@ GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
 # The batch-1 decode GEMV of each quantized weight width (bits) that has one
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
-# Its fused variants: (input, add) -> the name's suffix. input: "" (x itself), "rms_norm" (x
-# normalised, with the norm's weight and eps as arguments after x) or "silu_mul" (the argument is
-# [gate, up], twice the GEMV's width); add: a residual (the argument after q_scale) added to the output.
-GEMV_VARIANTS = {("", False): "", ("rms_norm", False): "_rms_norm", ("", True): "_add",
-                 ("silu_mul", False): "_silu_mul", ("silu_mul", True): "_silu_mul_add"}
-
-
-def gemv_name(bits: int, input: str = "", add: bool = False) -> str:
-    """The library decode GEMV of a `bits`-wide weight with that input and epilogue."""
-    return GEMV_BY_BITS[bits] + GEMV_VARIANTS[(input, add)]
-
-
-GEMV_FUSED = [gemv_name(bits, *variant) for bits in GEMV_BY_BITS for variant in GEMV_VARIANTS if variant != ("", False)]
+# The same with a residual row added to the output, by width
+GEMV_ADD_BY_BITS = {4: "lab.gemv.q4_add", 8: "lab.gemv.q8_add"}
 DEQUANT_Q4 = "lab.dequant.q4"
 DEQUANT_Q8 = "lab.dequant.q8"
 # The whole weight dequantized to float16 for the prefill's library GEMM, by width
@@ -146,7 +130,7 @@ PLUGIN = {
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
-    **{name: "cuda_gemm" for name in GEMV_FUSED},
+    **{name: "cuda_gemm" for name in GEMV_ADD_BY_BITS.values()},
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

@@ -8,8 +8,8 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   call_dps_packed; a quantized weight is first dequantized to fp16 by `lab.dequant.q4` / `q8`.
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
-  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, and `Linear.fused` puts the layer's
-  RMSNorms, SiLU-and-multiply and (tp=1) residual adds into those GEMVs (`lab.gemv.q4_rms_norm`, ...).
+  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, and at tp=1 the residual adds after the o
+  and down projections into those GEMVs (`Linear.plus`: `lab.gemv.q4_add` / `q8_add`).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 """
@@ -80,24 +80,13 @@ class Linear(nn.Module):
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
                                  [x, *self._weights()])
 
-    def fused(self, x: Tensor, phase: str, *, norm: nn.RMSNorm | None = None, silu_mul: bool = False,
-              residual: Tensor | None = None) -> Tensor:
-        """residual + W input, input = norm(x), silu(gate) * up of x = [gate, up], or x: one library
-        GEMV where the phase has one (`lab.gemv.q4_rms_norm`, ..., runtime_patch.functions.gemv_name),
-        else the separate operations (what TVM fuses of them is its choice)."""
+    def plus(self, x: Tensor, residual: Tensor, phase: str) -> Tensor:
+        """residual + W x: the add inside the library GEMV where the phase has one
+        (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV)."""
         if self.plan.library_gemv(phase, self.spec):
-            input = "rms_norm" if norm is not None else "silu_mul" if silu_mul else ""
-            name = functions.gemv_name(self.spec.bits, input, residual is not None)
-            args = [x, *([norm.weight, float(norm.epsilon)] if norm is not None else []), self.q_weight, self.q_scale,
-                    *([residual] if residual is not None else [])]
-            return op.extern(name, args, Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], self.out_dtype))
-        if norm is not None:
-            x = norm(x)
-        if silu_mul:
-            gate, up = op.split(x, 2, axis=-1)
-            x = op.silu(gate) * up
-        y = self(x, phase)
-        return y if residual is None else residual + y
+            out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], self.out_dtype)
+            return op.extern(functions.GEMV_ADD_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale, residual], out)
+        return residual + self(x, phase)
 
     def _library_gemv(self, x: Tensor, out_dtype: str) -> Tensor:
         out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], out_dtype)

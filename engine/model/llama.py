@@ -58,13 +58,13 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, norm: nn.RMSNorm | None,
-                residual: Tensor | None = None) -> Tensor:
-        """(residual +) o_proj(attention(qkv_proj(norm(x)))); norm None: x is normalised already."""
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
+        """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj.fused(x, phase, norm=norm), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
-        out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5)
-        return self.o_proj.fused(op.reshape(out, (b, s, self.q_heads * self.head_dim)), phase, residual=residual)
+        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
+                         (b, s, self.q_heads * self.head_dim))
+        return self.o_proj(out, phase) if residual is None else self.o_proj.plus(out, residual, phase)
 
 
 class MLP(nn.Module):
@@ -72,10 +72,11 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
         self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm | None, residual: Tensor | None = None) -> Tensor:
-        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x)) (or of x)."""
-        gate_up = self.gate_up_proj.fused(x, phase, norm=norm)
-        return self.down_proj.fused(gate_up, phase, silu_mul=True, residual=residual)
+    def forward(self, x: Tensor, phase: str, residual: Tensor | None = None) -> Tensor:
+        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(x), x normalised."""
+        gate, up = op.split(self.gate_up_proj(x, phase), 2, axis=-1)
+        hidden = op.silu(gate) * up
+        return self.down_proj(hidden, phase) if residual is None else self.down_proj.plus(hidden, residual, phase)
 
 
 def _rms_norm(config, spec) -> nn.RMSNorm:
@@ -99,10 +100,10 @@ class DecoderLayer(nn.Module):
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
-        return self.self_attn(x, kv, layer_id, phase, self.input_layernorm)
+        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
-        return self.mlp(x, phase, self.post_attention_layernorm)
+        return self.mlp(self.post_attention_layernorm(x), phase)
 
     def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
         """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
@@ -116,17 +117,16 @@ class DecoderLayer(nn.Module):
         """tp > 1 with the library allreduce: the layer on x and input_layernorm(x) (`normed`, made
         by the previous layer's last allreduce); returns its output and next_norm of it (None where
         next_norm is None), the residual adds and norms inside the allreduces."""
-        x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase, None), x,
-                                          self.post_attention_layernorm)
-        partial = self.mlp(normed, phase, None)
+        x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase), x, self.post_attention_layernorm)
+        partial = self.mlp(normed, phase)
         if next_norm is None:
             return x + self._reduce(partial), None
         return self._reduce_add_norm(partial, x, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
-            x = self.self_attn(x, kv, layer_id, phase, self.input_layernorm, residual=x)
-            return self.mlp(x, phase, self.post_attention_layernorm, residual=x)
+            x = self.self_attn(self.input_layernorm(x), kv, layer_id, phase, residual=x)
+            return self.mlp(self.post_attention_layernorm(x), phase, residual=x)
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 

@@ -2,6 +2,9 @@
 // dequantized for the prefill's cuBLAS GEMM (engine/model/kernels.py `_library_gemm`); a thread per
 // 8 weights, coalesced loads and 16-byte stores.
 //
+// lab.gemv.q4_add / lab.gemv.q8_add (x, q_weight, q_scale, residual, out): the same plus a residual
+// row, added to the float32 sum before its one rounding (the o and down projections at tp=1).
+//
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
 // engine/model/kernels.py's `decode` (decode_gemv="library"; relax call_dps_packed, inside the
@@ -100,72 +103,18 @@ __device__ float GroupQ8(const uint4* words, const float* xf) {
   return sum;
 }
 
-// What a GEMV computes its input from, and what it adds to its output (lab.gemv.q4_rms_norm,
-// _silu_mul, _add, _silu_mul_add): the decode step's RMSNorms, SiLU-and-multiply and residual adds,
-// which otherwise are kernels of their own between the GEMVs (about 2 us each, five per layer).
-enum GemvInput { kPlain = 0, kRmsNorm = 1, kSiluMul = 2 };
-
+// What a GEMV adds to its output (lab.gemv.q4_add / q8_add): the residual add after a layer's o and
+// down projections at tp=1, otherwise a kernel of its own (1.3 us) after each.
 struct Fusion {
-  const __half* norm_weight = nullptr;  // kRmsNorm: x' = x / sqrt(mean(x^2) + eps) * norm_weight
-  float eps = 0.f;
-  const __half* residual = nullptr;     // out = residual + W x' where not null
+  const __half* residual = nullptr;  // out = residual + W x where not null
 };
-
-// kSiluMul: the argument is [gate (k), up (k)]; x' = silu(gate) * up, rounded to float16 as the
-// separate kernels round it (silu(gate) first, then the product), into shared memory.
-__device__ void SiluMulInput(const uint4* gate_up, uint4* x_shared, int k) {
-  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-    const uint4 g = __ldg(gate_up + i), u = __ldg(gate_up + k / 8 + i);
-    const __half* gh = reinterpret_cast<const __half*>(&g);
-    const __half* uh = reinterpret_cast<const __half*>(&u);
-    __align__(16) __half y[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const float gf = __half2float(gh[j]);
-      y[j] = __float2half(__half2float(__float2half(gf / (1.f + __expf(-gf)))) * __half2float(uh[j]));
-    }
-    x_shared[i] = *reinterpret_cast<const uint4*>(y);
-  }
-}
-
-// kRmsNorm, on x in shared memory (the norm's weight after it), in place: the mean square in
-// float32 over the block, then x' = float16(x / sqrt(ms + eps)) * norm_weight rounded to float16
-// (transformers' LlamaRMSNorm).
-__device__ void RmsNormInput(uint4* x_shared, int k, const Fusion& fusion) {
-  __shared__ float partial[kWarps];
-  float sum = 0.f;
-  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-    const uint4 v = x_shared[i];
-    const __half* h = reinterpret_cast<const __half*>(&v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) sum += __half2float(h[j]) * __half2float(h[j]);
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-  __syncthreads();
-  sum = 0.f;
-#pragma unroll
-  for (int i = 0; i < kWarps; ++i) sum += partial[i];
-  const float inverse = rsqrtf(sum / float(k) + fusion.eps);
-  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) {
-    const uint4 v = x_shared[i], wv = x_shared[k / 8 + i];
-    const __half* h = reinterpret_cast<const __half*>(&v);
-    const __half* wh = reinterpret_cast<const __half*>(&wv);
-    __align__(16) __half y[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-      y[j] = __float2half(__half2float(__float2half(__half2float(h[j]) * inverse)) * __half2float(wh[j]));
-    x_shared[i] = *reinterpret_cast<const uint4*>(y);
-  }
-}
 
 // P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
 // x is copied into shared memory once per block (k * 2 bytes of dynamic shared memory), by
 // asynchronous copies issued before the first round's weight loads, so its latency overlaps theirs;
 // loading x per group from global memory in the compute loop put an L2 round trip after every
 // round's weights (a 4096 x 4096 q4 GEMV took 8 us in the model).
-template <int Bits, int kRows, int P, typename OutT, int Input>
+template <int Bits, int kRows, int P, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
@@ -178,14 +127,8 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  if constexpr (Input != kSiluMul) {
-    for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + i, xv + i, 16);
-    if constexpr (Input == kRmsNorm) {  // the norm's weight after x, in the same copies
-      const uint4* nv = reinterpret_cast<const uint4*>(fusion.norm_weight);
-      for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + k / 8 + i, nv + i, 16);
-    }
-    __pipeline_commit();
-  }
+  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + i, xv + i, 16);
+  __pipeline_commit();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
@@ -205,17 +148,9 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
         }
       }
     }
-    if (round == 0) {  // the input, while the first round's weights are on their way
-      if constexpr (Input == kSiluMul) {
-        SiluMulInput(xv, x_shared, k);
-      } else {
-        __pipeline_wait_prior(0);
-      }
+    if (round == 0) {
+      __pipeline_wait_prior(0);
       __syncthreads();  // x is in shared memory
-      if constexpr (Input == kRmsNorm) {
-        RmsNormInput(x_shared, k, fusion);
-        __syncthreads();
-      }
     }
     if (!active) continue;
 #pragma unroll
@@ -276,9 +211,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, typename OutT, int Input>
+template <int Bits, int R, int P, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, OutT, Input>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (asked once per
@@ -292,34 +227,28 @@ int Resident(const void* kernel, int smem) {
   if (smem > 48 * 1024) LAB_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int blocks = 0;
   LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem));
-  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem << " bytes of inputs do not fit in shared memory";
+  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
   resident.emplace(key, blocks);
   return blocks;
 }
 
-// Dynamic shared memory of a GEMV of k inputs: x (and kRmsNorm's weight after it).
-template <int Input>
-int SharedBytes(int64_t k) {
-  return int(k * 2 * (Input == kRmsNorm ? 2 : 1));
-}
-
-template <int Bits, typename OutT, int Input>
+template <int Bits, typename OutT>
 Shape Choose(int64_t n, int64_t k, int device) {
   if (Bits == 4 && n >= kQ4WideFrom) {
-    const Shape wide = ShapeOf<Bits, 4, 4, OutT, Input>();
-    Resident(wide.kernel, SharedBytes<Input>(k));  // allows its shared memory
+    const Shape wide = ShapeOf<Bits, 4, 4, OutT>();
+    Resident(wide.kernel, int(k * 2));  // allows its shared memory
     return wide;
   }
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   const Shape candidates[2] = {
-      few ? ShapeOf<Bits, 1, 4, OutT, Input>() : ShapeOf<Bits, 1, 8, OutT, Input>(),
-      few || Bits == 8 ? ShapeOf<Bits, 2, 4, OutT, Input>() : ShapeOf<Bits, 2, 8, OutT, Input>()};
+      few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
+      few || Bits == 8 ? ShapeOf<Bits, 2, 4, OutT>() : ShapeOf<Bits, 2, 8, OutT>()};
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[0];
   int64_t best_cost = -1;
   for (const Shape& c : candidates) {
-    const int64_t slots = int64_t(Resident(c.kernel, SharedBytes<Input>(k))) * sms * kWarps;
+    const int64_t slots = int64_t(Resident(c.kernel, int(k * 2))) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
     const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
@@ -327,15 +256,14 @@ Shape Choose(int64_t n, int64_t k, int device) {
   return best;
 }
 
-template <int Bits, typename OutT, int Input>
+template <int Bits, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const Shape shape = Choose<Bits, OutT, Input>(n, k, device);
+  const Shape shape = Choose<Bits, OutT>(n, k, device);
   const unsigned blocks = unsigned((n + kWarps * shape.rows - 1) / (kWarps * shape.rows));
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(
-      cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(SharedBytes<Input>(k)), stream));
+  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(k * 2), stream));
 }
 
 // One thread per 8 consecutive weights: its word (q4) or two (q8), their group's scale, one
@@ -404,11 +332,12 @@ void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
 
 bool IsHalf(DLDataType d) { return d.code == kDLFloat && d.bits == 16 && d.lanes == 1; }
 
-// The checks and launch of every GEMV variant: x [.., K] (kSiluMul: [.., 2K], gate then up), one
-// row; norm_weight [K] float16 (kRmsNorm); residual [.., N] float16 (or null); out [.., N].
-template <int Bits, int Input>
-void Gemv(const char* fn, DLTensor* x, DLTensor* norm_weight, double eps, DLTensor* w, DLTensor* scale,
-          DLTensor* residual, DLTensor* out) {
+// lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and lab.gemv.q4_add / q8_add (x, q_weight, q_scale,
+// residual, out): x [.., K] one row; residual [.., N] float16 (or null); out [.., N].
+template <int Bits>
+void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
+  const char* fn = residual == nullptr ? (Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8")
+                                       : (Bits == 4 ? "lab.gemv.q4_add" : "lab.gemv.q8_add");
   constexpr int per_word = 32 / Bits;
   CheckOnGpuCompact(fn, {x, w, scale, out});
   if (!IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
@@ -416,22 +345,14 @@ void Gemv(const char* fn, DLTensor* x, DLTensor* norm_weight, double eps, DLTens
     TVM_FFI_THROW(TypeError) << fn << ": expects x float16, q_weight uint32 [N, K/" << per_word
                              << "], q_scale float16 [N, K/32]";
   const int64_t n = w->shape[0], k = w->shape[1] * per_word;
-  const int64_t x_width = Input == kSiluMul ? 2 * k : k;
-  if (Rows(x) != 1 || x->shape[x->ndim - 1] != x_width || scale->shape[0] != n || scale->shape[1] * 32 != k ||
+  if (Rows(x) != 1 || x->shape[x->ndim - 1] != k || scale->shape[0] != n || scale->shape[1] * 32 != k ||
       Rows(out) != 1 || out->shape[out->ndim - 1] != n || k % 32 != 0)
     TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (one row of x [.., " << x->shape[x->ndim - 1]
                               << "], q_weight [" << n << ", " << w->shape[1] << "], out [.., "
                               << out->shape[out->ndim - 1] << "])";
-  for (const DLTensor* t : {x, norm_weight})
-    if (t != nullptr && reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": x and norm_weight must be 16-byte aligned";
+  if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
+    TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
-  if (norm_weight != nullptr) {
-    CheckOnGpuCompact(fn, {norm_weight});
-    if (!IsHalf(norm_weight->dtype) || norm_weight->ndim != 1 || norm_weight->shape[0] != k)
-      TVM_FFI_THROW(ValueError) << fn << ": norm_weight must be float16 [" << k << "]";
-    fusion.norm_weight = Data<__half>(norm_weight), fusion.eps = float(eps);
-  }
   if (residual != nullptr) {
     CheckOnGpuCompact(fn, {residual});
     if (!IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != n)
@@ -446,55 +367,31 @@ void Gemv(const char* fn, DLTensor* x, DLTensor* norm_weight, double eps, DLTens
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
   if (f32) {
-    Launch<Bits, float, Input>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+    Launch<Bits, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
   } else {
-    Launch<Bits, __half, Input>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    Launch<Bits, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
   CheckLaunch(fn);
 }
 
-// The registered variants, by their arguments (runtime_patch.functions.gemv_name).
 template <int Bits>
-struct GemvVariants {
-  static constexpr const char* kNames[5][2] = {{"lab.gemv.q4", "lab.gemv.q8"},
-                                               {"lab.gemv.q4_rms_norm", "lab.gemv.q8_rms_norm"},
-                                               {"lab.gemv.q4_add", "lab.gemv.q8_add"},
-                                               {"lab.gemv.q4_silu_mul", "lab.gemv.q8_silu_mul"},
-                                               {"lab.gemv.q4_silu_mul_add", "lab.gemv.q8_silu_mul_add"}};
-  static const char* Name(int variant) { return kNames[variant][Bits == 4 ? 0 : 1]; }
+void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
+  Gemv<Bits>(x, w, scale, nullptr, out);
+}
 
-  static void Plain(DLTensor* x, DLTensor* w, DLTensor* s, DLTensor* out) {
-    Gemv<Bits, kPlain>(Name(0), x, nullptr, 0, w, s, nullptr, out);
-  }
-  static void RmsNorm(DLTensor* x, DLTensor* norm_weight, double eps, DLTensor* w, DLTensor* s, DLTensor* out) {
-    Gemv<Bits, kRmsNorm>(Name(1), x, norm_weight, eps, w, s, nullptr, out);
-  }
-  static void Add(DLTensor* x, DLTensor* w, DLTensor* s, DLTensor* residual, DLTensor* out) {
-    Gemv<Bits, kPlain>(Name(2), x, nullptr, 0, w, s, residual, out);
-  }
-  static void SiluMul(DLTensor* gate_up, DLTensor* w, DLTensor* s, DLTensor* out) {
-    Gemv<Bits, kSiluMul>(Name(3), gate_up, nullptr, 0, w, s, nullptr, out);
-  }
-  static void SiluMulAdd(DLTensor* gate_up, DLTensor* w, DLTensor* s, DLTensor* residual, DLTensor* out) {
-    Gemv<Bits, kSiluMul>(Name(4), gate_up, nullptr, 0, w, s, residual, out);
-  }
-
-  static void Register() {
-    namespace refl = tvm::ffi::reflection;
-    refl::GlobalDef().def(Name(0), Plain);
-    refl::GlobalDef().def(Name(1), RmsNorm);
-    refl::GlobalDef().def(Name(2), Add);
-    refl::GlobalDef().def(Name(3), SiluMul);
-    refl::GlobalDef().def(Name(4), SiluMulAdd);
-  }
-};
+template <int Bits>
+void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
+  Gemv<Bits>(x, w, scale, residual, out);
+}
 
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
-  GemvVariants<4>::Register();
-  GemvVariants<8>::Register();
+  refl::GlobalDef().def("lab.gemv.q4", GemvPlain<4>);
+  refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
+  refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
+  refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
   refl::GlobalDef().def("lab.dequant.q4", DequantizePacked<4>);
   refl::GlobalDef().def("lab.dequant.q8", DequantizePacked<8>);
 }
