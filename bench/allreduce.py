@@ -11,7 +11,10 @@ rank (also reported: whether it equals, bit for bit, the float32 sum in rank ord
 computes), at every size, for float16, bfloat16 and float32, for a tail that is not a multiple of
 16 bytes, an unaligned tensor and in place; then inside a CUDA graph that interleaves calls of
 different sizes and dtypes, replayed thousands of times, with new inputs written into the captured
-buffers before each checked replay.
+buffers before each checked replay. `lab.ccl.allreduce_add_rms_norm` (the one-shot that also adds
+the residual and computes the next RMSNorm, a block per row) is checked against its definition
+(rows of 2048 to 8192 values, float16 / bfloat16 / float32, and in a replayed graph) and timed
+beside the plain call.
 Timing: per implementation and size (float16 8 KiB to 1 MiB, bfloat16 at 8 KiB), a graph of
 --calls calls replayed --replays times after warm-up, each replay timed with CUDA events: raw
 per-replay microseconds per call, median and p95. Rank 0 writes one JSON record into --out and
@@ -72,9 +75,10 @@ class Bench:
 
         self.args, self.rank, self.world = args, rank, world
         self.torch, self.dist, self.tvm_ffi = torch, dist, tvm_ffi
-        functions.register("cuda", [functions.ALLREDUCE, functions.IPC_CREATE, functions.IPC_OPEN,
-                                    functions.IPC_STATUS])  # loads the cuda_allreduce plugin
+        functions.register("cuda", [functions.ALLREDUCE, functions.ALLREDUCE_ADD_RMS_NORM, functions.IPC_CREATE,
+                                    functions.IPC_OPEN, functions.IPC_STATUS])  # loads the cuda_allreduce plugin
         self.allreduce = tvm_ffi.get_global_func(functions.ALLREDUCE)
+        self.allreduce_add_norm = tvm_ffi.get_global_func(functions.ALLREDUCE_ADD_RMS_NORM)
         text = str(tvm_ffi.get_global_func(functions.IPC_CREATE)(rank, world, args.max_bytes))
         texts = [None] * world
         dist.all_gather_object(texts, text)
@@ -101,6 +105,91 @@ class Bench:
         """lab.ccl.allreduce on torch's current stream (the capturing one inside a graph)."""
         with self.tvm_ffi.use_torch_stream():
             self.allreduce(self.tvm_ffi.from_dlpack(x), self.tvm_ffi.from_dlpack(out))
+
+    def ours_add_norm(self, x, residual, weight, out, normed, eps: float = 1e-5) -> None:
+        """lab.ccl.allreduce_add_rms_norm on torch's current stream."""
+        f = self.tvm_ffi.from_dlpack
+        with self.tvm_ffi.use_torch_stream():
+            self.allreduce_add_norm(f(x), f(residual), f(weight), eps, f(out), f(normed))
+
+    def add_norm_checks(self) -> list[dict]:
+        """lab.ccl.allreduce_add_rms_norm (the one-shot with a block per row) against its definition
+        computed with torch from every rank's inputs: output = dtype(dtype(sum in rank order) +
+        residual) bit for bit, normed = dtype(dtype(output / sqrt(ms + eps)) * weight) within one
+        rounding, both identical on every rank; eagerly, then in a CUDA graph replayed with new
+        inputs; and the fused call's time beside the plain allreduce's (8 KiB, one row)."""
+        import numpy as np
+
+        torch = self.torch
+        eps = 1e-5
+        results = []
+
+        def expected(x, residual, weight):
+            total = self.gather(x)[0].float()
+            for t in self.gather(x)[1:]:
+                total = total + t.float()
+            out = (total.to(x.dtype).float() + residual.float()).to(x.dtype)
+            of = out.float()
+            normed = (of * torch.rsqrt(of.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+            return out, (normed.float() * weight.float()).to(x.dtype)
+
+        def compare(case, x, residual, weight, out, normed):
+            want_out, want_normed = expected(x, residual, weight)
+            bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[x.dtype]
+            outs, normeds = self.gather(out), self.gather(normed)
+            err = float(((normed.float() - want_normed.float()).abs() / (want_normed.float().abs() + 1e-3)).max())
+            r = {"case": case, "dtype": str(x.dtype).removeprefix("torch."), "rows": int(x.shape[0]),
+                 "row": int(x.shape[1]), "output_bitwise": bool(torch.equal(out.view(bits), want_out.view(bits))),
+                 "normed_max_rel_error": err,
+                 "identical_across_ranks": all(bool(torch.equal(o.view(bits), outs[0].view(bits))) for o in outs)
+                 and all(bool(torch.equal(o.view(bits), normeds[0].view(bits))) for o in normeds)}
+            ok = r["output_bitwise"] and r["identical_across_ranks"] and err < (1e-2 if x.dtype == torch.bfloat16 else 2e-3)
+            flags = [None] * self.world
+            self.dist.all_gather_object(flags, ok)
+            r["ok"] = all(flags)
+            return r
+
+        cases = [(torch.float16, 1, 4096), (torch.float16, 16, 4096), (torch.bfloat16, 1, 8192),
+                 (torch.float32, 3, 2048), (torch.float16, 64, 8192)]
+        for dtype, rows, row in cases:
+            x = self.random(rows * row, dtype).view(rows, row)
+            residual = self.random(rows * row, dtype).view(rows, row)
+            weight = (1 + 0.1 * self.random(row, torch.float32)).to(dtype)
+            self.dist.broadcast(weight, 0)
+            out, normed = torch.empty_like(x), torch.empty_like(x)
+            self.ours_add_norm(x, residual, weight, out, normed, eps)
+            results.append(compare(f"{rows} x {row}", x, residual, weight, out, normed))
+        # in a graph, with new inputs before each replay
+        x = torch.empty(2, 4096, dtype=torch.float16, device="cuda")
+        residual, out, normed = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.ours_add_norm(x, residual, weight, out, normed, eps)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(3):  # three calls of one block each: the epochs advance on the device
+                self.ours_add_norm(x, residual, weight, out, normed, eps)
+        torch.cuda.synchronize()
+        graph_ok = True
+        for _ in range(5):
+            self.random(x.numel(), x.dtype, out=x.view(-1))
+            self.random(residual.numel(), residual.dtype, out=residual.view(-1))
+            graph.replay()
+            torch.cuda.synchronize()
+            graph_ok &= compare("graph 2 x 4096", x, residual, weight, out, normed)["ok"]
+        results.append({"case": "graph 2 x 4096, 3 calls per replay, 5 replays", "ok": graph_ok})
+        # time: fused against the plain one-shot, 8 KiB
+        x = self.random(4096, torch.float16).view(1, 4096)
+        residual, out, normed = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
+        weight = torch.ones(4096, dtype=torch.float16, device="cuda")
+        fused = self.timed(lambda: self.ours_add_norm(x, residual, weight, out, normed, eps))
+        plain = self.timed(lambda: self.ours(x, out))
+        results.append({"case": "time 1 x 4096 fp16", "ok": True, "fused_median_us": float(np.median(fused)),
+                        "plain_median_us": float(np.median(plain)), "raw_fused_us": fused, "raw_plain_us": plain})
+        return results
 
     def gather(self, t):
         parts = [self.torch.empty_like(t) for _ in range(self.world)]
@@ -285,6 +374,10 @@ def table(record: dict) -> str:
         lines.append(f"{size:>9} {row['dtype']:>8} " + " ".join(cells) + f" {ratio}")
     checks = record["correctness"]
     bad = [c["case"] for c in checks if not c.get("ok")]
+    for c in checks:
+        if "fused_median_us" in c:
+            lines.append(f"allreduce_add_rms_norm, 1 x 4096 fp16: {c['fused_median_us']:.2f} us per call "
+                         f"(the plain one-shot: {c['plain_median_us']:.2f})")
     lines.append(f"correctness: {len(checks) - len(bad)} of {len(checks)} cases ok"
                  + (f"; FAILED: {bad}" if bad else ""))
     return "\n".join(lines)
@@ -296,7 +389,7 @@ def run(args: argparse.Namespace, rank: int, world: int, local_world: int) -> in
     bench = Bench(args, rank, world)
     ours_on = all(bench.opened)
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    correctness = bench.correctness(sizes) if ours_on else []
+    correctness = bench.correctness(sizes) + bench.add_norm_checks() if ours_on else []
     rows = [bench.time_size(torch.float16, s, ours_on) for s in sizes]
     rows.append(bench.time_size(torch.bfloat16, 8 * KIB, ours_on))
     ok = ours_on and all(c["ok"] for c in correctness)

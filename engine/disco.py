@@ -117,7 +117,7 @@ class DiscoSession:
             self.sess._sync_all()  # surfaces a worker's loading error here, not at the first call
             if spec.microbatch_decode:  # batch_decode_pair's split allreduce (a collective setup)
                 self.call_workers(functions.OVERLAP_INIT)
-            self.allreduce = self._open_one_shot() if functions.ALLREDUCE in artifact.functions \
+            self.allreduce = self._open_one_shot() if set(functions.ONE_SHOT_CALLS) & set(artifact.functions) \
                 else f"TVM's CCL ({ccl_for(spec.target)})"
             self.weights_seconds = time.perf_counter() - t0
         except Exception:
@@ -304,8 +304,10 @@ class DiscoSession:
 
 def allreduce_seconds(session: DiscoSession, numel: int, dtype: str, iters: int = 50) -> list[float]:
     """Per-worker seconds per allreduce of `numel` elements with the model's allreduce (the
-    library one where the artifact calls it, else TVM's CCL), timed inside the workers."""
-    library = functions.ALLREDUCE in session.artifact.functions
+    library one where the artifact calls it, else TVM's CCL), timed inside the workers. With the
+    norms in the allreduce (lab.ccl.allreduce_add_rms_norm) this times the plain one-shot, whose
+    kernel it extends."""
+    library = bool(set(functions.ONE_SHOT_CALLS) & set(session.artifact.functions))
     return [float(t) for t in session.from_workers("lab.engine.time_allreduce", numel, dtype, iters, library)]
 
 

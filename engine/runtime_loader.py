@@ -24,8 +24,9 @@ def prepare(artifact) -> None:
         names += [functions.OVERLAP_INIT, functions.SET_OVERLAP]
     if functions.KV_ADVANCE in names:
         names.append(functions.KV_MAILBOX)
-    if functions.ALLREDUCE in names:
-        names += [functions.IPC_CREATE, functions.IPC_OPEN, functions.IPC_STATUS, functions.IPC_DISABLE]
+    if set(functions.ONE_SHOT_CALLS) & set(names):  # the sessions open the regions; the probe times ALLREDUCE
+        names += [functions.ALLREDUCE, functions.IPC_CREATE, functions.IPC_OPEN, functions.IPC_STATUS,
+                  functions.IPC_DISABLE]
     try:
         functions.register(spec.target, names)
     except PluginBuildError as err:

@@ -95,6 +95,8 @@ OVERLAP_INIT = "lab.ccl.overlap_init"
 SET_OVERLAP = "lab.ccl.set_overlap"
 ALLREDUCE = "lab.ccl.allreduce"
 ALLREDUCE_ADD_RMS_NORM = "lab.ccl.allreduce_add_rms_norm"
+# The model's calls that use the one-shot's IPC regions: a session opens them where an artifact calls any
+ONE_SHOT_CALLS = (ALLREDUCE, ALLREDUCE_ADD_RMS_NORM)
 IPC_CREATE = "lab.ccl.ipc_create"
 IPC_OPEN = "lab.ccl.ipc_open"
 IPC_STATUS = "lab.ccl.ipc_status"

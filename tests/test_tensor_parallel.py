@@ -51,6 +51,9 @@ def test_norms_in_the_library_allreduce(compiled, gqa_checkpoint, quant, tp):
     artifact = compiled(config, quant, tp, allreduce="library")
     called = artifact.functions
     assert functions.ALLREDUCE_ADD_RMS_NORM in called and functions.ALLREDUCE not in called
+    with DiscoSession(artifact, open_source(config, gqa_checkpoint)) as session:
+        # the session tried to open the one-shot's regions for it (on the CPU there is none)
+        assert session.allreduce == "cpu_shm (CPU): no one-shot"
     _, logits, generated = _logits_and_tokens(compiled, gqa_checkpoint, quant, tp, allreduce="library")
     assert relative_error(logits, base) <= (1e-5 if quant == "q0f32" else 1e-2)
     assert generated == base_tokens
