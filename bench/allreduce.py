@@ -155,7 +155,8 @@ class Bench:
             x = self.random(rows * row, dtype).view(rows, row)
             residual = self.random(rows * row, dtype).view(rows, row)
             weight = (1 + 0.1 * self.random(row, torch.float32)).to(dtype)
-            self.dist.broadcast(weight, 0)
+            self.dist.broadcast(weight, 0)  # the residual stream and the weights are the same on every rank
+            self.dist.broadcast(residual, 0)
             out, normed = torch.empty_like(x), torch.empty_like(x)
             self.ours_add_norm(x, residual, weight, out, normed, eps)
             results.append(compare(f"{rows} x {row}", x, residual, weight, out, normed))
@@ -177,6 +178,7 @@ class Bench:
         for _ in range(5):
             self.random(x.numel(), x.dtype, out=x.view(-1))
             self.random(residual.numel(), residual.dtype, out=residual.view(-1))
+            self.dist.broadcast(residual, 0)
             graph.replay()
             torch.cuda.synchronize()
             graph_ok &= compare("graph 2 x 4096", x, residual, weight, out, normed)["ok"]

@@ -81,6 +81,7 @@
 // waited for and traps (a dead or hung peer, or ranks that made different calls).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/any.h>
@@ -257,12 +258,22 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
   __shared__ uint32_t shared_epoch;
   __shared__ int shared_reported;
   __shared__ float shared_squares[kThreads / 32];
+  // AddNorm: the block's row of residual, of norm weight and of output (row_vectors each), the first
+  // two copied in while the data of the peers is on its way; each thread uses only the vectors it copies
+  extern __shared__ uint4 row_shared[];
   float squares = 0.f;
   const int block = blockIdx.x;
   const int64_t first = int64_t(block) * p.per_block;
   const int n = int(min(int64_t(p.per_block), (p.nbytes + 15) / 16 - first));  // >= 1 (the host's grid)
   char* const mine = p.mine;
 
+  if constexpr (AddNorm) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      __pipeline_memcpy_async(row_shared + i, p.residual + (first + i) * 16, 16);
+      __pipeline_memcpy_async(row_shared + n + i, p.norm_weight + int64_t(i) * 16, 16);
+    }
+    __pipeline_commit();
+  }
   // The first vector's load does not depend on the epoch: issue it before the epoch's round trip.
   uint4 x0 = make_uint4(0, 0, 0, 0);
   if (int(threadIdx.x) < n) x0 = LoadVector(p.input, first * 16 + int64_t(threadIdx.x) * 16, p.nbytes, p.aligned);
@@ -352,15 +363,17 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
     }
     uint4 sum = Lanes<T>::Pack(acc);
     if constexpr (AddNorm) {
+      __pipeline_wait_prior(0);  // this thread's copies of its residual and weight vectors
       float r[N];
       Lanes<T>::Unpack(sum, acc);
-      Lanes<T>::Unpack(LoadVector(p.residual, (first + i) * 16, p.nbytes, p.aligned), r);
+      Lanes<T>::Unpack(row_shared[i], r);
 #pragma unroll
       for (int k = 0; k < N; ++k) acc[k] += r[k];
       sum = Lanes<T>::Pack(acc);
       Lanes<T>::Unpack(sum, acc);
 #pragma unroll
       for (int k = 0; k < N; ++k) squares += acc[k] * acc[k];
+      row_shared[2 * n + i] = sum;
     }
     StoreVector(p.output, (first + i) * 16, p.nbytes, p.aligned, sum);
   }
@@ -373,11 +386,10 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
     squares = 0.f;
     for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared_squares[w];
     const float inverse = rsqrtf(squares / float(p.per_block * N) + p.eps);
-    const int64_t row_bytes = int64_t(p.per_block) * 16;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       float x[N], w[N];
-      Lanes<T>::Unpack(LoadVector(p.output, (first + i) * 16, p.nbytes, p.aligned), x);
-      Lanes<T>::Unpack(LoadVector(p.norm_weight, int64_t(i) * 16, row_bytes, p.aligned), w);
+      Lanes<T>::Unpack(row_shared[2 * n + i], x);
+      Lanes<T>::Unpack(row_shared[n + i], w);
 #pragma unroll
       for (int k = 0; k < N; ++k) x[k] *= inverse;
       Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
@@ -484,6 +496,10 @@ Grid GridFor(int64_t vectors) {
 // At least a row of kRowVectors (8192 float16 values, Llama-3-70B's hidden size) per slot: the
 // add-and-norm kernel's block holds a whole row.
 constexpr int64_t kRowVectors = 1024;
+
+// The add-and-norm kernel's dynamic shared memory at the longest row: residual, weight and output.
+constexpr int kAddNormSharedBytes = int(3 * kRowVectors * 16);
+static_assert(kAddNormSharedBytes <= 48 * 1024, "the add-and-norm rows must fit the default shared memory");
 
 int64_t SlotVectors(int64_t max_bytes) {
   const int64_t vectors = (max_bytes + 15) / 16;
@@ -594,8 +610,8 @@ int Capacity(int device, int world) {
   for (DLDataType dtype : {DLDataType{kDLFloat, 16, 1}, DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 32, 1}}) {
     for (bool add_norm : {false, true}) {
       int n = 0;
-      LAB_CHECK_CUDA(
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KernelFor(dtype, world, add_norm), kThreads, 0));
+      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KernelFor(dtype, world, add_norm), kThreads,
+                                                                   add_norm ? kAddNormSharedBytes : 0));
       per_sm = std::min(per_sm, n);
     }
   }
@@ -814,14 +830,14 @@ Kernel OneShotFor(const DLTensor* input, int64_t nbytes, bool add_norm, int64_t 
   return kernel;
 }
 
-void Launch(Kernel kernel, const Params& params, const Grid& grid, int device) {
+void Launch(Kernel kernel, const Params& params, const Grid& grid, int device, size_t shared_bytes = 0) {
   Params p = params;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const int previous = CurrentDevice();
   if (previous != device) LAB_CHECK_CUDA(cudaSetDevice(device));
   void* args[] = {&p};
   const cudaError_t err = cudaLaunchKernel(reinterpret_cast<const void*>(kernel), dim3(grid.blocks),
-                                           dim3(grid.threads), args, 0, stream);
+                                           dim3(grid.threads), args, shared_bytes, stream);
   if (previous != device) cudaSetDevice(previous);
   LAB_CHECK_CUDA(err);
 }
@@ -892,7 +908,7 @@ void AllReduceAddRmsNorm(tvm::ffi::AnyView partial_view, tvm::ffi::AnyView resid
     p.norm_weight = lab::Data<const char>(weight);
     p.eps = float(eps);
     const Grid grid{int(rows), int(row_vectors), int(std::min<int64_t>(kThreads, (row_vectors + 31) / 32 * 32))};
-    return Launch(kernel, p, grid, device);
+    return Launch(kernel, p, grid, device, size_t(3 * row_bytes));
   }
   Fallback(partial_view, output_view, why);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
