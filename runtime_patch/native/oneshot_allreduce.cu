@@ -499,7 +499,6 @@ constexpr int64_t kRowVectors = 1024;
 
 // The add-and-norm kernel's dynamic shared memory at the longest row: residual, weight and output.
 constexpr int kAddNormSharedBytes = int(3 * kRowVectors * 16);
-static_assert(kAddNormSharedBytes <= 48 * 1024, "the add-and-norm rows must fit the default shared memory");
 
 int64_t SlotVectors(int64_t max_bytes) {
   const int64_t vectors = (max_bytes + 15) / 16;
@@ -609,8 +608,13 @@ int Capacity(int device, int world) {
   int per_sm = INT_MAX;
   for (DLDataType dtype : {DLDataType{kDLFloat, 16, 1}, DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 32, 1}}) {
     for (bool add_norm : {false, true}) {
+      const Kernel kernel = KernelFor(dtype, world, add_norm);
+      // the add-and-norm rows plus the kernel's own shared memory are above the default 48 KiB
+      if (add_norm)
+        LAB_CHECK_CUDA(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kAddNormSharedBytes));
       int n = 0;
-      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, KernelFor(dtype, world, add_norm), kThreads,
+      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads,
                                                                    add_norm ? kAddNormSharedBytes : 0));
       per_sm = std::min(per_sm, n);
     }
