@@ -26,6 +26,14 @@
 //       larger message, a CPU tensor) goes to TVM's own CCL, `runtime.disco.allreduce` (NCCL on
 //       CUDA, cpu_shm on CPU); outside a disco worker that global does not exist: an error says so.
 //       Every rank must make the same sequence of calls (sizes and dtypes), as with any collective.
+//   lab.ccl.allreduce_add_rms_norm(partial, residual, norm_weight, eps, output, normed)
+//       output = residual + sum over ranks of partial, normed = rms_norm(output) * norm_weight over
+//       the last dimension (rows of a multiple of 16 bytes; every tensor 16-byte aligned): the
+//       residual add and the next RMSNorm of a tensor-parallel layer, in the same kernel. The
+//       one-shot runs a block per row (the same protocol; the row's residual and weight copied to
+//       shared memory while the peers' data travel) where the rows fit (at most kMaxBlocks and the
+//       blocks a GPU holds at once, a row of at most kRowVectors vectors); else TVM's CCL sums into
+//       output and AddRmsNorm adds and normalises.
 //
 // Protocol ("push", low-latency lines). Each rank stores its input straight into every peer's
 // region over NVLink, as 16-byte lines of two 8-byte words {4 payload bytes, 4-byte flag}, the flag
