@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--pps", default="1", help="pipeline stages, comma-separated (pp > 1: every stage's artifact)")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--target", default="cuda")
-    ap.add_argument("--lm-heads", default="replicated", help="LM head layouts at tp > 1, comma-separated")
+    ap.add_argument("--lm-heads", default="auto",
+                    help="LM head layouts at tp > 1, comma-separated (auto: vocab_parallel on cuda where it applies)")
     ap.add_argument("--kv-caches", default="auto", help="paged, static or auto, comma-separated (engine.config.KV_CACHES)")
     ap.add_argument("--microbatch-decode", action="store_true",
                     help="also export batch_decode_pair (what experiments.overlap mode=full_overlap builds at tp > 1)")
@@ -68,7 +69,7 @@ def main() -> None:
 
     # with pp > 1 the KV cache and allreduce are settled by BuildSpec (paged, TVM's CCL)
     specs = [stage for m in args.models.split(",") for q in args.quants.split(",") for tp in args.tps.split(",")
-             for pp in args.pps.split(",") for head in args.lm_heads.split(",") if int(tp) > 1 or head == "replicated"
+             for pp in args.pps.split(",") for head in args.lm_heads.split(",") if int(tp) > 1 or head in ("replicated", "auto")
              for kernels in kernel_variants(args) for kv in dict.fromkeys(args.kv_caches.split(",") if int(pp) == 1
                                                                           else ["auto"])
              for stage in BuildSpec(preset(m), q, int(tp), args.target, args.arch, lm_head=head, **kernels,

@@ -6,7 +6,8 @@ Column-parallel: q/k/v and gate/up projections (output rows split by heads / cha
 Row-parallel: o and down projections (input columns split), followed by an allreduce.
 Embedding and norms are replicated. The LM head is replicated (`lm_head="replicated"`, every
 rank computes all logits) or vocab-parallel (`"vocab_parallel"`: rank r holds vocabulary rows
-[r*V/tp, (r+1)*V/tp) and the ranks' logits are allgathered). When tp exceeds the number of KV
+[r*V/tp, (r+1)*V/tp) and the ranks' logits are allgathered); a BuildSpec's `"auto"` picks one
+(engine.compile.BuildSpec.resolved_lm_head) before a ShardPlan sees it. When tp exceeds the number of KV
 heads, KV heads are replicated: rank r uses KV head r * kv_heads // tp (tp must be a multiple of
 kv_heads).
 

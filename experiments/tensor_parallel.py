@@ -108,7 +108,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     figures = [("speedup.png", lambda path: plots.speedup_vs_ideal(
         [p.params["tp"] for p in good], [p.summary["speedup"] for p in good], path,
         f"{config.name} {quant} on {target}: decode speedup"))] if len(good) > 1 else []
-    vocab_parallel = spec.build.lm_head == "vocab_parallel"
+    vocab_parallel = any(b.plan.vocab_parallel for b in builds.values())
     loop = ("each step's tokens are read before the next step is launched (overlap=none)" if mode == "none" else
             f"the decode loop is experiments.overlap's `{mode}` scheduler (overlap={mode})")
     notes = (f"Decode: {loop}. "
@@ -119,7 +119,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
              "their shares of the decode step in the traced repeat (Where the time goes). KV heads are "
              + ("replicated past tp=" + str(config.num_key_value_heads) if max(tps) > config.num_key_value_heads
                 else "split across ranks") + "; the embedding is replicated; the LM head is "
-             + ("vocab-parallel (each rank computes its slice of the vocabulary, then an allgather)"
+             + ("vocab-parallel at tp > 1 (each rank computes its slice of the vocabulary, then an allgather)"
                 if vocab_parallel else "replicated (every rank computes all logits)") + ".")
     status = write_report(run_dir, f"Tensor parallelism: {config.name} {quant} on {target}",
                           OmegaConf.to_container(cfg, resolve=True), points, columns=COLUMNS,

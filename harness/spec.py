@@ -217,9 +217,10 @@ class RunSpec:
         cuda_graph = device.get("cuda_graph", True)
         if not isinstance(cuda_graph, bool):
             raise ConfigError(f"device.cuda_graph must be true or false, got {cuda_graph!r}")
-        requested = {**kernels, "kv_cache": device.get("kv_cache") or "auto", "cuda_graph": cuda_graph}
-        build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch,
-                          lm_head=cfg.get("lm_head") or "replicated", **requested, **build_options)
+        requested = {**kernels, "kv_cache": device.get("kv_cache") or "auto", "cuda_graph": cuda_graph,
+                     "lm_head": cfg.get("lm_head") or "auto"}
+        build = BuildSpec(config, quant_spec(quant).name, positive("tp", tp), target, arch, **requested,
+                          **build_options)
         workload = Workload.from_hydra(cfg.workload, config) if cfg.get("workload") is not None else None
         return RunSpec(experiment, config, weights, build, workload, cache_folder(cfg.get("cache_dir")),
                        int(cfg.get("seed", 0)), bool(cfg.get("measure_bandwidth", True)),

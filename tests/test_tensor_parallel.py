@@ -73,6 +73,29 @@ def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, 
         assert relative_error(logits, Reference(folder).logits(tokens)) <= (1e-4 if quant == "q0f32" else 1e-2)
 
 
+def test_lm_head_auto_is_vocab_parallel_on_cuda_where_it_applies(tiny_config, gqa_config):
+    """lm_head=auto (the default): the vocabulary-parallel head on cuda at tp > 1 without pipeline
+    stages where the head is not tied and the vocabulary divides by tp; replicated otherwise, and
+    on the CPU. A run's points settle it each for its own tp (RunSpec.build_for)."""
+    import dataclasses
+
+    from engine.compile import BuildSpec
+    from harness.spec import RunSpec
+
+    def head(config, tp, target="cuda", pp=1):
+        return BuildSpec(config, "q0f16", tp, target, pp=pp).lm_head
+
+    assert head(tiny_config, 2) == "vocab_parallel" and head(tiny_config, 1) == "replicated"
+    assert head(tiny_config, 2, "llvm") == "replicated"
+    assert head(tiny_config, 2, pp=2) == "replicated"
+    assert head(dataclasses.replace(tiny_config, tie_word_embeddings=True), 2) == "replicated"
+    assert head(dataclasses.replace(tiny_config, vocab_size=1001), 2) == "replicated"
+    assert BuildSpec(tiny_config, "q0f16", 2, "cuda", lm_head="replicated").lm_head == "replicated"
+    run = RunSpec("tensor_parallel", tiny_config, None, BuildSpec(tiny_config, "q0f16", 1, "cuda"), None, ROOT,
+                  requested=(("lm_head", "auto"),))
+    assert run.build.lm_head == "replicated" and run.build_for(tp=2).lm_head == "vocab_parallel"
+
+
 def test_tp_that_does_not_divide_the_heads_is_refused(compiled, tiny_config):
     with pytest.raises(ConfigError, match="choose tp from"):
         compiled(tiny_config, "q0f16", 3)
