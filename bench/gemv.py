@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
+from bench import attention as attention_bench  # its CUDA-event timer
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 LIBRARY_SHAPES = {
@@ -231,31 +232,13 @@ def add_results(quants: list[str]) -> list[dict]:
                         for weights in layers:
                             call(add, weights)
                 torch.cuda.synchronize()
-                samples = [t / IN_GRAPH_LAYERS for t in graph_seconds(graph.replay)]
+                samples = [t / IN_GRAPH_LAYERS for t in attention_bench.timed(graph.replay, repeats=10)]
                 row["add_us" if add else "plain_us"] = float(np.median(samples)) * 1e6
                 row["raw_add_s" if add else "raw_plain_s"] = samples
             print(f"{functions.GEMV_ADD_BY_BITS[bits]:18s} {shape:8s} {row['add_us']:7.1f} us per call in a graph "
                   f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}", flush=True)
             results.append(row)
     return results
-
-
-def graph_seconds(replay, warmup: int = 3, samples: int = 10) -> list[float]:
-    """Seconds per replay of a CUDA graph (CUDA events), after warm-up."""
-    import torch
-
-    for _ in range(warmup):
-        replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out = []
-    for _ in range(samples):
-        torch.cuda.synchronize()
-        start.record()
-        replay()
-        end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end) / 1e3)
-    return out
 
 
 def dequant_results(quants: list[str], bandwidth: float) -> list[dict]:

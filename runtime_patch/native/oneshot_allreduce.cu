@@ -254,6 +254,49 @@ __device__ __forceinline__ bool Flagged(uint64_t a, uint64_t b, uint64_t c, uint
          uint32_t(d >> 32) == epoch;
 }
 
+// The add-and-norm pieces that the one-shot kernel (AddNorm) and AddRmsNorm share, rounding as the
+// separate kernels do. sum + residual rounded to T; its squares added to `squares`.
+template <typename T>
+__device__ uint4 AddResidual(uint4 sum, uint4 residual, float& squares) {
+  constexpr int N = Lanes<T>::N;
+  float x[N], r[N];
+  Lanes<T>::Unpack(sum, x);
+  Lanes<T>::Unpack(residual, r);
+#pragma unroll
+  for (int k = 0; k < N; ++k) x[k] += r[k];
+  const uint4 total = Lanes<T>::Pack(x);
+  Lanes<T>::Unpack(total, x);
+#pragma unroll
+  for (int k = 0; k < N; ++k) squares += x[k] * x[k];
+  return total;
+}
+
+// 1 / sqrt(mean square + eps) of a row whose `elements` squares the block's threads hold between them.
+__device__ float InverseRms(float squares, int64_t elements, float eps, float* shared) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = squares;
+  __syncthreads();
+  squares = 0.f;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared[w];
+  return rsqrtf(squares / float(elements) + eps);
+}
+
+// T(T(x * inverse) * weight)
+template <typename T>
+__device__ uint4 Normalised(uint4 x_packed, uint4 weight, float inverse) {
+  constexpr int N = Lanes<T>::N;
+  float x[N], w[N];
+  Lanes<T>::Unpack(x_packed, x);
+  Lanes<T>::Unpack(weight, w);
+#pragma unroll
+  for (int k = 0; k < N; ++k) x[k] *= inverse;
+  Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
+#pragma unroll
+  for (int k = 0; k < N; ++k) x[k] *= w[k];
+  return Lanes<T>::Pack(x);
+}
+
 // One call: block b pushes its vectors to every peer, then waits for the peers' and sums.
 // With AddNorm (lab.ccl.allreduce_add_rms_norm) a block holds one row: the sum is rounded to T (as
 // the allreduce's output), the residual added and rounded (as the separate add), and once the
@@ -372,39 +415,17 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
     uint4 sum = Lanes<T>::Pack(acc);
     if constexpr (AddNorm) {
       __pipeline_wait_prior(0);  // this thread's copies of its residual and weight vectors
-      float r[N];
-      Lanes<T>::Unpack(sum, acc);
-      Lanes<T>::Unpack(row_shared[i], r);
-#pragma unroll
-      for (int k = 0; k < N; ++k) acc[k] += r[k];
-      sum = Lanes<T>::Pack(acc);
-      Lanes<T>::Unpack(sum, acc);
-#pragma unroll
-      for (int k = 0; k < N; ++k) squares += acc[k] * acc[k];
+      sum = AddResidual<T>(sum, row_shared[i], squares);
       row_shared[2 * n + i] = sum;
     }
     StoreVector(p.output, (first + i) * 16, p.nbytes, p.aligned, sum);
   }
   if constexpr (AddNorm) {
     // the row's mean square over the block, then each thread normalises the vectors it stored
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
-    if (threadIdx.x % 32 == 0) shared_squares[threadIdx.x / 32] = squares;
-    __syncthreads();
-    squares = 0.f;
-    for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared_squares[w];
-    const float inverse = rsqrtf(squares / float(p.per_block * N) + p.eps);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      float x[N], w[N];
-      Lanes<T>::Unpack(row_shared[2 * n + i], x);
-      Lanes<T>::Unpack(row_shared[n + i], w);
-#pragma unroll
-      for (int k = 0; k < N; ++k) x[k] *= inverse;
-      Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
-#pragma unroll
-      for (int k = 0; k < N; ++k) x[k] *= w[k];
-      StoreVector(p.normed, (first + i) * 16, p.nbytes, p.aligned, Lanes<T>::Pack(x));
-    }
+    const float inverse = InverseRms(squares, int64_t(p.per_block) * N, p.eps, shared_squares);
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      StoreVector(p.normed, (first + i) * 16, p.nbytes, p.aligned,
+                  Normalised<T>(row_shared[2 * n + i], row_shared[n + i], inverse));
   }
 }
 
@@ -413,40 +434,16 @@ __global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) AddRmsNorm(char* output, const char* residual, char* normed,
                                                        const char* norm_weight, int64_t row_vectors, float eps) {
-  constexpr int N = Lanes<T>::N;
   __shared__ float shared_squares[kThreads / 32];
   const int64_t first = int64_t(blockIdx.x) * row_vectors, row_bytes = row_vectors * 16;
+  uint4* out = reinterpret_cast<uint4*>(output);
   float squares = 0.f;
-  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x) {
-    float x[N], r[N];
-    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(output)[first + i], x);
-    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(residual)[first + i], r);
-#pragma unroll
-    for (int k = 0; k < N; ++k) x[k] += r[k];
-    const uint4 sum = Lanes<T>::Pack(x);
-    Lanes<T>::Unpack(sum, x);
-#pragma unroll
-    for (int k = 0; k < N; ++k) squares += x[k] * x[k];
-    reinterpret_cast<uint4*>(output)[first + i] = sum;
-  }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
-  if (threadIdx.x % 32 == 0) shared_squares[threadIdx.x / 32] = squares;
-  __syncthreads();
-  squares = 0.f;
-  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared_squares[w];
-  const float inverse = rsqrtf(squares / float(row_vectors * N) + eps);
-  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x) {
-    float x[N], w[N];
-    Lanes<T>::Unpack(reinterpret_cast<const uint4*>(output)[first + i], x);
-    Lanes<T>::Unpack(LoadVector(norm_weight, i * 16, row_bytes, true), w);
-#pragma unroll
-    for (int k = 0; k < N; ++k) x[k] *= inverse;
-    Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
-#pragma unroll
-    for (int k = 0; k < N; ++k) x[k] *= w[k];
-    reinterpret_cast<uint4*>(normed)[first + i] = Lanes<T>::Pack(x);
-  }
+  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x)
+    out[first + i] = AddResidual<T>(out[first + i], reinterpret_cast<const uint4*>(residual)[first + i], squares);
+  const float inverse = InverseRms(squares, row_vectors * Lanes<T>::N, eps, shared_squares);
+  for (int64_t i = threadIdx.x; i < row_vectors; i += blockDim.x)
+    reinterpret_cast<uint4*>(normed)[first + i] =
+        Normalised<T>(out[first + i], LoadVector(norm_weight, i * 16, row_bytes, true), inverse);
 }
 
 // ------------------------------------------------------------------------------------------------
