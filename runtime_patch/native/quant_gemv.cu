@@ -14,22 +14,30 @@
 // q_weight [N, K * bits / 32] uint32 holds 32 / bits values per word, lowest bits first; q_scale
 // [N, K/32] float16 (MLC's layouts, engine/quantize.py).
 //
-// Memory: a lane takes whole groups of 32 weights (q4: one 16-byte load, q8: two) and the warp's
-// lanes consecutive groups, so a warp load reads 512 or 1024 contiguous bytes of a row. A lane
-// first issues the loads of 4 or 8 groups of each of its rows (and their scales), then computes
-// on them: the earlier loop, one group's load then its arithmetic, waited a memory latency per
-// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth.
+// Memory: a lane takes 16-byte vectors of a row (q4: one group of 32 weights; q8: half a group), the
+// warp's lanes consecutive vectors, so a warp load reads 512 contiguous bytes of a row (q8 read a
+// whole group per lane with two loads 32 bytes apart: 43% of the sectors it fetched were
+// fetched twice, ncu). A lane first issues the loads of 4 or 8 vectors of each of its rows (and
+// their scales), then computes on them: the earlier loop, one group's load then its arithmetic,
+// waited a memory latency per group and left the 4096-row GEMVs at 36-49% of the copy bandwidth.
+//
+// x is copied into shared memory once per block, its 16-byte chunks XOR-permuted (Swizzled): a
+// lane reads the 2 or 4 chunks of its vector, and with the chunks in order the 8 lanes of a
+// quarter-warp read 64 bytes apart and hit the same 4-bank quads (a 16-way conflict: 73% of the
+// q4 and q8 kernels' shared-memory wavefronts were replays, ncu, 2026-11-30).
 //
 // Arithmetic: q4 is instruction-bound if each weight is converted to float32 (as TVM's GEMV does).
 // Here a shift and one masked OR turn two nibbles into two float16 values 1024 + q at once
 // (0x6400 is 1024.0 in float16, whose last 10 bits are the integer), one half2 subtraction
 // removes 1024 + 7, and half2 multiply-adds combine them with x. Per 32-bit word the half2 sum is
 // taken into float32; x is scaled by 1/16 for that sum, so no product sum of a word overflows
-// float16 for any float16 x. q8 reads twice the bytes per weight, so it can afford float32
-// products (exact for any x): a byte permute makes two float16 values 1024 + q of a word's bytes
-// at once, a half2 subtraction removes 1024 + 127 (exact), and they are multiplied in float32.
+// float16 for any float16 x. The pairs of x a word's shifts need, (x[i], x[i + 4]) / 16, are
+// made once per block in shared memory (each warp made them for itself per group before). q8
+// reads twice the bytes per weight, so it can afford float32 products (exact for any x): a byte
+// permute makes two float16 values 1024 + q of a word's bytes at once, a half2 subtraction
+// removes 1024 + 127 (exact), and they are multiplied in float32.
 //
-// A warp computes kRows rows (1, 2 or 4, Choose below): x's values are loaded once per group for
+// A warp computes kRows rows (1, 2 or 4, Choose below): x's values are loaded once per vector for
 // all of them.
 #include <cuda_fp16.h>
 #include <cuda_pipeline.h>
@@ -58,9 +66,18 @@ using lab::Rows;
 constexpr int kWarps = 8;
 constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (above)
 
-// 16-byte loads per group of one row.
+// x values a 16-byte weight vector holds (q4: a group of 32; q8: half a group), and the 16-byte
+// chunks of x (8 values) they take.
 template <int Bits>
-constexpr int kLoadsPerGroup = Bits / 4;
+constexpr int kValuesPerVector = 128 / Bits;
+template <int Bits>
+constexpr int kChunksPerVector = kValuesPerVector<Bits> / 8;
+
+// Where x's chunk j lies in shared memory: within each aligned run of 8 chunks, j's low 3 bits
+// XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive vectors, j = 4v + c
+// (q4) or 2v + c (q8): in order they fall on 2 or 4 of the 8 16-byte bank quads, permuted on all 8.
+// A permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
+__device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
@@ -84,23 +101,33 @@ __device__ float GroupQ4(const uint4& words, const __half2* xp) {
   return sum;
 }
 
-// One q8 group: sum_j x[j] * (q[j] - 127) for the 32 values of 8 words, x as floats.
-__device__ float GroupQ8(const uint4* words, const float* xf) {
+// Half a q8 group: sum_j x[j] * (q[j] - 127) for the 16 values of 4 words, x as floats.
+__device__ float HalfGroupQ8(const uint4& words, const float* xf) {
   const __half2 bias = __float2half2_rn(1024.f + 127.f);
+  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
   float sum = 0.f;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t word[4] = {words[h].x, words[h].y, words[h].z, words[h].w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
-      const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
-      const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
-      const float* xw = xf + 16 * h + 4 * j;
-      sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
-    }
+  for (int j = 0; j < 4; ++j) {
+    // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
+    const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
+    const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
+    const float* xw = xf + 4 * j;
+    sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
   }
   return sum;
+}
+
+// q4's chunk of x in shared memory, 8 values x[0..8), made into the pairs
+// (x[0], x[4]), (x[1], x[5]), (x[2], x[6]), (x[3], x[7]), each scaled by 1/16 (exact but for
+// float16 values below 2^-10, as the sum's scaling always was).
+__device__ uint4 PairedChunk(uint4 raw) {
+  const __half2 xscale = __float2half2_rn(kXScale);
+  const __half* h = reinterpret_cast<const __half*>(&raw);
+  uint4 paired;
+  __half2* p = reinterpret_cast<__half2*>(&paired);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __hmul2(__halves2half2(h[i], h[i + 4]), xscale);
+  return paired;
 }
 
 // What a GEMV adds to its output (lab.gemv.q4_add / q8_add): the residual add after a layer's o and
@@ -109,72 +136,82 @@ struct Fusion {
   const __half* residual = nullptr;  // out = residual + W x where not null
 };
 
-// P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
-// x is copied into shared memory once per block (k * 2 bytes of dynamic shared memory), by
-// asynchronous copies issued before the first round's weight loads, so its latency overlaps theirs;
-// loading x per group from global memory in the compute loop put an L2 round trip after every
-// round's weights (a 4096 x 4096 q4 GEMV took 8 us in the model).
+// P: vectors a lane loads before it computes on them (a round); kRows * P 16-byte loads in flight.
+// x is copied into shared memory once per block (Swizzled; SharedBytes(k) of dynamic shared memory),
+// by asynchronous copies issued before the first round's weight loads, so its latency overlaps
+// theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
+// in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
+// 8 us in the model).
+// Blocks of one-row warps an SM must hold at once: 4 (at most 64 registers a thread), so that a
+// 4096-row GEMV is one wave; without the bound the compiler took 100 registers for q8's 8 vectors
+// a round (loading all their x at once), 2 blocks an SM.
+template <int kRows>
+constexpr int kMinBlocks = kRows == 1 ? 4 : 1;
+
 template <int Bits, int kRows, int P, typename OutT>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
-  constexpr int L = kLoadsPerGroup<Bits>;
-  extern __shared__ uint4 x_shared[];  // k / 8 vectors
+  constexpr int C = kChunksPerVector<Bits>;
+  constexpr int kGroupShift = Bits == 4 ? 0 : 1;  // vector index >> this = group index
+  extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
   const int lane = threadIdx.x % 32;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
-  const bool active = row0 < n;  // the whole warp; an inactive one still takes part in the barrier
+  const bool active = row0 < n;  // the whole warp; an inactive one still takes part in the barriers
   const int groups = k / 32;
-  const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
+  const int vectors = k / kValuesPerVector<Bits>;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  for (int i = threadIdx.x; i < k / 8; i += blockDim.x) __pipeline_memcpy_async(x_shared + i, xv + i, 16);
+  for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
   __pipeline_commit();
-  const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
+  const int rounds = (vectors + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
-    const int g0 = round * 32 * P + lane;
-    uint4 words[P][kRows][L];
+    const int v0 = round * 32 * P + lane;
+    uint4 words[P][kRows];
     __half scales[P][kRows];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int g = g0 + 32 * p;
+      const int v = v0 + 32 * p;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int row = min(row0 + r, n - 1);  // a row past the end repeats the last (not stored)
-        if (active && g < groups) {
-#pragma unroll
-          for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
-          scales[p][r] = scale[int64_t(row) * groups + g];
+        if (active && v < vectors) {
+          words[p][r] = __ldg(wv + int64_t(row) * vectors + v);
+          scales[p][r] = scale[int64_t(row) * groups + (v >> kGroupShift)];
         }
       }
     }
     if (round == 0) {
       __pipeline_wait_prior(0);
       __syncthreads();  // x is in shared memory
+      if constexpr (Bits == 4) {
+        for (int j = threadIdx.x; j < k / 8; j += blockDim.x) x_shared[Swizzled(j)] = PairedChunk(x_shared[Swizzled(j)]);
+        __syncthreads();
+      }
     }
     if (!active) continue;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int g = g0 + 32 * p;
-      if (g >= groups) break;
-      __half xs[32];
+      const int v = v0 + 32 * p;
+      if (v >= vectors) break;
+      uint4 xc[C];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) *reinterpret_cast<uint4*>(xs + 8 * i) = x_shared[g * 4 + i];
+      for (int c = 0; c < C; ++c) xc[c] = x_shared[Swizzled(v * C + c)];
       if constexpr (Bits == 4) {
-        __half2 xp[16];
-        const __half2 xscale = __float2half2_rn(kXScale);
+        const __half2* xp = reinterpret_cast<const __half2*>(xc);
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) xp[4 * j + i] = __hmul2(__halves2half2(xs[8 * j + i], xs[8 * j + i + 4]), xscale);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
+        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r], xp);
       } else {
-        float xf[32];
+        float xf[16];
+        const __half2* xh = reinterpret_cast<const __half2*>(xc);
 #pragma unroll
-        for (int i = 0; i < 32; ++i) xf[i] = __half2float(xs[i]);
+        for (int i = 0; i < 8; ++i) {
+          const float2 f = __half22float2(xh[i]);
+          xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
+        }
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
+        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * HalfGroupQ8(words[p][r], xf);
       }
     }
   }
@@ -193,6 +230,10 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
 }
 
+// Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
+// permutes aligned runs of 8 chunks).
+inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
+
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
 // - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
 //   bound by instructions per weight; 4 rows measured 27.6 us against 39.9 at 1-2 rows for
@@ -207,7 +248,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 constexpr int64_t kQ4WideFrom = 16384;
 
 struct Shape {
-  int rows, groups_per_round;
+  int rows, vectors_per_round;
   const void* kernel;
 };
 
@@ -236,10 +277,10 @@ template <int Bits, typename OutT>
 Shape Choose(int64_t n, int64_t k, int device) {
   if (Bits == 4 && n >= kQ4WideFrom) {
     const Shape wide = ShapeOf<Bits, 4, 4, OutT>();
-    Resident(wide.kernel, int(k * 2));  // allows its shared memory
+    Resident(wide.kernel, SharedBytes(k));  // allows its shared memory
     return wide;
   }
-  const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
+  const int64_t per_lane = (k / kValuesPerVector<Bits> + 31) / 32;  // vectors of a row per lane
   const bool few = per_lane <= 4;
   const Shape candidates[2] = {
       few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
@@ -248,9 +289,9 @@ Shape Choose(int64_t n, int64_t k, int device) {
   Shape best = candidates[0];
   int64_t best_cost = -1;
   for (const Shape& c : candidates) {
-    const int64_t slots = int64_t(Resident(c.kernel, int(k * 2))) * sms * kWarps;
+    const int64_t slots = int64_t(Resident(c.kernel, SharedBytes(k))) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
-    const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
+    const int64_t cost = waves * c.rows * ((per_lane + c.vectors_per_round - 1) / c.vectors_per_round);
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
   }
   return best;
@@ -263,7 +304,7 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   const unsigned blocks = unsigned((n + kWarps * shape.rows - 1) / (kWarps * shape.rows));
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(k * 2), stream));
+  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(SharedBytes(k)), stream));
 }
 
 // One thread per 8 consecutive weights: its word (q4) or two (q8), their group's scale, one
