@@ -14,15 +14,16 @@
 // q_weight [N, K * bits / 32] uint32 holds 32 / bits values per word, lowest bits first; q_scale
 // [N, K/32] float16 (MLC's layouts, engine/quantize.py).
 //
-// Memory: a lane takes 16-byte vectors of a row (q4: one group of 32 weights; q8: half a group), the
-// warp's lanes consecutive vectors, so a warp load reads 512 contiguous bytes of a row (q8 read a
-// whole group per lane with two loads 32 bytes apart: 43% of the sectors it fetched were
-// fetched twice, ncu). A lane first issues the loads of 4 or 8 vectors of each of its rows (and
-// their scales), then computes on them: the earlier loop, one group's load then its arithmetic,
-// waited a memory latency per group and left the 4096-row GEMVs at 36-49% of the copy bandwidth.
+// Memory: a lane takes whole groups of 32 weights (q4: one 16-byte load, q8: two) and the warp's
+// lanes consecutive groups, so a warp load reads 512 or 1024 contiguous bytes of a row. A lane
+// first issues the loads of 4 or 8 groups of each of its rows (and their scales), then computes
+// on them: the earlier loop, one group's load then its arithmetic, waited a memory latency per
+// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth. (q8 lanes on consecutive
+// 16-byte vectors, half a group each, were tried: 8 vectors a round took registers past the one-row
+// kernels' 64 and the q8 GEMVs got 5-15% slower.)
 //
 // x is copied into shared memory once per block, its 16-byte chunks XOR-permuted (Swizzled): a
-// lane reads the 2 or 4 chunks of its vector, and with the chunks in order the 8 lanes of a
+// lane reads the 4 chunks of its group, and with the chunks in order the 8 lanes of a
 // quarter-warp read 64 bytes apart and hit the same 4-bank quads (a 16-way conflict: 73% of the
 // q4 and q8 kernels' shared-memory wavefronts were replays, ncu, 2026-11-30).
 //
@@ -37,7 +38,7 @@
 // permute makes two float16 values 1024 + q of a word's bytes at once, a half2 subtraction
 // removes 1024 + 127 (exact), and they are multiplied in float32.
 //
-// A warp computes kRows rows (1, 2 or 4, Choose below): x's values are loaded once per vector for
+// A warp computes kRows rows (1, 2 or 4, Choose below): x's values are loaded once per group for
 // all of them.
 #include <cuda_fp16.h>
 #include <cuda_pipeline.h>
@@ -66,17 +67,14 @@ using lab::Rows;
 constexpr int kWarps = 8;
 constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (above)
 
-// x values a 16-byte weight vector holds (q4: a group of 32; q8: half a group), and the 16-byte
-// chunks of x (8 values) they take.
+// 16-byte loads per group of one row.
 template <int Bits>
-constexpr int kValuesPerVector = 128 / Bits;
-template <int Bits>
-constexpr int kChunksPerVector = kValuesPerVector<Bits> / 8;
+constexpr int kLoadsPerGroup = Bits / 4;
 
-// Where x's chunk j lies in shared memory: within each aligned run of 8 chunks, j's low 3 bits
-// XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive vectors, j = 4v + c
-// (q4) or 2v + c (q8): in order they fall on 2 or 4 of the 8 16-byte bank quads, permuted on all 8.
-// A permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
+// Where x's chunk j (8 values) lies in shared memory: within each aligned run of 8 chunks, j's low
+// 3 bits XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive groups,
+// j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
+// permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
 __device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
@@ -101,18 +99,21 @@ __device__ float GroupQ4(const uint4& words, const __half2* xp) {
   return sum;
 }
 
-// Half a q8 group: sum_j x[j] * (q[j] - 127) for the 16 values of 4 words, x as floats.
-__device__ float HalfGroupQ8(const uint4& words, const float* xf) {
+// One q8 group: sum_j x[j] * (q[j] - 127) for the 32 values of 8 words, x as floats.
+__device__ float GroupQ8(const uint4* words, const float* xf) {
   const __half2 bias = __float2half2_rn(1024.f + 127.f);
-  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
   float sum = 0.f;
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
-    const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
-    const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
-    const float* xw = xf + 4 * j;
-    sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t word[4] = {words[h].x, words[h].y, words[h].z, words[h].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
+      const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
+      const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
+      const float* xw = xf + 16 * h + 4 * j;
+      sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
+    }
   }
   return sum;
 }
@@ -136,49 +137,50 @@ struct Fusion {
   const __half* residual = nullptr;  // out = residual + W x where not null
 };
 
-// P: vectors a lane loads before it computes on them (a round); kRows * P 16-byte loads in flight.
+// P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
 // x is copied into shared memory once per block (Swizzled; SharedBytes(k) of dynamic shared memory),
 // by asynchronous copies issued before the first round's weight loads, so its latency overlaps
 // theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
 // 8 us in the model).
-// Blocks of one-row warps an SM must hold at once: 4 (at most 64 registers a thread), so that a
-// 4096-row GEMV is one wave; without the bound the compiler took 100 registers for q8's 8 vectors
-// a round (loading all their x at once), 2 blocks an SM.
-template <int kRows>
-constexpr int kMinBlocks = kRows == 1 ? 4 : 1;
+// Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
+// others at most 128 (2 blocks: at 133 registers the 4-row kernel held one block an SM, and
+// Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel of 4 groups a round at
+// most 64; q8's others unbounded (bounded, they spill).
+template <int Bits, int kRows, int P>
+constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 template <int Bits, int kRows, int P, typename OutT>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<kRows>)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
-  constexpr int C = kChunksPerVector<Bits>;
-  constexpr int kGroupShift = Bits == 4 ? 0 : 1;  // vector index >> this = group index
+  constexpr int L = kLoadsPerGroup<Bits>;
   extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
   const int lane = threadIdx.x % 32;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
   const bool active = row0 < n;  // the whole warp; an inactive one still takes part in the barriers
   const int groups = k / 32;
-  const int vectors = k / kValuesPerVector<Bits>;  // 16-byte vectors per row
+  const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
   __pipeline_commit();
-  const int rounds = (vectors + 32 * P - 1) / (32 * P);  // the same for every thread of the block
+  const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
-    const int v0 = round * 32 * P + lane;
-    uint4 words[P][kRows];
+    const int g0 = round * 32 * P + lane;
+    uint4 words[P][kRows][L];
     __half scales[P][kRows];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int v = v0 + 32 * p;
+      const int g = g0 + 32 * p;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
         const int row = min(row0 + r, n - 1);  // a row past the end repeats the last (not stored)
-        if (active && v < vectors) {
-          words[p][r] = __ldg(wv + int64_t(row) * vectors + v);
-          scales[p][r] = scale[int64_t(row) * groups + (v >> kGroupShift)];
+        if (active && g < groups) {
+#pragma unroll
+          for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
+          scales[p][r] = scale[int64_t(row) * groups + g];
         }
       }
     }
@@ -193,25 +195,25 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     if (!active) continue;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int v = v0 + 32 * p;
-      if (v >= vectors) break;
-      uint4 xc[C];
+      const int g = g0 + 32 * p;
+      if (g >= groups) break;
+      uint4 xc[4];
 #pragma unroll
-      for (int c = 0; c < C; ++c) xc[c] = x_shared[Swizzled(v * C + c)];
+      for (int c = 0; c < 4; ++c) xc[c] = x_shared[Swizzled(4 * g + c)];
       if constexpr (Bits == 4) {
         const __half2* xp = reinterpret_cast<const __half2*>(xc);
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r], xp);
+        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
       } else {
-        float xf[16];
+        float xf[32];
         const __half2* xh = reinterpret_cast<const __half2*>(xc);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < 16; ++i) {
           const float2 f = __half22float2(xh[i]);
           xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
         }
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * HalfGroupQ8(words[p][r], xf);
+        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
       }
     }
   }
@@ -248,7 +250,7 @@ inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 constexpr int64_t kQ4WideFrom = 16384;
 
 struct Shape {
-  int rows, vectors_per_round;
+  int rows, groups_per_round;
   const void* kernel;
 };
 
@@ -280,7 +282,7 @@ Shape Choose(int64_t n, int64_t k, int device) {
     Resident(wide.kernel, SharedBytes(k));  // allows its shared memory
     return wide;
   }
-  const int64_t per_lane = (k / kValuesPerVector<Bits> + 31) / 32;  // vectors of a row per lane
+  const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   const Shape candidates[2] = {
       few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
@@ -291,7 +293,7 @@ Shape Choose(int64_t n, int64_t k, int device) {
   for (const Shape& c : candidates) {
     const int64_t slots = int64_t(Resident(c.kernel, SharedBytes(k))) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
-    const int64_t cost = waves * c.rows * ((per_lane + c.vectors_per_round - 1) / c.vectors_per_round);
+    const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
   }
   return best;
