@@ -6,6 +6,9 @@ GPU: checked against a float32 PyTorch reference, then timed beside PyTorch's SD
 Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
 - `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
   slot (the rows are written into the cache, then causal attention over 0..start+n).
+- `lab.kv.decode_attention_rope` (the decode the model runs: q and k of a fused qkv rotated in the
+  kernel) on both paths (clusters and split), with and without Llama-3 RoPE scaling, against the
+  reference on q and k rotated by runtime_patch.cpu_functions.rope_rotated.
 - `lab.kv.decode_attention`: batch 1 and 16, each slot at its own position (contexts 1..max_len),
   for max_len 256 and 4096, and batch 1 at each of CONTEXTS (64..4096 keys) in a cache of
   that many keys (the clusters' path up to 2048 on sm_90) and two in a cache of 4112 (the split
@@ -36,6 +39,9 @@ D, LAYERS, LAYER = 128, 2, 1
 TOLERANCE = 2e-3
 CONTEXTS = (64, 128, 200, 256, 300, 512, 1024, 2048, 4096)
 CALLS = 32  # decode calls per timed graph (Llama-3-8B's layers)
+# lab.kv.decode_attention_rope's RoPE arguments (engine.model.static_kv.rope_arguments): Llama-3-8B's,
+# and Llama-3.1's scaled one
+ROPES = ((500000.0, 0.0, 0.0, 0.0, 0.0), (500000.0, 8.0, 1.0, 4.0, 8192.0))
 
 
 def attention(q, keys, values, causal_shift: int | None):
@@ -69,11 +75,12 @@ class Functions:
 
         from runtime_patch import functions
 
-        names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_ADVANCE,
-                 functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS]
+        names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_DECODE_ATTENTION_ROPE,
+                 functions.KV_ADVANCE, functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS]
         functions.register("cuda", names)
         self.tvm_ffi = tvm_ffi
-        self.prefill, self.decode, self.advance, self.settle, self.set_ids = (tvm_ffi.get_global_func(n) for n in names)
+        (self.prefill, self.decode, self.decode_rope, self.advance, self.settle,
+         self.set_ids) = (tvm_ffi.get_global_func(n) for n in names)
 
     def __call__(self, fn, *args):
         wrapped = [self.tvm_ffi.from_dlpack(a) if hasattr(a, "data_ptr") else a for a in args]
@@ -118,60 +125,90 @@ def decode_reference(q, k_new, v_new, cache, positions):
     return __import__("torch").cat(outs)
 
 
+def rotated(x, positions, rope):
+    """x [b, H, d] on the GPU rotated at each slot's position as lab.kv.decode_attention_rope must
+    (runtime_patch.cpu_functions.rope_rotated, which the CPU tests hold to TVM's RoPE)."""
+    import torch
+
+    from runtime_patch.cpu_functions import rope_rotated
+
+    host = x.cpu().numpy()
+    return torch.stack([torch.from_numpy(rope_rotated(host[b], p, *rope)) for b, p in enumerate(positions.tolist())]).cuda()
+
+
 def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8,
-                 context: int | None = None) -> dict:
-    """Slots at positions spread over 0..max_len (or every slot at `context` keys)."""
+                 context: int | None = None, rope: tuple | None = None) -> dict:
+    """Slots at positions spread over 0..max_len (or every slot at `context` keys). With `rope`
+    (engine.model.static_kv.rope_arguments), lab.kv.decode_attention_rope on a fused qkv."""
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_len)
     cache = torch.randn(LAYERS, 2, batch, hkv, max_len, D, device="cuda", dtype=torch.float16, generator=g)
     q = torch.randn(batch, hq, D, device="cuda", dtype=torch.float16, generator=g)
     k, v = (torch.randn(batch, hkv, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+    qkv = torch.cat([q, k, v], dim=1)
     # slots at different positions: short and long contexts in one batch, room for the replays
     positions = torch.linspace(0, max_len - replays - 1, batch, device="cuda").to(torch.int32)
     if context is not None:
         positions = torch.full((batch,), context - 1, device="cuda", dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
     scale = 1 / math.sqrt(D)
+
+    def call():
+        if rope is None:
+            f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+        else:
+            f(f.decode_rope, qkv, cache, LAYER, positions, *rope, scale, 0, out)
+
+    def expected():
+        qkv.copy_(torch.cat([q, k, v], dim=1))
+        if rope is None:
+            return decode_reference(q, k, v, cache, positions), k
+        k_rot = rotated(k, positions, rope)
+        return decode_reference(rotated(q, positions, rope), k_rot, v, cache, positions), k_rot
+
     errors, written = [], True
-    expected = decode_reference(q, k, v, cache, positions)
-    f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+    want, _ = expected()
+    call()
     torch.cuda.synchronize()
-    errors.append(rel_error(out, expected))
+    errors.append(rel_error(out, want))
     # captured once, replayed with new inputs and advancing positions: what the decode step's graph does
     stream = torch.cuda.Stream()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
-        f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)  # warm: buffers made outside the capture
+        call()  # warm: buffers made outside the capture
         torch.cuda.synchronize()
         with torch.cuda.graph(graph, stream=stream):
-            f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+            call()
     torch.cuda.synchronize()
     for step in range(replays):
         positions += 1
         for t in (q, k, v):
             t.copy_(torch.randn(t.shape, device="cuda", dtype=torch.float16, generator=g))
-        expected = decode_reference(q, k, v, cache, positions)
+        want, k_written = expected()
         graph.replay()
         torch.cuda.synchronize()
-        errors.append(rel_error(out, expected))
+        errors.append(rel_error(out, want))
         for b, p in enumerate(positions.tolist()):
-            written &= bool(torch.equal(cache[LAYER, 0, b, :, p], k[b]) and torch.equal(cache[LAYER, 1, b, :, p], v[b]))
+            # a rotated key may differ from NumPy's in its last bits far out (test_static_kv)
+            k_ok = (torch.equal(cache[LAYER, 0, b, :, p], k_written[b]) if rope is None else
+                    bool((cache[LAYER, 0, b, :, p].float() - k_written[b].float()).abs().max() <= 1.5e-2))
+            written &= k_ok and bool(torch.equal(cache[LAYER, 1, b, :, p], v[b]))
     # timed as the model runs it: CALLS calls in one graph (a layer each), per call; a graph of
     # one call is timed by its launch, not by the kernel
     many = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
         with torch.cuda.graph(many, stream=stream):
             for _ in range(CALLS):
-                f(f.decode, q, k, v, cache, LAYER, positions, scale, 0, out)
+                call()
     torch.cuda.synchronize()
     lib = [t / CALLS for t in timed(many.replay)]
     kv_bytes = int(2 * hkv * D * 2 * (positions + 1).sum())
     keys = cache[LAYER, 0]  # [slots, kv_heads, max_len, d]
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], keys.repeat_interleave(hq // hkv, 1), keys.repeat_interleave(hq // hkv, 1)))
-    return {"function": "lab.kv.decode_attention", "q_heads": hq, "kv_heads": hkv, "batch": batch, "max_len": max_len,
-            "context": context,
+    return {"function": "lab.kv.decode_attention" + ("_rope" if rope else ""), "q_heads": hq, "kv_heads": hkv,
+            "batch": batch, "max_len": max_len, "context": context, "rope": list(rope) if rope else None,
             "positions": positions.tolist(), "rel_errors": errors, "rows_written": written,
             "ok": written and max(errors) < TOLERANCE, "library_in_graph_s": lib, "kv_bytes": kv_bytes,
             "sdpa_full_context_s": sdpa}
@@ -219,6 +256,10 @@ def main() -> None:
         # (a cache sized to the context, as a run sizes it to prompt + new tokens; and one of 4112)
         for context, max_len in [(c, c + 16) for c in CONTEXTS] + [(128, 4096 + 16), (1024, 4096 + 16)]:
             results.append({"heads": name, **check_decode(f, hq, hkv, 1, max_len, context=context)})
+        # the same with RoPE in the kernel (Llama-3-8B's, and Llama-3.1's scaled one), on both paths
+        for rope in ROPES:
+            for batch, max_len, context in ((1, 272, 256), (1, 4112, 1024), (16, 256, None)):
+                results.append({"heads": name, **check_decode(f, hq, hkv, batch, max_len, context=context, rope=rope)})
     for r in results:
         for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
             r[key + "_summary"] = stats.summarize(r[key])

@@ -63,6 +63,9 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind in (None, "default"):
                 object.__setattr__(self, "rope_scaling", None)
+            elif "rope_type" not in self.rope_scaling:
+                # older checkpoints name it "type"; TVM's RoPE kernels read "rope_type" only
+                object.__setattr__(self, "rope_scaling", {**self.rope_scaling, "rope_type": kind})
 
     @property
     def num_params(self) -> int:

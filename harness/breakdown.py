@@ -81,8 +81,8 @@ RULES: tuple[Rule, ...] = (
     Rule(EMBEDDING, _rx(r"embedding|take|argmax|argsort|top_?[kp]|sampl|multinomial|softmax|cumsum|gather|"
                         r"Advance|SettlePrefill"),
          "the token embedding gather, take_last (the last position's hidden state for the LM head), "
-         "argmax and sampling kernels (a softmax that is not the attention's), and the hand-over of the "
-         "chosen token to the next step (the static KV cache's Advance, SettlePrefill)"),
+         "argmax and sampling kernels (TVM's argmax_kernel, our ArgmaxRows; a softmax that is not the attention's), "
+         "and the hand-over of the chosen token to the next step (the static KV cache's Advance, SettlePrefill)"),
     Rule(NORMS, _rx(r"norm|silu|gelu|swiglu|relu|multiply|(?<![a-z])add(?![a-z])|subtract|divide|"
                     r"reshape|transpose|split|concat|squeeze|expand_dims|broadcast_to|cast|elementwise|arange"),
          "RMSNorm, SwiGLU (fused_split_silu_multiply), residual adds (add1), reshapes and transposes, "

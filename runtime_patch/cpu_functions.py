@@ -170,6 +170,42 @@ def _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, 
         o[b] = _attend(qa[b:b + 1].astype(np.float32), keys, values, sm_scale, causal=False)[0][0].astype(o.dtype)
 
 
+def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
+                 high_freq_factor: float, original_max: float) -> np.ndarray:
+    """x [heads, d] rotated at `position` as TVM's llama_rope_with_position_map computes it (float32
+    angles, cos and sin; x * cos + rotate_half(x) * sin rounded once to x's dtype); factor 0: no
+    scaling, else Llama-3's."""
+    d = x.shape[-1]
+    half = d // 2
+    exponent = (2 * np.arange(half)).astype(np.float32) / np.float32(d)
+    s = np.float32(position)
+    if factor:
+        inv_diff = 1.0 / (high_freq_factor - low_freq_factor)
+        alpha, beta = np.float32(original_max / (2 * np.pi) * inv_diff), np.float32(low_freq_factor * inv_diff)
+        f = np.float32(1) / np.power(np.float32(theta), exponent)
+        smooth = np.clip(alpha * f - beta, np.float32(0), np.float32(1))
+        angle = s * ((np.float32(1) - smooth) * f * np.float32(1.0 / factor) + smooth * f)
+    else:
+        angle = s / np.power(np.float32(theta), exponent)
+    cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+    xf = x.astype(np.float32)
+    first, second = xf[..., :half], xf[..., half:]
+    return np.concatenate([cos * first - sin * second, cos * second + sin * first], axis=-1).astype(x.dtype)
+
+
+def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,
+                              original_max, sm_scale, invariant, out) -> None:
+    """Split the fused projection, rotate q and k at each slot's position, then as
+    _kv_decode_attention."""
+    x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
+    q_heads, kv_heads = o.shape[1], np.from_dlpack(cache).shape[3]
+    rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
+    q = np.stack([rope_rotated(x[b, :q_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
+    k = np.stack([rope_rotated(x[b, q_heads:q_heads + kv_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
+    v = np.ascontiguousarray(x[:, q_heads + kv_heads:])
+    _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out)
+
+
 def _kv_settle_prefill(next_ids, ids, positions, slot, length, out) -> None:
     nxt = np.from_dlpack(next_ids)
     np.from_dlpack(ids)[slot, 0] = nxt[-1]
@@ -197,6 +233,10 @@ def _kv_advance(next_ids, ids, positions, out) -> None:
         entry = functions.mailbox_entry(call)
         _mailbox[entry:entry + len(nxt)] = nxt
         _mailbox[0] = call + 1
+
+
+def _kv_argmax(logits, out) -> None:
+    np.copyto(np.from_dlpack(out), np.argmax(np.from_dlpack(logits), axis=-1).astype(np.int32))  # the first maximum
 
 
 def _kv_set_ids(new_ids, ids, out) -> None:
@@ -228,8 +268,10 @@ IMPLEMENTATIONS = {
     functions.IPC_DISABLE: lambda why: None,
     functions.KV_PREFILL_ATTENTION: _kv_prefill_attention,
     functions.KV_DECODE_ATTENTION: _kv_decode_attention,
+    functions.KV_DECODE_ATTENTION_ROPE: _kv_decode_attention_rope,
     functions.KV_SETTLE_PREFILL: _kv_settle_prefill,
     functions.KV_ADVANCE: _kv_advance,
+    functions.KV_ARGMAX: _kv_argmax,
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

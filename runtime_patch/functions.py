@@ -55,8 +55,16 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         over 0..positions[slot]; launch shape fixed by the tensors'
                                         shapes (graph-safe: lengths are read on the device);
                                         invariant=1: keys split as for one slot (batch_invariant)
+  KV_DECODE_ATTENTION_ROPE(qkv, cache, layer, positions, rope_theta, rope_factor, low_freq_factor,
+                           high_freq_factor, original_max_position_embeddings, sm_scale, invariant, out)
+                                        the same from the layer's fused projection qkv [b, Hq + 2 Hkv,
+                                        d]: q and k rotated (RoPE at positions[slot], as TVM's
+                                        llama_rope_with_position_map; rope_factor 0: no scaling, else
+                                        Llama-3's) in the attention kernel, no RoPE kernel before it
   KV_SETTLE_PREFILL(next, ids, positions, slot, length, out)   ids[slot] = next[-1], positions[slot]
                                         = length; out = next
+  KV_ARGMAX(logits, out)               out[r] = the first index of row r's largest logit (float32
+                                        [rows, vocab] -> int32 [rows]): the greedy tokens
   KV_ADVANCE(next, ids, positions, out) ids[:, 0] = next, positions += 1; out = next; and next into
                                         this device's mailbox where it has one
   KV_SET_IDS(new, ids, out)             ids = new; out = new
@@ -103,8 +111,10 @@ IPC_STATUS = "lab.ccl.ipc_status"
 IPC_DISABLE = "lab.ccl.ipc_disable"
 KV_PREFILL_ATTENTION = "lab.kv.prefill_attention"
 KV_DECODE_ATTENTION = "lab.kv.decode_attention"
+KV_DECODE_ATTENTION_ROPE = "lab.kv.decode_attention_rope"
 KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
 KV_ADVANCE = "lab.kv.advance"
+KV_ARGMAX = "lab.kv.argmax"
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
 PP_SEND_NEXT = "lab.pp.send_next"
@@ -130,7 +140,9 @@ PLUGIN = {
     ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
     IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
+    KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
+    KV_ARGMAX: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV_ADD_BY_BITS.values()},
     # not a native plugin: Python over disco's point-to-point operations, on every target

@@ -24,7 +24,7 @@ PROMPT, CHUNK, STEPS = 40, 16, 8  # three prefill chunks: the 2nd and 3rd attend
 def test_static_cache_is_the_model_transformers_computes(compiled, gqa_checkpoint, quant, tp, tolerance):
     config = from_hf_folder(gqa_checkpoint)
     artifact = compiled(config, quant, tp, kv_cache="static")
-    assert artifact.spec.kv_cache == "static" and functions.KV_DECODE_ATTENTION in artifact.functions
+    assert artifact.spec.kv_cache == "static" and functions.KV_DECODE_ATTENTION_ROPE in artifact.functions
     reference = Reference(gqa_checkpoint)
     rng = np.random.default_rng(5)
     prompt = rng.integers(0, config.vocab_size, PROMPT).tolist()
@@ -76,7 +76,7 @@ def test_static_decode_is_one_graph_on_cuda(tiny_config):
     spec = BuildSpec(tiny_config, "q0f16", 2, "cuda", "sm_90", kv_cache="static", allreduce="tir")
     mod, _ = export(spec)
     assert mod["decode_static"].attrs["num_input"] == 0
-    mod = tvm.relax.transform.DeadCodeElimination(["decode_static"])(mod)  # the step alone: a faster build
+    mod = tvm.relax.transform.DeadCodeElimination(["decode_static", "prefill_static"])(mod)  # a faster build
     with tvm.transform.PassContext(opt_level=3, config={"relax.backend.use_cuda_graph": True}):
         lowered = _pipeline(spec, spec.tvm_target())(mod)
     step = lowered["decode_static"].script()
@@ -84,11 +84,13 @@ def test_static_decode_is_one_graph_on_cuda(tiny_config):
     assert "attention_kv_cache" not in step and "kv_state" not in step
     captured = lowered["decode_static_cuda_graph_capture"].script()
     layers = tiny_config.num_hidden_layers
-    assert captured.count(functions.KV_DECODE_ATTENTION) == layers
+    assert captured.count(functions.KV_DECODE_ATTENTION_ROPE) == layers
+    # RoPE inside the attention: no RoPE kernel in the step (the prefill keeps TVM's)
+    assert "fused_rope(" not in captured and "fused_rope(" in lowered["prefill_static"].script()
     assert captured.count("runtime.disco.allreduce") == 2 * layers
     assert "broadcast_from_worker0" not in captured  # every rank holds the same tokens
     outside = step.split("run_or_capture", 1)[1]
-    assert functions.KV_ADVANCE in outside and functions.KV_DECODE_ATTENTION not in outside
+    assert functions.KV_ADVANCE in outside and functions.KV_DECODE_ATTENTION_ROPE not in outside
 
 
 def test_kv_cache_option(tiny_config):
@@ -117,3 +119,38 @@ def test_library_allreduce_in_the_model_over_cpu_shm(compiled, tiny_checkpoint):
             tokens[allreduce, lm_head] = Generator(session, 1, 64, 16).generate([prompt], 6).tokens[0]
     assert len(set(map(tuple, tokens.values()))) == 1
     assert tokens["tir", "replicated"] == Reference(tiny_checkpoint).greedy(prompt, 6)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
+def test_decode_rope_is_the_prefills_rope(scaling):
+    """The decode's attention rotates q and k itself (lab.kv.decode_attention_rope; its NumPy
+    version's rope_rotated has the formula of cuda_attention.cu's RopeTable / RotateHalf); prefill
+    runs TVM's llama_rope_with_position_map. Both must rotate alike: bit for bit at short positions,
+    within a few float16 ulps far out (float32 cos/sin of angles of 10^4-10^5 radians differ in
+    their last bits between libraries). A wrong sign, pairing or frequency is off by O(1)."""
+    import tvm
+    from tvm import tirx
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+
+    from engine.model.static_kv import rope_arguments
+    from runtime_patch.cpu_functions import rope_rotated
+
+    theta, hq, hkv, d = 500000.0, 4, 2, 64
+    rope = llama_rope_with_position_map(theta, 1.0, d, hq, hkv, "float16", dict(scaling or {}))
+    rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})
+    kernel = tvm.compile(tvm.IRModule({"main": rope}), target="llvm")["main"]
+    positions = np.array([0, 1, 17, 200, 4095, 70000], np.int32)
+    qkv = np.random.default_rng(0).standard_normal((len(positions), hq + 2 * hkv, d)).astype(np.float16)
+    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in
+               (qkv, positions, *(np.zeros((len(positions), h, d), np.float16) for h in (hq, hkv, hkv)))]
+    kernel(*tensors)
+    want_q, want_k = tensors[2].numpy(), tensors[3].numpy()
+    args = rope_arguments(theta, scaling)
+    for b, position in enumerate(positions.tolist()):
+        q = rope_rotated(qkv[b, :hq], position, *args)
+        k = rope_rotated(qkv[b, hq:hq + hkv], position, *args)
+        if position <= 17:
+            assert np.array_equal(q, want_q[b]) and np.array_equal(k, want_k[b])
+        np.testing.assert_allclose(q.astype(np.float32), want_q[b], rtol=0, atol=1.5e-2)
+        np.testing.assert_allclose(k.astype(np.float32), want_k[b], rtol=0, atol=1.5e-2)

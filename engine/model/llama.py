@@ -322,7 +322,7 @@ class LlamaForCausalLM(nn.Module):
         token = lambda: Tensor.placeholder([rows], "int32")  # noqa: E731
         if plan.last_stage:
             logits = logits_of(hidden)
-            tokens = _argmax_last(logits)
+            tokens = static_kv.argmax(logits)
             if plan.pp > 1:
                 tokens = _extern(functions.PP_SEND_FIRST, [tokens, plan.tp, plan.pp], [token()])
             return tokens, logits

@@ -18,9 +18,11 @@ that the rewrite captures:
 Prefill (one slot, a chunk of tokens at `start`): RoPE (TVM's llama_rope_with_position_map, the
 kernel TVM's cache uses) at positions start.., then `lab.kv.prefill_attention`: the chunk's keys
 and values written into the slot, causal attention over the slot's positions 0..start+len.
-Decode (every slot, one token each): RoPE at `positions`, then `lab.kv.decode_attention`: the
-token's key and value written at its position, attention over 0..position (split over the keys
-on a GPU, merged in the same kernel). After the LM head and the argmax, `lab.kv.advance` writes the
+Decode (every slot, one token each): `lab.kv.decode_attention_rope` on the layer's fused qkv
+projection: q and k rotated at `positions` (RoPE inside the attention kernel: a separate RoPE
+kernel cost ~1.8 us a layer on an H200, more than a fifth of the attention), the token's key and
+value written at its position, attention over 0..position (split over the keys on a GPU, merged in
+the same kernel). After the LM head and the argmax (`lab.kv.argmax`), `lab.kv.advance` writes the
 tokens into `ids` and adds 1 to `positions` (on the device), so the next step needs nothing from
 the host; `lab.kv.set_ids` writes host tokens into `ids` where the host feeds the step (teacher
 forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
@@ -51,6 +53,7 @@ class StaticKV:
         rope = llama_rope_with_position_map(c.rope_theta, 1.0, c.head_dim, plan.q_heads, plan.kv_heads,
                                             build.quant_spec.model_dtype, dict(c.rope_scaling or {}))
         self.rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})  # apply_rope: always
+        self.rope_args = rope_arguments(c.rope_theta, c.rope_scaling)
 
     def _position_map(self, tokens) -> Tensor:
         """The position of each token of the step: `positions` (decode), start.. (prefill; made
@@ -65,18 +68,34 @@ class StaticKV:
         b, s, heads, d = qkv.shape
         dtype = qkv.dtype
         flat = op.reshape(qkv, (b * s, heads, d))
+        out = Tensor.placeholder((b * s, self.q_heads, d), dtype)
+        if self.kind == DECODE:
+            out = op.extern(functions.KV_DECODE_ATTENTION_ROPE, [flat, self.cache, layer_id, self.positions,
+                                                                 *self.rope_args, float(sm_scale), self.invariant], out)
+            return op.reshape(out, (b, s, self.q_heads, d))
         q, k, v = op.tensor_ir_op(
             self.rope, "rope", [flat, self._position_map(b * s)],
             [Tensor.placeholder((b * s, self.q_heads, d), dtype), Tensor.placeholder((b * s, self.kv_heads, d), dtype),
              Tensor.placeholder((b * s, self.kv_heads, d), dtype)])
-        out = Tensor.placeholder((b * s, self.q_heads, d), dtype)
-        if self.kind == DECODE:
-            out = op.extern(functions.KV_DECODE_ATTENTION, [q, k, v, self.cache, layer_id, self.positions,
-                                                            float(sm_scale), self.invariant], out)
-        else:
-            out = op.extern(functions.KV_PREFILL_ATTENTION, [q, k, v, self.cache, layer_id, self.slot, self.start,
-                                                             float(sm_scale)], out)
+        out = op.extern(functions.KV_PREFILL_ATTENTION, [q, k, v, self.cache, layer_id, self.slot, self.start,
+                                                         float(sm_scale)], out)
         return op.reshape(out, (b, s, self.q_heads, d))
+
+
+def rope_arguments(theta: float, scaling: dict | None) -> tuple[float, float, float, float, float]:
+    """lab.kv.decode_attention_rope's RoPE arguments: (theta, factor, low_freq_factor,
+    high_freq_factor, original_max_position_embeddings), factor 0 without scaling (the config allows
+    none or Llama-3's, engine.config)."""
+    if not scaling or scaling.get("rope_type") != "llama3":
+        return float(theta), 0.0, 0.0, 0.0, 0.0
+    return (float(theta), float(scaling["factor"]), float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]), float(scaling["original_max_position_embeddings"]))
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """The greedy tokens [rows] int32 of float32 logits [rows, vocab] (lab.kv.argmax: TVM's argmax
+    kernel ran a block per row, 24 us for Llama-3's vocabulary on an H200)."""
+    return op.extern(functions.KV_ARGMAX, [logits], Tensor.placeholder([logits.shape[0]], "int32"))
 
 
 def advance(next_ids: Tensor, ids: Tensor, positions: Tensor) -> Tensor:

@@ -46,6 +46,7 @@
 //   block), so a step is one kernel whatever the context. On sm_90, where few (slot, KV head)
 //   pairs would leave most SMs idle (batch 1) and the cache is short, a thread-block cluster per
 //   pair shares the context instead (StaticDecodeCluster, ClusterSize).
+// lab.kv.argmax(logits [b, vocab] float32, out [b] int32)   the greedy tokens (ArgmaxRows)
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
 // lab.kv.mailbox() -> address                       pinned host words the advance calls write (below)
@@ -65,6 +66,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -213,6 +215,7 @@ __device__ void Load8(const __half* src, float* dst) {
 
 // Where a decode block finds the key and value of token t. Paged: through the sequence's page
 // table. Static: the slot's contiguous rows, the step's own token (at `pos`) from the step's k, v.
+// load_key(t, i) / load_value(t, i): the 16-byte vector i (elements 8i..8i+7) of token t's key / value.
 struct PagedKeys {
   const __half* pages;
   const int32_t* page_values;
@@ -222,9 +225,14 @@ struct PagedKeys {
     const int64_t page = page_values[p0 + t / page_size];
     return pages + ((page * 2 * kv_heads + hk) * page_size + t % page_size) * d;
   }
-  __device__ const __half* value(int t) const { return key(t) + int64_t(kv_heads) * page_size * d; }
+  __device__ uint4 load_key(int t, int i) const { return __ldg(reinterpret_cast<const uint4*>(key(t)) + i); }
+  __device__ uint4 load_value(int t, int i) const {
+    return __ldg(reinterpret_cast<const uint4*>(key(t) + int64_t(kv_heads) * page_size * d) + i);
+  }
 };
 
+// The step's own key may be in shared memory (rotated by the kernel, StepRope): read with a generic
+// load; the cache's rows with __ldg.
 struct StaticKeys {
   const __half* k_rows;  // the slot's KV head: [max_len, d]
   const __half* v_rows;
@@ -232,9 +240,60 @@ struct StaticKeys {
   const __half* v_new;
   int pos, d;
 
-  __device__ const __half* key(int t) const { return t == pos ? k_new : k_rows + int64_t(t) * d; }
-  __device__ const __half* value(int t) const { return t == pos ? v_new : v_rows + int64_t(t) * d; }
+  __device__ uint4 load_key(int t, int i) const {
+    return t == pos ? reinterpret_cast<const uint4*>(k_new)[i]
+                    : __ldg(reinterpret_cast<const uint4*>(k_rows + int64_t(t) * d) + i);
+  }
+  __device__ uint4 load_value(int t, int i) const {
+    return __ldg(reinterpret_cast<const uint4*>(t == pos ? v_new : v_rows + int64_t(t) * d) + i);
+  }
 };
+
+// RoPE inside the static decode (lab.kv.decode_attention_rope): the rotation of the step's q and k
+// at the slot's position, as TVM's llama_rope_with_position_map computes it (float32 angle and
+// cos/sin, x * cos + rotate_half(x) * sin rounded once to float16): the angle of element i < d/2
+// (and i + d/2) is pos / theta^(2i/d), or with Llama-3 scaling (llama3 != 0) pos * ((1 - s) *
+// f * inv_factor + s * f), f = 1 / theta^(2i/d), s = clamp(alpha * f - beta, 0, 1).
+struct RopeSpec {
+  float theta = 0.f;  // 0: no RoPE (q and k come rotated)
+  int llama3 = 0;
+  float inv_factor = 1.f, alpha = 0.f, beta = 0.f;
+};
+
+// cos_sin[i] = cos, cos_sin[d/2 + i] = sin of element i's angle at `pos`, for i < d/2, by the
+// block's first d/2 threads (the caller synchronises before use).
+template <int D>
+__device__ void RopeTable(const RopeSpec& rope, int pos, float* cos_sin) {
+  const int i = threadIdx.x;
+  if (i >= D / 2) return;
+  const float s = float(pos);
+  const float exponent = float(2 * i) / float(D);
+  float angle;
+  if (rope.llama3) {
+    const float f = 1.f / powf(rope.theta, exponent);
+    const float smooth = fmaxf(0.f, fminf(1.f, rope.alpha * f - rope.beta));
+    angle = s * ((1.f - smooth) * f * rope.inv_factor + smooth * f);
+  } else {
+    angle = s / powf(rope.theta, exponent);
+  }
+  sincosf(angle, &cos_sin[D / 2 + i], &cos_sin[i]);
+}
+
+// x: the 8 elements 8l..8l+7 of a head held by lane l of a team of D / 8 lanes (every lane of the
+// warp calls it); rotated by the table and rounded to float16 (as a stored rotated q or k is).
+template <int D>
+__device__ void RotateHalf(float* x, const float* cos_sin) {
+  constexpr int kTeam = D / 8;
+  const int l = threadIdx.x % kTeam;
+  const bool first = l < kTeam / 2;
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    const float partner = __shfl_xor_sync(0xffffffffu, x[t], kTeam / 2);
+    const int i = (l % (kTeam / 2)) * 8 + t;
+    const float rotated = cos_sin[i] * x[t] + cos_sin[D / 2 + i] * (first ? -partner : partner);
+    x[t] = __half2float(__float2half(rotated));
+  }
+}
 
 // Keys a team loads before it computes on them (unrolled: U keys' 16-byte loads in flight per
 // lane at once; a loop that loaded one key per iteration waited a full memory latency per key).
@@ -250,9 +309,11 @@ __host__ __device__ constexpr int KeysInFlight(int group) { return group <= 4 ? 
 // head_row)` for each element j of each query head g of the group (head_row = b * q_heads +
 // hk * group + g; lse is -inf for a share without keys). Every thread of the block must call it
 // (it synchronises).
+// q_group: the row of query head hk * group of sequence b (the group's rows follow, d apart);
+// rope_cs: null, or the RopeTable of the sequence's position (q is rotated as loaded).
 template <int D, int G, int Warps, class Keys, class Emit>  // G: query heads per KV head this instance holds
-__device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int b, int hk, int group, int t0,
-                            int t1, float scale2, const Emit& emit) {
+__device__ void AttendSplit(const __half* __restrict__ q_group, const float* rope_cs, const Keys& keys, int b, int hk,
+                            int group, int t0, int t1, float scale2, const Emit& emit) {
   constexpr int kTeam = D / 8, kTeams = Warps * 32 / kTeam, U = KeysInFlight(G);
   __shared__ float sm_m[Warps][G], sm_d[Warps][G];
   __shared__ float sm_o[Warps][G][D];
@@ -266,7 +327,10 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
     d[g] = 0.f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
-    if (g < group) Load8(q + (int64_t(b) * q_heads + hk * group + g) * D + lane * 8, qr[g]);
+    if (g < group) {
+      Load8(q_group + g * D + lane * 8, qr[g]);
+      if (rope_cs != nullptr) RotateHalf<D>(qr[g], rope_cs);
+    }
   }
   // Every lane of a warp runs the same rounds (the shuffles need the whole warp); a key past the
   // split's end is loaded as zeros and given no weight.
@@ -277,8 +341,8 @@ __device__ void AttendSplit(const __half* __restrict__ q, const Keys& keys, int 
       const int t = base + j * kTeams + team;
       kr[j] = vr[j] = make_uint4(0, 0, 0, 0);
       if (t < t1) {
-        kr[j] = __ldg(reinterpret_cast<const uint4*>(keys.key(t) + lane * 8));
-        vr[j] = __ldg(reinterpret_cast<const uint4*>(keys.value(t) + lane * 8));
+        kr[j] = keys.load_key(t, lane);
+        vr[j] = keys.load_value(t, lane);
       }
     }
     float s[G][U];
@@ -492,8 +556,9 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
   const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-  AttendSplit<D, G, kDecodeWarps>(q, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b, hk, group, t0,
-                                  t1, scale2, PartialsOut{part_o, part_lse, split, splits, D});
+  const __half* q_group = q + (int64_t(b) * kv_heads + hk) * group * D;
+  AttendSplit<D, G, kDecodeWarps>(q_group, nullptr, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b,
+                                  hk, group, t0, t1, scale2, PartialsOut{part_o, part_lse, split, splits, D});
 }
 
 // One block per (sequence, query head), a thread per element of head_dim: merge the splits.
@@ -502,15 +567,70 @@ __global__ void DecodeMerge(const float* __restrict__ part_o, const float* __res
   MergeRows(part_o, part_lse, blockIdx.x, 1, splits, splits, d, out, lse);
 }
 
-// The step's token (k_new, v_new of (slot, KV head) `head`) into the cache at `pos`, by the block
-// whose share of the keys ends with it.
+// The step's token (k_new, v_new: its rows of one (slot, KV head)) into that head's cache rows at
+// `pos`, by the block whose share of the keys ends with it.
 template <int D>
-__device__ void AppendToken(const __half* k_new, const __half* v_new, __half* k_cache, __half* v_cache, int64_t head,
-                            int pos, int max_len) {
+__device__ void AppendToken(const __half* k_new, const __half* v_new, __half* k_rows, __half* v_rows, int pos) {
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    k_cache[(head * max_len + pos) * D + i] = k_new[head * D + i];
-    v_cache[(head * max_len + pos) * D + i] = v_new[head * D + i];
+    k_rows[int64_t(pos) * D + i] = k_new[i];
+    v_rows[int64_t(pos) * D + i] = v_new[i];
   }
+}
+
+// Where a static decode step finds its tokens: q [b, Hq, d] and k, v [b, Hkv, d] (lab.kv.
+// decode_attention: rotated already), or the rows of a layer's fused projection qkv
+// [b, Hq + 2 Hkv, d] (lab.kv.decode_attention_rope: q at head 0, k at Hq, v at Hq + Hkv; the kernel
+// rotates q and k, rope.theta != 0). Strides in elements between slots.
+struct StepQkv {
+  const __half* q;
+  const __half* k;
+  const __half* v;
+  int64_t q_stride, kv_stride;
+  RopeSpec rope;
+};
+
+// A block's view of its (slot b, KV head hk): the group's query rows, the RoPE table and the step's
+// key and value rows, the key rotated into shared memory where the block's share ends with the
+// token (`owner`, the same for the whole block; no other block reads the token's key). Every
+// thread calls it (with RoPE on, it synchronises).
+struct StepView {
+  const __half* q_group;
+  const float* rope_cs;
+  const __half* k_new;
+  const __half* v_new;
+};
+
+template <int D>
+struct RopeShared {
+  float cos_sin[D];
+  __align__(16) __half k_rotated[D];
+};
+
+template <int D>
+__device__ StepView PrepareStep(const StepQkv& step, int b, int hk, int group, int pos, bool owner,
+                                RopeShared<D>& shared) {
+  constexpr int kTeam = D / 8;
+  const __half* k = step.k + b * step.kv_stride + int64_t(hk) * D;
+  StepView view{step.q + b * step.q_stride + int64_t(hk) * group * D, nullptr, k,
+                step.v + b * step.kv_stride + int64_t(hk) * D};
+  if (step.rope.theta == 0.f) return view;
+  RopeTable<D>(step.rope, pos, shared.cos_sin);
+  __syncthreads();
+  if (owner && threadIdx.x < 32) {  // the first warp (every lane: RotateHalf shuffles)
+    float x[8];
+    Load8(k + (threadIdx.x % kTeam) * 8, x);
+    RotateHalf<D>(x, shared.cos_sin);
+    if (threadIdx.x < kTeam) {
+      __align__(16) __half h[8];
+#pragma unroll
+      for (int t = 0; t < 8; ++t) h[t] = __float2half(x[t]);  // exact: x is rounded already
+      reinterpret_cast<uint4*>(shared.k_rotated)[threadIdx.x] = *reinterpret_cast<const uint4*>(h);
+    }
+  }
+  __syncthreads();
+  view.rope_cs = shared.cos_sin;
+  if (owner) view.k_new = shared.k_rotated;
+  return view;
 }
 
 // The static decode's blocks: 8 warps (4 at head_dim 256, whose shared combine is twice as large).
@@ -532,11 +652,12 @@ __host__ __device__ constexpr int StaticKeysPerSplit(int d, int group) {
 // step.
 template <int D, int G>
 __global__ void __launch_bounds__(StaticWarps(D) * 32)
-StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
-             __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int32_t* __restrict__ positions,
-             float* __restrict__ part_o, float* __restrict__ part_lse, unsigned* __restrict__ arrivals,
-             __half* __restrict__ out, int group, int max_len, int splits, float scale2) {
+StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
+             const int32_t* __restrict__ positions, float* __restrict__ part_o, float* __restrict__ part_lse,
+             unsigned* __restrict__ arrivals, __half* __restrict__ out, int group, int max_len, int splits,
+             float scale2) {
   constexpr int kKeys = StaticKeysPerSplit(D, G);
+  __shared__ RopeShared<D> rope_shared;
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
@@ -545,13 +666,16 @@ StaticDecode(const __half* __restrict__ q, const __half* __restrict__ k_new, con
   const int64_t head = (int64_t(b) * kv_heads + hk);
   const int chunk = (len + used - 1) / used;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-  const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
-                        v_new + head * D, pos, D};
+  const bool owner = t0 < len && t1 == len;
+  const StepView view = PrepareStep<D>(step, b, hk, group, pos, owner, rope_shared);
+  __half* k_rows = k_cache + head * max_len * D;
+  __half* v_rows = v_cache + head * max_len * D;
+  const StaticKeys keys{k_rows, v_rows, view.k_new, view.v_new, pos, D};
   // one instance of AttendSplit (each has its own shared memory)
-  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2,
+  AttendSplit<D, G, StaticWarps(D)>(view.q_group, view.rope_cs, keys, b, hk, group, t0, t1, scale2,
                                     PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
                                                      used == 1});
-  if (t0 < len && t1 == len) AppendToken<D>(k_new, v_new, k_cache, v_cache, head, pos, max_len);
+  if (owner) AppendToken<D>(view.k_new, view.v_new, k_rows, v_rows, pos);
   if (used == 1) return;
   __shared__ bool last;
   __threadfence();  // this block's partials are visible before its arrival is
@@ -576,12 +700,13 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 
 template <int D, int G>
 __global__ void __launch_bounds__(StaticWarps(D) * 32)
-StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_new, const __half* __restrict__ v_new,
-                    __half* __restrict__ k_cache, __half* __restrict__ v_cache, const int32_t* __restrict__ positions,
-                    __half* __restrict__ out, int group, int max_len, float scale2) {
+StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
+                    const int32_t* __restrict__ positions, __half* __restrict__ out, int group, int max_len,
+                    float scale2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
   __shared__ float share_o[G * D], share_lse[G];
+  __shared__ RopeShared<D> rope_shared;
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
@@ -589,10 +714,14 @@ StaticDecodeCluster(const __half* __restrict__ q, const __half* __restrict__ k_n
   const int chunk = (len + splits - 1) / splits;
   const int t0 = min(len, split * chunk), t1 = min(len, t0 + chunk);
   const int64_t head = int64_t(b) * kv_heads + hk;
-  const StaticKeys keys{k_cache + head * max_len * D, v_cache + head * max_len * D, k_new + head * D,
-                        v_new + head * D, pos, D};
-  AttendSplit<D, G, StaticWarps(D)>(q, keys, b, hk, group, t0, t1, scale2, SharedOut{share_o, share_lse, D});
-  if (t0 < len && t1 == len) AppendToken<D>(k_new, v_new, k_cache, v_cache, head, pos, max_len);
+  const bool owner = t0 < len && t1 == len;
+  const StepView view = PrepareStep<D>(step, b, hk, group, pos, owner, rope_shared);
+  __half* k_rows = k_cache + head * max_len * D;
+  __half* v_rows = v_cache + head * max_len * D;
+  const StaticKeys keys{k_rows, v_rows, view.k_new, view.v_new, pos, D};
+  AttendSplit<D, G, StaticWarps(D)>(view.q_group, view.rope_cs, keys, b, hk, group, t0, t1, scale2,
+                                    SharedOut{share_o, share_lse, D});
+  if (owner) AppendToken<D>(view.k_new, view.v_new, k_rows, v_rows, pos);
   cluster.sync();  // every share is in its block's shared memory
   // Block `split` combines the output elements split * blockDim.x + thread, then every
   // splits * blockDim.x further, reading the shares of all blocks at once (a thread's loads are
@@ -672,6 +801,68 @@ __global__ void SettlePrefill(const int32_t* __restrict__ next, int n, int32_t* 
   if (i == n - 1) {
     ids[slot] = next[i];
     positions[slot] = length;
+  }
+}
+
+// lab.kv.argmax: a row's largest logit, the first index where several are equal (topi.argmax's and
+// torch.argmax's choice). A grid of (parts, rows) blocks, each the best of its part of the row; the
+// last block of a row to finish (an arrival counter per row, which it resets: graph-safe) takes
+// the best of the parts. TVM's argmax kernel took 24 us for Llama-3's 128256 logits on an H200 (a
+// block per row).
+constexpr int kArgmaxThreads = 256, kArgmaxPerThread = 8, kArgmaxMaxParts = 128;
+
+struct Best {
+  float value;
+  int index;
+};
+
+// b if it is larger, or equal and earlier; NaN never wins
+__device__ Best Better(Best a, Best b) {
+  return (b.value > a.value || (b.value == a.value && b.index < a.index)) ? b : a;
+}
+
+__device__ Best BlockBest(Best best, Best* shared) {
+  for (int offset = 16; offset > 0; offset /= 2)
+    best = Better(best, Best{__shfl_xor_sync(0xffffffffu, best.value, offset),
+                             __shfl_xor_sync(0xffffffffu, best.index, offset)});
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = best;
+  __syncthreads();
+  for (int w = 0; w < int(blockDim.x / 32); ++w) best = Better(best, shared[w]);
+  return best;
+}
+
+__global__ void __launch_bounds__(kArgmaxThreads)
+ArgmaxRows(const float* __restrict__ logits, int64_t vocab, float* __restrict__ part_value,
+           int* __restrict__ part_index, unsigned* __restrict__ arrivals, int32_t* __restrict__ out) {
+  __shared__ Best shared[kArgmaxThreads / 32];
+  __shared__ bool last;
+  const int part = blockIdx.x, parts = gridDim.x, row = blockIdx.y;
+  const int64_t per_part = (vocab + parts - 1) / parts;
+  const int64_t begin = part * per_part, end = min(vocab, begin + per_part);
+  const float* x = logits + int64_t(row) * vocab;
+  Best best{-INFINITY, INT_MAX};
+#pragma unroll 4
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) best = Better(best, Best{__ldg(x + i), int(i)});
+  best = BlockBest(best, shared);
+  if (parts > 1) {
+    if (threadIdx.x == 0) {
+      part_value[int64_t(row) * parts + part] = best.value;
+      part_index[int64_t(row) * parts + part] = best.index;
+      __threadfence();  // the part is visible before its arrival is
+      last = atomicAdd(arrivals + row, 1u) == unsigned(parts - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    best = Best{-INFINITY, INT_MAX};
+    for (int i = threadIdx.x; i < parts; i += blockDim.x)
+      best = Better(best, Best{__ldcg(part_value + int64_t(row) * parts + i), __ldcg(part_index + int64_t(row) * parts + i)});
+    __syncthreads();  // `shared` is read by the first BlockBest until here
+    best = BlockBest(best, shared);
+  }
+  if (threadIdx.x == 0) {
+    out[row] = best.index < vocab ? best.index : 0;  // a row of NaN: 0
+    if (parts > 1) arrivals[row] = 0;
   }
 }
 
@@ -811,8 +1002,8 @@ void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DL
 
 using DecodeKernel = void (*)(const __half*, const __half*, const int32_t*, const int32_t*, const int32_t*, float*,
                               float*, int, int, int, int, float);
-using StaticKernel = void (*)(const __half*, const __half*, const __half*, __half*, __half*, const int32_t*, float*,
-                              float*, unsigned*, __half*, int, int, int, float);
+using StaticKernel = void (*)(StepQkv, __half*, __half*, const int32_t*, float*, float*, unsigned*, __half*, int, int,
+                              int, float);
 
 // The kernel instance for head_dim d and `group` query heads per KV head (registers hold G heads).
 template <template <int, int> class Pick>
@@ -836,8 +1027,7 @@ struct StaticPick {
   static constexpr StaticKernel kernel = StaticDecode<D, G>;
 };
 
-using ClusterKernel = void (*)(const __half*, const __half*, const __half*, __half*, __half*, const int32_t*, __half*,
-                               int, int, float);
+using ClusterKernel = void (*)(StepQkv, __half*, __half*, const int32_t*, __half*, int, int, float);
 
 template <int D, int G>
 struct ClusterPick {
@@ -975,17 +1165,16 @@ void KvPrefillAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, 
                   float(sm_scale * 1.4426950408889634), fn);
 }
 
-void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, DLTensor* positions,
-                       double sm_scale, int64_t invariant, DLTensor* out) {
-  const char* fn = "lab.kv.decode_attention";
-  const StaticShape s = CheckStatic(fn, q, k, v, cache, out, layer);
+// The static decode of a step whose tokens `step` holds (q_heads query heads each).
+void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& s, int64_t q_heads, DLTensor* cache,
+                        int64_t layer, DLTensor* positions, double sm_scale, int64_t invariant, DLTensor* out) {
   Check(positions, "positions", 1, 32, kDLInt);
-  const int64_t batch = q->shape[0], q_heads = q->shape[1], group = q_heads / s.kv_heads;
+  const int64_t batch = out->shape[0], group = q_heads / s.kv_heads;
   if (batch != s.slots || positions->shape[0] != s.slots)
     TVM_FFI_THROW(ValueError) << fn << ": a step of " << batch << " tokens for a cache of " << s.slots
                               << " slots (one token per slot)";
   CheckDecodeShape(fn, group, s.d);
-  const int device = q->device.device_id;
+  const int device = out->device.device_id;
   DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const float scale2 = float(sm_scale * 1.4426950408889634);
@@ -1004,9 +1193,9 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
-    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, ForShape<ClusterPick>(s.d, group), Data<__half>(q), Data<__half>(k),
-                                      Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
-                                      Data<int32_t>(positions), Data<__half>(out), int(group), int(s.max_len), scale2));
+    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, ForShape<ClusterPick>(s.d, group), step, CacheRows(cache, s, layer, 0),
+                                      CacheRows(cache, s, layer, 1), Data<int32_t>(positions), Data<__half>(out),
+                                      int(group), int(s.max_len), scale2));
     return;
   }
   // Enough splits to fill the GPU, at most one per StaticKeysPerSplit keys of max_len; `invariant`
@@ -1020,10 +1209,54 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
   const dim3 grid{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)};
   ForShape<StaticPick>(s.d, group)<<<grid, unsigned(StaticWarps(int(s.d)) * 32), 0, stream>>>(
-      Data<__half>(q), Data<__half>(k), Data<__half>(v), CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1),
-      Data<int32_t>(positions), part_o, part_lse, arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits),
-      scale2);
+      step, CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1), Data<int32_t>(positions), part_o, part_lse,
+      arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits), scale2);
   LAB_CHECK_CUDA(cudaGetLastError());
+}
+
+void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, DLTensor* positions,
+                       double sm_scale, int64_t invariant, DLTensor* out) {
+  const char* fn = "lab.kv.decode_attention";
+  const StaticShape s = CheckStatic(fn, q, k, v, cache, out, layer);
+  const int64_t q_heads = q->shape[1];
+  const StepQkv step{Data<__half>(q), Data<__half>(k), Data<__half>(v), q_heads * s.d, s.kv_heads * s.d, RopeSpec{}};
+  StaticDecodeLaunch(fn, step, s, q_heads, cache, layer, positions, sm_scale, invariant, out);
+}
+
+// lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
+// rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
+// invariant, out [b, Hq, d]): RopeSpec (rope_factor 0: no scaling; else Llama-3's, its constants
+// derived as TVM's rope_freq_llama3 derives them).
+void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTensor* positions, double theta,
+                           double factor, double low_freq_factor, double high_freq_factor, double original_max,
+                           double sm_scale, int64_t invariant, DLTensor* out) {
+  const char* fn = "lab.kv.decode_attention_rope";
+  Check(qkv, "qkv", 3, 16, kDLFloat);
+  Check(cache, "cache", 6, 16, kDLFloat);
+  Check(out, "out", 3, 16, kDLFloat);
+  const StaticShape s{cache->shape[0], cache->shape[2], cache->shape[3], cache->shape[4], cache->shape[5]};
+  const int64_t rows = qkv->shape[0], q_heads = out->shape[1];
+  if (cache->shape[1] != 2 || qkv->shape[2] != s.d || out->shape[2] != s.d || out->shape[0] != rows ||
+      qkv->shape[1] != q_heads + 2 * s.kv_heads || q_heads % s.kv_heads != 0)
+    TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out [rows, q_heads, head_dim] "
+                                 "and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do not agree";
+  if (layer < 0 || layer >= s.layers) TVM_FFI_THROW(ValueError) << fn << ": layer " << layer << " of " << s.layers;
+  if (!(theta > 0.0)) TVM_FFI_THROW(ValueError) << fn << ": rope_theta must be positive, got " << theta;
+  RopeSpec rope;
+  rope.theta = float(theta);
+  if (factor != 0.0) {
+    if (!(factor > 0.0) || !(high_freq_factor > low_freq_factor))
+      TVM_FFI_THROW(ValueError) << fn << ": Llama-3 RoPE scaling needs factor > 0 and high_freq_factor > low_freq_factor";
+    const double inv_diff = 1.0 / (high_freq_factor - low_freq_factor);
+    rope.llama3 = 1;
+    rope.inv_factor = float(1.0 / factor);
+    rope.alpha = float(original_max / (2.0 * 3.141592653589793) * inv_diff);
+    rope.beta = float(low_freq_factor * inv_diff);
+  }
+  const int64_t stride = qkv->shape[1] * s.d;
+  const __half* base = Data<__half>(qkv);
+  const StepQkv step{base, base + q_heads * s.d, base + (q_heads + s.kv_heads) * s.d, stride, stride, rope};
+  StaticDecodeLaunch(fn, step, s, q_heads, cache, layer, positions, sm_scale, invariant, out);
 }
 
 void CheckInt32(const char* fn, std::initializer_list<std::pair<const DLTensor*, const char*>> tensors) {
@@ -1102,6 +1335,28 @@ void KvSettlePrefill(DLTensor* next, DLTensor* ids, DLTensor* positions, int64_t
   LAB_CHECK_CUDA(cudaGetLastError());
 }
 
+// lab.kv.argmax(logits [rows, vocab] float32, out [rows] int32); scratch that never moves (the
+// call is captured in the decode step's graph; made by the first call, before the capture).
+void KvArgmax(DLTensor* logits, DLTensor* out) {
+  const char* fn = "lab.kv.argmax";
+  Check(logits, "logits", 2, 32, kDLFloat);
+  CheckInt32(fn, {{out, "out"}});
+  const int64_t rows = logits->shape[0], vocab = logits->shape[1];
+  if (Numel(out) != rows) TVM_FFI_THROW(ValueError) << fn << ": out must have one entry per row of logits";
+  if (vocab < 1 || vocab > INT_MAX) TVM_FFI_THROW(ValueError) << fn << ": a row of " << vocab << " logits";
+  if (rows == 0) return;
+  const int device = logits->device.device_id;
+  cudaStream_t stream = StreamOf(logits);
+  const int64_t parts = std::min<int64_t>(kArgmaxMaxParts, (vocab + kArgmaxThreads * kArgmaxPerThread - 1) /
+                                                               (kArgmaxThreads * kArgmaxPerThread));
+  float* part_value = static_cast<float*>(StableBuffer(device, 2, rows * parts * 8, stream));
+  int* part_index = reinterpret_cast<int*>(part_value + rows * parts);
+  auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 3, rows * 4, stream));
+  ArgmaxRows<<<dim3(unsigned(parts), unsigned(rows)), kArgmaxThreads, 0, stream>>>(
+      Data<float>(logits), vocab, part_value, part_index, arrivals, Data<int32_t>(out));
+  LAB_CHECK_CUDA(cudaGetLastError());
+}
+
 void KvSetIds(DLTensor* new_ids, DLTensor* ids, DLTensor* out) {
   const char* fn = "lab.kv.set_ids";
   CheckInt32(fn, {{new_ids, "new"}, {ids, "ids"}, {out, "out"}});
@@ -1136,7 +1391,9 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                         });
   refl::GlobalDef().def("lab.kv.prefill_attention", KvPrefillAttention);
   refl::GlobalDef().def("lab.kv.decode_attention", KvDecodeAttention);
+  refl::GlobalDef().def("lab.kv.decode_attention_rope", KvDecodeAttentionRope);
   refl::GlobalDef().def("lab.kv.advance", KvAdvance);
+  refl::GlobalDef().def("lab.kv.argmax", KvArgmax);
   refl::GlobalDef().def("lab.kv.mailbox", KvMailbox);
   refl::GlobalDef().def("lab.kv.settle_prefill", KvSettlePrefill);
   refl::GlobalDef().def("lab.kv.set_ids", KvSetIds);
