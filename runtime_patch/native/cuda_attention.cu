@@ -203,6 +203,29 @@ constexpr float kEmptyLse = -5e4f;
 __device__ float Weight(float x, float top) { return x == -INFINITY ? 0.f : exp2f(x - top); }
 
 // 8 consecutive halfs (one 16-byte load) as floats.
+__device__ void Unpack8(const uint4& raw, float* dst) {
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
+  }
+}
+
+// A decode block's query vectors: lane l of each team holds elements 8l..8l+7 of the group's G
+// heads (rows d apart from q_group; zeros past `group`). Loaded by the caller at the kernel's
+// start, so that their latency overlaps the lengths' and RoPE's (AttendSplit uses them).
+template <int D, int G>
+struct QueryRows {
+  uint4 raw[G];
+  __device__ QueryRows(const __half* q_group, int group) {
+    const int lane = threadIdx.x % (D / 8);
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+      raw[g] = g < group ? __ldg(reinterpret_cast<const uint4*>(q_group + g * D) + lane) : make_uint4(0, 0, 0, 0);
+  }
+};
+
 __device__ void Load8(const __half* src, float* dst) {
   const uint4 raw = *reinterpret_cast<const uint4*>(src);
   const __half2* h = reinterpret_cast<const __half2*>(&raw);
@@ -309,10 +332,10 @@ __host__ __device__ constexpr int KeysInFlight(int group) { return group <= 4 ? 
 // head_row)` for each element j of each query head g of the group (head_row = b * q_heads +
 // hk * group + g; lse is -inf for a share without keys). Every thread of the block must call it
 // (it synchronises).
-// q_group: the row of query head hk * group of sequence b (the group's rows follow, d apart);
-// rope_cs: null, or the RopeTable of the sequence's position (q is rotated as loaded).
+// query: the group's query vectors (QueryRows); rope_cs: null, or the RopeTable of the sequence's
+// position (q is rotated here).
 template <int D, int G, int Warps, class Keys, class Emit>  // G: query heads per KV head this instance holds
-__device__ void AttendSplit(const __half* __restrict__ q_group, const float* rope_cs, const Keys& keys, int b, int hk,
+__device__ void AttendSplit(const QueryRows<D, G>& query, const float* rope_cs, const Keys& keys, int b, int hk,
                             int group, int t0, int t1, float scale2, const Emit& emit) {
   constexpr int kTeam = D / 8, kTeams = Warps * 32 / kTeam, U = KeysInFlight(G);
   __shared__ float sm_m[Warps][G], sm_d[Warps][G];
@@ -328,7 +351,7 @@ __device__ void AttendSplit(const __half* __restrict__ q_group, const float* rop
 #pragma unroll
     for (int i = 0; i < 8; ++i) o[g][i] = 0.f, qr[g][i] = 0.f;
     if (g < group) {
-      Load8(q_group + g * D + lane * 8, qr[g]);
+      Unpack8(query.raw[g], qr[g]);
       if (rope_cs != nullptr) RotateHalf<D>(qr[g], rope_cs);
     }
   }
@@ -553,11 +576,11 @@ DecodePartial(const __half* __restrict__ q, const __half* __restrict__ pages, co
               int splits, float scale2) {
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z;
   const int p0 = page_indptr[b], p1 = page_indptr[b + 1];
+  const QueryRows<D, G> query(q + (int64_t(b) * kv_heads + hk) * group * D, group);
   const int len = p1 > p0 ? (p1 - p0 - 1) * page_size + last_page_len[b] : 0;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-  const __half* q_group = q + (int64_t(b) * kv_heads + hk) * group * D;
-  AttendSplit<D, G, kDecodeWarps>(q_group, nullptr, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b,
+  AttendSplit<D, G, kDecodeWarps>(query, nullptr, PagedKeys{pages, page_values, p0, kv_heads, hk, page_size, D}, b,
                                   hk, group, t0, t1, scale2, PartialsOut{part_o, part_lse, split, splits, D});
 }
 
@@ -589,49 +612,57 @@ struct StepQkv {
   RopeSpec rope;
 };
 
-// A block's view of its (slot b, KV head hk): the group's query rows, the RoPE table and the step's
-// key and value rows, the key rotated into shared memory where the block's share ends with the
-// token (`owner`, the same for the whole block; no other block reads the token's key). Every
-// thread calls it (with RoPE on, it synchronises).
-struct StepView {
-  const __half* q_group;
-  const float* rope_cs;
-  const __half* k_new;
-  const __half* v_new;
-};
-
+// A block's view of its (slot b, KV head hk): the group's query rows and the step's key and value
+// rows, all loaded at the kernel's start, before the slot's length is known (StepRows), then
+// (Rotate) the RoPE table and the step's key rotated into shared memory where the block's share
+// ends with the token (`owner`, the same for the whole block; no other block reads the token's
+// key). A first version loaded the key and the query only after the table and a barrier: three
+// memory round trips in a row instead of one, and the kernel took 1 us longer than without RoPE.
 template <int D>
 struct RopeShared {
   float cos_sin[D];
   __align__(16) __half k_rotated[D];
 };
 
-template <int D>
-__device__ StepView PrepareStep(const StepQkv& step, int b, int hk, int group, int pos, bool owner,
-                                RopeShared<D>& shared) {
-  constexpr int kTeam = D / 8;
-  const __half* k = step.k + b * step.kv_stride + int64_t(hk) * D;
-  StepView view{step.q + b * step.q_stride + int64_t(hk) * group * D, nullptr, k,
-                step.v + b * step.kv_stride + int64_t(hk) * D};
-  if (step.rope.theta == 0.f) return view;
-  RopeTable<D>(step.rope, pos, shared.cos_sin);
-  __syncthreads();
-  if (owner && threadIdx.x < 32) {  // the first warp (every lane: RotateHalf shuffles)
-    float x[8];
-    Load8(k + (threadIdx.x % kTeam) * 8, x);
-    RotateHalf<D>(x, shared.cos_sin);
-    if (threadIdx.x < kTeam) {
-      __align__(16) __half h[8];
-#pragma unroll
-      for (int t = 0; t < 8; ++t) h[t] = __float2half(x[t]);  // exact: x is rounded already
-      reinterpret_cast<uint4*>(shared.k_rotated)[threadIdx.x] = *reinterpret_cast<const uint4*>(h);
-    }
+template <int D, int G>
+struct StepRows {
+  const __half* k_new;
+  const __half* v_new;
+  QueryRows<D, G> query;
+  uint4 k_raw;  // lane (threadIdx.x % (D / 8))'s vector of the step's key, for the first warp (RoPE)
+
+  __device__ StepRows(const StepQkv& step, int b, int hk, int group)
+      : k_new(step.k + b * step.kv_stride + int64_t(hk) * D),
+        v_new(step.v + b * step.kv_stride + int64_t(hk) * D),
+        query(step.q + b * step.q_stride + int64_t(hk) * group * D, group),
+        k_raw(make_uint4(0, 0, 0, 0)) {
+    if (step.rope.theta != 0.f && threadIdx.x < 32)
+      k_raw = __ldg(reinterpret_cast<const uint4*>(k_new) + threadIdx.x % (D / 8));
   }
-  __syncthreads();
-  view.rope_cs = shared.cos_sin;
-  if (owner) view.k_new = shared.k_rotated;
-  return view;
-}
+
+  // With RoPE: the table of `pos` (returned, in `shared`) and, for the owner, the rotated key as
+  // k_new. Every thread calls it (it synchronises); null and nothing done without RoPE.
+  __device__ const float* Rotate(const StepQkv& step, int pos, bool owner, RopeShared<D>& shared) {
+    constexpr int kTeam = D / 8;
+    if (step.rope.theta == 0.f) return nullptr;
+    RopeTable<D>(step.rope, pos, shared.cos_sin);
+    __syncthreads();
+    if (owner && threadIdx.x < 32) {  // the first warp (every lane: RotateHalf shuffles)
+      float x[8];
+      Unpack8(k_raw, x);
+      RotateHalf<D>(x, shared.cos_sin);
+      if (threadIdx.x < kTeam) {
+        __align__(16) __half h[8];
+#pragma unroll
+        for (int t = 0; t < 8; ++t) h[t] = __float2half(x[t]);  // exact: x is rounded already
+        reinterpret_cast<uint4*>(shared.k_rotated)[threadIdx.x] = *reinterpret_cast<const uint4*>(h);
+      }
+    }
+    __syncthreads();
+    if (owner) k_new = shared.k_rotated;
+    return shared.cos_sin;
+  }
+};
 
 // The static decode's blocks: 8 warps (4 at head_dim 256, whose shared combine is twice as large).
 __host__ __device__ constexpr int StaticWarps(int d) { return d >= 256 ? 4 : 8; }
@@ -659,7 +690,9 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   constexpr int kKeys = StaticKeysPerSplit(D, G);
   __shared__ RopeShared<D> rope_shared;
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
-  const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int position = positions[b];
+  StepRows<D, G> rows(step, b, hk, group);
+  const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
   const int used = min(splits, (len + kKeys - 1) / kKeys);
   if (split >= used) return;
@@ -667,15 +700,15 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   const int chunk = (len + used - 1) / used;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
   const bool owner = t0 < len && t1 == len;
-  const StepView view = PrepareStep<D>(step, b, hk, group, pos, owner, rope_shared);
+  const float* rope_cs = rows.Rotate(step, pos, owner, rope_shared);
   __half* k_rows = k_cache + head * max_len * D;
   __half* v_rows = v_cache + head * max_len * D;
-  const StaticKeys keys{k_rows, v_rows, view.k_new, view.v_new, pos, D};
+  const StaticKeys keys{k_rows, v_rows, rows.k_new, rows.v_new, pos, D};
   // one instance of AttendSplit (each has its own shared memory)
-  AttendSplit<D, G, StaticWarps(D)>(view.q_group, view.rope_cs, keys, b, hk, group, t0, t1, scale2,
+  AttendSplit<D, G, StaticWarps(D)>(rows.query, rope_cs, keys, b, hk, group, t0, t1, scale2,
                                     PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
                                                      used == 1});
-  if (owner) AppendToken<D>(view.k_new, view.v_new, k_rows, v_rows, pos);
+  if (owner) AppendToken<D>(rows.k_new, rows.v_new, k_rows, v_rows, pos);
   if (used == 1) return;
   __shared__ bool last;
   __threadfence();  // this block's partials are visible before its arrival is
@@ -709,19 +742,21 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   __shared__ RopeShared<D> rope_shared;
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
-  const int pos = min(max(positions[b], 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int position = positions[b];
+  StepRows<D, G> rows(step, b, hk, group);
+  const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = min(len, split * chunk), t1 = min(len, t0 + chunk);
   const int64_t head = int64_t(b) * kv_heads + hk;
   const bool owner = t0 < len && t1 == len;
-  const StepView view = PrepareStep<D>(step, b, hk, group, pos, owner, rope_shared);
+  const float* rope_cs = rows.Rotate(step, pos, owner, rope_shared);
   __half* k_rows = k_cache + head * max_len * D;
   __half* v_rows = v_cache + head * max_len * D;
-  const StaticKeys keys{k_rows, v_rows, view.k_new, view.v_new, pos, D};
-  AttendSplit<D, G, StaticWarps(D)>(view.q_group, view.rope_cs, keys, b, hk, group, t0, t1, scale2,
+  const StaticKeys keys{k_rows, v_rows, rows.k_new, rows.v_new, pos, D};
+  AttendSplit<D, G, StaticWarps(D)>(rows.query, rope_cs, keys, b, hk, group, t0, t1, scale2,
                                     SharedOut{share_o, share_lse, D});
-  if (owner) AppendToken<D>(view.k_new, view.v_new, k_rows, v_rows, pos);
+  if (owner) AppendToken<D>(rows.k_new, rows.v_new, k_rows, v_rows, pos);
   cluster.sync();  // every share is in its block's shared memory
   // Block `split` combines the output elements split * blockDim.x + thread, then every
   // splits * blockDim.x further, reading the shares of all blocks at once (a thread's loads are
