@@ -116,6 +116,7 @@
 namespace {
 
 constexpr int kThreads = 256;          // threads per block, at most
+constexpr int kAddNormThreads = 512;   // threads per block of the add-and-norm one-shot, at most
 constexpr int kMaxBlocks = 128;        // blocks per call, at most: the layout has a slot per block
 constexpr int kMaxWorld = 8;
 constexpr int64_t kHeaderBytes = 4096;  // epoch counters, padded
@@ -301,14 +302,16 @@ __device__ uint4 Normalised(uint4 x_packed, uint4 weight, float inverse) {
 // With AddNorm (lab.ccl.allreduce_add_rms_norm) a block holds one row: the sum is rounded to T (as
 // the allreduce's output), the residual added and rounded (as the separate add), and once the
 // block has the row's mean square, normed = T(T(x / sqrt(ms + eps)) * weight) (transformers'
-// LlamaRMSNorm): the two kernels that follow every decode allreduce are this one.
+// LlamaRMSNorm): the two kernels that follow every decode allreduce are this one. Its blocks have
+// up to kAddNormThreads threads, a vector of a 4096-wide float16 row each (at 256 threads a thread
+// waited for its second vector after its first, then normalised both in turn).
 // __launch_bounds__(kThreads, 2): at most 128 registers, so two blocks fit an SM.
 template <typename T, int W, bool AddNorm>
-__global__ void __launch_bounds__(kThreads, 2) OneShotAllReduce(Params p) {
+__global__ void __launch_bounds__(AddNorm ? kAddNormThreads : kThreads, AddNorm ? 1 : 2) OneShotAllReduce(Params p) {
   constexpr int N = Lanes<T>::N;
   __shared__ uint32_t shared_epoch;
   __shared__ int shared_reported;
-  __shared__ float shared_squares[kThreads / 32];
+  __shared__ float shared_squares[kAddNormThreads / 32];
   // AddNorm: the block's row of residual, of norm weight and of output (row_vectors each), the first
   // two copied in while the data of the peers is on its way; each thread uses only the vectors it copies
   extern __shared__ uint4 row_shared[];
@@ -619,7 +622,7 @@ int Capacity(int device, int world) {
         LAB_CHECK_CUDA(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
                                             cudaFuncAttributeMaxDynamicSharedMemorySize, kAddNormSharedBytes));
       int n = 0;
-      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads,
+      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, add_norm ? kAddNormThreads : kThreads,
                                                                    add_norm ? kAddNormSharedBytes : 0));
       per_sm = std::min(per_sm, n);
     }
@@ -916,7 +919,7 @@ void AllReduceAddRmsNorm(tvm::ffi::AnyView partial_view, tvm::ffi::AnyView resid
     p.normed = lab::Data<char>(normed);
     p.norm_weight = lab::Data<const char>(weight);
     p.eps = float(eps);
-    const Grid grid{int(rows), int(row_vectors), int(std::min<int64_t>(kThreads, (row_vectors + 31) / 32 * 32))};
+    const Grid grid{int(rows), int(row_vectors), int(std::min<int64_t>(kAddNormThreads, (row_vectors + 31) / 32 * 32))};
     return Launch(kernel, p, grid, device, size_t(3 * row_bytes));
   }
   Fallback(partial_view, output_view, why);
