@@ -235,6 +235,17 @@ def _kv_advance(next_ids, ids, positions, out) -> None:
         _mailbox[0] = call + 1
 
 
+_decode_cluster = [0]
+
+
+def _kv_decode_cluster(n: int) -> int:
+    """The CUDA plugin's cluster size for the static decode; NumPy has none (kept for symmetry)."""
+    if not 0 <= n <= 8:
+        raise ValueError(f"{functions.KV_DECODE_CLUSTER}: {n} is not 0 (the rule), 1 (no cluster) or 2..8")
+    previous, _decode_cluster[0] = _decode_cluster[0], n
+    return previous
+
+
 def _kv_argmax(logits, out) -> None:
     np.copyto(np.from_dlpack(out), np.argmax(np.from_dlpack(logits), axis=-1).astype(np.int32))  # the first maximum
 
@@ -272,6 +283,7 @@ IMPLEMENTATIONS = {
     functions.KV_SETTLE_PREFILL: _kv_settle_prefill,
     functions.KV_ADVANCE: _kv_advance,
     functions.KV_ARGMAX: _kv_argmax,
+    functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

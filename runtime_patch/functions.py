@@ -63,6 +63,8 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         Llama-3's) in the attention kernel, no RoPE kernel before it
   KV_SETTLE_PREFILL(next, ids, positions, slot, length, out)   ids[slot] = next[-1], positions[slot]
                                         = length; out = next
+  KV_DECODE_CLUSTER(n) -> previous     the static decode's thread-block cluster size in this process
+                                        (benchmarks): 0 the rule (default), 1 none, 2..8 that size
   KV_ARGMAX(logits, out)               out[r] = the first index of row r's largest logit (float32
                                         [rows, vocab] -> int32 [rows]): the greedy tokens
   KV_ADVANCE(next, ids, positions, out) ids[:, 0] = next, positions += 1; out = next; and next into
@@ -115,6 +117,7 @@ KV_DECODE_ATTENTION_ROPE = "lab.kv.decode_attention_rope"
 KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
 KV_ADVANCE = "lab.kv.advance"
 KV_ARGMAX = "lab.kv.argmax"
+KV_DECODE_CLUSTER = "lab.kv.decode_cluster"
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
 PP_SEND_NEXT = "lab.pp.send_next"
@@ -142,7 +145,7 @@ PLUGIN = {
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
     KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
-    KV_ARGMAX: "cuda_attention",
+    KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV_ADD_BY_BITS.values()},
     # not a native plugin: Python over disco's point-to-point operations, on every target

@@ -132,3 +132,17 @@ def test_prefill_path_choice():
     with pytest.raises(Exception, match="flash"):
         choose("flash")
     assert choose("fused") == "fused"
+
+
+def test_decode_cluster_choice():
+    """`lab.kv.decode_cluster` sets the static decode's cluster size for a process (the benchmarks
+    time several): it returns the previous size and refuses sizes outside 0..8."""
+    import tvm_ffi
+
+    functions.register("llvm", [functions.KV_DECODE_CLUSTER])
+    choose = tvm_ffi.get_global_func(functions.KV_DECODE_CLUSTER)
+    assert choose(4) == 0
+    assert choose(1) == 4
+    with pytest.raises(Exception, match="2..8"):
+        choose(9)
+    assert choose(0) == 1

@@ -46,6 +46,10 @@
 //   block), so a step is one kernel whatever the context. On sm_90, where few (slot, KV head)
 //   pairs would leave most SMs idle (batch 1) and the cache is short, a thread-block cluster per
 //   pair shares the context instead (StaticDecodeCluster, ClusterSize).
+// lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
+//   rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
+//   invariant, out)   the same on a layer's fused projection, q and k rotated in the kernel (RoPE at
+//   positions[slot], RopeSpec); what the model's decode step calls (no RoPE kernel before it).
 // lab.kv.argmax(logits [b, vocab] float32, out [b] int32)   the greedy tokens (ArgmaxRows)
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
@@ -1076,12 +1080,27 @@ struct ClusterPick {
 // per pair). So: sm_90 or later, a cache of at most kMaxCluster blocks of two rounds each (longer
 // ones are read faster split over more blocks), and one block per kClusterKeys keys, at most
 // kMaxCluster, at most as many as leave one block per SM.
+// lab.kv.decode_cluster(n) -> the previous n: the benchmarks' choice of cluster size for a process
+// (bench.static_kv times several in one run); 0 (the default) is the rule above, 1 the split kernel,
+// 2..kMaxCluster that size where clusters apply.
 constexpr int64_t kClusterKeys = 32;
+std::atomic<int> cluster_override{0};
+
 int64_t ClusterSize(const DeviceState& state, int64_t pairs, int64_t max_len, int64_t d, int64_t group) {
   if (state.major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
-  const int64_t size = std::min<int64_t>({int64_t(kMaxCluster), (max_len + kClusterKeys - 1) / kClusterKeys,
+  const int chosen = cluster_override.load(std::memory_order_relaxed);
+  if (chosen == 1) return 0;
+  const int64_t size = std::min<int64_t>({chosen > 1 ? int64_t(chosen) : int64_t(kMaxCluster),
+                                          (max_len + kClusterKeys - 1) / kClusterKeys,
                                           state.sms / std::max<int64_t>(1, pairs)});
   return size >= 2 ? size : 0;
+}
+
+int64_t SetDecodeCluster(int64_t n) {
+  if (n < 0 || n > kMaxCluster)
+    TVM_FFI_THROW(ValueError) << "lab.kv.decode_cluster: " << n << " is not 0 (the rule), 1 (no cluster) or 2.."
+                              << kMaxCluster;
+  return cluster_override.exchange(int(n));
 }
 
 void CheckDecodeShape(const char* fn, int64_t group, int64_t d) {
@@ -1429,6 +1448,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.kv.decode_attention_rope", KvDecodeAttentionRope);
   refl::GlobalDef().def("lab.kv.advance", KvAdvance);
   refl::GlobalDef().def("lab.kv.argmax", KvArgmax);
+  refl::GlobalDef().def("lab.kv.decode_cluster", SetDecodeCluster);
   refl::GlobalDef().def("lab.kv.mailbox", KvMailbox);
   refl::GlobalDef().def("lab.kv.settle_prefill", KvSettlePrefill);
   refl::GlobalDef().def("lab.kv.set_ids", KvSetIds);
