@@ -206,7 +206,7 @@ constexpr float kEmptyLse = -5e4f;
 // share or team that saw no key; exp2f(-inf - -inf) would be NaN).
 __device__ float Weight(float x, float top) { return x == -INFINITY ? 0.f : exp2f(x - top); }
 
-// 8 consecutive halfs (a 16-byte vector) as floats.
+// 8 consecutive halfs (one 16-byte load) as floats.
 __device__ void Unpack8(const uint4& raw, float* dst) {
   const __half2* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
@@ -229,6 +229,16 @@ struct QueryRows {
       raw[g] = g < group ? __ldg(reinterpret_cast<const uint4*>(q_group + g * D) + lane) : make_uint4(0, 0, 0, 0);
   }
 };
+
+__device__ void Load8(const __half* src, float* dst) {
+  const uint4 raw = *reinterpret_cast<const uint4*>(src);
+  const __half2* h = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
+  }
+}
 
 // Where a decode block finds the key and value of token t. Paged: through the sequence's page
 // table. Static: the slot's contiguous rows, the step's own token (at `pos`) from the step's k, v.
@@ -684,9 +694,7 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   constexpr int kKeys = StaticKeysPerSplit(D, G);
   __shared__ RopeShared<D> rope_shared;
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
-  const int position = positions[b];  // written by the previous step (lab::LaunchAfterPrevious)
-  lab::WaitForPrevious();             // the step's q, k, v are the previous kernel's
-  lab::AllowNext();
+  const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
   const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
@@ -738,9 +746,7 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   __shared__ RopeShared<D> rope_shared;
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
-  const int position = positions[b];  // written by the previous step (lab::LaunchAfterPrevious)
-  lab::WaitForPrevious();             // the step's q, k, v are the previous kernel's
-  lab::AllowNext();                   // the o projection's GEMV may load its weights meanwhile
+  const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
   const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
@@ -1229,24 +1235,21 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
   // Fixed by the shapes (the launch is replayed by a CUDA graph); with `invariant` the choice and
   // the split are those of a batch of 1 whatever the batch.
   const int64_t pairs = (invariant ? 1 : batch) * s.kv_heads;
-  __half* k_cache = CacheRows(cache, s, layer, 0);
-  __half* v_cache = CacheRows(cache, s, layer, 1);
-  const int32_t* position_data = Data<int32_t>(positions);
-  __half* out_data = Data<__half>(out);
-  int group32 = int(group), max_len32 = int(s.max_len);
-  StepQkv step_arg = step;
-  float scale_arg = scale2;
   if (const int64_t cluster = ClusterSize(state, pairs, s.max_len, s.d, group); cluster > 0) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
+    config.blockDim = dim3{unsigned(StaticWarps(int(s.d)) * 32)};
+    config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;
     attribute[0].val.clusterDim.x = unsigned(cluster);
     attribute[0].val.clusterDim.y = 1;
     attribute[0].val.clusterDim.z = 1;
-    void* args[] = {&step_arg, &k_cache, &v_cache, &position_data, &out_data, &group32, &max_len32, &scale_arg};
-    LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(ForShape<ClusterPick>(s.d, group)),
-                                            dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)},
-                                            dim3{unsigned(StaticWarps(int(s.d)) * 32)}, 0, stream, args, state.major,
-                                            attribute, 1));
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, ForShape<ClusterPick>(s.d, group), step, CacheRows(cache, s, layer, 0),
+                                      CacheRows(cache, s, layer, 1), Data<int32_t>(positions), Data<__half>(out),
+                                      int(group), int(s.max_len), scale2));
     return;
   }
   // Enough splits to fill the GPU, at most one per StaticKeysPerSplit keys of max_len; `invariant`
@@ -1258,12 +1261,11 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
   float* part_o = static_cast<float*>(StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
   float* part_lse = part_o + partials * s.d;
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
-  int splits32 = int(splits);
-  void* args[] = {&step_arg, &k_cache, &v_cache, &position_data, &part_o, &part_lse, &arrivals, &out_data,
-                  &group32, &max_len32, &splits32, &scale_arg};
-  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(ForShape<StaticPick>(s.d, group)),
-                                          dim3{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)},
-                                          dim3{unsigned(StaticWarps(int(s.d)) * 32)}, 0, stream, args, state.major));
+  const dim3 grid{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)};
+  ForShape<StaticPick>(s.d, group)<<<grid, unsigned(StaticWarps(int(s.d)) * 32), 0, stream>>>(
+      step, CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1), Data<int32_t>(positions), part_o, part_lse,
+      arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits), scale2);
+  LAB_CHECK_CUDA(cudaGetLastError());
 }
 
 void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, DLTensor* positions,

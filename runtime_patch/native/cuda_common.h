@@ -94,49 +94,4 @@ T* Data(const DLTensor* t) {
   return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
 }
 
-// Programmatic dependent launch (compute capability 9.0 and newer). A kernel launched by
-// LaunchAfterPrevious may start while the kernel before it on the stream still runs (once every
-// block of that kernel has started and called AllowNext, or has exited): its blocks get the SMs
-// the earlier kernel leaves free and can do work that depends on nothing that kernel writes (a
-// GEMV's weight loads) before WaitForPrevious. Everything else (reading what an earlier kernel of
-// the stream writes, writing what it reads) comes after WaitForPrevious, which returns once the
-// earlier kernels have finished and their writes are visible. In a captured CUDA graph the
-// dependency becomes a programmatic edge. Elsewhere (no attribute, older GPUs) both calls are no-ops.
-inline cudaError_t LaunchAfterPrevious(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
-                                       cudaStream_t stream, void** args, int device_major,
-                                       const cudaLaunchAttribute* extra = nullptr, int extra_count = 0) {
-  cudaLaunchAttribute attributes[4];
-  int count = 0;
-  for (int i = 0; i < extra_count && count < 3; ++i) attributes[count++] = extra[i];
-  if (device_major >= 9) {
-    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attributes[count].val.programmaticStreamSerializationAllowed = 1;
-    ++count;
-  }
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.dynamicSmemBytes = shared_bytes;
-  config.stream = stream;
-  config.attrs = attributes;
-  config.numAttrs = unsigned(count);
-  return cudaLaunchKernelExC(&config, kernel, args);
-}
-
-#ifdef __CUDACC__
-__device__ __forceinline__ void WaitForPrevious() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-// Lets the next kernel (if launched by LaunchAfterPrevious) start once every block of this one has
-// called it or exited.
-__device__ __forceinline__ void AllowNext() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-#endif  // __CUDACC__
-
 }  // namespace lab
