@@ -23,9 +23,10 @@ from typing import Any
 #                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
 KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "allreduce")
 # The weight widths whose batch-1 decode GEMV is the library's under decode_gemv=auto on cuda:
-# q4f16_1's is faster than TVM's end to end (Llama-3-8B on an H200: 383.4 against 357.1
-# tokens/s), q8f16_1's is not (308.3 against 327.5), docs/BENCHMARKS.md.
-AUTO_LIBRARY_GEMV_BITS = (4,)
+# both are faster than TVM's end to end (Llama-3-8B on an H200, one run: q8f16_1 357.3 against
+# 339.9 tokens/s since the x reads lost their bank conflicts; q4f16_1 383.4 against 357.1 when
+# it was chosen), docs/BENCHMARKS.md.
+AUTO_LIBRARY_GEMV_BITS = (4, 8)
 KERNEL_SOURCES = ("tir", "library")
 # The KV cache (BuildSpec.kv_cache): TVM's paged cache (its attention calls split the decode's CUDA
 # graph), or the project's pre-allocated one (engine/model/static_kv.py: the decode step is one
