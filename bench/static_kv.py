@@ -16,6 +16,8 @@ Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 /
   path); called directly, then captured in a CUDA graph and replayed with the
   positions advancing between replays (the graph must follow the lengths it reads on the device and
   reset its arrival counters), every replay checked.
+- `lab.kv.argmax` against torch.argmax (one part and many, ties, a row of -inf, in a replayed graph),
+  timed beside it.
 - `lab.kv.advance`, `lab.kv.settle_prefill`, `lab.kv.set_ids`.
 Outputs are compared by max |out - ref| / max |ref|; a case passes below 2e-3 (fp16 inputs, fp32
 accumulation). The process exits 1 if any case fails.
@@ -78,11 +80,12 @@ class Functions:
         from runtime_patch import functions
 
         names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_DECODE_ATTENTION_ROPE,
-                 functions.KV_ADVANCE, functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS, functions.KV_DECODE_CLUSTER]
+                 functions.KV_ADVANCE, functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS, functions.KV_DECODE_CLUSTER,
+                 functions.KV_ARGMAX]
         functions.register("cuda", names)
         self.tvm_ffi = tvm_ffi
         (self.prefill, self.decode, self.decode_rope, self.advance, self.settle,
-         self.set_ids, self.cluster) = (tvm_ffi.get_global_func(n) for n in names)
+         self.set_ids, self.cluster, self.argmax) = (tvm_ffi.get_global_func(n) for n in names)
 
     def __call__(self, fn, *args):
         wrapped = [self.tvm_ffi.from_dlpack(a) if hasattr(a, "data_ptr") else a for a in args]
@@ -226,6 +229,49 @@ def _check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, rep
             "sdpa_full_context_s": sdpa}
 
 
+def check_argmax(f: Functions) -> list[dict]:
+    """`lab.kv.argmax` against torch.argmax (the first index of the largest logit), in a replayed
+    graph too (the multi-part rows reset their arrival counters): vocabularies of one part (1000)
+    and of many (32000, Llama-3's 128256), rows 1 and 16, the maximum repeated in several parts
+    (the first must win) and a row of -inf."""
+    import torch
+
+    results = []
+    g = torch.Generator(device="cuda").manual_seed(11)
+    for rows, vocab in ((1, 1000), (1, 32000), (1, 128256), (16, 128256)):
+        logits = torch.randn(rows, vocab, device="cuda", generator=g)
+        out = torch.full((rows,), -1, dtype=torch.int32, device="cuda")
+        stream = torch.cuda.Stream()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            f(f.argmax, logits, out)  # warm: buffers made outside the capture
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                f(f.argmax, logits, out)
+        ok = True
+        for case in range(4):
+            logits.copy_(torch.randn(rows, vocab, device="cuda", generator=g))
+            if case == 1:  # the maximum at three places (in three parts of a long row): the first wins
+                top = logits.max() + 1
+                for index in (vocab - 1, vocab // 2, 7 % vocab):
+                    logits[:, index] = top
+            if case == 2:
+                logits[0] = float("-inf")
+            graph.replay()
+            torch.cuda.synchronize()
+            ok &= out.tolist() == torch.argmax(logits, dim=-1).int().tolist()
+        many = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(many, stream=stream):
+            for _ in range(CALLS):
+                f(f.argmax, logits, out)
+        torch.cuda.synchronize()
+        times = [t / CALLS for t in timed(many.replay)]
+        torch_times = timed(lambda: torch.argmax(logits, dim=-1))
+        results.append({"function": "lab.kv.argmax", "batch": rows, "vocab": vocab, "ok": bool(ok),
+                        "library_in_graph_s": times, "torch_s": torch_times})
+    return results
+
+
 def check_state(f: Functions) -> dict:
     import torch
 
@@ -256,7 +302,7 @@ def main() -> None:
     from harness.results import atomic_write_text
 
     f = Functions()
-    results = [check_state(f)]
+    results = [check_state(f), *check_argmax(f)]
     for name, (hq, hkv) in HEADS.items():
         for start, n, max_len in ((0, 128, 256), (512, 128, 1024)):
             results.append({"heads": name, **check_prefill(f, hq, hkv, start, n, max_len)})
