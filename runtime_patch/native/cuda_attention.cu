@@ -206,7 +206,7 @@ constexpr float kEmptyLse = -5e4f;
 // share or team that saw no key; exp2f(-inf - -inf) would be NaN).
 __device__ float Weight(float x, float top) { return x == -INFINITY ? 0.f : exp2f(x - top); }
 
-// 8 consecutive halfs (one 16-byte load) as floats.
+// 8 consecutive halfs (a 16-byte vector) as floats.
 __device__ void Unpack8(const uint4& raw, float* dst) {
   const __half2* h = reinterpret_cast<const __half2*>(&raw);
 #pragma unroll
@@ -230,16 +230,6 @@ struct QueryRows {
   }
 };
 
-__device__ void Load8(const __half* src, float* dst) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(src);
-  const __half2* h = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    dst[2 * i] = f.x, dst[2 * i + 1] = f.y;
-  }
-}
-
 // Where a decode block finds the key and value of token t. Paged: through the sequence's page
 // table. Static: the slot's contiguous rows, the step's own token (at `pos`) from the step's k, v.
 // load_key(t, i) / load_value(t, i): the 16-byte vector i (elements 8i..8i+7) of token t's key / value.
@@ -258,7 +248,7 @@ struct PagedKeys {
   }
 };
 
-// The step's own key may be in shared memory (rotated by the kernel, StepRope): read with a generic
+// The step's own key may be in shared memory (rotated by the kernel, StepRows::Rotate): read with a generic
 // load; the cache's rows with __ldg.
 struct StaticKeys {
   const __half* k_rows;  // the slot's KV head: [max_len, d]
@@ -668,6 +658,19 @@ struct StepRows {
   }
 };
 
+// Whether this block is the last of `count` blocks to arrive at `counter` (every thread calls it).
+// The block's global writes before the call are visible to the last block when it returns true
+// there; the last block resets the counter itself when done (graph-safe).
+__device__ bool LastToArrive(unsigned* counter, unsigned count) {
+  __shared__ bool last;
+  __threadfence();  // this block's writes are visible before its arrival is
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == count - 1;
+  __syncthreads();
+  if (last) __threadfence();
+  return last;
+}
+
 // The static decode's blocks: 8 warps (4 at head_dim 256, whose shared combine is twice as large).
 __host__ __device__ constexpr int StaticWarps(int d) { return d >= 256 ? 4 : 8; }
 
@@ -677,6 +680,25 @@ __host__ __device__ constexpr int StaticWarps(int d) { return d >= 256 ? 4 : 8; 
 // a longer one is split, one block per this many keys, up to the launch's `splits`.
 __host__ __device__ constexpr int StaticKeysPerSplit(int d, int group) {
   return 2 * (StaticWarps(d) * 32 / (d / 8)) * KeysInFlight(group);
+}
+
+// A block's share [t0, t1) of (slot b, KV head hk)'s keys, the token at `pos`: RoPE
+// (StepRows::Rotate), the attention over the share handed to `emit`, and, by the block whose share
+// ends with the token, its key and value appended to the cache. Every thread calls it (it
+// synchronises); a kernel calls it once (AttendSplit's shared memory is per instance).
+template <int D, int G, class Emit>
+__device__ void AttendStaticShare(const StepQkv& step, StepRows<D, G>& rows, RopeShared<D>& rope_shared,
+                                  __half* k_cache, __half* v_cache, int b, int hk, int group, int pos, int max_len,
+                                  int t0, int t1, float scale2, const Emit& emit) {
+  const int len = pos + 1;
+  const bool owner = t0 < len && t1 == len;
+  const float* rope_cs = rows.Rotate(step, pos, owner, rope_shared);
+  const int64_t head = int64_t(b) * gridDim.y + hk;
+  __half* k_rows = k_cache + head * max_len * D;
+  __half* v_rows = v_cache + head * max_len * D;
+  const StaticKeys keys{k_rows, v_rows, rows.k_new, rows.v_new, pos, D};
+  AttendSplit<D, G, StaticWarps(D)>(rows.query, rope_cs, keys, b, hk, group, t0, t1, scale2, emit);
+  if (owner) AppendToken<D>(rows.k_new, rows.v_new, k_rows, v_rows, pos);
 }
 
 // Static: a block per (split, KV head, slot); slot b's token is at positions[b], so the context is
@@ -703,24 +725,10 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   const int64_t head = (int64_t(b) * kv_heads + hk);
   const int chunk = (len + used - 1) / used;
   const int t0 = split * chunk, t1 = min(len, t0 + chunk);
-  const bool owner = t0 < len && t1 == len;
-  const float* rope_cs = rows.Rotate(step, pos, owner, rope_shared);
-  __half* k_rows = k_cache + head * max_len * D;
-  __half* v_rows = v_cache + head * max_len * D;
-  const StaticKeys keys{k_rows, v_rows, rows.k_new, rows.v_new, pos, D};
-  // one instance of AttendSplit (each has its own shared memory)
-  AttendSplit<D, G, StaticWarps(D)>(rows.query, rope_cs, keys, b, hk, group, t0, t1, scale2,
-                                    PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
-                                                     used == 1});
-  if (owner) AppendToken<D>(rows.k_new, rows.v_new, k_rows, v_rows, pos);
-  if (used == 1) return;
-  __shared__ bool last;
-  __threadfence();  // this block's partials are visible before its arrival is
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(arrivals + head, 1u) == unsigned(used - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  AttendStaticShare<D, G>(step, rows, rope_shared, k_cache, v_cache, b, hk, group, pos, max_len, t0, t1, scale2,
+                          PartialsOrDirect{PartialsOut{part_o, part_lse, split, splits, D}, DirectOut{out, D},
+                                           used == 1});
+  if (used == 1 || !LastToArrive(arrivals + head, unsigned(used))) return;
   MergeRows(part_o, part_lse, int64_t(b) * kv_heads * group + hk * group, group, used, splits, D, out, nullptr);
   if (threadIdx.x == 0) arrivals[head] = 0;
 }
@@ -752,15 +760,8 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   const int len = pos + 1;
   const int chunk = (len + splits - 1) / splits;
   const int t0 = min(len, split * chunk), t1 = min(len, t0 + chunk);
-  const int64_t head = int64_t(b) * kv_heads + hk;
-  const bool owner = t0 < len && t1 == len;
-  const float* rope_cs = rows.Rotate(step, pos, owner, rope_shared);
-  __half* k_rows = k_cache + head * max_len * D;
-  __half* v_rows = v_cache + head * max_len * D;
-  const StaticKeys keys{k_rows, v_rows, rows.k_new, rows.v_new, pos, D};
-  AttendSplit<D, G, StaticWarps(D)>(rows.query, rope_cs, keys, b, hk, group, t0, t1, scale2,
-                                    SharedOut{share_o, share_lse, D});
-  if (owner) AppendToken<D>(rows.k_new, rows.v_new, k_rows, v_rows, pos);
+  AttendStaticShare<D, G>(step, rows, rope_shared, k_cache, v_cache, b, hk, group, pos, max_len, t0, t1, scale2,
+                          SharedOut{share_o, share_lse, D});
   cluster.sync();  // every share is in its block's shared memory
   // Block `split` combines the output elements split * blockDim.x + thread, then every
   // splits * blockDim.x further, reading the shares of all blocks at once (a thread's loads are
@@ -874,7 +875,6 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 ArgmaxRows(const float* __restrict__ logits, int64_t vocab, float* __restrict__ part_value,
            int* __restrict__ part_index, unsigned* __restrict__ arrivals, int32_t* __restrict__ out) {
   __shared__ Best shared[kArgmaxThreads / 32];
-  __shared__ bool last;
   const int part = blockIdx.x, parts = gridDim.x, row = blockIdx.y;
   const int64_t per_part = (vocab + parts - 1) / parts;
   const int64_t begin = part * per_part, end = min(vocab, begin + per_part);
@@ -887,16 +887,12 @@ ArgmaxRows(const float* __restrict__ logits, int64_t vocab, float* __restrict__ 
     if (threadIdx.x == 0) {
       part_value[int64_t(row) * parts + part] = best.value;
       part_index[int64_t(row) * parts + part] = best.index;
-      __threadfence();  // the part is visible before its arrival is
-      last = atomicAdd(arrivals + row, 1u) == unsigned(parts - 1);
     }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
+    // (its barriers also end the first BlockBest's reads of `shared`)
+    if (!LastToArrive(arrivals + row, unsigned(parts))) return;
     best = Best{-INFINITY, INT_MAX};
     for (int i = threadIdx.x; i < parts; i += blockDim.x)
       best = Better(best, Best{__ldcg(part_value + int64_t(row) * parts + i), __ldcg(part_index + int64_t(row) * parts + i)});
-    __syncthreads();  // `shared` is read by the first BlockBest until here
     best = BlockBest(best, shared);
   }
   if (threadIdx.x == 0) {
@@ -1170,21 +1166,30 @@ struct StaticShape {
 };
 
 // The cache's shape, checked against a step's q, k, v [rows, heads, d] and the layer.
+// The cache's shape, checked: [layers, 2, slots, kv_heads, max_len, head_dim] float16, and the layer
+// one of its layers; out [rows, heads, head_dim] float16.
+StaticShape CheckCache(const char* fn, DLTensor* cache, DLTensor* out, int64_t layer) {
+  Check(cache, "cache", 6, 16, kDLFloat);
+  Check(out, "out", 3, 16, kDLFloat);
+  if (cache->shape[1] != 2)
+    TVM_FFI_THROW(ValueError) << fn << ": the cache must be [layers, 2, slots, kv_heads, max_len, head_dim]";
+  const StaticShape s{cache->shape[0], cache->shape[2], cache->shape[3], cache->shape[4], cache->shape[5]};
+  if (layer < 0 || layer >= s.layers) TVM_FFI_THROW(ValueError) << fn << ": layer " << layer << " of " << s.layers;
+  return s;
+}
+
 StaticShape CheckStatic(const char* fn, DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, DLTensor* out,
                         int64_t layer) {
   Check(q, "q", 3, 16, kDLFloat);
   Check(k, "k", 3, 16, kDLFloat);
   Check(v, "v", 3, 16, kDLFloat);
-  Check(cache, "cache", 6, 16, kDLFloat);
-  Check(out, "out", 3, 16, kDLFloat);
-  const StaticShape s{cache->shape[0], cache->shape[2], cache->shape[3], cache->shape[4], cache->shape[5]};
+  const StaticShape s = CheckCache(fn, cache, out, layer);
   const int64_t rows = q->shape[0];
-  if (cache->shape[1] != 2 || q->shape[2] != s.d || k->shape[1] != s.kv_heads || k->shape[2] != s.d ||
+  if (q->shape[2] != s.d || k->shape[1] != s.kv_heads || k->shape[2] != s.d ||
       v->shape[1] != s.kv_heads || v->shape[2] != s.d || k->shape[0] != rows || v->shape[0] != rows ||
       out->shape[0] != rows || out->shape[1] != q->shape[1] || out->shape[2] != s.d || q->shape[1] % s.kv_heads != 0)
     TVM_FFI_THROW(ValueError) << fn << ": q, k, v, out and the cache [layers, 2, slots, kv_heads, max_len, "
                                  "head_dim] do not agree";
-  if (layer < 0 || layer >= s.layers) TVM_FFI_THROW(ValueError) << fn << ": layer " << layer << " of " << s.layers;
   return s;
 }
 
@@ -1286,15 +1291,12 @@ void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTens
                            double sm_scale, int64_t invariant, DLTensor* out) {
   const char* fn = "lab.kv.decode_attention_rope";
   Check(qkv, "qkv", 3, 16, kDLFloat);
-  Check(cache, "cache", 6, 16, kDLFloat);
-  Check(out, "out", 3, 16, kDLFloat);
-  const StaticShape s{cache->shape[0], cache->shape[2], cache->shape[3], cache->shape[4], cache->shape[5]};
+  const StaticShape s = CheckCache(fn, cache, out, layer);
   const int64_t rows = qkv->shape[0], q_heads = out->shape[1];
-  if (cache->shape[1] != 2 || qkv->shape[2] != s.d || out->shape[2] != s.d || out->shape[0] != rows ||
+  if (qkv->shape[2] != s.d || out->shape[2] != s.d || out->shape[0] != rows ||
       qkv->shape[1] != q_heads + 2 * s.kv_heads || q_heads % s.kv_heads != 0)
     TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out [rows, q_heads, head_dim] "
                                  "and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do not agree";
-  if (layer < 0 || layer >= s.layers) TVM_FFI_THROW(ValueError) << fn << ": layer " << layer << " of " << s.layers;
   if (!(theta > 0.0)) TVM_FFI_THROW(ValueError) << fn << ": rope_theta must be positive, got " << theta;
   RopeSpec rope;
   rope.theta = float(theta);
