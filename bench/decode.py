@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import json
 import sys
 import time
@@ -31,6 +32,10 @@ from engine.weights import open_source
 from harness import device_probe, measure, stats
 from harness.results import atomic_write_text, git_info
 from runtime_patch import functions
+
+
+# The default of each per-process path switch the benchmark sets
+DEFAULT_PATH = {functions.PREFILL_PATH: functions.PREFILL_PATHS[0], functions.QUANT_GEMM_PATH: functions.QUANT_GEMM_PATHS[0]}
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
@@ -126,15 +131,20 @@ def main() -> None:
     ap.add_argument("--peers", default="eager,compile", help="comma list of eager,compile; empty for none")
     ap.add_argument("--prefill-paths", default=functions.PREFILL_PATHS[0],
                     help=f"comma list of the library prefill attention's paths to time ({', '.join(functions.PREFILL_PATHS)})")
+    ap.add_argument("--quant-gemm-paths", default=functions.QUANT_GEMM_PATHS[0],
+                    help="comma list of the quantized prefill GEMM's paths to time "
+                         f"({', '.join(functions.QUANT_GEMM_PATHS)}; quantized models with the library prefill GEMM)")
     add_kernel_args(ap)  # the engine runs once per artifact
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tag", default="", help="appended to the record's file name (several records a day)")
     ap.add_argument("--sha", default=None, help="git SHA of the code (when run outside a checkout)")
     args = ap.parse_args()
-    unknown = set(args.prefill_paths.split(",")) - set(functions.PREFILL_PATHS)
-    if unknown:
-        ap.error(f"--prefill-paths: {', '.join(sorted(unknown))} is not one of {', '.join(functions.PREFILL_PATHS)}")
+    for option, value, choices in (("--prefill-paths", args.prefill_paths, functions.PREFILL_PATHS),
+                                   ("--quant-gemm-paths", args.quant_gemm_paths, functions.QUANT_GEMM_PATHS)):
+        unknown = set(value.split(",")) - set(choices)
+        if unknown:
+            ap.error(f"{option}: {', '.join(sorted(unknown))} is not one of {', '.join(choices)}")
 
     import tvm
     import tvm_ffi
@@ -154,30 +164,35 @@ def main() -> None:
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
         load_s = time.perf_counter() - t0
+        # the prefill attention's and the quantized GEMM's paths, each timed in this process
+        switches = {}
         if kernels["prefill_attention"] == "library":
-            functions.register("cuda", [functions.PREFILL_PATH])
-            set_prefill_path = tvm_ffi.get_global_func(functions.PREFILL_PATH)
-        # the prefill attention's paths, each timed in this process (library prefill attention)
-        paths = args.prefill_paths.split(",") if kernels["prefill_attention"] == "library" else [None]
-        for prompt, batch, path in [(p, b, f) for p in map(int, args.prompts.split(","))
-                                    for b in map(int, args.batches.split(",")) for f in paths]:
-            if path is not None:
-                set_prefill_path(path)
+            switches[functions.PREFILL_PATH] = args.prefill_paths.split(",")
+        if kernels["prefill_gemm"] == "library" and spec.quant_spec.bits in functions.GEMM_BY_BITS:
+            switches[functions.QUANT_GEMM_PATH] = args.quant_gemm_paths.split(",")
+        functions.register("cuda", list(switches))
+        set_path = {name: tvm_ffi.get_global_func(name) for name in switches}
+        paths = [dict(zip(switches, chosen)) for chosen in itertools.product(*switches.values())]
+        for prompt, batch, chosen in [(p, b, c) for p in map(int, args.prompts.split(","))
+                                      for b in map(int, args.batches.split(",")) for c in paths]:
+            for name, path in chosen.items():
+                set_path[name](path)
             r = time_engine(session, config, prompt, batch, args.new_tokens, args.warmup, args.repeats)
             context = prompt + args.new_tokens / 2
             per_step = measure.decode_bytes_per_step(artifact.spec, session.weight_bytes,
                                                      artifact.param_bytes("model.embed_tokens"), batch, context)
-            r.update(quant=quant, **kernels, prefill_path=path, prompt=prompt, batch=batch, load_s=load_s,
+            r.update(quant=quant, **kernels, prefill_path=chosen.get(functions.PREFILL_PATH),
+                     quant_gemm_path=chosen.get(functions.QUANT_GEMM_PATH), prompt=prompt, batch=batch, load_s=load_s,
                      bytes_per_step=per_step,
                      roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
                                                                r["step_s"]["p50"]))
-            print(f"{quant} ({', '.join(f'{k}={v}' for k, v in kernels.items())}"
-                  f"{f', prefill {path}' if path else ''}) prompt={prompt} batch={batch}: {r['tokens_per_s']:.1f} tok/s, "
-                  f"step p50 {r['step_s']['p50'] * 1e3:.2f} ms, roofline {r['roofline_fraction']:.0%}, "
-                  f"TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
+            described = "".join(f", {name.rsplit('.', 1)[-1]} {path}" for name, path in chosen.items())
+            print(f"{quant} ({', '.join(f'{k}={v}' for k, v in kernels.items())}{described}) prompt={prompt} "
+                  f"batch={batch}: {r['tokens_per_s']:.1f} tok/s, step p50 {r['step_s']['p50'] * 1e3:.2f} ms, "
+                  f"roofline {r['roofline_fraction']:.0%}, TTFT {r['ttft_s']['p50'] * 1e3:.1f} ms", flush=True)
             record["engine"].append(r)
-        if paths != [None]:
-            set_prefill_path(functions.PREFILL_PATHS[0])
+        for name in switches:  # back to the defaults
+            set_path[name](DEFAULT_PATH[name])
         session.close()
         del session
     peers = [p for p in args.peers.split(",") if p]

@@ -36,6 +36,19 @@ def _numpy_dequant(bits: int):
     return dequant
 
 
+def _numpy_gemm_quant(bits: int):
+    """lab.gemm.q4 / q8 (x, q_weight, q_scale, out, workspace): out = x W^T with W dequantized and
+    rounded to float16 first, as both CUDA paths compute it (the workspace is the dequant path's
+    scratch: left as it is)."""
+    def gemm(x, q_weight, q_scale, out, workspace) -> None:
+        xa, oa = np.from_dlpack(x), np.from_dlpack(out)
+        w = _dequantized(np.from_dlpack(q_weight), np.from_dlpack(q_scale), bits).astype(np.float16)
+        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ w.astype(np.float32).T
+        np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+    return gemm
+
+
 def _rms_norm(xa, norm_weight, eps: float):
     """x / sqrt(mean(x^2) + eps) over the last axis, rounded to x's dtype, times the norm's weight,
     rounded again (transformers' LlamaRMSNorm; the CUDA kernels round alike)."""
@@ -77,15 +90,18 @@ def _no_inline_rope(rotary_mode, name: str) -> None:
         raise ValueError(f"{name}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
 
 
-_prefill_path = [functions.PREFILL_PATHS[0]]
+def _path_switch(name: str, paths: tuple[str, ...]):
+    """A CUDA plugin's per-process choice of kernel path (`name`, one of `paths`, the first the
+    default): NumPy has one path (exact in float32), so the switch only remembers the choice."""
+    chosen = [paths[0]]
 
+    def switch(path: str) -> str:
+        if path not in paths:
+            raise ValueError(f"{name}: {path} is not one of {', '.join(paths)}")
+        previous, chosen[0] = chosen[0], path
+        return previous
 
-def _set_prefill_path(name: str) -> str:
-    """The CUDA plugin's choice of prefill attention; NumPy has one (exact in float32) either way."""
-    if name not in functions.PREFILL_PATHS:
-        raise ValueError(f"{functions.PREFILL_PATH}: {name} is not one of {', '.join(functions.PREFILL_PATHS)}")
-    previous, _prefill_path[0] = _prefill_path[0], name
-    return previous
+    return switch
 
 
 def _numpy_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
@@ -260,10 +276,12 @@ IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
     **{name: _numpy_gemv(bits) for bits, name in functions.GEMV_BY_BITS.items()},
     **{name: _numpy_gemv(bits, add=True) for bits, name in functions.GEMV_ADD_BY_BITS.items()},
+    **{name: _numpy_gemm_quant(bits) for bits, name in functions.GEMM_BY_BITS.items()},
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,
-    functions.PREFILL_PATH: _set_prefill_path,
+    functions.PREFILL_PATH: _path_switch(functions.PREFILL_PATH, functions.PREFILL_PATHS),
+    functions.QUANT_GEMM_PATH: _path_switch(functions.QUANT_GEMM_PATH, functions.QUANT_GEMM_PATHS),
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,
     functions.DECODE_PAGED_INVARIANT: _numpy_decode_paged,

@@ -13,7 +13,17 @@ Matrix products (plugin cuda_gemm):
   GEMV_Q8(x, q_weight, q_scale, out)    the same of a q8f16_1 weight
   GEMV_ADD_Q4(x, q_weight, q_scale, residual, out)   out = residual + W x: the residual add after a
   GEMV_ADD_Q8(...)                      layer's o and down projections at tp=1 in the GEMV
-  DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (for GEMM_NT in a prefill)
+  GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
+                                        linears: up to a row count one tensor-core kernel that
+                                        dequantizes each weight tile in shared memory ("fused"),
+                                        above it the weight dequantized into workspace [N, K]
+                                        float16 and cuBLAS ("dequant"; runtime_patch/native/quant_gemm.cu)
+  GEMM_Q8(...)                          the same of a q8f16_1 weight
+  QUANT_GEMM_PATH(name) -> previous     "auto" (the default: by the row count), "fused" or "dequant":
+                                        which GEMM_Q4 / GEMM_Q8 run in this process, for the
+                                        benchmarks; one path on llvm
+  DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (GEMM_Q4's dequant path
+                                        alone, for the benchmarks)
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
 Attention of TVM's paged KV cache, in the slots of its TIR kernels (plugin cuda_attention):
   PREFILL_RAGGED(...)                   a prefill's self-attention over the tokens it appends
@@ -90,9 +100,15 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # The same with a residual row added to the output, by width
 GEMV_ADD_BY_BITS = {4: "lab.gemv.q4_add", 8: "lab.gemv.q8_add"}
+GEMM_Q4 = "lab.gemm.q4"
+GEMM_Q8 = "lab.gemm.q8"
+# The prefill GEMM of each quantized weight width, by bits
+GEMM_BY_BITS = {4: GEMM_Q4, 8: GEMM_Q8}
+QUANT_GEMM_PATH = "lab.gemm.quant_path"
+QUANT_GEMM_PATHS = ("auto", "fused", "dequant")
 DEQUANT_Q4 = "lab.dequant.q4"
 DEQUANT_Q8 = "lab.dequant.q8"
-# The whole weight dequantized to float16 for the prefill's library GEMM, by width
+# The whole weight dequantized to float16 (GEMM_Q4 / GEMM_Q8's dequant path), by width
 DEQUANT_BY_BITS = {4: DEQUANT_Q4, 8: DEQUANT_Q8}
 PREFILL_RAGGED = "lab.attention.prefill_ragged"
 PREFILL_PATH = "lab.attention.prefill_path"
@@ -138,6 +154,7 @@ PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
+    GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",

@@ -21,21 +21,24 @@ def gemm_calls(library_calls):
 
 
 @pytest.fixture
-def dequant_calls(library_calls):
-    """The packed weight shape of each call of lab.dequant.q4 / q8 in this process, by name."""
-    return {name: library_calls(name, lambda w, scale, out: tuple(w.shape))
-            for name in (functions.DEQUANT_Q4, functions.DEQUANT_Q8)}
+def quant_gemm_calls(library_calls):
+    """The packed weight shape of each call of lab.gemm.q4 / q8 in this process, by name."""
+    return {name: library_calls(name, lambda x, w, scale, out, workspace: tuple(w.shape))
+            for name in functions.GEMM_BY_BITS.values()}
 
 
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2), ("q8f16_1", 1e-2)])
-def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, dequant_calls, quant, tolerance):
-    """The prefill's linears through lab.gemm.nt; a quantized weight first through the library's
-    dequantize of its width (lab.dequant.q4 / q8), one call per GEMM."""
+def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant_gemm_calls, quant,
+                                             tolerance):
+    """The prefill's linears through lab.gemm.nt, a quantized weight's through the library's GEMM of
+    its width (lab.gemm.q4 / q8), one call per linear."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
     artifact = compiled(config, quant, prefill_gemm="library")
-    assert artifact.spec.prefill_gemm == "library" and functions.GEMM_NT in artifact.functions
+    bits = quant_spec(quant).bits
+    gemm = functions.GEMM_BY_BITS.get(bits, functions.GEMM_NT)
+    assert artifact.spec.prefill_gemm == "library" and gemm in artifact.functions
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec(quant) if quant != "q0f32" else None)
@@ -47,17 +50,14 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
     assert relative_error(logits, reference.logits(tokens)) <= tolerance
     # prefill_logits: four linears per layer and the LM head (untied), all through the library
     per_layer = 4 * config.num_hidden_layers
-    assert len(gemm_calls) >= per_layer + (0 if config.tie_word_embeddings else 1)
+    calls = {functions.GEMM_NT: gemm_calls, **quant_gemm_calls}
+    assert len(calls[gemm]) >= per_layer + (0 if config.tie_word_embeddings else 1)
 
-    gemm_calls.clear()
-    for calls in dequant_calls.values():
-        calls.clear()
+    for each in calls.values():
+        each.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none
-    assert len(gemm_calls) == per_layer
-    bits = quant_spec(quant).bits
-    for bits_of, name in functions.DEQUANT_BY_BITS.items():
-        assert len(dequant_calls[name]) == (per_layer if bits_of == bits else 0)
+    # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none; no other GEMM
+    assert {name: len(each) for name, each in calls.items()} == {name: per_layer if name == gemm else 0 for name in calls}
 
 
 def test_tir_prefill_calls_no_library(compiled, tiny_checkpoint, gemm_calls):
@@ -160,3 +160,44 @@ def test_gemv_add_is_the_residual_plus_the_product(bits):
     np.testing.assert_array_equal(outs[functions.GEMV_BY_BITS[bits]], product.astype(np.float16))
     np.testing.assert_array_equal(outs[functions.GEMV_ADD_BY_BITS[bits]],
                                   (product + residual.astype(np.float32)).astype(np.float16))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quant_gemm_is_the_product_of_the_float16_weight(bits):
+    """lab.gemm.q4 / q8 (the prefill's quantized linears) compute x W^T with W dequantized and
+    rounded to float16 first (what both CUDA paths multiply: the fused kernel's shared tiles, the
+    dequant path's workspace), float32 sums, one rounding; the workspace is scratch. Computed here
+    with NumPy from the definitions (the CPU version the CUDA paths are checked against on the box,
+    bench.prefill_gemm)."""
+    import tvm_ffi
+
+    from engine.quantize import dequantize, quant_spec, quantize
+
+    spec = quant_spec(f"q{bits}f16_1")
+    rng = np.random.default_rng(10 + bits)
+    m, n, k = 5, 48, 128
+    q_weight, q_scale = quantize(rng.standard_normal((n, k)).astype(np.float32), spec)
+    x = rng.standard_normal((1, m, k)).astype(np.float16)
+    out = np.zeros((1, m, n), np.float16)
+    workspace = np.zeros((n, k), np.float16)
+    functions.register("llvm", [functions.GEMM_BY_BITS[bits]])
+    tvm_ffi.get_global_func(functions.GEMM_BY_BITS[bits])(
+        *[tvm_ffi.from_dlpack(a) for a in (x, q_weight, q_scale, out, workspace)])
+    weight = dequantize(q_weight, q_scale, spec).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(out, (x.astype(np.float32) @ weight.T).astype(np.float16))
+    # float16 rounding of the weight matters: it is not the float32 product of the exact weight
+    assert not np.array_equal(weight, dequantize(q_weight, q_scale, spec))
+
+
+def test_quant_gemm_path_choice():
+    """`lab.gemm.quant_path` chooses the CUDA quantized GEMM's path for a process (the benchmarks
+    time each): it returns the previous choice and refuses any other name, on every target."""
+    import tvm_ffi
+
+    functions.register("llvm", [functions.QUANT_GEMM_PATH])
+    choose = tvm_ffi.get_global_func(functions.QUANT_GEMM_PATH)
+    assert choose("fused") == "auto"
+    assert choose("dequant") == "fused"
+    with pytest.raises(Exception, match="auto, fused, dequant"):
+        choose("marlin")
+    assert choose("auto") == "dequant"

@@ -5,7 +5,8 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 `KernelPlan` (from the BuildSpec, immutable) says where each phase's products come from:
 
 - PREFILL with `prefill_gemm="library"`: `lab.gemm.nt` (cuBLAS on CUDA, NumPy on CPU) through
-  call_dps_packed; a quantized weight is first dequantized to fp16 by `lab.dequant.q4` / `q8`.
+  call_dps_packed; a quantized weight through `lab.gemm.q4` / `q8` (a tensor-core kernel that
+  dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, and at tp=1 the residual adds after the o
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from tvm import relax
 from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn import Tensor, op
 
 from runtime_patch import functions
@@ -93,16 +96,22 @@ class Linear(nn.Module):
         return op.extern(functions.GEMV_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale], out)
 
     def _library_gemm(self, x: Tensor) -> Tensor:
-        w = self.weight if not self.spec.quantized else self._library_dequantize()
-        out = Tensor.placeholder([*x.shape[:-1], w.shape[0]], self.out_dtype)
-        return op.extern(functions.GEMM_NT, [x, w], out)
+        n = self.weight.shape[0] if not self.spec.quantized else self.q_weight.shape[0]
+        out = Tensor.placeholder([*x.shape[:-1], n], self.out_dtype)
+        if not self.spec.quantized:
+            return op.extern(functions.GEMM_NT, [x, self.weight], out)
+        # The whole weight as float16 [N, K]: the dequant path's scratch (long prompts), in TVM's
+        # memory plan; the fused path leaves it untouched.
+        workspace = Tensor.placeholder([n, self.q_weight.shape[1] * self.spec.per_word], self.spec.model_dtype)
+        return _extern_outputs(functions.GEMM_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale],
+                               [out, workspace])[0]
 
-    def _library_dequantize(self) -> Tensor:
-        """The whole weight as float16 [N, K] for the library GEMM, by `lab.dequant.q4` / `q8` (one
-        pass at the copy bandwidth; TVM's dequantize kernel took ~21 ms of a Llama-3-8B prefill)."""
-        n, k = self.q_weight.shape[0], self.q_weight.shape[1] * self.spec.per_word
-        out = Tensor.placeholder([n, k], self.spec.model_dtype)
-        return op.extern(functions.DEQUANT_BY_BITS[self.spec.bits], [self.q_weight, self.q_scale], out)
+
+def _extern_outputs(name: str, args: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, ...]:
+    """op.extern of a function with several outputs (nn's op.extern hands call_dps_packed a tuple
+    type where it needs a list of tensor types: apache-tvm 0.27)."""
+    call = relax.op.call_dps_packed(name, relax.Tuple([a._expr for a in args]), [o._expr.ty for o in outs])
+    return wrap_nested(call, name)
 
 
 class Embedding(Linear):

@@ -3,6 +3,7 @@
 // out [..., N] is float16 or float32; accumulation is in float32, as in the TIR linears.
 // The GEMM runs on the stream TVM's kernels use (TVMFFIEnvGetStream), so it is ordered with them.
 #include <cublas_v2.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <dlpack/dlpack.h>
 #include <tvm/ffi/container/tensor.h>
@@ -13,7 +14,24 @@
 
 #include <cstdint>
 
+#include "cublas_gemm.h"
 #include "cuda_common.h"
+
+namespace lab {
+
+void CublasGemmNT(int device, cudaStream_t stream, int64_t m, int64_t n, int64_t k, const __half* x, const __half* w,
+                  void* out, bool out_f32) {
+  cublasHandle_t handle = CublasHandle(device);
+  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
+  // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T[n, m] = w^T^T[n, k] x^T[k, m].
+  const float alpha = 1.0f, beta = 0.0f;
+  LAB_CHECK_CUBLAS(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
+                                static_cast<int>(k), &alpha, w, CUDA_R_16F, static_cast<int>(k), x, CUDA_R_16F,
+                                static_cast<int>(k), &beta, out, out_f32 ? CUDA_R_32F : CUDA_R_16F,
+                                static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+}  // namespace lab
 
 namespace {
 
@@ -45,16 +63,8 @@ void GemmNT(DLTensor* x, DLTensor* w, DLTensor* out) {
                               << "], rows " << m << " vs " << m_out << ")";
   if (m == 0) return;
   const int device = x->device.device_id;
-  cublasHandle_t handle = lab::CublasHandle(device);
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
-  // Row-major out[m, n] = x[m, k] w[n, k]^T is column-major out^T[n, m] = w^T^T[n, k] x^T[k, m].
-  const float alpha = 1.0f, beta = 0.0f;
-  const cudaDataType_t out_type = out->dtype.bits == 32 ? CUDA_R_32F : CUDA_R_16F;
-  LAB_CHECK_CUBLAS(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(n), static_cast<int>(m),
-                            static_cast<int>(k), &alpha, Data<void>(w), CUDA_R_16F, static_cast<int>(k), Data<void>(x),
-                            CUDA_R_16F, static_cast<int>(k), &beta, Data<void>(out), out_type,
-                            static_cast<int>(n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  lab::CublasGemmNT(device, static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device)), m, n, k, Data<__half>(x),
+                    Data<__half>(w), Data<void>(out), out->dtype.bits == 32);
 }
 
 }  // namespace

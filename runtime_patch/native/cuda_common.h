@@ -1,5 +1,5 @@
 // Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
-// checks, the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
+// checks (a tensor's device and layout, a launch), the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
 // LAB_NO_CUBLAS), a device's SM count and compute capability, and reading DLTensors. Each plugin compiles its own copy (inline).
 #pragma once
 
@@ -11,6 +11,7 @@
 #include <tvm/ffi/error.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <unordered_map>
 
 #include "cuda_check.h"
@@ -86,6 +87,22 @@ inline int64_t Rows(const DLTensor* t) {
   int64_t rows = 1;
   for (int i = 0; i < t->ndim - 1; ++i) rows *= t->shape[i];
   return rows;
+}
+
+inline bool IsHalf(DLDataType d) { return d.code == kDLFloat && d.bits == 16 && d.lanes == 1; }
+
+// Every tensor on a CUDA device and compact, or an error naming `fn`.
+inline void CheckOnGpuCompact(const char* fn, std::initializer_list<const DLTensor*> tensors) {
+  for (const DLTensor* t : tensors) {
+    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
+    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
+  }
+}
+
+// The last kernel launch's error, if any, as an error naming `fn`.
+inline void CheckLaunch(const char* fn) {
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
 }
 
 // The first element, byte_offset applied.

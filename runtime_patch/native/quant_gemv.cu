@@ -1,7 +1,3 @@
-// lab.dequant.q4 / lab.dequant.q8 (q_weight, q_scale, out [N, K] float16): the whole weight
-// dequantized for the prefill's cuBLAS GEMM (engine/model/kernels.py `_library_gemm`); a thread per
-// 8 weights, coalesced loads and 16-byte stores.
-//
 // lab.gemv.q4_add / lab.gemv.q8_add (x, q_weight, q_scale, residual, out): the same plus a residual
 // row, added to the float32 sum before its one rounding (the o and down projections at tp=1).
 //
@@ -309,71 +305,6 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(SharedBytes(k)), stream));
 }
 
-// One thread per 8 consecutive weights: its word (q4) or two (q8), their group's scale, one
-// 16-byte store; a warp reads 128 or 256 contiguous bytes and writes 512 (the first version, a
-// thread per group of 32 with four 16-byte stores 64 bytes apart, ran at 45-56% of the copy
-// bandwidth). Exact: (q - m) * scale rounded once to float16.
-template <int Bits>
-__global__ void Dequantize(const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-                           __half* __restrict__ out, int64_t chunks) {
-  constexpr int words = Bits / 4, per_word = 32 / Bits;  // words per 8 weights
-  constexpr uint32_t mask = (1u << Bits) - 1;
-  constexpr float offset = float((1 << (Bits - 1)) - 1);
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
-    uint32_t word[words];
-    if constexpr (words == 1) {
-      word[0] = __ldg(w + c);
-    } else {
-      const uint2 pair = __ldg(reinterpret_cast<const uint2*>(w) + c);
-      word[0] = pair.x, word[1] = pair.y;
-    }
-    const float s = __half2float(scale[c / 4]);  // 4 chunks of 8 per group of 32
-    __align__(16) __half values[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i)
-      values[i] = __float2half((float((word[i / per_word] >> (Bits * (i % per_word))) & mask) - offset) * s);
-    reinterpret_cast<uint4*>(out)[c] = *reinterpret_cast<const uint4*>(values);
-  }
-}
-
-void CheckOnGpuCompact(const char* fn, std::initializer_list<const DLTensor*> tensors) {
-  for (const DLTensor* t : tensors) {
-    if (t->device.device_type != kDLCUDA) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not on a CUDA device";
-    if (!IsCompact(t)) TVM_FFI_THROW(ValueError) << fn << ": a tensor is not compact";
-  }
-}
-
-void CheckLaunch(const char* fn) {
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) TVM_FFI_THROW(RuntimeError) << fn << ": launch failed: " << cudaGetErrorString(err);
-}
-
-template <int Bits>
-void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
-  const char* fn = Bits == 4 ? "lab.dequant.q4" : "lab.dequant.q8";
-  constexpr int per_word = 32 / Bits;
-  CheckOnGpuCompact(fn, {w, scale, out});
-  if (w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.code != kDLFloat || scale->dtype.bits != 16 ||
-      out->dtype.code != kDLFloat || out->dtype.bits != 16 || w->ndim != 2 || scale->ndim != 2 || out->ndim != 2)
-    TVM_FFI_THROW(TypeError) << fn << ": expects q_weight uint32 [N, K/" << per_word
-                             << "], q_scale float16 [N, K/32], out float16 [N, K]";
-  const int64_t n = w->shape[0], k = w->shape[1] * per_word;
-  if (scale->shape[0] != n || scale->shape[1] * 32 != k || out->shape[0] != n || out->shape[1] != k)
-    TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (q_weight [" << n << ", " << w->shape[1]
-                              << "], q_scale [" << scale->shape[0] << ", " << scale->shape[1] << "], out ["
-                              << out->shape[0] << ", " << out->shape[1] << "])";
-  const int64_t chunks = n * (k / 8);
-  if (chunks == 0) return;
-  const int device = w->device.device_id;
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  constexpr int threads = 256;
-  const int64_t blocks = std::min<int64_t>((chunks + threads - 1) / threads, int64_t(lab::Facts(device).sms) * 16);
-  Dequantize<Bits><<<unsigned(blocks), threads, 0, stream>>>(Data<uint32_t>(w), Data<__half>(scale),
-                                                              Data<__half>(out), chunks);
-  CheckLaunch(fn);
-}
-
-bool IsHalf(DLDataType d) { return d.code == kDLFloat && d.bits == 16 && d.lanes == 1; }
 
 // lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and lab.gemv.q4_add / q8_add (x, q_weight, q_scale,
 // residual, out): x [.., K] one row; residual [.., N] float16 (or null); out [.., N].
@@ -382,8 +313,8 @@ void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTenso
   const char* fn = residual == nullptr ? (Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8")
                                        : (Bits == 4 ? "lab.gemv.q4_add" : "lab.gemv.q8_add");
   constexpr int per_word = 32 / Bits;
-  CheckOnGpuCompact(fn, {x, w, scale, out});
-  if (!IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
+  lab::CheckOnGpuCompact(fn, {x, w, scale, out});
+  if (!lab::IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
       scale->ndim != 2)
     TVM_FFI_THROW(TypeError) << fn << ": expects x float16, q_weight uint32 [N, K/" << per_word
                              << "], q_scale float16 [N, K/32]";
@@ -397,15 +328,15 @@ void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTenso
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
   if (residual != nullptr) {
-    CheckOnGpuCompact(fn, {residual});
-    if (!IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != n)
+    lab::CheckOnGpuCompact(fn, {residual});
+    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != n)
       TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << n;
     fusion.residual = Data<__half>(residual);
   }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
-  if (!f32 && !IsHalf(out->dtype)) TVM_FFI_THROW(TypeError) << fn << ": out must be float16 or float32";
+  if (!f32 && !lab::IsHalf(out->dtype)) TVM_FFI_THROW(TypeError) << fn << ": out must be float16 or float32";
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
@@ -414,7 +345,7 @@ void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTenso
   } else {
     Launch<Bits, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
-  CheckLaunch(fn);
+  lab::CheckLaunch(fn);
 }
 
 template <int Bits>
@@ -435,6 +366,4 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
   refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
   refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
-  refl::GlobalDef().def("lab.dequant.q4", DequantizePacked<4>);
-  refl::GlobalDef().def("lab.dequant.q8", DequantizePacked<8>);
 }
