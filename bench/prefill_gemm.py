@@ -5,7 +5,7 @@ of their paths, beside cuBLAS on the float16 weight (`lab.gemm.nt`, what a q0f16
   (runtime_patch/native/quant_gemm.cu);
 - `dequant`: the dequantize pass into a float16 workspace, then cuBLAS;
 - `auto`: what the model runs (fused up to the plugin's row limit, dequant above): reported as
-  which of the two it picked.
+  the plugin's own account of it (`lab.gemm.quant_plan`, with the fused kernel's split of K).
 
     python -m bench.prefill_gemm --out F.json [--sha SHA] [--quants q4f16_1,q8f16_1] [--rows 1,16,128,...]
 
@@ -48,8 +48,10 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
     from harness.results import atomic_write_text
     from runtime_patch import functions
 
-    functions.register("cuda", [functions.GEMM_NT, functions.QUANT_GEMM_PATH, *functions.GEMM_BY_BITS.values()])
+    functions.register("cuda", [functions.GEMM_NT, functions.QUANT_GEMM_PATH, functions.QUANT_GEMM_PLAN,
+                                *functions.GEMM_BY_BITS.values()])
     set_path = tvm_ffi.get_global_func(functions.QUANT_GEMM_PATH)
+    plan = tvm_ffi.get_global_func(functions.QUANT_GEMM_PLAN)
     gemm_nt = tvm_ffi.get_global_func(functions.GEMM_NT)
     results = []
     try:
@@ -80,6 +82,7 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
                             params = dense_params
                         else:
                             set_path(path)
+                            row[f"{path}_plan"] = str(plan(m, n, k))
 
                             def call(p):
                                 gemm(xt, p[0], p[1], yt, workspace)
@@ -93,8 +96,9 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
                         t = stats.summarize(samples)
                         row[path] = {"us": t["p50"] * 1e6, "p95_us": t["p95"] * 1e6, "tflop_s": flop / t["p50"] / 1e12,
                                      "rel_error": err, "ok": err <= TOLERANCE, "raw_s": samples}
-                    row["auto_path"] = auto_choice(gemm, xt, quantized_params[0], yt, workspace, set_path)
-                    print(f"{row['name']:26s} fused {row['fused']['us']:9.1f} us ({row['fused']['tflop_s']:5.0f} TFLOP/s, "
+                    set_path("auto")
+                    row["auto_path"] = str(plan(m, n, k))
+                    print(f"{row['name']:26s} {row['fused_plan']:24s} {row['fused']['us']:9.1f} us ({row['fused']['tflop_s']:5.0f} TFLOP/s, "
                           f"err {row['fused']['rel_error']:.1e}) dequant+cuBLAS {row['dequant']['us']:9.1f} us "
                           f"fp16 cuBLAS {row['fp16_cublas']['us']:9.1f} us; auto: {row['auto_path']}"
                           f"{'' if row['fused']['ok'] and row['dequant']['ok'] else '  WRONG'}", flush=True)
@@ -109,19 +113,6 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
         "all_ok": all(r[p]["ok"] for r in results for p in ("fused", "dequant", "fp16_cublas")),
         "results": results}, indent=1))
     print(f"wrote {out}")
-
-
-def auto_choice(gemm, xt, params, yt, workspace, set_path) -> str:
-    """Which path `auto` takes for this call: the dequant path writes the workspace, the fused one
-    leaves it as it is (a workspace of NaNs stays NaN only under the fused path)."""
-    import torch
-
-    ws = torch.from_dlpack(workspace)
-    ws.fill_(float("nan"))
-    set_path("auto")
-    gemm(xt, params[0], params[1], yt, workspace)
-    torch.cuda.synchronize()
-    return "fused" if bool(torch.isnan(ws).all()) else "dequant"
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ def _numpy_dequant(bits: int):
 
 def _numpy_gemm_quant(bits: int):
     """lab.gemm.q4 / q8 (x, q_weight, q_scale, out, workspace): out = x W^T with W dequantized and
-    rounded to float16 first, as both CUDA paths compute it (the workspace is the dequant path's
+    rounded to float16 first, as both CUDA paths compute it (the workspace is the CUDA paths'
     scratch: left as it is)."""
     def gemm(x, q_weight, q_scale, out, workspace) -> None:
         xa, oa = np.from_dlpack(x), np.from_dlpack(out)
@@ -282,6 +282,7 @@ IMPLEMENTATIONS = {
     functions.PREFILL_RAGGED: _numpy_prefill_ragged,
     functions.PREFILL_PATH: _path_switch(functions.PREFILL_PATH, functions.PREFILL_PATHS),
     functions.QUANT_GEMM_PATH: _path_switch(functions.QUANT_GEMM_PATH, functions.QUANT_GEMM_PATHS),
+    functions.QUANT_GEMM_PLAN: lambda m, n, k: "numpy",
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,
     functions.DECODE_PAGED_INVARIANT: _numpy_decode_paged,

@@ -22,6 +22,9 @@ Matrix products (plugin cuda_gemm):
   QUANT_GEMM_PATH(name) -> previous     "auto" (the default: by the row count), "fused" or "dequant":
                                         which GEMM_Q4 / GEMM_Q8 run in this process, for the
                                         benchmarks; one path on llvm
+  QUANT_GEMM_PLAN(m, n, k) -> text      what GEMM_Q4 / GEMM_Q8 of m rows against an n x k weight
+                                        runs here under the current path ("fused", "fused, K split
+                                        s ways" or "dequant"; "numpy" on llvm)
   DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (GEMM_Q4's dequant path
                                         alone, for the benchmarks)
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
@@ -106,6 +109,7 @@ GEMM_Q8 = "lab.gemm.q8"
 GEMM_BY_BITS = {4: GEMM_Q4, 8: GEMM_Q8}
 QUANT_GEMM_PATH = "lab.gemm.quant_path"
 QUANT_GEMM_PATHS = ("auto", "fused", "dequant")
+QUANT_GEMM_PLAN = "lab.gemm.quant_plan"
 DEQUANT_Q4 = "lab.dequant.q4"
 DEQUANT_Q8 = "lab.dequant.q8"
 # The whole weight dequantized to float16 (GEMM_Q4 / GEMM_Q8's dequant path), by width
@@ -154,7 +158,7 @@ PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
     GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
-    GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm",
+    GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm", QUANT_GEMM_PLAN: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",

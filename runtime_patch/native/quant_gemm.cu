@@ -11,10 +11,12 @@
 //   mma.sync kernel by more than the dequantize pass costs.
 // Both compute with the same float16 weights, (q - m) * scale rounded once (m = 7 or 127), and
 // float32 sums. The workspace is an output of the call in the compiled graph (allocated by TVM's
-// memory plan, as the dequantized weight always was); the fused path leaves it untouched.
+// memory plan, as the dequantized weight always was); the fused path keeps its split-K partial
+// sums there.
 //
 // lab.gemm.quant_path(name) -> previous: "auto" (the default: by the row count), "fused" or
 // "dequant" for this process (the benchmarks time both in one process).
+// lab.gemm.quant_plan(m, n, k) -> text: what a call of those sizes runs here, in words.
 //
 // lab.dequant.q4 / lab.dequant.q8 (q_weight, q_scale, out [N, K] float16): the dequantize pass
 // alone (bench.gemv times it).
@@ -88,28 +90,48 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // ------------------------------------------------------------------------------------------------
 // The fused kernel
 //
-// A block of 8 warps computes a tile of kBM rows x kBN outputs; a warp 32 x 32 of it (2 x 4 warps),
-// mma.sync m16n8k16 (float16 operands, float32 accumulators). K is walked in tiles of kBK = 64
-// (two quantization groups). Per tile: x's [kBM, 64] through cp.async into shared memory, and the
-// weight's [kBN, 64] packed (one group of one output row per thread: a 16-byte load at q4, two at
-// q8) loaded into registers a tile ahead, dequantized to float16 and stored into shared memory
-// while the previous tile's products run; two buffers of each, one barrier per tile. Shared rows of
-// 64 values have their 16-byte chunks permuted (chunk XOR row % 8), so that the 8 rows an ldmatrix
-// reads, and the 8 chunks a quarter-warp stores, fall in different banks.
+// A block of 4 warps computes a tile of kBM = 64 rows x kBN = 128 outputs, a warp all 64 rows of
+// 32 outputs (mma.sync m16n8k16: float16 operands, float32 accumulators; m16 tiles past the rows
+// are skipped). K is walked in tiles of kBK = 64 values (two quantization groups) through a ring
+// of kStages shared-memory stages, each filled by cp.async: x's [64, 64] tile, the weight's
+// [128, 64] tile as packed words, and its scales. The stage of tile t + 1 is dequantized into one
+// of two float16 weight tiles while... the products of tile t run from the other; one barrier per
+// tile. (The first version loaded the packed weights into registers one tile ahead, 8 warps of
+// 32 x 32: every tile waited a memory latency and the kernel ran at 20% of the tensor cores.)
+// Shared float16 rows of 64 values have their 16-byte chunks permuted (chunk XOR row % 8), so that
+// the 8 rows an ldmatrix reads, and the 8 chunks a quarter-warp stores, fall in different banks.
+//
+// Split-K: where the tiles of the output do not fill the GPU twice over (a narrow weight, a short
+// prompt), the K tiles are split over gridDim.z blocks, each writing float32 partial sums into the
+// workspace; a second kernel adds them and rounds once (ReduceSplits).
 //
 // The grid's x runs over row tiles: the blocks that read the same weight tile run side by side and
 // share it through L2.
 //
-// Dequantizing in registers (the same exact formula as Dequantize): a nibble (or byte) q placed in
-// the low bits of float16 0x6400 is 1024 + q; one half2 subtraction of 1024 + m leaves q - m
-// (exact), one half2 multiply by the scale rounds (q - m) * scale once.
+// Dequantizing (the same exact formula as Dequantize): a nibble (or byte) q placed in the low bits
+// of float16 0x6400 is 1024 + q; one half2 subtraction of 1024 + m leaves q - m (exact), one half2
+// multiply by the scale rounds (q - m) * scale once.
 
 constexpr int kBM = 64, kBN = 128, kBK = 64;
-constexpr int kWarps = 8, kThreads = 32 * kWarps;
-constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared row
+constexpr int kWarps = 4, kThreads = 32 * kWarps;
+constexpr int kStages = 4;
+constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared float16 row
 // Where the fused path applies (up to this many rows; above, dequant + cuBLAS). Set from
 // bench.prefill_gemm on an H200 (docs/BENCHMARKS.md).
 constexpr int64_t kFusedUpTo = 512;
+constexpr int kMaxSplits = 16;
+constexpr int kMinTilesPerSplit = 8;
+
+// The bytes of one pipeline stage and of a block's dynamic shared memory.
+template <int Bits>
+struct Layout {
+  static constexpr int kX = kBM * kBK * 2;          // x's tile, float16
+  static constexpr int kPacked = kBN * kBK * Bits / 8;  // the weight's tile, packed
+  static constexpr int kScales = kBN * 2 * 2;       // two groups' scales per output row
+  static constexpr int kStage = kX + kPacked + kScales;
+  static constexpr int kWeight = kBN * kBK * 2;     // a dequantized weight tile
+  static constexpr int kTotal = kStages * kStage + 2 * kWeight;
+};
 
 __device__ __forceinline__ int Offset(int row, int chunk) { return row * kBK + ((chunk ^ (row & 7)) * 8); }
 
@@ -130,18 +152,11 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, ui
 __device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
-// A thread's share of a weight tile: one group (32 values) of one output row, packed, and its scale.
-template <int Bits>
-struct Group {
-  uint4 words[Bits / 4];
-  __half scale;
-};
-
-// The 32 values of a q4 group, in order, as 4 chunks of 8 float16.
-__device__ __forceinline__ void Dequantized(const Group<4>& g, uint4* chunks) {
+// The 32 values of a q4 group (4 words), in order, as 4 chunks of 8 float16.
+__device__ __forceinline__ void Dequantized4(const uint4& words, __half scale, uint4* chunks) {
   const __half2 bias = __float2half2_rn(1024.f + 7.f);
-  const __half2 s = __half2half2(g.scale);
-  const uint32_t word[4] = {g.words[0].x, g.words[0].y, g.words[0].z, g.words[0].w};
+  const __half2 s = __half2half2(scale);
+  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     // pairs (q[i], q[i + 4]) of word j's values, i = 0..3
@@ -155,13 +170,13 @@ __device__ __forceinline__ void Dequantized(const Group<4>& g, uint4* chunks) {
   }
 }
 
-// The same for a q8 group (8 words of 4 bytes).
-__device__ __forceinline__ void Dequantized(const Group<8>& g, uint4* chunks) {
+// The same for a q8 group (8 words of 4 bytes, as two 16-byte vectors).
+__device__ __forceinline__ void Dequantized8(const uint4* words, __half scale, uint4* chunks) {
   const __half2 bias = __float2half2_rn(1024.f + 127.f);
-  const __half2 s = __half2half2(g.scale);
+  const __half2 s = __half2half2(scale);
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
-    const uint4 v = g.words[j / 2];
+    const uint4 v = words[j / 2];
     const uint32_t word[2] = {j % 2 == 0 ? v.x : v.z, j % 2 == 0 ? v.y : v.w};
     uint32_t out[4];
 #pragma unroll
@@ -185,112 +200,189 @@ __device__ __forceinline__ void StorePair<float>(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
+// out [m, n] (OutT), or with gridDim.z > 1 split z's float32 partial sums at partial + z m n.
 template <int Bits, typename OutT>
 __global__ void __launch_bounds__(kThreads, 2)
 GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-          OutT* __restrict__ out, int m, int n, int k) {
-  __shared__ __align__(16) __half xs[2][kBM * kBK];
-  __shared__ __align__(16) __half ws[2][kBN * kBK];
+          OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k) {
+  using L = Layout<Bits>;
+  static_assert(kThreads == kBN, "a thread copies one output row's scales");
+  constexpr int kPackedChunks = L::kPacked / 16 / kThreads;  // 16-byte copies per thread: 2 (q4), 4 (q8)
+  constexpr int kRowChunks = kBK * Bits / 8 / 16;            // 16-byte chunks of a packed tile row
+  extern __shared__ __align__(16) unsigned char smem[];
+  __half* weights = reinterpret_cast<__half*>(smem + kStages * L::kStage);  // [2][kBN * kBK]
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int wm = warp / 4, wn = warp % 4;  // the warp's 32 x 32 of the tile
-  const int tiles = k / kBK;
+  const int all_tiles = k / kBK;
+  const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
+  const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
   const int64_t row_words = int64_t(k) * Bits / 32;
+  const int m_tiles = min(4, (m - m0 + 15) / 16);  // m16 tiles of rows in the block
 
-  // This thread's group of the weight tile: output row n0 + t / 2, group t % 2 (a row past n
-  // repeats the last one; its products are not stored).
-  const int w_row = threadIdx.x / 2, w_group = threadIdx.x % 2;
-  const int64_t w_n = min(n0 + w_row, n - 1);
-  const uint4* w_src = reinterpret_cast<const uint4*>(w + w_n * row_words) + w_group * (Bits / 4);
-  const __half* s_src = scale + w_n * (k / 32) + w_group;
-  auto load_group = [&](int t, Group<Bits>& g) {
+  // Stage s's parts.
+  auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
+  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
+  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
+
+  // Tile t (of this split) into stage t % kStages: x's rows past m zero-filled, weight rows past n
+  // repeat the last (their products are not stored).
+  auto issue = [&](int t) {
+    if (t < tiles) {
+      const int s = t % kStages, kt = tile0 + t;
+      __half* xs = x_tile(s);
 #pragma unroll
-    for (int l = 0; l < Bits / 4; ++l) g.words[l] = __ldg(w_src + t * (2 * Bits / 4) + l);
-    g.scale = s_src[2 * t];
-  };
-  auto store_group = [&](const Group<Bits>& g, __half* tile) {
-    uint4 chunks[4];
-    Dequantized(g, chunks);
+      for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
+        const int c = threadIdx.x + i * kThreads, r = c / kChunks, chunk = c % kChunks;
+        const bool inside = m0 + r < m;
+        __pipeline_memcpy_async(xs + Offset(r, chunk), x + int64_t(inside ? m0 + r : 0) * k + kt * kBK + chunk * 8,
+                                16, inside ? 0 : 16);
+      }
+      uint4* ps = packed_tile(s);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(tile + Offset(w_row, 4 * w_group + j)) = chunks[j];
-  };
-  // x's tile: 2 chunks per thread, rows past m zero-filled.
-  auto copy_x = [&](int t, __half* tile) {
-#pragma unroll
-    for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
-      const int c = threadIdx.x + i * kThreads, r = c / kChunks, chunk = c % kChunks;
-      const bool inside = m0 + r < m;
-      __pipeline_memcpy_async(tile + Offset(r, chunk), x + int64_t(inside ? m0 + r : 0) * k + t * kBK + chunk * 8, 16,
-                              inside ? 0 : 16);
+      for (int i = 0; i < kPackedChunks; ++i) {
+        const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, part = c % kRowChunks;
+        const int64_t row = min(n0 + r, n - 1);
+        __pipeline_memcpy_async(ps + c, reinterpret_cast<const uint4*>(w + row * row_words) + kt * kRowChunks + part,
+                                16);
+      }
+      const int64_t row = min(n0 + int(threadIdx.x), n - 1);  // kThreads == kBN: one row's 2 scales each
+      __pipeline_memcpy_async(scale_tile(s) + 2 * threadIdx.x, scale + row * (k / 32) + 2 * kt, 4);
     }
     __pipeline_commit();
   };
 
-  float acc[2][4][4];
+  // Stage t % kStages's packed weights into float16 tile t % 2: a thread takes group (t % 2) of
+  // rows tid / 2 and tid / 2 + 64 (a quarter-warp reads 128 contiguous bytes, stores 8 banks apart).
+  auto dequantize = [&](int t) {
+    const int s = t % kStages, group = threadIdx.x % 2;
+    const uint4* ps = packed_tile(s);
+    const __half* ss = scale_tile(s);
+    __half* tile = weights + (t & 1) * kBN * kBK;
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+    for (int h = 0; h < 2; ++h) {
+      const int r = threadIdx.x / 2 + h * (kBN / 2);
+      uint4 chunks[4];
+      if constexpr (Bits == 4) {
+        Dequantized4(ps[r * kRowChunks + group], ss[2 * r + group], chunks);
+      } else {
+        const uint4 words[2] = {ps[r * kRowChunks + 2 * group], ps[r * kRowChunks + 2 * group + 1]};
+        Dequantized8(words, ss[2 * r + group], chunks);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(tile + Offset(r, 4 * group + j)) = chunks[j];
+    }
+  };
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
-  Group<Bits> next;
-  copy_x(0, xs[0]);
-  load_group(0, next);
-  store_group(next, ws[0]);
-  __pipeline_wait_prior(0);
+  // Tile t lives in group t of the committed cp.async groups.
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) issue(t);
+  __pipeline_wait_prior(kStages - 2);  // tile 0
   __syncthreads();
+  if (tiles > 0) dequantize(0);
 
   for (int t = 0; t < tiles; ++t) {
-    const int b = t & 1;
-    const bool more = t + 1 < tiles;
-    if (more) {
-      copy_x(t + 1, xs[b ^ 1]);
-      load_group(t + 1, next);
-    }
-    const __half* xt = xs[b];
-    const __half* wt = ws[b];
+    __pipeline_wait_prior(kStages - 3);  // tile t + 1
+    __syncthreads();  // every copy of tile t + 1 landed, tile t's weights stored, tile t - 1's products done
+    issue(t + kStages - 1);  // into the stage tile t - 1 left
+    const __half* xs = x_tile(t % kStages);
+    const __half* ws = weights + (t & 1) * kBN * kBK;
 #pragma unroll
-    for (int s = 0; s < kBK / 16; ++s) {
-      uint32_t a[2][4], bf[2][4];
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-        LoadMatrices(a[i], xt + Offset(wm * 32 + i * 16 + lane % 16, 2 * s + lane / 16));
+    for (int slice = 0; slice < kBK / 16; ++slice) {
+      uint32_t b[2][4];
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        LoadMatrices(bf[j], wt + Offset(wn * 32 + j * 16 + lane / 16 * 8 + lane % 8, 2 * s + (lane / 8) % 2));
+        LoadMatrices(b[j], ws + Offset(warp * 32 + j * 16 + lane / 16 * 8 + lane % 8, 2 * slice + (lane / 8) % 2));
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int i = 0; i < 4; ++i) {
+        if (i < m_tiles) {
+          uint32_t a[4];
+          LoadMatrices(a, xs + Offset(i * 16 + lane % 16, 2 * slice + lane / 16));
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          Mma(acc[i][2 * j], a[i], bf[j][0], bf[j][1]);
-          Mma(acc[i][2 * j + 1], a[i], bf[j][2], bf[j][3]);
+          for (int j = 0; j < 2; ++j) {
+            Mma(acc[i][2 * j], a, b[j][0], b[j][1]);
+            Mma(acc[i][2 * j + 1], a, b[j][2], b[j][3]);
+          }
         }
+      }
     }
-    if (more) {
-      store_group(next, ws[b ^ 1]);
-      __pipeline_wait_prior(0);
-    }
-    __syncthreads();
+    if (t + 1 < tiles) dequantize(t + 1);
   }
 
   // Lane l holds rows l / 4 and l / 4 + 8 of each 16 x 8 accumulator, columns 2 (l % 4) and + 1.
+  float* part = gridDim.z > 1 ? partial + int64_t(blockIdx.z) * m * n : nullptr;
 #pragma unroll
-  for (int i = 0; i < 2; ++i)
+  for (int i = 0; i < 4; ++i) {
+    if (i >= m_tiles) break;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int col = n0 + wn * 32 + j * 8 + 2 * (lane % 4);
+      const int col = n0 + warp * 32 + j * 8 + 2 * (lane % 4);
       if (col >= n) continue;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + wm * 32 + i * 16 + lane / 4 + 8 * h;
-        if (row < m) StorePair(out + int64_t(row) * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        const int row = m0 + i * 16 + lane / 4 + 8 * h;
+        if (row >= m) continue;
+        if (part != nullptr) {
+          StorePair(part + int64_t(row) * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        } else {
+          StorePair(out + int64_t(row) * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        }
       }
     }
+  }
 }
 
-// Where the fused kernel applies: whole tiles of K, outputs in pairs (n even; the weight rows'
-// 16-byte loads need k % 64 anyway), x on a 16-byte boundary.
+// out[e] = the sum over the splits of partial[z * count + e], rounded once; 4 elements a thread.
+template <typename OutT>
+__global__ void ReduceSplits(const float* __restrict__ partial, OutT* __restrict__ out, int64_t count, int splits) {
+  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (e >= count) return;
+  float4 sum = reinterpret_cast<const float4*>(partial + e)[0];
+  for (int z = 1; z < splits; ++z) {
+    const float4 v = reinterpret_cast<const float4*>(partial + int64_t(z) * count + e)[0];
+    sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+  }
+  StorePair(out + e, sum.x, sum.y);
+  StorePair(out + e + 2, sum.z, sum.w);
+}
+
+// Where the fused kernel applies: whole tiles of K, outputs in fours (the split-K reduction's
+// vectors), x on a 16-byte boundary.
 bool FusedApplies(int64_t n, int64_t k, const void* x) {
   return k % kBK == 0 && n % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && n < (int64_t(1) << 31) / kBN;
+}
+
+// How many blocks split K: enough that the blocks fill every SM twice (two fit an SM), each split
+// at least kMinTilesPerSplit tiles, the partial sums within the workspace (n k float16).
+int Splits(int64_t m, int64_t n, int64_t k, int sms) {
+  const int64_t blocks = ((m + kBM - 1) / kBM) * ((n + kBN - 1) / kBN);
+  int64_t splits = (2 * sms + blocks - 1) / blocks;
+  splits = std::min<int64_t>(splits, (k / kBK) / kMinTilesPerSplit);
+  splits = std::min<int64_t>(splits, (n * k * 2) / (m * n * 4));
+  return int(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
+}
+
+template <int Bits, typename OutT>
+void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
+                 int64_t k, int splits, cudaStream_t stream) {
+  constexpr int smem = Layout<Bits>::kTotal;
+  static thread_local bool allowed = false;  // per thread: a disco worker is one thread on one device
+  if (!allowed) {
+    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    allowed = true;
+  }
+  const dim3 grid(unsigned((m + kBM - 1) / kBM), unsigned((n + kBN - 1) / kBN), unsigned(splits));
+  GemmQuant<Bits, OutT><<<grid, kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k));
+  if (splits > 1) {
+    const int64_t count = m * n, threads = 256;
+    ReduceSplits<OutT><<<unsigned((count / 4 + threads - 1) / threads), unsigned(threads), 0, stream>>>(
+        partial, out, count, splits);
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -299,6 +391,32 @@ bool FusedApplies(int64_t n, int64_t k, const void* x) {
 enum class Path : int { kAuto = 0, kFused = 1, kDequant = 2 };
 const char* const kPathNames[] = {"auto", "fused", "dequant"};
 std::atomic<int> g_path{int(Path::kAuto)};
+
+// What a call of m rows of x (at address x) against an n x k weight runs on `device`.
+struct Plan {
+  bool fused = false;
+  int splits = 1;
+};
+
+Plan PlanFor(int64_t m, int64_t n, int64_t k, const void* x, int device) {
+  const Path path = Path(g_path.load());
+  Plan plan;
+  plan.fused = FusedApplies(n, k, x) && lab::Facts(device).major >= 8 &&
+               (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
+  if (plan.fused) plan.splits = Splits(m, n, k, lab::Facts(device).sms);
+  return plan;
+}
+
+// lab.gemm.quant_plan(m, n, k) -> "fused" | "fused, K split s ways" | "dequant": what a call
+// runs on the current device under the current path (the benchmarks report it).
+tvm::ffi::String DescribePlan(int64_t m, int64_t n, int64_t k) {
+  int device = 0;
+  LAB_CHECK_CUDA(cudaGetDevice(&device));
+  const Plan plan = PlanFor(m, n, k, nullptr, device);
+  if (!plan.fused) return tvm::ffi::String("dequant");
+  return tvm::ffi::String(plan.splits == 1 ? std::string("fused")
+                                           : "fused, K split " + std::to_string(plan.splits) + " ways");
+}
 
 tvm::ffi::String SetPath(tvm::ffi::String name) {
   const std::string wanted(name);
@@ -335,13 +453,6 @@ void DequantizePacked(DLTensor* w, DLTensor* scale, DLTensor* out) {
   lab::CheckLaunch(fn);
 }
 
-template <int Bits, typename OutT>
-void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, int64_t m, int64_t n, int64_t k,
-                 cudaStream_t stream) {
-  const dim3 grid(unsigned((m + kBM - 1) / kBM), unsigned((n + kBN - 1) / kBN));
-  GemmQuant<Bits, OutT><<<grid, kThreads, 0, stream>>>(x, w, s, out, int(m), int(n), int(k));
-}
-
 template <int Bits>
 void GemmQuantized(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out, DLTensor* workspace) {
   const char* fn = Bits == 4 ? "lab.gemm.q4" : "lab.gemm.q8";
@@ -362,17 +473,16 @@ void GemmQuantized(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out, DLT
   if (m == 0) return;
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  const Path path = Path(g_path.load());
-  const bool fused = FusedApplies(n, k, Data<void>(x)) && lab::Facts(device).major >= 8 &&
-                     (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
+  const Plan plan = PlanFor(m, n, k, Data<void>(x), device);
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  if (fused) {
+  if (plan.fused) {
+    float* partial = reinterpret_cast<float*>(Data<__half>(workspace));  // split-K's partial sums
     if (f32) {
-      LaunchFused<Bits, float>(xp, wp, sp, Data<float>(out), m, n, k, stream);
+      LaunchFused<Bits, float>(xp, wp, sp, Data<float>(out), partial, m, n, k, plan.splits, stream);
     } else {
-      LaunchFused<Bits, __half>(xp, wp, sp, Data<__half>(out), m, n, k, stream);
+      LaunchFused<Bits, __half>(xp, wp, sp, Data<__half>(out), partial, m, n, k, plan.splits, stream);
     }
     lab::CheckLaunch(fn);
     return;
@@ -389,6 +499,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemm.q4", GemmQuantized<4>);
   refl::GlobalDef().def("lab.gemm.q8", GemmQuantized<8>);
   refl::GlobalDef().def("lab.gemm.quant_path", SetPath);
+  refl::GlobalDef().def("lab.gemm.quant_plan", DescribePlan);
   refl::GlobalDef().def("lab.dequant.q4", DequantizePacked<4>);
   refl::GlobalDef().def("lab.dequant.q8", DequantizePacked<8>);
 }
