@@ -90,16 +90,30 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // ------------------------------------------------------------------------------------------------
 // The fused kernel
 //
-// A block of 4 warps computes a tile of kBM = 64 rows x kBN = 128 outputs, a warp all 64 rows of
-// 32 outputs (mma.sync m16n8k16: float16 operands, float32 accumulators; m16 tiles past the rows
-// are skipped). K is walked in tiles of kBK = 64 values (two quantization groups) through a ring
-// of kStages shared-memory stages, each filled by cp.async: x's [64, 64] tile, the weight's
-// [128, 64] tile as packed words, and its scales. The stage of tile t + 1 is dequantized into one
-// of two float16 weight tiles while... the products of tile t run from the other; one barrier per
-// tile. (The first version loaded the packed weights into registers one tile ahead, 8 warps of
-// 32 x 32: every tile waited a memory latency and the kernel ran at 20% of the tensor cores.)
-// Shared float16 rows of 64 values have their 16-byte chunks permuted (chunk XOR row % 8), so that
-// the 8 rows an ldmatrix reads, and the 8 chunks a quarter-warp stores, fall in different banks.
+// A block of 4 warps computes a tile of 16 MT rows x kBN = 128 outputs, a warp all rows of 32
+// outputs (mma.sync m16n8k16: float16 operands, float32 accumulators; MT = 1, 2 or 4 m16 tiles,
+// chosen by the row count). K is walked in tiles of kBK = 64 values (two quantization groups)
+// through a ring of kStages shared-memory stages, each filled by cp.async: x's tile, the
+// weight's [128, 64] tile as packed words, and its scales; the copies run kStages - 1 tiles ahead.
+//
+// The weight is dequantized straight into the mma's B operand registers: lane l's B fragment of a
+// k16 slice is the weight of output row l / 4 at k = 2 (l % 4) + {0, 1} and + 8: one byte of each
+// of two q4 words (two q8 half-words), so a lane reads 2 words of the packed tile and makes each
+// into two float16 values in 4-5 instructions. Each weight is dequantized once per block, by the
+// warp that multiplies it; nothing float16 of the weight is stored. (The first two versions wrote
+// the dequantized tile to shared memory for ldmatrix: 8 warps of 32 x 32 loading the packed words
+// into registers one tile ahead ran at 20% of the tensor cores, waiting a memory latency every
+// tile; 4 warps of 64 x 32 with this ring ran at 13%: 567 instructions a warp a tile, 2 warps a
+// scheduler for want of shared memory, each instruction 5.4 cycles apart; ncu, 2026-11-30.)
+//
+// Exact, as the dequantize pass: a nibble (or byte) q placed in the low bits of float16 0x6400 is
+// 1024 + q; one half2 subtraction of 1024 + m leaves q - m exactly, one half2 multiply by the scale
+// rounds (q - m) * scale once.
+//
+// Shared memory: x's rows of 64 values have their 16-byte chunks permuted (chunk XOR row % 8),
+// so the 8 rows an ldmatrix reads fall in different banks; a packed row's 16-byte chunks are
+// permuted too (q4: chunk XOR bit 2 of the row, q8: chunk XOR bits 1-2), so the 8 rows a warp's
+// B loads read at once fall in different banks.
 //
 // Split-K: where the tiles of the output do not fill the GPU twice over (a narrow weight, a short
 // prompt), the K tiles are split over gridDim.z blocks, each writing float32 partial sums into the
@@ -107,33 +121,39 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 //
 // The grid's x runs over row tiles: the blocks that read the same weight tile run side by side and
 // share it through L2.
-//
-// Dequantizing (the same exact formula as Dequantize): a nibble (or byte) q placed in the low bits
-// of float16 0x6400 is 1024 + q; one half2 subtraction of 1024 + m leaves q - m (exact), one half2
-// multiply by the scale rounds (q - m) * scale once.
 
-constexpr int kBM = 64, kBN = 128, kBK = 64;
+constexpr int kBN = 128, kBK = 64;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kStages = 4;
-constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared float16 row
+constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared x row
 // Where the fused path applies (up to this many rows; above, dequant + cuBLAS). Set from
 // bench.prefill_gemm on an H200 (docs/BENCHMARKS.md).
 constexpr int64_t kFusedUpTo = 512;
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 8;
 
-// The bytes of one pipeline stage and of a block's dynamic shared memory.
-template <int Bits>
+// The bytes of one pipeline stage (x's tile of 16 MT rows, the packed weight tile, its scales).
+template <int Bits, int MT>
 struct Layout {
-  static constexpr int kX = kBM * kBK * 2;          // x's tile, float16
-  static constexpr int kPacked = kBN * kBK * Bits / 8;  // the weight's tile, packed
-  static constexpr int kScales = kBN * 2 * 2;       // two groups' scales per output row
+  static constexpr int kX = 16 * MT * kBK * 2;
+  static constexpr int kRowChunks = kBK * Bits / 8 / 16;  // 16-byte chunks of a packed tile row: 2 (q4), 4 (q8)
+  static constexpr int kPacked = kBN * kRowChunks * 16;
+  static constexpr int kScales = kBN * 2 * 2;             // two groups' scales per output row
   static constexpr int kStage = kX + kPacked + kScales;
-  static constexpr int kWeight = kBN * kBK * 2;     // a dequantized weight tile
-  static constexpr int kTotal = kStages * kStage + 2 * kWeight;
+  static constexpr int kTotal = kStages * kStage;
 };
 
 __device__ __forceinline__ int Offset(int row, int chunk) { return row * kBK + ((chunk ^ (row & 7)) * 8); }
+
+// Where chunk `chunk` of packed row `row` lies (in 16-byte chunks from the tile's start).
+template <int Bits>
+__device__ __forceinline__ int PackedChunk(int row, int chunk) {
+  if constexpr (Bits == 4) {
+    return row * 2 + (chunk ^ ((row >> 2) & 1));
+  } else {
+    return row * 4 + (chunk ^ ((row >> 1) & 3));
+  }
+}
 
 __device__ __forceinline__ void LoadMatrices(uint32_t* r, const __half* smem) {
   const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -152,40 +172,16 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, ui
 __device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
-// The 32 values of a q4 group (4 words), in order, as 4 chunks of 8 float16.
-__device__ __forceinline__ void Dequantized4(const uint4& words, __half scale, uint4* chunks) {
-  const __half2 bias = __float2half2_rn(1024.f + 7.f);
-  const __half2 s = __half2half2(scale);
-  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    // pairs (q[i], q[i + 4]) of word j's values, i = 0..3
-    uint32_t pair[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      pair[i] = AsBits(__hmul2(__hsub2(AsHalf2(((word[j] >> (4 * i)) & 0x000F000Fu) | 0x64006400u), bias), s));
-    // in order: (q0, q1), (q2, q3), (q4, q5), (q6, q7)
-    chunks[j] = make_uint4(__byte_perm(pair[0], pair[1], 0x5410), __byte_perm(pair[2], pair[3], 0x5410),
-                           __byte_perm(pair[0], pair[1], 0x7632), __byte_perm(pair[2], pair[3], 0x7632));
-  }
-}
-
-// The same for a q8 group (8 words of 4 bytes, as two 16-byte vectors).
-__device__ __forceinline__ void Dequantized8(const uint4* words, __half scale, uint4* chunks) {
-  const __half2 bias = __float2half2_rn(1024.f + 127.f);
-  const __half2 s = __half2half2(scale);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint4 v = words[j / 2];
-    const uint32_t word[2] = {j % 2 == 0 ? v.x : v.z, j % 2 == 0 ? v.y : v.w};
-    uint32_t out[4];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // bytes (b0, b1) and (b2, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
-      out[2 * h] = AsBits(__hmul2(__hsub2(AsHalf2(__byte_perm(word[h], 0x64u, 0x4140)), bias), s));
-      out[2 * h + 1] = AsBits(__hmul2(__hsub2(AsHalf2(__byte_perm(word[h], 0x64u, 0x4342)), bias), s));
-    }
-    chunks[j] = make_uint4(out[0], out[1], out[2], out[3]);
+// Two weights (q - m) * scale as a half2 operand register, from `word`: q4: the two nibbles of
+// byte `sel`'s byte (`sel` = t | (4 + t) << 8 picks byte t of word and of word >> 4), q8: the two
+// bytes `sel` picks (beside 0x64, the high byte of 1024.0).
+template <int Bits>
+__device__ __forceinline__ uint32_t Operand(uint32_t word, uint32_t sel, __half2 scale) {
+  if constexpr (Bits == 4) {
+    const uint32_t q = (__byte_perm(word, word >> 4, sel) & 0x000F000Fu) | 0x64006400u;
+    return AsBits(__hmul2(__hsub2(AsHalf2(q), __float2half2_rn(1024.f + 7.f)), scale));
+  } else {
+    return AsBits(__hmul2(__hsub2(AsHalf2(__byte_perm(word, 0x64u, sel)), __float2half2_rn(1024.f + 127.f)), scale));
   }
 }
 
@@ -201,127 +197,126 @@ __device__ __forceinline__ void StorePair<float>(float* p, float a, float b) {
 }
 
 // out [m, n] (OutT), or with gridDim.z > 1 split z's float32 partial sums at partial + z m n.
-template <int Bits, typename OutT>
-__global__ void __launch_bounds__(kThreads, 2)
+// Resident blocks an SM: 4 (16 warps), 3 at four m16 tiles (their 64 accumulators need more than
+// 128 registers: at 128 they spilled).
+template <int MT>
+constexpr int kMinBlocks = MT == 4 ? 3 : 4;
+
+template <int Bits, int MT, typename OutT>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<MT>)
 GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k) {
-  using L = Layout<Bits>;
+  using L = Layout<Bits, MT>;
   static_assert(kThreads == kBN, "a thread copies one output row's scales");
-  constexpr int kPackedChunks = L::kPacked / 16 / kThreads;  // 16-byte copies per thread: 2 (q4), 4 (q8)
-  constexpr int kRowChunks = kBK * Bits / 8 / 16;            // 16-byte chunks of a packed tile row
+  constexpr int kBM = 16 * MT;
+  constexpr int kRowChunks = L::kRowChunks;
   extern __shared__ __align__(16) unsigned char smem[];
-  __half* weights = reinterpret_cast<__half*>(smem + kStages * L::kStage);  // [2][kBN * kBK]
   const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int all_tiles = k / kBK;
   const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
   const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
   const int64_t row_words = int64_t(k) * Bits / 32;
-  const int m_tiles = min(4, (m - m0 + 15) / 16);  // m16 tiles of rows in the block
 
-  // Stage s's parts.
   auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
-  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
-  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
+  auto packed_tile = [&](int s) { return reinterpret_cast<const uint32_t*>(smem + s * L::kStage + L::kX); };
+  auto scale_tile = [&](int s) { return reinterpret_cast<const __half*>(smem + s * L::kStage + L::kX + L::kPacked); };
 
   // Tile t (of this split) into stage t % kStages: x's rows past m zero-filled, weight rows past n
-  // repeat the last (their products are not stored).
+  // repeat the last (their products are not stored). Every call commits a group (maybe empty).
   auto issue = [&](int t) {
     if (t < tiles) {
       const int s = t % kStages, kt = tile0 + t;
       __half* xs = x_tile(s);
 #pragma unroll
-      for (int i = 0; i < kBM * kChunks / kThreads; ++i) {
+      for (int i = 0; i < (kBM * kChunks + kThreads - 1) / kThreads; ++i) {
         const int c = threadIdx.x + i * kThreads, r = c / kChunks, chunk = c % kChunks;
-        const bool inside = m0 + r < m;
-        __pipeline_memcpy_async(xs + Offset(r, chunk), x + int64_t(inside ? m0 + r : 0) * k + kt * kBK + chunk * 8,
-                                16, inside ? 0 : 16);
+        if (c < kBM * kChunks) {
+          const bool inside = m0 + r < m;
+          __pipeline_memcpy_async(xs + Offset(r, chunk), x + int64_t(inside ? m0 + r : 0) * k + kt * kBK + chunk * 8,
+                                  16, inside ? 0 : 16);
+        }
       }
-      uint4* ps = packed_tile(s);
+      uint4* ps = reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX);
 #pragma unroll
-      for (int i = 0; i < kPackedChunks; ++i) {
-        const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, part = c % kRowChunks;
+      for (int i = 0; i < kRowChunks; ++i) {
+        const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, chunk = c % kRowChunks;
         const int64_t row = min(n0 + r, n - 1);
-        __pipeline_memcpy_async(ps + c, reinterpret_cast<const uint4*>(w + row * row_words) + kt * kRowChunks + part,
-                                16);
+        __pipeline_memcpy_async(ps + PackedChunk<Bits>(r, chunk),
+                                reinterpret_cast<const uint4*>(w + row * row_words) + kt * kRowChunks + chunk, 16);
       }
-      const int64_t row = min(n0 + int(threadIdx.x), n - 1);  // kThreads == kBN: one row's 2 scales each
-      __pipeline_memcpy_async(scale_tile(s) + 2 * threadIdx.x, scale + row * (k / 32) + 2 * kt, 4);
+      const int64_t row = min(n0 + int(threadIdx.x), n - 1);
+      __pipeline_memcpy_async(reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked) + 2 * threadIdx.x,
+                              scale + row * (k / 32) + 2 * kt, 4);
     }
     __pipeline_commit();
   };
 
-  // Stage t % kStages's packed weights into float16 tile t % 2: a thread takes group (t % 2) of
-  // rows tid / 2 and tid / 2 + 64 (a quarter-warp reads 128 contiguous bytes, stores 8 banks apart).
-  auto dequantize = [&](int t) {
-    const int s = t % kStages, group = threadIdx.x % 2;
-    const uint4* ps = packed_tile(s);
-    const __half* ss = scale_tile(s);
-    __half* tile = weights + (t & 1) * kBN * kBK;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = threadIdx.x / 2 + h * (kBN / 2);
-      uint4 chunks[4];
-      if constexpr (Bits == 4) {
-        Dequantized4(ps[r * kRowChunks + group], ss[2 * r + group], chunks);
-      } else {
-        const uint4 words[2] = {ps[r * kRowChunks + 2 * group], ps[r * kRowChunks + 2 * group + 1]};
-        Dequantized8(words, ss[2 * r + group], chunks);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) *reinterpret_cast<uint4*>(tile + Offset(r, 4 * group + j)) = chunks[j];
-    }
-  };
+  // This lane's B operands: output rows warp * 32 + j * 8 + lane / 4 (j = 0..3), k = 2 t + {0, 1}
+  // and + 8 of each slice (t = lane % 4).
+  const int t4 = lane % 4;
+  const uint32_t sel = Bits == 4 ? uint32_t(t4 | ((4 + t4) << 8)) : (t4 % 2 == 0 ? 0x4140u : 0x4342u);
 
-  float acc[4][4][4];
+  float acc[MT][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
   // Tile t lives in group t of the committed cp.async groups.
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) issue(t);
-  __pipeline_wait_prior(kStages - 2);  // tile 0
-  __syncthreads();
-  if (tiles > 0) dequantize(0);
 
   for (int t = 0; t < tiles; ++t) {
-    __pipeline_wait_prior(kStages - 3);  // tile t + 1
-    __syncthreads();  // every copy of tile t + 1 landed, tile t's weights stored, tile t - 1's products done
+    __pipeline_wait_prior(kStages - 2);  // tile t
+    __syncthreads();  // every copy of tile t landed; tile t - 1's stage is free
     issue(t + kStages - 1);  // into the stage tile t - 1 left
-    const __half* xs = x_tile(t % kStages);
-    const __half* ws = weights + (t & 1) * kBN * kBK;
+    const int s = t % kStages;
+    const __half* xs = x_tile(s);
+    const uint32_t* ps = packed_tile(s);
+    const __half* ss = scale_tile(s);
 #pragma unroll
-    for (int slice = 0; slice < kBK / 16; ++slice) {
-      uint32_t b[2][4];
+    for (int group = 0; group < 2; ++group) {
+      __half2 scales[4];
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        LoadMatrices(b[j], ws + Offset(warp * 32 + j * 16 + lane / 16 * 8 + lane % 8, 2 * slice + (lane / 8) % 2));
+      for (int j = 0; j < 4; ++j) scales[j] = __half2half2(ss[2 * (warp * 32 + j * 8 + lane / 4) + group]);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        if (i < m_tiles) {
+      for (int half = 0; half < 2; ++half) {
+        const int slice = 2 * group + half;
+        uint32_t b[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int r = warp * 32 + j * 8 + lane / 4;
+          if constexpr (Bits == 4) {
+            // words 2 slice and 2 slice + 1 of the row: chunk slice / 2, words (slice % 2) * 2 + {0, 1}
+            const uint2 words = reinterpret_cast<const uint2*>(ps + 4 * PackedChunk<4>(r, slice / 2))[slice % 2];
+            b[j][0] = Operand<4>(words.x, sel, scales[j]);
+            b[j][1] = Operand<4>(words.y, sel, scales[j]);
+          } else {
+            // words 4 slice + t / 2 and 4 slice + 2 + t / 2: chunk `slice`
+            const uint32_t* chunk = ps + 4 * PackedChunk<8>(r, slice);
+            b[j][0] = Operand<8>(chunk[t4 / 2], sel, scales[j]);
+            b[j][1] = Operand<8>(chunk[2 + t4 / 2], sel, scales[j]);
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
           uint32_t a[4];
           LoadMatrices(a, xs + Offset(i * 16 + lane % 16, 2 * slice + lane / 16));
 #pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            Mma(acc[i][2 * j], a, b[j][0], b[j][1]);
-            Mma(acc[i][2 * j + 1], a, b[j][2], b[j][3]);
-          }
+          for (int j = 0; j < 4; ++j) Mma(acc[i][j], a, b[j][0], b[j][1]);
         }
       }
     }
-    if (t + 1 < tiles) dequantize(t + 1);
   }
 
   // Lane l holds rows l / 4 and l / 4 + 8 of each 16 x 8 accumulator, columns 2 (l % 4) and + 1.
   float* part = gridDim.z > 1 ? partial + int64_t(blockIdx.z) * m * n : nullptr;
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if (i >= m_tiles) break;
+  for (int i = 0; i < MT; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int col = n0 + warp * 32 + j * 8 + 2 * (lane % 4);
+      const int col = n0 + warp * 32 + j * 8 + 2 * t4;
       if (col >= n) continue;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
@@ -357,27 +352,41 @@ bool FusedApplies(int64_t n, int64_t k, const void* x) {
   return k % kBK == 0 && n % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && n < (int64_t(1) << 31) / kBN;
 }
 
-// How many blocks split K: enough that the blocks fill every SM twice (two fit an SM), each split
-// at least kMinTilesPerSplit tiles, the partial sums within the workspace (n k float16).
+// m16 tiles of rows per block: as few as the rows need, up to 4.
+int RowTiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
+
+// How many blocks split K: enough that the blocks fill every SM twice over, each split at least
+// kMinTilesPerSplit tiles, the partial sums within the workspace (n k float16).
 int Splits(int64_t m, int64_t n, int64_t k, int sms) {
-  const int64_t blocks = ((m + kBM - 1) / kBM) * ((n + kBN - 1) / kBN);
+  const int64_t rows = 16 * RowTiles(m);
+  const int64_t blocks = ((m + rows - 1) / rows) * ((n + kBN - 1) / kBN);
   int64_t splits = (2 * sms + blocks - 1) / blocks;
   splits = std::min<int64_t>(splits, (k / kBK) / kMinTilesPerSplit);
   splits = std::min<int64_t>(splits, (n * k * 2) / (m * n * 4));
   return int(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
 }
 
+template <int Bits, int MT, typename OutT>
+void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
+                 int64_t k, int splits, cudaStream_t stream) {
+  constexpr int smem = Layout<Bits, MT>::kTotal;
+  static thread_local bool allowed = false;  // per thread: a disco worker is one thread on one device
+  if (!allowed) {
+    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    allowed = true;
+  }
+  const dim3 grid(unsigned((m + 16 * MT - 1) / (16 * MT)), unsigned((n + kBN - 1) / kBN), unsigned(splits));
+  GemmQuant<Bits, MT, OutT><<<grid, kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k));
+}
+
 template <int Bits, typename OutT>
 void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
                  int64_t k, int splits, cudaStream_t stream) {
-  constexpr int smem = Layout<Bits>::kTotal;
-  static thread_local bool allowed = false;  // per thread: a disco worker is one thread on one device
-  if (!allowed) {
-    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    allowed = true;
+  switch (RowTiles(m)) {
+    case 1: LaunchTiles<Bits, 1, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
+    case 2: LaunchTiles<Bits, 2, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
+    default: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
   }
-  const dim3 grid(unsigned((m + kBM - 1) / kBM), unsigned((n + kBN - 1) / kBN), unsigned(splits));
-  GemmQuant<Bits, OutT><<<grid, kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k));
   if (splits > 1) {
     const int64_t count = m * n, threads = 256;
     ReduceSplits<OutT><<<unsigned((count / 4 + threads - 1) / threads), unsigned(threads), 0, stream>>>(
