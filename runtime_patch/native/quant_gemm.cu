@@ -99,7 +99,7 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // The weight is dequantized straight into the mma's B operand registers: lane l's B fragment of a
 // k16 slice is the weight of output row l / 4 at k = 2 (l % 4) + {0, 1} and + 8: one byte of each
 // of two q4 words (two q8 half-words), so a lane reads 2 words of the packed tile and makes each
-// into two float16 values in 4-5 instructions. Each weight is dequantized once per block, by the
+// into two float16 values in 4 instructions (q8: 3). Each weight is dequantized once per block, by the
 // warp that multiplies it; nothing float16 of the weight is stored. (The first two versions wrote
 // the dequantized tile to shared memory for ldmatrix: 8 warps of 32 x 32 loading the packed words
 // into registers one tile ahead ran at 20% of the tensor cores, waiting a memory latency every
@@ -172,14 +172,16 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, ui
 __device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
 __device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
-// Two weights (q - m) * scale as a half2 operand register, from `word`: q4: the two nibbles of
-// byte `sel`'s byte (`sel` = t | (4 + t) << 8 picks byte t of word and of word >> 4), q8: the two
-// bytes `sel` picks (beside 0x64, the high byte of 1024.0).
+// Two weights (q - m) * scale as a half2 operand register, from `word`: q4: the two nibbles of the
+// byte `sel` (= t | t << 8) copies into bytes 0 and 2: the low nibble under float16 0x6400 (1024,
+// whose last mantissa bit is 1) is 1024 + q, the high nibble under 0x5400 (64, whose last bit is
+// 1/16) is 64 + q; q8: the two bytes `sel` picks beside 0x64 (1024 + q each).
 template <int Bits>
 __device__ __forceinline__ uint32_t Operand(uint32_t word, uint32_t sel, __half2 scale) {
   if constexpr (Bits == 4) {
-    const uint32_t q = (__byte_perm(word, word >> 4, sel) & 0x000F000Fu) | 0x64006400u;
-    return AsBits(__hmul2(__hsub2(AsHalf2(q), __float2half2_rn(1024.f + 7.f)), scale));
+    const uint32_t q = (__byte_perm(word, 0u, sel) & 0x00F0000Fu) | 0x54006400u;
+    return AsBits(__hmul2(__hsub2(AsHalf2(q), __halves2half2(__float2half(1024.f + 7.f), __float2half(64.f + 7.f))),
+                          scale));
   } else {
     return AsBits(__hmul2(__hsub2(AsHalf2(__byte_perm(word, 0x64u, sel)), __float2half2_rn(1024.f + 127.f)), scale));
   }
@@ -255,7 +257,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   // This lane's B operands: output rows warp * 32 + j * 8 + lane / 4 (j = 0..3), k = 2 t + {0, 1}
   // and + 8 of each slice (t = lane % 4).
   const int t4 = lane % 4;
-  const uint32_t sel = Bits == 4 ? uint32_t(t4 | ((4 + t4) << 8)) : (t4 % 2 == 0 ? 0x4140u : 0x4342u);
+  const uint32_t sel = Bits == 4 ? uint32_t(t4 | (t4 << 8)) : (t4 % 2 == 0 ? 0x4140u : 0x4342u);
 
   float acc[MT][4][4];
 #pragma unroll
@@ -275,37 +277,40 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     const __half* xs = x_tile(s);
     const uint32_t* ps = packed_tile(s);
     const __half* ss = scale_tile(s);
+    // The tile's B operands first (4 slices x 4 n8 tiles x 2 registers), then its products: the
+    // loads and conversions of the whole tile are independent of each other and of the mma chain.
+    uint32_t b[kBK / 16][4][2];
 #pragma unroll
     for (int group = 0; group < 2; ++group) {
-      __half2 scales[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) scales[j] = __half2half2(ss[2 * (warp * 32 + j * 8 + lane / 4) + group]);
+      for (int j = 0; j < 4; ++j) {
+        const int r = warp * 32 + j * 8 + lane / 4;
+        const __half2 scale2 = __half2half2(ss[2 * r + group]);
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int slice = 2 * group + half;
-        uint32_t b[4][2];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int r = warp * 32 + j * 8 + lane / 4;
+        for (int half = 0; half < 2; ++half) {
+          const int slice = 2 * group + half;
           if constexpr (Bits == 4) {
             // words 2 slice and 2 slice + 1 of the row: chunk slice / 2, words (slice % 2) * 2 + {0, 1}
             const uint2 words = reinterpret_cast<const uint2*>(ps + 4 * PackedChunk<4>(r, slice / 2))[slice % 2];
-            b[j][0] = Operand<4>(words.x, sel, scales[j]);
-            b[j][1] = Operand<4>(words.y, sel, scales[j]);
+            b[slice][j][0] = Operand<4>(words.x, sel, scale2);
+            b[slice][j][1] = Operand<4>(words.y, sel, scale2);
           } else {
             // words 4 slice + t / 2 and 4 slice + 2 + t / 2: chunk `slice`
             const uint32_t* chunk = ps + 4 * PackedChunk<8>(r, slice);
-            b[j][0] = Operand<8>(chunk[t4 / 2], sel, scales[j]);
-            b[j][1] = Operand<8>(chunk[2 + t4 / 2], sel, scales[j]);
+            b[slice][j][0] = Operand<8>(chunk[t4 / 2], sel, scale2);
+            b[slice][j][1] = Operand<8>(chunk[2 + t4 / 2], sel, scale2);
           }
         }
+      }
+    }
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          uint32_t a[4];
-          LoadMatrices(a, xs + Offset(i * 16 + lane % 16, 2 * slice + lane / 16));
+    for (int slice = 0; slice < kBK / 16; ++slice) {
 #pragma unroll
-          for (int j = 0; j < 4; ++j) Mma(acc[i][j], a, b[j][0], b[j][1]);
-        }
+      for (int i = 0; i < MT; ++i) {
+        uint32_t a[4];
+        LoadMatrices(a, xs + Offset(i * 16 + lane % 16, 2 * slice + lane / 16));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) Mma(acc[i][j], a, b[slice][j][0], b[slice][j][1]);
       }
     }
   }
