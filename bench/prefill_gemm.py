@@ -5,7 +5,8 @@ of their paths, beside cuBLAS on the float16 weight (`lab.gemm.nt`, what a q0f16
   (runtime_patch/native/quant_gemm.cu);
 - `dequant`: the dequantize pass into a float16 workspace, then cuBLAS;
 - `auto`: what the model runs (fused up to the plugin's row limit, dequant above): reported as
-  the plugin's own account of it (`lab.gemm.quant_plan`, with the fused kernel's split of K).
+  the plugin's own account of it (`lab.gemm.quant_plan`: the fused kernel's output tiles, and
+  how many of them run with K split).
 
     python -m bench.prefill_gemm --out F.json [--sha SHA] [--quants q4f16_1,q8f16_1] [--rows 1,16,128,...]
 
@@ -82,7 +83,7 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
                             params = dense_params
                         else:
                             set_path(path)
-                            row[f"{path}_plan"] = str(plan(m, n, k))
+                            row[f"{path}_plan"] = str(plan(m, n, k, spec.bits))
 
                             def call(p):
                                 gemm(xt, p[0], p[1], yt, workspace)
@@ -97,8 +98,8 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
                         row[path] = {"us": t["p50"] * 1e6, "p95_us": t["p95"] * 1e6, "tflop_s": flop / t["p50"] / 1e12,
                                      "rel_error": err, "ok": err <= TOLERANCE, "raw_s": samples}
                     set_path("auto")
-                    row["auto_path"] = str(plan(m, n, k))
-                    print(f"{row['name']:26s} {row['fused_plan']:24s} {row['fused']['us']:9.1f} us ({row['fused']['tflop_s']:5.0f} TFLOP/s, "
+                    row["auto_path"] = str(plan(m, n, k, spec.bits))
+                    print(f"{row['name']:26s} {row['fused_plan']:44s} {row['fused']['us']:9.1f} us ({row['fused']['tflop_s']:5.0f} TFLOP/s, "
                           f"err {row['fused']['rel_error']:.1e}) dequant+cuBLAS {row['dequant']['us']:9.1f} us "
                           f"fp16 cuBLAS {row['fp16_cublas']['us']:9.1f} us; auto: {row['auto_path']}"
                           f"{'' if row['fused']['ok'] and row['dequant']['ok'] else '  WRONG'}", flush=True)

@@ -22,9 +22,10 @@ Matrix products (plugin cuda_gemm):
   QUANT_GEMM_PATH(name) -> previous     "auto" (the default: by the row count), "fused" or "dequant":
                                         which GEMM_Q4 / GEMM_Q8 run in this process, for the
                                         benchmarks; one path on llvm
-  QUANT_GEMM_PLAN(m, n, k) -> text      what GEMM_Q4 / GEMM_Q8 of m rows against an n x k weight
-                                        runs here under the current path ("fused", "fused, K split
-                                        s ways" or "dequant"; "numpy" on llvm)
+  QUANT_GEMM_PLAN(m, n, k, bits) -> text   what GEMM_Q4 / GEMM_Q8 (bits 4 / 8) of m rows against
+                                        an n x k weight runs here under the current path ("dequant",
+                                        or the fused kernel's tiles and how many run with K split;
+                                        "numpy" on llvm)
   DEQUANT_Q4(q_weight, q_scale, out)    a q4f16_1 weight as float16 [N, K] (GEMM_Q4's dequant path
                                         alone, for the benchmarks)
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight

@@ -16,7 +16,7 @@
 //
 // lab.gemm.quant_path(name) -> previous: "auto" (the default: by the row count), "fused" or
 // "dequant" for this process (the benchmarks time both in one process).
-// lab.gemm.quant_plan(m, n, k) -> text: what a call of those sizes runs here, in words.
+// lab.gemm.quant_plan(m, n, k, bits) -> text: what a call of those sizes runs here, in words.
 //
 // lab.dequant.q4 / lab.dequant.q8 (q_weight, q_scale, out [N, K] float16): the dequantize pass
 // alone (bench.gemv times it).
@@ -115,12 +115,11 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // permuted too (q4: chunk XOR bit 2 of the row, q8: chunk XOR bits 1-2), so the 8 rows a warp's
 // B loads read at once fall in different banks.
 //
-// Split-K: where the tiles of the output do not fill the GPU twice over (a narrow weight, a short
-// prompt), the K tiles are split over gridDim.z blocks, each writing float32 partial sums into the
-// workspace; a second kernel adds them and rounds once (ReduceSplits).
+// The last wave's tiles run with K split (Schedule, below) into float32 partial sums in the
+// workspace, which a second kernel adds and rounds once (ReduceTiles).
 //
-// The grid's x runs over row tiles: the blocks that read the same weight tile run side by side and
-// share it through L2.
+// A block's output tile: row tiles run fastest, so the blocks that read the same weight tile run
+// side by side and share it through L2.
 
 constexpr int kBN = 128, kBK = 64;
 constexpr int kWarps = 4, kThreads = 32 * kWarps;
@@ -128,7 +127,7 @@ constexpr int kStages = 4;
 constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared x row
 // Where the fused path applies (up to this many rows; above, dequant + cuBLAS). Set from
 // bench.prefill_gemm on an H200 (docs/BENCHMARKS.md).
-constexpr int64_t kFusedUpTo = 512;
+constexpr int64_t kFusedUpTo = 128;
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 8;
 
@@ -198,22 +197,25 @@ __device__ __forceinline__ void StorePair<float>(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
-// out [m, n] (OutT), or with gridDim.z > 1 split z's float32 partial sums at partial + z m n.
 // Resident blocks an SM: 4 (16 warps), 3 at four m16 tiles (their 64 accumulators need more than
 // 128 registers: at 128 they spilled).
 template <int MT>
 constexpr int kMinBlocks = MT == 4 ? 3 : 4;
 
+// Output tiles tile_base + blockIdx.x (row tile q % row_tiles, column tile q / row_tiles) into
+// out [m, n] (OutT); or, with gridDim.z > 1, split z's float32 partial sums of the block's tile at
+// partial + (z gridDim.x + blockIdx.x) kBM kBN, [kBM][kBN] (ReduceTiles adds them).
 template <int Bits, int MT, typename OutT>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<MT>)
 GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-          OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k) {
+          OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k, int tile_base, int row_tiles) {
   using L = Layout<Bits, MT>;
   static_assert(kThreads == kBN, "a thread copies one output row's scales");
   constexpr int kBM = 16 * MT;
   constexpr int kRowChunks = L::kRowChunks;
   extern __shared__ __align__(16) unsigned char smem[];
-  const int m0 = blockIdx.x * kBM, n0 = blockIdx.y * kBN;
+  const int q = tile_base + int(blockIdx.x);
+  const int m0 = (q % row_tiles) * kBM, n0 = (q / row_tiles) * kBN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int all_tiles = k / kBK;
   const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
@@ -316,39 +318,44 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
 
   // Lane l holds rows l / 4 and l / 4 + 8 of each 16 x 8 accumulator, columns 2 (l % 4) and + 1.
-  float* part = gridDim.z > 1 ? partial + int64_t(blockIdx.z) * m * n : nullptr;
+  float* part = gridDim.z > 1 ? partial + (int64_t(blockIdx.z) * gridDim.x + blockIdx.x) * kBM * kBN : nullptr;
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int col = n0 + warp * 32 + j * 8 + 2 * t4;
-      if (col >= n) continue;
+      const int col = warp * 32 + j * 8 + 2 * t4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + i * 16 + lane / 4 + 8 * h;
-        if (row >= m) continue;
+        const int row = i * 16 + lane / 4 + 8 * h;
         if (part != nullptr) {
-          StorePair(part + int64_t(row) * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-        } else {
-          StorePair(out + int64_t(row) * n + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          StorePair(part + row * kBN + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+        } else if (m0 + row < m && n0 + col < n) {
+          StorePair(out + int64_t(m0 + row) * n + n0 + col, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         }
       }
     }
   }
 }
 
-// out[e] = the sum over the splits of partial[z * count + e], rounded once; 4 elements a thread.
+// The split launch's tiles: out's elements of tile tile_base + blockIdx.x (of `rows` = kBM rows)
+// are the sums of the splits' partial tiles, rounded once; 4 elements a thread.
 template <typename OutT>
-__global__ void ReduceSplits(const float* __restrict__ partial, OutT* __restrict__ out, int64_t count, int splits) {
-  const int64_t e = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
-  if (e >= count) return;
-  float4 sum = reinterpret_cast<const float4*>(partial + e)[0];
+__global__ void ReduceTiles(const float* __restrict__ partial, OutT* __restrict__ out, int m, int n, int rows,
+                            int tile_base, int row_tiles, int splits) {
+  const int e = (blockIdx.y * blockDim.x + threadIdx.x) * 4;  // within the tile, [rows][kBN]
+  if (e >= rows * kBN) return;
+  const int q = tile_base + int(blockIdx.x);
+  const int row = (q % row_tiles) * rows + e / kBN, col = (q / row_tiles) * kBN + e % kBN;
+  if (row >= m || col >= n) return;
+  const int64_t stride = int64_t(gridDim.x) * rows * kBN;
+  const float* p = partial + int64_t(blockIdx.x) * rows * kBN + e;
+  float4 sum = *reinterpret_cast<const float4*>(p);
   for (int z = 1; z < splits; ++z) {
-    const float4 v = reinterpret_cast<const float4*>(partial + int64_t(z) * count + e)[0];
+    const float4 v = *reinterpret_cast<const float4*>(p + z * stride);
     sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
   }
-  StorePair(out + e, sum.x, sum.y);
-  StorePair(out + e + 2, sum.z, sum.w);
+  StorePair(out + int64_t(row) * n + col, sum.x, sum.y);
+  StorePair(out + int64_t(row) * n + col + 2, sum.z, sum.w);
 }
 
 // Where the fused kernel applies: whole tiles of K, outputs in fours (the split-K reduction's
@@ -360,42 +367,84 @@ bool FusedApplies(int64_t n, int64_t k, const void* x) {
 // m16 tiles of rows per block: as few as the rows need, up to 4.
 int RowTiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 
-// How many blocks split K: enough that the blocks fill every SM twice over, each split at least
-// kMinTilesPerSplit tiles, the partial sums within the workspace (n k float16).
-int Splits(int64_t m, int64_t n, int64_t k, int sms) {
-  const int64_t rows = 16 * RowTiles(m);
-  const int64_t blocks = ((m + rows - 1) / rows) * ((n + kBN - 1) / kBN);
-  int64_t splits = (2 * sms + blocks - 1) / blocks;
-  splits = std::min<int64_t>(splits, (k / kBK) / kMinTilesPerSplit);
-  splits = std::min<int64_t>(splits, (n * k * 2) / (m * n * 4));
-  return int(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
+// How a fused call's output tiles are scheduled. A grid of T tiles on S resident block slots runs
+// floor(T / S) full waves and a last wave of r = T mod S tiles that leaves S - r slots idle (the
+// 448 tiles of Llama-3-8B's gate_up at 128 rows on 396 slots: a second wave 13% full, ~45% of the
+// kernel's time, ncu 2026-11-30). So the first T - r tiles run whole, and the last r with their K
+// split s ~ S / r ways into float32 partial sums (within the workspace) that ReduceTiles adds:
+// the last wave is full and s times shorter, and only those r tiles' sums go through memory.
+struct Schedule {
+  int64_t whole = 0, split = 0;  // output tiles run whole, and with K split
+  int splits = 1;
+};
+
+Schedule ScheduleFor(int64_t m, int64_t n, int64_t k, int64_t slots) {
+  const int mt = RowTiles(m);
+  const int64_t tiles = ((m + 16 * mt - 1) / (16 * mt)) * ((n + kBN - 1) / kBN);
+  Schedule plan;
+  const int64_t rest = tiles % slots;
+  plan.whole = tiles - rest;
+  if (rest == 0) return plan;
+  const int64_t capacity = (n * k * 2) / (rest * 16 * mt * kBN * 4);  // splits whose sums fit the workspace
+  const int64_t splits = std::min<int64_t>({slots / rest, (k / kBK) / kMinTilesPerSplit, capacity, kMaxSplits});
+  if (splits <= 1) {
+    plan.whole = tiles;
+  } else {
+    plan.split = rest;
+    plan.splits = int(splits);
+  }
+  return plan;
+}
+
+// Resident blocks of a fused kernel on all SMs of `device` (asked once per kernel and thread; the
+// kernel is allowed its dynamic shared memory first).
+template <int Bits, int MT, typename OutT>
+int64_t Slots(int device) {
+  static thread_local int per_sm = 0;
+  constexpr int smem = Layout<Bits, MT>::kTotal;
+  if (per_sm == 0) {
+    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemmQuant<Bits, MT, OutT>, kThreads, smem));
+    if (per_sm == 0) TVM_FFI_THROW(RuntimeError) << "lab.gemm: the fused kernel does not fit an SM";
+  }
+  return int64_t(per_sm) * lab::Facts(device).sms;
+}
+
+template <int Bits, typename OutT>
+Schedule ScheduleOn(int64_t m, int64_t n, int64_t k, int device) {
+  switch (RowTiles(m)) {
+    case 1: return ScheduleFor(m, n, k, Slots<Bits, 1, OutT>(device));
+    case 2: return ScheduleFor(m, n, k, Slots<Bits, 2, OutT>(device));
+    default: return ScheduleFor(m, n, k, Slots<Bits, 4, OutT>(device));
+  }
 }
 
 template <int Bits, int MT, typename OutT>
 void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
-                 int64_t k, int splits, cudaStream_t stream) {
+                 int64_t k, const Schedule& plan, int device, cudaStream_t stream) {
   constexpr int smem = Layout<Bits, MT>::kTotal;
-  static thread_local bool allowed = false;  // per thread: a disco worker is one thread on one device
-  if (!allowed) {
-    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    allowed = true;
+  Slots<Bits, MT, OutT>(device);  // allows the kernel its shared memory
+  const int row_tiles = int((m + 16 * MT - 1) / (16 * MT));
+  if (plan.whole > 0)
+    GemmQuant<Bits, MT, OutT><<<unsigned(plan.whole), kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n),
+                                                                                int(k), 0, row_tiles);
+  if (plan.split > 0) {
+    GemmQuant<Bits, MT, OutT><<<dim3(unsigned(plan.split), 1, unsigned(plan.splits)), kThreads, smem, stream>>>(
+        x, w, s, out, partial, int(m), int(n), int(k), int(plan.whole), row_tiles);
+    const int per_tile = 16 * MT * kBN / 4, threads = 256;
+    ReduceTiles<OutT><<<dim3(unsigned(plan.split), unsigned((per_tile + threads - 1) / threads)), threads, 0, stream>>>(
+        partial, out, int(m), int(n), 16 * MT, int(plan.whole), row_tiles, plan.splits);
   }
-  const dim3 grid(unsigned((m + 16 * MT - 1) / (16 * MT)), unsigned((n + kBN - 1) / kBN), unsigned(splits));
-  GemmQuant<Bits, MT, OutT><<<grid, kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k));
 }
 
 template <int Bits, typename OutT>
 void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
-                 int64_t k, int splits, cudaStream_t stream) {
+                 int64_t k, int device, cudaStream_t stream) {
+  const Schedule plan = ScheduleOn<Bits, OutT>(m, n, k, device);
   switch (RowTiles(m)) {
-    case 1: LaunchTiles<Bits, 1, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
-    case 2: LaunchTiles<Bits, 2, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
-    default: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, splits, stream); break;
-  }
-  if (splits > 1) {
-    const int64_t count = m * n, threads = 256;
-    ReduceSplits<OutT><<<unsigned((count / 4 + threads - 1) / threads), unsigned(threads), 0, stream>>>(
-        partial, out, count, splits);
+    case 1: LaunchTiles<Bits, 1, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
+    case 2: LaunchTiles<Bits, 2, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
+    default: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
   }
 }
 
@@ -406,30 +455,26 @@ enum class Path : int { kAuto = 0, kFused = 1, kDequant = 2 };
 const char* const kPathNames[] = {"auto", "fused", "dequant"};
 std::atomic<int> g_path{int(Path::kAuto)};
 
-// What a call of m rows of x (at address x) against an n x k weight runs on `device`.
-struct Plan {
-  bool fused = false;
-  int splits = 1;
-};
-
-Plan PlanFor(int64_t m, int64_t n, int64_t k, const void* x, int device) {
+// Whether a call of m rows of x (at address x) against an n x k weight runs fused on `device`.
+bool RunsFused(int64_t m, int64_t n, int64_t k, const void* x, int device) {
   const Path path = Path(g_path.load());
-  Plan plan;
-  plan.fused = FusedApplies(n, k, x) && lab::Facts(device).major >= 8 &&
-               (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
-  if (plan.fused) plan.splits = Splits(m, n, k, lab::Facts(device).sms);
-  return plan;
+  return FusedApplies(n, k, x) && lab::Facts(device).major >= 8 &&
+         (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
 }
 
-// lab.gemm.quant_plan(m, n, k) -> "fused" | "fused, K split s ways" | "dequant": what a call
-// runs on the current device under the current path (the benchmarks report it).
-tvm::ffi::String DescribePlan(int64_t m, int64_t n, int64_t k) {
+// lab.gemm.quant_plan(m, n, k, bits) -> "dequant" | "fused: T tiles" | "fused: T tiles whole, R with
+// K split s ways": what a call (float16 out) runs on the current device under the current path.
+tvm::ffi::String DescribePlan(int64_t m, int64_t n, int64_t k, int64_t bits) {
+  if (bits != 4 && bits != 8) TVM_FFI_THROW(ValueError) << "lab.gemm.quant_plan: bits must be 4 or 8";
   int device = 0;
   LAB_CHECK_CUDA(cudaGetDevice(&device));
-  const Plan plan = PlanFor(m, n, k, nullptr, device);
-  if (!plan.fused) return tvm::ffi::String("dequant");
-  return tvm::ffi::String(plan.splits == 1 ? std::string("fused")
-                                           : "fused, K split " + std::to_string(plan.splits) + " ways");
+  if (!RunsFused(m, n, k, nullptr, device)) return tvm::ffi::String("dequant");
+  const Schedule plan = bits == 4 ? ScheduleOn<4, __half>(m, n, k, device) : ScheduleOn<8, __half>(m, n, k, device);
+  std::string text = "fused: " + std::to_string(plan.whole) + " tiles";
+  if (plan.split > 0)
+    text += (plan.whole > 0 ? " whole, " : ", ") + std::to_string(plan.split) + " with K split " +
+            std::to_string(plan.splits) + " ways";
+  return tvm::ffi::String(text);
 }
 
 tvm::ffi::String SetPath(tvm::ffi::String name) {
@@ -487,16 +532,15 @@ void GemmQuantized(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out, DLT
   if (m == 0) return;
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  const Plan plan = PlanFor(m, n, k, Data<void>(x), device);
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  if (plan.fused) {
+  if (RunsFused(m, n, k, Data<void>(x), device)) {
     float* partial = reinterpret_cast<float*>(Data<__half>(workspace));  // split-K's partial sums
     if (f32) {
-      LaunchFused<Bits, float>(xp, wp, sp, Data<float>(out), partial, m, n, k, plan.splits, stream);
+      LaunchFused<Bits, float>(xp, wp, sp, Data<float>(out), partial, m, n, k, device, stream);
     } else {
-      LaunchFused<Bits, __half>(xp, wp, sp, Data<__half>(out), partial, m, n, k, plan.splits, stream);
+      LaunchFused<Bits, __half>(xp, wp, sp, Data<__half>(out), partial, m, n, k, device, stream);
     }
     lab::CheckLaunch(fn);
     return;
