@@ -76,6 +76,7 @@ RULES: tuple[Rule, ...] = (
     Rule(WEIGHTS, _rx(r"linear|matmul|dense|dequantize|gemm|gemv|nvjet|cutlass|xmma|splitK_?reduce"),
          "TVM's linears named after their function (linear8, fused_linear6_add: the residual add is fused "
          "into the GEMV), the prefill's weight dequantization for cuBLAS (TVM's dequantize*, our Dequantize), our GemvQuant, "
+         "our GemmQuant and GemmQuantReduce (the prefill's quantized GEMM and its split-K sums), "
          "cuBLAS/cuBLASLt (nvjet_sm90_*, sm90_xmma_gemm_*, cutlass, gemmk1, gemv2N, gemmSN, splitKreduce); "
          "cuBLAS GEMMs of the prefill attention are moved to attention (see step_breakdown)"),
     Rule(EMBEDDING, _rx(r"embedding|take|argmax|argsort|top_?[kp]|sampl|multinomial|softmax|cumsum|gather|"

@@ -76,6 +76,11 @@ def test_every_fixture_kernel_lands_in_a_named_category():
     ("void (anonymous namespace)::GemvQuant<4, 2, 8, __half>(__half const*, unsigned int const*, __half const*, "
      "__half*, int, int)", bd.WEIGHTS),
     ("void (anonymous namespace)::Dequantize<4>(unsigned int const*, __half const*, __half*, long)", bd.WEIGHTS),
+    # the prefill's quantized GEMM and its split-K sums (the demangled forms of quant_gemm.cu's kernels)
+    ("void (anonymous namespace)::GemmQuant<4, 4, __half>(__half const*, unsigned int const*, __half const*, "
+     "__half*, float*, int, int, int, int, int)", bd.WEIGHTS),
+    ("void (anonymous namespace)::GemmQuantReduce<__half>(float const*, __half*, int, int, int, int, int, int)",
+     bd.WEIGHTS),
     ("void (anonymous namespace)::StaticDecodeCluster<128, 4>(__half const*, __half const*, __half const*, __half*, "
      "__half*, int const*, __half*, int, int, float)", bd.ATTENTION),
     # NCCL (seen on 2 x H100) and all-reduces of ours, whatever their case

@@ -116,7 +116,7 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // B loads read at once fall in different banks.
 //
 // The last wave's tiles run with K split (Schedule, below) into float32 partial sums in the
-// workspace, which a second kernel adds and rounds once (ReduceTiles).
+// workspace, which a second kernel adds and rounds once (GemmQuantReduce).
 //
 // A block's output tile: row tiles run fastest, so the blocks that read the same weight tile run
 // side by side and share it through L2.
@@ -204,7 +204,7 @@ constexpr int kMinBlocks = MT == 4 ? 3 : 4;
 
 // Output tiles tile_base + blockIdx.x (row tile q % row_tiles, column tile q / row_tiles) into
 // out [m, n] (OutT); or, with gridDim.z > 1, split z's float32 partial sums of the block's tile at
-// partial + (z gridDim.x + blockIdx.x) kBM kBN, [kBM][kBN] (ReduceTiles adds them).
+// partial + (z gridDim.x + blockIdx.x) kBM kBN, [kBM][kBN] (GemmQuantReduce adds them).
 template <int Bits, int MT, typename OutT>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<MT>)
 GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
@@ -340,7 +340,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 // The split launch's tiles: out's elements of tile tile_base + blockIdx.x (of `rows` = kBM rows)
 // are the sums of the splits' partial tiles, rounded once; 4 elements a thread.
 template <typename OutT>
-__global__ void ReduceTiles(const float* __restrict__ partial, OutT* __restrict__ out, int m, int n, int rows,
+__global__ void GemmQuantReduce(const float* __restrict__ partial, OutT* __restrict__ out, int m, int n, int rows,
                             int tile_base, int row_tiles, int splits) {
   const int e = (blockIdx.y * blockDim.x + threadIdx.x) * 4;  // within the tile, [rows][kBN]
   if (e >= rows * kBN) return;
@@ -371,7 +371,7 @@ int RowTiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
 // floor(T / S) full waves and a last wave of r = T mod S tiles that leaves S - r slots idle (the
 // 448 tiles of Llama-3-8B's gate_up at 128 rows on 396 slots: a second wave 13% full, ~45% of the
 // kernel's time, ncu 2026-11-30). So the first T - r tiles run whole, and the last r with their K
-// split s ~ S / r ways into float32 partial sums (within the workspace) that ReduceTiles adds:
+// split s ~ S / r ways into float32 partial sums (within the workspace) that GemmQuantReduce adds:
 // the last wave is full and s times shorter, and only those r tiles' sums go through memory.
 struct Schedule {
   int64_t whole = 0, split = 0;  // output tiles run whole, and with K split
@@ -432,7 +432,7 @@ void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out,
     GemmQuant<Bits, MT, OutT><<<dim3(unsigned(plan.split), 1, unsigned(plan.splits)), kThreads, smem, stream>>>(
         x, w, s, out, partial, int(m), int(n), int(k), int(plan.whole), row_tiles);
     const int per_tile = 16 * MT * kBN / 4, threads = 256;
-    ReduceTiles<OutT><<<dim3(unsigned(plan.split), unsigned((per_tile + threads - 1) / threads)), threads, 0, stream>>>(
+    GemmQuantReduce<OutT><<<dim3(unsigned(plan.split), unsigned((per_tile + threads - 1) / threads)), threads, 0, stream>>>(
         partial, out, int(m), int(n), 16 * MT, int(plan.whole), row_tiles, plan.splits);
   }
 }
