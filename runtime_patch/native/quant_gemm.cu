@@ -90,9 +90,9 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // ------------------------------------------------------------------------------------------------
 // The fused kernel
 //
-// A block of 4 warps computes a tile of 16 MT rows x kBN = 128 outputs, a warp all rows of 32
-// outputs (mma.sync m16n8k16: float16 operands, float32 accumulators; MT = 1, 2 or 4 m16 tiles,
-// chosen by the row count). K is walked in tiles of kBK = 64 values (two quantization groups)
+// A block computes a tile of 16 MT rows x kBN = 128 outputs, a warp all its rows (mma.sync
+// m16n8k16: float16 operands, float32 accumulators; MT = 1, 2, 4 or 8 m16 tiles, chosen by the row
+// count): 4 warps of 32 outputs, or 8 warps of 16 at MT = 8. K is walked in tiles of kBK = 64 values (two quantization groups)
 // through a ring of kStages shared-memory stages, each filled by cp.async: x's tile, the
 // weight's [128, 64] tile as packed words, and its scales; the copies run kStages - 1 tiles ahead.
 //
@@ -122,7 +122,6 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // side by side and share it through L2.
 
 constexpr int kBN = 128, kBK = 64;
-constexpr int kWarps = 4, kThreads = 32 * kWarps;
 constexpr int kStages = 4;
 constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared x row
 // Where the fused path applies (up to this many rows; above, dequant + cuBLAS). Set from
@@ -197,20 +196,32 @@ __device__ __forceinline__ void StorePair<float>(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
-// Resident blocks an SM: 4 (16 warps), 3 at four m16 tiles (their 64 accumulators need more than
-// 128 registers: at 128 they spilled).
+// A block's shape by its m16 tiles of rows (MT): up to 4, 4 warps of 32 outputs each; at 8 (65-128
+// rows), 8 warps of 16 outputs, each weight dequantized once for all 128 rows with 64 accumulators a
+// lane. (Measured the same as two blocks of 64 rows, which dequantize every weight twice: 245 us a
+// Llama-3-8B layer at 128 rows either way, bench.prefill_gemm. The dequantization is not what
+// bounds it; the A operands' shared-memory traffic and the latency between a warp's instructions
+// are, docs/ARCHITECTURE.md.)
 template <int MT>
-constexpr int kMinBlocks = MT == 4 ? 3 : 4;
+constexpr int kNJ = MT == 8 ? 2 : 4;  // n8 tiles of outputs per warp
+template <int MT>
+constexpr int kThreadsOf = 32 * kBN / (8 * kNJ<MT>);
+// Resident blocks an SM: 4 (16 warps); 3 at four m16 tiles (64 accumulators a lane need more than
+// 128 registers: at 128 they spilled); 2 blocks of 8 warps at eight (128 registers, a few bytes
+// spilled; one block of 165 registers measured the same).
+template <int MT>
+constexpr int kMinBlocks = MT == 8 ? 2 : MT == 4 ? 3 : 4;
 
 // Output tiles tile_base + blockIdx.x (row tile q % row_tiles, column tile q / row_tiles) into
 // out [m, n] (OutT); or, with gridDim.z > 1, split z's float32 partial sums of the block's tile at
 // partial + (z gridDim.x + blockIdx.x) kBM kBN, [kBM][kBN] (GemmQuantReduce adds them).
 template <int Bits, int MT, typename OutT>
-__global__ void __launch_bounds__(kThreads, kMinBlocks<MT>)
+__global__ void __launch_bounds__(kThreadsOf<MT>, kMinBlocks<MT>)
 GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k, int tile_base, int row_tiles) {
   using L = Layout<Bits, MT>;
-  static_assert(kThreads == kBN, "a thread copies one output row's scales");
+  constexpr int kThreads = kThreadsOf<MT>, NJ = kNJ<MT>, kWarpCols = 8 * NJ;
+  static_assert(kThreads >= kBN, "a thread copies one output row's scales");
   constexpr int kBM = 16 * MT;
   constexpr int kRowChunks = L::kRowChunks;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -227,45 +238,63 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   auto scale_tile = [&](int s) { return reinterpret_cast<const __half*>(smem + s * L::kStage + L::kX + L::kPacked); };
 
   // Tile t (of this split) into stage t % kStages: x's rows past m zero-filled, weight rows past n
-  // repeat the last (their products are not stored). Every call commits a group (maybe empty).
+  // repeat the last (their products are not stored). Every call commits a group (maybe empty). A
+  // thread's copies keep their places from tile to tile: x's rows tid / 8 + R i at chunk tid % 8 (R
+  // = threads / 8), the packed rows (tid + threads i) / kRowChunks, row tid's scales; the sources
+  // advance a tile a call.
+  constexpr int kXCopies = (kBM * kChunks + kThreads - 1) / kThreads;
+  constexpr int kXRowsPerCopy = kThreads / kChunks;  // a multiple of 8: the chunk permutation repeats
+  constexpr int kPackedCopies = kBN * kRowChunks / kThreads;
+  const int x_row = threadIdx.x / kChunks, x_chunk = threadIdx.x % kChunks;
+  const int x_rows_left = m - m0 - x_row;  // copy i is inside where R i < x_rows_left
+  const __half* x_src = x + int64_t(m0 + (x_rows_left > 0 ? x_row : 0)) * k + int64_t(tile0) * kBK + x_chunk * 8;
+  const int x_dst = Offset(x_row, x_chunk);  // + i * R * kBK for copy i
+  const uint4* w_src[kPackedCopies];
+  int w_dst[kPackedCopies];
+#pragma unroll
+  for (int i = 0; i < kPackedCopies; ++i) {
+    const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, chunk = c % kRowChunks;
+    w_src[i] = reinterpret_cast<const uint4*>(w + int64_t(min(n0 + r, n - 1)) * row_words) + int64_t(tile0) * kRowChunks +
+               chunk;
+    w_dst[i] = PackedChunk<Bits>(r, chunk);
+  }
+  const __half* s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
   auto issue = [&](int t) {
     if (t < tiles) {
-      const int s = t % kStages, kt = tile0 + t;
-      __half* xs = x_tile(s);
+      unsigned char* stage = smem + (t % kStages) * L::kStage;
+      __half* xs = reinterpret_cast<__half*>(stage);
 #pragma unroll
-      for (int i = 0; i < (kBM * kChunks + kThreads - 1) / kThreads; ++i) {
-        const int c = threadIdx.x + i * kThreads, r = c / kChunks, chunk = c % kChunks;
-        if (c < kBM * kChunks) {
-          const bool inside = m0 + r < m;
-          __pipeline_memcpy_async(xs + Offset(r, chunk), x + int64_t(inside ? m0 + r : 0) * k + kt * kBK + chunk * 8,
-                                  16, inside ? 0 : 16);
+      for (int i = 0; i < kXCopies; ++i) {
+        if (kXCopies * kThreads == kBM * kChunks || threadIdx.x + i * kThreads < kBM * kChunks) {
+          const bool inside = kXRowsPerCopy * i < x_rows_left;
+          __pipeline_memcpy_async(xs + x_dst + i * kXRowsPerCopy * kBK,
+                                  x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
         }
       }
-      uint4* ps = reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX);
+      uint4* ps = reinterpret_cast<uint4*>(stage + L::kX);
 #pragma unroll
-      for (int i = 0; i < kRowChunks; ++i) {
-        const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, chunk = c % kRowChunks;
-        const int64_t row = min(n0 + r, n - 1);
-        __pipeline_memcpy_async(ps + PackedChunk<Bits>(r, chunk),
-                                reinterpret_cast<const uint4*>(w + row * row_words) + kt * kRowChunks + chunk, 16);
+      for (int i = 0; i < kPackedCopies; ++i) {
+        __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
+        w_src[i] += kRowChunks;
       }
-      const int64_t row = min(n0 + int(threadIdx.x), n - 1);
-      __pipeline_memcpy_async(reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked) + 2 * threadIdx.x,
-                              scale + row * (k / 32) + 2 * kt, 4);
+      if (kThreads == kBN || threadIdx.x < kBN)
+        __pipeline_memcpy_async(reinterpret_cast<__half*>(stage + L::kX + L::kPacked) + 2 * threadIdx.x, s_src, 4);
+      x_src += kBK;
+      s_src += 2;
     }
     __pipeline_commit();
   };
 
-  // This lane's B operands: output rows warp * 32 + j * 8 + lane / 4 (j = 0..3), k = 2 t + {0, 1}
+  // This lane's B operands: output rows warp * 8 NJ + j * 8 + lane / 4 (j < NJ), k = 2 t + {0, 1}
   // and + 8 of each slice (t = lane % 4).
   const int t4 = lane % 4;
   const uint32_t sel = Bits == 4 ? uint32_t(t4 | (t4 << 8)) : (t4 % 2 == 0 ? 0x4140u : 0x4342u);
 
-  float acc[MT][4][4];
+  float acc[MT][NJ][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+    for (int j = 0; j < NJ; ++j) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
 
   // Tile t lives in group t of the committed cp.async groups.
 #pragma unroll
@@ -279,15 +308,18 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     const __half* xs = x_tile(s);
     const uint32_t* ps = packed_tile(s);
     const __half* ss = scale_tile(s);
-    // The tile's B operands first (4 slices x 4 n8 tiles x 2 registers), then its products: the
+    // The tile's B operands first (4 slices x NJ n8 tiles x 2 registers), then its products: the
     // loads and conversions of the whole tile are independent of each other and of the mma chain.
-    uint32_t b[kBK / 16][4][2];
+    uint32_t b[kBK / 16][NJ][2];
+    __half2 row_scales[NJ];  // the two groups' scales of each of the lane's rows
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) row_scales[j] = reinterpret_cast<const __half2*>(ss)[warp * kWarpCols + j * 8 + lane / 4];
 #pragma unroll
     for (int group = 0; group < 2; ++group) {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int r = warp * 32 + j * 8 + lane / 4;
-        const __half2 scale2 = __half2half2(ss[2 * r + group]);
+      for (int j = 0; j < NJ; ++j) {
+        const int r = warp * kWarpCols + j * 8 + lane / 4;
+        const __half2 scale2 = group == 0 ? __low2half2(row_scales[j]) : __high2half2(row_scales[j]);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
           const int slice = 2 * group + half;
@@ -312,7 +344,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
         uint32_t a[4];
         LoadMatrices(a, xs + Offset(i * 16 + lane % 16, 2 * slice + lane / 16));
 #pragma unroll
-        for (int j = 0; j < 4; ++j) Mma(acc[i][j], a, b[slice][j][0], b[slice][j][1]);
+        for (int j = 0; j < NJ; ++j) Mma(acc[i][j], a, b[slice][j][0], b[slice][j][1]);
       }
     }
   }
@@ -322,8 +354,8 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 #pragma unroll
   for (int i = 0; i < MT; ++i) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int col = warp * 32 + j * 8 + 2 * t4;
+    for (int j = 0; j < NJ; ++j) {
+      const int col = warp * kWarpCols + j * 8 + 2 * t4;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int row = i * 16 + lane / 4 + 8 * h;
@@ -364,8 +396,8 @@ bool FusedApplies(int64_t n, int64_t k, const void* x) {
   return k % kBK == 0 && n % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && n < (int64_t(1) << 31) / kBN;
 }
 
-// m16 tiles of rows per block: as few as the rows need, up to 4.
-int RowTiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : 4; }
+// m16 tiles of rows per block: as few as the rows need, up to 8.
+int RowTiles(int64_t m) { return m <= 16 ? 1 : m <= 32 ? 2 : m <= 64 ? 4 : 8; }
 
 // How a fused call's output tiles are scheduled. A grid of T tiles on S resident block slots runs
 // floor(T / S) full waves and a last wave of r = T mod S tiles that leaves S - r slots idle (the
@@ -404,7 +436,8 @@ int64_t Slots(int device) {
   constexpr int smem = Layout<Bits, MT>::kTotal;
   if (per_sm == 0) {
     LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemmQuant<Bits, MT, OutT>, kThreads, smem));
+    LAB_CHECK_CUDA(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemmQuant<Bits, MT, OutT>, kThreadsOf<MT>, smem));
     if (per_sm == 0) TVM_FFI_THROW(RuntimeError) << "lab.gemm: the fused kernel does not fit an SM";
   }
   return int64_t(per_sm) * lab::Facts(device).sms;
@@ -415,7 +448,8 @@ Schedule ScheduleOn(int64_t m, int64_t n, int64_t k, int device) {
   switch (RowTiles(m)) {
     case 1: return ScheduleFor(m, n, k, Slots<Bits, 1, OutT>(device));
     case 2: return ScheduleFor(m, n, k, Slots<Bits, 2, OutT>(device));
-    default: return ScheduleFor(m, n, k, Slots<Bits, 4, OutT>(device));
+    case 4: return ScheduleFor(m, n, k, Slots<Bits, 4, OutT>(device));
+    default: return ScheduleFor(m, n, k, Slots<Bits, 8, OutT>(device));
   }
 }
 
@@ -426,10 +460,10 @@ void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out,
   Slots<Bits, MT, OutT>(device);  // allows the kernel its shared memory
   const int row_tiles = int((m + 16 * MT - 1) / (16 * MT));
   if (plan.whole > 0)
-    GemmQuant<Bits, MT, OutT><<<unsigned(plan.whole), kThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n),
-                                                                                int(k), 0, row_tiles);
+    GemmQuant<Bits, MT, OutT><<<unsigned(plan.whole), kThreadsOf<MT>, smem, stream>>>(x, w, s, out, partial, int(m),
+                                                                                      int(n), int(k), 0, row_tiles);
   if (plan.split > 0) {
-    GemmQuant<Bits, MT, OutT><<<dim3(unsigned(plan.split), 1, unsigned(plan.splits)), kThreads, smem, stream>>>(
+    GemmQuant<Bits, MT, OutT><<<dim3(unsigned(plan.split), 1, unsigned(plan.splits)), kThreadsOf<MT>, smem, stream>>>(
         x, w, s, out, partial, int(m), int(n), int(k), int(plan.whole), row_tiles);
     const int per_tile = 16 * MT * kBN / 4, threads = 256;
     GemmQuantReduce<OutT><<<dim3(unsigned(plan.split), unsigned((per_tile + threads - 1) / threads)), threads, 0, stream>>>(
@@ -444,7 +478,8 @@ void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out,
   switch (RowTiles(m)) {
     case 1: LaunchTiles<Bits, 1, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
     case 2: LaunchTiles<Bits, 2, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
-    default: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
+    case 4: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
+    default: LaunchTiles<Bits, 8, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
   }
 }
 
