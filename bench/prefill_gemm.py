@@ -1,7 +1,7 @@
 """The prefill's quantized GEMMs, `lab.gemm.q4` / `lab.gemm.q8`, per shape and row count, on both
 of their paths, beside cuBLAS on the float16 weight (`lab.gemm.nt`, what a q0f16 prefill runs):
 
-- `fused`: the tensor-core kernel that dequantizes each weight tile in shared memory
+- `fused`: the tensor-core kernel that dequantizes the packed weight into its operand registers
   (runtime_patch/native/quant_gemm.cu);
 - `dequant`: the dequantize pass into a float16 workspace, then cuBLAS;
 - `auto`: what the model runs (fused up to the plugin's row limit, dequant above): reported as

@@ -15,7 +15,7 @@ Matrix products (plugin cuda_gemm):
   GEMV_ADD_Q8(...)                      layer's o and down projections at tp=1 in the GEMV
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
-                                        dequantizes each weight tile in shared memory ("fused"),
+                                        dequantizes the packed weight in registers ("fused"),
                                         above it the weight dequantized into workspace [N, K]
                                         float16 and cuBLAS ("dequant"; runtime_patch/native/quant_gemm.cu)
   GEMM_Q8(...)                          the same of a q8f16_1 weight

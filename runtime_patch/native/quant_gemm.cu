@@ -3,8 +3,8 @@
 // lab.gemm.q4 / lab.gemm.q8 (x, q_weight, q_scale, out, workspace): out [.., N] = x [.., K] W^T for
 // a q4f16_1 / q8f16_1 weight W, by one of two paths:
 // - "fused" (a prompt of up to kFusedUpTo rows): one tensor-core kernel that reads the packed
-//   weight and dequantizes each tile into shared memory on its way to the mma (GemmQuant below):
-//   the float16 weight is never written to memory.
+//   weight and dequantizes it into the mma's operand registers (GemmQuant below): the float16
+//   weight is never written to memory.
 // - "dequant" (longer prompts, and shapes the fused kernel does not take): the whole weight
 //   dequantized into `workspace` [N, K] float16 (Dequantize), then cuBLAS (lab::CublasGemmNT).
 //   Where the GEMM's arithmetic is much larger than the weight, cuBLAS's wgmma kernels outrun an
