@@ -35,14 +35,19 @@ SUFFIX = {"paged": "", "static": "_static"}
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)
 def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cache):
+    """prefill_gemm=library: the prefills' linears call the library's GEMM (lab.gemm.nt on float16
+    weights, lab.gemm.q4 / q8 on quantized ones, with no separate dequantize); decode steps none."""
     s = SUFFIX[kv_cache]
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache))
-    assert "lab.gemm.nt" in mod[f"prefill{s}"].script()
-    assert "lab.gemm.nt" in mod[f"prefill_logits{s}"].script()
-    assert "lab.gemm.nt" not in mod[f"decode{s}"].script()
-    assert "lab.gemm.nt" not in mod[f"batch_decode{s}"].script()
-    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, prefill_gemm="tir"))
-    assert "lab.gemm.nt" not in tir[f"prefill{s}"].script()
+    for quant, gemm in (("q0f16", "lab.gemm.nt"), ("q4f16_1", "lab.gemm.q4"), ("q8f16_1", "lab.gemm.q8")):
+        mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache))
+        others = {"lab.gemm.nt", "lab.gemm.q4", "lab.gemm.q8", "lab.dequant."} - {gemm}
+        for name in (f"prefill{s}", f"prefill_logits{s}"):
+            script = mod[name].script()
+            assert gemm in script and not any(other in script for other in others), (quant, name)
+        for name in (f"decode{s}", f"batch_decode{s}"):
+            assert "lab.gemm." not in mod[name].script(), (quant, name)
+        tir, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, prefill_gemm="tir"))
+        assert "lab.gemm." not in tir[f"prefill{s}"].script()
 
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)

@@ -91,16 +91,17 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 // The fused kernel
 //
 // A block computes a tile of 16 MT rows x kBN = 128 outputs, a warp all its rows (mma.sync
-// m16n8k16: float16 operands, float32 accumulators; MT = 1, 2, 4 or 8 m16 tiles, chosen by the row
-// count): 4 warps of 32 outputs, or 8 warps of 16 at MT = 8. K is walked in tiles of kBK = 64 values (two quantization groups)
-// through a ring of kStages shared-memory stages, each filled by cp.async: x's tile, the
-// weight's [128, 64] tile as packed words, and its scales; the copies run kStages - 1 tiles ahead.
+// m16n8k16: float16 operands, float32 accumulators; MT = 1, 2, 4 or 8 m16 tiles, chosen by the
+// row count): 4 warps of 32 outputs, or 8 warps of 16 at MT = 8. K is walked in tiles of kBK = 64
+// values (two quantization groups) through a ring of kStages shared-memory stages, each filled by
+// cp.async: x's tile, the weight's [128, 64] tile as packed words, and its scales; the copies run
+// kStages - 1 tiles ahead.
 //
 // The weight is dequantized straight into the mma's B operand registers: lane l's B fragment of a
 // k16 slice is the weight of output row l / 4 at k = 2 (l % 4) + {0, 1} and + 8: one byte of each
 // of two q4 words (two q8 half-words), so a lane reads 2 words of the packed tile and makes each
-// into two float16 values in 4 instructions (q8: 3). Each weight is dequantized once per block, by the
-// warp that multiplies it; nothing float16 of the weight is stored. (The first two versions wrote
+// into two float16 values in 4 instructions (q8: 3). Each weight is dequantized once per block, by
+// the warp that multiplies it; nothing float16 of the weight is stored. (The first two versions wrote
 // the dequantized tile to shared memory for ldmatrix: 8 warps of 32 x 32 loading the packed words
 // into registers one tile ahead ran at 20% of the tensor cores, waiting a memory latency every
 // tile; 4 warps of 64 x 32 with this ring ran at 13%: 567 instructions a warp a tile, 2 warps a
