@@ -1,6 +1,7 @@
 // Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
 // checks (a tensor's device and layout, a launch), the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
-// LAB_NO_CUBLAS), a device's SM count and compute capability, and reading DLTensors. Each plugin compiles its own copy (inline).
+// LAB_NO_CUBLAS), a device's SM count and compute capability, a kernel's resident blocks, and
+// reading DLTensors. Each plugin compiles its own copy (inline).
 #pragma once
 
 #ifndef LAB_NO_CUBLAS
@@ -12,6 +13,8 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <tuple>
 #include <unordered_map>
 
 #include "cuda_check.h"
@@ -69,6 +72,25 @@ inline const DeviceFacts& Facts(int device) {
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device));
   return facts.emplace(device, f).first->second;
+}
+
+// Resident blocks per SM of `kernel` launched with `threads` threads and `smem` bytes of dynamic
+// shared memory (asked once per kernel, shape and thread: a disco worker is one thread on one
+// device); the kernel is first allowed `smem` where that is above what it allows now (by default
+// 48 KiB less its static shared memory; the allowance is only ever raised, so a launch of a size
+// asked before stays allowed). 0 where a block does not fit an SM.
+inline int ResidentBlocks(const void* kernel, int threads, int smem) {
+  thread_local std::map<std::tuple<const void*, int, int>, int> resident;
+  const auto key = std::make_tuple(kernel, threads, smem);
+  auto it = resident.find(key);
+  if (it != resident.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  LAB_CHECK_CUDA(cudaFuncGetAttributes(&attributes, kernel));
+  if (smem > attributes.maxDynamicSharedSizeBytes)
+    LAB_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int blocks = 0;
+  LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, smem));
+  return resident.emplace(key, blocks).first->second;
 }
 
 // Row-major with no gaps (strides of size-1 dimensions do not matter).

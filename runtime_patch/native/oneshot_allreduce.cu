@@ -616,15 +616,11 @@ int Capacity(int device, int world) {
   int per_sm = INT_MAX;
   for (DLDataType dtype : {DLDataType{kDLFloat, 16, 1}, DLDataType{kDLBfloat, 16, 1}, DLDataType{kDLFloat, 32, 1}}) {
     for (bool add_norm : {false, true}) {
-      const Kernel kernel = KernelFor(dtype, world, add_norm);
-      // the add-and-norm rows plus the kernel's own shared memory are above the default 48 KiB
-      if (add_norm)
-        LAB_CHECK_CUDA(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize, kAddNormSharedBytes));
-      int n = 0;
-      LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, add_norm ? kAddNormThreads : kThreads,
-                                                                   add_norm ? kAddNormSharedBytes : 0));
-      per_sm = std::min(per_sm, n);
+      // the add-and-norm rows plus the kernel's own shared memory are above the default 48 KiB:
+      // ResidentBlocks allows the kernel its rows first (the launches rely on it)
+      per_sm = std::min(per_sm, lab::ResidentBlocks(reinterpret_cast<const void*>(KernelFor(dtype, world, add_norm)),
+                                                    add_norm ? kAddNormThreads : kThreads,
+                                                    add_norm ? kAddNormSharedBytes : 0));
     }
   }
   return per_sm * sms;

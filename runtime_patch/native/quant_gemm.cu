@@ -38,6 +38,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "cublas_gemm.h"
 #include "cuda_common.h"
@@ -234,9 +235,10 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
   const int64_t row_words = int64_t(k) * Bits / 32;
 
+  // Stage s's parts: x's tile, the packed weight tile, its scales.
   auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
-  auto packed_tile = [&](int s) { return reinterpret_cast<const uint32_t*>(smem + s * L::kStage + L::kX); };
-  auto scale_tile = [&](int s) { return reinterpret_cast<const __half*>(smem + s * L::kStage + L::kX + L::kPacked); };
+  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
+  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
 
   // Tile t (of this split) into stage t % kStages: x's rows past m zero-filled, weight rows past n
   // repeat the last (their products are not stored). Every call commits a group (maybe empty). A
@@ -262,8 +264,8 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const __half* s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
   auto issue = [&](int t) {
     if (t < tiles) {
-      unsigned char* stage = smem + (t % kStages) * L::kStage;
-      __half* xs = reinterpret_cast<__half*>(stage);
+      const int s = t % kStages;
+      __half* xs = x_tile(s);
 #pragma unroll
       for (int i = 0; i < kXCopies; ++i) {
         if (kXCopies * kThreads == kBM * kChunks || threadIdx.x + i * kThreads < kBM * kChunks) {
@@ -272,14 +274,14 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
                                   x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
         }
       }
-      uint4* ps = reinterpret_cast<uint4*>(stage + L::kX);
+      uint4* ps = packed_tile(s);
 #pragma unroll
       for (int i = 0; i < kPackedCopies; ++i) {
         __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
         w_src[i] += kRowChunks;
       }
       if (kThreads == kBN || threadIdx.x < kBN)
-        __pipeline_memcpy_async(reinterpret_cast<__half*>(stage + L::kX + L::kPacked) + 2 * threadIdx.x, s_src, 4);
+        __pipeline_memcpy_async(scale_tile(s) + 2 * threadIdx.x, s_src, 4);
       x_src += kBK;
       s_src += 2;
     }
@@ -307,7 +309,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     issue(t + kStages - 1);  // into the stage tile t - 1 left
     const int s = t % kStages;
     const __half* xs = x_tile(s);
-    const uint32_t* ps = packed_tile(s);
+    const uint32_t* ps = reinterpret_cast<const uint32_t*>(packed_tile(s));
     const __half* ss = scale_tile(s);
     // The tile's B operands first (4 slices x NJ n8 tiles x 2 registers), then its products: the
     // loads and conversions of the whole tile are independent of each other and of the mma chain.
@@ -429,36 +431,37 @@ Schedule ScheduleFor(int64_t m, int64_t n, int64_t k, int64_t slots) {
   return plan;
 }
 
-// Resident blocks of a fused kernel on all SMs of `device` (asked once per kernel and thread; the
-// kernel is allowed its dynamic shared memory first).
+// Resident blocks of a fused kernel on all SMs of `device` (lab::ResidentBlocks, which also allows
+// the kernel its dynamic shared memory).
 template <int Bits, int MT, typename OutT>
 int64_t Slots(int device) {
-  static thread_local int per_sm = 0;
-  constexpr int smem = Layout<Bits, MT>::kTotal;
-  if (per_sm == 0) {
-    LAB_CHECK_CUDA(cudaFuncSetAttribute(GemmQuant<Bits, MT, OutT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    LAB_CHECK_CUDA(
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, GemmQuant<Bits, MT, OutT>, kThreadsOf<MT>, smem));
-    if (per_sm == 0) TVM_FFI_THROW(RuntimeError) << "lab.gemm: the fused kernel does not fit an SM";
-  }
+  const int per_sm = lab::ResidentBlocks(reinterpret_cast<const void*>(GemmQuant<Bits, MT, OutT>), kThreadsOf<MT>,
+                                         Layout<Bits, MT>::kTotal);
+  if (per_sm == 0) TVM_FFI_THROW(RuntimeError) << "lab.gemm: the fused kernel does not fit an SM";
   return int64_t(per_sm) * lab::Facts(device).sms;
+}
+
+// f(std::integral_constant<int, MT>{}) for the m16 tiles of rows (MT) a block takes at m rows.
+template <typename F>
+auto WithRowTiles(int64_t m, F&& f) {
+  switch (RowTiles(m)) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
 }
 
 template <int Bits, typename OutT>
 Schedule ScheduleOn(int64_t m, int64_t n, int64_t k, int device) {
-  switch (RowTiles(m)) {
-    case 1: return ScheduleFor(m, n, k, Slots<Bits, 1, OutT>(device));
-    case 2: return ScheduleFor(m, n, k, Slots<Bits, 2, OutT>(device));
-    case 4: return ScheduleFor(m, n, k, Slots<Bits, 4, OutT>(device));
-    default: return ScheduleFor(m, n, k, Slots<Bits, 8, OutT>(device));
-  }
+  return WithRowTiles(m, [&](auto mt) { return ScheduleFor(m, n, k, Slots<Bits, decltype(mt)::value, OutT>(device)); });
 }
 
 template <int Bits, int MT, typename OutT>
 void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
-                 int64_t k, const Schedule& plan, int device, cudaStream_t stream) {
+                 int64_t k, int device, cudaStream_t stream) {
   constexpr int smem = Layout<Bits, MT>::kTotal;
-  Slots<Bits, MT, OutT>(device);  // allows the kernel its shared memory
+  const Schedule plan = ScheduleFor(m, n, k, Slots<Bits, MT, OutT>(device));
   const int row_tiles = int((m + 16 * MT - 1) / (16 * MT));
   if (plan.whole > 0)
     GemmQuant<Bits, MT, OutT><<<unsigned(plan.whole), kThreadsOf<MT>, smem, stream>>>(x, w, s, out, partial, int(m),
@@ -475,13 +478,9 @@ void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out,
 template <int Bits, typename OutT>
 void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
                  int64_t k, int device, cudaStream_t stream) {
-  const Schedule plan = ScheduleOn<Bits, OutT>(m, n, k, device);
-  switch (RowTiles(m)) {
-    case 1: LaunchTiles<Bits, 1, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
-    case 2: LaunchTiles<Bits, 2, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
-    case 4: LaunchTiles<Bits, 4, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
-    default: LaunchTiles<Bits, 8, OutT>(x, w, s, out, partial, m, n, k, plan, device, stream); break;
-  }
+  WithRowTiles(m, [&](auto mt) {
+    LaunchTiles<Bits, decltype(mt)::value, OutT>(x, w, s, out, partial, m, n, k, device, stream);
+  });
 }
 
 // ------------------------------------------------------------------------------------------------

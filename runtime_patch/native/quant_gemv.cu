@@ -46,11 +46,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <initializer_list>
-#include <map>
-#include <utility>
 
 #include "cuda_common.h"
 
@@ -255,19 +251,11 @@ Shape ShapeOf() {
   return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, OutT>)};
 }
 
-// Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (asked once per
-// kernel, size and thread); the kernel is allowed the dynamic shared memory first where it is
-// above the default 48 KiB (x of more than 24576 inputs).
+// Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
+// the kernel is allowed more than the default where x has more than 24576 inputs).
 int Resident(const void* kernel, int smem) {
-  static thread_local std::map<std::pair<const void*, int>, int> resident;
-  const auto key = std::make_pair(kernel, smem);
-  auto it = resident.find(key);
-  if (it != resident.end()) return it->second;
-  if (smem > 48 * 1024) LAB_CHECK_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  int blocks = 0;
-  LAB_CHECK_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kWarps * 32, smem));
+  const int blocks = lab::ResidentBlocks(kernel, kWarps * 32, smem);
   if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
-  resident.emplace(key, blocks);
   return blocks;
 }
 
