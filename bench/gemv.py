@@ -13,8 +13,8 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
-on SHAPES (checked bit for bit); `lab.gemv.q4_add` / `q8_add` (the residual add inside the GEMV)
-against their CPU versions, timed in a CUDA graph beside the plain GEMV. `run` times each kernel with CUDA events
+on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_add`, `_norm`,
+`_swiglu`, `_norm_swiglu`: FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 """
@@ -169,7 +169,7 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
         results.append(r)
         del params
     results += dequant_results(quants, bandwidth["bytes_per_s"])
-    results += add_results(quants)
+    results += fused_results(quants)
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
@@ -181,10 +181,15 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
 IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at q4: each call reads HBM)
 
 
-def add_results(quants: list[str]) -> list[dict]:
-    """`lab.gemv.q4_add` / `q8_add` (the residual added in the GEMV) checked against their CPU
-    versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the 8B's o and
-    down shapes; then, per shape, the plain GEMV and the add variant timed as the model calls them:
+# The fused GEMVs (runtime_patch.functions.GEMV_FUSIONS) that the model calls, by SHAPES entry
+FUSIONS = {"qkv": ("norm",), "o": ("add",), "gate_up": ("norm_swiglu", "swiglu"), "down": ("add",)}
+EPS = 1e-5
+
+
+def fused_results(quants: list[str]) -> list[dict]:
+    """The fused GEMVs (the residual add, the RMSNorm before, SiLU after: FUSIONS) checked against
+    their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
+    8B's shapes; then, per shape, the plain GEMV and each fused one timed as the model calls them:
     IN_GRAPH_LAYERS calls (one per layer's weights) in one CUDA graph, per call (a separately
     launched call under ~8 us is timed by its launch)."""
     import numpy as np
@@ -197,47 +202,57 @@ def add_results(quants: list[str]) -> list[dict]:
     results = []
     for quant in quants:
         bits = quant_spec(quant).bits
-        functions.register("cuda", [functions.GEMV_BY_BITS[bits], functions.GEMV_ADD_BY_BITS[bits]])
+        functions.register("cuda", [functions.GEMV[bits, f] for f in functions.GEMV_FUSIONS])
         g = torch.Generator(device="cuda").manual_seed(2)
-        for shape in SHAPES:
+        for shape, fusions in FUSIONS.items():
             n, k = SHAPES[shape]
             layers = [quantize_torch(torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
                                      quant_spec(quant)) for _ in range(IN_GRAPH_LAYERS)]
             x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
             residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
-            out = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
+            norm_weight = 1 + 0.1 * torch.randn(k, device="cuda", dtype=torch.float16, generator=g)
+            outs = {f: torch.empty(1, 1, n // 2 if "swiglu" in f else n, device="cuda", dtype=torch.float16)
+                    for f in ("", *fusions)}
 
-            def call(add, weights):
-                name = (functions.GEMV_ADD_BY_BITS if add else functions.GEMV_BY_BITS)[bits]
-                args = [x, *weights, *([residual] if add else []), out]
+            def extra(fusion):
+                return [residual] if fusion == "add" else [norm_weight, EPS] if "norm" in fusion else []
+
+            def call(fusion, weights):
+                args = [x, *weights, *extra(fusion), outs[fusion]]
                 with tvm_ffi.use_torch_stream():
-                    tvm_ffi.get_global_func(name)(*[tvm_ffi.from_dlpack(a) for a in args])
+                    tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(
+                        *[tvm_ffi.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args])
 
-            call(True, layers[0])
-            torch.cuda.synchronize()
-            want = np.zeros((1, 1, n), np.float16)
-            cpu_functions.IMPLEMENTATIONS[functions.GEMV_ADD_BY_BITS[bits]](
-                x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), residual.cpu().numpy(), want)
-            want = want.astype(np.float32)
-            err = float(np.abs(out.float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
-            row = {"name": f"{quant}-{shape}-add", "quant": quant, "shape": shape, "variant": "add_in_graph",
-                   "n": n, "k": k, "rel_error_vs_cpu": err}
-            for add in (False, True):
-                stream = torch.cuda.Stream()
-                graph = torch.cuda.CUDAGraph()
+            def in_graph_us(fusion):
+                stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
                 with torch.cuda.stream(stream):
-                    call(add, layers[0])
+                    call(fusion, layers[0])
                     torch.cuda.synchronize()
                     with torch.cuda.graph(graph, stream=stream):
                         for weights in layers:
-                            call(add, weights)
+                            call(fusion, weights)
                 torch.cuda.synchronize()
-                samples = [t / IN_GRAPH_LAYERS for t in attention_bench.timed(graph.replay, repeats=10)]
-                row["add_us" if add else "plain_us"] = float(np.median(samples)) * 1e6
-                row["raw_add_s" if add else "raw_plain_s"] = samples
-            print(f"{functions.GEMV_ADD_BY_BITS[bits]:18s} {shape:8s} {row['add_us']:7.1f} us per call in a graph "
-                  f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}", flush=True)
-            results.append(row)
+                return [t / IN_GRAPH_LAYERS for t in attention_bench.timed(graph.replay, repeats=10)]
+
+            plain = in_graph_us("")
+            for fusion in fusions:
+                call(fusion, layers[0])
+                torch.cuda.synchronize()
+                want = np.zeros(tuple(outs[fusion].shape), np.float16)
+                cpu_args = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in extra(fusion)]
+                cpu_functions.IMPLEMENTATIONS[functions.GEMV[bits, fusion]](
+                    x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), *cpu_args, want)
+                want = want.astype(np.float32)
+                err = float(np.abs(outs[fusion].float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
+                fused = in_graph_us(fusion)
+                row = {"name": f"{quant}-{shape}-{fusion}", "quant": quant, "shape": shape,
+                       "variant": f"{fusion}_in_graph", "fusion": fusion, "n": n, "k": k, "rel_error_vs_cpu": err,
+                       "ok": err <= 4e-3, "plain_us": float(np.median(plain)) * 1e6,
+                       "fused_us": float(np.median(fused)) * 1e6, "raw_plain_s": plain, "raw_fused_s": fused}
+                print(f"{functions.GEMV[bits, fusion]:24s} {shape:8s} {row['fused_us']:7.1f} us per call in a graph "
+                      f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}"
+                      f"{'' if row['ok'] else ' NOT OK'}", flush=True)
+                results.append(row)
     return results
 
 

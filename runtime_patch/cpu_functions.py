@@ -57,15 +57,32 @@ def _rms_norm(xa, norm_weight, eps: float):
     return (normed.astype(np.float32) * norm_weight.astype(np.float32)).astype(xa.dtype)
 
 
-def _numpy_gemv(bits: int, add: bool = False):
-    """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and q4_add / q8_add (..., residual, out):
-    q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
-    (q - (2^(bits-1) - 1)) * scale; the residual added to the float32 product before its rounding."""
+def _silu_times(gate, up):
+    """silu(gate) * up of float16 rows, rounded as the separate kernels (and the CUDA GEMV) do:
+    silu(gate) to float16, then the product."""
+    g = gate.astype(np.float32)
+    silu = (g / (1 + np.exp(-g))).astype(np.float16)
+    return (silu.astype(np.float32) * up.astype(np.float32)).astype(np.float16)
+
+
+def _numpy_gemv(bits: int, fusion: str = ""):
+    """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and their fused forms (functions.GEMV_FUSIONS):
+    _add (..., residual, out), _norm (..., norm_weight, eps, out), _swiglu (..., out),
+    _norm_swiglu (..., norm_weight, eps, out). q_weight [N, K * bits / 32] uint32, 32 / bits values
+    per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale; float32 products; the
+    residual added to the float32 product before its rounding; the norm as LlamaRMSNorm rounds
+    it; swiglu's [gate; up] products rounded to float16 before silu(gate) * up."""
     def gemv(x, q_weight, q_scale, *rest) -> None:
         xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
-        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
-        if add:
+        xa = xa.reshape(-1, xa.shape[-1])
+        if "norm" in fusion:
+            xa = _rms_norm(xa, np.from_dlpack(rest[0]), float(rest[1]))
+        product = xa.astype(np.float32) @ _dequantized(wa, sa, bits).T
+        if fusion == "add":
             product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
+        if "swiglu" in fusion:
+            gate, up = np.split(product.astype(np.float16), 2, axis=-1)
+            product = _silu_times(gate, up)
         np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
     return gemv
@@ -274,8 +291,7 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
-    **{name: _numpy_gemv(bits) for bits, name in functions.GEMV_BY_BITS.items()},
-    **{name: _numpy_gemv(bits, add=True) for bits, name in functions.GEMV_ADD_BY_BITS.items()},
+    **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV.items()},
     **{name: _numpy_gemm_quant(bits) for bits, name in functions.GEMM_BY_BITS.items()},
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),

@@ -11,8 +11,14 @@ Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
   GEMV_Q4(x, q_weight, q_scale, out)    the batch-1 decode GEMV of a q4f16_1 weight
   GEMV_Q8(x, q_weight, q_scale, out)    the same of a q8f16_1 weight
-  GEMV_ADD_Q4(x, q_weight, q_scale, residual, out)   out = residual + W x: the residual add after a
-  GEMV_ADD_Q8(...)                      layer's o and down projections at tp=1 in the GEMV
+  GEMV[bits, fusion]                    the same with more in the kernel (GEMV_FUSIONS, by name suffix):
+    "add"  (x, q_weight, q_scale, residual, out)   out = residual + W x: the residual add after a
+                                        layer's o and down projections at tp=1
+    "norm" (x, q_weight, q_scale, norm_weight, eps, out)   out = W rms_norm(x) * norm_weight:
+                                        the layer's RMSNorm before its qkv projection
+    "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
+                                        silu(W_gate x) * (W_up x): the gate_up projection and SiLU
+    "norm_swiglu" (x, q_weight, q_scale, norm_weight, eps, out)   both (gate_up at tp=1)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused"),
@@ -102,8 +108,11 @@ GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
 # The batch-1 decode GEMV of each quantized weight width (bits) that has one
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
-# The same with a residual row added to the output, by width
-GEMV_ADD_BY_BITS = {4: "lab.gemv.q4_add", 8: "lab.gemv.q8_add"}
+# What a decode GEMV may do besides its product (the docstring above), each a function named by
+# its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
+GEMV_FUSIONS = ("", "add", "norm", "swiglu", "norm_swiglu")
+GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
+        for fusion in GEMV_FUSIONS}
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
 # The prefill GEMM of each quantized weight width, by bits
@@ -169,7 +178,7 @@ PLUGIN = {
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
-    **{name: "cuda_gemm" for name in GEMV_ADD_BY_BITS.values()},
+    **{name: "cuda_gemm" for name in GEMV.values()},
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

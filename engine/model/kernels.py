@@ -9,8 +9,10 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
-  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, and at tp=1 the residual adds after the o
-  and down projections into those GEMVs (`Linear.plus`: `lab.gemv.q4_add` / `q8_add`).
+  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what precedes and follows it inside
+  (runtime_patch.functions.GEMV): the RMSNorm before the qkv and gate_up projections (`Linear(x,
+  phase, norm)`, where the norm is not in the allreduce), SiLU after gate_up (`Linear.swiglu`),
+  and at tp=1 the residual adds after the o and down projections (`Linear.plus`).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 """
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tvm import relax
+from tvm import relax, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.core import wrap_nested
 from tvm.relax.frontend.nn import Tensor, op
@@ -75,25 +77,39 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
-    def forward(self, x: Tensor, phase: str) -> Tensor:
+    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm | None = None) -> Tensor:
+        """W norm(x) (x where norm is None): the RMSNorm before the linear inside the library GEMV
+        where the phase has one (`lab.gemv.q4_norm` / `q8_norm`), else a kernel of its own."""
+        if self.plan.library_gemv(phase, self.spec):
+            return self._gemv("norm" if norm is not None else "", x, norm=norm)
+        x = x if norm is None else norm(x)
         if self.plan.library_gemm(phase):
             return self._library_gemm(x)
-        if self.plan.library_gemv(phase, self.spec):
-            return self._library_gemv(x, self.out_dtype)
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
                                  [x, *self._weights()])
+
+    def swiglu(self, x: Tensor, phase: str, norm: nn.RMSNorm | None = None) -> Tensor:
+        """silu(gate) * up, [gate, up] = W norm(x) (this linear's rows: the gate's, then the up's):
+        one library GEMV where the phase has one (`lab.gemv.q4_swiglu`, `_norm_swiglu`)."""
+        if self.plan.library_gemv(phase, self.spec):
+            return self._gemv("norm_swiglu" if norm is not None else "swiglu", x, norm=norm)
+        gate, up = op.split(self(x, phase, norm), 2, axis=-1)
+        return op.silu(gate) * up
 
     def plus(self, x: Tensor, residual: Tensor, phase: str) -> Tensor:
         """residual + W x: the add inside the library GEMV where the phase has one
         (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV)."""
         if self.plan.library_gemv(phase, self.spec):
-            out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], self.out_dtype)
-            return op.extern(functions.GEMV_ADD_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale, residual], out)
+            return self._gemv("add", x, residual=residual)
         return residual + self(x, phase)
 
-    def _library_gemv(self, x: Tensor, out_dtype: str) -> Tensor:
-        out = Tensor.placeholder([*x.shape[:-1], self.q_weight.shape[0]], out_dtype)
-        return op.extern(functions.GEMV_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale], out)
+    def _gemv(self, fusion: str, x: Tensor, norm: nn.RMSNorm | None = None, residual: Tensor | None = None,
+              out_dtype: str | None = None) -> Tensor:
+        """The library GEMV functions.GEMV[bits, fusion] of x (one row) with this linear's weight."""
+        rows = self.q_weight.shape[0] // (2 if "swiglu" in fusion else 1)
+        extra = [residual] if residual is not None else [norm.weight, float(norm.epsilon)] if norm is not None else []
+        out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
+        return extern(functions.GEMV[self.spec.bits, fusion], [x, self.q_weight, self.q_scale, *extra], [out])
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         n = self.weight.shape[0] if not self.spec.quantized else self.q_weight.shape[0]
@@ -103,14 +119,24 @@ class Linear(nn.Module):
         # The whole weight as float16 [N, K]: the dequant path's scratch (long prompts), in TVM's
         # memory plan; the fused path leaves it untouched.
         workspace = Tensor.placeholder([n, self.q_weight.shape[1] * self.spec.per_word], self.spec.model_dtype)
-        return _extern_outputs(functions.GEMM_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale],
-                               [out, workspace])[0]
+        return extern(functions.GEMM_BY_BITS[self.spec.bits], [x, self.q_weight, self.q_scale], [out, workspace])[0]
 
 
-def _extern_outputs(name: str, args: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, ...]:
-    """op.extern of a function with several outputs (nn's op.extern hands call_dps_packed a tuple
-    type where it needs a list of tensor types: apache-tvm 0.27)."""
-    call = relax.op.call_dps_packed(name, relax.Tuple([a._expr for a in args]), [o._expr.ty for o in outs])
+def extern(name: str, args: list, outs: list[Tensor]):
+    """call_dps_packed of library function `name` with tensor, float and int arguments and one
+    output (a Tensor) or several (a tuple): nn's op.extern takes one (with several it hands
+    call_dps_packed a tuple type where it needs a list of tensor types: apache-tvm 0.27)."""
+    if len(outs) == 1:
+        return op.extern(name, args, outs[0])
+
+    def convert(a):
+        if isinstance(a, Tensor):
+            return a._expr
+        if isinstance(a, float):
+            return relax.prim_value(tirx.FloatImm("float64", a))
+        return relax.prim_value(tirx.IntImm("int64", a))
+
+    call = relax.op.call_dps_packed(name, relax.Tuple([convert(a) for a in args]), [o._expr.ty for o in outs])
     return wrap_nested(call, name)
 
 
@@ -125,6 +151,6 @@ class Embedding(Linear):
 
     def lm_head(self, x: Tensor, phase: str) -> Tensor:
         if self.plan.library_gemv(phase, self.spec):
-            return self._library_gemv(x, "float32")
+            return self._gemv("", x, out_dtype="float32")
         return op.tensor_expr_op(te_linear(self.spec, "float32", self.plan.fp16_weights(phase)), "lm_head",
                                  [x, *self._weights()])

@@ -47,7 +47,7 @@ from runtime_patch import functions
 
 from ..sharding import ShardPlan
 from . import static_kv
-from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear
+from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, extern
 from .kv_cache import create_paged_kv_cache
 
 
@@ -58,10 +58,11 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
-        """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None,
+                norm: nn.RMSNorm | None = None) -> Tensor:
+        """(residual +) o_proj(attention(qkv_proj(norm(x)))); x normalised already where norm is None."""
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        qkv = op.reshape(self.qkv_proj(x, phase, norm), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
                          (b, s, self.q_heads * self.head_dim))
         return self.o_proj(out, phase) if residual is None else self.o_proj.plus(out, residual, phase)
@@ -72,10 +73,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
         self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, phase: str, residual: Tensor | None = None) -> Tensor:
-        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(x), x normalised."""
-        gate, up = op.split(self.gate_up_proj(x, phase), 2, axis=-1)
-        hidden = op.silu(gate) * up
+    def forward(self, x: Tensor, phase: str, residual: Tensor | None = None, norm: nn.RMSNorm | None = None) -> Tensor:
+        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x)); x normalised
+        already where norm is None."""
+        hidden = self.gate_up_proj.swiglu(x, phase, norm)
         return self.down_proj(hidden, phase) if residual is None else self.down_proj.plus(hidden, residual, phase)
 
 
@@ -100,15 +101,15 @@ class DecoderLayer(nn.Module):
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
-        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
+        return self.self_attn(x, kv, layer_id, phase, norm=self.input_layernorm)
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
-        return self.mlp(self.post_attention_layernorm(x), phase)
+        return self.mlp(x, phase, norm=self.post_attention_layernorm)
 
     def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
         """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
         outs = [Tensor.placeholder(partial.shape, partial.dtype) for _ in range(2)]
-        total, normed = _extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
+        total, normed = extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
                                 outs)
         return total, normed
 
@@ -124,9 +125,9 @@ class DecoderLayer(nn.Module):
         return self._reduce_add_norm(partial, x, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
-        if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
-            x = self.self_attn(self.input_layernorm(x), kv, layer_id, phase, residual=x)
-            return self.mlp(self.post_attention_layernorm(x), phase, residual=x)
+        if self.tp == 1:  # the norms and residual adds go into the blocks' first and last products (library GEMVs)
+            x = self.self_attn(x, kv, layer_id, phase, residual=x, norm=self.input_layernorm)
+            return self.mlp(x, phase, residual=x, norm=self.post_attention_layernorm)
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 
@@ -252,7 +253,7 @@ class LlamaForCausalLM(nn.Module):
     def _pass_on(self, hidden: Tensor, *results: tuple[list, str]):
         """A non-last stage: `hidden` to the next stage; placeholders of the (shape, dtype)
         `results` the last stage computes (module doc)."""
-        return _extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
+        return extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
 
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
         hidden = self.model(self._enter(input_ids), kv, PREFILL)
@@ -282,7 +283,7 @@ class LlamaForCausalLM(nn.Module):
         if not (plan.first_stage or plan.last_stage):
             return values if len(values) > 1 else values[0]
         name = functions.PP_SEND_FIRST if plan.last_stage else functions.PP_RECV_LAST
-        return _extern(name, [*values, plan.tp, plan.pp], [Tensor.placeholder(v.shape, v.dtype) for v in values])
+        return extern(name, [*values, plan.tp, plan.pp], [Tensor.placeholder(v.shape, v.dtype) for v in values])
 
     def collect_tokens(self, tokens: Tensor):
         return self._to_first_stage(tokens)
@@ -324,11 +325,11 @@ class LlamaForCausalLM(nn.Module):
             logits = logits_of(hidden)
             tokens = static_kv.argmax(logits)
             if plan.pp > 1:
-                tokens = _extern(functions.PP_SEND_FIRST, [tokens, plan.tp, plan.pp], [token()])
+                tokens = extern(functions.PP_SEND_FIRST, [tokens, plan.tp, plan.pp], [token()])
             return tokens, logits
         tokens, logits = self._pass_on(hidden, ([rows], "int32"), ([rows, self.config.vocab_size], "float32"))
         if plan.first_stage:
-            tokens = _extern(functions.PP_RECV_LAST, [tokens, plan.tp, plan.pp], [token()])
+            tokens = extern(functions.PP_RECV_LAST, [tokens, plan.tp, plan.pp], [token()])
         return tokens, logits
 
     def prefill_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
@@ -420,26 +421,6 @@ class LlamaForCausalLM(nn.Module):
             "batch_decode_static": {**state("batch_size"), "$": packed},
             "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
         }
-
-
-def _extern(name: str, args: list, outs: list[Tensor]):
-    """call_dps_packed of `name` with one output or several (op.extern takes one: its tuple
-    output type is not what call_dps_packed accepts)."""
-    if len(outs) == 1:
-        return op.extern(name, args, outs[0])
-    from tvm import relax, tirx
-    from tvm.relax.frontend.nn.core import wrap_nested
-
-    def convert(a):
-        if isinstance(a, Tensor):
-            return a._expr
-        if isinstance(a, float):
-            return relax.prim_value(tirx.FloatImm("float64", a))
-        return relax.prim_value(tirx.IntImm("int64", a))
-
-    inputs = relax.Tuple([convert(a) for a in args])
-    call = relax.op.call_dps_packed(name, inputs, out_ty=[o._expr.ty for o in outs])
-    return wrap_nested(call, name)
 
 
 def _take_last(hidden: Tensor) -> Tensor:

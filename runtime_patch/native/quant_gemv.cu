@@ -1,5 +1,13 @@
 // lab.gemv.q4_add / lab.gemv.q8_add (x, q_weight, q_scale, residual, out): the same plus a residual
 // row, added to the float32 sum before its one rounding (the o and down projections at tp=1).
+// lab.gemv.q4_norm / q8_norm (x, q_weight, q_scale, norm_weight, eps, out): out = W rms_norm(x), the
+// layer's RMSNorm made by every block in its prologue from x and the norm's weight (rounded as
+// transformers' LlamaRMSNorm, row_norm.h): the qkv projection and, with swiglu, gate_up at tp=1.
+// lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out), and _norm_swiglu (x, q_weight,
+// q_scale, norm_weight, eps, out): W = [W_gate; W_up] (2I rows), out [.., I] = silu(W_gate x) *
+// (W_up x), a warp computing gate row i and up row i, both rounded to float16 first, silu(gate)
+// rounded, then the product (the separate kernels' roundings). Each fusion is one kernel fewer per
+// layer (~1.8 us each in a graph: the norms and SiLU took 172-176 us of a q4 / q8 step, 2026-11-30).
 //
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
@@ -47,8 +55,10 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <cstdint>
+#include <string>
 
 #include "cuda_common.h"
+#include "row_norm.h"
 
 namespace {
 
@@ -68,6 +78,9 @@ constexpr int kLoadsPerGroup = Bits / 4;
 // j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
 // permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
 __device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
+
+// 16-byte chunks of shared memory x takes: k / 8 rounded up to a whole run of 8.
+__host__ __device__ __forceinline__ int SharedChunks(int k) { return (k + 63) / 64 * 8; }
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
@@ -123,11 +136,67 @@ __device__ uint4 PairedChunk(uint4 raw) {
   return paired;
 }
 
-// What a GEMV adds to its output (lab.gemv.q4_add / q8_add): the residual add after a layer's o and
-// down projections at tp=1, otherwise a kernel of its own (1.3 us) after each.
+// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
 struct Fusion {
-  const __half* residual = nullptr;  // out = residual + W x where not null
+  const __half* residual = nullptr;     // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
+  const __half* norm_weight = nullptr;  // x := rms_norm(x) * norm_weight first, where not null (_norm)
+  float eps = 0.f;
 };
+
+// q4's chunks are paired in shared memory and summed scaled by kXScale (GroupQ4); q8's are used as
+// they are.
+template <int Bits>
+__device__ uint4 Prepared(uint4 chunk) {
+  if constexpr (Bits == 4) return PairedChunk(chunk);
+  return chunk;
+}
+
+// x in shared memory made ready for the rounds, by the whole block once x (and the norm's weight,
+// after x's chunks) has arrived: normalised where the fusion has a norm, then Prepared. Ends with a
+// barrier where it wrote anything.
+template <int Bits>
+__device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
+  __shared__ float squares_shared[kWarps];
+  const int chunks = k / 8;
+  if (fusion.norm_weight != nullptr) {
+    const uint4* weight_shared = x_shared + SharedChunks(k);
+    float squares = 0.f;
+    for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
+      float v[8];
+      lab::Lanes<__half>::Unpack(x_shared[Swizzled(j)], v);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) squares += v[i] * v[i];
+    }
+    const float inverse = lab::InverseRms(squares, k, fusion.eps, squares_shared);  // a barrier
+    for (int j = threadIdx.x; j < chunks; j += blockDim.x)
+      x_shared[Swizzled(j)] = Prepared<Bits>(lab::Normalised<__half>(x_shared[Swizzled(j)], weight_shared[j], inverse));
+    __syncthreads();
+  } else if constexpr (Bits == 4) {
+    for (int j = threadIdx.x; j < chunks; j += blockDim.x) x_shared[Swizzled(j)] = Prepared<Bits>(x_shared[Swizzled(j)]);
+    __syncthreads();
+  }
+}
+
+// The rows a warp computes, kRows of them from output row `out0` on: with Swiglu the first half
+// are gate rows out0.., the second the up rows I + out0.. (I = n / 2 outputs); a row past the end
+// repeats the last (computed, not stored).
+template <int kRows, bool Swiglu>
+__device__ __forceinline__ int RowOf(int r, int out0, int n) {
+  if constexpr (!Swiglu) return min(out0 + r, n - 1);
+  constexpr int kOut = kRows / 2;
+  const int outputs = n / 2;
+  const int o = min(out0 + r % kOut, outputs - 1);
+  return r < kOut ? o : outputs + o;
+}
+
+__device__ __forceinline__ float RoundHalf(float v) { return __half2float(__float2half_rn(v)); }
+
+// silu(gate) * up with the separate kernels' roundings: gate, up, silu(gate) and the product each
+// rounded to float16.
+__device__ __forceinline__ float SiluTimes(float gate, float up) {
+  const float g = RoundHalf(gate);
+  return RoundHalf(g / (1.f + expf(-g))) * RoundHalf(up);
+}
 
 // P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
 // x is copied into shared memory once per block (Swizzled; SharedBytes(k) of dynamic shared memory),
@@ -142,20 +211,27 @@ struct Fusion {
 template <int Bits, int kRows, int P>
 constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
-template <int Bits, int kRows, int P, typename OutT>
+// n: rows of W (2I with Swiglu, whose output has I).
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
-  extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
+  constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
+  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled; then the norm's weight
   const int lane = threadIdx.x % 32;
-  const int row0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kRows;
-  const bool active = row0 < n;  // the whole warp; an inactive one still takes part in the barriers
+  const int outputs = Swiglu ? n / 2 : n;
+  const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
+  const bool active = out0 < outputs;  // the whole warp; an inactive one still takes part in the barriers
   const int groups = k / 32;
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
+  if (fusion.norm_weight != nullptr) {
+    const uint4* nv = reinterpret_cast<const uint4*>(fusion.norm_weight);
+    for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + SharedChunks(k) + j, nv + j, 16);
+  }
   __pipeline_commit();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -168,7 +244,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       const int g = g0 + 32 * p;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const int row = min(row0 + r, n - 1);  // a row past the end repeats the last (not stored)
+        const int row = RowOf<kRows, Swiglu>(r, out0, n);
         if (active && g < groups) {
 #pragma unroll
           for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
@@ -179,10 +255,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     if (round == 0) {
       __pipeline_wait_prior(0);
       __syncthreads();  // x is in shared memory
-      if constexpr (Bits == 4) {
-        for (int j = threadIdx.x; j < k / 8; j += blockDim.x) x_shared[Swizzled(j)] = PairedChunk(x_shared[Swizzled(j)]);
-        __syncthreads();
-      }
+      PrepareX<Bits>(x_shared, k, fusion);
     }
     if (!active) continue;
 #pragma unroll
@@ -213,20 +286,23 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    float v = acc[r];
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if (lane == 0 && row0 + r < n) {
-      v *= unscale;
-      if (fusion.residual != nullptr) v += __half2float(fusion.residual[row0 + r]);
-      out[row0 + r] = OutT(v);
-    }
+    for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+    acc[r] *= unscale;
+  }
+  if (lane != 0) return;
+#pragma unroll
+  for (int o = 0; o < kOut; ++o) {
+    if (out0 + o >= outputs) break;
+    float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
+    if (fusion.residual != nullptr) v += __half2float(fusion.residual[out0 + o]);
+    out[out0 + o] = OutT(v);
   }
 }
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
-// permutes aligned runs of 8 chunks).
-inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
+// permutes aligned runs of 8 chunks), and with a norm its weight's k values after it.
+inline int SharedBytes(int64_t k, bool norm) { return int(SharedChunks(int(k)) * 16 + (norm ? k * 2 : 0)); }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
 // - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
@@ -239,6 +315,7 @@ inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 //   round, Llama-3-8B's 4096 x 14336 down projection ran 1.3 waves (31.4 us; 18.0 at two rows),
 //   and in the model the 6144 x 4096 qkv projection took 10.9 us, 2 waves of one-row warps.
 //   Ties go to more rows per warp.
+// - Swiglu needs rows in (gate, up) pairs: 2 rows per warp, or q4's 4 where wide.
 constexpr int64_t kQ4WideFrom = 16384;
 
 struct Shape {
@@ -246,36 +323,41 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, typename OutT>
+template <int Bits, int R, int P, bool Swiglu, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, OutT>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
 // the kernel is allowed more than the default where x has more than 24576 inputs).
 int Resident(const void* kernel, int smem) {
   const int blocks = lab::ResidentBlocks(kernel, kWarps * 32, smem);
-  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
+  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem << " bytes of x (and norm weight) do not fit in shared memory";
   return blocks;
 }
 
-template <int Bits, typename OutT>
-Shape Choose(int64_t n, int64_t k, int device) {
-  if (Bits == 4 && n >= kQ4WideFrom) {
-    const Shape wide = ShapeOf<Bits, 4, 4, OutT>();
-    Resident(wide.kernel, SharedBytes(k));  // allows its shared memory
-    return wide;
+template <int Bits, bool Swiglu, typename OutT>
+Shape Choose(int64_t n, int64_t k, int smem, int device) {
+  if constexpr (Bits == 4) {
+    if (n >= kQ4WideFrom) {
+      const Shape wide = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
+      Resident(wide.kernel, smem);  // allows its shared memory
+      return wide;
+    }
   }
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
-  const Shape candidates[2] = {
-      few ? ShapeOf<Bits, 1, 4, OutT>() : ShapeOf<Bits, 1, 8, OutT>(),
-      few || Bits == 8 ? ShapeOf<Bits, 2, 4, OutT>() : ShapeOf<Bits, 2, 8, OutT>()};
+  Shape candidates[2];
+  int count = 0;
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
+  if constexpr (!Swiglu)
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[0];
   int64_t best_cost = -1;
-  for (const Shape& c : candidates) {
-    const int64_t slots = int64_t(Resident(c.kernel, SharedBytes(k))) * sms * kWarps;
+  for (int i = count - 1; i >= 0; --i) {  // fewer rows first: ties go to more
+    const Shape& c = candidates[i];
+    const int64_t slots = int64_t(Resident(c.kernel, smem)) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
     const int64_t cost = waves * c.rows * ((per_lane + c.groups_per_round - 1) / c.groups_per_round);
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
@@ -283,23 +365,33 @@ Shape Choose(int64_t n, int64_t k, int device) {
   return best;
 }
 
-template <int Bits, typename OutT>
+template <int Bits, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const Shape shape = Choose<Bits, OutT>(n, k, device);
-  const unsigned blocks = unsigned((n + kWarps * shape.rows - 1) / (kWarps * shape.rows));
+  const int smem = SharedBytes(k, fusion.norm_weight != nullptr);
+  const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
+  const int64_t outputs = Swiglu ? n / 2 : n;
+  const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
+  const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(SharedBytes(k)), stream));
+  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(smem), stream));
 }
 
+// What a registered function fuses (its name's suffix, runtime_patch/functions.py GEMV_FUSIONS).
+struct Fused {
+  bool add, norm, swiglu;
+  const char* suffix;
+};
 
-// lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and lab.gemv.q4_add / q8_add (x, q_weight, q_scale,
-// residual, out): x [.., K] one row; residual [.., N] float16 (or null); out [.., N].
+// Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
+// float16; residual [.., N] float16 or null; norm_weight [K] float16 or null; out [.., N] (or
+// [.., N / 2] with swiglu) float16, or float32 where nothing is fused (the LM head).
 template <int Bits>
-void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  const char* fn = residual == nullptr ? (Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8")
-                                       : (Bits == 4 ? "lab.gemv.q4_add" : "lab.gemv.q8_add");
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight,
+          double eps, DLTensor* out) {
+  const std::string name = std::string(Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8") + fused.suffix;
+  const char* fn = name.c_str();
   constexpr int per_word = 32 / Bits;
   lab::CheckOnGpuCompact(fn, {x, w, scale, out});
   if (!lab::IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
@@ -307,43 +399,71 @@ void Gemv(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTenso
     TVM_FFI_THROW(TypeError) << fn << ": expects x float16, q_weight uint32 [N, K/" << per_word
                              << "], q_scale float16 [N, K/32]";
   const int64_t n = w->shape[0], k = w->shape[1] * per_word;
+  const int64_t outputs = fused.swiglu ? n / 2 : n;
   if (Rows(x) != 1 || x->shape[x->ndim - 1] != k || scale->shape[0] != n || scale->shape[1] * 32 != k ||
-      Rows(out) != 1 || out->shape[out->ndim - 1] != n || k % 32 != 0)
+      Rows(out) != 1 || out->shape[out->ndim - 1] != outputs || k % 32 != 0 || (fused.swiglu && n % 2 != 0))
     TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (one row of x [.., " << x->shape[x->ndim - 1]
                               << "], q_weight [" << n << ", " << w->shape[1] << "], out [.., "
-                              << out->shape[out->ndim - 1] << "])";
+                              << out->shape[out->ndim - 1] << "]" << (fused.swiglu ? ": N / 2 outputs of an even N" : "")
+                              << ")";
   if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
-  if (residual != nullptr) {
+  if (fused.add) {
     lab::CheckOnGpuCompact(fn, {residual});
-    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != n)
-      TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << n;
+    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
+      TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
     fusion.residual = Data<__half>(residual);
+  }
+  if (fused.norm) {
+    lab::CheckOnGpuCompact(fn, {norm_weight});
+    if (!lab::IsHalf(norm_weight->dtype) || Rows(norm_weight) != 1 || norm_weight->shape[norm_weight->ndim - 1] != k ||
+        reinterpret_cast<uintptr_t>(Data<char>(norm_weight)) % 16 != 0)
+      TVM_FFI_THROW(ValueError) << fn << ": norm_weight must be one 16-byte aligned float16 row of " << k;
+    fusion.norm_weight = Data<__half>(norm_weight);
+    fusion.eps = float(eps);
   }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
-  if (!f32 && !lab::IsHalf(out->dtype)) TVM_FFI_THROW(TypeError) << fn << ": out must be float16 or float32";
+  if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.norm && !fused.swiglu))
+    TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (fused.suffix[0] ? "" : " or float32");
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
   if (f32) {
-    Launch<Bits, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+    Launch<Bits, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+  } else if (fused.swiglu) {
+    Launch<Bits, true, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   } else {
-    Launch<Bits, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    Launch<Bits, false, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
   lab::CheckLaunch(fn);
 }
 
 template <int Bits>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>(x, w, scale, nullptr, out);
+  Gemv<Bits>({false, false, false, ""}, x, w, scale, nullptr, nullptr, 0.0, out);
 }
 
 template <int Bits>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  Gemv<Bits>(x, w, scale, residual, out);
+  Gemv<Bits>({true, false, false, "_add"}, x, w, scale, residual, nullptr, 0.0, out);
+}
+
+template <int Bits>
+void GemvNorm(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
+  Gemv<Bits>({false, true, false, "_norm"}, x, w, scale, nullptr, norm_weight, eps, out);
+}
+
+template <int Bits>
+void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
+  Gemv<Bits>({false, false, true, "_swiglu"}, x, w, scale, nullptr, nullptr, 0.0, out);
+}
+
+template <int Bits>
+void GemvNormSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
+  Gemv<Bits>({false, true, true, "_norm_swiglu"}, x, w, scale, nullptr, norm_weight, eps, out);
 }
 
 }  // namespace
@@ -354,4 +474,10 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
   refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
   refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
+  refl::GlobalDef().def("lab.gemv.q4_norm", GemvNorm<4>);
+  refl::GlobalDef().def("lab.gemv.q8_norm", GemvNorm<8>);
+  refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
+  refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
+  refl::GlobalDef().def("lab.gemv.q4_norm_swiglu", GemvNormSwiglu<4>);
+  refl::GlobalDef().def("lab.gemv.q8_norm_swiglu", GemvNormSwiglu<8>);
 }
