@@ -151,9 +151,9 @@ __device__ uint4 Prepared(uint4 chunk) {
   return chunk;
 }
 
-// x in shared memory made ready for the rounds, by the whole block once x (and the norm's weight,
-// after x's chunks) has arrived: normalised where the fusion has a norm, then Prepared. Ends with a
-// barrier where it wrote anything.
+// x in shared memory made ready for the rounds, each thread on the chunks it copied (so no barrier
+// before: its own asynchronous copies are complete): normalised where the fusion has a norm, then
+// Prepared. The caller's barrier after it makes x visible to the block.
 template <int Bits>
 __device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
   __shared__ float squares_shared[kWarps];
@@ -170,10 +170,8 @@ __device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
     const float inverse = lab::InverseRms(squares, k, fusion.eps, squares_shared);  // a barrier
     for (int j = threadIdx.x; j < chunks; j += blockDim.x)
       x_shared[Swizzled(j)] = Prepared<Bits>(lab::Normalised<__half>(x_shared[Swizzled(j)], weight_shared[j], inverse));
-    __syncthreads();
   } else if constexpr (Bits == 4) {
     for (int j = threadIdx.x; j < chunks; j += blockDim.x) x_shared[Swizzled(j)] = Prepared<Bits>(x_shared[Swizzled(j)]);
-    __syncthreads();
   }
 }
 
@@ -253,9 +251,9 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
-      __pipeline_wait_prior(0);
-      __syncthreads();  // x is in shared memory
+      __pipeline_wait_prior(0);  // this thread's chunks of x (and of the norm's weight) have arrived
       PrepareX<Bits>(x_shared, k, fusion);
+      __syncthreads();  // x is ready in shared memory
     }
     if (!active) continue;
 #pragma unroll
