@@ -136,10 +136,12 @@ __device__ uint4 PairedChunk(uint4 raw) {
   return paired;
 }
 
-// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
+// What a GEMV does besides its product: the pointers and values of its fusions (whether it has a norm
+// or a Swiglu epilogue are template parameters: a kernel's code is the code it runs; the 1- and 2-row
+// kernels got 1.2-3 us slower with the norm's prologue in them, skipped at run time, 2026-12-01).
 struct Fusion {
   const __half* residual = nullptr;     // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
-  const __half* norm_weight = nullptr;  // x := rms_norm(x) * norm_weight first, where not null (_norm)
+  const __half* norm_weight = nullptr;  // Norm: x := rms_norm(x) * norm_weight first (_norm)
   float eps = 0.f;
 };
 
@@ -154,13 +156,14 @@ __device__ uint4 Prepared(uint4 chunk) {
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (so no barrier
 // before: its own asynchronous copies are complete): normalised where the fusion has a norm, then
 // Prepared. The caller's barrier after it makes x visible to the block.
-template <int Bits>
+template <int Bits, bool Norm>
 __device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
   __shared__ float squares_shared[kWarps];
   const int chunks = k / 8;
-  if (fusion.norm_weight != nullptr) {
+  if constexpr (Norm) {
     const uint4* weight_shared = x_shared + SharedChunks(k);
     float squares = 0.f;
+#pragma unroll 1
     for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
       float v[8];
       lab::Lanes<__half>::Unpack(x_shared[Swizzled(j)], v);
@@ -168,6 +171,7 @@ __device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
       for (int i = 0; i < 8; ++i) squares += v[i] * v[i];
     }
     const float inverse = lab::InverseRms(squares, k, fusion.eps, squares_shared);  // a barrier
+#pragma unroll 1
     for (int j = threadIdx.x; j < chunks; j += blockDim.x)
       x_shared[Swizzled(j)] = Prepared<Bits>(lab::Normalised<__half>(x_shared[Swizzled(j)], weight_shared[j], inverse));
   } else if constexpr (Bits == 4) {
@@ -180,11 +184,14 @@ __device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
 // repeats the last (computed, not stored).
 template <int kRows, bool Swiglu>
 __device__ __forceinline__ int RowOf(int r, int out0, int n) {
-  if constexpr (!Swiglu) return min(out0 + r, n - 1);
-  constexpr int kOut = kRows / 2;
-  const int outputs = n / 2;
-  const int o = min(out0 + r % kOut, outputs - 1);
-  return r < kOut ? o : outputs + o;
+  if constexpr (!Swiglu) {
+    return min(out0 + r, n - 1);
+  } else {
+    constexpr int kOut = kRows / 2;
+    const int outputs = n / 2;
+    const int o = min(out0 + r % kOut, outputs - 1);
+    return r < kOut ? o : outputs + o;
+  }
 }
 
 __device__ __forceinline__ float RoundHalf(float v) { return __half2float(__float2half_rn(v)); }
@@ -210,7 +217,7 @@ template <int Bits, int kRows, int P>
 constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
-template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
+template <int Bits, int kRows, int P, bool Norm, bool Swiglu, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
@@ -226,7 +233,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-  if (fusion.norm_weight != nullptr) {
+  if constexpr (Norm) {
     const uint4* nv = reinterpret_cast<const uint4*>(fusion.norm_weight);
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + SharedChunks(k) + j, nv + j, 16);
   }
@@ -252,7 +259,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     }
     if (round == 0) {
       __pipeline_wait_prior(0);  // this thread's chunks of x (and of the norm's weight) have arrived
-      PrepareX<Bits>(x_shared, k, fusion);
+      PrepareX<Bits, Norm>(x_shared, k, fusion);
       __syncthreads();  // x is ready in shared memory
     }
     if (!active) continue;
@@ -321,9 +328,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Swiglu, typename OutT>
+template <int Bits, int R, int P, bool Norm, bool Swiglu, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Norm, Swiglu, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -334,11 +341,11 @@ int Resident(const void* kernel, int smem) {
   return blocks;
 }
 
-template <int Bits, bool Swiglu, typename OutT>
+template <int Bits, bool Norm, bool Swiglu, typename OutT>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   if constexpr (Bits == 4) {
     if (n >= kQ4WideFrom) {
-      const Shape wide = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
+      const Shape wide = ShapeOf<Bits, 4, 4, Norm, Swiglu, OutT>();
       Resident(wide.kernel, smem);  // allows its shared memory
       return wide;
     }
@@ -347,9 +354,9 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const bool few = per_lane <= 4;
   Shape candidates[2];
   int count = 0;
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Norm, Swiglu, OutT>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Norm, Swiglu, OutT>();
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[0];
   int64_t best_cost = -1;
@@ -363,11 +370,11 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   return best;
 }
 
-template <int Bits, bool Swiglu, typename OutT>
+template <int Bits, bool Norm, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const int smem = SharedBytes(k, fusion.norm_weight != nullptr);
-  const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
+  const int smem = SharedBytes(k, Norm);
+  const Shape shape = Choose<Bits, Norm, Swiglu, OutT>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
@@ -429,12 +436,17 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
+  auto* o = Data<__half>(out);
   if (f32) {
-    Launch<Bits, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+    Launch<Bits, false, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+  } else if (fused.norm && fused.swiglu) {
+    Launch<Bits, true, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+  } else if (fused.norm) {
+    Launch<Bits, true, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
   } else if (fused.swiglu) {
-    Launch<Bits, true, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    Launch<Bits, false, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
   } else {
-    Launch<Bits, false, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    Launch<Bits, false, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
   }
   lab::CheckLaunch(fn);
 }
