@@ -14,11 +14,8 @@ Matrix products (plugin cuda_gemm):
   GEMV[bits, fusion]                    the same with more in the kernel (GEMV_FUSIONS, by name suffix):
     "add"  (x, q_weight, q_scale, residual, out)   out = residual + W x: the residual add after a
                                         layer's o and down projections at tp=1
-    "norm" (x, q_weight, q_scale, norm_weight, eps, out)   out = W rms_norm(x) * norm_weight:
-                                        the layer's RMSNorm before its qkv projection
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
-    "norm_swiglu" (x, q_weight, q_scale, norm_weight, eps, out)   both (gate_up at tp=1)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused"),
@@ -110,7 +107,7 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # What a decode GEMV may do besides its product (the docstring above), each a function named by
 # its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
-GEMV_FUSIONS = ("", "add", "norm", "swiglu", "norm_swiglu")
+GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 GEMM_Q4 = "lab.gemm.q4"

@@ -1,13 +1,11 @@
 // lab.gemv.q4_add / lab.gemv.q8_add (x, q_weight, q_scale, residual, out): the same plus a residual
 // row, added to the float32 sum before its one rounding (the o and down projections at tp=1).
-// lab.gemv.q4_norm / q8_norm (x, q_weight, q_scale, norm_weight, eps, out): out = W rms_norm(x), the
-// layer's RMSNorm made by every block in its prologue from x and the norm's weight (rounded as
-// transformers' LlamaRMSNorm, row_norm.h): the qkv projection and, with swiglu, gate_up at tp=1.
-// lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out), and _norm_swiglu (x, q_weight,
-// q_scale, norm_weight, eps, out): W = [W_gate; W_up] (2I rows), out [.., I] = silu(W_gate x) *
-// (W_up x), a warp computing gate row i and up row i, both rounded to float16 first, silu(gate)
-// rounded, then the product (the separate kernels' roundings). Each fusion is one kernel fewer per
-// layer (~1.8 us each in a graph: the norms and SiLU took 172-176 us of a q4 / q8 step, 2026-11-30).
+// lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out): W = [W_gate; W_up] (2I rows), out
+// [.., I] = silu(W_gate x) * (W_up x), a warp computing gate row i and up row i, both rounded to
+// float16 first, silu(gate) rounded, then the product (the separate kernels' roundings): the SiLU
+// kernel after every gate_up projection (~1.8 us in a graph) is gone. (The layer's RMSNorm in the
+// GEMVs' prologue was tried and dropped: every block normalising x cost 1.7-4 us a call, more than
+// the norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
@@ -58,7 +56,6 @@
 #include <string>
 
 #include "cuda_common.h"
-#include "row_norm.h"
 
 namespace {
 
@@ -136,46 +133,18 @@ __device__ uint4 PairedChunk(uint4 raw) {
   return paired;
 }
 
-// What a GEMV does besides its product: the pointers and values of its fusions (whether it has a norm
-// or a Swiglu epilogue are template parameters: a kernel's code is the code it runs; the 1- and 2-row
-// kernels got 1.2-3 us slower with the norm's prologue in them, skipped at run time, 2026-12-01).
+// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
 struct Fusion {
-  const __half* residual = nullptr;     // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
-  const __half* norm_weight = nullptr;  // Norm: x := rms_norm(x) * norm_weight first (_norm)
-  float eps = 0.f;
+  const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
 };
 
-// q4's chunks are paired in shared memory and summed scaled by kXScale (GroupQ4); q8's are used as
-// they are.
+// x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
+// asynchronous copies are complete: no barrier before): q4 pairs them (PairedChunk). The caller's
+// barrier after it makes x visible to the block.
 template <int Bits>
-__device__ uint4 Prepared(uint4 chunk) {
-  if constexpr (Bits == 4) return PairedChunk(chunk);
-  return chunk;
-}
-
-// x in shared memory made ready for the rounds, each thread on the chunks it copied (so no barrier
-// before: its own asynchronous copies are complete): normalised where the fusion has a norm, then
-// Prepared. The caller's barrier after it makes x visible to the block.
-template <int Bits, bool Norm>
-__device__ void PrepareX(uint4* x_shared, int k, const Fusion& fusion) {
-  __shared__ float squares_shared[kWarps];
-  const int chunks = k / 8;
-  if constexpr (Norm) {
-    const uint4* weight_shared = x_shared + SharedChunks(k);
-    float squares = 0.f;
-#pragma unroll 1
-    for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
-      float v[8];
-      lab::Lanes<__half>::Unpack(x_shared[Swizzled(j)], v);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) squares += v[i] * v[i];
-    }
-    const float inverse = lab::InverseRms(squares, k, fusion.eps, squares_shared);  // a barrier
-#pragma unroll 1
-    for (int j = threadIdx.x; j < chunks; j += blockDim.x)
-      x_shared[Swizzled(j)] = Prepared<Bits>(lab::Normalised<__half>(x_shared[Swizzled(j)], weight_shared[j], inverse));
-  } else if constexpr (Bits == 4) {
-    for (int j = threadIdx.x; j < chunks; j += blockDim.x) x_shared[Swizzled(j)] = Prepared<Bits>(x_shared[Swizzled(j)]);
+__device__ void PrepareX(uint4* x_shared, int k) {
+  if constexpr (Bits == 4) {
+    for (int j = threadIdx.x; j < k / 8; j += blockDim.x) x_shared[Swizzled(j)] = PairedChunk(x_shared[Swizzled(j)]);
   }
 }
 
@@ -217,13 +186,13 @@ template <int Bits, int kRows, int P>
 constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
-template <int Bits, int kRows, int P, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
-  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled; then the norm's weight
+  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled
   const int lane = threadIdx.x % 32;
   const int outputs = Swiglu ? n / 2 : n;
   const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
@@ -233,10 +202,6 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-  if constexpr (Norm) {
-    const uint4* nv = reinterpret_cast<const uint4*>(fusion.norm_weight);
-    for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + SharedChunks(k) + j, nv + j, 16);
-  }
   __pipeline_commit();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -258,8 +223,8 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
-      __pipeline_wait_prior(0);  // this thread's chunks of x (and of the norm's weight) have arrived
-      PrepareX<Bits, Norm>(x_shared, k, fusion);
+      __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
+      PrepareX<Bits>(x_shared, k);
       __syncthreads();  // x is ready in shared memory
     }
     if (!active) continue;
@@ -306,8 +271,8 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 }
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
-// permutes aligned runs of 8 chunks), and with a norm its weight's k values after it.
-inline int SharedBytes(int64_t k, bool norm) { return int(SharedChunks(int(k)) * 16 + (norm ? k * 2 : 0)); }
+// permutes aligned runs of 8 chunks).
+inline int SharedBytes(int64_t k) { return SharedChunks(int(k)) * 16; }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
 // - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
@@ -328,24 +293,24 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, int R, int P, bool Swiglu, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Norm, Swiglu, OutT>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
 // the kernel is allowed more than the default where x has more than 24576 inputs).
 int Resident(const void* kernel, int smem) {
   const int blocks = lab::ResidentBlocks(kernel, kWarps * 32, smem);
-  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem << " bytes of x (and norm weight) do not fit in shared memory";
+  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
   return blocks;
 }
 
-template <int Bits, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, bool Swiglu, typename OutT>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   if constexpr (Bits == 4) {
     if (n >= kQ4WideFrom) {
-      const Shape wide = ShapeOf<Bits, 4, 4, Norm, Swiglu, OutT>();
+      const Shape wide = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
       Resident(wide.kernel, smem);  // allows its shared memory
       return wide;
     }
@@ -354,9 +319,9 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const bool few = per_lane <= 4;
   Shape candidates[2];
   int count = 0;
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Norm, Swiglu, OutT>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Norm, Swiglu, OutT>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[0];
   int64_t best_cost = -1;
@@ -370,11 +335,11 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   return best;
 }
 
-template <int Bits, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const int smem = SharedBytes(k, Norm);
-  const Shape shape = Choose<Bits, Norm, Swiglu, OutT>(n, k, smem, device);
+  const int smem = SharedBytes(k);
+  const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
@@ -385,16 +350,15 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
 
 // What a registered function fuses (its name's suffix, runtime_patch/functions.py GEMV_FUSIONS).
 struct Fused {
-  bool add, norm, swiglu;
+  bool add, swiglu;
   const char* suffix;
 };
 
 // Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
-// float16; residual [.., N] float16 or null; norm_weight [K] float16 or null; out [.., N] (or
-// [.., N / 2] with swiglu) float16, or float32 where nothing is fused (the LM head).
+// float16; residual [.., N] float16 or null; out [.., N] (or [.., N / 2] with swiglu) float16, or
+// float32 where nothing is fused (the LM head).
 template <int Bits>
-void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight,
-          double eps, DLTensor* out) {
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const std::string name = std::string(Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8") + fused.suffix;
   const char* fn = name.c_str();
   constexpr int per_word = 32 / Bits;
@@ -420,60 +384,37 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
       TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
     fusion.residual = Data<__half>(residual);
   }
-  if (fused.norm) {
-    lab::CheckOnGpuCompact(fn, {norm_weight});
-    if (!lab::IsHalf(norm_weight->dtype) || Rows(norm_weight) != 1 || norm_weight->shape[norm_weight->ndim - 1] != k ||
-        reinterpret_cast<uintptr_t>(Data<char>(norm_weight)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": norm_weight must be one 16-byte aligned float16 row of " << k;
-    fusion.norm_weight = Data<__half>(norm_weight);
-    fusion.eps = float(eps);
-  }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
-  if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.norm && !fused.swiglu))
+  if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.swiglu))
     TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (fused.suffix[0] ? "" : " or float32");
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  auto* o = Data<__half>(out);
   if (f32) {
-    Launch<Bits, false, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
-  } else if (fused.norm && fused.swiglu) {
-    Launch<Bits, true, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
-  } else if (fused.norm) {
-    Launch<Bits, true, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
   } else if (fused.swiglu) {
-    Launch<Bits, false, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, true, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   } else {
-    Launch<Bits, false, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, false, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
   lab::CheckLaunch(fn);
 }
 
 template <int Bits>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, false, ""}, x, w, scale, nullptr, nullptr, 0.0, out);
+  Gemv<Bits>({false, false, ""}, x, w, scale, nullptr, out);
 }
 
 template <int Bits>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  Gemv<Bits>({true, false, false, "_add"}, x, w, scale, residual, nullptr, 0.0, out);
-}
-
-template <int Bits>
-void GemvNorm(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
-  Gemv<Bits>({false, true, false, "_norm"}, x, w, scale, nullptr, norm_weight, eps, out);
+  Gemv<Bits>({true, false, "_add"}, x, w, scale, residual, out);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, true, "_swiglu"}, x, w, scale, nullptr, nullptr, 0.0, out);
-}
-
-template <int Bits>
-void GemvNormSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
-  Gemv<Bits>({false, true, true, "_norm_swiglu"}, x, w, scale, nullptr, norm_weight, eps, out);
+  Gemv<Bits>({false, true, "_swiglu"}, x, w, scale, nullptr, out);
 }
 
 }  // namespace
@@ -484,10 +425,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
   refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
   refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
-  refl::GlobalDef().def("lab.gemv.q4_norm", GemvNorm<4>);
-  refl::GlobalDef().def("lab.gemv.q8_norm", GemvNorm<8>);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
-  refl::GlobalDef().def("lab.gemv.q4_norm_swiglu", GemvNormSwiglu<4>);
-  refl::GlobalDef().def("lab.gemv.q8_norm_swiglu", GemvNormSwiglu<8>);
 }
