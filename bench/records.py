@@ -16,6 +16,15 @@ from pathlib import Path
 from harness.results import atomic_write_json
 
 
+def _experiment(command: str | None, results_dir: Path) -> str:
+    """The experiment's name: its module in the command (`python -m experiments.NAME ...`), else
+    the results folder's parent (results/NAME/<time>; a hydra.run.dir elsewhere has no such parent)."""
+    for word in (command or "").split():
+        if word.startswith("experiments."):
+            return word.split(".", 1)[1]
+    return results_dir.parent.name
+
+
 def _card(env: dict) -> str:
     gpus = env.get("gpus") or []
     return f"{len(gpus)} x {gpus[0]['name']}" if gpus else (env.get("cpu_model") or "CPU")
@@ -73,7 +82,7 @@ def record_of(results_dir: Path) -> dict:
                 point["allreduce_overlap"] = {**overlap,
                                               "serialized_raw_itl_s": [t for r in samples for t in r["itl_s"]]}
         points.append(point)
-    return {"experiment": results_dir.parent.name, "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
+    return {"experiment": _experiment(env.get("command"), results_dir), "model": cfg["model"].get("preset"), "quant": cfg.get("quant", {}).get("name"),
             "lm_head": cfg.get("lm_head"), "overlap": cfg.get("overlap"),
             "workload": cfg.get("workload"), "card": _card(env), "date": env["timestamp"][:10],
             "command": env.get("command"), "git_sha": (env.get("git") or {}).get("sha"),

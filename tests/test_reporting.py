@@ -293,3 +293,14 @@ def test_summary_document_starts_with_provenance():
         assert fact in head
     gpu_env = {**FAKE_ENV, "gpus": [{"name": "NVIDIA H100", "driver_version": "580"}] * 2}
     assert "2 x NVIDIA H100" in markdown.summary_document("B", gpu_env, [])
+
+
+def test_a_record_names_the_experiment_its_command_ran(tmp_path):
+    """bench.records names a record by the experiment module in its command (a hydra.run.dir outside
+    results/<experiment>/ has no telling parent), else by the results folder's parent."""
+    from bench.records import _experiment
+
+    assert _experiment("python -m experiments.quant_compare device=cuda hydra.run.dir=/out/qc", tmp_path / "3" / "qc") \
+        == "quant_compare"
+    assert _experiment(None, tmp_path / "tensor_parallel" / "20261201-040000") == "tensor_parallel"
+    assert _experiment("python bench/other.py", tmp_path / "overlap" / "x") == "overlap"
