@@ -17,6 +17,8 @@ on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_a
 FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
+`--rows 0,1,2` times the library's GEMVs under each rows-per-warp choice (`lab.gemv.rows`; 0 is the
+plugin's rule).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def per_call_seconds(call, params: list, warmup: int, calls: int, samples: int =
     return out
 
 
-def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
+def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
     import numpy as np
     import torch
     import tvm
@@ -126,11 +128,14 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
     bandwidth = device_probe.copy_bandwidth("cuda")
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else []
     manifest = [m for m in manifest if m["quant"] in quants]
-    functions.register("cuda", [functions.GEMV_Q4, functions.GEMV_Q8])
-    manifest += [{"name": f"{quant}-{shape}-library", "quant": quant, "shape": shape, "variant": "library",
-                  "n": n, "k": k} for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
+    functions.register("cuda", [functions.GEMV_Q4, functions.GEMV_Q8, functions.GEMV_ROWS])
+    manifest += [{"name": f"{quant}-{shape}-library" + (f"-rows{r}" if r else ""), "quant": quant, "shape": shape,
+                  "variant": "library", "rows": r, "n": n, "k": k}
+                 for r in rows for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
+    set_rows = tvm_ffi.get_global_func(functions.GEMV_ROWS)
     results, reference = [], {}
     for entry in manifest:
+        set_rows(entry.get("rows", 0))
         spec = quant_spec(entry["quant"])
         n, k = entry["n"], entry["k"]
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -168,8 +173,12 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str]) -> None:
               flush=True)
         results.append(r)
         del params
+    set_rows(0)
     results += dequant_results(quants, bandwidth["bytes_per_s"])
-    results += fused_results(quants)
+    for r in rows:
+        set_rows(r)
+        results += fused_results(quants, r)
+    set_rows(0)
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
@@ -185,7 +194,7 @@ IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at 
 FUSIONS = {"o": ("add",), "gate_up": ("swiglu",), "down": ("add",)}
 
 
-def fused_results(quants: list[str]) -> list[dict]:
+def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
     """The fused GEMVs (the residual add, SiLU after gate_up: FUSIONS) checked against
     their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
     8B's shapes; then, per shape, the plain GEMV and each fused one timed as the model calls them:
@@ -242,11 +251,12 @@ def fused_results(quants: list[str]) -> list[dict]:
                 want = want.astype(np.float32)
                 err = float(np.abs(outs[fusion].float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
                 fused = in_graph_us(fusion)
-                row = {"name": f"{quant}-{shape}-{fusion}", "quant": quant, "shape": shape,
-                       "variant": f"{fusion}_in_graph", "fusion": fusion, "n": n, "k": k, "rel_error_vs_cpu": err,
+                row = {"name": f"{quant}-{shape}-{fusion}" + (f"-rows{rows}" if rows else ""), "quant": quant,
+                       "shape": shape, "variant": f"{fusion}_in_graph", "fusion": fusion, "rows": rows, "n": n, "k": k,
+                       "rel_error_vs_cpu": err,
                        "ok": err <= 4e-3, "plain_us": float(np.median(plain)) * 1e6,
                        "fused_us": float(np.median(fused)) * 1e6, "raw_plain_s": plain, "raw_fused_s": fused}
-                print(f"{functions.GEMV[bits, fusion]:24s} {shape:8s} {row['fused_us']:7.1f} us per call in a graph "
+                print(f"{functions.GEMV[bits, fusion]:24s} {shape:8s} rows {rows} {row['fused_us']:7.1f} us per call in a graph "
                       f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}"
                       f"{'' if row['ok'] else ' NOT OK'}", flush=True)
                 results.append(row)
@@ -301,11 +311,13 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--sha", default=None, help="git SHA of the code that built --dir")
     r.add_argument("--quants", default="q4f16_1,q8f16_1")
+    r.add_argument("--rows", default="0", help="rows per warp of the library GEMVs to time, comma-separated: 0 (the "
+                   "plugin's rule), 1, 2, 4 (lab.gemv.rows; a shape a kernel lacks falls back to the rule)")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.quants.split(","))
     else:
-        run(args.dir, args.out, args.sha, args.quants.split(","))
+        run(args.dir, args.out, args.sha, args.quants.split(","), [int(r) for r in args.rows.split(",")])
 
 
 if __name__ == "__main__":

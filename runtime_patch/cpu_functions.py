@@ -267,6 +267,17 @@ def _kv_advance(next_ids, ids, positions, out) -> None:
 _decode_cluster = [0]
 
 
+_gemv_rows = [0]
+
+
+def _gemv_rows_switch(rows: int) -> int:
+    """The CUDA plugin's rows per warp; NumPy has none (kept for symmetry)."""
+    if rows not in (0, 1, 2, 4):
+        raise ValueError(f"{functions.GEMV_ROWS}: {rows} is not 0 (the rule), 1, 2 or 4")
+    previous, _gemv_rows[0] = _gemv_rows[0], rows
+    return previous
+
+
 def _kv_decode_cluster(n: int) -> int:
     """The CUDA plugin's cluster size for the static decode; NumPy has none (kept for symmetry)."""
     if not 0 <= n <= 8:
@@ -315,6 +326,7 @@ IMPLEMENTATIONS = {
     functions.KV_ADVANCE: _kv_advance,
     functions.KV_ARGMAX: _kv_argmax,
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
+    functions.GEMV_ROWS: _gemv_rows_switch,
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

@@ -61,6 +61,20 @@ def test_norms_in_the_library_allreduce(compiled, gqa_checkpoint, quant, tp):
         assert relative_error(logits, Reference(gqa_checkpoint).logits(tokens)) <= (1e-4 if quant == "q0f32" else 1e-2)
 
 
+def test_library_gemvs_on_sharded_weights(compiled, gqa_checkpoint):
+    """decode_gemv=library at tp=2: each rank's gate_up shard is [its gate rows; its up rows], and
+    lab.gemv.q4_swiglu pairs row i with row I + i of the shard (I its half): the same model as
+    tp=1 with TVM's GEMVs, the SiLU inside gate_up's GEMV."""
+    tokens, base, base_tokens = _logits_and_tokens(compiled, gqa_checkpoint, "q4f16_1", 1)
+    config = from_hf_folder(gqa_checkpoint)
+    artifact = compiled(config, "q4f16_1", 2, decode_gemv="library", allreduce="library")
+    assert functions.GEMV[4, "swiglu"] in artifact.functions
+    _, logits, generated = _logits_and_tokens(compiled, gqa_checkpoint, "q4f16_1", 2, decode_gemv="library",
+                                              allreduce="library")
+    assert relative_error(logits, base) <= 1e-2
+    assert generated == base_tokens
+
+
 @pytest.mark.parametrize("model,quant,tp,lm_head", CASES)
 def test_tp_is_the_same_model_as_tp1(compiled, tiny_checkpoint, gqa_checkpoint, model, quant, tp, lm_head):
     folder = tiny_checkpoint if model == "tiny" else gqa_checkpoint

@@ -7,6 +7,10 @@
 // GEMVs' prologue was tried and dropped: every block normalising x cost 1.7-4 us a call, more than
 // the norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
+// lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
+// rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
+// otherwise the rule), for the benchmarks (bench.gemv --rows).
+//
 // lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
 // q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
 // engine/model/kernels.py's `decode` (decode_gemv="library"; relax call_dps_packed, inside the
@@ -52,6 +56,7 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 
@@ -312,26 +317,33 @@ int Resident(const void* kernel, int smem) {
   return blocks;
 }
 
+std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
+
 template <int Bits, bool Swiglu, typename OutT>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
-  if constexpr (Bits == 4) {
-    if (n >= kQ4WideFrom) {
-      const Shape wide = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
-      Resident(wide.kernel, smem);  // allows its shared memory
-      return wide;
-    }
-  }
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
-  Shape candidates[2];
+  Shape candidates[3];
   int count = 0;
+  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
   candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
   if constexpr (!Swiglu)
     candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
+  const int wanted = g_rows.load();
+  for (int i = 0; i < count; ++i) {
+    if (candidates[i].rows == wanted) {
+      Resident(candidates[i].kernel, smem);  // allows its shared memory
+      return candidates[i];
+    }
+  }
+  if (Bits == 4 && n >= kQ4WideFrom) {
+    Resident(candidates[0].kernel, smem);
+    return candidates[0];
+  }
   const int sms = lab::Facts(device).sms;
-  Shape best = candidates[0];
+  Shape best = candidates[count - 1];
   int64_t best_cost = -1;
-  for (int i = count - 1; i >= 0; --i) {  // fewer rows first: ties go to more
+  for (int i = count - 1; i >= (Bits == 4 ? 1 : 0); --i) {  // fewer rows first: ties go to more
     const Shape& c = candidates[i];
     const int64_t slots = int64_t(Resident(c.kernel, smem)) * sms * kWarps;
     const int64_t waves = ((n + c.rows - 1) / c.rows + slots - 1) / slots;
@@ -339,6 +351,12 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
     if (best_cost < 0 || cost <= best_cost) best = c, best_cost = cost;
   }
   return best;
+}
+
+int SetRows(int rows) {
+  if (rows != 0 && rows != 1 && rows != 2 && rows != 4)
+    TVM_FFI_THROW(ValueError) << "lab.gemv.rows: " << rows << " is not 0 (the rule), 1, 2 or 4";
+  return g_rows.exchange(rows);
 }
 
 template <int Bits, bool Swiglu, typename OutT>
@@ -431,6 +449,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
   refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
   refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
+  refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
 }
