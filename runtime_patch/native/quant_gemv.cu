@@ -297,7 +297,13 @@ inline int SharedBytes(int64_t k) { return SharedChunks(int(k)) * 16; }
 //   and in the model the 6144 x 4096 qkv projection took 10.9 us, 2 waves of one-row warps.
 //   Ties go to more rows per warp.
 // - Swiglu needs rows in (gate, up) pairs: 2 rows per warp, or q4's 4 where wide.
+// - q8 takes 2 rows per warp where a lane has more than 4 groups of a row (the down projections)
+//   or the output is wider than kQ8WideFrom (the LM heads): the rule chose 1 row for those, and
+//   2 measured faster (bench.gemv --rows, an H200, 2026-12-01: Llama-3-8B's 4096 x 14336 down
+//   20.8 against 23.2 us, 70B's 8192 x 14336 at tp=2 36.3 against 38.4, the 128256-row LM head
+//   134.3 against 146.0); for qkv, o and gate_up 1 row was as fast or faster.
 constexpr int64_t kQ4WideFrom = 16384;
+constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
   int rows, groups_per_round;
@@ -337,6 +343,10 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
     }
   }
   if (Bits == 4 && n >= kQ4WideFrom) {
+    Resident(candidates[0].kernel, smem);
+    return candidates[0];
+  }
+  if (Bits == 8 && (!few || n > kQ8WideFrom)) {  // candidates[0]: the 2-row kernel
     Resident(candidates[0].kernel, smem);
     return candidates[0];
   }
