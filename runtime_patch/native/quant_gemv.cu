@@ -1,3 +1,9 @@
+// lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
+// q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
+// engine/model/kernels.py's `decode` (decode_gemv="library"; relax call_dps_packed, inside the
+// decode's CUDA graph: the kernel is launched on TVMFFIEnvGetStream, which TVM points at its
+// capture stream while capturing).
+//
 // lab.gemv.q4_add / lab.gemv.q8_add (x, q_weight, q_scale, residual, out): the same plus a residual
 // row, added to the float32 sum before its one rounding (the o and down projections at tp=1).
 // lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out): W = [W_gate; W_up] (2I rows), out
@@ -10,12 +16,6 @@
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
 // otherwise the rule), for the benchmarks (bench.gemv --rows).
-//
-// lab.gemv.q4 / lab.gemv.q8 (x, q_weight, q_scale, out): the batch-1 decode GEMV of a q4f16_1 or
-// q8f16_1 linear, out[n] = sum_k x[k] * (q[n, k] - m) * scale[n, k / 32] (m = 7 or 127), for
-// engine/model/kernels.py's `decode` (decode_gemv="library"; relax call_dps_packed, inside the
-// decode's CUDA graph: the kernel is launched on TVMFFIEnvGetStream, which TVM points at its
-// capture stream while capturing).
 //
 // q_weight [N, K * bits / 32] uint32 holds 32 / bits values per word, lowest bits first; q_scale
 // [N, K/32] float16 (MLC's layouts, engine/quantize.py).
