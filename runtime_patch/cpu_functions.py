@@ -67,23 +67,16 @@ def _silu_times(gate, up):
 
 def _numpy_gemv(bits: int, fusion: str = ""):
     """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and their fused forms (functions.GEMV_FUSIONS):
-    _add (..., residual, out), _swiglu (..., out), _norm and _norm_swiglu (..., norm_weight, eps,
-    out). q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
-    (q - (2^(bits-1) - 1)) * scale; float32 products; the residual added to the float32 product
-    before its rounding; the norm as a scalar on the products of x * norm_weight (rounded to
-    float16): (W T(x w)) / sqrt(mean(x^2) + eps); swiglu's [gate; up] products rounded to float16
-    before silu(gate) * up."""
+    _add (..., residual, out), _swiglu (..., out). q_weight [N, K * bits / 32] uint32, 32 / bits
+    values per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale; float32 products;
+    the residual added to the float32 product before its rounding; swiglu's [gate; up] products
+    rounded to float16 before silu(gate) * up."""
     def gemv(x, q_weight, q_scale, *rest) -> None:
         xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
-        xa = xa.reshape(-1, xa.shape[-1]).astype(np.float32)
-        inverse = np.float32(1)
-        if fusion.startswith("norm"):
-            inverse = 1 / np.sqrt(np.mean(xa * xa, axis=-1, keepdims=True) + np.float32(rest[1]))
-            xa = (xa * np.from_dlpack(rest[0]).astype(np.float32)).astype(np.float16).astype(np.float32)
-        product = (xa @ _dequantized(wa, sa, bits).T) * inverse
+        product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
         if fusion == "add":
             product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
-        if fusion.endswith("swiglu"):
+        if fusion == "swiglu":
             gate, up = np.split(product.astype(np.float16), 2, axis=-1)
             product = _silu_times(gate, up)
         np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))

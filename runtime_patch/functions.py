@@ -16,10 +16,6 @@ Matrix products (plugin cuda_gemm):
                                         layer's o and down projections at tp=1
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
-    "norm" (x, q_weight, q_scale, norm_weight, eps, out)   the RMSNorm before the product as a
-                                        scalar after it: out = (W T(x * norm_weight)) / rms(x)
-                                        (T: float16), rms(x) = sqrt(mean(x^2) + eps): qkv at tp=1
-    "norm_swiglu" (x, q_weight, q_scale, norm_weight, eps, out)   both (gate_up at tp=1)
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
@@ -113,7 +109,7 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # What a decode GEMV may do besides its product (the docstring above), each a function named by
 # its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
-GEMV_FUSIONS = ("", "add", "swiglu", "norm", "norm_swiglu")
+GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 GEMV_ROWS = "lab.gemv.rows"

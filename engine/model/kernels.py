@@ -9,10 +9,9 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
-  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what precedes and follows it inside
-  (runtime_patch.functions.GEMV): the RMSNorm before qkv and gate_up where it is not in the
-  allreduce (`Linear(x, phase, norm)`, a scalar on the products), SiLU after gate_up
-  (`Linear.swiglu`), and at tp=1 the residual adds after the o and down projections (`Linear.plus`).
+  weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
+  model has it (runtime_patch.functions.GEMV): SiLU after gate_up (`Linear.swiglu`), and at tp=1
+  the residual adds after the o and down projections (`Linear.plus`).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 """
@@ -77,23 +76,20 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
-    def forward(self, x: Tensor, phase: str, norm: nn.RMSNorm | None = None) -> Tensor:
-        """W norm(x) (x where norm is None): the RMSNorm inside the library GEMV where the phase has
-        one (`lab.gemv.q4_norm` / `q8_norm`: a scalar on the products), else a kernel of its own."""
+    def forward(self, x: Tensor, phase: str) -> Tensor:
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("norm" if norm is not None else "", x, norm=norm)
-        x = x if norm is None else norm(x)
+            return self._gemv("", x)
         if self.plan.library_gemm(phase):
             return self._library_gemm(x)
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
                                  [x, *self._weights()])
 
-    def swiglu(self, x: Tensor, phase: str, norm: nn.RMSNorm | None = None) -> Tensor:
-        """silu(gate) * up, [gate, up] = W norm(x) (this linear's rows: the gate's, then the up's):
-        one library GEMV where the phase has one (`lab.gemv.q4_swiglu`, `_norm_swiglu`)."""
+    def swiglu(self, x: Tensor, phase: str) -> Tensor:
+        """silu(gate) * up, [gate, up] = W x (this linear's rows: the gate's, then the up's): one
+        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`)."""
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("norm_swiglu" if norm is not None else "swiglu", x, norm=norm)
-        gate, up = op.split(self(x, phase, norm), 2, axis=-1)
+            return self._gemv("swiglu", x)
+        gate, up = op.split(self(x, phase), 2, axis=-1)
         return op.silu(gate) * up
 
     def plus(self, x: Tensor, residual: Tensor, phase: str) -> Tensor:
@@ -103,11 +99,10 @@ class Linear(nn.Module):
             return self._gemv("add", x, residual=residual)
         return residual + self(x, phase)
 
-    def _gemv(self, fusion: str, x: Tensor, norm: nn.RMSNorm | None = None, residual: Tensor | None = None,
-              out_dtype: str | None = None) -> Tensor:
+    def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None) -> Tensor:
         """The library GEMV functions.GEMV[bits, fusion] of x (one row) with this linear's weight."""
-        rows = self.q_weight.shape[0] // (2 if fusion.endswith("swiglu") else 1)
-        extra = [residual] if residual is not None else [norm.weight, float(norm.epsilon)] if norm is not None else []
+        rows = self.q_weight.shape[0] // (2 if fusion == "swiglu" else 1)
+        extra = [residual] if residual is not None else []
         out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
         return op.extern(functions.GEMV[self.spec.bits, fusion], [x, self.q_weight, self.q_scale, *extra], out)
 

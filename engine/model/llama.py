@@ -58,11 +58,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None,
-                norm: nn.RMSNorm | None = None) -> Tensor:
-        """(residual +) o_proj(attention(qkv_proj(norm(x)))); x normalised already where norm is None."""
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
+        """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
         b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x, phase, norm), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
                          (b, s, self.q_heads * self.head_dim))
         return self.o_proj(out, phase) if residual is None else self.o_proj.plus(out, residual, phase)
@@ -73,10 +72,10 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(*plan.linear_shape("mlp.gate_up_proj"), spec, kernels)
         self.down_proj = Linear(*plan.linear_shape("mlp.down_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, phase: str, residual: Tensor | None = None, norm: nn.RMSNorm | None = None) -> Tensor:
-        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(norm(x)); x normalised
-        already where norm is None (the norm and SiLU inside the library GEMV where the phase has one)."""
-        hidden = self.gate_up_proj.swiglu(x, phase, norm)
+    def forward(self, x: Tensor, phase: str, residual: Tensor | None = None) -> Tensor:
+        """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(x), x normalised (SiLU
+        inside the library GEMV where the phase has one)."""
+        hidden = self.gate_up_proj.swiglu(x, phase)
         return self.down_proj(hidden, phase) if residual is None else self.down_proj.plus(hidden, residual, phase)
 
 
@@ -101,10 +100,10 @@ class DecoderLayer(nn.Module):
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
-        return self.self_attn(x, kv, layer_id, phase, norm=self.input_layernorm)
+        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
-        return self.mlp(x, phase, norm=self.post_attention_layernorm)
+        return self.mlp(self.post_attention_layernorm(x), phase)
 
     def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
         """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
@@ -125,9 +124,9 @@ class DecoderLayer(nn.Module):
         return self._reduce_add_norm(partial, x, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
-        if self.tp == 1:  # the norms and residual adds go into the blocks' first and last products (library GEMVs)
-            x = self.self_attn(x, kv, layer_id, phase, residual=x, norm=self.input_layernorm)
-            return self.mlp(x, phase, residual=x, norm=self.post_attention_layernorm)
+        if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
+            x = self.self_attn(self.input_layernorm(x), kv, layer_id, phase, residual=x)
+            return self.mlp(self.post_attention_layernorm(x), phase, residual=x)
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 

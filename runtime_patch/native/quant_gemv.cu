@@ -9,16 +9,9 @@
 // lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out): W = [W_gate; W_up] (2I rows), out
 // [.., I] = silu(W_gate x) * (W_up x), a warp computing gate row i and up row i, both rounded to
 // float16 first, silu(gate) rounded, then the product (the separate kernels' roundings): the SiLU
-// kernel after every gate_up projection (~1.8 us in a graph) is gone.
-// lab.gemv.q4_norm / q8_norm (x, q_weight, q_scale, norm_weight, eps, out) and _norm_swiglu (the
-// same arguments): the layer's RMSNorm before the product, as a scalar after it: out = r * (W
-// xg), xg = T(x * norm_weight) (T: rounded to float16), r = 1 / sqrt(mean(x^2) + eps) over all
-// of x. A block's threads scale their chunks of x and sum their squares while preparing x
-// (PrepareX), the warps' sums meet at the barrier the kernel has anyway, and the products are
-// scaled in the epilogue: no pass over x after the sum. (x normalised in the prologue before the
-// rounds, each block reducing and then rewriting x, cost 1.7-4 us a call, more than the norm's own
-// kernel; docs/BENCHMARKS.md, seventh round.) The rounding differs from the separate kernel's
-// T(T(x r) norm_weight): r applies to the float32 products.
+// kernel after every gate_up projection (~1.8 us in a graph) is gone. (The layer's RMSNorm in the
+// GEMVs' prologue was tried and dropped: every block normalising x cost 1.7-4 us a call, more than
+// the norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
@@ -151,61 +144,19 @@ __device__ uint4 PairedChunk(uint4 raw) {
   return paired;
 }
 
-// What a GEMV does besides its product: the pointers and values of its fusions (whether it has a
-// norm or a Swiglu epilogue are template parameters: a kernel's code is the code it runs; the 1-
-// and 2-row kernels ran 1.2-3 us slower with a norm's code in them, skipped at run time).
+// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
 struct Fusion {
-  const __half* residual = nullptr;     // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
-  const __half* norm_weight = nullptr;  // Norm: x scaled by it, the products by 1 / rms(x) (_norm)
-  float eps = 0.f;
+  const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
 };
 
-// T(x * w) of a chunk of 8 float16 values, and the squares of x added to `squares`.
-__device__ __forceinline__ uint4 ScaledChunk(uint4 x, uint4 w, float& squares) {
-  const __half2* xh = reinterpret_cast<const __half2*>(&x);
-  const __half2* wh = reinterpret_cast<const __half2*>(&w);
-  uint4 scaled;
-  __half2* out = reinterpret_cast<__half2*>(&scaled);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 xf = __half22float2(xh[i]), wf = __half22float2(wh[i]);
-    squares += xf.x * xf.x + xf.y * xf.y;
-    out[i] = __floats2half2_rn(xf.x * wf.x, xf.y * wf.y);
-  }
-  return scaled;
-}
-
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
-// asynchronous copies are complete: no barrier before): with Norm scaled by the norm's weight (the
-// weight's chunks after x's, SharedChunks(k) on) and its squares summed into the warp's slot of
-// `squares` [kWarps]; q4 then pairs them (PairedChunk). The caller's barrier after it makes x (and
-// the squares) visible to the block.
-template <int Bits, bool Norm>
-__device__ void PrepareX(uint4* x_shared, int k, float* squares) {
-  float sum = 0.f;
-  if constexpr (Norm) {
-#pragma unroll 1
-    for (int j = threadIdx.x; j < k / 8; j += blockDim.x) {
-      uint4 chunk = ScaledChunk(x_shared[Swizzled(j)], x_shared[SharedChunks(k) + j], sum);
-      if constexpr (Bits == 4) chunk = PairedChunk(chunk);
-      x_shared[Swizzled(j)] = chunk;
-    }
-  } else if constexpr (Bits == 4) {
+// asynchronous copies are complete: no barrier before): q4 pairs them (PairedChunk). The caller's
+// barrier after it makes x visible to the block.
+template <int Bits>
+__device__ void PrepareX(uint4* x_shared, int k) {
+  if constexpr (Bits == 4) {
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) x_shared[Swizzled(j)] = PairedChunk(x_shared[Swizzled(j)]);
   }
-  if constexpr (Norm) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    if (threadIdx.x % 32 == 0) squares[threadIdx.x / 32] = sum;
-  }
-}
-
-// 1 / sqrt(mean(x^2) + eps) from the warps' sums of squares (after the barrier that follows PrepareX).
-__device__ __forceinline__ float InverseRms(const float* squares, int k, float eps) {
-  float sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) sum += squares[w];
-  return rsqrtf(sum / float(k) + eps);
 }
 
 // The rows a warp computes, kRows of them from output row `out0` on: with Swiglu the first half
@@ -246,14 +197,13 @@ template <int Bits, int kRows, int P>
 constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
-template <int Bits, int kRows, int P, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
-  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled; with Norm then the norm's weight
-  __shared__ float squares[kWarps];     // Norm: the warps' sums of x^2
+  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled
   const int lane = threadIdx.x % 32;
   const int outputs = Swiglu ? n / 2 : n;
   const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
@@ -262,11 +212,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  for (int j = threadIdx.x; j < k / 8; j += blockDim.x) {
-    __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-    if constexpr (Norm)
-      __pipeline_memcpy_async(x_shared + SharedChunks(k) + j, reinterpret_cast<const uint4*>(fusion.norm_weight) + j, 16);
-  }
+  for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
   __pipeline_commit();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -288,8 +234,8 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
-      __pipeline_wait_prior(0);  // this thread's chunks of x (and of the norm's weight) have arrived
-      PrepareX<Bits, Norm>(x_shared, k, squares);
+      __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
+      PrepareX<Bits>(x_shared, k);
       __syncthreads();  // x is ready in shared memory
     }
     if (!active) continue;
@@ -318,8 +264,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     }
   }
   if (!active) return;
-  float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
-  if constexpr (Norm) unscale *= InverseRms(squares, k, fusion.eps);
+  const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -337,8 +282,8 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 }
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
-// permutes aligned runs of 8 chunks), and with a norm its weight's k values after it.
-inline int SharedBytes(int64_t k, bool norm) { return SharedChunks(int(k)) * 16 + (norm ? int(k) * 2 : 0); }
+// permutes aligned runs of 8 chunks).
+inline int SharedBytes(int64_t k) { return SharedChunks(int(k)) * 16; }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
 // - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
@@ -365,31 +310,31 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, int R, int P, bool Swiglu, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Norm, Swiglu, OutT>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
 // the kernel is allowed more than the default where x has more than 24576 inputs).
 int Resident(const void* kernel, int smem) {
   const int blocks = lab::ResidentBlocks(kernel, kWarps * 32, smem);
-  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem << " bytes of x (and norm weight) do not fit in shared memory";
+  if (blocks == 0) TVM_FFI_THROW(ValueError) << "lab.gemv: " << smem / 2 << " inputs do not fit in shared memory";
   return blocks;
 }
 
 std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
 
-template <int Bits, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, bool Swiglu, typename OutT>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   Shape candidates[3];
   int count = 0;
-  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Norm, Swiglu, OutT>();
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Norm, Swiglu, OutT>();
+  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Norm, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Norm, Swiglu, OutT>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
   const int wanted = g_rows.load();
   for (int i = 0; i < count; ++i) {
     if (candidates[i].rows == wanted) {
@@ -424,11 +369,11 @@ int SetRows(int rows) {
   return g_rows.exchange(rows);
 }
 
-template <int Bits, bool Norm, bool Swiglu, typename OutT>
+template <int Bits, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const int smem = SharedBytes(k, Norm);
-  const Shape shape = Choose<Bits, Norm, Swiglu, OutT>(n, k, smem, device);
+  const int smem = SharedBytes(k);
+  const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
@@ -439,16 +384,15 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
 
 // What a registered function fuses (its name's suffix, runtime_patch/functions.py GEMV_FUSIONS).
 struct Fused {
-  bool add, norm, swiglu;
+  bool add, swiglu;
   const char* suffix;
 };
 
 // Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
-// float16; residual [.., N] float16 or null; norm_weight [K] float16 or null; out [.., N] (or
-// [.., N / 2] with swiglu) float16, or float32 where nothing is fused (the LM head).
+// float16; residual [.., N] float16 or null; out [.., N] (or [.., N / 2] with swiglu) float16, or
+// float32 where nothing is fused (the LM head).
 template <int Bits>
-void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight,
-          double eps, DLTensor* out) {
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const std::string name = std::string(Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8") + fused.suffix;
   const char* fn = name.c_str();
   constexpr int per_word = 32 / Bits;
@@ -474,60 +418,37 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
       TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
     fusion.residual = Data<__half>(residual);
   }
-  if (fused.norm) {
-    lab::CheckOnGpuCompact(fn, {norm_weight});
-    if (!lab::IsHalf(norm_weight->dtype) || Rows(norm_weight) != 1 || norm_weight->shape[norm_weight->ndim - 1] != k ||
-        reinterpret_cast<uintptr_t>(Data<char>(norm_weight)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": norm_weight must be one 16-byte aligned float16 row of " << k;
-    fusion.norm_weight = Data<__half>(norm_weight);
-    fusion.eps = float(eps);
-  }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
-  if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.norm && !fused.swiglu))
+  if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.swiglu))
     TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (fused.suffix[0] ? "" : " or float32");
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  auto* o = Data<__half>(out);
   if (f32) {
-    Launch<Bits, false, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
-  } else if (fused.norm && fused.swiglu) {
-    Launch<Bits, true, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
-  } else if (fused.norm) {
-    Launch<Bits, true, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, false, float>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
   } else if (fused.swiglu) {
-    Launch<Bits, false, true, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, true, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   } else {
-    Launch<Bits, false, false, __half>(n, k, xp, wp, sp, o, fusion, device, stream);
+    Launch<Bits, false, __half>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
   lab::CheckLaunch(fn);
 }
 
 template <int Bits>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, false, ""}, x, w, scale, nullptr, nullptr, 0.0, out);
+  Gemv<Bits>({false, false, ""}, x, w, scale, nullptr, out);
 }
 
 template <int Bits>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  Gemv<Bits>({true, false, false, "_add"}, x, w, scale, residual, nullptr, 0.0, out);
+  Gemv<Bits>({true, false, "_add"}, x, w, scale, residual, out);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, true, "_swiglu"}, x, w, scale, nullptr, nullptr, 0.0, out);
-}
-
-template <int Bits>
-void GemvNorm(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
-  Gemv<Bits>({false, true, false, "_norm"}, x, w, scale, nullptr, norm_weight, eps, out);
-}
-
-template <int Bits>
-void GemvNormSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* norm_weight, double eps, DLTensor* out) {
-  Gemv<Bits>({false, true, true, "_norm_swiglu"}, x, w, scale, nullptr, norm_weight, eps, out);
+  Gemv<Bits>({false, true, "_swiglu"}, x, w, scale, nullptr, out);
 }
 
 }  // namespace
@@ -541,8 +462,4 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
-  refl::GlobalDef().def("lab.gemv.q4_norm", GemvNorm<4>);
-  refl::GlobalDef().def("lab.gemv.q8_norm", GemvNorm<8>);
-  refl::GlobalDef().def("lab.gemv.q4_norm_swiglu", GemvNormSwiglu<4>);
-  refl::GlobalDef().def("lab.gemv.q8_norm_swiglu", GemvNormSwiglu<8>);
 }
