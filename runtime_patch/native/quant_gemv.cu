@@ -10,8 +10,10 @@
 // [.., I] = silu(W_gate x) * (W_up x), a warp computing gate row i and up row i, both rounded to
 // float16 first, silu(gate) rounded, then the product (the separate kernels' roundings): the SiLU
 // kernel after every gate_up projection (~1.8 us in a graph) is gone. (The layer's RMSNorm in the
-// GEMVs' prologue was tried and dropped: every block normalising x cost 1.7-4 us a call, more than
-// the norm's own kernel; docs/BENCHMARKS.md, seventh round.)
+// GEMVs was tried and dropped three times: every block normalising x in its prologue cost 1.7-4 us
+// a call, and so did the norm as a scalar on the products, x scaled by the norm's weight and its
+// squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
+// norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
