@@ -304,3 +304,15 @@ def test_a_record_names_the_experiment_its_command_ran(tmp_path):
         == "quant_compare"
     assert _experiment(None, tmp_path / "tensor_parallel" / "20261201-040000") == "tensor_parallel"
     assert _experiment("python bench/other.py", tmp_path / "overlap" / "x") == "overlap"
+
+
+@pytest.mark.parametrize("args, message", [(["--rows", "0,3"], "--rows 0,3: each must be 0 (the rule), 1, 2 or 4"),
+                                           (["--quants", "q3f16"], "--quants q3f16: each must be one of")])
+def test_gemv_bench_refuses_bad_options_up_front(tmp_path, args, message):
+    """bench.gemv run: a rows-per-warp or quantization it has no kernel for is one line and exit 2,
+    before anything (CUDA included) starts."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "bench.gemv", "run", "--dir", str(tmp_path), "--out",
+                           str(tmp_path / "x.json"), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.json").exists()
