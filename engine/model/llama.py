@@ -109,7 +109,7 @@ class DecoderLayer(nn.Module):
         """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
         outs = [Tensor.placeholder(partial.shape, partial.dtype) for _ in range(2)]
         total, normed = extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
-                                outs)
+                               outs)
         return total, normed
 
     def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
