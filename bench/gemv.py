@@ -317,10 +317,12 @@ def main() -> None:
     if args.cmd == "build":
         build(args.out, args.quants.split(","))
     else:
+        from runtime_patch import functions
+
         rows = args.rows.split(",")
         if not set(args.quants.split(",")) <= set(LIBRARY):
             ap.error(f"--quants {args.quants}: each must be one of {', '.join(LIBRARY)}")
-        if not set(rows) <= {"0", "1", "2", "4"}:
+        if not set(rows) <= {str(r) for r in functions.GEMV_ROWS_CHOICES}:
             ap.error(f"--rows {args.rows}: each must be 0 (the rule), 1, 2 or 4")
         run(args.dir, args.out, args.sha, args.quants.split(","), [int(r) for r in rows])
 

@@ -103,14 +103,15 @@ def _no_inline_rope(rotary_mode, name: str) -> None:
         raise ValueError(f"{name}: inline RoPE is not supported (the model applies RoPE before the KV cache)")
 
 
-def _path_switch(name: str, paths: tuple[str, ...]):
-    """A CUDA plugin's per-process choice of kernel path (`name`, one of `paths`, the first the
-    default): NumPy has one path (exact in float32), so the switch only remembers the choice."""
+def _path_switch(name: str, paths: tuple):
+    """A CUDA plugin's per-process choice of kernel path or shape (`name`, one of `paths`, the
+    first the default): NumPy has one path (exact in float32), so the switch only remembers the
+    choice."""
     chosen = [paths[0]]
 
     def switch(path: str) -> str:
         if path not in paths:
-            raise ValueError(f"{name}: {path} is not one of {', '.join(paths)}")
+            raise ValueError(f"{name}: {path} is not one of {', '.join(map(str, paths))}")
         previous, chosen[0] = chosen[0], path
         return previous
 
@@ -267,17 +268,6 @@ def _kv_advance(next_ids, ids, positions, out) -> None:
 _decode_cluster = [0]
 
 
-_gemv_rows = [0]
-
-
-def _gemv_rows_switch(rows: int) -> int:
-    """The CUDA plugin's rows per warp; NumPy has none (kept for symmetry)."""
-    if rows not in (0, 1, 2, 4):
-        raise ValueError(f"{functions.GEMV_ROWS}: {rows} is not 0 (the rule), 1, 2 or 4")
-    previous, _gemv_rows[0] = _gemv_rows[0], rows
-    return previous
-
-
 def _kv_decode_cluster(n: int) -> int:
     """The CUDA plugin's cluster size for the static decode; NumPy has none (kept for symmetry)."""
     if not 0 <= n <= 8:
@@ -326,7 +316,7 @@ IMPLEMENTATIONS = {
     functions.KV_ADVANCE: _kv_advance,
     functions.KV_ARGMAX: _kv_argmax,
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
-    functions.GEMV_ROWS: _gemv_rows_switch,
+    functions.GEMV_ROWS: _path_switch(functions.GEMV_ROWS, functions.GEMV_ROWS_CHOICES),
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

@@ -113,6 +113,7 @@ GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 GEMV_ROWS = "lab.gemv.rows"
+GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
 # The prefill GEMM of each quantized weight width, by bits
@@ -167,7 +168,7 @@ def mailbox_entry(call: int) -> int:
 PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
-    GEMM_NT: "cuda_gemm", GEMV_Q4: "cuda_gemm", GEMV_Q8: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
+    GEMM_NT: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm", QUANT_GEMM_PLAN: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",

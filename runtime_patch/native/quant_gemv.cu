@@ -60,7 +60,6 @@
 
 #include <atomic>
 #include <cstdint>
-#include <string>
 
 #include "cuda_common.h"
 
@@ -82,9 +81,6 @@ constexpr int kLoadsPerGroup = Bits / 4;
 // j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
 // permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
 __device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
-
-// 16-byte chunks of shared memory x takes: k / 8 rounded up to a whole run of 8.
-__host__ __device__ __forceinline__ int SharedChunks(int k) { return (k + 63) / 64 * 8; }
 
 __device__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
 
@@ -205,7 +201,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
-  extern __shared__ uint4 x_shared[];  // SharedChunks(k) chunks of x, Swizzled
+  extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
   const int lane = threadIdx.x % 32;
   const int outputs = Swiglu ? n / 2 : n;
   const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
@@ -285,7 +281,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
 // permutes aligned runs of 8 chunks).
-inline int SharedBytes(int64_t k) { return SharedChunks(int(k)) * 16; }
+inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
 // - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
@@ -337,21 +333,15 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT>() : ShapeOf<Bits, 2, 8, Swiglu, OutT>();
   if constexpr (!Swiglu)
     candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT>() : ShapeOf<Bits, 1, 8, Swiglu, OutT>();
+  const auto take = [smem](const Shape& c) {
+    Resident(c.kernel, smem);  // allows its shared memory
+    return c;
+  };
   const int wanted = g_rows.load();
-  for (int i = 0; i < count; ++i) {
-    if (candidates[i].rows == wanted) {
-      Resident(candidates[i].kernel, smem);  // allows its shared memory
-      return candidates[i];
-    }
-  }
-  if (Bits == 4 && n >= kQ4WideFrom) {
-    Resident(candidates[0].kernel, smem);
-    return candidates[0];
-  }
-  if (Bits == 8 && (!few || n > kQ8WideFrom)) {  // candidates[0]: the 2-row kernel
-    Resident(candidates[0].kernel, smem);
-    return candidates[0];
-  }
+  for (int i = 0; i < count; ++i)
+    if (candidates[i].rows == wanted) return take(candidates[i]);
+  // candidates[0]: q4's 4-row kernel, q8's 2-row one
+  if ((Bits == 4 && n >= kQ4WideFrom) || (Bits == 8 && (!few || n > kQ8WideFrom))) return take(candidates[0]);
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[count - 1];
   int64_t best_cost = -1;
@@ -384,10 +374,10 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(smem), stream));
 }
 
-// What a registered function fuses (its name's suffix, runtime_patch/functions.py GEMV_FUSIONS).
+// What a registered function fuses (runtime_patch/functions.py GEMV_FUSIONS), and its name.
 struct Fused {
   bool add, swiglu;
-  const char* suffix;
+  const char* name;
 };
 
 // Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
@@ -395,8 +385,7 @@ struct Fused {
 // float32 where nothing is fused (the LM head).
 template <int Bits>
 void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  const std::string name = std::string(Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8") + fused.suffix;
-  const char* fn = name.c_str();
+  const char* fn = fused.name;
   constexpr int per_word = 32 / Bits;
   lab::CheckOnGpuCompact(fn, {x, w, scale, out});
   if (!lab::IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
@@ -424,7 +413,7 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
   if (!lab::IsHalf(out->dtype) && !(f32 && !fused.add && !fused.swiglu))
-    TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (fused.suffix[0] ? "" : " or float32");
+    TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (fused.add || fused.swiglu ? "" : " or float32");
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
@@ -440,17 +429,17 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
 
 template <int Bits>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, ""}, x, w, scale, nullptr, out);
+  Gemv<Bits>({false, false, Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8"}, x, w, scale, nullptr, out);
 }
 
 template <int Bits>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  Gemv<Bits>({true, false, "_add"}, x, w, scale, residual, out);
+  Gemv<Bits>({true, false, Bits == 4 ? "lab.gemv.q4_add" : "lab.gemv.q8_add"}, x, w, scale, residual, out);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, true, "_swiglu"}, x, w, scale, nullptr, out);
+  Gemv<Bits>({false, true, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr, out);
 }
 
 }  // namespace
