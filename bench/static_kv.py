@@ -9,7 +9,8 @@ Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 /
 - `lab.kv.decode_attention_rope` (the decode the model runs: q and k of a fused qkv rotated in the
   kernel) on both paths (clusters and split), with and without Llama-3 RoPE scaling, against the
   reference on q and k rotated by runtime_patch.cpu_functions.rope_rotated; and at batch 1 and
-  contexts 128-1024 per thread-block cluster size (`lab.kv.decode_cluster`: the rule, none, 2, 4, 8).
+  contexts 1-2000 per thread-block cluster size (`lab.kv.decode_cluster`: the rule, none, 2, 4, 8),
+  and the rule's clusters on the SIMT kernel beside the tensor-core one (`lab.kv.decode_tensor_cores`).
 - `lab.kv.decode_attention`: batch 1 and 16, each slot at its own position (contexts 1..max_len),
   for max_len 256 and 4096, and batch 1 at each of CONTEXTS (64..4096 keys) in a cache of
   that many keys (the clusters' path up to 2048 on sm_90) and two in a cache of 4112 (the split
@@ -81,11 +82,11 @@ class Functions:
 
         names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_DECODE_ATTENTION_ROPE,
                  functions.KV_ADVANCE, functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS, functions.KV_DECODE_CLUSTER,
-                 functions.KV_ARGMAX]
+                 functions.KV_ARGMAX, functions.KV_DECODE_TENSOR_CORES]
         functions.register("cuda", names)
         self.tvm_ffi = tvm_ffi
         (self.prefill, self.decode, self.decode_rope, self.advance, self.settle,
-         self.set_ids, self.cluster, self.argmax) = (tvm_ffi.get_global_func(n) for n in names)
+         self.set_ids, self.cluster, self.argmax, self.tensor_cores) = (tvm_ffi.get_global_func(n) for n in names)
 
     def __call__(self, fn, *args):
         wrapped = [self.tvm_ffi.from_dlpack(a) if hasattr(a, "data_ptr") else a for a in args]
@@ -142,15 +143,19 @@ def rotated(x, positions, rope):
 
 
 def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8,
-                 context: int | None = None, rope: tuple | None = None, cluster: int = 0) -> dict:
+                 context: int | None = None, rope: tuple | None = None, cluster: int = 0,
+                 tensor_cores: bool = True) -> dict:
     """Slots at positions spread over 0..max_len (or every slot at `context` keys). With `rope`
     (engine.model.static_kv.rope_arguments), lab.kv.decode_attention_rope on a fused qkv; `cluster`:
-    lab.kv.decode_cluster's size for the call (0: the rule)."""
-    previous = f.cluster(cluster)
+    lab.kv.decode_cluster's size for the call (0: the rule); `tensor_cores`:
+    lab.kv.decode_tensor_cores' choice of cluster kernel (off: the SIMT one)."""
+    previous, previous_kernel = f.cluster(cluster), f.tensor_cores(int(tensor_cores))
     try:
-        return {**_check_decode(f, hq, hkv, batch, max_len, replays, context, rope), "cluster": cluster}
+        return {**_check_decode(f, hq, hkv, batch, max_len, replays, context, rope), "cluster": cluster,
+                "cluster_kernel": "tensor cores" if tensor_cores else "simt"}
     finally:
         f.cluster(previous)
+        f.tensor_cores(previous_kernel)
 
 
 def _check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int,
@@ -318,11 +323,13 @@ def main() -> None:
         for rope in ROPES:
             for batch, max_len, context in ((1, 272, 256), (1, 4112, 1024), (16, 256, None)):
                 results.append({"heads": name, **check_decode(f, hq, hkv, batch, max_len, context=context, rope=rope)})
-        # batch 1 at a decode benchmark's contexts, per cluster size (1: the split kernel)
-        for context in (128, 256, 512, 1024):
-            for cluster in CLUSTERS:
+        # batch 1 at a decode benchmark's contexts, per cluster size (1: the split kernel), and the
+        # rule's clusters on the SIMT kernel
+        for context in (1, 16, 128, 256, 512, 1024, 2000):
+            for cluster, tensor_cores in [(c, True) for c in CLUSTERS] + [(0, False)]:
                 results.append({"heads": name, **check_decode(f, hq, hkv, 1, context + 16, context=context,
-                                                              rope=ROPES[0], cluster=cluster)})
+                                                              rope=ROPES[0], cluster=cluster,
+                                                              tensor_cores=tensor_cores)})
     for r in results:
         for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
             r[key + "_summary"] = stats.summarize(r[key])
@@ -331,7 +338,8 @@ def main() -> None:
         err = max(r.get("rel_errors", [r.get("rel_error", 0.0)]))
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['function']:26s} {r.get('heads', ''):4s} "
               f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')} "
-              f"context={r.get('context') or '-'} cluster={r.get('cluster', '-')}{when}  "
+              f"context={r.get('context') or '-'} cluster={r.get('cluster', '-')} "
+              f"{r.get('cluster_kernel', '')}{when}  "
               f"err {err:.1e}", flush=True)
     atomic_write_text(args.out, json.dumps({
         "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),

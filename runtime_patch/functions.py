@@ -84,6 +84,9 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         = length; out = next
   KV_DECODE_CLUSTER(n) -> previous     the static decode's thread-block cluster size in this process
                                         (benchmarks): 0 the rule (default), 1 none, 2..8 that size
+  KV_DECODE_TENSOR_CORES(on) -> previous   whether the static decode's clusters run the
+                                        tensor-core kernel (head_dim 64, 128) in this process
+                                        (benchmarks): 1 (default) or 0 (the SIMT kernel)
   KV_ARGMAX(logits, out)               out[r] = the first index of row r's largest logit (float32
                                         [rows, vocab] -> int32 [rows]): the greedy tokens
   KV_ADVANCE(next, ids, positions, out) ids[:, 0] = next, positions += 1; out = next; and next into
@@ -149,6 +152,7 @@ KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
 KV_ADVANCE = "lab.kv.advance"
 KV_ARGMAX = "lab.kv.argmax"
 KV_DECODE_CLUSTER = "lab.kv.decode_cluster"
+KV_DECODE_TENSOR_CORES = "lab.kv.decode_tensor_cores"
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
 PP_SEND_NEXT = "lab.pp.send_next"
@@ -177,7 +181,7 @@ PLUGIN = {
     KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
     KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
-    KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention",
+    KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV.values()}, GEMV_ROWS: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target

@@ -146,3 +146,15 @@ def test_decode_cluster_choice():
     with pytest.raises(Exception, match="2..8"):
         choose(9)
     assert choose(0) == 1
+
+
+def test_decode_tensor_cores_choice():
+    """`lab.kv.decode_tensor_cores` picks the static decode's cluster kernel for a process (the
+    benchmarks time both): it returns the previous choice, on (1) by default."""
+    import tvm_ffi
+
+    functions.register("llvm", [functions.KV_DECODE_TENSOR_CORES])
+    choose = tvm_ffi.get_global_func(functions.KV_DECODE_TENSOR_CORES)
+    assert choose(0) == 1
+    assert choose(1) == 0
+    assert choose(1) == 1

@@ -82,6 +82,7 @@
 
 #include "cuda_common.h"
 #include "flash_prefill.h"
+#include "mma_fragments.h"
 
 namespace {
 
@@ -277,23 +278,26 @@ struct RopeSpec {
   float inv_factor = 1.f, alpha = 0.f, beta = 0.f;
 };
 
+// The angle of element i < d/2 (and i + d/2) at position `pos`.
+template <int D>
+__device__ float RopeAngle(const RopeSpec& rope, int pos, int i) {
+  const float s = float(pos);
+  const float exponent = float(2 * i) / float(D);
+  if (rope.llama3) {
+    const float f = 1.f / powf(rope.theta, exponent);
+    const float smooth = fmaxf(0.f, fminf(1.f, rope.alpha * f - rope.beta));
+    return s * ((1.f - smooth) * f * rope.inv_factor + smooth * f);
+  }
+  return s / powf(rope.theta, exponent);
+}
+
 // cos_sin[i] = cos, cos_sin[d/2 + i] = sin of element i's angle at `pos`, for i < d/2, by the
 // block's first d/2 threads (the caller synchronises before use).
 template <int D>
 __device__ void RopeTable(const RopeSpec& rope, int pos, float* cos_sin) {
   const int i = threadIdx.x;
   if (i >= D / 2) return;
-  const float s = float(pos);
-  const float exponent = float(2 * i) / float(D);
-  float angle;
-  if (rope.llama3) {
-    const float f = 1.f / powf(rope.theta, exponent);
-    const float smooth = fmaxf(0.f, fminf(1.f, rope.alpha * f - rope.beta));
-    angle = s * ((1.f - smooth) * f * rope.inv_factor + smooth * f);
-  } else {
-    angle = s / powf(rope.theta, exponent);
-  }
-  sincosf(angle, &cos_sin[D / 2 + i], &cos_sin[i]);
+  sincosf(RopeAngle<D>(rope, pos, i), &cos_sin[D / 2 + i], &cos_sin[i]);
 }
 
 // x: the 8 elements 8l..8l+7 of a head held by lane l of a team of D / 8 lanes (every lane of the
@@ -743,6 +747,39 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
 // into the cache.
 constexpr int kMaxCluster = 8;  // the portable cluster size
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The output rows [group][D] of one (slot, KV head) from its cluster's shares: each block's
+// normalized output share_o [group][D] and base-2 lse share_lse [group] in its shared memory (-inf
+// for a block that saw no key). Block `split` combines the output elements split * blockDim.x +
+// thread, then every splits * blockDim.x further, reading the shares of all blocks at once (a
+// thread's loads are independent). Called between two cluster syncs: the shares written before,
+// no block leaving while another still reads them.
+template <int D>
+__device__ void CombineClusterShares(const cooperative_groups::cluster_group& cluster, float* share_o,
+                                     float* share_lse, __half* __restrict__ out, int group) {
+  const int split = blockIdx.x, splits = gridDim.x;
+  for (int idx = split * blockDim.x + threadIdx.x; idx < group * D; idx += splits * blockDim.x) {
+    const int g = idx / D, j = idx % D;
+    float lse[kMaxCluster], o[kMaxCluster], top = -INFINITY;
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      lse[r] = r < splits ? *cluster.map_shared_rank(share_lse + g, r) : -INFINITY;
+      o[r] = r < splits ? *cluster.map_shared_rank(share_o + g * D + j, r) : 0.f;
+    }
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) top = fmaxf(top, lse[r]);
+    float total = 0.f, acc = 0.f;
+#pragma unroll
+    for (int r = 0; r < kMaxCluster; ++r) {
+      const float w = Weight(lse[r], top);
+      total += w;
+      acc += w * o[r];
+    }
+    out[idx] = __float2half(total > 0.f ? acc / total : 0.f);
+  }
+}
+#endif
+
 template <int D, int G>
 __global__ void __launch_bounds__(StaticWarps(D) * 32)
 StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
@@ -763,29 +800,223 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   AttendStaticShare<D, G>(step, rows, rope_shared, k_cache, v_cache, b, hk, group, pos, max_len, t0, t1, scale2,
                           SharedOut{share_o, share_lse, D});
   cluster.sync();  // every share is in its block's shared memory
-  // Block `split` combines the output elements split * blockDim.x + thread, then every
-  // splits * blockDim.x further, reading the shares of all blocks at once (a thread's loads are
-  // independent).
-  const int q_heads = kv_heads * group;
-  for (int idx = split * blockDim.x + threadIdx.x; idx < group * D; idx += splits * blockDim.x) {
-    const int g = idx / D, j = idx % D;
-    float lse[kMaxCluster], o[kMaxCluster], top = -INFINITY;
+  CombineClusterShares<D>(cluster, share_o, share_lse, out + (int64_t(b) * kv_heads + hk) * group * D, group);
+  cluster.sync();  // no block exits while another still reads its shared memory
+#endif
+}
+
+// Static, on the tensor cores (sm_90, head_dim 64 or 128, at most 8 query heads per KV head): a
+// cluster per (KV head, slot) as StaticDecodeCluster, each block of kMmaWarps warps, each warp
+// taking tiles of kMmaTile keys. The context's tiles are dealt round the blocks first (tile i to
+// block i % splits, then warp i / splits % kMmaWarps), so a short context is spread over the SMs.
+// Per tile, S = Q K^T and O += P V are mma.sync m16n8k16 (float16 operands, float32 accumulators)
+// with the group's query heads as A's rows (at most 8 of its 16 used: the padding costs nothing,
+// the instruction count is the point): the SIMT kernel spent ~1200 instructions a warp on dot
+// products, shuffles and per-team softmax state at a 128-256-key context, this one a few mma.
+//
+// Fragments (lane l, r = l / 4, c = l % 4; mma_fragments.h): a lane holds the 16-byte chunks
+// 4j + c (j < D / 32) of one row: of query head r (A, zero past the group), of keys r and r + 8 of
+// the tile (S's B operand), of values r and r + 8. S's reduction over head_dim runs over those
+// chunks in any order (A and B agree on it): k16 step 2j + h takes words 2h, 2h + 1 of chunk j.
+// S's accumulators are P's A operand as they stand (keys 2c, 2c + 1 and 8 + 2c, 9 + 2c of head r);
+// V's B operand is the loaded words transposed in registers (movmatrix), so that O's lane holds
+// elements 8 (4j + c) + 2m, + 1 of head r: its own chunks again. RoPE pairs element i with
+// i + D/2, chunk j with chunk j + D/64 of the same lane: the rotation needs no shuffle; each warp
+// makes its own cos/sin table (no block barrier before the first tile).
+//
+// The step's own token: its key (rotated) and value stand in for the cache's row at `pos` in the
+// tile that holds it, and the lanes holding that row write them into the cache. A warp's online
+// softmax state is combined with its block's in shared memory, the blocks' in the cluster's
+// (CombineClusterShares).
+constexpr int kMmaWarps = 4;
+constexpr int kMmaTile = 16;
+
+// A lane's chunks 4j + c (j < D / 32) of row t of a [max_len, D] head, zeros where t is not a
+// cached key (t >= len, or the step's own token at pos, filled in by the caller).
+template <int D>
+__device__ void LoadOwnChunks(const __half* rows, int t, int len, int pos, uint4* dst) {
+  const int c = threadIdx.x % 4;
+  const bool cached = t < len && t != pos;
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) {
-      lse[r] = r < splits ? *cluster.map_shared_rank(share_lse + g, r) : -INFINITY;
-      o[r] = r < splits ? *cluster.map_shared_rank(share_o + g * D + j, r) : 0.f;
+  for (int j = 0; j < D / 32; ++j)
+    dst[j] = cached ? __ldg(reinterpret_cast<const uint4*>(rows + int64_t(t) * D) + 4 * j + c) : make_uint4(0, 0, 0, 0);
+}
+
+// Chunks lo (elements i..i+7 < D/2) and hi (i + D/2..) rotated by the table's cos (cs[i..]) and sin
+// (cs[D/2 + i..]), rounded to float16, as RotateHalf rotates them.
+template <int D>
+__device__ void RotateChunks(uint4& lo, uint4& hi, const float* cs) {
+  float x[8], y[8];
+  Unpack8(lo, x);
+  Unpack8(hi, y);
+  __align__(16) __half a[8], z[8];
+#pragma unroll
+  for (int t = 0; t < 8; ++t) {
+    a[t] = __float2half(cs[t] * x[t] + cs[D / 2 + t] * (-y[t]));
+    z[t] = __float2half(cs[t] * y[t] + cs[D / 2 + t] * x[t]);
+  }
+  lo = *reinterpret_cast<const uint4*>(a);
+  hi = *reinterpret_cast<const uint4*>(z);
+}
+
+__device__ __forceinline__ uint32_t Word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+template <int D, int G>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_cache,
+                const int32_t* __restrict__ positions, __half* __restrict__ out, int group, int max_len,
+                float scale2) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  using lab::mma::MmaTopRows;
+  using lab::mma::PackHalf2;
+  using lab::mma::Transpose;
+  constexpr int kOwn = D / 32, kHalf = kOwn / 2;
+  static_assert(D == 64 || D == 128, "the lanes' chunks pair for RoPE at head_dim 64 and 128");
+  __shared__ float warp_o[kMmaWarps][G][D];
+  __shared__ float warp_m[kMmaWarps][G], warp_l[kMmaWarps][G];
+  __shared__ float share_o[G * D], share_lse[G];
+  __shared__ __align__(16) float rope_cs[kMmaWarps][D];
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
+  const int position = positions[b];
+  // Loaded before the length is known: query head r's chunks, the step's key and value.
+  uint4 q[kOwn], k_new[kOwn], v_new[kOwn];
+  {
+    const __half* q_row = step.q + b * step.q_stride + (int64_t(hk) * group + r) * D;
+    const __half* k_row = step.k + b * step.kv_stride + int64_t(hk) * D;
+    const __half* v_row = step.v + b * step.kv_stride + int64_t(hk) * D;
+#pragma unroll
+    for (int j = 0; j < kOwn; ++j) {
+      q[j] = r < group ? __ldg(reinterpret_cast<const uint4*>(q_row) + 4 * j + c) : make_uint4(0, 0, 0, 0);
+      k_new[j] = __ldg(reinterpret_cast<const uint4*>(k_row) + 4 * j + c);
+      v_new[j] = __ldg(reinterpret_cast<const uint4*>(v_row) + 4 * j + c);
     }
+  }
+  const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int len = pos + 1, tiles = (len + kMmaTile - 1) / kMmaTile;
+  const int64_t head = int64_t(b) * kv_heads + hk;
+  __half* k_rows = k_cache + head * max_len * D;
+  __half* v_rows = v_cache + head * max_len * D;
+  const int first = split + splits * warp, stride = splits * kMmaWarps;
+
+  uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
+  if (first < tiles) {
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) top = fmaxf(top, lse[r]);
+    for (int h = 0; h < 2; ++h) {
+      LoadOwnChunks<D>(k_rows, first * kMmaTile + 8 * h + r, len, pos, kt[h]);
+      LoadOwnChunks<D>(v_rows, first * kMmaTile + 8 * h + r, len, pos, vt[h]);
+    }
+  }
+  if (step.rope.theta != 0.f) {  // while the tile loads
+    float* cs = rope_cs[warp];
+    for (int i = lane; i < D / 2; i += 32) sincosf(RopeAngle<D>(step.rope, pos, i), &cs[D / 2 + i], &cs[i]);
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < kHalf; ++j) {
+      RotateChunks<D>(q[j], q[j + kHalf], cs + 8 * (4 * j + c));
+      RotateChunks<D>(k_new[j], k_new[j + kHalf], cs + 8 * (4 * j + c));
+    }
+  }
+
+  float m = -INFINITY, l = 0.f;
+  float o[kOwn][4][2];
+#pragma unroll
+  for (int j = 0; j < kOwn; ++j)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) o[j][n][0] = o[j][n][1] = 0.f;
+  for (int tile = first; tile < tiles; tile += stride) {
+    if (tile != first) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        LoadOwnChunks<D>(k_rows, tile * kMmaTile + 8 * h + r, len, pos, kt[h]);
+        LoadOwnChunks<D>(v_rows, tile * kMmaTile + 8 * h + r, len, pos, vt[h]);
+      }
+    }
+    const int key0 = tile * kMmaTile;
+    if (pos - key0 < kMmaTile && pos >= key0) {  // the step's token is in this tile (the same for the warp)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (key0 + 8 * h + r != pos) continue;
+#pragma unroll
+        for (int j = 0; j < kOwn; ++j) {
+          kt[h][j] = k_new[j], vt[h][j] = v_new[j];
+          reinterpret_cast<uint4*>(k_rows + int64_t(pos) * D)[4 * j + c] = k_new[j];
+          reinterpret_cast<uint4*>(v_rows + int64_t(pos) * D)[4 * j + c] = v_new[j];
+        }
+      }
+    }
+    // S: keys key0 + 8h + 2c, + 1 of head r (two chains per key half: even and odd chunks)
+    float s[2][2][2] = {};
+#pragma unroll
+    for (int j = 0; j < kOwn; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          MmaTopRows(s[h][j % 2], Word(q[j], 2 * e), Word(q[j], 2 * e + 1), Word(kt[h][j], 2 * e),
+                     Word(kt[h][j], 2 * e + 1));
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = key0 + 8 * (i / 2) + 2 * c + i % 2;
+      const float dot = s[i / 2][0][i % 2] + s[i / 2][1][i % 2];
+      x[i] = key < len ? dot * scale2 : -INFINITY;
+    }
+    float top = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
+    top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
+    top = fmaxf(top, m);  // finite: the tile's first key is in the context
+    const float rescale = Weight(m, top);
+    float p[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) p[i] = Weight(x[i], top);
+    l = l * rescale + ((p[0] + p[1]) + (p[2] + p[3]));
+    m = top;
+    if (tile != first) {
+#pragma unroll
+      for (int j = 0; j < kOwn; ++j)
+#pragma unroll
+        for (int n = 0; n < 4; ++n) o[j][n][0] *= rescale, o[j][n][1] *= rescale;
+    }
+    const uint32_t p_lo = PackHalf2(p[0], p[1]), p_hi = PackHalf2(p[2], p[3]);
+#pragma unroll
+    for (int j = 0; j < kOwn; ++j)
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+        MmaTopRows(o[j][n], p_lo, p_hi, Transpose(Word(vt[0][j], n)), Transpose(Word(vt[1][j], n)));
+  }
+  l += __shfl_xor_sync(0xffffffffu, l, 1);
+  l += __shfl_xor_sync(0xffffffffu, l, 2);
+  if (r < group) {
+#pragma unroll
+    for (int j = 0; j < kOwn; ++j)
+#pragma unroll
+      for (int n = 0; n < 4; ++n)
+        *reinterpret_cast<float2*>(&warp_o[warp][r][8 * (4 * j + c) + 2 * n]) = make_float2(o[j][n][0], o[j][n][1]);
+    if (c == 0) warp_m[warp][r] = m, warp_l[warp][r] = l;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
+    const int g = idx / D, j = idx % D;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kMmaWarps; ++w) top = fmaxf(top, warp_m[w][g]);
     float total = 0.f, acc = 0.f;
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) {
-      const float w = Weight(lse[r], top);
-      total += w;
-      acc += w * o[r];
+    for (int w = 0; w < kMmaWarps; ++w) {
+      const float weight = Weight(warp_m[w][g], top);
+      total += warp_l[w][g] * weight;
+      acc += warp_o[w][g][j] * weight;
     }
-    out[(int64_t(b) * q_heads + hk * group + g) * D + j] = __float2half(total > 0.f ? acc / total : 0.f);
+    share_o[idx] = total > 0.f ? acc / total : 0.f;
+    if (j == 0) share_lse[g] = total > 0.f ? top + log2f(total) : -INFINITY;
   }
+  cluster.sync();  // every share is in its block's shared memory
+  CombineClusterShares<D>(cluster, share_o, share_lse, out + head * group * D, group);
   cluster.sync();  // no block exits while another still reads its shared memory
 #endif
 }
@@ -1069,6 +1300,27 @@ struct ClusterPick {
   static constexpr ClusterKernel kernel = StaticDecodeCluster<D, G>;
 };
 
+template <int D, int G>
+struct MmaPick {
+  static constexpr ClusterKernel Get() {
+    if constexpr (D == 64 || D == 128) {
+      return StaticDecodeMma<D, G>;
+    } else {
+      return nullptr;
+    }
+  }
+  static constexpr ClusterKernel kernel = Get();
+};
+
+// Whether a cluster launch runs StaticDecodeMma (head_dim 64 or 128) rather than
+// StaticDecodeCluster. lab.kv.decode_tensor_cores(on) -> the previous setting: the benchmarks'
+// choice for a process (bench.static_kv times both in one run); on by default.
+std::atomic<bool> tensor_cores_on{true};
+
+bool UseTensorCores(int64_t d) { return (d == 64 || d == 128) && tensor_cores_on.load(std::memory_order_relaxed); }
+
+int64_t SetDecodeTensorCores(int64_t on) { return tensor_cores_on.exchange(on != 0) ? 1 : 0; }
+
 // The static decode's cluster size for a cache of max_len keys and `pairs` (slot, KV head) pairs:
 // 0 where the split kernel runs instead. Clusters help where the pairs alone leave most SMs idle
 // (batch 1: 8 pairs at tp=1); their blocks (one per SM: ~190 registers x 256 threads) must fit
@@ -1242,8 +1494,9 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
   const int64_t pairs = (invariant ? 1 : batch) * s.kv_heads;
   if (const int64_t cluster = ClusterSize(state, pairs, s.max_len, s.d, group); cluster > 0) {
     cudaLaunchConfig_t config = {};
+    const bool tensor_cores = UseTensorCores(s.d);
     config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
-    config.blockDim = dim3{unsigned(StaticWarps(int(s.d)) * 32)};
+    config.blockDim = dim3{unsigned(tensor_cores ? kMmaWarps * 32 : StaticWarps(int(s.d)) * 32)};
     config.stream = stream;
     cudaLaunchAttribute attribute[1];
     attribute[0].id = cudaLaunchAttributeClusterDimension;
@@ -1252,7 +1505,8 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
     attribute[0].val.clusterDim.z = 1;
     config.attrs = attribute;
     config.numAttrs = 1;
-    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, ForShape<ClusterPick>(s.d, group), step, CacheRows(cache, s, layer, 0),
+    const ClusterKernel kernel = tensor_cores ? ForShape<MmaPick>(s.d, group) : ForShape<ClusterPick>(s.d, group);
+    LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, kernel, step, CacheRows(cache, s, layer, 0),
                                       CacheRows(cache, s, layer, 1), Data<int32_t>(positions), Data<__half>(out),
                                       int(group), int(s.max_len), scale2));
     return;
@@ -1451,6 +1705,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.kv.advance", KvAdvance);
   refl::GlobalDef().def("lab.kv.argmax", KvArgmax);
   refl::GlobalDef().def("lab.kv.decode_cluster", SetDecodeCluster);
+  refl::GlobalDef().def("lab.kv.decode_tensor_cores", SetDecodeTensorCores);
   refl::GlobalDef().def("lab.kv.mailbox", KvMailbox);
   refl::GlobalDef().def("lab.kv.settle_prefill", KvSettlePrefill);
   refl::GlobalDef().def("lab.kv.set_ids", KvSetIds);
