@@ -2,8 +2,10 @@
 GPU: checked against a float32 PyTorch reference, then timed beside PyTorch's SDPA.
 
     python -m bench.static_kv --out F.json
+    python -m bench.static_kv --out F.json --profile 256   # one decode case, for ncu / nsys
 
-Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
+Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4); the decode
+also at Llama-3.2-1B's (32 / 8 of 64).
 - `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
   slot (the rows are written into the cache, then causal attention over 0..start+n).
 - `lab.kv.decode_attention_rope` (the decode the model runs: q and k of a fused qkv rotated in the
@@ -144,14 +146,14 @@ def rotated(x, positions, rope):
 
 def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int = 8,
                  context: int | None = None, rope: tuple | None = None, cluster: int = 0,
-                 tensor_cores: bool = True) -> dict:
+                 tensor_cores: bool = True, d: int = D) -> dict:
     """Slots at positions spread over 0..max_len (or every slot at `context` keys). With `rope`
     (engine.model.static_kv.rope_arguments), lab.kv.decode_attention_rope on a fused qkv; `cluster`:
     lab.kv.decode_cluster's size for the call (0: the rule); `tensor_cores`:
-    lab.kv.decode_tensor_cores' choice of cluster kernel (off: the SIMT one)."""
+    lab.kv.decode_tensor_cores' choice of cluster kernel (off: the SIMT one); `d`: head_dim."""
     previous, previous_kernel = f.cluster(cluster), f.tensor_cores(int(tensor_cores))
     try:
-        return {**_check_decode(f, hq, hkv, batch, max_len, replays, context, rope), "cluster": cluster,
+        return {**_check_decode(f, hq, hkv, batch, max_len, replays, context, rope, d), "cluster": cluster,
                 "cluster_kernel": "tensor cores" if tensor_cores else "simt"}
     finally:
         f.cluster(previous)
@@ -159,20 +161,20 @@ def check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, repl
 
 
 def _check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, replays: int,
-                  context: int | None, rope: tuple | None) -> dict:
+                  context: int | None, rope: tuple | None, d: int) -> dict:
     import torch
 
     g = torch.Generator(device="cuda").manual_seed(batch * 7 + max_len)
-    cache = torch.randn(LAYERS, 2, batch, hkv, max_len, D, device="cuda", dtype=torch.float16, generator=g)
-    q = torch.randn(batch, hq, D, device="cuda", dtype=torch.float16, generator=g)
-    k, v = (torch.randn(batch, hkv, D, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
+    cache = torch.randn(LAYERS, 2, batch, hkv, max_len, d, device="cuda", dtype=torch.float16, generator=g)
+    q = torch.randn(batch, hq, d, device="cuda", dtype=torch.float16, generator=g)
+    k, v = (torch.randn(batch, hkv, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(2))
     qkv = torch.cat([q, k, v], dim=1)
     # slots at different positions: short and long contexts in one batch, room for the replays
     positions = torch.linspace(0, max_len - replays - 1, batch, device="cuda").to(torch.int32)
     if context is not None:
         positions = torch.full((batch,), context - 1, device="cuda", dtype=torch.int32)
     out = torch.full_like(q, float("nan"))
-    scale = 1 / math.sqrt(D)
+    scale = 1 / math.sqrt(d)
 
     def call():
         if rope is None:
@@ -223,11 +225,12 @@ def _check_decode(f: Functions, hq: int, hkv: int, batch: int, max_len: int, rep
                 call()
     torch.cuda.synchronize()
     lib = [t / CALLS for t in timed(many.replay)]
-    kv_bytes = int(2 * hkv * D * 2 * (positions + 1).sum())
+    kv_bytes = int(2 * hkv * d * 2 * (positions + 1).sum())
     keys = cache[LAYER, 0]  # [slots, kv_heads, max_len, d]
     sdpa = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
         q[:, :, None], keys.repeat_interleave(hq // hkv, 1), keys.repeat_interleave(hq // hkv, 1)))
     return {"function": "lab.kv.decode_attention" + ("_rope" if rope else ""), "q_heads": hq, "kv_heads": hkv,
+            "head_dim": d,
             "batch": batch, "max_len": max_len, "context": context, "rope": list(rope) if rope else None,
             "positions": positions.tolist(), "rel_errors": errors, "rows_written": written,
             "ok": written and max(errors) < TOLERANCE, "library_in_graph_s": lib, "kv_bytes": kv_bytes,
@@ -297,16 +300,7 @@ def check_state(f: Functions) -> dict:
     return {"function": "lab.kv.advance, settle_prefill, set_ids", "ok": bool(ok)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
-    import torch
-
-    from harness import stats
-    from harness.results import atomic_write_text
-
-    f = Functions()
+def all_checks(f: Functions) -> list[dict]:
     results = [check_state(f), *check_argmax(f)]
     for name, (hq, hkv) in HEADS.items():
         for start, n, max_len in ((0, 128, 256), (512, 128, 1024)):
@@ -330,6 +324,33 @@ def main() -> None:
                 results.append({"heads": name, **check_decode(f, hq, hkv, 1, context + 16, context=context,
                                                               rope=ROPES[0], cluster=cluster,
                                                               tensor_cores=tensor_cores)})
+    # head_dim 64 (Llama-3.2-1B's 32 / 8 heads): the tensor-core kernel's other instance
+    for context, tensor_cores in ((1, True), (128, True), (256, True), (256, False), (1024, True)):
+        results.append({"heads": "d64", **check_decode(f, 32, 8, 1, context + 16, context=context, rope=ROPES[0],
+                                                       tensor_cores=tensor_cores, d=64)})
+    results.append({"heads": "d64", **check_decode(f, 32, 8, 16, 256, rope=ROPES[0], d=64)})
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--profile", type=int, metavar="CONTEXT",
+                    help="only the batch-1 decode with RoPE at this context (tp=1 heads), for a profiler")
+    args = ap.parse_args()
+    import torch
+
+    from harness import stats
+    from harness.results import atomic_write_text
+
+    if args.profile is not None and args.profile < 1:
+        ap.error(f"--profile {args.profile}: a context of at least 1 key")
+    f = Functions()
+    if args.profile is not None:
+        hq, hkv = HEADS["tp1"]
+        results = [check_decode(f, hq, hkv, 1, args.profile + 16, context=args.profile, rope=ROPES[0])]
+    else:
+        results = all_checks(f)
     for r in results:
         for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
             r[key + "_summary"] = stats.summarize(r[key])
