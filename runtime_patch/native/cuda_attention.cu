@@ -69,8 +69,10 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -126,14 +128,10 @@ DeviceState& State(int device) {
   return s;
 }
 
-// A zeroed device buffer that never moves once made, one per (device, purpose, size): what a
-// function captured into a CUDA graph may use (the graph keeps its address). Made at the first
-// call of a shape, which TVM runs before capturing (its warm-up run); never during a capture.
-void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
-  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
-  const auto key = std::make_tuple(device, purpose, bytes);
-  auto it = buffers.find(key);
-  if (it != buffers.end()) return it->second;
+// A device buffer for a function captured into a CUDA graph (the graph keeps its address), made at
+// the function's first call of a shape, which TVM runs before capturing (its warm-up run); an error
+// naming the fix while a capture is under way.
+void* NewBufferOutsideCapture(int64_t bytes, cudaStream_t stream) {
   cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
   LAB_CHECK_CUDA(cudaStreamIsCapturing(stream, &capturing));
   if (capturing != cudaStreamCaptureStatusNone)
@@ -141,6 +139,16 @@ void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) 
                                 << "being captured; call the function once before capturing";
   void* data = nullptr;
   LAB_CHECK_CUDA(cudaMalloc(&data, bytes));
+  return data;
+}
+
+// A zeroed device buffer that never moves once made, one per (device, purpose, size).
+void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
+  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
+  const auto key = std::make_tuple(device, purpose, bytes);
+  auto it = buffers.find(key);
+  if (it != buffers.end()) return it->second;
+  void* data = NewBufferOutsideCapture(bytes, stream);
   LAB_CHECK_CUDA(cudaMemsetAsync(data, 0, bytes, stream));
   buffers.emplace(key, data);
   return data;
@@ -268,28 +276,18 @@ struct StaticKeys {
 };
 
 // RoPE inside the static decode (lab.kv.decode_attention_rope): the rotation of the step's q and k
-// at the slot's position, as TVM's llama_rope_with_position_map computes it (float32 angle and
-// cos/sin, x * cos + rotate_half(x) * sin rounded once to float16): the angle of element i < d/2
-// (and i + d/2) is pos / theta^(2i/d), or with Llama-3 scaling (llama3 != 0) pos * ((1 - s) *
-// f * inv_factor + s * f), f = 1 / theta^(2i/d), s = clamp(alpha * f - beta, 0, 1).
+// at the slot's position as TVM's llama_rope_with_position_map computes it (float32 angle and
+// cos/sin, x * cos + rotate_half(x) * sin rounded once to float16), the angle of element i < d/2
+// (and i + d/2) pos * freqs[i]: the frequencies (RopeFrequencies, with Llama-3's scaling where
+// asked) are computed once on the host in double precision and rounded, where TVM divides by a
+// float32 power on every call (at most an ulp of the angle apart; the power and the division were
+// ~200 of a decode warp's instructions).
 struct RopeSpec {
-  float theta = 0.f;  // 0: no RoPE (q and k come rotated)
-  int llama3 = 0;
-  float inv_factor = 1.f, alpha = 0.f, beta = 0.f;
+  const float* freqs = nullptr;  // [d / 2] on the device; null: no RoPE (q and k come rotated)
 };
 
 // The angle of element i < d/2 (and i + d/2) at position `pos`.
-template <int D>
-__device__ float RopeAngle(const RopeSpec& rope, int pos, int i) {
-  const float s = float(pos);
-  const float exponent = float(2 * i) / float(D);
-  if (rope.llama3) {
-    const float f = 1.f / powf(rope.theta, exponent);
-    const float smooth = fmaxf(0.f, fminf(1.f, rope.alpha * f - rope.beta));
-    return s * ((1.f - smooth) * f * rope.inv_factor + smooth * f);
-  }
-  return s / powf(rope.theta, exponent);
-}
+__device__ float RopeAngle(const RopeSpec& rope, int pos, int i) { return float(pos) * __ldg(rope.freqs + i); }
 
 // cos_sin[i] = cos, cos_sin[d/2 + i] = sin of element i's angle at `pos`, for i < d/2, by the
 // block's first d/2 threads (the caller synchronises before use).
@@ -297,7 +295,7 @@ template <int D>
 __device__ void RopeTable(const RopeSpec& rope, int pos, float* cos_sin) {
   const int i = threadIdx.x;
   if (i >= D / 2) return;
-  sincosf(RopeAngle<D>(rope, pos, i), &cos_sin[D / 2 + i], &cos_sin[i]);
+  sincosf(RopeAngle(rope, pos, i), &cos_sin[D / 2 + i], &cos_sin[i]);
 }
 
 // x: the 8 elements 8l..8l+7 of a head held by lane l of a team of D / 8 lanes (every lane of the
@@ -601,7 +599,7 @@ __device__ void AppendToken(const __half* k_new, const __half* v_new, __half* k_
 // Where a static decode step finds its tokens: q [b, Hq, d] and k, v [b, Hkv, d] (lab.kv.
 // decode_attention: rotated already), or the rows of a layer's fused projection qkv
 // [b, Hq + 2 Hkv, d] (lab.kv.decode_attention_rope: q at head 0, k at Hq, v at Hq + Hkv; the kernel
-// rotates q and k, rope.theta != 0). Strides in elements between slots.
+// rotates q and k, rope.freqs != null). Strides in elements between slots.
 struct StepQkv {
   const __half* q;
   const __half* k;
@@ -634,7 +632,7 @@ struct StepRows {
         v_new(step.v + b * step.kv_stride + int64_t(hk) * D),
         query(step.q + b * step.q_stride + int64_t(hk) * group * D, group),
         k_raw(make_uint4(0, 0, 0, 0)) {
-    if (step.rope.theta != 0.f && threadIdx.x < 32)
+    if (step.rope.freqs != nullptr && threadIdx.x < 32)
       k_raw = __ldg(reinterpret_cast<const uint4*>(k_new) + threadIdx.x % (D / 8));
   }
 
@@ -642,7 +640,7 @@ struct StepRows {
   // k_new. Every thread calls it (it synchronises); null and nothing done without RoPE.
   __device__ const float* Rotate(const StepQkv& step, int pos, bool owner, RopeShared<D>& shared) {
     constexpr int kTeam = D / 8;
-    if (step.rope.theta == 0.f) return nullptr;
+    if (step.rope.freqs == nullptr) return nullptr;
     RopeTable<D>(step.rope, pos, shared.cos_sin);
     __syncthreads();
     if (owner && threadIdx.x < 32) {  // the first warp (every lane: RotateHalf shuffles)
@@ -749,33 +747,42 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 // The output rows [group][D] of one (slot, KV head) from its cluster's shares: each block's
-// normalized output share_o [group][D] and base-2 lse share_lse [group] in its shared memory (-inf
-// for a block that saw no key). Block `split` combines the output elements split * blockDim.x +
-// thread, then every splits * blockDim.x further, reading the shares of all blocks at once (a
-// thread's loads are independent). Called between two cluster syncs: the shares written before,
-// no block leaving while another still reads them.
+// normalized output share_o [group][D] (16-byte aligned) and base-2 lse share_lse [group] in its
+// shared memory (-inf for a block that saw no key). A thread per run of 4 elements of one head
+// (run u by block u % splits), reading the shares of all blocks at once (its loads are
+// independent). Called between two cluster syncs: the shares written before, no block leaving
+// while another still reads them.
 template <int D>
 __device__ void CombineClusterShares(const cooperative_groups::cluster_group& cluster, float* share_o,
                                      float* share_lse, __half* __restrict__ out, int group) {
   const int split = blockIdx.x, splits = gridDim.x;
-  for (int idx = split * blockDim.x + threadIdx.x; idx < group * D; idx += splits * blockDim.x) {
-    const int g = idx / D, j = idx % D;
-    float lse[kMaxCluster], o[kMaxCluster], top = -INFINITY;
+  for (int u = threadIdx.x * splits + split; u < group * D / 4; u += blockDim.x * splits) {
+    const int g = u / (D / 4), j = u % (D / 4) * 4;
+    float lse[kMaxCluster], top = -INFINITY;
+    float4 o[kMaxCluster];
 #pragma unroll
     for (int r = 0; r < kMaxCluster; ++r) {
       lse[r] = r < splits ? *cluster.map_shared_rank(share_lse + g, r) : -INFINITY;
-      o[r] = r < splits ? *cluster.map_shared_rank(share_o + g * D + j, r) : 0.f;
+      o[r] = r < splits ? *cluster.map_shared_rank(reinterpret_cast<float4*>(share_o + g * D + j), r)
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int r = 0; r < kMaxCluster; ++r) top = fmaxf(top, lse[r]);
-    float total = 0.f, acc = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (top != -INFINITY) {  // always, where block 0's share starts at the first key
+      float total = 0.f;
 #pragma unroll
-    for (int r = 0; r < kMaxCluster; ++r) {
-      const float w = Weight(lse[r], top);
-      total += w;
-      acc += w * o[r];
+      for (int r = 0; r < kMaxCluster; ++r) {
+        const float w = exp2f(lse[r] - top);  // 0 for a block without keys
+        total += w;
+        acc.x += w * o[r].x, acc.y += w * o[r].y, acc.z += w * o[r].z, acc.w += w * o[r].w;
+      }
+      const float inv = 1.f / total;
+      acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
     }
-    out[idx] = __float2half(total > 0.f ? acc / total : 0.f);
+    __half2* dst = reinterpret_cast<__half2*>(out + g * D + j);
+    dst[0] = __floats2half2_rn(acc.x, acc.y);
+    dst[1] = __floats2half2_rn(acc.z, acc.w);
   }
 }
 #endif
@@ -787,7 +794,8 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
                     float scale2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  __shared__ float share_o[G * D], share_lse[G];
+  __shared__ __align__(16) float share_o[G * D];
+  __shared__ float share_lse[G];
   __shared__ RopeShared<D> rope_shared;
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
@@ -875,16 +883,22 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   using lab::mma::Transpose;
   constexpr int kOwn = D / 32, kHalf = kOwn / 2;
   static_assert(D == 64 || D == 128, "the lanes' chunks pair for RoPE at head_dim 64 and 128");
-  __shared__ float warp_o[kMmaWarps][G][D];
+  __shared__ __align__(16) float warp_o[kMmaWarps][G][D];
   __shared__ float warp_m[kMmaWarps][G], warp_l[kMmaWarps][G];
-  __shared__ float share_o[G * D], share_lse[G];
+  __shared__ __align__(16) float share_o[G * D];
+  __shared__ float share_lse[G];
   __shared__ __align__(16) float rope_cs[kMmaWarps][D];
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
   const int position = positions[b];
-  // Loaded before the length is known: query head r's chunks, the step's key and value.
+  // Loaded before the length is known: query head r's chunks, the step's key and value, and the
+  // lane's RoPE frequencies (elements lane + 32 t).
   uint4 q[kOwn], k_new[kOwn], v_new[kOwn];
+  float freq[D / 64];
+  const bool rope = step.rope.freqs != nullptr;
+#pragma unroll
+  for (int t = 0; t < D / 64; ++t) freq[t] = rope ? __ldg(step.rope.freqs + lane + 32 * t) : 0.f;
   {
     const __half* q_row = step.q + b * step.q_stride + (int64_t(hk) * group + r) * D;
     const __half* k_row = step.k + b * step.kv_stride + int64_t(hk) * D;
@@ -911,15 +925,14 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
       LoadOwnChunks<D>(v_rows, first * kMmaTile + 8 * h + r, len, pos, vt[h]);
     }
   }
-  if (step.rope.theta != 0.f) {  // while the tile loads
-    float* cs = rope_cs[warp];
-    for (int i = lane; i < D / 2; i += 32) sincosf(RopeAngle<D>(step.rope, pos, i), &cs[D / 2 + i], &cs[i]);
+  const float* cs = rope_cs[warp];  // the warp's table: cos of element i at i, sin at D/2 + i
+  if (rope) {  // while the tile loads
+#pragma unroll
+    for (int t = 0; t < D / 64; ++t)
+      sincosf(float(pos) * freq[t], &rope_cs[warp][D / 2 + lane + 32 * t], &rope_cs[warp][lane + 32 * t]);
     __syncwarp();
 #pragma unroll
-    for (int j = 0; j < kHalf; ++j) {
-      RotateChunks<D>(q[j], q[j + kHalf], cs + 8 * (4 * j + c));
-      RotateChunks<D>(k_new[j], k_new[j + kHalf], cs + 8 * (4 * j + c));
-    }
+    for (int j = 0; j < kHalf; ++j) RotateChunks<D>(q[j], q[j + kHalf], cs + 8 * (4 * j + c));
   }
 
   float m = -INFINITY, l = 0.f;
@@ -938,6 +951,10 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
     }
     const int key0 = tile * kMmaTile;
     if (pos - key0 < kMmaTile && pos >= key0) {  // the step's token is in this tile (the same for the warp)
+      if (rope) {
+#pragma unroll
+        for (int j = 0; j < kHalf; ++j) RotateChunks<D>(k_new[j], k_new[j + kHalf], cs + 8 * (4 * j + c));
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         if (key0 + 8 * h + r != pos) continue;
@@ -969,11 +986,11 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
     float top = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
     top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
     top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
-    top = fmaxf(top, m);  // finite: the tile's first key is in the context
-    const float rescale = Weight(m, top);
+    top = fmaxf(top, m);  // finite: the tile's first key is in the context, so exp2(-inf - top) = 0
+    const float rescale = exp2f(m - top);
     float p[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) p[i] = Weight(x[i], top);
+    for (int i = 0; i < 4; ++i) p[i] = exp2f(x[i] - top);
     l = l * rescale + ((p[0] + p[1]) + (p[2] + p[3]));
     m = top;
     if (tile != first) {
@@ -1000,20 +1017,27 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
     if (c == 0) warp_m[warp][r] = m, warp_l[warp][r] = l;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < group * D; idx += blockDim.x) {
-    const int g = idx / D, j = idx % D;
+  // The block's share, a thread per run of 4 elements of one head (the warps' weights once a run).
+  for (int u = threadIdx.x; u < group * D / 4; u += blockDim.x) {
+    const int g = u / (D / 4), j = u % (D / 4) * 4;
     float top = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMmaWarps; ++w) top = fmaxf(top, warp_m[w][g]);
-    float total = 0.f, acc = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float total = 0.f;
+    if (top != -INFINITY) {  // the block saw a key; a warp that saw none weighs exp2(-inf) = 0
 #pragma unroll
-    for (int w = 0; w < kMmaWarps; ++w) {
-      const float weight = Weight(warp_m[w][g], top);
-      total += warp_l[w][g] * weight;
-      acc += warp_o[w][g][j] * weight;
+      for (int w = 0; w < kMmaWarps; ++w) {
+        const float weight = exp2f(warp_m[w][g] - top);
+        const float4 o_w = *reinterpret_cast<const float4*>(&warp_o[w][g][j]);
+        total += warp_l[w][g] * weight;
+        acc.x += o_w.x * weight, acc.y += o_w.y * weight, acc.z += o_w.z * weight, acc.w += o_w.w * weight;
+      }
+      const float inv = 1.f / total;
+      acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
     }
-    share_o[idx] = total > 0.f ? acc / total : 0.f;
-    if (j == 0) share_lse[g] = total > 0.f ? top + log2f(total) : -INFINITY;
+    *reinterpret_cast<float4*>(&share_o[g * D + j]) = acc;
+    if (j == 0) share_lse[g] = top != -INFINITY ? top + log2f(total) : -INFINITY;
   }
   cluster.sync();  // every share is in its block's shared memory
   CombineClusterShares<D>(cluster, share_o, share_lse, out + head * group * D, group);
@@ -1536,6 +1560,35 @@ void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, i
   StaticDecodeLaunch(fn, step, s, q_heads, cache, layer, positions, sm_scale, invariant, out);
 }
 
+// A RoPE's frequencies, freqs[i] for i < d/2 (RopeSpec): 1 / theta^(2i/d), with Llama-3's scaling
+// where factor != 0 as TVM's rope_freq_llama3 scales them ((1 - s) f / factor + s f,
+// s = clamp(original_max / (2 pi) / (high - low) * f - low / (high - low), 0, 1)); in double
+// precision, rounded once. On the device, one table per (device, head_dim, parameters), made at the
+// first call (never during a capture: a graph keeps its address) and kept for the process.
+using RopeParameters = std::array<double, 5>;  // theta, factor, low_freq_factor, high_freq_factor, original_max
+
+const float* RopeFrequencies(int device, int64_t d, const RopeParameters& rope, cudaStream_t stream) {
+  thread_local std::map<std::tuple<int, int64_t, RopeParameters>, float*> tables;
+  const auto key = std::make_tuple(device, d, rope);
+  if (auto it = tables.find(key); it != tables.end()) return it->second;
+  const auto [theta, factor, low, high, original_max] = rope;
+  std::vector<float> freqs(size_t(d / 2));
+  for (int64_t i = 0; i < d / 2; ++i) {
+    double f = std::pow(theta, -double(2 * i) / double(d));
+    if (factor != 0.0) {
+      const double smooth = std::clamp(original_max / (2.0 * 3.141592653589793) / (high - low) * f - low / (high - low),
+                                       0.0, 1.0);
+      f = (1.0 - smooth) * f / factor + smooth * f;
+    }
+    freqs[size_t(i)] = float(f);
+  }
+  auto* table = static_cast<float*>(NewBufferOutsideCapture(int64_t(freqs.size() * sizeof(float)), stream));
+  LAB_CHECK_CUDA(cudaMemcpyAsync(table, freqs.data(), freqs.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+  LAB_CHECK_CUDA(cudaStreamSynchronize(stream));  // `freqs` is freed on return
+  tables.emplace(key, table);
+  return table;
+}
+
 // lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
 // rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
 // invariant, out [b, Hq, d]): RopeSpec (rope_factor 0: no scaling; else Llama-3's, its constants
@@ -1552,17 +1605,12 @@ void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTens
     TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out [rows, q_heads, head_dim] "
                                  "and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do not agree";
   if (!(theta > 0.0)) TVM_FFI_THROW(ValueError) << fn << ": rope_theta must be positive, got " << theta;
+  if (factor != 0.0 && (!(factor > 0.0) || !(high_freq_factor > low_freq_factor)))
+    TVM_FFI_THROW(ValueError) << fn << ": Llama-3 RoPE scaling needs factor > 0 and high_freq_factor > low_freq_factor";
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, out->device.device_id));
   RopeSpec rope;
-  rope.theta = float(theta);
-  if (factor != 0.0) {
-    if (!(factor > 0.0) || !(high_freq_factor > low_freq_factor))
-      TVM_FFI_THROW(ValueError) << fn << ": Llama-3 RoPE scaling needs factor > 0 and high_freq_factor > low_freq_factor";
-    const double inv_diff = 1.0 / (high_freq_factor - low_freq_factor);
-    rope.llama3 = 1;
-    rope.inv_factor = float(1.0 / factor);
-    rope.alpha = float(original_max / (2.0 * 3.141592653589793) * inv_diff);
-    rope.beta = float(low_freq_factor * inv_diff);
-  }
+  rope.freqs = RopeFrequencies(out->device.device_id, s.d, {theta, factor, low_freq_factor, high_freq_factor, original_max},
+                               stream);
   const int64_t stride = qkv->shape[1] * s.d;
   const __half* base = Data<__half>(qkv);
   const StepQkv step{base, base + q_heads * s.d, base + (q_heads + s.kv_heads) * s.d, stride, stride, rope};
