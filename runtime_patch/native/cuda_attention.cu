@@ -832,17 +832,10 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
 // i + D/2, chunk j with chunk j + D/64 of the same lane: the rotation needs no shuffle; each warp
 // makes its own cos/sin table (no block barrier before the first tile).
 //
-// P enters the mma as two float16 parts, p = hi + lo (lo the rounding error of hi): O's products
-// are those of float32 weights, as the SIMT kernel's (one P in float16 moved outputs by up to
-// 2^-11 of a weight: enough to flip a near-tie of a random model's greedy token).
-//
 // The step's own token: its key (rotated) and value stand in for the cache's row at `pos` in the
 // tile that holds it, and the lanes holding that row write them into the cache. A warp's online
-// softmax state is combined with its block's in shared memory; the block's combined run u of 4
-// output elements is then stored into the shared memory of block u % splits (the run's owner), and
-// after one cluster barrier each owner combines its runs from its own memory and writes them (one
-// barrier and no remote loads, where reading the shares from the other blocks took two: the blocks
-// had to stay until every read was done).
+// softmax state is combined with its block's in shared memory, the blocks' in the cluster's
+// (CombineClusterShares).
 constexpr int kMmaWarps = 4;
 constexpr int kMmaTile = 16;
 
@@ -885,7 +878,6 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
                 float scale2) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   namespace cg = cooperative_groups;
-  using lab::mma::Bits;
   using lab::mma::MmaTopRows;
   using lab::mma::PackHalf2;
   using lab::mma::Transpose;
@@ -893,12 +885,10 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   static_assert(D == 64 || D == 128, "the lanes' chunks pair for RoPE at head_dim 64 and 128");
   __shared__ __align__(16) float warp_o[kMmaWarps][G][D];
   __shared__ float warp_m[kMmaWarps][G], warp_l[kMmaWarps][G];
-  // the runs this block owns, from each block: inbox_o[source][run / splits] (at least 2 splits)
-  __shared__ float4 inbox_o[kMaxCluster][G * D / 8];
-  __shared__ float inbox_lse[kMaxCluster][G];
+  __shared__ __align__(16) float share_o[G * D];
+  __shared__ float share_lse[G];
   __shared__ __align__(16) float rope_cs[kMmaWarps][D];
   const cg::cluster_group cluster = cg::this_cluster();
-  cluster.barrier_arrive();  // this block runs (waited for before the first store into another block)
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
   const int position = positions[b];
@@ -1009,19 +999,12 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
 #pragma unroll
         for (int n = 0; n < 4; ++n) o[j][n][0] *= rescale, o[j][n][1] *= rescale;
     }
-    // A: keys 2c, 2c + 1 (a0) and 8 + 2c, 9 + 2c (a2) of head r, each weight as hi + lo
-    const __half2 hi0 = __floats2half2_rn(p[0], p[1]), hi2 = __floats2half2_rn(p[2], p[3]);
-    const float2 back0 = __half22float2(hi0), back2 = __half22float2(hi2);
-    const uint32_t a0 = Bits(hi0), a2 = Bits(hi2);
-    const uint32_t r0 = PackHalf2(p[0] - back0.x, p[1] - back0.y), r2 = PackHalf2(p[2] - back2.x, p[3] - back2.y);
+    const uint32_t p_lo = PackHalf2(p[0], p[1]), p_hi = PackHalf2(p[2], p[3]);
 #pragma unroll
     for (int j = 0; j < kOwn; ++j)
 #pragma unroll
-      for (int n = 0; n < 4; ++n) {
-        const uint32_t b0 = Transpose(Word(vt[0][j], n)), b1 = Transpose(Word(vt[1][j], n));
-        MmaTopRows(o[j][n], a0, a2, b0, b1);
-        MmaTopRows(o[j][n], r0, r2, b0, b1);
-      }
+      for (int n = 0; n < 4; ++n)
+        MmaTopRows(o[j][n], p_lo, p_hi, Transpose(Word(vt[0][j], n)), Transpose(Word(vt[1][j], n)));
   }
   l += __shfl_xor_sync(0xffffffffu, l, 1);
   l += __shfl_xor_sync(0xffffffffu, l, 2);
@@ -1034,9 +1017,7 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
     if (c == 0) warp_m[warp][r] = m, warp_l[warp][r] = l;
   }
   __syncthreads();
-  cluster.barrier_wait();  // every block of the cluster runs: their shared memory may be written
-  // The block's share, a thread per run of 4 elements of one head (the warps' weights once a run),
-  // stored into the run's owner.
+  // The block's share, a thread per run of 4 elements of one head (the warps' weights once a run).
   for (int u = threadIdx.x; u < group * D / 4; u += blockDim.x) {
     const int g = u / (D / 4), j = u % (D / 4) * 4;
     float top = -INFINITY;
@@ -1055,32 +1036,12 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
       const float inv = 1.f / total;
       acc.x *= inv, acc.y *= inv, acc.z *= inv, acc.w *= inv;
     }
-    *cluster.map_shared_rank(&inbox_o[split][u / splits], u % splits) = acc;
-    if (j == 0) {
-      const float lse = top != -INFINITY ? top + log2f(total) : -INFINITY;
-      for (int owner = 0; owner < splits; ++owner) *cluster.map_shared_rank(&inbox_lse[split][g], owner) = lse;
-    }
+    *reinterpret_cast<float4*>(&share_o[g * D + j]) = acc;
+    if (j == 0) share_lse[g] = top != -INFINITY ? top + log2f(total) : -INFINITY;
   }
-  cluster.sync();  // every block's runs are in their owners' memory
-  // The runs this block owns: run u = split + k * splits, the shares of all blocks.
-  __half* head_out = out + head * group * D;
-  for (int u = split + threadIdx.x * splits; u < group * D / 4; u += blockDim.x * splits) {
-    const int g = u / (D / 4), j = u % (D / 4) * 4;
-    float top = -INFINITY;
-    for (int from = 0; from < splits; ++from) top = fmaxf(top, inbox_lse[from][g]);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float total = 0.f;
-    for (int from = 0; from < splits; ++from) {  // top is finite: block 0's share starts at the first key
-      const float w = exp2f(inbox_lse[from][g] - top);
-      const float4 o_from = inbox_o[from][u / splits];
-      total += w;
-      acc.x += w * o_from.x, acc.y += w * o_from.y, acc.z += w * o_from.z, acc.w += w * o_from.w;
-    }
-    const float inv = 1.f / total;
-    __half2* dst = reinterpret_cast<__half2*>(head_out + g * D + j);
-    dst[0] = __floats2half2_rn(acc.x * inv, acc.y * inv);
-    dst[1] = __floats2half2_rn(acc.z * inv, acc.w * inv);
-  }
+  cluster.sync();  // every share is in its block's shared memory
+  CombineClusterShares<D>(cluster, share_o, share_lse, out + head * group * D, group);
+  cluster.sync();  // no block exits while another still reads its shared memory
 #endif
 }
 

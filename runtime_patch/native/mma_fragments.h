@@ -58,8 +58,6 @@ __device__ __forceinline__ uint32_t Transpose(uint32_t x) {
   return y;
 }
 
-__device__ __forceinline__ uint32_t Bits(__half2 h) { return *reinterpret_cast<const uint32_t*>(&h); }
-
 __device__ __forceinline__ uint32_t PackHalf2(float lo, float hi) {
   const __half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&h);
