@@ -72,7 +72,7 @@ RULES: tuple[Rule, ...] = (
          "the KV caches' appends and page copies (tir_kv_cache_transpose_append, copy_single_page, "
          "compact_kv_copy, AppendRows), TVM's attention kernels (batch_decode_paged_kv, batch_prefill_ragged_kv, "
          "tree_attn, tir_attention_merge_state) and ours (DecodePartial, DecodeMerge, CausalSoftmax, StaticDecode, "
-         "StaticDecodeCluster)"),
+         "StaticDecodeCluster, StaticDecodeMma)"),
     Rule(WEIGHTS, _rx(r"linear|matmul|dense|dequantize|gemm|gemv|nvjet|cutlass|xmma|splitK_?reduce"),
          "TVM's linears named after their function (linear8, fused_linear6_add: the residual add is fused "
          "into the GEMV), the prefill's weight dequantization for cuBLAS (TVM's dequantize*, our Dequantize), our GemvQuant, "
@@ -86,7 +86,8 @@ RULES: tuple[Rule, ...] = (
          "and the hand-over of the chosen token to the next step (the static KV cache's Advance, SettlePrefill)"),
     Rule(NORMS, _rx(r"norm|silu|gelu|swiglu|relu|multiply|(?<![a-z])add(?![a-z])|subtract|divide|"
                     r"reshape|transpose|split|concat|squeeze|expand_dims|broadcast_to|cast|elementwise|arange"),
-         "RMSNorm, SwiGLU (fused_split_silu_multiply), residual adds (add1), reshapes and transposes, "
+         "RMSNorm (TVM's rms_norm*, our RmsNormRows), SwiGLU (fused_split_silu_multiply), residual adds (add1), "
+         "reshapes and transposes, "
          "arange (positions) and other elementwise kernels"),
 )
 COPY_NOTE = "memcpy and memset records, by record kind (whatever their name)"
