@@ -18,9 +18,6 @@ Matrix products (plugin cuda_gemm):
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
-  RMS_NORM(x, weight, eps, out)        out = rms_norm(x) * weight over the last dimension, rounded as
-                                        transformers' LlamaRMSNorm: the decode steps' norms
-                                        (decode_norm=library)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused"),
@@ -119,7 +116,6 @@ GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 GEMV_ROWS = "lab.gemv.rows"
-RMS_NORM = "lab.norm.rms"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
@@ -187,7 +183,7 @@ PLUGIN = {
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
-    **{name: "cuda_gemm" for name in GEMV.values()}, GEMV_ROWS: "cuda_gemm", RMS_NORM: "cuda_gemm",
+    **{name: "cuda_gemm" for name in GEMV.values()}, GEMV_ROWS: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }
