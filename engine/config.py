@@ -164,6 +164,18 @@ PRESETS: dict[str, ModelConfig] = {
         max_position_embeddings=2048, rope_theta=500000.0,
         rope_scaling={**_LLAMA3_SCALING, "factor": 4.0, "original_max_position_embeddings": 256},
     ),
+    # CPU-sized checks of the CUDA decode attention's tensor-core kernel (head_dim 64 and 128, four
+    # query heads per KV head as Llama-3-8B's) against transformers: experiments.verify device=cuda
+    "tiny-d128": ModelConfig(
+        name="tiny-d128", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=1024,
+        max_position_embeddings=131072, rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
+    ),
+    "tiny-d64": ModelConfig(
+        name="tiny-d64", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, vocab_size=1024,
+        max_position_embeddings=4096,
+    ),
     "tinyllama-1.1b": ModelConfig(
         name="tinyllama-1.1b", hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
         num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
