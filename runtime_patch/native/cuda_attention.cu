@@ -45,7 +45,8 @@
 //   head) to finish merges the splits (an arrival counter per (slot, KV head), reset by that
 //   block), so a step is one kernel whatever the context. On sm_90, where few (slot, KV head)
 //   pairs would leave most SMs idle (batch 1) and the cache is short, a thread-block cluster per
-//   pair shares the context instead (StaticDecodeCluster, ClusterSize).
+//   pair shares the context instead (ClusterSize): on the tensor cores where head_dim is 64 or 128
+//   (StaticDecodeMma), else StaticDecodeCluster.
 // lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
 //   rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
 //   invariant, out)   the same on a layer's fused projection, q and k rotated in the kernel (RoPE at

@@ -24,9 +24,15 @@
 #include <cstdint>
 
 #include "cuda_common.h"
+#include "mma_fragments.h"
 
 namespace lab {
 namespace {
+
+using mma::LoadMatrices;
+using mma::LoadMatricesTransposed;
+using mma::Mma;
+using mma::PackHalf2;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
@@ -48,34 +54,6 @@ struct Tile {
     return row * D + (chunk ^ ((row / kRowsPerLine) % kPeriod)) * 8;
   }
 };
-
-__device__ void LoadMatrices(uint32_t* r, const __half* smem) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ void LoadMatricesTransposed(uint32_t* r, const __half* smem) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// c[16 x 8] += a[16 x 16] b[16 x 8], float16 operands, float32 accumulators. Lane l holds c's
-// rows l / 4 and l / 4 + 8, columns 2 (l % 4) and 2 (l % 4) + 1.
-__device__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-               "{%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ uint32_t PackHalf2(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
-}
 
 // Rows [row0, row0 + count) of a [rows, D] tile from global memory (row r at src + r * ld) into
 // shared memory, zero-filled past `valid` rows.

@@ -42,11 +42,14 @@
 
 #include "cublas_gemm.h"
 #include "cuda_common.h"
+#include "mma_fragments.h"
 
 namespace {
 
 using lab::Data;
 using lab::Rows;
+using lab::mma::LoadMatrices;
+using lab::mma::Mma;
 
 // ------------------------------------------------------------------------------------------------
 // The dequantize pass
@@ -153,20 +156,6 @@ __device__ __forceinline__ int PackedChunk(int row, int chunk) {
   } else {
     return row * 4 + (chunk ^ ((row >> 1) & 3));
   }
-}
-
-__device__ __forceinline__ void LoadMatrices(uint32_t* r, const __half* smem) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-__device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-               "{%8, %9}, {%0, %1, %2, %3};\n"
-               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 __device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
