@@ -316,3 +316,13 @@ def test_gemv_bench_refuses_bad_options_up_front(tmp_path, args, message):
     proc = subprocess.run([sys.executable, "-m", "bench.gemv", "run", "--dir", str(tmp_path), "--out",
                            str(tmp_path / "x.json"), *args], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_static_kv_bench_refuses_a_context_of_no_keys(tmp_path):
+    """bench.static_kv --profile 0: one line and exit 2, before the CUDA plugin loads."""
+    import subprocess
+
+    proc = subprocess.run([sys.executable, "-m", "bench.static_kv", "--out", str(tmp_path / "x.json"), "--profile", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--profile 0: a context of at least 1 key" in proc.stderr
+    assert not (tmp_path / "x.json").exists()
