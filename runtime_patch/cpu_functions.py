@@ -276,15 +276,6 @@ def _kv_decode_cluster(n: int) -> int:
     return previous
 
 
-_decode_tensor_cores = [1]
-
-
-def _kv_decode_tensor_cores(on: int) -> int:
-    """The CUDA plugin's choice of static decode kernel; NumPy has one (kept for symmetry)."""
-    previous, _decode_tensor_cores[0] = _decode_tensor_cores[0], int(bool(on))
-    return previous
-
-
 def _kv_argmax(logits, out) -> None:
     np.copyto(np.from_dlpack(out), np.argmax(np.from_dlpack(logits), axis=-1).astype(np.int32))  # the first maximum
 
@@ -325,7 +316,7 @@ IMPLEMENTATIONS = {
     functions.KV_ADVANCE: _kv_advance,
     functions.KV_ARGMAX: _kv_argmax,
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
-    functions.KV_DECODE_TENSOR_CORES: _kv_decode_tensor_cores,
+    functions.KV_DECODE_TENSOR_CORES: _path_switch(functions.KV_DECODE_TENSOR_CORES, (1, 0)),
     functions.GEMV_ROWS: _path_switch(functions.GEMV_ROWS, functions.GEMV_ROWS_CHOICES),
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,

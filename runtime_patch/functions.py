@@ -86,7 +86,7 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         (benchmarks): 0 the rule (default), 1 none, 2..8 that size
   KV_DECODE_TENSOR_CORES(on) -> previous   whether the static decode's clusters run the
                                         tensor-core kernel (head_dim 64, 128) in this process
-                                        (benchmarks): 1 (default) or 0 (the SIMT kernel)
+                                        (benchmarks): 1 (default) or 0 (the SIMT kernel); remembered on llvm
   KV_ARGMAX(logits, out)               out[r] = the first index of row r's largest logit (float32
                                         [rows, vocab] -> int32 [rows]): the greedy tokens
   KV_ADVANCE(next, ids, positions, out) ids[:, 0] = next, positions += 1; out = next; and next into

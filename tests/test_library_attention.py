@@ -150,11 +150,14 @@ def test_decode_cluster_choice():
 
 def test_decode_tensor_cores_choice():
     """`lab.kv.decode_tensor_cores` picks the static decode's cluster kernel for a process (the
-    benchmarks time both): it returns the previous choice, on (1) by default."""
+    benchmarks time both): it returns the previous choice, on (1) by default, and refuses anything
+    but 1 and 0."""
     import tvm_ffi
 
     functions.register("llvm", [functions.KV_DECODE_TENSOR_CORES])
     choose = tvm_ffi.get_global_func(functions.KV_DECODE_TENSOR_CORES)
     assert choose(0) == 1
     assert choose(1) == 0
+    with pytest.raises(Exception, match="not one of 1, 0"):
+        choose(2)
     assert choose(1) == 1

@@ -840,6 +840,9 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
 constexpr int kMmaWarps = 4;
 constexpr int kMmaTile = 16;
 
+// The head dims StaticDecodeMma has: a lane's chunks pair for RoPE at 64 and 128.
+__host__ __device__ constexpr bool TensorCoreHeadDim(int64_t d) { return d == 64 || d == 128; }
+
 // A lane's chunks 4j + c (j < D / 32) of row t of a [max_len, D] head, zeros where t is not a
 // cached key (t >= len, or the step's own token at pos, filled in by the caller).
 template <int D>
@@ -849,6 +852,18 @@ __device__ void LoadOwnChunks(const __half* rows, int t, int len, int pos, uint4
 #pragma unroll
   for (int j = 0; j < D / 32; ++j)
     dst[j] = cached ? __ldg(reinterpret_cast<const uint4*>(rows + int64_t(t) * D) + 4 * j + c) : make_uint4(0, 0, 0, 0);
+}
+
+// Rows r and r + 8 of tile `tile` (r = lane / 4): the lane's chunks of the keys into kt, of the
+// values into vt (LoadOwnChunks).
+template <int D>
+__device__ void LoadTile(const __half* k_rows, const __half* v_rows, int tile, int r, int len, int pos,
+                         uint4 (*kt)[D / 32], uint4 (*vt)[D / 32]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    LoadOwnChunks<D>(k_rows, tile * kMmaTile + 8 * h + r, len, pos, kt[h]);
+    LoadOwnChunks<D>(v_rows, tile * kMmaTile + 8 * h + r, len, pos, vt[h]);
+  }
 }
 
 // Chunks lo (elements i..i+7 < D/2) and hi (i + D/2..) rotated by the table's cos (cs[i..]) and sin
@@ -883,7 +898,7 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   using lab::mma::PackHalf2;
   using lab::mma::Transpose;
   constexpr int kOwn = D / 32, kHalf = kOwn / 2;
-  static_assert(D == 64 || D == 128, "the lanes' chunks pair for RoPE at head_dim 64 and 128");
+  static_assert(TensorCoreHeadDim(D), "the lanes' chunks pair for RoPE at head_dim 64 and 128");
   __shared__ __align__(16) float warp_o[kMmaWarps][G][D];
   __shared__ float warp_m[kMmaWarps][G], warp_l[kMmaWarps][G];
   __shared__ __align__(16) float share_o[G * D];
@@ -919,13 +934,7 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   const int first = split + splits * warp, stride = splits * kMmaWarps;
 
   uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
-  if (first < tiles) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      LoadOwnChunks<D>(k_rows, first * kMmaTile + 8 * h + r, len, pos, kt[h]);
-      LoadOwnChunks<D>(v_rows, first * kMmaTile + 8 * h + r, len, pos, vt[h]);
-    }
-  }
+  if (first < tiles) LoadTile<D>(k_rows, v_rows, first, r, len, pos, kt, vt);
   const float* cs = rope_cs[warp];  // the warp's table: cos of element i at i, sin at D/2 + i
   if (rope) {  // while the tile loads
 #pragma unroll
@@ -943,13 +952,7 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
 #pragma unroll
     for (int n = 0; n < 4; ++n) o[j][n][0] = o[j][n][1] = 0.f;
   for (int tile = first; tile < tiles; tile += stride) {
-    if (tile != first) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        LoadOwnChunks<D>(k_rows, tile * kMmaTile + 8 * h + r, len, pos, kt[h]);
-        LoadOwnChunks<D>(v_rows, tile * kMmaTile + 8 * h + r, len, pos, vt[h]);
-      }
-    }
+    if (tile != first) LoadTile<D>(k_rows, v_rows, tile, r, len, pos, kt, vt);
     const int key0 = tile * kMmaTile;
     if (pos - key0 < kMmaTile && pos >= key0) {  // the step's token is in this tile (the same for the warp)
       if (rope) {
@@ -1328,7 +1331,7 @@ struct ClusterPick {
 template <int D, int G>
 struct MmaPick {
   static constexpr ClusterKernel Get() {
-    if constexpr (D == 64 || D == 128) {
+    if constexpr (TensorCoreHeadDim(D)) {
       return StaticDecodeMma<D, G>;
     } else {
       return nullptr;
@@ -1342,9 +1345,14 @@ struct MmaPick {
 // choice for a process (bench.static_kv times both in one run); on by default.
 std::atomic<bool> tensor_cores_on{true};
 
-bool UseTensorCores(int64_t d) { return (d == 64 || d == 128) && tensor_cores_on.load(std::memory_order_relaxed); }
+bool UseTensorCores(int64_t d) { return TensorCoreHeadDim(d) && tensor_cores_on.load(std::memory_order_relaxed); }
 
-int64_t SetDecodeTensorCores(int64_t on) { return tensor_cores_on.exchange(on != 0) ? 1 : 0; }
+int64_t SetDecodeTensorCores(int64_t on) {
+  if (on != 0 && on != 1)
+    TVM_FFI_THROW(ValueError) << "lab.kv.decode_tensor_cores: " << on << " is not 1 (the tensor-core kernel) or 0 "
+                              << "(the SIMT one)";
+  return tensor_cores_on.exchange(on == 1) ? 1 : 0;
+}
 
 // The static decode's cluster size for a cache of max_len keys and `pairs` (slot, KV head) pairs:
 // 0 where the split kernel runs instead. Clusters help where the pairs alone leave most SMs idle

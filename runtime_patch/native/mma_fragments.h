@@ -27,7 +27,7 @@ __device__ __forceinline__ void Mma(float* c, const uint32_t* a, uint32_t b0, ui
 // (the bottom ones are written to scratch registers the compiler may reuse at once), for products
 // with at most 8 live rows (a decode's query heads of one KV head).
 __device__ __forceinline__ void MmaTopRows(float* c, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1) {
-  float unused0, unused1;
+  [[maybe_unused]] float unused0, unused1;
   asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
                "{%8, %9}, {%0, %1, %10, %10};\n"
                : "+f"(c[0]), "+f"(c[1]), "=f"(unused0), "=f"(unused1)
