@@ -1,0 +1,140 @@
+"""A decode layer's attention and the o projection after it, on one GPU: what the attention's L2
+prefetch of the o weight (`lab.kv.decode_attention_rope`'s `prefetch` tensors, l2_prefetch.h) buys.
+
+    python -m bench.l2_prefetch --out F.json [--budgets 0,8,16,24,32] [--contexts 256,1024]
+
+Llama-3-8B's shapes at tp=1 (32 query / 8 KV heads of 128, o 4096 x 4096), batch 1, RoPE in the
+attention. Per quantization (q4f16_1, q8f16_1), budget (MiB a call may prefetch,
+`lab.kv.l2_prefetch`; 0: none) and context, one CUDA graph of 32 layers as the model runs them:
+each layer's attention (its own cache layer) then `lab.gemv.<q>_add` on its own o weight (32
+distinct weights: nothing stays in L2 from one replay to the next). Timed per layer (CUDA events
+around replays, after warm-up), and beside it graphs of the attention alone and of the GEMV alone.
+The pair's output is checked bit for bit against the budget-0 run's (a prefetch is a hint: it
+must change no result); the process exits 1 if any differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
+from harness.results import git_info
+
+from . import attention as attention_bench
+
+LAYERS = 32
+Q_HEADS, KV_HEADS, D, HIDDEN = 32, 8, 128, 4096
+ROPE = (500000.0, 0.0, 0.0, 0.0, 0.0)  # Llama-3-8B's (engine.model.static_kv.rope_arguments)
+QUANTS = ("q4f16_1", "q8f16_1")
+
+
+def run_case(quant: str, budgets: list[int], context: int) -> list[dict]:
+    import torch
+    import tvm_ffi
+
+    from engine.quantize import quant_spec, quantize_torch
+    from runtime_patch import functions
+
+    spec = quant_spec(quant)
+    gemv_name = functions.GEMV[spec.bits, "add"]
+    names = [functions.KV_DECODE_ATTENTION_ROPE, functions.KV_L2_PREFETCH, gemv_name]
+    functions.register("cuda", names)
+    attend, budget_switch, gemv = (tvm_ffi.get_global_func(n) for n in names)
+    g = torch.Generator(device="cuda").manual_seed(context)
+    max_len = context + 16
+    weights = [quantize_torch(torch.randn(HIDDEN, Q_HEADS * D, device="cuda", dtype=torch.float16, generator=g) * 0.02,
+                              spec) for _ in range(LAYERS)]
+    cache = torch.randn(LAYERS, 2, 1, KV_HEADS, max_len, D, device="cuda", dtype=torch.float16, generator=g)
+    qkv = torch.randn(1, Q_HEADS + 2 * KV_HEADS, D, device="cuda", dtype=torch.float16, generator=g)
+    positions = torch.full((1,), context - 1, device="cuda", dtype=torch.int32)
+    attn = torch.empty(1, Q_HEADS, D, device="cuda", dtype=torch.float16)
+    residual = torch.randn(1, HIDDEN, device="cuda", dtype=torch.float16, generator=g)
+    out = torch.empty(1, HIDDEN, device="cuda", dtype=torch.float16)
+    wrap = tvm_ffi.from_dlpack
+
+    def attention(layer: int) -> None:
+        attend(wrap(qkv), wrap(cache), layer, wrap(positions), *ROPE, D**-0.5, 0,
+               *(wrap(t) for t in weights[layer]), wrap(attn))
+
+    def projection(layer: int) -> None:
+        gemv(wrap(attn.view(1, Q_HEADS * D)), *(wrap(t) for t in weights[layer]), wrap(residual), wrap(out))
+
+    def graph_of(*steps):
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), tvm_ffi.use_torch_stream():
+            for step in steps:
+                step(0)  # buffers made outside the capture
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                for layer in range(LAYERS):
+                    for step in steps:
+                        step(layer)
+        torch.cuda.synchronize()
+        return graph
+
+    results, reference = [], None
+    for budget in budgets:
+        previous = budget_switch(budget << 20)
+        try:
+            pair, alone = graph_of(attention, projection), graph_of(attention)
+            gemv_alone = graph_of(projection)
+            pair.replay()  # the cache's token row is rewritten alike at every replay
+            torch.cuda.synchronize()
+            result = out.clone()
+            same = reference is None or torch.equal(result, reference)
+            reference = result if reference is None else reference
+            row = {"quant": quant, "context": context, "budget_mib": budget, "same_output_as_no_prefetch": bool(same),
+                   "ok": bool(same)}
+            for name, graph in (("pair", pair), ("attention", alone), ("gemv", gemv_alone)):
+                row[f"{name}_s"] = [t / LAYERS for t in attention_bench.timed(graph.replay, warmup=5, repeats=30)]
+        finally:
+            budget_switch(previous)
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budgets", default="0,8,16,24,32", help="MiB a call may prefetch, comma separated (0: none)")
+    ap.add_argument("--contexts", default="256,1024", help="keys in the cache, comma separated")
+    args = ap.parse_args()
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+        contexts = [int(c) for c in args.contexts.split(",")]
+    except ValueError:
+        ap.error("--budgets and --contexts take comma-separated integers, e.g. --budgets 0,16")
+    if min(budgets) < 0 or min(contexts) < 1:
+        ap.error("budgets of at least 0 MiB and contexts of at least 1 key")
+    if budgets[0] != 0:
+        budgets.insert(0, 0)  # the reference output and time
+    import torch
+
+    from harness import stats
+    from harness.results import atomic_write_text
+
+    results = []
+    for quant in QUANTS:
+        for context in contexts:
+            for r in run_case(quant, budgets, context):
+                for key in [k for k in r if k.endswith("_s")]:
+                    r[key + "_summary"] = stats.summarize(r[key])
+                us = {k: r[f"{k}_s_summary"]["p50"] * 1e6 for k in ("pair", "attention", "gemv")}
+                print(f"{'ok  ' if r['ok'] else 'FAIL'} {quant} context {context:5d} budget {r['budget_mib']:3d} MiB: "
+                      f"attention + o {us['pair']:6.2f} us a layer (attention alone {us['attention']:5.2f}, "
+                      f"o GEMV alone {us['gemv']:5.2f})", flush=True)
+                results.append(r)
+    atomic_write_text(args.out, json.dumps({
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),
+        "command": " ".join(["python", "-m", "bench.l2_prefetch", *sys.argv[1:]]), "torch": torch.__version__,
+        "ok": all(r["ok"] for r in results), "results": results}, indent=1))
+    print(f"wrote {args.out}")
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
+
+
+if __name__ == "__main__":
+    main()
