@@ -224,13 +224,9 @@ def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_
 
 
 def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,
-                              original_max, sm_scale, invariant, *prefetch_and_out) -> None:
+                              original_max, sm_scale, invariant, out) -> None:
     """Split the fused projection, rotate q and k at each slot's position, then as
-    _kv_decode_attention. The tensors to prefetch (a GPU's L2 hint) are checked and left alone."""
-    *prefetch, out = prefetch_and_out
-    if len(prefetch) > functions.KV_MAX_PREFETCH:
-        raise ValueError(f"{functions.KV_DECODE_ATTENTION_ROPE}: at most {functions.KV_MAX_PREFETCH} tensors "
-                         f"to prefetch, got {len(prefetch)}")
+    _kv_decode_attention."""
     x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
     q_heads, kv_heads = o.shape[1], np.from_dlpack(cache).shape[3]
     rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
@@ -280,17 +276,6 @@ def _kv_decode_cluster(n: int) -> int:
     return previous
 
 
-_l2_prefetch_bytes = [24 << 20]  # cuda_attention.cu's kDefaultL2PrefetchBytes
-
-
-def _kv_l2_prefetch(n: int) -> int:
-    """The CUDA plugin's prefetch budget; NumPy has no L2 (kept for symmetry)."""
-    if n < 0:
-        raise ValueError(f"{functions.KV_L2_PREFETCH}: {n} bytes (0 turns the prefetch off)")
-    previous, _l2_prefetch_bytes[0] = _l2_prefetch_bytes[0], n
-    return previous
-
-
 def _kv_argmax(logits, out) -> None:
     np.copyto(np.from_dlpack(out), np.argmax(np.from_dlpack(logits), axis=-1).astype(np.int32))  # the first maximum
 
@@ -331,7 +316,6 @@ IMPLEMENTATIONS = {
     functions.KV_ADVANCE: _kv_advance,
     functions.KV_ARGMAX: _kv_argmax,
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
-    functions.KV_L2_PREFETCH: _kv_l2_prefetch,
     functions.KV_DECODE_TENSOR_CORES: _path_switch(functions.KV_DECODE_TENSOR_CORES, (1, 0)),
     functions.GEMV_ROWS: _path_switch(functions.GEMV_ROWS, functions.GEMV_ROWS_CHOICES),
     functions.KV_SET_IDS: _kv_set_ids,

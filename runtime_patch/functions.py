@@ -75,17 +75,11 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         shapes (graph-safe: lengths are read on the device);
                                         invariant=1: keys split as for one slot (batch_invariant)
   KV_DECODE_ATTENTION_ROPE(qkv, cache, layer, positions, rope_theta, rope_factor, low_freq_factor,
-                           high_freq_factor, original_max_position_embeddings, sm_scale, invariant,
-                           *prefetch, out)
+                           high_freq_factor, original_max_position_embeddings, sm_scale, invariant, out)
                                         the same from the layer's fused projection qkv [b, Hq + 2 Hkv,
                                         d]: q and k rotated (RoPE at positions[slot], as TVM's
                                         llama_rope_with_position_map; rope_factor 0: no scaling, else
-                                        Llama-3's) in the attention kernel, no RoPE kernel before it.
-                                        `prefetch`: up to 4 tensors the next kernel reads (the o
-                                        projection's weight), pulled into L2 by the latency-bound
-                                        kernel (a hint: nothing on the CPU)
-  KV_L2_PREFETCH(bytes) -> previous     the most bytes a decode attention call prefetches in this
-                                        process (benchmarks; 0: none); remembered on llvm
+                                        Llama-3's) in the attention kernel, no RoPE kernel before it
   KV_SETTLE_PREFILL(next, ids, positions, slot, length, out)   ids[slot] = next[-1], positions[slot]
                                         = length; out = next
   KV_DECODE_CLUSTER(n) -> previous     the static decode's thread-block cluster size in this process
@@ -159,8 +153,6 @@ KV_ADVANCE = "lab.kv.advance"
 KV_ARGMAX = "lab.kv.argmax"
 KV_DECODE_CLUSTER = "lab.kv.decode_cluster"
 KV_DECODE_TENSOR_CORES = "lab.kv.decode_tensor_cores"
-KV_L2_PREFETCH = "lab.kv.l2_prefetch"
-KV_MAX_PREFETCH = 4  # tensors a decode attention call may prefetch (l2_prefetch.h kMaxPrefetchRanges)
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
 PP_SEND_NEXT = "lab.pp.send_next"
@@ -190,7 +182,6 @@ PLUGIN = {
     KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
-    KV_L2_PREFETCH: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV.values()}, GEMV_ROWS: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target

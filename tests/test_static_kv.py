@@ -65,25 +65,6 @@ def test_decode_step_is_fed_on_the_device(compiled, tiny_checkpoint, library_cal
         assert len(set_ids) == 3
 
 
-def test_decode_attention_prefetches_the_o_projection(compiled, tiny_checkpoint, library_calls):
-    """Each decode step's attention call hands the kernel the o projection's weight of its layer
-    (what the GPU kernel pulls into L2 while it runs, for the GEMV after it); the prefill's
-    attention none."""
-    config = from_hf_folder(tiny_checkpoint)
-    calls = library_calls(functions.KV_DECODE_ATTENTION_ROPE,
-                          record=lambda *args: [t.shape for t in args[11:-1]])
-    artifact = compiled(config, "q0f32", 1, kv_cache="static")
-    with open_session(artifact, open_source(config, tiny_checkpoint)) as s:
-        Generator(s, max_batch=1, max_total_len=64, prefill_chunk=16).generate([[1, 2, 3, 4]], 3)
-    o_weight = (config.hidden_size, config.num_attention_heads * config.head_dim)
-    assert len(calls) == 2 * config.num_hidden_layers
-    assert all([tuple(shape) for shape in call] == [o_weight] for call in calls)
-    with pytest.raises(ValueError, match="at most 4 tensors"):
-        from runtime_patch import cpu_functions
-
-        cpu_functions.IMPLEMENTATIONS[functions.KV_DECODE_ATTENTION_ROPE](*[None] * 11, *[None] * 5, None)
-
-
 def test_static_decode_is_one_graph_on_cuda(tiny_config):
     """The CUDA build captures the whole decode step but the LM head: one run_or_capture region in
     decode_static whose capture function holds every layer's attention and allreduce; outside it

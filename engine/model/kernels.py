@@ -73,8 +73,7 @@ class Linear(nn.Module):
         for name, param in _weight_params(spec, out_features, in_features).items():
             setattr(self, name, param)
 
-    def weights(self) -> list[Tensor]:
-        """The weight's tensors as stored: [weight], or [q_weight, q_scale] of a quantized one."""
+    def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
     def forward(self, x: Tensor, phase: str) -> Tensor:
@@ -83,7 +82,7 @@ class Linear(nn.Module):
         if self.plan.library_gemm(phase):
             return self._library_gemm(x)
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
-                                 [x, *self.weights()])
+                                 [x, *self._weights()])
 
     def swiglu(self, x: Tensor, phase: str) -> Tensor:
         """silu(gate) * up, [gate, up] = W x (this linear's rows: the gate's, then the up's): one
@@ -143,10 +142,10 @@ class Embedding(Linear):
         super().__init__(hidden, vocab, spec, plan)
 
     def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
-        return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self.weights()])
+        return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
     def lm_head(self, x: Tensor, phase: str) -> Tensor:
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, out_dtype="float32")
         return op.tensor_expr_op(te_linear(self.spec, "float32", self.plan.fp16_weights(phase)), "lm_head",
-                                 [x, *self.weights()])
+                                 [x, *self._weights()])

@@ -62,10 +62,7 @@ class Attention(nn.Module):
         """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
-        # the static cache's decode kernel pulls the o projection's weight into L2 while it runs
-        prefetch = {"prefetch": tuple(self.o_proj.weights())} if isinstance(kv, static_kv.StaticKV) else {}
-        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5,
-                                                     **prefetch),
+        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
                          (b, s, self.q_heads * self.head_dim))
         return self.o_proj(out, phase) if residual is None else self.o_proj.plus(out, residual, phase)
 

@@ -64,19 +64,14 @@ class StaticKV:
             self._position_map_of_step = op.arange(self.start, self.start + tokens, dtype="int32")
         return self._position_map_of_step
 
-    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float,
-                                 prefetch: tuple[Tensor, ...] = ()) -> Tensor:
-        """`prefetch`: what the kernel after the attention reads (the o projection's weight), pulled
-        into L2 by the decode's attention kernel while it runs (a latency-bound kernel leaves HBM
-        idle); the prefill ignores it."""
+    def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
         b, s, heads, d = qkv.shape
         dtype = qkv.dtype
         flat = op.reshape(qkv, (b * s, heads, d))
         out = Tensor.placeholder((b * s, self.q_heads, d), dtype)
         if self.kind == DECODE:
             out = op.extern(functions.KV_DECODE_ATTENTION_ROPE, [flat, self.cache, layer_id, self.positions,
-                                                                 *self.rope_args, float(sm_scale), self.invariant,
-                                                                 *prefetch], out)
+                                                                 *self.rope_args, float(sm_scale), self.invariant], out)
             return op.reshape(out, (b, s, self.q_heads, d))
         q, k, v = op.tensor_ir_op(
             self.rope, "rope", [flat, self._position_map(b * s)],

@@ -49,13 +49,8 @@
 //   (StaticDecodeMma), else StaticDecodeCluster.
 // lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
 //   rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
-//   invariant, *prefetch, out)   the same on a layer's fused projection, q and k rotated in the
-//   kernel (RoPE at positions[slot], RopeSpec); what the model's decode step calls (no RoPE kernel
-//   before it). `prefetch`: up to 4 tensors (the o projection's weight that the next kernel reads)
-//   pulled into L2 while the latency-bound kernel runs, at most lab.kv.l2_prefetch's budget of
-//   bytes (l2_prefetch.h).
-// lab.kv.l2_prefetch(bytes) -> previous              that budget in this process (0: none), for the
-//                                                   benchmarks
+//   invariant, out)   the same on a layer's fused projection, q and k rotated in the kernel (RoPE at
+//   positions[slot], RopeSpec); what the model's decode step calls (no RoPE kernel before it).
 // lab.kv.argmax(logits [b, vocab] float32, out [b] int32)   the greedy tokens (ArgmaxRows)
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
@@ -90,7 +85,6 @@
 
 #include "cuda_common.h"
 #include "flash_prefill.h"
-#include "l2_prefetch.h"
 #include "mma_fragments.h"
 
 namespace {
@@ -613,7 +607,6 @@ struct StepQkv {
   const __half* v;
   int64_t q_stride, kv_stride;
   RopeSpec rope;
-  lab::L2Prefetch prefetch;  // what the kernel pulls into L2 for the next kernel (none: no ranges)
 };
 
 // A block's view of its (slot b, KV head hk): the group's query rows and the step's key and value
@@ -728,7 +721,7 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
-  lab::PrefetchIntoL2(step.prefetch);  // every block, the unused splits' too
+  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
   const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
   const int used = min(splits, (len + kKeys - 1) / kKeys);
@@ -810,7 +803,7 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
-  lab::PrefetchIntoL2(step.prefetch);
+  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
   const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1;
   const int chunk = (len + splits - 1) / splits;
@@ -944,7 +937,7 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
 
   uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
   if (first < tiles) LoadTile<D>(k_rows, v_rows, first, r, len, pos, kt, vt);
-  lab::PrefetchIntoL2(step.prefetch);  // behind the first tile's loads
+  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
   const float* cs = rope_cs[warp];  // the warp's table: cos of element i at i, sin at D/2 + i
   if (rope) {  // while the tile loads
 #pragma unroll
@@ -1608,25 +1601,13 @@ const float* RopeFrequencies(int device, int64_t d, const RopeParameters& rope, 
   return table;
 }
 
-// The bytes a static decode call may prefetch into L2 for the next kernel (L2Prefetch), per call.
-// lab.kv.l2_prefetch(bytes) -> the previous budget: the benchmarks' setting for a process (0: no
-// prefetch).
-constexpr int64_t kDefaultL2PrefetchBytes = int64_t(24) << 20;
-std::atomic<int64_t> l2_prefetch_bytes{kDefaultL2PrefetchBytes};
-
-int64_t SetL2Prefetch(int64_t bytes) {
-  if (bytes < 0) TVM_FFI_THROW(ValueError) << "lab.kv.l2_prefetch: " << bytes << " bytes (0 turns the prefetch off)";
-  return l2_prefetch_bytes.exchange(bytes);
-}
-
 // lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
 // rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
-// invariant, *prefetch, out [b, Hq, d]): RopeSpec (rope_factor 0: no scaling; else Llama-3's, its
-// constants derived as TVM's rope_freq_llama3 derives them); `prefetch` as L2Prefetch.
+// invariant, out [b, Hq, d]): RopeSpec (rope_factor 0: no scaling; else Llama-3's, its constants
+// derived as TVM's rope_freq_llama3 derives them).
 void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTensor* positions, double theta,
                            double factor, double low_freq_factor, double high_freq_factor, double original_max,
-                           double sm_scale, int64_t invariant, const std::vector<const DLTensor*>& prefetch,
-                           DLTensor* out) {
+                           double sm_scale, int64_t invariant, DLTensor* out) {
   const char* fn = "lab.kv.decode_attention_rope";
   Check(qkv, "qkv", 3, 16, kDLFloat);
   const StaticShape s = CheckCache(fn, cache, out, layer);
@@ -1644,25 +1625,8 @@ void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTens
                                stream);
   const int64_t stride = qkv->shape[1] * s.d;
   const __half* base = Data<__half>(qkv);
-  const StepQkv step{base, base + q_heads * s.d, base + (q_heads + s.kv_heads) * s.d, stride, stride, rope,
-                     lab::PrefetchRanges(fn, prefetch, out->device.device_id, l2_prefetch_bytes.load())};
+  const StepQkv step{base, base + q_heads * s.d, base + (q_heads + s.kv_heads) * s.d, stride, stride, rope};
   StaticDecodeLaunch(fn, step, s, q_heads, cache, layer, positions, sm_scale, invariant, out);
-}
-
-// lab.kv.decode_attention_rope's packed arguments: 11 fixed, then the tensors to prefetch, then out.
-void KvDecodeAttentionRopePacked(tvm::ffi::PackedArgs args, tvm::ffi::Any*) {
-  constexpr int kFixed = 11;
-  if (args.size() < kFixed + 1)
-    TVM_FFI_THROW(TypeError) << "lab.kv.decode_attention_rope: " << args.size() << " arguments, at least "
-                             << kFixed + 1 << " (qkv, cache, layer, positions, 5 RoPE parameters, sm_scale, invariant, "
-                             << "[tensors to prefetch,] out)";
-  std::vector<const DLTensor*> prefetch;
-  for (int i = kFixed; i < args.size() - 1; ++i) prefetch.push_back(args[i].cast<DLTensor*>());
-  KvDecodeAttentionRope(args[0].cast<DLTensor*>(), args[1].cast<DLTensor*>(), args[2].cast<int64_t>(),
-                        args[3].cast<DLTensor*>(), args[4].cast<double>(), args[5].cast<double>(),
-                        args[6].cast<double>(), args[7].cast<double>(), args[8].cast<double>(),
-                        args[9].cast<double>(), args[10].cast<int64_t>(), prefetch,
-                        args[args.size() - 1].cast<DLTensor*>());
 }
 
 void CheckInt32(const char* fn, std::initializer_list<std::pair<const DLTensor*, const char*>> tensors) {
@@ -1797,8 +1761,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                         });
   refl::GlobalDef().def("lab.kv.prefill_attention", KvPrefillAttention);
   refl::GlobalDef().def("lab.kv.decode_attention", KvDecodeAttention);
-  refl::GlobalDef().def_packed("lab.kv.decode_attention_rope", KvDecodeAttentionRopePacked);
-  refl::GlobalDef().def("lab.kv.l2_prefetch", SetL2Prefetch);
+  refl::GlobalDef().def("lab.kv.decode_attention_rope", KvDecodeAttentionRope);
   refl::GlobalDef().def("lab.kv.advance", KvAdvance);
   refl::GlobalDef().def("lab.kv.argmax", KvArgmax);
   refl::GlobalDef().def("lab.kv.decode_cluster", SetDecodeCluster);

@@ -133,4 +133,43 @@ T* Data(const DLTensor* t) {
   return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
 }
 
+// Programmatic dependent launch (compute capability 9.0 and newer). A kernel launched by
+// LaunchAfterPrevious may start before the kernel ahead of it on the stream has finished: once every
+// block of that kernel has called AllowNext or exited. Until WaitForPrevious it may only do work that
+// depends on nothing an earlier kernel writes (a GEMV's weight loads); reading what an earlier kernel
+// writes, and writing what it reads, come after WaitForPrevious, which returns once the earlier
+// kernels have finished and their writes are visible. A kernel that calls AllowNext early lets its
+// successor's blocks take the SMs it leaves free (and load their constants) while it runs; one that
+// does not lets the successor start only as its own blocks exit. In a captured CUDA graph the
+// dependency becomes a programmatic edge. On older GPUs the attribute is left out and both device
+// calls are no-ops.
+inline cudaError_t LaunchAfterPrevious(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
+                                       cudaStream_t stream, void** args, int device_major) {
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = shared_bytes;
+  config.stream = stream;
+  config.attrs = attribute;
+  config.numAttrs = device_major >= 9 ? 1 : 0;
+  return cudaLaunchKernelExC(&config, kernel, args);
+}
+
+#ifdef __CUDACC__
+__device__ __forceinline__ void WaitForPrevious() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void AllowNext() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+#endif  // __CUDACC__
+
 }  // namespace lab

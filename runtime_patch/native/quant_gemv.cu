@@ -183,10 +183,14 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 
 // P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
 // x is copied into shared memory once per block (Swizzled; SharedBytes(k) of dynamic shared memory),
-// by asynchronous copies issued before the first round's weight loads, so its latency overlaps
+// by asynchronous copies issued right after the first round's weight loads, so its latency overlaps
 // theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
-// 8 us in the model).
+// 8 us in the model). The kernel is launched after the previous one (lab::LaunchAfterPrevious):
+// the first round's weight loads are issued before lab::WaitForPrevious, x's copy (the previous
+// kernel's output) and every write after it. It never calls lab::AllowNext: the kernel after a GEMV
+// starts as the GEMV's blocks exit (the decode attention's blocks, which do call it, let the o
+// projection's GEMV load its weights while the attention runs).
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
 // others at most 128 (2 blocks: at 133 registers the 4-row kernel held one block an SM, and
 // Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel of 4 groups a round at
@@ -210,8 +214,6 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-  __pipeline_commit();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
@@ -232,6 +234,11 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
+      // the weights and scales are constants: the first round's loads are in flight before the
+      // previous kernel, whose output x is, has finished
+      lab::WaitForPrevious();
+      for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
+      __pipeline_commit();
       __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
       PrepareX<Bits>(x_shared, k);
       __syncthreads();  // x is ready in shared memory
@@ -371,7 +378,8 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(smem), stream));
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
+                                          lab::Facts(device).major));
 }
 
 // What a registered function fuses (runtime_patch/functions.py GEMV_FUSIONS), and its name.
