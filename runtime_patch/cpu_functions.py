@@ -289,6 +289,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV.items()},
+    # an early launch is a GPU's scheduling: the same product
+    **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV_EARLY.items()},
     **{name: _numpy_gemm_quant(bits) for bits, name in functions.GEMM_BY_BITS.items()},
     functions.DEQUANT_Q4: _numpy_dequant(4),
     functions.DEQUANT_Q8: _numpy_dequant(8),

@@ -16,6 +16,11 @@ Matrix products (plugin cuda_gemm):
                                         layer's o and down projections at tp=1
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
+  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("" or "add") launched while the kernel
+                                        before it still runs (programmatic dependent launch, sm_90:
+                                        its weight loads overlap that kernel, which lets it start:
+                                        the static decode attention); the o projection after the
+                                        decode attention. The same function on the CPU
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
@@ -115,6 +120,8 @@ GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
+# The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
+GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 GEMM_Q4 = "lab.gemm.q4"
@@ -183,7 +190,8 @@ PLUGIN = {
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
-    **{name: "cuda_gemm" for name in GEMV.values()}, GEMV_ROWS: "cuda_gemm",
+    **{name: "cuda_gemm" for name in GEMV.values()}, **{name: "cuda_gemm" for name in GEMV_EARLY.values()},
+    GEMV_ROWS: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

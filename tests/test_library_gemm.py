@@ -96,24 +96,28 @@ def test_bad_prefill_gemm_is_refused(tiny_config):
 
 @pytest.fixture
 def gemv_calls(library_calls):
-    """The calls of each library decode GEMV (every width, plain and fused) in this process, by name."""
-    return {name: library_calls(name) for name in functions.GEMV.values()}
+    """The calls of each library decode GEMV (every width, plain, fused and early) in this process, by name."""
+    return {name: library_calls(name) for name in [*functions.GEMV.values(), *functions.GEMV_EARLY.values()]}
 
 
-@pytest.mark.parametrize("quant, bits", [("q4f16_1", 4), ("q8f16_1", 8)])
-def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits):
+@pytest.mark.parametrize("quant, bits, kv_cache", [("q4f16_1", 4, "paged"), ("q8f16_1", 8, "paged"),
+                                                   ("q4f16_1", 4, "static")])
+def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
-    projections inside them (lab.gemv.q4_swiglu, q4_add), and the logits match transformers on the
+    projections inside them (lab.gemv.q4_swiglu, q4_add; after the static cache's attention the o
+    projection's is the early one, q4_add_early), and the logits match transformers on the
     quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, quant, decode_gemv="library")
+    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
     layers = config.num_hidden_layers
     plain = functions.GEMV[bits, ""]
     per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers,
                 functions.GEMV[bits, "add"]: 2 * layers}  # qkv and the LM head; gate_up; o and down
+    if kv_cache == "static":  # the o projections' GEMVs start while the attention runs
+        per_step.update({functions.GEMV[bits, "add"]: layers, functions.GEMV_EARLY[bits, "add"]: layers})
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)

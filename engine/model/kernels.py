@@ -76,9 +76,11 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
-    def forward(self, x: Tensor, phase: str) -> Tensor:
+    def forward(self, x: Tensor, phase: str, early: bool = False) -> Tensor:
+        """`early`: the library GEMV may start while the kernel before it runs (functions.GEMV_EARLY:
+        after the static decode attention, which lets it)."""
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("", x)
+            return self._gemv("", x, early=early)
         if self.plan.library_gemm(phase):
             return self._library_gemm(x)
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
@@ -92,19 +94,23 @@ class Linear(nn.Module):
         gate, up = op.split(self(x, phase), 2, axis=-1)
         return op.silu(gate) * up
 
-    def plus(self, x: Tensor, residual: Tensor, phase: str) -> Tensor:
+    def plus(self, x: Tensor, residual: Tensor, phase: str, early: bool = False) -> Tensor:
         """residual + W x: the add inside the library GEMV where the phase has one
-        (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV)."""
+        (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV);
+        `early` as in forward."""
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("add", x, residual=residual)
+            return self._gemv("add", x, residual=residual, early=early)
         return residual + self(x, phase)
 
-    def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None) -> Tensor:
-        """The library GEMV functions.GEMV[bits, fusion] of x (one row) with this linear's weight."""
+    def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,
+              early: bool = False) -> Tensor:
+        """The library GEMV functions.GEMV[bits, fusion] (GEMV_EARLY where `early`) of x (one row)
+        with this linear's weight."""
         rows = self.q_weight.shape[0] // (2 if fusion == "swiglu" else 1)
         extra = [residual] if residual is not None else []
         out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
-        return op.extern(functions.GEMV[self.spec.bits, fusion], [x, self.q_weight, self.q_scale, *extra], out)
+        name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, fusion]
+        return op.extern(name, [x, self.q_weight, self.q_scale, *extra], out)
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         n = self.weight.shape[0] if not self.spec.quantized else self.q_weight.shape[0]

@@ -64,7 +64,9 @@ class Attention(nn.Module):
         qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
         out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
                          (b, s, self.q_heads * self.head_dim))
-        return self.o_proj(out, phase) if residual is None else self.o_proj.plus(out, residual, phase)
+        # the static cache's decode attention lets the o projection's GEMV load its weight while it runs
+        early = isinstance(kv, static_kv.StaticKV)
+        return self.o_proj(out, phase, early) if residual is None else self.o_proj.plus(out, residual, phase, early)
 
 
 class MLP(nn.Module):

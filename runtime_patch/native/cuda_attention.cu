@@ -928,16 +928,28 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
       v_new[j] = __ldg(reinterpret_cast<const uint4*>(v_row) + 4 * j + c);
     }
   }
-  const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
-  const int len = pos + 1, tiles = (len + kMmaTile - 1) / kMmaTile;
   const int64_t head = int64_t(b) * kv_heads + hk;
   __half* k_rows = k_cache + head * max_len * D;
   __half* v_rows = v_cache + head * max_len * D;
   const int first = split + splits * warp, stride = splits * kMmaWarps;
 
+  // The warp's first tile is loaded before the slot's length is known (every row below max_len is
+  // the cache's memory), so that its loads and the position's are in flight together; once the
+  // length is known, its rows past the context are zeroed (stale or never written: a NaN there
+  // would survive P's zero weight) and the token's own row is replaced below.
   uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
-  if (first < tiles) LoadTile<D>(k_rows, v_rows, first, r, len, pos, kt, vt);
+  if (first * kMmaTile < max_len) LoadTile<D>(k_rows, v_rows, first, r, max_len, -1, kt, vt);
   lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
+  const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
+  const int len = pos + 1, tiles = (len + kMmaTile - 1) / kMmaTile;
+  if (first < tiles) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (first * kMmaTile + 8 * h + r < len) continue;
+#pragma unroll
+      for (int j = 0; j < kOwn; ++j) kt[h][j] = vt[h][j] = make_uint4(0, 0, 0, 0);
+    }
+  }
   const float* cs = rope_cs[warp];  // the warp's table: cos of element i at i, sin at D/2 + i
   if (rope) {  // while the tile loads
 #pragma unroll

@@ -15,6 +15,14 @@
 // squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
 // norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
+// lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
+// while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
+// loads are issued before lab::WaitForPrevious, x and the writes after it. For the o projection
+// after the static decode attention, which lets its successor start (lab::AllowNext), so that the
+// GEMV's weights stream in while the latency-bound attention runs. Only there: launched this way
+// after a kernel that does not allow it early, a GEMV gains nothing, and its x (copied after its
+// weight loads are issued, behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
+//
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
 // otherwise the rule), for the benchmarks (bench.gemv --rows).
@@ -145,6 +153,7 @@ __device__ uint4 PairedChunk(uint4 raw) {
 // What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
 struct Fusion {
   const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
+  bool early = false;                // launched by lab::LaunchAfterPrevious (the *_early functions)
 };
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
@@ -186,11 +195,9 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // by asynchronous copies issued right after the first round's weight loads, so its latency overlaps
 // theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
-// 8 us in the model). The kernel is launched after the previous one (lab::LaunchAfterPrevious):
-// the first round's weight loads are issued before lab::WaitForPrevious, x's copy (the previous
-// kernel's output) and every write after it. It never calls lab::AllowNext: the kernel after a GEMV
-// starts as the GEMV's blocks exit (the decode attention's blocks, which do call it, let the o
-// projection's GEMV load its weights while the attention runs).
+// 8 us in the model). An early GEMV (fusion.early, launched by lab::LaunchAfterPrevious) issues
+// its first round's weight loads before lab::WaitForPrevious, then x's copy (the previous kernel's
+// output); every write comes after. A GEMV never calls lab::AllowNext.
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
 // others at most 128 (2 blocks: at 133 registers the 4-row kernel held one block an SM, and
 // Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel of 4 groups a round at
@@ -214,6 +221,11 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
+  const auto copy_x = [&] {
+    for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
+    __pipeline_commit();
+  };
+  if (!fusion.early) copy_x();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
@@ -234,11 +246,12 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
-      // the weights and scales are constants: the first round's loads are in flight before the
-      // previous kernel, whose output x is, has finished
-      lab::WaitForPrevious();
-      for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-      __pipeline_commit();
+      if (fusion.early) {
+        // the weights and scales are constants: the first round's loads are in flight before the
+        // previous kernel, whose output x is, has finished
+        lab::WaitForPrevious();
+        copy_x();
+      }
       __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
       PrepareX<Bits>(x_shared, k);
       __syncthreads();  // x is ready in shared memory
@@ -378,13 +391,17 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
-                                          lab::Facts(device).major));
+  if (fusion.early) {
+    LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
+                                            lab::Facts(device).major));
+  } else {
+    LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(smem), stream));
+  }
 }
 
 // What a registered function fuses (runtime_patch/functions.py GEMV_FUSIONS), and its name.
 struct Fused {
-  bool add, swiglu;
+  bool add, swiglu, early;  // early: launched by lab::LaunchAfterPrevious (the *_early functions)
   const char* name;
 };
 
@@ -411,6 +428,7 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
+  fusion.early = fused.early;
   if (fused.add) {
     lab::CheckOnGpuCompact(fn, {residual});
     if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
@@ -435,29 +453,36 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   lab::CheckLaunch(fn);
 }
 
-template <int Bits>
+template <int Bits, bool Early>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, false, Bits == 4 ? "lab.gemv.q4" : "lab.gemv.q8"}, x, w, scale, nullptr, out);
+  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_early" : "lab.gemv.q4") : (Early ? "lab.gemv.q8_early" : "lab.gemv.q8");
+  Gemv<Bits>({false, false, Early, name}, x, w, scale, nullptr, out);
 }
 
-template <int Bits>
+template <int Bits, bool Early>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
-  Gemv<Bits>({true, false, Bits == 4 ? "lab.gemv.q4_add" : "lab.gemv.q8_add"}, x, w, scale, residual, out);
+  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_early" : "lab.gemv.q4_add")
+                               : (Early ? "lab.gemv.q8_add_early" : "lab.gemv.q8_add");
+  Gemv<Bits>({true, false, Early, name}, x, w, scale, residual, out);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({false, true, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr, out);
+  Gemv<Bits>({false, true, false, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr, out);
 }
 
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
-  refl::GlobalDef().def("lab.gemv.q4", GemvPlain<4>);
-  refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8>);
-  refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4>);
-  refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8>);
+  refl::GlobalDef().def("lab.gemv.q4", GemvPlain<4, false>);
+  refl::GlobalDef().def("lab.gemv.q8", GemvPlain<8, false>);
+  refl::GlobalDef().def("lab.gemv.q4_add", GemvAdd<4, false>);
+  refl::GlobalDef().def("lab.gemv.q8_add", GemvAdd<8, false>);
+  refl::GlobalDef().def("lab.gemv.q4_early", GemvPlain<4, true>);
+  refl::GlobalDef().def("lab.gemv.q8_early", GemvPlain<8, true>);
+  refl::GlobalDef().def("lab.gemv.q4_add_early", GemvAdd<4, true>);
+  refl::GlobalDef().def("lab.gemv.q8_add_early", GemvAdd<8, true>);
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
