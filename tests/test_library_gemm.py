@@ -84,30 +84,6 @@ def test_library_prefill_in_disco_workers(compiled, tiny_checkpoint):
         session.close()
 
 
-def test_library_decode_norm_matches_transformers(compiled, tiny_checkpoint, library_calls):
-    """decode_norm=library: every RMSNorm of a decode step (two a layer and the final one) is
-    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's, and the logits and greedy
-    tokens match transformers."""
-    from engine.quantize import quant_spec
-
-    config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, "q4f16_1", decode_norm="library")
-    assert artifact.spec.decode_norm == "library" and functions.RMS_NORM in artifact.functions
-    per_step = 2 * config.num_hidden_layers + 1
-    calls = library_calls(functions.RMS_NORM, record=lambda x, weight, eps, out: tuple(x.shape))
-    gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
-                    prefill_chunk=64)
-    reference = Reference(tiny_checkpoint, quant_spec("q4f16_1"))
-    prompt = np.random.default_rng(5).integers(0, config.vocab_size, PROMPT).tolist()
-    continuation = reference.greedy(prompt, STEPS)
-    tokens = prompt + continuation[:-1]
-    assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
-    assert len(calls) == (STEPS - 1) * per_step and all(shape[-1] == config.hidden_size for shape in calls)
-    calls.clear()
-    assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    assert len(calls) == (STEPS - 1) * per_step  # none in the prefill
-
-
 def test_bad_prefill_gemm_is_refused(tiny_config):
     from engine.compile import BuildSpec
     from engine.config import ConfigError
@@ -129,23 +105,19 @@ def gemv_calls(library_calls):
 def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
-    projections inside them (lab.gemv.q4_swiglu, q4_add), and the logits match transformers on the
-    quantized-then-dequantized weights. On the static cache with the library's RMSNorm (the GPU's
-    build) the GEMVs after a kernel that lets them start early are the early ones: o after the
-    attention, qkv and gate_up after the norms (lab.gemv.q4_add_early, q4_early, q4_swiglu_early)."""
+    projections inside them (lab.gemv.q4_swiglu, q4_add; after the static cache's attention the o
+    projection's is the early one, q4_add_early), and the logits match transformers on the
+    quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    static = kv_cache == "static"
-    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache,
-                        decode_norm="library" if static else "tir")
+    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
     layers = config.num_hidden_layers
     plain = functions.GEMV[bits, ""]
     per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers,
                 functions.GEMV[bits, "add"]: 2 * layers}  # qkv and the LM head; gate_up; o and down
-    if static:
-        per_step = {plain: 1, functions.GEMV[bits, "add"]: layers,  # the LM head; down
-                    **{functions.GEMV_EARLY[bits, fusion]: layers for fusion in ("", "swiglu", "add")}}
+    if kv_cache == "static":  # the o projections' GEMVs start while the attention runs
+        per_step.update({functions.GEMV[bits, "add"]: layers, functions.GEMV_EARLY[bits, "add"]: layers})
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)

@@ -15,15 +15,13 @@
 // squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
 // norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
-// lab.gemv.q4_early / q4_add_early / q4_swiglu_early (and q8's): the same GEMVs launched while
-// the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight loads
-// are issued before lab::WaitForPrevious, x and the writes after it. For the GEMVs after a kernel
-// that lets its successor start (lab::AllowNext) and leaves SMs free: the o projection after the
-// static decode attention, the qkv and gate_up projections after the library RMSNorm (a block),
-// so that the GEMV's weights stream in while the latency-bound kernel runs. Only there: launched
-// this way after a kernel that does not allow it early, a GEMV gains nothing, and its x (copied
-// after its weight loads are issued, behind them) arrives later (bench.gemv, 2026-12-01: q4 o
-// 5.4 -> 6.1 us).
+// lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
+// while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
+// loads are issued before lab::WaitForPrevious, x and the writes after it. For the o projection
+// after the static decode attention, which lets its successor start (lab::AllowNext), so that the
+// GEMV's weights stream in while the latency-bound attention runs. Only there: launched this way
+// after a kernel that does not allow it early, a GEMV gains nothing, and its x (copied after its
+// weight loads are issued, behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
@@ -468,11 +466,9 @@ void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTe
   Gemv<Bits>({true, false, Early, name}, x, w, scale, residual, out);
 }
 
-template <int Bits, bool Early>
+template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_swiglu_early" : "lab.gemv.q4_swiglu")
-                               : (Early ? "lab.gemv.q8_swiglu_early" : "lab.gemv.q8_swiglu");
-  Gemv<Bits>({false, true, Early, name}, x, w, scale, nullptr, out);
+  Gemv<Bits>({false, true, false, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr, out);
 }
 
 }  // namespace
@@ -488,8 +484,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q4_add_early", GemvAdd<4, true>);
   refl::GlobalDef().def("lab.gemv.q8_add_early", GemvAdd<8, true>);
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
-  refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4, false>);
-  refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8, false>);
-  refl::GlobalDef().def("lab.gemv.q4_swiglu_early", GemvSwiglu<4, true>);
-  refl::GlobalDef().def("lab.gemv.q8_swiglu_early", GemvSwiglu<8, true>);
+  refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
+  refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
 }
