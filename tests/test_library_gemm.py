@@ -105,19 +105,19 @@ def gemv_calls(library_calls):
 def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
-    projections inside them (lab.gemv.q4_swiglu, q4_add; after the static cache's attention the o
-    projection's is the early one, q4_add_early), and the logits match transformers on the
-    quantized-then-dequantized weights."""
+    projections inside them (lab.gemv.q4_swiglu, q4_add; the early one, q4_add_early, for the down
+    projection after gate_up's and for the o projection after the static cache's attention), and
+    the logits match transformers on the quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
     artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
     layers = config.num_hidden_layers
     plain = functions.GEMV[bits, ""]
-    per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers,
-                functions.GEMV[bits, "add"]: 2 * layers}  # qkv and the LM head; gate_up; o and down
-    if kv_cache == "static":  # the o projections' GEMVs start while the attention runs
-        per_step.update({functions.GEMV[bits, "add"]: layers, functions.GEMV_EARLY[bits, "add"]: layers})
+    # qkv and the LM head; gate_up; o (early after the static cache's attention); down (early after gate_up)
+    o = functions.GEMV_EARLY[bits, "add"] if kv_cache == "static" else functions.GEMV[bits, "add"]
+    per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers, o: layers}
+    per_step[functions.GEMV_EARLY[bits, "add"]] = per_step.get(functions.GEMV_EARLY[bits, "add"], 0) + layers
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)

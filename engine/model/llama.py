@@ -78,7 +78,9 @@ class MLP(nn.Module):
         """(residual +) down_proj(silu(gate) * up), [gate, up] = gate_up_proj(x), x normalised (SiLU
         inside the library GEMV where the phase has one)."""
         hidden = self.gate_up_proj.swiglu(x, phase)
-        return self.down_proj(hidden, phase) if residual is None else self.down_proj.plus(hidden, residual, phase)
+        # the library GEMV with SiLU lets the down projection's start early (in its last wave)
+        return self.down_proj(hidden, phase, early=True) if residual is None else \
+            self.down_proj.plus(hidden, residual, phase, early=True)
 
 
 def _rms_norm(config, spec) -> nn.RMSNorm:

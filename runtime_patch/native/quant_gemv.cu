@@ -17,11 +17,13 @@
 //
 // lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
-// loads are issued before lab::WaitForPrevious, x and the writes after it. For the o projection
-// after the static decode attention, which lets its successor start (lab::AllowNext), so that the
-// GEMV's weights stream in while the latency-bound attention runs. Only there: launched this way
-// after a kernel that does not allow it early, a GEMV gains nothing, and its x (copied after its
-// weight loads are issued, behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
+// loads are issued before lab::WaitForPrevious, x and the writes after it. For the GEMVs after a
+// kernel that lets its successor start (lab::AllowNext): the o projection after the static decode
+// attention (its weights stream in while the latency-bound attention runs), the down projection
+// after gate_up's GEMV with SiLU (which allows it from its blocks' start: down's blocks take the
+// SMs that gate_up's last wave leaves free). Only there: launched this way after a kernel that does
+// not allow it early, a GEMV gains nothing, and its x (copied after its weight loads are issued,
+// behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
@@ -154,6 +156,7 @@ __device__ uint4 PairedChunk(uint4 raw) {
 struct Fusion {
   const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
   bool early = false;                // launched by lab::LaunchAfterPrevious (the *_early functions)
+  bool allow_next = false;           // lab::AllowNext at the start (the SiLU GEMVs: down's follows)
 };
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
@@ -225,6 +228,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
     __pipeline_commit();
   };
+  if (fusion.allow_next) lab::AllowNext();
   if (!fusion.early) copy_x();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -429,6 +433,7 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
   fusion.early = fused.early;
+  fusion.allow_next = fused.swiglu;  // the model's down projection after it is an early GEMV
   if (fused.add) {
     lab::CheckOnGpuCompact(fn, {residual});
     if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
