@@ -719,6 +719,7 @@ StaticDecode(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__ v_
   constexpr int kKeys = StaticKeysPerSplit(D, G);
   __shared__ RopeShared<D> rope_shared;
   const int split = blockIdx.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
+  lab::WaitForPrevious();  // launched early (StaticDecodeLaunch): the step's q, k, v are the previous kernel's
   const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
   lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
@@ -801,6 +802,7 @@ StaticDecodeCluster(StepQkv step, __half* __restrict__ k_cache, __half* __restri
   __shared__ RopeShared<D> rope_shared;
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
+  lab::WaitForPrevious();  // launched early (StaticDecodeLaunch): the step's q, k, v are the previous kernel's
   const int position = positions[b];
   StepRows<D, G> rows(step, b, hk, group);
   lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
@@ -909,14 +911,28 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   const cg::cluster_group cluster = cg::this_cluster();
   const int split = blockIdx.x, splits = gridDim.x, hk = blockIdx.y, b = blockIdx.z, kv_heads = gridDim.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r = lane / 4, c = lane % 4;
-  const int position = positions[b];
-  // Loaded before the length is known: query head r's chunks, the step's key and value, and the
-  // lane's RoPE frequencies (elements lane + 32 t).
-  uint4 q[kOwn], k_new[kOwn], v_new[kOwn];
+  // Before lab::WaitForPrevious (the kernel is launched while the qkv projection's GEMV still runs,
+  // StaticDecodeLaunch): only what the kernel before it cannot write (the model never writes the
+  // cache or the frequencies there). The lane's RoPE frequencies (elements lane + 32 t), and the
+  // warp's first tile of the cache, loaded before the slot's length is known (every row below
+  // max_len is the cache's memory): once the length is known its rows past the context are zeroed
+  // (stale or never written: a NaN there would survive P's zero weight) and the token's own row is
+  // replaced below.
   float freq[D / 64];
   const bool rope = step.rope.freqs != nullptr;
 #pragma unroll
   for (int t = 0; t < D / 64; ++t) freq[t] = rope ? __ldg(step.rope.freqs + lane + 32 * t) : 0.f;
+  const int64_t head = int64_t(b) * kv_heads + hk;
+  __half* k_rows = k_cache + head * max_len * D;
+  __half* v_rows = v_cache + head * max_len * D;
+  const int first = split + splits * warp, stride = splits * kMmaWarps;
+  uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
+  if (first * kMmaTile < max_len) LoadTile<D>(k_rows, v_rows, first, r, max_len, -1, kt, vt);
+  lab::WaitForPrevious();
+  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
+  // the slot's position, query head r's chunks, the step's key and value
+  const int position = positions[b];
+  uint4 q[kOwn], k_new[kOwn], v_new[kOwn];
   {
     const __half* q_row = step.q + b * step.q_stride + (int64_t(hk) * group + r) * D;
     const __half* k_row = step.k + b * step.kv_stride + int64_t(hk) * D;
@@ -928,18 +944,6 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
       v_new[j] = __ldg(reinterpret_cast<const uint4*>(v_row) + 4 * j + c);
     }
   }
-  const int64_t head = int64_t(b) * kv_heads + hk;
-  __half* k_rows = k_cache + head * max_len * D;
-  __half* v_rows = v_cache + head * max_len * D;
-  const int first = split + splits * warp, stride = splits * kMmaWarps;
-
-  // The warp's first tile is loaded before the slot's length is known (every row below max_len is
-  // the cache's memory), so that its loads and the position's are in flight together; once the
-  // length is known, its rows past the context are zeroed (stale or never written: a NaN there
-  // would survive P's zero weight) and the token's own row is replaced below.
-  uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
-  if (first * kMmaTile < max_len) LoadTile<D>(k_rows, v_rows, first, r, max_len, -1, kt, vt);
-  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
   const int pos = min(max(position, 0), max_len - 1);  // the host keeps it in range; never write outside
   const int len = pos + 1, tiles = (len + kMmaTile - 1) / kMmaTile;
   if (first < tiles) {
@@ -1546,13 +1550,17 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
     config.gridDim = dim3{unsigned(cluster), unsigned(s.kv_heads), unsigned(batch)};
     config.blockDim = dim3{unsigned(tensor_cores ? kMmaWarps * 32 : StaticWarps(int(s.d)) * 32)};
     config.stream = stream;
-    cudaLaunchAttribute attribute[1];
+    cudaLaunchAttribute attribute[2];
     attribute[0].id = cudaLaunchAttributeClusterDimension;
     attribute[0].val.clusterDim.x = unsigned(cluster);
     attribute[0].val.clusterDim.y = 1;
     attribute[0].val.clusterDim.z = 1;
+    // launched while the kernel before it (the qkv projection's GEMV, which allows it) still runs:
+    // the kernels load what that kernel does not write, then lab::WaitForPrevious
+    attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[1].val.programmaticStreamSerializationAllowed = 1;
     config.attrs = attribute;
-    config.numAttrs = 1;
+    config.numAttrs = 2;
     const ClusterKernel kernel = tensor_cores ? ForShape<MmaPick>(s.d, group) : ForShape<ClusterPick>(s.d, group);
     LAB_CHECK_CUDA(cudaLaunchKernelEx(&config, kernel, step, CacheRows(cache, s, layer, 0),
                                       CacheRows(cache, s, layer, 1), Data<int32_t>(positions), Data<__half>(out),
@@ -1568,11 +1576,18 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
   float* part_o = static_cast<float*>(StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
   float* part_lse = part_o + partials * s.d;
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
-  const dim3 grid{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)};
-  ForShape<StaticPick>(s.d, group)<<<grid, unsigned(StaticWarps(int(s.d)) * 32), 0, stream>>>(
-      step, CacheRows(cache, s, layer, 0), CacheRows(cache, s, layer, 1), Data<int32_t>(positions), part_o, part_lse,
-      arrivals, Data<__half>(out), int(group), int(s.max_len), int(splits), scale2);
-  LAB_CHECK_CUDA(cudaGetLastError());
+  StepQkv step_arg = step;
+  __half* k_cache = CacheRows(cache, s, layer, 0);
+  __half* v_cache = CacheRows(cache, s, layer, 1);
+  const int32_t* position_data = Data<int32_t>(positions);
+  __half* out_data = Data<__half>(out);
+  int group32 = int(group), max_len32 = int(s.max_len), splits32 = int(splits);
+  float scale_arg = scale2;
+  void* args[] = {&step_arg, &k_cache, &v_cache, &position_data, &part_o, &part_lse, &arrivals, &out_data,
+                  &group32, &max_len32, &splits32, &scale_arg};
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(ForShape<StaticPick>(s.d, group)),
+                                          dim3{unsigned(splits), unsigned(s.kv_heads), unsigned(batch)},
+                                          dim3{unsigned(StaticWarps(int(s.d)) * 32)}, 0, stream, args, state.major));
 }
 
 void KvDecodeAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, DLTensor* positions,

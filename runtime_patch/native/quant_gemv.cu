@@ -20,8 +20,7 @@
 // loads are issued before lab::WaitForPrevious, x and the writes after it. For the GEMVs after a
 // kernel that lets its successor start (lab::AllowNext): the o projection after the static decode
 // attention (its weights stream in while the latency-bound attention runs), the down projection
-// after gate_up's GEMV with SiLU (which allows it from its blocks' start: down's blocks take the
-// SMs that gate_up's last wave leaves free). Only there: launched this way after a kernel that does
+// after gate_up's GEMV with SiLU (down's blocks take the SMs that gate_up's last wave leaves free). Only there: launched this way after a kernel that does
 // not allow it early, a GEMV gains nothing, and its x (copied after its weight loads are issued,
 // behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
 //
@@ -156,7 +155,6 @@ __device__ uint4 PairedChunk(uint4 raw) {
 struct Fusion {
   const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
   bool early = false;                // launched by lab::LaunchAfterPrevious (the *_early functions)
-  bool allow_next = false;           // lab::AllowNext at the start (the SiLU GEMVs: down's follows)
 };
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
@@ -200,7 +198,9 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
 // 8 us in the model). An early GEMV (fusion.early, launched by lab::LaunchAfterPrevious) issues
 // its first round's weight loads before lab::WaitForPrevious, then x's copy (the previous kernel's
-// output); every write comes after. A GEMV never calls lab::AllowNext.
+// output); every write comes after. Every GEMV lets its successor start at once (lab::AllowNext):
+// the kernels launched early take it up (the down projection's GEMV after gate_up's, the static
+// decode attention after the qkv projection's), any other waits for the GEMV as it always did.
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
 // others at most 128 (2 blocks: at 133 registers the 4-row kernel held one block an SM, and
 // Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel of 4 groups a round at
@@ -228,7 +228,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
     __pipeline_commit();
   };
-  if (fusion.allow_next) lab::AllowNext();
+  lab::AllowNext();  // only a kernel launched early takes it up (the *_early GEMVs, the static decode attention)
   if (!fusion.early) copy_x();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -433,7 +433,6 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
   fusion.early = fused.early;
-  fusion.allow_next = fused.swiglu;  // the model's down projection after it is an early GEMV
   if (fused.add) {
     lab::CheckOnGpuCompact(fn, {residual});
     if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
