@@ -18,9 +18,10 @@ Matrix products (plugin cuda_gemm):
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
   GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("" or "add") launched while the kernel
                                         before it still runs (programmatic dependent launch, sm_90:
-                                        its weight loads overlap that kernel, which lets it start:
-                                        the static decode attention); the o projection after the
-                                        decode attention. The same function on the CPU
+                                        its weight loads overlap that kernel, which must let it start
+                                        early): the o projection after the static decode attention,
+                                        the down projection after gate_up's GEMV (every GEMV lets
+                                        its successor start). The same function on the CPU
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill

@@ -11,7 +11,9 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
   model has it (runtime_patch.functions.GEMV): SiLU after gate_up (`Linear.swiglu`), and at tp=1
-  the residual adds after the o and down projections (`Linear.plus`).
+  the residual adds after the o and down projections (`Linear.plus`). The o projection after the
+  static cache's attention and the down projection after gate_up's GEMV start before the kernel
+  ahead has finished (`early`: functions.GEMV_EARLY).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 """
@@ -77,8 +79,8 @@ class Linear(nn.Module):
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
     def forward(self, x: Tensor, phase: str, early: bool = False) -> Tensor:
-        """`early`: the library GEMV may start while the kernel before it runs (functions.GEMV_EARLY:
-        after the static decode attention, which lets it)."""
+        """`early`: the library GEMV may start while the kernel before it runs (functions.GEMV_EARLY;
+        only after a kernel that lets it: the static decode attention, a library GEMV)."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, early=early)
         if self.plan.library_gemm(phase):
