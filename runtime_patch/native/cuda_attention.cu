@@ -46,7 +46,10 @@
 //   block), so a step is one kernel whatever the context. On sm_90, where few (slot, KV head)
 //   pairs would leave most SMs idle (batch 1) and the cache is short, a thread-block cluster per
 //   pair shares the context instead (ClusterSize): on the tensor cores where head_dim is 64 or 128
-//   (StaticDecodeMma), else StaticDecodeCluster.
+//   (StaticDecodeMma), else StaticDecodeCluster. Every static decode kernel is launched while the
+//   kernel ahead (the qkv projection's GEMV) still runs, where that kernel allows it
+//   (lab::LaunchAfterPrevious: StaticDecodeMma loads its first cache tile before
+//   lab::WaitForPrevious), and lets the o projection's GEMV start early in turn (lab::AllowNext).
 // lab.kv.decode_attention_rope(qkv [b, Hq + 2 Hkv, d], cache, layer, positions, rope_theta,
 //   rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
 //   invariant, out)   the same on a layer's fused projection, q and k rotated in the kernel (RoPE at

@@ -20,9 +20,10 @@
 // loads are issued before lab::WaitForPrevious, x and the writes after it. For the GEMVs after a
 // kernel that lets its successor start (lab::AllowNext): the o projection after the static decode
 // attention (its weights stream in while the latency-bound attention runs), the down projection
-// after gate_up's GEMV with SiLU (down's blocks take the SMs that gate_up's last wave leaves free). Only there: launched this way after a kernel that does
-// not allow it early, a GEMV gains nothing, and its x (copied after its weight loads are issued,
-// behind them) arrives later (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
+// after gate_up's GEMV with SiLU (down's blocks take the SMs that gate_up's last wave leaves
+// free). Only there: launched this way after a kernel that does not allow it early, a GEMV gains
+// nothing, and its x (copied after its weight loads are issued, behind them) arrives later
+// (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
@@ -193,8 +194,8 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 
 // P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
 // x is copied into shared memory once per block (Swizzled; SharedBytes(k) of dynamic shared memory),
-// by asynchronous copies issued right after the first round's weight loads, so its latency overlaps
-// theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
+// by asynchronous copies issued before the first round's weight loads (right after them in an
+// early GEMV, below), so its latency overlaps theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
 // 8 us in the model). An early GEMV (fusion.early, launched by lab::LaunchAfterPrevious) issues
 // its first round's weight loads before lab::WaitForPrevious, then x's copy (the previous kernel's
