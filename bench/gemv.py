@@ -9,12 +9,14 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
     python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
     python -m bench.gemv run --dir DIR --out F.json   # on the GPU: check against NumPy, time
                                                       # (without DIR/manifest.json: library only)
+    python -m bench.gemv norm --out F.json            # on the GPU: lab.norm.rms only
 
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
 on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_add`, `_swiglu`:
-FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV. `run` times each kernel with CUDA events
+FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV; and the decode's
+RMSNorm `lab.norm.rms` against its CPU version (NORM_CASES), timed in a graph. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 `--rows 0,1,2` times the library's GEMVs under each rows-per-warp choice (`lab.gemv.rows`; 0 is the
@@ -179,12 +181,85 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[
         set_rows(r)
         results += fused_results(quants, r)
     set_rows(0)
+    results += norm_results()
     from harness.results import atomic_write_text
 
     atomic_write_text(out, json.dumps({
         "card": dev.device_name, "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
         "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "bandwidth": bandwidth,
         "results": results}, indent=1))
+
+
+# lab.norm.rms (the decode's RMSNorm, decode_norm=library): (hidden, rows, dtype) cases; a step of
+# Llama-3-8B calls it 65 times on one 4096-wide float16 row
+NORM_CASES = ((4096, 1, "float16"), (4096, 16, "float16"), (8192, 1, "float16"), (4096, 1, "bfloat16"),
+              (2048, 4, "float32"), (128, 3, "float16"))
+NORM_CALLS = 65  # calls per timed graph
+
+
+def norm_results() -> list[dict]:
+    """`lab.norm.rms` against its CPU version (runtime_patch.cpu_functions, transformers'
+    LlamaRMSNorm rounding; bfloat16 against the float32 formula) on NORM_CASES, each timed as a
+    decode step calls it: NORM_CALLS calls in one CUDA graph, per call."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from runtime_patch import cpu_functions, functions
+
+    functions.register("cuda", [functions.RMS_NORM])
+    norm = tvm_ffi.get_global_func(functions.RMS_NORM)
+    results = []
+    for hidden, rows, dtype in NORM_CASES:
+        g = torch.Generator(device="cuda").manual_seed(hidden + rows)
+        x = (torch.randn(rows, hidden, device="cuda", generator=g) * 3).to(getattr(torch, dtype))
+        weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(getattr(torch, dtype))
+        out = torch.empty_like(x)
+
+        def call():
+            with tvm_ffi.use_torch_stream():
+                norm(tvm_ffi.from_dlpack(x), tvm_ffi.from_dlpack(weight), 1e-5, tvm_ffi.from_dlpack(out))
+
+        call()
+        torch.cuda.synchronize()
+        if dtype == "bfloat16":  # NumPy has no bfloat16: the float32 formula, bfloat16's rounding apart
+            want = cpu_functions._rms_norm(x.float().cpu().numpy(), weight.float().cpu().numpy(), 1e-5)
+        else:
+            want = np.zeros(tuple(x.shape), x.cpu().numpy().dtype)
+            cpu_functions.IMPLEMENTATIONS[functions.RMS_NORM](x.cpu().numpy(), weight.cpu().numpy(), 1e-5, want)
+        want = want.astype(np.float32)
+        err = float(np.abs(out.float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            call()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(NORM_CALLS):
+                    call()
+        torch.cuda.synchronize()
+        raw = [t / NORM_CALLS for t in attention_bench.timed(graph.replay, repeats=10)]
+        tolerance = 1.6e-2 if dtype == "bfloat16" else 1e-3  # bfloat16: two roundings of 2^-8 apart at most
+        row = {"name": f"rms_norm-{hidden}-rows{rows}-{dtype}", "variant": "rms_norm_in_graph", "hidden": hidden,
+               "rows": rows, "dtype": dtype, "rel_error_vs_cpu": err, "ok": err <= tolerance,
+               "us": float(np.median(raw)) * 1e6, "raw_s": raw}
+        print(f"{functions.RMS_NORM:24s} {hidden:5d} x {rows:2d} {dtype:8s} {row['us']:7.2f} us per call in a graph; "
+              f"error against the CPU version {err:.1e}{'' if row['ok'] else ' NOT OK'}", flush=True)
+        results.append(row)
+    return results
+
+
+def run_norm(out: Path, sha: str | None) -> None:
+    import torch
+
+    from harness.results import atomic_write_text
+
+    results = norm_results()
+    atomic_write_text(out, json.dumps({
+        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
+        "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "ok": all(r["ok"] for r in results),
+        "results": results}, indent=1))
+    if not all(r["ok"] for r in results):
+        sys.exit(1)
 
 
 IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at q4: each call reads HBM)
@@ -313,9 +388,14 @@ def main() -> None:
     r.add_argument("--quants", default="q4f16_1,q8f16_1")
     r.add_argument("--rows", default="0", help="rows per warp of the library GEMVs to time, comma-separated: 0 (the "
                    "plugin's rule), 1, 2, 4 (lab.gemv.rows; a shape a kernel lacks falls back to the rule)")
+    n = sub.add_parser("norm", help="only lab.norm.rms (NORM_CASES): checked and timed")
+    n.add_argument("--out", type=Path, required=True)
+    n.add_argument("--sha", default=None, help="git SHA of the code that built the plugin")
     args = ap.parse_args()
     if args.cmd == "build":
         build(args.out, args.quants.split(","))
+    elif args.cmd == "norm":
+        run_norm(args.out, args.sha)
     else:
         from runtime_patch import functions
 

@@ -56,6 +56,7 @@ class BuildSpec:
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
     decode_gemv: str = "auto"
+    decode_norm: str = "auto"
     allreduce: str = "auto"
     # engine.config.KV_CACHES: TVM's paged KV cache, or the project's static one (one-graph decode)
     kv_cache: str = "auto"

@@ -19,9 +19,11 @@ from typing import Any
 #                      or the project's (split over the keys)
 #   decode_gemv        the batch-1 decode GEMVs of q4f16_1 and q8f16_1 weights: TVM's (dlight)
 #                      kernels, or the project's (runtime_patch/native/quant_gemv.cu)
+#   decode_norm        the decode steps' RMSNorms (batch 1 and batched): TVM's kernel, or the
+#                      project's (runtime_patch/native/rms_norm.cu: one memory round trip a row)
 #   allreduce          tp > 1: TVM's CCL collective (NCCL; cpu_shm on llvm), or the project's
 #                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
-KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "allreduce")
+KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "decode_norm", "allreduce")
 # The weight widths whose batch-1 decode GEMV is the library's under decode_gemv=auto on cuda:
 # both are faster than TVM's end to end (Llama-3-8B on an H200, one run: q8f16_1 357.3 against
 # 339.9 tokens/s since the x reads lost their bank conflicts; q4f16_1 383.4 against 357.1 when

@@ -86,7 +86,8 @@ RULES: tuple[Rule, ...] = (
          "and the hand-over of the chosen token to the next step (the static KV cache's Advance, SettlePrefill)"),
     Rule(NORMS, _rx(r"norm|silu|gelu|swiglu|relu|multiply|(?<![a-z])add(?![a-z])|subtract|divide|"
                     r"reshape|transpose|split|concat|squeeze|expand_dims|broadcast_to|cast|elementwise|arange"),
-         "RMSNorm, SwiGLU (fused_split_silu_multiply), residual adds (add1), reshapes and transposes, "
+         "RMSNorm (TVM's rms_norm*, our RmsNormRows), SwiGLU (fused_split_silu_multiply), residual adds (add1), "
+         "reshapes and transposes, "
          "arange (positions) and other elementwise kernels"),
 )
 COPY_NOTE = "memcpy and memset records, by record kind (whatever their name)"

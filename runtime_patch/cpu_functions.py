@@ -57,6 +57,11 @@ def _rms_norm(xa, norm_weight, eps: float):
     return (normed.astype(np.float32) * norm_weight.astype(np.float32)).astype(xa.dtype)
 
 
+def _rms_norm_out(x, weight, eps, out) -> None:
+    """`lab.norm.rms` on the CPU."""
+    np.copyto(np.from_dlpack(out), _rms_norm(np.from_dlpack(x), np.from_dlpack(weight), eps))
+
+
 def _silu_times(gate, up):
     """silu(gate) * up of float16 rows, rounded as the separate kernels (and the CUDA GEMV) do:
     silu(gate) to float16, then the product."""
@@ -307,6 +312,7 @@ IMPLEMENTATIONS = {
     functions.SET_OVERLAP: lambda on: None,
     functions.ALLREDUCE: _allreduce,
     functions.ALLREDUCE_ADD_RMS_NORM: _allreduce_add_rms_norm,
+    functions.RMS_NORM: _rms_norm_out,
     functions.IPC_CREATE: lambda rank, world, max_bytes: "",
     functions.IPC_OPEN: lambda handles: False,
     functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",

@@ -24,6 +24,9 @@ Matrix products (plugin cuda_gemm):
                                         its successor start). The same function on the CPU
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
+  RMS_NORM(x, weight, eps, out)        out = rms_norm(x) * weight over the last dimension, rounded as
+                                        transformers' LlamaRMSNorm: the decode steps' norms
+                                        (decode_norm=library)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused"),
@@ -124,6 +127,7 @@ GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name i
 # The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
 GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
+RMS_NORM = "lab.norm.rms"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
@@ -192,7 +196,7 @@ PLUGIN = {
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV.values()}, **{name: "cuda_gemm" for name in GEMV_EARLY.values()},
-    GEMV_ROWS: "cuda_gemm",
+    GEMV_ROWS: "cuda_gemm", RMS_NORM: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

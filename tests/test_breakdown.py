@@ -83,8 +83,9 @@ def test_every_fixture_kernel_lands_in_a_named_category():
      bd.WEIGHTS),
     ("void (anonymous namespace)::StaticDecodeCluster<128, 4>(__half const*, __half const*, __half const*, __half*, "
      "__half*, int const*, __half*, int, int, float)", bd.ATTENTION),
-    # the tensor-core static decode as CUPTI named it on an H200 (2026-12-01)
+    # the tensor-core static decode and the decode's RMSNorm as CUPTI named them on an H200 (2026-12-01)
     ("StaticDecodeMma<128, 4>", bd.ATTENTION),
+    ("void (anonymous namespace)::RmsNormRows<__half>(uint4 const*, uint4 const*, uint4*, int, float)", bd.NORMS),
     # NCCL (seen on 2 x H100) and all-reduces of ours, whatever their case
     ("ncclDevKernel_AllReduce_Sum_f16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", bd.COLLECTIVES),
     ("ncclDevKernel_Broadcast_RING_LL(ncclDevKernelArgsStorage<4096ul>)", bd.COLLECTIVES),

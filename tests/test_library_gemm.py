@@ -84,6 +84,30 @@ def test_library_prefill_in_disco_workers(compiled, tiny_checkpoint):
         session.close()
 
 
+def test_library_decode_norm_matches_transformers(compiled, tiny_checkpoint, library_calls):
+    """decode_norm=library: every RMSNorm of a decode step (two a layer and the final one) is
+    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's, and the logits and greedy
+    tokens match transformers."""
+    from engine.quantize import quant_spec
+
+    config = from_hf_folder(tiny_checkpoint)
+    artifact = compiled(config, "q4f16_1", decode_norm="library")
+    assert artifact.spec.decode_norm == "library" and functions.RMS_NORM in artifact.functions
+    per_step = 2 * config.num_hidden_layers + 1
+    calls = library_calls(functions.RMS_NORM, record=lambda x, weight, eps, out: tuple(x.shape))
+    gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
+                    prefill_chunk=64)
+    reference = Reference(tiny_checkpoint, quant_spec("q4f16_1"))
+    prompt = np.random.default_rng(5).integers(0, config.vocab_size, PROMPT).tolist()
+    continuation = reference.greedy(prompt, STEPS)
+    tokens = prompt + continuation[:-1]
+    assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
+    assert len(calls) == (STEPS - 1) * per_step and all(shape[-1] == config.hidden_size for shape in calls)
+    calls.clear()
+    assert gen.generate([prompt], STEPS).tokens[0] == continuation
+    assert len(calls) == (STEPS - 1) * per_step  # none in the prefill
+
+
 def test_bad_prefill_gemm_is_refused(tiny_config):
     from engine.compile import BuildSpec
     from engine.config import ConfigError

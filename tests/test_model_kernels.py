@@ -73,3 +73,20 @@ def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
     # TVM's GEMVs for unquantized weights
     spec = BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library")
     assert "lab.gemv." not in export(spec)[0][f"decode{s}"].script()
+
+
+@pytest.mark.parametrize("kv_cache", SUFFIX)
+def test_library_norm_only_in_the_decode_phases(tiny_config, kv_cache):
+    """decode_norm: library on cuda under auto, TVM's on llvm; with the library's, the decode steps
+    (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm, the prefills
+    keep TVM's."""
+    s = SUFFIX[kv_cache]
+    assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "library"
+    assert BuildSpec(tiny_config, "q4f16_1", 1, "llvm").decode_norm == "tir"
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="library"))
+    for name in (f"decode{s}", f"batch_decode{s}"):
+        script = mod[name].script()
+        assert script.count('"lab.norm.rms"') == 2 * tiny_config.num_hidden_layers + 1 and "R.nn.rms_norm(" not in script
+    assert "lab.norm.rms" not in mod[f"prefill_logits{s}"].script() and "R.nn.rms_norm(" in mod[f"prefill_logits{s}"].script()
+    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir"))
+    assert "lab.norm.rms" not in tir[f"decode{s}"].script()

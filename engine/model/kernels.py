@@ -16,6 +16,10 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   ahead has finished (`early`: functions.GEMV_EARLY).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
+
+The RMSNorms (`RMSNorm`) of the DECODE and BATCH phases are `lab.norm.rms` with
+`decode_norm="library"` (one memory round trip a row where TVM's kernel takes two), TVM's
+`rms_norm` otherwise and in prefills.
 """
 
 from __future__ import annotations
@@ -39,10 +43,16 @@ class KernelPlan:
     library_prefill_gemm: bool = False
     library_decode_gemv: bool = False
     library_allreduce: bool = False  # lab.ccl.allreduce (one-shot over CUDA IPC) instead of TVM's CCL
+    library_decode_norm: bool = False
 
     @staticmethod
     def of(spec) -> "KernelPlan":
-        return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library", spec.allreduce == "library")
+        return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library", spec.allreduce == "library",
+                          spec.decode_norm == "library")
+
+    def library_norm(self, phase: str) -> bool:
+        """The RMSNorm through `lab.norm.rms` (the decode phases, batch 1 and batched)."""
+        return phase in (DECODE, BATCH) and self.library_decode_norm
 
     def library_gemm(self, phase: str) -> bool:
         return phase == PREFILL and self.library_prefill_gemm
@@ -55,6 +65,20 @@ class KernelPlan:
     def fp16_weights(phase: str) -> bool:
         """Quantized weights through an fp16 producer stage, except in the batch-1 decode GEMV."""
         return phase != DECODE
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last axis (the parameter `weight`, as nn.RMSNorm names it): TVM's
+    `rms_norm`, or the library's in the phases KernelPlan.library_norm gives it."""
+
+    def __init__(self, hidden_size: int, epsilon: float, dtype: str, plan: KernelPlan):
+        self.weight = nn.Parameter((hidden_size,), dtype)
+        self.epsilon, self.plan = epsilon, plan
+
+    def forward(self, x: Tensor, phase: str) -> Tensor:
+        if self.plan.library_norm(phase):
+            return extern(functions.RMS_NORM, [x, self.weight, float(self.epsilon)], [Tensor.placeholder(x.shape, x.dtype)])
+        return op.rms_norm(x, weight=self.weight, axes=-1, epsilon=self.epsilon)
 
 
 def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parameter]:

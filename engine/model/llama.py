@@ -47,7 +47,7 @@ from runtime_patch import functions
 
 from ..sharding import ShardPlan
 from . import static_kv
-from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, extern
+from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, RMSNorm, extern
 from .kv_cache import create_paged_kv_cache
 
 
@@ -83,16 +83,16 @@ class MLP(nn.Module):
             self.down_proj.plus(hidden, residual, phase, early=True)
 
 
-def _rms_norm(config, spec) -> nn.RMSNorm:
-    return nn.RMSNorm(config.hidden_size, -1, config.rms_norm_eps, bias=False, dtype=spec.model_dtype)
+def _rms_norm(config, spec, kernels: KernelPlan) -> RMSNorm:
+    return RMSNorm(config.hidden_size, config.rms_norm_eps, spec.model_dtype, kernels)
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
         self.tp, self.library_allreduce = plan.tp, kernels.library_allreduce
-        self.input_layernorm = _rms_norm(plan.config, spec)
+        self.input_layernorm = _rms_norm(plan.config, spec, kernels)
         self.self_attn = Attention(plan, spec, kernels)
-        self.post_attention_layernorm = _rms_norm(plan.config, spec)
+        self.post_attention_layernorm = _rms_norm(plan.config, spec, kernels)
         self.mlp = MLP(plan, spec, kernels)
 
     def _reduce(self, partial: Tensor) -> Tensor:
@@ -104,12 +104,12 @@ class DecoderLayer(nn.Module):
 
     def attention_partial(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         """This rank's partial sum of the attention block's output (before the allreduce)."""
-        return self.self_attn(self.input_layernorm(x), kv, layer_id, phase)
+        return self.self_attn(self.input_layernorm(x, phase), kv, layer_id, phase)
 
     def mlp_partial(self, x: Tensor, phase: str) -> Tensor:
-        return self.mlp(self.post_attention_layernorm(x), phase)
+        return self.mlp(self.post_attention_layernorm(x, phase), phase)
 
-    def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: nn.RMSNorm) -> tuple[Tensor, Tensor]:
+    def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
         """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
         outs = [Tensor.placeholder(partial.shape, partial.dtype) for _ in range(2)]
         total, normed = extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
@@ -117,7 +117,7 @@ class DecoderLayer(nn.Module):
         return total, normed
 
     def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
-                       next_norm: nn.RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+                       next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """tp > 1 with the library allreduce: the layer on x and input_layernorm(x) (`normed`, made
         by the previous layer's last allreduce); returns its output and next_norm of it (None where
         next_norm is None), the residual adds and norms inside the allreduces."""
@@ -129,8 +129,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
-            x = self.self_attn(self.input_layernorm(x), kv, layer_id, phase, residual=x)
-            return self.mlp(self.post_attention_layernorm(x), phase, residual=x)
+            x = self.self_attn(self.input_layernorm(x, phase), kv, layer_id, phase, residual=x)
+            return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 
@@ -165,7 +165,7 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(plan, spec, kernels) for i in plan.layers})
         self.last_stage = plan.last_stage
         if plan.last_stage:
-            self.norm = _rms_norm(c, spec)
+            self.norm = _rms_norm(c, spec, kernels)
         # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
         # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
         self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
@@ -177,7 +177,7 @@ class LlamaModel(nn.Module):
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
         layers = list(self._numbered())
         if self.norms_in_allreduce and layers:
-            normed = layers[0][1].input_layernorm(hidden)
+            normed = layers[0][1].input_layernorm(hidden, phase)
             for i, (layer_id, layer) in enumerate(layers):
                 if i + 1 < len(layers):
                     next_norm = layers[i + 1][1].input_layernorm
@@ -187,7 +187,7 @@ class LlamaModel(nn.Module):
             return normed if self.last_stage else hidden
         for layer_id, layer in layers:
             hidden = layer(hidden, kv, layer_id, phase)
-        return self.norm(hidden) if self.last_stage else hidden
+        return self.norm(hidden, phase) if self.last_stage else hidden
 
     def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
         """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
@@ -202,7 +202,7 @@ class LlamaModel(nn.Module):
                     partial = layer.attention_partial(hidden[m], kvs[m], layer_id, phase) if block == "attention" \
                         else layer.mlp_partial(hidden[m], phase)
                     flight[m] = _InFlight(partial, hidden[m], tp)
-        return [self.norm(f.settle()) for f in flight]
+        return [self.norm(f.settle(), phase) for f in flight]
 
 
 def _argmax_last(logits: Tensor) -> Tensor:

@@ -112,8 +112,13 @@
 #include <vector>
 
 #include "cuda_common.h"
+#include "rms_norm.h"
 
 namespace {
+
+using lab::norm::InverseRms;
+using lab::norm::Lanes;
+using lab::norm::Normalised;
 
 constexpr int kThreads = 256;          // threads per block, at most
 constexpr int kAddNormThreads = 512;   // threads per block of the add-and-norm one-shot, at most
@@ -198,65 +203,14 @@ __device__ __forceinline__ void StoreVector(char* base, int64_t offset, int64_t 
     if (k < halves) dst[k] = uint16_t(w[k / 2] >> (16 * (k % 2)));
 }
 
-// The element types: a 16-byte vector as floats, and back (rounded to nearest even).
-template <typename T>
-struct Lanes;
-
-template <>
-struct Lanes<float> {
-  static constexpr int N = 4;
-  __device__ static void Unpack(uint4 v, float* f) {
-    f[0] = __uint_as_float(v.x), f[1] = __uint_as_float(v.y), f[2] = __uint_as_float(v.z), f[3] = __uint_as_float(v.w);
-  }
-  __device__ static uint4 Pack(const float* f) {
-    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
-  }
-};
-
-template <>
-struct Lanes<__half> {
-  static constexpr int N = 8;
-  __device__ static float Lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w & 0xFFFF))); }
-  __device__ static float Hi(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w >> 16))); }
-  __device__ static uint32_t Two(float lo, float hi) {
-    return uint32_t(__half_as_ushort(__float2half_rn(lo))) | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
-  }
-  __device__ static void Unpack(uint4 v, float* f) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) f[2 * k] = Lo(w[k]), f[2 * k + 1] = Hi(w[k]);
-  }
-  __device__ static uint4 Pack(const float* f) {
-    return make_uint4(Two(f[0], f[1]), Two(f[2], f[3]), Two(f[4], f[5]), Two(f[6], f[7]));
-  }
-};
-
-template <>
-struct Lanes<__nv_bfloat16> {
-  static constexpr int N = 8;
-  __device__ static float Lo(uint32_t w) { return __uint_as_float(w << 16); }          // exact
-  __device__ static float Hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }  // exact
-  __device__ static uint32_t Two(float lo, float hi) {
-    return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
-           (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-  }
-  __device__ static void Unpack(uint4 v, float* f) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) f[2 * k] = Lo(w[k]), f[2 * k + 1] = Hi(w[k]);
-  }
-  __device__ static uint4 Pack(const float* f) {
-    return make_uint4(Two(f[0], f[1]), Two(f[2], f[3]), Two(f[4], f[5]), Two(f[6], f[7]));
-  }
-};
-
 __device__ __forceinline__ bool Flagged(uint64_t a, uint64_t b, uint64_t c, uint64_t d, uint32_t epoch) {
   return uint32_t(a >> 32) == epoch && uint32_t(b >> 32) == epoch && uint32_t(c >> 32) == epoch &&
          uint32_t(d >> 32) == epoch;
 }
 
 // The add-and-norm pieces that the one-shot kernel (AddNorm) and AddRmsNorm share, rounding as the
-// separate kernels do. sum + residual rounded to T; its squares added to `squares`.
+// separate kernels do (the norm's own in rms_norm.h). sum + residual rounded to T; its squares added
+// to `squares`.
 template <typename T>
 __device__ uint4 AddResidual(uint4 sum, uint4 residual, float& squares) {
   constexpr int N = Lanes<T>::N;
@@ -270,32 +224,6 @@ __device__ uint4 AddResidual(uint4 sum, uint4 residual, float& squares) {
 #pragma unroll
   for (int k = 0; k < N; ++k) squares += x[k] * x[k];
   return total;
-}
-
-// 1 / sqrt(mean square + eps) of a row whose `elements` squares the block's threads hold between them.
-__device__ float InverseRms(float squares, int64_t elements, float eps, float* shared) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) squares += __shfl_xor_sync(0xffffffffu, squares, offset);
-  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = squares;
-  __syncthreads();
-  squares = 0.f;
-  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) squares += shared[w];
-  return rsqrtf(squares / float(elements) + eps);
-}
-
-// T(T(x * inverse) * weight)
-template <typename T>
-__device__ uint4 Normalised(uint4 x_packed, uint4 weight, float inverse) {
-  constexpr int N = Lanes<T>::N;
-  float x[N], w[N];
-  Lanes<T>::Unpack(x_packed, x);
-  Lanes<T>::Unpack(weight, w);
-#pragma unroll
-  for (int k = 0; k < N; ++k) x[k] *= inverse;
-  Lanes<T>::Unpack(Lanes<T>::Pack(x), x);
-#pragma unroll
-  for (int k = 0; k < N; ++k) x[k] *= w[k];
-  return Lanes<T>::Pack(x);
 }
 
 // One call: block b pushes its vectors to every peer, then waits for the peers' and sums.
