@@ -4,9 +4,9 @@
 // weight [hidden] of that dtype; rows of a multiple of 16 bytes, at most kNormThreads x
 // kNormVectors vectors; every tensor 16-byte aligned.
 //
-// A block per row. Each thread loads its 16-byte vectors of the row and of the weight at once, so
-// the row's one memory round trip covers both; the squares are summed in float32 over the block
-// (one barrier), and each thread writes its normalised vectors. TVM's kernel for Llama-3-8B's
+// A block per row. Each thread loads its 16-byte vectors of the weight, then of the row, without
+// waiting in between, so the row's one memory round trip covers both; the squares are summed in
+// float32 over the block (one barrier), and each thread writes its normalised vectors. TVM's kernel for Llama-3-8B's
 // 4096-wide row (1024 threads of 2-byte loads, the weight read only after the reduction's
 // barriers: two round trips) took 1.9-2.0 us in a traced decode step, 65 of them a step. The
 // kernel is launched while the kernel ahead (a GEMV, which allows it) still runs

@@ -27,40 +27,39 @@ struct Lanes<float> {
   }
 };
 
-template <>
-struct Lanes<__half> {
+// Unpack and Pack of the two-byte types, a 32-bit word holding two values: over the type's own
+// Lo / Hi (the word's halves as floats) and Two (two floats as a word), which `Halves` (the type's
+// Lanes) defines.
+template <class Halves>
+struct PairedLanes {
   static constexpr int N = 8;
+  __device__ static void Unpack(uint4 v, float* f) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) f[2 * k] = Halves::Lo(w[k]), f[2 * k + 1] = Halves::Hi(w[k]);
+  }
+  __device__ static uint4 Pack(const float* f) {
+    return make_uint4(Halves::Two(f[0], f[1]), Halves::Two(f[2], f[3]), Halves::Two(f[4], f[5]),
+                      Halves::Two(f[6], f[7]));
+  }
+};
+
+template <>
+struct Lanes<__half> : PairedLanes<Lanes<__half>> {
   __device__ static float Lo(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w & 0xFFFF))); }
   __device__ static float Hi(uint32_t w) { return __half2float(__ushort_as_half(uint16_t(w >> 16))); }
   __device__ static uint32_t Two(float lo, float hi) {
     return uint32_t(__half_as_ushort(__float2half_rn(lo))) | (uint32_t(__half_as_ushort(__float2half_rn(hi))) << 16);
   }
-  __device__ static void Unpack(uint4 v, float* f) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) f[2 * k] = Lo(w[k]), f[2 * k + 1] = Hi(w[k]);
-  }
-  __device__ static uint4 Pack(const float* f) {
-    return make_uint4(Two(f[0], f[1]), Two(f[2], f[3]), Two(f[4], f[5]), Two(f[6], f[7]));
-  }
 };
 
 template <>
-struct Lanes<__nv_bfloat16> {
-  static constexpr int N = 8;
+struct Lanes<__nv_bfloat16> : PairedLanes<Lanes<__nv_bfloat16>> {
   __device__ static float Lo(uint32_t w) { return __uint_as_float(w << 16); }          // exact
   __device__ static float Hi(uint32_t w) { return __uint_as_float(w & 0xFFFF0000u); }  // exact
   __device__ static uint32_t Two(float lo, float hi) {
     return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(lo))) |
            (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(hi))) << 16);
-  }
-  __device__ static void Unpack(uint4 v, float* f) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) f[2 * k] = Lo(w[k]), f[2 * k + 1] = Hi(w[k]);
-  }
-  __device__ static uint4 Pack(const float* f) {
-    return make_uint4(Two(f[0], f[1]), Two(f[2], f[3]), Two(f[4], f[5]), Two(f[6], f[7]));
   }
 };
 
