@@ -18,15 +18,13 @@ attention's output (the attention itself: bench.static_kv); the process exits 1 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
-from harness.results import git_info
 
 from . import attention as attention_bench
+from .records import write_checked_record
 
 LAYERS = 32
 Q_HEADS, KV_HEADS, D, HIDDEN = 32, 8, 128, 4096
@@ -110,10 +108,7 @@ def main() -> None:
         ap.error("--contexts takes comma-separated integers, e.g. --contexts 256,1024")
     if min(contexts) < 1:
         ap.error("contexts of at least 1 key")
-    import torch
-
     from harness import stats
-    from harness.results import atomic_write_text
 
     results = []
     for quant in quants:
@@ -127,13 +122,9 @@ def main() -> None:
                   f"{us['gemv']:5.2f} early, {us['gemv_plain']:5.2f} plain); error {max(r['rel_errors_vs_float32']):.1e}",
                   flush=True)
             results.append(r)
-    atomic_write_text(args.out, json.dumps({
-        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),
-        "command": " ".join(["python", "-m", "bench.attention_o", *sys.argv[1:]]), "torch": torch.__version__,
-        "ok": all(r["ok"] for r in results), "results": results}, indent=1))
+    ok = write_checked_record(args.out, "attention_o", results)
     print(f"wrote {args.out}")
-    sys.exit(0 if all(r["ok"] for r in results) else 1)
-
+    sys.exit(0 if ok else 1)
 
 if __name__ == "__main__":
     main()

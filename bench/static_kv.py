@@ -29,16 +29,14 @@ accumulation). The process exits 1 if any case fails.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import engine  # noqa: F401  (prepares a runtime-only TVM before anything imports tvm)
-from harness.results import git_info
 
 from . import attention as attention_bench
+from .records import write_checked_record
 
 HEADS = {"tp1": (32, 8), "tp2": (16, 4)}
 D, LAYERS, LAYER = 128, 2, 1
@@ -338,10 +336,7 @@ def main() -> None:
     ap.add_argument("--profile", type=int, metavar="CONTEXT",
                     help="only the batch-1 decode with RoPE at this context (tp=1 heads), for a profiler")
     args = ap.parse_args()
-    import torch
-
     from harness import stats
-    from harness.results import atomic_write_text
 
     if args.profile is not None and args.profile < 1:
         ap.error(f"--profile {args.profile}: a context of at least 1 key")
@@ -362,13 +357,9 @@ def main() -> None:
               f"context={r.get('context') or '-'} cluster={r.get('cluster', '-')} "
               f"{r.get('cluster_kernel', '')}{when}  "
               f"err {err:.1e}", flush=True)
-    atomic_write_text(args.out, json.dumps({
-        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": (git_info() or {}).get("sha"),
-        "command": " ".join(["python", "-m", "bench.static_kv", *sys.argv[1:]]), "torch": torch.__version__,
-        "ok": all(r["ok"] for r in results), "results": results}, indent=1))
+    ok = write_checked_record(args.out, "static_kv", results)
     print(f"wrote {args.out}")
-    sys.exit(0 if all(r["ok"] for r in results) else 1)
-
+    sys.exit(0 if ok else 1)
 
 if __name__ == "__main__":
     main()
