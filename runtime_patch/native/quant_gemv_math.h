@@ -1,0 +1,94 @@
+// The arithmetic of the batch-1 decode GEMVs (quant_gemv.cu's register kernel, quant_gemv_stream.h's
+// streaming one): a q4 / q8 group of 32 weights against x, x's q4 pairs, the fused epilogues'
+// roundings, and what a GEMV fuses (Fusion). The formats and the reasons are in quant_gemv.cu's
+// header comment.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace lab::gemv {
+
+constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (quant_gemv.cu)
+
+// 16-byte loads per group of one row.
+template <int Bits>
+constexpr int kLoadsPerGroup = Bits / 4;
+
+__device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
+
+// One q4 group: sum_j x[j] * (q[j] - 7) for the 32 values of 4 words, with x as the 16 pairs
+// xp[4 * j + i] = (x[8j + i], x[8j + i + 4]) / 16 (nibbles i and i + 4 of word j). Nibbles 0 and 4 go
+// under float16 1024.0 (0x6400: its last 10 bits are the integer), 1 and 5 in place under 64.0
+// (0x5400, whose mantissa step is 1/16: a nibble shifted left by 4 adds q), and the same for the
+// word shifted right by 8: one shift per word instead of three (-2 of ~19 instructions per 8 weights).
+__device__ __forceinline__ float GroupQ4(const uint4& words, const __half2* xp) {
+  const __half2 low_bias = __float2half2_rn(1024.f + 7.f), high_bias = __float2half2_rn(64.f + 7.f);
+  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t halves[2] = {word[j], word[j] >> 8};
+    __half2 part = __float2half2_rn(0.f);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __half2 low = __hsub2(AsHalf2((halves[h] & 0x000F000Fu) | 0x64006400u), low_bias);
+      const __half2 high = __hsub2(AsHalf2((halves[h] & 0x00F000F0u) | 0x54005400u), high_bias);
+      part = __hfma2(low, xp[4 * j + 2 * h], part);
+      part = __hfma2(high, xp[4 * j + 2 * h + 1], part);
+    }
+    const float2 f = __half22float2(part);
+    sum += f.x + f.y;
+  }
+  return sum;
+}
+
+// One q8 group: sum_j x[j] * (q[j] - 127) for the 32 values of 8 words, x as floats.
+__device__ __forceinline__ float GroupQ8(const uint4* words, const float* xf) {
+  const __half2 bias = __float2half2_rn(1024.f + 127.f);
+  float sum = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t word[4] = {words[h].x, words[h].y, words[h].z, words[h].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
+      const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
+      const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
+      const float* xw = xf + 16 * h + 4 * j;
+      sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
+    }
+  }
+  return sum;
+}
+
+// q4's chunk of x in shared memory, 8 values x[0..8), made into the pairs
+// (x[0], x[4]), (x[1], x[5]), (x[2], x[6]), (x[3], x[7]), each scaled by 1/16 (exact but for
+// float16 values below 2^-10, as the sum's scaling always was).
+__device__ __forceinline__ uint4 PairedChunk(uint4 raw) {
+  const __half2 xscale = __float2half2_rn(kXScale);
+  const __half* h = reinterpret_cast<const __half*>(&raw);
+  uint4 paired;
+  __half2* p = reinterpret_cast<__half2*>(&paired);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __hmul2(__halves2half2(h[i], h[i + 4]), xscale);
+  return paired;
+}
+
+// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
+struct Fusion {
+  const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
+  bool early = false;                // launched by lab::LaunchAfterPrevious (the *_early functions)
+};
+
+__device__ __forceinline__ float RoundHalf(float v) { return __half2float(__float2half_rn(v)); }
+
+// silu(gate) * up with the separate kernels' roundings: gate, up, silu(gate) and the product each
+// rounded to float16.
+__device__ __forceinline__ float SiluTimes(float gate, float up) {
+  const float g = RoundHalf(gate);
+  return RoundHalf(g / (1.f + expf(-g))) * RoundHalf(up);
+}
+
+}  // namespace lab::gemv
