@@ -123,18 +123,6 @@ def _path_switch(name: str, paths: tuple):
     return switch
 
 
-_gemv_stream = [0]
-
-
-def _gemv_stream_switch(kib: int) -> int:
-    """functions.GEMV_STREAM on llvm: NumPy has one GEMV, so the choice is only remembered."""
-    if not -1 <= kib <= 1024:
-        raise ValueError(f"{functions.GEMV_STREAM}: {kib} is not 0 (the rule), -1 (the register kernel) or a size "
-                         "in KiB up to 1024")
-    previous, _gemv_stream[0] = _gemv_stream[0], kib
-    return previous
-
-
 def _numpy_prefill_ragged(q, q_indptr, k, v, kv_indptr, q_rope_position, k_rope_pos_offset, output, lse,
                           causal, rotary_mode, rope_scale, rope_theta, sm_scale) -> None:
     _no_inline_rope(rotary_mode, functions.PREFILL_RAGGED)
@@ -338,7 +326,7 @@ IMPLEMENTATIONS = {
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
     functions.KV_DECODE_TENSOR_CORES: _path_switch(functions.KV_DECODE_TENSOR_CORES, (1, 0)),
     functions.GEMV_ROWS: _path_switch(functions.GEMV_ROWS, functions.GEMV_ROWS_CHOICES),
-    functions.GEMV_STREAM: _gemv_stream_switch,
+    functions.GEMV_KERNEL: _path_switch(functions.GEMV_KERNEL, functions.GEMV_KERNELS),
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

@@ -74,7 +74,7 @@
 
 #include "cuda_common.h"
 #include "quant_gemv_math.h"
-#include "quant_gemv_stream.h"
+#include "quant_gemv_mma.h"
 
 namespace {
 
@@ -84,12 +84,6 @@ using lab::Rows;
 using namespace lab::gemv;
 
 constexpr int kWarps = 8;
-
-// Where x's chunk j (8 values) lies in shared memory: within each aligned run of 8 chunks, j's low
-// 3 bits XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive groups,
-// j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
-// permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
-__device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
 // asynchronous copies are complete: no barrier before): q4 pairs them (PairedChunk). The caller's
@@ -310,46 +304,49 @@ int SetRows(int rows) {
   return g_rows.exchange(rows);
 }
 
-std::atomic<int> g_stream{0};  // lab.gemv.stream: 0 for the rule, -1 never, else KiB in flight
+// lab.gemv.kernel: which kernel the GEMVs run (kGemvKernels[i]): "auto" (the rule: q4 on tensor
+// cores where k is a multiple of 128 on sm_80 and newer, everything else on the SIMT kernel), "simt"
+// or "mma" (where it applies, else the SIMT kernel), for the benchmarks.
+constexpr const char* kGemvKernels[] = {"auto", "simt", "mma"};
+std::atomic<int> g_kernel{0};
 
-int SetStream(int kib) {
-  if (kib < -1 || kib > 1024)
-    TVM_FFI_THROW(ValueError) << "lab.gemv.stream: " << kib
-                              << " is not 0 (the rule), -1 (the register kernel) or a size in KiB up to 1024";
-  return g_stream.exchange(kib);
+tvm::ffi::String SetKernel(tvm::ffi::String name) {
+  for (int i = 0; i < 3; ++i)
+    if (name == kGemvKernels[i]) return kGemvKernels[g_kernel.exchange(i)];
+  TVM_FFI_THROW(ValueError) << "lab.gemv.kernel: " << name << " is not auto, simt or mma";
 }
 
-// Launches the streaming kernel (quant_gemv_stream.h) where it applies and is chosen: sm_90 or
-// newer, weight and scales 16-byte aligned, a shape PlanStream takes; false where it does not.
+// Launches quant_gemv_mma.h's kernel where it applies and is chosen; false where not.
 template <int Bits, bool Swiglu, typename OutT>
-bool LaunchStream(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
-                  int device, cudaStream_t stream) {
-  const int choice = g_stream.load();
+bool LaunchMma(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
+               int device, cudaStream_t stream) {
+  const int choice = g_kernel.load();
   const lab::DeviceFacts& facts = lab::Facts(device);
-  if (choice < 0 || facts.major < 9) return false;
-  if (reinterpret_cast<uintptr_t>(w) % 16 != 0 || reinterpret_cast<uintptr_t>(s) % 16 != 0) return false;
-  const StreamLayout lay =
-      PlanStream(Bits, Swiglu, n, k, facts.max_shared_per_block, choice == 0 ? kStreamDefaultKiB : choice);
-  if (lay.rows == 0) return false;
-  const void* kernel = reinterpret_cast<const void*>(GemvStream<Bits, Swiglu, OutT>);
-  const int threads = (lay.rows * lay.segments + 1) * 32, smem = StreamSharedBytes(lay);
-  if (lab::ResidentBlocks(kernel, threads, smem) == 0) return false;
-  const unsigned blocks = unsigned(std::min(lay.tiles, facts.sms));
-  int n32 = int(n), k32 = int(k);
-  StreamLayout layout = lay;
-  void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion, &layout};
-  if (fusion.early) {
-    LAB_CHECK_CUDA(lab::LaunchAfterPrevious(kernel, dim3(blocks), dim3(threads), size_t(smem), stream, args, facts.major));
+  if constexpr (Bits != 4) {
+    return false;
   } else {
-    LAB_CHECK_CUDA(cudaLaunchKernel(kernel, dim3(blocks), dim3(threads), args, size_t(smem), stream));
+    if (choice == 1 || facts.major < 8 || k % kMmaChunk != 0) return false;
+    const void* kernel = reinterpret_cast<const void*>(GemvMmaQ4<Swiglu, OutT>);
+    const int smem = MmaSharedBytes(k);
+    if (lab::ResidentBlocks(kernel, kMmaWarps * 32, smem) == 0) return false;
+    const int64_t per_block = Swiglu ? kMmaRows / 2 : kMmaRows, outputs = Swiglu ? n / 2 : n;
+    const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
+    int n32 = int(n), k32 = int(k);
+    void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
+    if (fusion.early) {
+      LAB_CHECK_CUDA(lab::LaunchAfterPrevious(kernel, dim3(blocks), dim3(kMmaWarps * 32), size_t(smem), stream, args,
+                                              facts.major));
+    } else {
+      LAB_CHECK_CUDA(cudaLaunchKernel(kernel, dim3(blocks), dim3(kMmaWarps * 32), args, size_t(smem), stream));
+    }
+    return true;
   }
-  return true;
 }
 
 template <int Bits, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  if (LaunchStream<Bits, Swiglu, OutT>(n, k, x, w, s, out, fusion, device, stream)) return;
+  if (LaunchMma<Bits, Swiglu, OutT>(n, k, x, w, s, out, fusion, device, stream)) return;
   const int smem = SharedBytes(k);
   const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
@@ -450,7 +447,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q4_add_early", GemvAdd<4, true>);
   refl::GlobalDef().def("lab.gemv.q8_add_early", GemvAdd<8, true>);
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
-  refl::GlobalDef().def("lab.gemv.stream", SetStream);
+  refl::GlobalDef().def("lab.gemv.kernel", SetKernel);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
 }

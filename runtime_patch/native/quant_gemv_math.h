@@ -17,6 +17,13 @@ template <int Bits>
 constexpr int kLoadsPerGroup = Bits / 4;
 
 __device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
+__device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// Where x's chunk j (8 values) lies in shared memory: within each aligned run of 8 chunks, j's low
+// 3 bits XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive groups,
+// j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
+// permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
+__device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
 
 // One q4 group: sum_j x[j] * (q[j] - 7) for the 32 values of 4 words, with x as the 16 pairs
 // xp[4 * j + i] = (x[8j + i], x[8j + i + 4]) / 16 (nibbles i and i + 4 of word j). Nibbles 0 and 4 go
@@ -63,16 +70,25 @@ __device__ __forceinline__ float GroupQ8(const uint4* words, const float* xf) {
   return sum;
 }
 
-// q4's chunk of x in shared memory, 8 values x[0..8), made into the pairs
-// (x[0], x[4]), (x[1], x[5]), (x[2], x[6]), (x[3], x[7]), each scaled by 1/16 (exact but for
-// float16 values below 2^-10, as the sum's scaling always was).
-__device__ __forceinline__ uint4 PairedChunk(uint4 raw) {
-  const __half2 xscale = __float2half2_rn(kXScale);
+// x's chunk of 8 values x[0..8) as the pairs (x[0], x[4]), (x[1], x[5]), (x[2], x[6]), (x[3], x[7]):
+// a q4 word's nibbles i and i + 4 come out of one masked OR together (GroupQ4, quant_gemv_mma.h).
+__device__ __forceinline__ uint4 Pairs(uint4 raw) {
   const __half* h = reinterpret_cast<const __half*>(&raw);
   uint4 paired;
   __half2* p = reinterpret_cast<__half2*>(&paired);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) p[i] = __hmul2(__halves2half2(h[i], h[i + 4]), xscale);
+  for (int i = 0; i < 4; ++i) p[i] = __halves2half2(h[i], h[i + 4]);
+  return paired;
+}
+
+// The same pairs scaled by 1/16 (exact but for float16 values below 2^-10, as the sum's scaling
+// always was), for the SIMT kernel's half2 sums.
+__device__ __forceinline__ uint4 PairedChunk(uint4 raw) {
+  uint4 paired = Pairs(raw);
+  __half2* p = reinterpret_cast<__half2*>(&paired);
+  const __half2 xscale = __float2half2_rn(kXScale);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __hmul2(p[i], xscale);
   return paired;
 }
 
