@@ -50,7 +50,7 @@ constexpr int kMmaChunksPerRound = 4;  // loads a lane issues before it computes
 inline int MmaSharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2 + k / 32 * 4); }
 
 template <bool Swiglu, typename OutT>
-__global__ void __launch_bounds__(kMmaWarps * 32, 3)
+__global__ void __launch_bounds__(kMmaWarps * 32, 2)
 GemvMmaQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   extern __shared__ uint4 x_shared[];  // k / 8 chunks of pairs, then k / 32 float sums
@@ -82,19 +82,25 @@ GemvMmaQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   if (!fusion.early) copy_x();
   const int per_warp = (chunks + kMmaWarps - 1) / kMmaWarps;  // the most chunks a warp has
   const int rounds = (per_warp + kMmaChunksPerRound - 1) / kMmaChunksPerRound;  // the same for every thread
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // C: acc[0] row r, acc[2] row r + 8 (every column the same)
-  float bias_a = 0.f, bias_b = 0.f;     // sum over this lane's groups of s X
+  const int mine = max(0, (chunks - warp + kMmaWarps - 1) / kMmaWarps);  // this warp's chunks
+  // This lane's group in its warp's i-th chunk is g0 + 32 i, and that group's x chunks lie at
+  // x_at[j] + 128 i: adding 128 chunks changes neither the low 3 bits of a chunk's index nor the 3
+  // above them, which Swizzled XORs.
+  const int g0 = 4 * warp + c;
+  int x_at[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) x_at[j] = Swizzled(4 * g0 + j);
+  // C of each word position j (4 chains: one accumulator would chain every mma on the one before):
+  // acc[j][0] row r, acc[j][2] row r + 8 (every column the same)
+  float acc[4][4] = {};
+  float bias_a = 0.f, bias_b = 0.f;  // sum over this lane's groups of s X
   for (int round = 0; round < rounds; ++round) {
     uint4 qa[kMmaChunksPerRound], qb[kMmaChunksPerRound];
     __half s_a[kMmaChunksPerRound], s_b[kMmaChunksPerRound];
 #pragma unroll
     for (int p = 0; p < kMmaChunksPerRound; ++p) {
-      const int chunk = warp + kMmaWarps * (round * kMmaChunksPerRound + p);
-      if (chunk < chunks) {
-        const int g = 4 * chunk + c;
-        qa[p] = __ldg(wa + g), qb[p] = __ldg(wb + g);
-        s_a[p] = sa[g], s_b[p] = sb[g];
-      }
+      const int i = round * kMmaChunksPerRound + p, g = g0 + 32 * i;
+      if (i < mine) qa[p] = __ldg(wa + g), qb[p] = __ldg(wb + g), s_a[p] = sa[g], s_b[p] = sb[g];
     }
     if (round == 0) {
       if (fusion.early) {
@@ -121,14 +127,13 @@ GemvMmaQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     }
 #pragma unroll
     for (int p = 0; p < kMmaChunksPerRound; ++p) {
-      const int chunk = warp + kMmaWarps * (round * kMmaChunksPerRound + p);
-      if (chunk >= chunks) break;
-      const int g = 4 * chunk + c;
+      const int i = round * kMmaChunksPerRound + p;
+      if (i >= mine) break;  // the same for the whole warp
       uint4 xc[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) xc[j] = x_shared[Swizzled(4 * g + j)];
+      for (int j = 0; j < 4; ++j) xc[j] = x_shared[x_at[j] + 128 * i];
       const uint32_t* xp = reinterpret_cast<const uint32_t*>(xc);  // pairs 4 j + i (quant_gemv_math.h)
-      const float xs = group_sum[g];
+      const float xs = group_sum[g0 + 32 * i];
       bias_a += __half2float(s_a[p]) * xs, bias_b += __half2float(s_b[p]) * xs;
       const __half2 sa2 = __half2half2(s_a[p]), sb2 = __half2half2(s_b[p]);
       const __half2 low_a = __hmul2(sa2, __float2half2_rn(-1024.f)), high_a = __hmul2(sa2, __float2half2_rn(-64.f));
@@ -141,11 +146,11 @@ GemvMmaQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
         for (int h = 0; h < 2; ++h) {
           const uint32_t ha = h ? word_a[j] >> 8 : word_a[j], hb = h ? word_b[j] >> 8 : word_b[j];
           uint32_t a[4];
-          a[0] = AsBits(__hfma2(AsHalf2((ha & 0x000F000Fu) | 0x64006400u), sa2, low_a));
-          a[1] = AsBits(__hfma2(AsHalf2((hb & 0x000F000Fu) | 0x64006400u), sb2, low_b));
-          a[2] = AsBits(__hfma2(AsHalf2((ha & 0x00F000F0u) | 0x54005400u), sa2, high_a));
-          a[3] = AsBits(__hfma2(AsHalf2((hb & 0x00F000F0u) | 0x54005400u), sb2, high_b));
-          lab::mma::Mma(acc, a, xp[4 * j + 2 * h], xp[4 * j + 2 * h + 1]);
+          a[0] = AsBits(__hfma2(AsHalf2(MaskOr(ha, 0x000F000Fu, 0x64006400u)), sa2, low_a));
+          a[1] = AsBits(__hfma2(AsHalf2(MaskOr(hb, 0x000F000Fu, 0x64006400u)), sb2, low_b));
+          a[2] = AsBits(__hfma2(AsHalf2(MaskOr(ha, 0x00F000F0u, 0x54005400u)), sa2, high_a));
+          a[3] = AsBits(__hfma2(AsHalf2(MaskOr(hb, 0x00F000F0u, 0x54005400u)), sb2, high_b));
+          lab::mma::Mma(acc[j], a, xp[4 * j + 2 * h], xp[4 * j + 2 * h + 1]);
         }
       }
     }
@@ -156,8 +161,8 @@ GemvMmaQ4(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   bias_b += __shfl_xor_sync(0xffffffffu, bias_b, 1);
   bias_b += __shfl_xor_sync(0xffffffffu, bias_b, 2);
   if (c == 0) {
-    partial[warp][r] = acc[0] - 7.f * bias_a;
-    partial[warp][r + 8] = acc[2] - 7.f * bias_b;
+    partial[warp][r] = (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]) - 7.f * bias_a;
+    partial[warp][r + 8] = (acc[0][2] + acc[1][2]) + (acc[2][2] + acc[3][2]) - 7.f * bias_b;
   }
   __syncthreads();
   const int t = threadIdx.x;
