@@ -20,7 +20,6 @@ RMSNorm `lab.norm.rms` against its CPU version (NORM_CASES), timed in a graph. `
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 `--rows 0,1,2` times the library's GEMVs under each rows-per-warp choice (`lab.gemv.rows`; 0 is the
-plugin's rule); `--kernels auto,simt,mma` under each kernel choice (`lab.gemv.kernel`: auto is the
 plugin's rule).
 """
 
@@ -115,7 +114,7 @@ def per_call_seconds(call, params: list, warmup: int, calls: int, samples: int =
     return out
 
 
-def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[int], kernels: list[str]) -> None:
+def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
     import numpy as np
     import torch
     import tvm
@@ -131,16 +130,14 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[
     bandwidth = device_probe.copy_bandwidth("cuda")
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else []
     manifest = [m for m in manifest if m["quant"] in quants]
-    functions.register("cuda", [functions.GEMV_Q4, functions.GEMV_Q8, functions.GEMV_ROWS, functions.GEMV_KERNEL])
-    manifest += [{"name": f"{quant}-{shape}-library" + (f"-rows{r}" if r else "") + (f"-{kn}" if kn != "auto" else ""),
-                  "quant": quant, "shape": shape, "variant": "library", "rows": r, "kernel": kn, "n": n, "k": k}
-                 for r in rows for kn in kernels for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
+    functions.register("cuda", [functions.GEMV_Q4, functions.GEMV_Q8, functions.GEMV_ROWS])
+    manifest += [{"name": f"{quant}-{shape}-library" + (f"-rows{r}" if r else ""), "quant": quant, "shape": shape,
+                  "variant": "library", "rows": r, "n": n, "k": k}
+                 for r in rows for quant in quants for shape, (n, k) in LIBRARY_SHAPES.items()]
     set_rows = tvm_ffi.get_global_func(functions.GEMV_ROWS)
-    set_kernel = tvm_ffi.get_global_func(functions.GEMV_KERNEL)
     results, reference = [], {}
     for entry in manifest:
         set_rows(entry.get("rows", 0))
-        set_kernel(entry.get("kernel", "auto"))
         spec = quant_spec(entry["quant"])
         n, k = entry["n"], entry["k"]
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -179,15 +176,11 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[
         results.append(r)
         del params
     set_rows(0)
-    set_kernel("auto")
     results += dequant_results(quants, bandwidth["bytes_per_s"])
     for r in rows:
-        for kn in kernels:
-            set_rows(r)
-            set_kernel(kn)
-            results += fused_results(quants, r, kn)
+        set_rows(r)
+        results += fused_results(quants, r)
     set_rows(0)
-    set_kernel("auto")
     results += norm_results()
     from harness.results import atomic_write_text
 
@@ -276,7 +269,7 @@ IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at 
 FUSIONS = {"o": ("add",), "gate_up": ("swiglu",), "down": ("add",)}
 
 
-def fused_results(quants: list[str], rows: int = 0, kernel: str = "auto") -> list[dict]:
+def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
     """The fused GEMVs (the residual add, SiLU after gate_up: FUSIONS) checked against
     their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
     8B's shapes; then, per shape, the plain GEMV and each fused one timed as the model calls them:
@@ -333,13 +326,12 @@ def fused_results(quants: list[str], rows: int = 0, kernel: str = "auto") -> lis
                 want = want.astype(np.float32)
                 err = float(np.abs(outs[fusion].float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
                 fused = in_graph_us(fusion)
-                row = {"name": f"{quant}-{shape}-{fusion}" + (f"-rows{rows}" if rows else "")
-                       + (f"-{kernel}" if kernel != "auto" else ""), "quant": quant, "shape": shape,
-                       "variant": f"{fusion}_in_graph", "fusion": fusion, "rows": rows, "kernel": kernel, "n": n, "k": k,
+                row = {"name": f"{quant}-{shape}-{fusion}" + (f"-rows{rows}" if rows else ""), "quant": quant,
+                       "shape": shape, "variant": f"{fusion}_in_graph", "fusion": fusion, "rows": rows, "n": n, "k": k,
                        "rel_error_vs_cpu": err,
                        "ok": err <= 4e-3, "plain_us": float(np.median(plain)) * 1e6,
                        "fused_us": float(np.median(fused)) * 1e6, "raw_plain_s": plain, "raw_fused_s": fused}
-                print(f"{functions.GEMV[bits, fusion]:24s} {shape:8s} rows {rows} {kernel:4s} {row['fused_us']:7.1f} us per call in a graph "
+                print(f"{functions.GEMV[bits, fusion]:24s} {shape:8s} rows {rows} {row['fused_us']:7.1f} us per call in a graph "
                       f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}"
                       f"{'' if row['ok'] else ' NOT OK'}", flush=True)
                 results.append(row)
@@ -396,8 +388,6 @@ def main() -> None:
     r.add_argument("--quants", default="q4f16_1,q8f16_1")
     r.add_argument("--rows", default="0", help="rows per warp of the library GEMVs to time, comma-separated: 0 (the "
                    "plugin's rule), 1, 2, 4 (lab.gemv.rows; a shape a kernel lacks falls back to the rule)")
-    r.add_argument("--kernels", default="auto", help="GEMV kernels to time, comma-separated: auto (the plugin's "
-                   "rule), simt, mma (lab.gemv.kernel; a shape a kernel lacks falls back to the SIMT kernel)")
     n = sub.add_parser("norm", help="only lab.norm.rms (NORM_CASES): checked and timed")
     n.add_argument("--out", type=Path, required=True)
     n.add_argument("--sha", default=None, help="git SHA of the code that built the plugin")
@@ -414,10 +404,7 @@ def main() -> None:
             ap.error(f"--quants {args.quants}: each must be one of {', '.join(LIBRARY)}")
         if not set(rows) <= {str(r) for r in functions.GEMV_ROWS_CHOICES}:
             ap.error(f"--rows {args.rows}: each must be 0 (the rule), 1, 2 or 4")
-        kernels = args.kernels.split(",")
-        if not set(kernels) <= set(functions.GEMV_KERNELS):
-            ap.error(f"--kernels {args.kernels}: each must be one of {', '.join(functions.GEMV_KERNELS)}")
-        run(args.dir, args.out, args.sha, args.quants.split(","), [int(r) for r in rows], kernels)
+        run(args.dir, args.out, args.sha, args.quants.split(","), [int(r) for r in rows])
 
 
 if __name__ == "__main__":

@@ -326,7 +326,6 @@ IMPLEMENTATIONS = {
     functions.KV_DECODE_CLUSTER: _kv_decode_cluster,
     functions.KV_DECODE_TENSOR_CORES: _path_switch(functions.KV_DECODE_TENSOR_CORES, (1, 0)),
     functions.GEMV_ROWS: _path_switch(functions.GEMV_ROWS, functions.GEMV_ROWS_CHOICES),
-    functions.GEMV_KERNEL: _path_switch(functions.GEMV_KERNEL, functions.GEMV_KERNELS),
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }

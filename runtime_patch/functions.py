@@ -22,9 +22,6 @@ Matrix products (plugin cuda_gemm):
                                         early): the o projection after the static decode attention,
                                         the down projection after gate_up's GEMV (every GEMV lets
                                         its successor start). The same function on the CPU
-  GEMV_KERNEL(name) -> previous         which kernel this process's GEMVs run (GEMV_KERNELS): "auto"
-                                        (the default: q4 on tensor cores, quant_gemv_mma.h, where it
-                                        applies), "simt" or "mma", for the benchmarks; one kernel on llvm
   GEMV_ROWS(r) -> previous              rows per warp of this process's GEMVs: 0 (the default: the
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   RMS_NORM(x, weight, eps, out)        out = rms_norm(x) * weight over the last dimension, rounded as
@@ -130,8 +127,6 @@ GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name i
 # The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
 GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
-GEMV_KERNEL = "lab.gemv.kernel"
-GEMV_KERNELS = ("auto", "simt", "mma")  # what GEMV_KERNEL accepts, the default first
 RMS_NORM = "lab.norm.rms"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 GEMM_Q4 = "lab.gemm.q4"
@@ -201,7 +196,7 @@ PLUGIN = {
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV.values()}, **{name: "cuda_gemm" for name in GEMV_EARLY.values()},
-    GEMV_ROWS: "cuda_gemm", GEMV_KERNEL: "cuda_gemm", RMS_NORM: "cuda_gemm",
+    GEMV_ROWS: "cuda_gemm", RMS_NORM: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

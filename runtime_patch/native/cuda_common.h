@@ -58,11 +58,10 @@ inline cublasHandle_t CublasHandle(int device) {
 }
 #endif  // LAB_NO_CUBLAS
 
-// What a plugin sizes its launches by: the SM count, the compute capability's major version and the
-// dynamic shared memory a block may opt in to, asked once per (thread, device) (a disco worker is
-// one thread on one device).
+// What a plugin sizes its launches by: the SM count and the compute capability's major version,
+// asked once per (thread, device) (a disco worker is one thread on one device).
 struct DeviceFacts {
-  int sms = 0, major = 0, max_shared_per_block = 0;
+  int sms = 0, major = 0;
 };
 
 inline const DeviceFacts& Facts(int device) {
@@ -72,7 +71,6 @@ inline const DeviceFacts& Facts(int device) {
   DeviceFacts f;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device));
-  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.max_shared_per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   return facts.emplace(device, f).first->second;
 }
 

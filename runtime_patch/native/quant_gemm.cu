@@ -42,11 +42,15 @@
 
 #include "cublas_gemm.h"
 #include "cuda_common.h"
+#include "half_bits.h"
 #include "mma_fragments.h"
 
 namespace {
 
+using lab::AsBits;
+using lab::AsHalf2;
 using lab::Data;
+using lab::MaskOr;
 using lab::Rows;
 using lab::mma::LoadMatrices;
 using lab::mma::Mma;
@@ -158,9 +162,6 @@ __device__ __forceinline__ int PackedChunk(int row, int chunk) {
   }
 }
 
-__device__ __forceinline__ uint32_t AsBits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_cast<__half2*>(&bits); }
-
 // Two weights (q - m) * scale as a half2 operand register, from `word`: q4: the two nibbles of the
 // byte `sel` (= t | t << 8) copies into bytes 0 and 2: the low nibble under float16 0x6400 (1024,
 // whose last mantissa bit is 1) is 1024 + q, the high nibble under 0x5400 (64, whose last bit is
@@ -168,7 +169,7 @@ __device__ __forceinline__ __half2 AsHalf2(uint32_t bits) { return *reinterpret_
 template <int Bits>
 __device__ __forceinline__ uint32_t Operand(uint32_t word, uint32_t sel, __half2 scale) {
   if constexpr (Bits == 4) {
-    const uint32_t q = (__byte_perm(word, 0u, sel) & 0x00F0000Fu) | 0x54006400u;
+    const uint32_t q = MaskOr(__byte_perm(word, 0u, sel), 0x00F0000Fu, 0x54006400u);
     return AsBits(__hmul2(__hsub2(AsHalf2(q), __halves2half2(__float2half(1024.f + 7.f), __float2half(64.f + 7.f))),
                           scale));
   } else {

@@ -68,22 +68,98 @@
 #include <tvm/ffi/function.h>
 #include <tvm/ffi/reflection/registry.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
 #include "cuda_common.h"
-#include "quant_gemv_math.h"
-#include "quant_gemv_mma.h"
+#include "half_bits.h"
 
 namespace {
 
+using lab::AsHalf2;
 using lab::Data;
 using lab::IsCompact;
+using lab::MaskOr;
 using lab::Rows;
-using namespace lab::gemv;
 
 constexpr int kWarps = 8;
+constexpr float kXScale = 1.f / 16.f;  // q4's half2 sums (above)
+
+// 16-byte loads per group of one row.
+template <int Bits>
+constexpr int kLoadsPerGroup = Bits / 4;
+
+// Where x's chunk j (8 values) lies in shared memory: within each aligned run of 8 chunks, j's low
+// 3 bits XOR the next 3. The 8 lanes of a quarter-warp read chunk c of 8 consecutive groups,
+// j = 4g + c: in order they fall on 2 of the 8 16-byte bank quads, permuted on all 8. A
+// permutation of each aligned run of 8: shared memory is allocated for k rounded up to 64.
+__device__ __forceinline__ int Swizzled(int j) { return j ^ ((j >> 3) & 7); }
+
+// One q4 group: sum_j x[j] * (q[j] - 7) for the 32 values of 4 words, with x as the 16 pairs
+// xp[4 * j + i] = (x[8j + i], x[8j + i + 4]) / 16 (nibbles i and i + 4 of word j). Nibbles 0 and 4 go
+// under float16 1024.0 (0x6400: its last 10 bits are the integer), 1 and 5 in place under 64.0
+// (0x5400, whose mantissa step is 1/16: a nibble shifted left by 4 adds q), and the same for the
+// word shifted right by 8: one shift per word instead of three (-2 of ~19 instructions per 8 weights).
+// Each masked OR is one LOP3 (MaskOr; written with two immediates it compiled to two: 17 instead of
+// 21 instructions a word, +4% q4 decode, docs/BENCHMARKS.md tenth round).
+__device__ float GroupQ4(const uint4& words, const __half2* xp) {
+  const __half2 low_bias = __float2half2_rn(1024.f + 7.f), high_bias = __float2half2_rn(64.f + 7.f);
+  const uint32_t word[4] = {words.x, words.y, words.z, words.w};
+  float sum = -0.f;  // -0 + v is v: the first addition folds away (0 + v is not, for v = -0)
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t halves[2] = {word[j], word[j] >> 8};
+    __half2 part = __float2half2_rn(0.f);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const __half2 low = __hsub2(AsHalf2(MaskOr(halves[h], 0x000F000Fu, 0x64006400u)), low_bias);
+      const __half2 high = __hsub2(AsHalf2(MaskOr(halves[h], 0x00F000F0u, 0x54005400u)), high_bias);
+      part = __hfma2(low, xp[4 * j + 2 * h], part);
+      part = __hfma2(high, xp[4 * j + 2 * h + 1], part);
+    }
+    const float2 f = __half22float2(part);
+    sum += f.x + f.y;
+  }
+  return sum;
+}
+
+// One q8 group: sum_j x[j] * (q[j] - 127) for the 32 values of 8 words, x as floats.
+__device__ float GroupQ8(const uint4* words, const float* xf) {
+  const __half2 bias = __float2half2_rn(1024.f + 127.f);
+  float sum = -0.f;  // -0 + v is v: the first addition folds away (0 + v is not, for v = -0)
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t word[4] = {words[h].x, words[h].y, words[h].z, words[h].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // bytes (b0, b2) and (b1, b3) as float16 1024 + b: 0x64 is the high byte of 1024.0
+      const float2 even = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4240)), bias));
+      const float2 odd = __half22float2(__hsub2(AsHalf2(__byte_perm(word[j], 0x64u, 0x4341)), bias));
+      const float* xw = xf + 16 * h + 4 * j;
+      sum += even.x * xw[0] + odd.x * xw[1] + even.y * xw[2] + odd.y * xw[3];
+    }
+  }
+  return sum;
+}
+
+// q4's chunk of x in shared memory, 8 values x[0..8), made into the pairs
+// (x[0], x[4]), (x[1], x[5]), (x[2], x[6]), (x[3], x[7]), each scaled by 1/16 (exact but for
+// float16 values below 2^-10, as the sum's scaling always was).
+__device__ uint4 PairedChunk(uint4 raw) {
+  const __half2 xscale = __float2half2_rn(kXScale);
+  const __half* h = reinterpret_cast<const __half*>(&raw);
+  uint4 paired;
+  __half2* p = reinterpret_cast<__half2*>(&paired);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) p[i] = __hmul2(__halves2half2(h[i], h[i + 4]), xscale);
+  return paired;
+}
+
+// What a GEMV does besides its product (the Swiglu epilogue is a template parameter: it maps rows).
+struct Fusion {
+  const __half* residual = nullptr;  // out = residual + W x where not null (lab.gemv.q4_add / q8_add)
+  bool early = false;                // launched by lab::LaunchAfterPrevious (the *_early functions)
+};
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
 // asynchronous copies are complete: no barrier before): q4 pairs them (PairedChunk). The caller's
@@ -108,6 +184,15 @@ __device__ __forceinline__ int RowOf(int r, int out0, int n) {
     const int o = min(out0 + r % kOut, outputs - 1);
     return r < kOut ? o : outputs + o;
   }
+}
+
+__device__ __forceinline__ float RoundHalf(float v) { return __half2float(__float2half_rn(v)); }
+
+// silu(gate) * up with the separate kernels' roundings: gate, up, silu(gate) and the product each
+// rounded to float16.
+__device__ __forceinline__ float SiluTimes(float gate, float up) {
+  const float g = RoundHalf(gate);
+  return RoundHalf(g / (1.f + expf(-g))) * RoundHalf(up);
 }
 
 // P: groups a lane loads before it computes on them (a round); kRows * P * L 16-byte loads in flight.
@@ -304,49 +389,9 @@ int SetRows(int rows) {
   return g_rows.exchange(rows);
 }
 
-// lab.gemv.kernel: which kernel the GEMVs run (kGemvKernels[i]): "auto" (the rule: q4 on tensor
-// cores where k is a multiple of 128 on sm_80 and newer, everything else on the SIMT kernel), "simt"
-// or "mma" (where it applies, else the SIMT kernel), for the benchmarks.
-constexpr const char* kGemvKernels[] = {"auto", "simt", "mma"};
-std::atomic<int> g_kernel{0};
-
-tvm::ffi::String SetKernel(tvm::ffi::String name) {
-  for (int i = 0; i < 3; ++i)
-    if (name == kGemvKernels[i]) return kGemvKernels[g_kernel.exchange(i)];
-  TVM_FFI_THROW(ValueError) << "lab.gemv.kernel: " << name << " is not auto, simt or mma";
-}
-
-// Launches quant_gemv_mma.h's kernel where it applies and is chosen; false where not.
-template <int Bits, bool Swiglu, typename OutT>
-bool LaunchMma(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
-               int device, cudaStream_t stream) {
-  const int choice = g_kernel.load();
-  const lab::DeviceFacts& facts = lab::Facts(device);
-  if constexpr (Bits != 4) {
-    return false;
-  } else {
-    if (choice == 1 || facts.major < 8 || k % kMmaChunk != 0) return false;
-    const void* kernel = reinterpret_cast<const void*>(GemvMmaQ4<Swiglu, OutT>);
-    const int smem = MmaSharedBytes(k);
-    if (lab::ResidentBlocks(kernel, kMmaWarps * 32, smem) == 0) return false;
-    const int64_t per_block = Swiglu ? kMmaRows / 2 : kMmaRows, outputs = Swiglu ? n / 2 : n;
-    const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
-    int n32 = int(n), k32 = int(k);
-    void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-    if (fusion.early) {
-      LAB_CHECK_CUDA(lab::LaunchAfterPrevious(kernel, dim3(blocks), dim3(kMmaWarps * 32), size_t(smem), stream, args,
-                                              facts.major));
-    } else {
-      LAB_CHECK_CUDA(cudaLaunchKernel(kernel, dim3(blocks), dim3(kMmaWarps * 32), args, size_t(smem), stream));
-    }
-    return true;
-  }
-}
-
 template <int Bits, bool Swiglu, typename OutT>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  if (LaunchMma<Bits, Swiglu, OutT>(n, k, x, w, s, out, fusion, device, stream)) return;
   const int smem = SharedBytes(k);
   const Shape shape = Choose<Bits, Swiglu, OutT>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
@@ -447,7 +492,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q4_add_early", GemvAdd<4, true>);
   refl::GlobalDef().def("lab.gemv.q8_add_early", GemvAdd<8, true>);
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
-  refl::GlobalDef().def("lab.gemv.kernel", SetKernel);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
 }
