@@ -49,8 +49,10 @@
 // Here one masked OR turns two nibbles into two float16 values 1024 + q or 64 + q at once
 // (GroupQ4: 0x6400 is 1024.0 in float16, whose last 10 bits are the integer), one half2
 // subtraction removes 1024 + 7 (64 + 7), and half2 multiply-adds combine them with x. Per 32-bit word the half2 sum is
-// taken into float32; x is scaled by 1/16 for that sum, so no product sum of a word overflows
-// float16 for any float16 x. The pairs of x a word's shifts need, (x[i], x[i + 4]) / 16, are
+// taken into float32; x is scaled by 1/16 for that sum: a half of it adds 4 products of at most
+// 8 |x| / 16, so it stays finite for |x| up to 32752, half float16's largest (unscaled it would
+// overflow from |x| = 2047). The masked ORs are one LOP3 each (lab::MaskOr, half_bits.h: written
+// with two immediates nvcc emits two). The pairs of x a word's shifts need, (x[i], x[i + 4]) / 16, are
 // made once per block in shared memory (each warp made them for itself per group before). q8
 // reads twice the bytes per weight, so it can afford float32 products (exact for any x): a byte
 // permute makes two float16 values 1024 + q of a word's bytes at once, a half2 subtraction
