@@ -208,11 +208,13 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // the kernels launched early take it up (the down projection's GEMV after gate_up's, the static
 // decode attention after the qkv projection's), any other waits for the GEMV as it always did.
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
-// others at most 128 (2 blocks: at 133 registers the 4-row kernel held one block an SM, and
-// Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel of 4 groups a round at
+// two-row kernel of 4 groups a round at most 85 (3 blocks: 78 used, no spills; the 6144-row qkv
+// projection is one wave of 3072 warps), its others at most 128 (2 blocks: at 133 registers the
+// 4-row kernel held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's
+// one-row kernel of 4 groups a round at
 // most 64; q8's others unbounded (bounded, they spill).
 template <int Bits, int kRows, int P>
-constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
+constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
 template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
