@@ -208,17 +208,19 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // the kernels launched early take it up (the down projection's GEMV after gate_up's, the static
 // decode attention after the qkv projection's), any other waits for the GEMV as it always did.
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
-// two-row kernel of 4 groups a round at most 85 (3 blocks: 78 used, no spills; the 6144-row qkv
-// projection is one wave of 3072 warps), its others at most 128 (2 blocks: at 133 registers the
-// 4-row kernel held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's
-// one-row kernel of 4 groups a round at
+// two-row SwiGLU kernel of 4 groups a round at most 85 (3 blocks an SM: 78 used, no spills;
+// Llama-3-8B's gate_up 20.7 us in a graph against 22.5 with 4 rows a warp at 2 blocks; the plain
+// two-row kernel at 3 blocks made the rule tie it with one row on the qkv projection, 8.2-8.4 us
+// against 7.8, and stays at 2), its others at most 128 (2 blocks: at 133 registers the 4-row kernel
+// held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel
+// of 4 groups a round at
 // most 64; q8's others unbounded (bounded, they spill).
-template <int Bits, int kRows, int P>
-constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
+template <int Bits, int kRows, int P, bool Swiglu>
+constexpr int kMinBlocks = Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
 template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P>)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
@@ -316,9 +318,10 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
-// - q4 shares its x loads and their conversion over 4 rows where the output is wide (its GEMVs are
-//   bound by instructions per weight; 4 rows measured 27.6 us against 39.9 at 1-2 rows for
-//   Llama-3-8B's 28672 x 4096 gate_up on an H200).
+// - q4 shares its x loads and their conversion over 4 rows where a plain GEMV's output is wide (the
+//   LM heads: 80.3 us against 82.7 at 2 rows for Llama-3-8B's; its GEMVs are bound by instructions
+//   per weight: 4 rows measured 27.6 us against 39.9 at 1-2 rows for the 28672 x 4096 gate_up on
+//   an H200 before the 2-row kernel held 3 blocks an SM).
 // - Otherwise 1 or 2 rows per warp and 4 or 8 groups per round (4 where a lane has at most 4 groups
 //   of a row: fewer registers, more resident warps; q8 at 2 rows always 4), choosing the fewest
 //   waves of resident warps x rows per warp x rounds (a warp's time grows with both), so that a
@@ -326,7 +329,12 @@ inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 //   round, Llama-3-8B's 4096 x 14336 down projection ran 1.3 waves (31.4 us; 18.0 at two rows),
 //   and in the model the 6144 x 4096 qkv projection took 10.9 us, 2 waves of one-row warps.
 //   Ties go to more rows per warp.
-// - Swiglu needs rows in (gate, up) pairs: 2 rows per warp, or q4's 4 where wide.
+// - Swiglu needs rows in (gate, up) pairs: 2 rows per warp. (q4 took 4 where wide until the 2-row
+//   kernel held 3 blocks an SM: Llama-3-8B's gate_up with SiLU 20.7 against 22.5 us in a graph,
+//   bench.gemv --rows, an H200, 2026-12-01, tenth round.)
+// - q4 takes 2 rows per warp where a lane has more than 8 groups of a row (two rounds or more: the
+//   down projections): Llama-3-8B's 4096 x 14336 down 13.2 against 14.1 us with its add in a graph,
+//   70B's 8192 x 14336 at tp=2 22.6 against 23.5 (the same runs).
 // - q8 takes 2 rows per warp where a lane has more than 4 groups of a row (the down projections)
 //   or the output is wider than kQ8WideFrom (the LM heads): the rule chose 1 row for those, and
 //   2 measured faster (bench.gemv --rows, an H200, 2026-12-01: Llama-3-8B's 4096 x 14336 down
@@ -372,7 +380,8 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const int wanted = g_rows.load();
   for (int i = 0; i < count; ++i)
     if (candidates[i].rows == wanted) return take(candidates[i]);
-  // candidates[0]: q4's 4-row kernel, q8's 2-row one
+  // candidates[0]: q4's 4-row kernel, q8's 2-row one; candidates[1]: q4's 2-row one
+  if (Bits == 4 && (Swiglu || per_lane > 8)) return take(candidates[1]);
   if ((Bits == 4 && n >= kQ4WideFrom) || (Bits == 8 && (!few || n > kQ8WideFrom))) return take(candidates[0]);
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[count - 1];
