@@ -249,16 +249,9 @@ def norm_results() -> list[dict]:
 
 
 def run_norm(out: Path, sha: str | None) -> None:
-    import torch
+    from .records import write_checked_record
 
-    from harness.results import atomic_write_text
-
-    results = norm_results()
-    atomic_write_text(out, json.dumps({
-        "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
-        "command": " ".join(["python", "-m", "bench.gemv", *sys.argv[1:]]), "ok": all(r["ok"] for r in results),
-        "results": results}, indent=1))
-    if not all(r["ok"] for r in results):
+    if not write_checked_record(out, "gemv", norm_results(), sha):
         sys.exit(1)
 
 

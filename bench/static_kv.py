@@ -361,5 +361,6 @@ def main() -> None:
     print(f"wrote {args.out}")
     sys.exit(0 if ok else 1)
 
+
 if __name__ == "__main__":
     main()

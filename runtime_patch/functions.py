@@ -127,8 +127,8 @@ GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name i
 # The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
 GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
-RMS_NORM = "lab.norm.rms"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
+RMS_NORM = "lab.norm.rms"
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
 # The prefill GEMM of each quantized weight width, by bits
