@@ -82,10 +82,12 @@ _COMMON_FLAGS = ["-std=c++17", "-O2", "-g0", "-fPIC", "-shared", "-fvisibility=h
 # No rpath: the TVM libraries are found already loaded in the process (by soname), so the .so
 # stays relocatable. load() loads them first.
 _TVM_LIBS = ["-l:libtvm_runtime_extra.so", "-ltvm_runtime", "-ltvm_ffi"]
-# CUDA kernels for the GPUs the lab targets (A100, H100/H200), plus PTX that newer GPUs JIT.
+# CUDA kernels for the GPUs the lab targets (A100, H100/H200), plus PTX that newer GPUs JIT. The
+# H100/H200 code is sm_90a's (the warpgroup MMA of the prefill's quantized GEMM, wgmma.h); the PTX,
+# plain compute_90, has no wgmma (the host launches that kernel only on compute capability 9.0).
 _NVCC_FLAGS = ["-std=c++17", "-O2", "-shared", "-Xcompiler=-fPIC,-fvisibility=hidden,-Wall,-Wno-unused-parameter",
                "-Xlinker=--no-undefined,--as-needed", "-gencode=arch=compute_80,code=sm_80",
-               "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+               "-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_90,code=compute_90"]
 
 
 def _stub_headers() -> list[Path]:

@@ -58,10 +58,10 @@ inline cublasHandle_t CublasHandle(int device) {
 }
 #endif  // LAB_NO_CUBLAS
 
-// What a plugin sizes its launches by: the SM count and the compute capability's major version,
-// asked once per (thread, device) (a disco worker is one thread on one device).
+// What a plugin sizes its launches by: the SM count and the compute capability, asked once per
+// (thread, device) (a disco worker is one thread on one device).
 struct DeviceFacts {
-  int sms = 0, major = 0;
+  int sms = 0, major = 0, minor = 0;
 };
 
 inline const DeviceFacts& Facts(int device) {
@@ -71,6 +71,7 @@ inline const DeviceFacts& Facts(int device) {
   DeviceFacts f;
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.sms, cudaDevAttrMultiProcessorCount, device));
   LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.major, cudaDevAttrComputeCapabilityMajor, device));
+  LAB_CHECK_CUDA(cudaDeviceGetAttribute(&f.minor, cudaDevAttrComputeCapabilityMinor, device));
   return facts.emplace(device, f).first->second;
 }
 

@@ -44,6 +44,7 @@
 #include "cuda_common.h"
 #include "half_bits.h"
 #include "mma_fragments.h"
+#include "wgmma.h"
 
 namespace {
 
@@ -383,6 +384,194 @@ __global__ void GemmQuantReduce(const float* __restrict__ partial, OutT* __restr
   StorePair(out + int64_t(row) * n + col + 2, sum.z, sum.w);
 }
 
+// ------------------------------------------------------------------------------------------------
+// The fused kernel on Hopper's warpgroup MMA (sm_90a), from 65 rows
+//
+// GemmQuant's mma.sync kernel at 128 rows ran at ~230 TFLOP/s (Llama-3-8B's four q4 linears 243 us
+// a layer against cuBLAS's 140 on float16 weights): every warp loads all 128 rows of x from shared
+// memory for its 16 outputs (ldmatrix: 128 KB a block a K tile), and the tensor pipe stays ~32%
+// busy. Here the roles are swapped: out^T [n, m] = W [n, k] x^T, so the weight is wgmma's A,
+// dequantized into registers (as GemmQuant's B operands: the same Operand), and x is B, read by the
+// tensor cores straight from shared memory (the same 128-byte-swizzled rows GemmQuant's ldmatrix
+// reads): no operand of x passes through registers. A block is two warpgroups of 64 outputs each
+// (kBN = 128 outputs) over kWgBM = 128 rows; a warpgroup's 4 k16 slices a K tile are 4
+// m64n128k16 wgmmas, 64 float32 accumulators a thread.
+//
+// The ring: kWgStages<Bits> stages, the copies (cp.async, every thread) kWgStages - 1 tiles ahead. A
+// warpgroup makes a tile's A operands, issues its 4 wgmmas back to back and waits for them (Wait<0>)
+// before the next tile; the SM's other warpgroups (4 resident) keep the tensor cores busy meanwhile.
+// (Waiting only for the tile before, with two sets of A registers, made ptxas serialize every wgmma:
+// it cannot tell the sets apart, ptxas C7513, and gave both the same registers.)
+constexpr int kWgBM = 128;
+constexpr int kWgThreads = 256;
+template <int Bits>
+constexpr int kWgStages = Bits == 4 ? 5 : 4;  // 2 blocks an SM either way (105 / 101 KB)
+
+template <int Bits>
+struct WgLayout {
+  static constexpr int kX = kWgBM * kBK * 2;  // first in a stage: 1024-byte aligned (the swizzle's unit)
+  static constexpr int kRowChunks = kBK * Bits / 8 / 16;
+  static constexpr int kPacked = kBN * kRowChunks * 16;
+  static constexpr int kScales = kBN * 2 * 2;
+  static constexpr int kStage = (kX + kPacked + kScales + 1023) / 1024 * 1024;
+  static constexpr int kTotal = kWgStages<Bits> * kStage + 1024;  // + aligning the first stage
+};
+
+template <typename OutT>
+__device__ __forceinline__ OutT FromFloat(float v) {
+  if constexpr (std::is_same_v<OutT, float>) {
+    return v;
+  } else {
+    return __float2half_rn(v);
+  }
+}
+
+// Output tiles tile_base + blockIdx.x (row tile q % row_tiles of kWgBM rows, column tile q / row_tiles
+// of kBN outputs) as GemmQuant, split K's partial sums the same way ([kWgBM][kBN] a tile).
+template <int Bits, typename OutT>
+__global__ void __launch_bounds__(kWgThreads, 2)
+GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
+            OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k, int tile_base, int row_tiles) {
+#if LAB_WGMMA
+  using L = WgLayout<Bits>;
+  constexpr int kS = kWgStages<Bits>;
+  constexpr int kRowChunks = L::kRowChunks;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t pad = (1024u - raw_address % 1024u) % 1024u;
+  unsigned char* smem = smem_raw + pad;
+  const uint32_t smem_address = raw_address + pad;
+  const int q = tile_base + int(blockIdx.x);
+  const int m0 = (q % row_tiles) * kWgBM, n0 = (q / row_tiles) * kBN;
+  const int all_tiles = k / kBK;
+  const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
+  const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
+  const int64_t row_words = int64_t(k) * Bits / 32;
+
+  auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
+  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
+  auto scale_tile = [&](int s) { return reinterpret_cast<const __half2*>(smem + s * L::kStage + L::kX + L::kPacked); };
+
+  // The copies, as GemmQuant's: x's rows tid / 8 + 32 i at chunk tid % 8 (rows past m zero-filled),
+  // the packed rows (tid + 256 i) / kRowChunks, row tid's two scales; every call commits a group.
+  constexpr int kXCopies = kWgBM * kChunks / kWgThreads;
+  constexpr int kXRowsPerCopy = kWgThreads / kChunks;
+  constexpr int kPackedCopies = kBN * kRowChunks / kWgThreads;
+  const int x_row = threadIdx.x / kChunks, x_chunk = threadIdx.x % kChunks;
+  const int x_rows_left = m - m0 - x_row;
+  const __half* x_src = x + int64_t(m0 + (x_rows_left > 0 ? x_row : 0)) * k + int64_t(tile0) * kBK + x_chunk * 8;
+  const int x_dst = Offset(x_row, x_chunk);
+  const uint4* w_src[kPackedCopies];
+  int w_dst[kPackedCopies];
+#pragma unroll
+  for (int i = 0; i < kPackedCopies; ++i) {
+    const int c = threadIdx.x + i * kWgThreads, r = c / kRowChunks, chunk = c % kRowChunks;
+    w_src[i] = reinterpret_cast<const uint4*>(w + int64_t(min(n0 + r, n - 1)) * row_words) + int64_t(tile0) * kRowChunks +
+               chunk;
+    w_dst[i] = PackedChunk<Bits>(r, chunk);
+  }
+  const __half* s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
+  auto issue = [&](int t) {
+    if (t < tiles) {
+      const int s = t % kS;
+      __half* xs = x_tile(s);
+#pragma unroll
+      for (int i = 0; i < kXCopies; ++i) {
+        const bool inside = kXRowsPerCopy * i < x_rows_left;
+        __pipeline_memcpy_async(xs + x_dst + i * kXRowsPerCopy * kBK,
+                                x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
+      }
+      uint4* ps = packed_tile(s);
+#pragma unroll
+      for (int i = 0; i < kPackedCopies; ++i) {
+        __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
+        w_src[i] += kRowChunks;
+      }
+      if (threadIdx.x < kBN)
+        __pipeline_memcpy_async(const_cast<__half2*>(scale_tile(s)) + threadIdx.x, s_src, 4);
+      x_src += kBK;
+      s_src += 2;
+    }
+    __pipeline_commit();
+  };
+
+  // This thread's A operands: outputs r and r + 8 of the block's 128 (r below), k = 2 c + {0, 1} and
+  // + 8 of each k16 slice.
+  const int lane = threadIdx.x % 32, c4 = lane % 4;
+  const int r = (threadIdx.x / 128) * 64 + (threadIdx.x / 32 % 4) * 16 + lane / 4;
+  const uint32_t sel = Bits == 4 ? uint32_t(c4 | (c4 << 8)) : (c4 % 2 == 0 ? 0x4140u : 0x4342u);
+
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+
+#pragma unroll
+  for (int t = 0; t < kS - 1; ++t) issue(t);
+
+  for (int t = 0; t < tiles; ++t) {
+    __pipeline_wait_prior(kS - 2);  // tile t
+    lab::wgmma::FenceSharedWrites();
+    __syncthreads();  // tile t landed for every thread; every warpgroup is done with tile t - 1
+    issue(t + kS - 1);  // into tile t - 1's stage
+    const int s = t % kS;
+    uint32_t a[kBK / 16][4];  // 4 slices' A operands
+    const uint4* ps = packed_tile(s);
+    const __half2* ss = scale_tile(s);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows r (a0, a2) and r + 8 (a1, a3)
+      const int row = r + 8 * h;
+      const __half2 scales = ss[row];  // the tile's two groups
+      const __half2 low = __low2half2(scales), high = __high2half2(scales);
+      if constexpr (Bits == 4) {
+        // chunk c holds words 4c..4c+3: slices 2c (words 4c, 4c + 1) and 2c + 1
+        const uint4 c0 = ps[PackedChunk<4>(row, 0)], c1 = ps[PackedChunk<4>(row, 1)];
+        a[0][h] = Operand<4>(c0.x, sel, low), a[0][2 + h] = Operand<4>(c0.y, sel, low);
+        a[1][h] = Operand<4>(c0.z, sel, low), a[1][2 + h] = Operand<4>(c0.w, sel, low);
+        a[2][h] = Operand<4>(c1.x, sel, high), a[2][2 + h] = Operand<4>(c1.y, sel, high);
+        a[3][h] = Operand<4>(c1.z, sel, high), a[3][2 + h] = Operand<4>(c1.w, sel, high);
+      } else {
+#pragma unroll
+        for (int slice = 0; slice < kBK / 16; ++slice) {
+          // chunk `slice` holds the slice's 16 values in 4 words: words c / 2 and 2 + c / 2
+          const uint32_t* chunk = reinterpret_cast<const uint32_t*>(ps + PackedChunk<8>(row, slice));
+          const __half2 sc = slice < 2 ? low : high;
+          a[slice][h] = Operand<8>(chunk[c4 / 2], sel, sc);
+          a[slice][2 + h] = Operand<8>(chunk[2 + c4 / 2], sel, sc);
+        }
+      }
+    }
+    lab::wgmma::Fence();
+    const uint32_t x_address = smem_address + uint32_t(s * L::kStage);
+#pragma unroll
+    for (int slice = 0; slice < kBK / 16; ++slice)
+      lab::wgmma::MmaM64N128K16(acc, a[slice], lab::wgmma::SwizzledRowsDescriptor(x_address + 32u * slice));
+    lab::wgmma::Commit();
+    lab::wgmma::Wait<0>();  // the A registers and the stage are free again
+  }
+
+  // acc[4j + 2h + e] is out^T's (output r + 8h, row 8j + 2 c4 + e).
+  float* part = gridDim.z > 1 ? partial + (int64_t(blockIdx.z) * gridDim.x + blockIdx.x) * kWgBM * kBN : nullptr;
+#pragma unroll
+  for (int j = 0; j < kWgBM / 8; ++j) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int row = 8 * j + 2 * c4 + e, col = r + 8 * h;
+        const float v = acc[4 * j + 2 * h + e];
+        if (part != nullptr) {
+          part[row * kBN + col] = v;
+        } else if (m0 + row < m && n0 + col < n) {
+          out[int64_t(m0 + row) * n + n0 + col] = FromFloat<OutT>(v);
+        }
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
 // Where the fused kernel applies: whole tiles of K, outputs in fours (the split-K reduction's
 // vectors), x on a 16-byte boundary.
 bool FusedApplies(int64_t n, int64_t k, const void* x) {
@@ -403,14 +592,14 @@ struct Schedule {
   int splits = 1;
 };
 
-Schedule ScheduleFor(int64_t m, int64_t n, int64_t k, int64_t slots) {
-  const int mt = RowTiles(m);
-  const int64_t tiles = ((m + 16 * mt - 1) / (16 * mt)) * ((n + kBN - 1) / kBN);
+// bm: rows of x a block takes.
+Schedule ScheduleFor(int64_t m, int64_t n, int64_t k, int64_t slots, int64_t bm) {
+  const int64_t tiles = ((m + bm - 1) / bm) * ((n + kBN - 1) / kBN);
   Schedule plan;
   const int64_t rest = tiles % slots;
   plan.whole = tiles - rest;
   if (rest == 0) return plan;
-  const int64_t capacity = (n * k * 2) / (rest * 16 * mt * kBN * 4);  // splits whose sums fit the workspace
+  const int64_t capacity = (n * k * 2) / (rest * bm * kBN * 4);  // splits whose sums fit the workspace
   const int64_t splits = std::min<int64_t>({slots / rest, (k / kBK) / kMinTilesPerSplit, capacity, kMaxSplits});
   if (splits <= 1) {
     plan.whole = tiles;
@@ -423,12 +612,30 @@ Schedule ScheduleFor(int64_t m, int64_t n, int64_t k, int64_t slots) {
 
 // Resident blocks of a fused kernel on all SMs of `device` (lab::ResidentBlocks, which also allows
 // the kernel its dynamic shared memory).
-template <int Bits, int MT, typename OutT>
-int64_t Slots(int device) {
-  const int per_sm = lab::ResidentBlocks(reinterpret_cast<const void*>(GemmQuant<Bits, MT, OutT>), kThreadsOf<MT>,
-                                         Layout<Bits, MT>::kTotal);
+int64_t SlotsOf(const void* kernel, int threads, int smem, int device) {
+  const int per_sm = lab::ResidentBlocks(kernel, threads, smem);
   if (per_sm == 0) TVM_FFI_THROW(RuntimeError) << "lab.gemm: the fused kernel does not fit an SM";
   return int64_t(per_sm) * lab::Facts(device).sms;
+}
+
+// The fused kernel a call of m rows runs: GemmQuantWg (warpgroup MMA) from kWgFrom rows on a GPU of
+// compute capability 9.0 (whose code is built for sm_90a), else GemmQuant with as many m16 tiles of
+// rows as m needs.
+constexpr int64_t kWgFrom = 65;
+
+bool UsesWarpgroups(int64_t m, int device) {
+  const lab::DeviceFacts& facts = lab::Facts(device);
+  return m >= kWgFrom && facts.major == 9 && facts.minor == 0;
+}
+
+template <int Bits, typename OutT>
+const void* WgKernel() {
+  return reinterpret_cast<const void*>(GemmQuantWg<Bits, OutT>);
+}
+
+template <int Bits, int MT, typename OutT>
+const void* MmaKernel() {
+  return reinterpret_cast<const void*>(GemmQuant<Bits, MT, OutT>);
 }
 
 // f(std::integral_constant<int, MT>{}) for the m16 tiles of rows (MT) a block takes at m rows.
@@ -444,32 +651,49 @@ auto WithRowTiles(int64_t m, F&& f) {
 
 template <int Bits, typename OutT>
 Schedule ScheduleOn(int64_t m, int64_t n, int64_t k, int device) {
-  return WithRowTiles(m, [&](auto mt) { return ScheduleFor(m, n, k, Slots<Bits, decltype(mt)::value, OutT>(device)); });
+  if (UsesWarpgroups(m, device))
+    return ScheduleFor(m, n, k, SlotsOf(WgKernel<Bits, OutT>(), kWgThreads, WgLayout<Bits>::kTotal, device), kWgBM);
+  return WithRowTiles(m, [&](auto mt) {
+    constexpr int MT = decltype(mt)::value;
+    return ScheduleFor(m, n, k, SlotsOf(MmaKernel<Bits, MT, OutT>(), kThreadsOf<MT>, Layout<Bits, MT>::kTotal, device),
+                       16 * MT);
+  });
 }
 
-template <int Bits, int MT, typename OutT>
-void LaunchTiles(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
-                 int64_t k, int device, cudaStream_t stream) {
-  constexpr int smem = Layout<Bits, MT>::kTotal;
-  const Schedule plan = ScheduleFor(m, n, k, Slots<Bits, MT, OutT>(device));
-  const int row_tiles = int((m + 16 * MT - 1) / (16 * MT));
-  if (plan.whole > 0)
-    GemmQuant<Bits, MT, OutT><<<unsigned(plan.whole), kThreadsOf<MT>, smem, stream>>>(x, w, s, out, partial, int(m),
-                                                                                      int(n), int(k), 0, row_tiles);
+// The plan's launches: the whole tiles, the split ones and their reduction (rows: of a tile).
+template <typename OutT, typename LaunchTiles>
+void LaunchPlan(const Schedule& plan, float* partial, OutT* out, int64_t m, int64_t n, int rows, int row_tiles,
+                cudaStream_t stream, LaunchTiles&& launch) {
+  if (plan.whole > 0) launch(dim3(unsigned(plan.whole)), 0);
   if (plan.split > 0) {
-    GemmQuant<Bits, MT, OutT><<<dim3(unsigned(plan.split), 1, unsigned(plan.splits)), kThreadsOf<MT>, smem, stream>>>(
-        x, w, s, out, partial, int(m), int(n), int(k), int(plan.whole), row_tiles);
-    const int per_tile = 16 * MT * kBN / 4, threads = 256;
+    launch(dim3(unsigned(plan.split), 1, unsigned(plan.splits)), int(plan.whole));
+    const int per_tile = rows * kBN / 4, threads = 256;
     GemmQuantReduce<OutT><<<dim3(unsigned(plan.split), unsigned((per_tile + threads - 1) / threads)), threads, 0, stream>>>(
-        partial, out, int(m), int(n), 16 * MT, int(plan.whole), row_tiles, plan.splits);
+        partial, out, int(m), int(n), rows, int(plan.whole), row_tiles, plan.splits);
   }
 }
 
 template <int Bits, typename OutT>
 void LaunchFused(const __half* x, const uint32_t* w, const __half* s, OutT* out, float* partial, int64_t m, int64_t n,
                  int64_t k, int device, cudaStream_t stream) {
+  const Schedule plan = ScheduleOn<Bits, OutT>(m, n, k, device);
+  if (UsesWarpgroups(m, device)) {
+    constexpr int smem = WgLayout<Bits>::kTotal;
+    const int row_tiles = int((m + kWgBM - 1) / kWgBM);
+    LaunchPlan(plan, partial, out, m, n, kWgBM, row_tiles, stream, [&](dim3 grid, int tile_base) {
+      GemmQuantWg<Bits, OutT><<<grid, kWgThreads, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k),
+                                                                  tile_base, row_tiles);
+    });
+    return;
+  }
   WithRowTiles(m, [&](auto mt) {
-    LaunchTiles<Bits, decltype(mt)::value, OutT>(x, w, s, out, partial, m, n, k, device, stream);
+    constexpr int MT = decltype(mt)::value;
+    constexpr int smem = Layout<Bits, MT>::kTotal;
+    const int row_tiles = int((m + 16 * MT - 1) / (16 * MT));
+    LaunchPlan(plan, partial, out, m, n, 16 * MT, row_tiles, stream, [&](dim3 grid, int tile_base) {
+      GemmQuant<Bits, MT, OutT><<<grid, kThreadsOf<MT>, smem, stream>>>(x, w, s, out, partial, int(m), int(n), int(k),
+                                                                       tile_base, row_tiles);
+    });
   });
 }
 
@@ -487,15 +711,17 @@ bool RunsFused(int64_t m, int64_t n, int64_t k, const void* x, int device) {
          (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
 }
 
-// lab.gemm.quant_plan(m, n, k, bits) -> "dequant" | "fused: T tiles" | "fused: T tiles whole, R with
-// K split s ways": what a call (float16 out) runs on the current device under the current path.
+// lab.gemm.quant_plan(m, n, k, bits) -> "dequant" | "fused (K): T tiles" | "fused (K): T tiles whole, R
+// with K split s ways" (K: wgmma or mma.sync, the kernel): what a call (float16 out) runs on the
+// current device under the current path.
 tvm::ffi::String DescribePlan(int64_t m, int64_t n, int64_t k, int64_t bits) {
   if (bits != 4 && bits != 8) TVM_FFI_THROW(ValueError) << "lab.gemm.quant_plan: bits must be 4 or 8";
   int device = 0;
   LAB_CHECK_CUDA(cudaGetDevice(&device));
   if (!RunsFused(m, n, k, nullptr, device)) return tvm::ffi::String("dequant");
   const Schedule plan = bits == 4 ? ScheduleOn<4, __half>(m, n, k, device) : ScheduleOn<8, __half>(m, n, k, device);
-  std::string text = "fused: " + std::to_string(plan.whole) + " tiles";
+  std::string text = std::string(UsesWarpgroups(m, device) ? "fused (wgmma)" : "fused (mma.sync)") + ": " +
+                     std::to_string(plan.whole) + " tiles";
   if (plan.split > 0)
     text += (plan.whole > 0 ? " whole, " : ", ") + std::to_string(plan.split) + " with K split " +
             std::to_string(plan.splits) + " ways";
