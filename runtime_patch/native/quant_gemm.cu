@@ -2,13 +2,14 @@
 //
 // lab.gemm.q4 / lab.gemm.q8 (x, q_weight, q_scale, out, workspace): out [.., N] = x [.., K] W^T for
 // a q4f16_1 / q8f16_1 weight W, by one of two paths:
-// - "fused" (a prompt of up to kFusedUpTo rows): one tensor-core kernel that reads the packed
-//   weight and dequantizes it into the mma's operand registers (GemmQuant below): the float16
-//   weight is never written to memory.
+// - "fused" (a prompt of up to kFusedUpTo rows, kWgFusedUpTo on sm_90): one tensor-core kernel that
+//   reads the packed weight and dequantizes it into the mma's operand registers: the float16
+//   weight is never written to memory. GemmQuant (mma.sync) up to 64 rows and on GPUs other than
+//   sm_90; GemmQuantWg (Hopper's warpgroup MMA, the weight as its A operand) from 65 rows on sm_90.
 // - "dequant" (longer prompts, and shapes the fused kernel does not take): the whole weight
 //   dequantized into `workspace` [N, K] float16 (Dequantize), then cuBLAS (lab::CublasGemmNT).
-//   Where the GEMM's arithmetic is much larger than the weight, cuBLAS's wgmma kernels outrun an
-//   mma.sync kernel by more than the dequantize pass costs.
+//   Where the GEMM's arithmetic is much larger than the weight, cuBLAS's kernels outrun ours by
+//   more than the dequantize pass costs.
 // Both compute with the same float16 weights, (q - m) * scale rounded once (m = 7 or 127), and
 // float32 sums. The workspace is an output of the call in the compiled graph (allocated by TVM's
 // memory plan, as the dequantized weight always was); the fused path keeps its split-K partial
@@ -134,9 +135,12 @@ void LaunchDequantize(const uint32_t* w, const __half* scale, __half* out, int64
 constexpr int kBN = 128, kBK = 64;
 constexpr int kStages = 4;
 constexpr int kChunks = kBK / 8;  // 16-byte chunks of a shared x row
-// Where the fused path applies (up to this many rows; above, dequant + cuBLAS). Set from
-// bench.prefill_gemm on an H200 (docs/BENCHMARKS.md).
+// Where the fused path applies (up to this many rows; above, dequant + cuBLAS): the mma.sync kernel
+// up to 128 rows, the warpgroup one (GemmQuantWg, on sm_90) up to 256. Set from bench.prefill_gemm
+// on an H200 (docs/BENCHMARKS.md: at 256 rows the warpgroup kernel took 289 us a Llama-3-8B layer
+// against 362 for dequant + cuBLAS; at 512, 558 against 484).
 constexpr int64_t kFusedUpTo = 128;
+constexpr int64_t kWgFusedUpTo = 256;
 constexpr int kMaxSplits = 16;
 constexpr int kMinTilesPerSplit = 8;
 
@@ -623,10 +627,12 @@ int64_t SlotsOf(const void* kernel, int threads, int smem, int device) {
 // rows as m needs.
 constexpr int64_t kWgFrom = 65;
 
-bool UsesWarpgroups(int64_t m, int device) {
+bool HasWarpgroupKernel(int device) {
   const lab::DeviceFacts& facts = lab::Facts(device);
-  return m >= kWgFrom && facts.major == 9 && facts.minor == 0;
+  return facts.major == 9 && facts.minor == 0;
 }
+
+bool UsesWarpgroups(int64_t m, int device) { return m >= kWgFrom && HasWarpgroupKernel(device); }
 
 template <int Bits, typename OutT>
 const void* WgKernel() {
@@ -707,8 +713,9 @@ std::atomic<int> g_path{int(Path::kAuto)};
 // Whether a call of m rows of x (at address x) against an n x k weight runs fused on `device`.
 bool RunsFused(int64_t m, int64_t n, int64_t k, const void* x, int device) {
   const Path path = Path(g_path.load());
+  const int64_t up_to = HasWarpgroupKernel(device) ? kWgFusedUpTo : kFusedUpTo;
   return FusedApplies(n, k, x) && lab::Facts(device).major >= 8 &&
-         (path == Path::kFused || (path == Path::kAuto && m <= kFusedUpTo));
+         (path == Path::kFused || (path == Path::kAuto && m <= up_to));
 }
 
 // lab.gemm.quant_plan(m, n, k, bits) -> "dequant" | "fused (K): T tiles" | "fused (K): T tiles whole, R
