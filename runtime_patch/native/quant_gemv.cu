@@ -219,7 +219,7 @@ constexpr int kMinBlocks =
     Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
-template <int Bits, int kRows, int P, bool Swiglu, bool Ahead, typename OutT>
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
@@ -242,9 +242,10 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   if (!fusion.early) copy_x();
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
-  // A round's weight and scale loads (the lane's groups g0 + 32 p of each of its rows).
-  const auto load = [&](int round, uint4(&words)[P][kRows][L], __half(&scales)[P][kRows]) {
+  for (int round = 0; round < rounds; ++round) {
     const int g0 = round * 32 * P + lane;
+    uint4 words[P][kRows][L];
+    __half scales[P][kRows];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int g = g0 + 32 * p;
@@ -258,22 +259,18 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
         }
       }
     }
-  };
-  // x into shared memory, ready (after the first round's weight loads are issued).
-  const auto prepare_x = [&] {
-    if (fusion.early) {
-      // the weights and scales are constants: the first loads are in flight before the previous
-      // kernel, whose output x is, has finished
-      lab::WaitForPrevious();
-      copy_x();
+    if (round == 0) {
+      if (fusion.early) {
+        // the weights and scales are constants: the first round's loads are in flight before the
+        // previous kernel, whose output x is, has finished
+        lab::WaitForPrevious();
+        copy_x();
+      }
+      __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
+      PrepareX<Bits>(x_shared, k);
+      __syncthreads();  // x is ready in shared memory
     }
-    __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
-    PrepareX<Bits>(x_shared, k);
-    __syncthreads();  // x is ready in shared memory
-  };
-  // A round's products (an active warp's).
-  const auto compute = [&](int round, const uint4(&words)[P][kRows][L], const __half(&scales)[P][kRows]) {
-    const int g0 = round * 32 * P + lane;
+    if (!active) continue;
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       const int g = g0 + 32 * p;
@@ -296,29 +293,6 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 #pragma unroll
         for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
       }
-    }
-  };
-  if constexpr (!Ahead) {
-    for (int round = 0; round < rounds; ++round) {
-      uint4 words[P][kRows][L];
-      __half scales[P][kRows];
-      load(round, words, scales);
-      if (round == 0) prepare_x();
-      if (active) compute(round, words, scales);
-    }
-  } else {
-    // two sets of registers: a round's loads are issued before the round ahead of it is computed
-    uint4 words_a[P][kRows][L], words_b[P][kRows][L];
-    __half scales_a[P][kRows], scales_b[P][kRows];
-    load(0, words_a, scales_a);
-    if (rounds > 1) load(1, words_b, scales_b);
-    prepare_x();
-    for (int round = 0; round < rounds; round += 2) {
-      if (active) compute(round, words_a, scales_a);
-      if (round + 2 < rounds) load(round + 2, words_a, scales_a);
-      if (round + 1 >= rounds) break;
-      if (active) compute(round + 1, words_b, scales_b);
-      if (round + 3 < rounds) load(round + 3, words_b, scales_b);
     }
   }
   if (!active) return;
@@ -374,9 +348,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Swiglu, typename OutT, bool Ahead = false>
+template <int Bits, int R, int P, bool Swiglu, typename OutT>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, Ahead, OutT>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -407,10 +381,7 @@ Shape Choose(int64_t n, int64_t k, int smem, int device) {
   for (int i = 0; i < count; ++i)
     if (candidates[i].rows == wanted) return take(candidates[i]);
   // candidates[0]: q4's 4-row kernel, q8's 2-row one; candidates[1]: q4's 2-row one
-  if (Bits == 4 && Swiglu) return take(candidates[1]);
-  if constexpr (Bits == 4 && !Swiglu) {
-    if (per_lane > 8) return take(ShapeOf<Bits, 2, 4, Swiglu, OutT, true>());
-  }
+  if (Bits == 4 && (Swiglu || per_lane > 8)) return take(candidates[1]);
   if ((Bits == 4 && n >= kQ4WideFrom) || (Bits == 8 && (!few || n > kQ8WideFrom))) return take(candidates[0]);
   const int sms = lab::Facts(device).sms;
   Shape best = candidates[count - 1];
