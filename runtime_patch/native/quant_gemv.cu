@@ -239,7 +239,10 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     __pipeline_commit();
   };
   lab::AllowNext();  // only a kernel launched early takes it up (the *_early GEMVs, the static decode attention)
-  if (!fusion.early) copy_x();
+  if (!fusion.early) {
+    lab::WaitForPrevious();  // launched after the previous kernel has let it start: nothing before this
+    copy_x();
+  }
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
   for (int round = 0; round < rounds; ++round) {
@@ -412,12 +415,8 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
-  if (fusion.early) {
-    LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
-                                            lab::Facts(device).major));
-  } else {
-    LAB_CHECK_CUDA(cudaLaunchKernel(shape.kernel, dim3(blocks), dim3(kWarps * 32), args, size_t(smem), stream));
-  }
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
+                                          lab::Facts(device).major));
 }
 
 // What a registered function fuses (runtime_patch/functions.py GEMV_FUSIONS), and its name.

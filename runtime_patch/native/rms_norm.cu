@@ -47,6 +47,7 @@ __global__ void __launch_bounds__(kNormThreads) RmsNormRows(const uint4* __restr
   constexpr int N = Lanes<T>::N;
   const int64_t first = int64_t(blockIdx.x) * row_vectors;
   uint4 v[kNormVectors], w[kNormVectors];
+  lab::AllowNext();  // the GEMV after it may launch now (it waits for this norm before reading anything)
 #pragma unroll
   for (int k = 0; k < kNormVectors; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
