@@ -62,8 +62,9 @@ def test_cublas_plugin_missing_cublas_names_the_fix(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(CUDA_PLUGINS))
 def test_cuda_plugin_compiles_where_cublas_and_nvcc_are(tmp_path, monkeypatch, name):
-    """The CUDA plugins: kernels by nvcc for sm_80 and sm_90 (+ PTX), linked against cuBLAS, and
-    every function the registry says the plugin provides."""
+    """The CUDA plugins: kernels by nvcc for sm_80 and sm_90a (the prefill GEMM's warpgroup MMA needs
+    the arch-specific target) + compute_90 PTX, linked against cuBLAS, and every function the
+    registry says the plugin provides."""
     symbols = [n.encode() for n, plugin in functions.PLUGIN.items() if plugin == name]
     assert symbols
     try:
@@ -72,7 +73,7 @@ def test_cuda_plugin_compiles_where_cublas_and_nvcc_are(tmp_path, monkeypatch, n
         pytest.skip(f"cannot build the {name} plugin here: {e}")
     monkeypatch.setenv("LAB_PLUGIN_DIR", str(tmp_path))
     blob = build(name).read_bytes()
-    assert all(symbol in blob for symbol in symbols) and b"sm_90" in blob
+    assert all(symbol in blob for symbol in symbols) and b"sm_80" in blob and b"sm_90a" in blob
 
 
 def test_every_library_function_has_a_plugin_and_a_cpu_version():

@@ -25,6 +25,15 @@
 // nothing, and its x (copied after its weight loads are issued, behind them) arrives later
 // (bench.gemv, 2026-12-01: q4 o 5.4 -> 6.1 us).
 //
+// The other GEMVs (lab.gemv.q4, q4_add, q4_swiglu, q8's) are launched the same way but wait for
+// the kernel ahead before anything (lab::WaitForPrevious first): after the library RMSNorm, which
+// lets its successor launch at once, the qkv and gate_up GEMVs' blocks are resident when the norm
+// ends, and their launch latency is gone (q4f16_1 600.9-601.3 -> 606.7-606.9 tokens/s, q8f16_1
+// 397.0-397.3 -> 400.0-401.0, one call on an H200, docs/BENCHMARKS.md eleventh round). Their
+// weight loads stay after the wait: issued before it, the first 1 or 2 of 4 groups a lane, the
+// step got slower (494.7 and 578.5 tokens/s against 609.6), and so did an L2 prefetch of the
+// weights before the wait (585).
+//
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
 // otherwise the rule), for the benchmarks (bench.gemv --rows).
@@ -204,9 +213,10 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
 // 8 us in the model). An early GEMV (fusion.early, launched by lab::LaunchAfterPrevious) issues
 // its first round's weight loads before lab::WaitForPrevious, then x's copy (the previous kernel's
-// output); every write comes after. Every GEMV lets its successor start at once (lab::AllowNext):
-// the kernels launched early take it up (the down projection's GEMV after gate_up's, the static
-// decode attention after the qkv projection's), any other waits for the GEMV as it always did.
+// output); every write comes after; any other GEMV waits for the kernel ahead before it copies x.
+// Every GEMV lets its successor start at once (lab::AllowNext): the kernels launched early take it
+// up (the down projection's GEMV after gate_up's, the static decode attention after the qkv
+// projection's), any other waits for the GEMV as it always did.
 // Registers: q4's one-row kernels at most 64 (4 blocks an SM: a 4096-row GEMV is one wave), its
 // two-row SwiGLU kernel of 4 groups a round at most 85 (3 blocks an SM: 78 used, no spills;
 // Llama-3-8B's gate_up 20.7 us in a graph against 22.5 with 4 rows a warp at 2 blocks; the plain

@@ -12,7 +12,8 @@
 // kernel is launched while the kernel ahead (a GEMV, which allows it) still runs
 // (lab::LaunchAfterPrevious): its block loads the weight (a constant) before lab::WaitForPrevious,
 // the row (the GEMV's output) after, so the norm's launch and its first round trip hide under the
-// GEMV's last blocks.
+// GEMV's last blocks. It lets its own successor launch at once (lab::AllowNext): the qkv and gate_up
+// GEMVs after it, which wait for it before anything (quant_gemv.cu), are resident when it ends.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
