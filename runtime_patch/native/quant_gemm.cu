@@ -193,6 +193,70 @@ __device__ __forceinline__ void StorePair<float>(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);
 }
 
+// A block's copies of its K tiles into the pipeline's stages (cp.async, every thread), shared by
+// both fused kernels: x's tile of kBM rows (rows past m zero-filled) at Offset's places, the packed
+// weight tile of kBN rows (rows past n repeat the last; their products are not stored) at
+// PackedChunk's, and the tile's two groups' scales of each row. A thread's copies keep their places
+// from tile to tile: x's rows tid / 8 + R i at chunk tid % 8 (R = threads / 8, a multiple of 8: the
+// chunk permutation repeats), the packed rows (tid + threads i) / kRowChunks, row tid's scales; the
+// sources advance a tile a call.
+template <int Bits, int kThreads, int kBM>
+struct TileCopies {
+  static constexpr int kRowChunks = kBK * Bits / 8 / 16;  // 16-byte chunks of a packed tile row: 2 (q4), 4 (q8)
+  static constexpr int kXCopies = (kBM * kChunks + kThreads - 1) / kThreads;
+  static constexpr int kXRowsPerCopy = kThreads / kChunks;
+  static constexpr int kPackedCopies = kBN * kRowChunks / kThreads;
+  static_assert(kThreads >= kBN, "a thread copies one output row's scales");
+  static_assert(kXRowsPerCopy % 8 == 0, "x's copies keep their chunk permutation");
+
+  const __half* x_src;
+  int x_dst, x_rows_left;  // copy i is inside where R i < x_rows_left
+  int k;
+  const uint4* w_src[kPackedCopies];
+  int w_dst[kPackedCopies];
+  const __half* s_src;
+
+  // Tiles tile0.. of the block's output rows m0.. (of m) and outputs n0.. (of n).
+  __device__ TileCopies(const __half* x, const uint32_t* w, const __half* scale, int m, int n, int k_, int m0, int n0,
+                        int tile0)
+      : k(k_) {
+    const int x_row = threadIdx.x / kChunks, x_chunk = threadIdx.x % kChunks;
+    x_rows_left = m - m0 - x_row;
+    x_src = x + int64_t(m0 + (x_rows_left > 0 ? x_row : 0)) * k + int64_t(tile0) * kBK + x_chunk * 8;
+    x_dst = Offset(x_row, x_chunk);
+    const int64_t row_words = int64_t(k) * Bits / 32;
+#pragma unroll
+    for (int i = 0; i < kPackedCopies; ++i) {
+      const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, chunk = c % kRowChunks;
+      w_src[i] = reinterpret_cast<const uint4*>(w + int64_t(min(n0 + r, n - 1)) * row_words) + int64_t(tile0) * kRowChunks +
+                 chunk;
+      w_dst[i] = PackedChunk<Bits>(r, chunk);
+    }
+    s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
+  }
+
+  // The next tile into a stage's parts: x's tile, the packed weight tile, the scales [kBN][2]
+  // (committed by the caller).
+  __device__ __forceinline__ void Issue(__half* xs, uint4* ps, __half* ss) {
+#pragma unroll
+    for (int i = 0; i < kXCopies; ++i) {
+      if (kXCopies * kThreads == kBM * kChunks || threadIdx.x + i * kThreads < kBM * kChunks) {
+        const bool inside = kXRowsPerCopy * i < x_rows_left;
+        __pipeline_memcpy_async(xs + x_dst + i * kXRowsPerCopy * kBK,
+                                x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPackedCopies; ++i) {
+      __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
+      w_src[i] += kRowChunks;
+    }
+    if (kThreads == kBN || threadIdx.x < kBN) __pipeline_memcpy_async(ss + 2 * threadIdx.x, s_src, 4);
+    x_src += kBK;
+    s_src += 2;
+  }
+};
+
 // A block's shape by its m16 tiles of rows (MT): up to 4, 4 warps of 32 outputs each; at 8 (65-128
 // rows), 8 warps of 16 outputs, each weight dequantized once for all 128 rows with 64 accumulators a
 // lane. (Measured the same as two blocks of 64 rows, which dequantize every weight twice: 245 us a
@@ -218,9 +282,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
           OutT* __restrict__ out, float* __restrict__ partial, int m, int n, int k, int tile_base, int row_tiles) {
   using L = Layout<Bits, MT>;
   constexpr int kThreads = kThreadsOf<MT>, NJ = kNJ<MT>, kWarpCols = 8 * NJ;
-  static_assert(kThreads >= kBN, "a thread copies one output row's scales");
   constexpr int kBM = 16 * MT;
-  constexpr int kRowChunks = L::kRowChunks;
   extern __shared__ __align__(16) unsigned char smem[];
   const int q = tile_base + int(blockIdx.x);
   const int m0 = (q % row_tiles) * kBM, n0 = (q / row_tiles) * kBN;
@@ -228,57 +290,18 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int all_tiles = k / kBK;
   const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
   const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
-  const int64_t row_words = int64_t(k) * Bits / 32;
 
   // Stage s's parts: x's tile, the packed weight tile, its scales.
   auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
   auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
   auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
 
-  // Tile t (of this split) into stage t % kStages: x's rows past m zero-filled, weight rows past n
-  // repeat the last (their products are not stored). Every call commits a group (maybe empty). A
-  // thread's copies keep their places from tile to tile: x's rows tid / 8 + R i at chunk tid % 8 (R
-  // = threads / 8), the packed rows (tid + threads i) / kRowChunks, row tid's scales; the sources
-  // advance a tile a call.
-  constexpr int kXCopies = (kBM * kChunks + kThreads - 1) / kThreads;
-  constexpr int kXRowsPerCopy = kThreads / kChunks;  // a multiple of 8: the chunk permutation repeats
-  constexpr int kPackedCopies = kBN * kRowChunks / kThreads;
-  const int x_row = threadIdx.x / kChunks, x_chunk = threadIdx.x % kChunks;
-  const int x_rows_left = m - m0 - x_row;  // copy i is inside where R i < x_rows_left
-  const __half* x_src = x + int64_t(m0 + (x_rows_left > 0 ? x_row : 0)) * k + int64_t(tile0) * kBK + x_chunk * 8;
-  const int x_dst = Offset(x_row, x_chunk);  // + i * R * kBK for copy i
-  const uint4* w_src[kPackedCopies];
-  int w_dst[kPackedCopies];
-#pragma unroll
-  for (int i = 0; i < kPackedCopies; ++i) {
-    const int c = threadIdx.x + i * kThreads, r = c / kRowChunks, chunk = c % kRowChunks;
-    w_src[i] = reinterpret_cast<const uint4*>(w + int64_t(min(n0 + r, n - 1)) * row_words) + int64_t(tile0) * kRowChunks +
-               chunk;
-    w_dst[i] = PackedChunk<Bits>(r, chunk);
-  }
-  const __half* s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
+  // Tile t (of this split) into stage t % kStages; every call commits a group (maybe empty).
+  TileCopies<Bits, kThreads, kBM> copies(x, w, scale, m, n, k, m0, n0, tile0);
   auto issue = [&](int t) {
     if (t < tiles) {
       const int s = t % kStages;
-      __half* xs = x_tile(s);
-#pragma unroll
-      for (int i = 0; i < kXCopies; ++i) {
-        if (kXCopies * kThreads == kBM * kChunks || threadIdx.x + i * kThreads < kBM * kChunks) {
-          const bool inside = kXRowsPerCopy * i < x_rows_left;
-          __pipeline_memcpy_async(xs + x_dst + i * kXRowsPerCopy * kBK,
-                                  x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
-        }
-      }
-      uint4* ps = packed_tile(s);
-#pragma unroll
-      for (int i = 0; i < kPackedCopies; ++i) {
-        __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
-        w_src[i] += kRowChunks;
-      }
-      if (kThreads == kBN || threadIdx.x < kBN)
-        __pipeline_memcpy_async(scale_tile(s) + 2 * threadIdx.x, s_src, 4);
-      x_src += kBK;
-      s_src += 2;
+      copies.Issue(x_tile(s), packed_tile(s), scale_tile(s));
     }
     __pipeline_commit();
   };
@@ -439,7 +462,6 @@ GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const 
 #if LAB_WGMMA
   using L = WgLayout<Bits>;
   constexpr int kS = kWgStages<Bits>;
-  constexpr int kRowChunks = L::kRowChunks;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_address = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t pad = (1024u - raw_address % 1024u) % 1024u;
@@ -450,51 +472,18 @@ GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const 
   const int all_tiles = k / kBK;
   const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
   const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
-  const int64_t row_words = int64_t(k) * Bits / 32;
 
+  // Stage s's parts: x's tile, the packed weight tile, its scales.
   auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
   auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
-  auto scale_tile = [&](int s) { return reinterpret_cast<const __half2*>(smem + s * L::kStage + L::kX + L::kPacked); };
+  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
 
-  // The copies, as GemmQuant's: x's rows tid / 8 + 32 i at chunk tid % 8 (rows past m zero-filled),
-  // the packed rows (tid + 256 i) / kRowChunks, row tid's two scales; every call commits a group.
-  constexpr int kXCopies = kWgBM * kChunks / kWgThreads;
-  constexpr int kXRowsPerCopy = kWgThreads / kChunks;
-  constexpr int kPackedCopies = kBN * kRowChunks / kWgThreads;
-  const int x_row = threadIdx.x / kChunks, x_chunk = threadIdx.x % kChunks;
-  const int x_rows_left = m - m0 - x_row;
-  const __half* x_src = x + int64_t(m0 + (x_rows_left > 0 ? x_row : 0)) * k + int64_t(tile0) * kBK + x_chunk * 8;
-  const int x_dst = Offset(x_row, x_chunk);
-  const uint4* w_src[kPackedCopies];
-  int w_dst[kPackedCopies];
-#pragma unroll
-  for (int i = 0; i < kPackedCopies; ++i) {
-    const int c = threadIdx.x + i * kWgThreads, r = c / kRowChunks, chunk = c % kRowChunks;
-    w_src[i] = reinterpret_cast<const uint4*>(w + int64_t(min(n0 + r, n - 1)) * row_words) + int64_t(tile0) * kRowChunks +
-               chunk;
-    w_dst[i] = PackedChunk<Bits>(r, chunk);
-  }
-  const __half* s_src = scale + int64_t(min(n0 + int(threadIdx.x) % kBN, n - 1)) * (k / 32) + 2 * tile0;
+  // Tile t (of this split) into stage t % kS; every call commits a group (maybe empty).
+  TileCopies<Bits, kWgThreads, kWgBM> copies(x, w, scale, m, n, k, m0, n0, tile0);
   auto issue = [&](int t) {
     if (t < tiles) {
       const int s = t % kS;
-      __half* xs = x_tile(s);
-#pragma unroll
-      for (int i = 0; i < kXCopies; ++i) {
-        const bool inside = kXRowsPerCopy * i < x_rows_left;
-        __pipeline_memcpy_async(xs + x_dst + i * kXRowsPerCopy * kBK,
-                                x_src + (inside ? int64_t(kXRowsPerCopy * i) * k : 0), 16, inside ? 0 : 16);
-      }
-      uint4* ps = packed_tile(s);
-#pragma unroll
-      for (int i = 0; i < kPackedCopies; ++i) {
-        __pipeline_memcpy_async(ps + w_dst[i], w_src[i], 16);
-        w_src[i] += kRowChunks;
-      }
-      if (threadIdx.x < kBN)
-        __pipeline_memcpy_async(const_cast<__half2*>(scale_tile(s)) + threadIdx.x, s_src, 4);
-      x_src += kBK;
-      s_src += 2;
+      copies.Issue(x_tile(s), packed_tile(s), scale_tile(s));
     }
     __pipeline_commit();
   };
@@ -520,7 +509,7 @@ GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const 
     const int s = t % kS;
     uint32_t a[kBK / 16][4];  // 4 slices' A operands
     const uint4* ps = packed_tile(s);
-    const __half2* ss = scale_tile(s);
+    const __half2* ss = reinterpret_cast<const __half2*>(scale_tile(s));  // a row's two groups
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows r (a0, a2) and r + 8 (a1, a3)
       const int row = r + 8 * h;
