@@ -108,4 +108,7 @@ def summarize(samples: list[RunSample], build, weight_bytes: int, embed_bytes: i
         out["memory_bandwidth_bytes_per_s"] = bandwidth
         out["roofline_step_s"] = per_step / bandwidth
         out["roofline_fraction"] = stats.roofline_fraction(per_step, bandwidth, float(np.median(itl)))
+        note = stats.roofline_note(out["roofline_fraction"], bandwidth)
+        if note is not None:
+            out["roofline_note"] = note
     return out

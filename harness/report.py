@@ -114,6 +114,18 @@ def summary_of(points: list[Point], summary_extra: dict | None = None) -> dict:
 Figure = tuple[str, Callable]  # (file name, function(path) that writes it)
 
 
+def notes_of(points: list[Point]) -> str | None:
+    """The summary's Notes: each point's `note` and `roofline_note` (one line where every point has
+    the same), None where there are none."""
+    notes = {p.label: "; ".join(n for n in (p.summary.get("note"), p.summary.get("roofline_note")) if n)
+             for p in points if p.summary.get("note") or p.summary.get("roofline_note")}
+    if not notes:
+        return None
+    if len(set(notes.values())) == 1 and len(notes) == len(points):
+        return next(iter(notes.values()))
+    return "\n".join(f"- {label}: {note}" for label, note in notes.items())
+
+
 def write_report(run_dir: RunDir, title: str, config: dict, points: list[Point], *,
                  columns=BASE_COLUMNS, sections: list[tuple[str, str]] = (), summary_extra: dict | None = None,
                  extra: dict | None = None, figures: list[Figure] = ()) -> str:
@@ -162,11 +174,9 @@ def write_report(run_dir: RunDir, title: str, config: dict, points: list[Point],
     doc_sections += list(sections)
     if where is not None:
         doc_sections.append(("Where the time goes", where[0]))
-    notes = {p.label: p.summary["note"] for p in good if p.summary.get("note")}
+    notes = notes_of(good)
     if notes:
-        same = len(set(notes.values())) == 1 and len(notes) == len(good)
-        doc_sections.append(("Notes", next(iter(notes.values())) if same
-                             else "\n".join(f"- {label}: {note}" for label, note in notes.items())))
+        doc_sections.append(("Notes", notes))
     if written:
         doc_sections.append(("Files", "results.json, " + ", ".join(written)
                              + (" (open trace.json in chrome://tracing or https://ui.perfetto.dev)"

@@ -36,3 +36,14 @@ def roofline_fraction(bytes_per_token: float, bandwidth_bytes_per_s: float,
         if not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
     return float(bytes_per_token / bandwidth_bytes_per_s / seconds_per_token)
+
+
+def roofline_note(fraction: float, bandwidth_bytes_per_s: float) -> str | None:
+    """What a reader must know about a roofline fraction above 1 (the decode steps moved their bytes
+    faster than the run's copy-bandwidth probe did: the probe ran low, and every fraction of that
+    run is too high by the same factor); None for a fraction of at most 1."""
+    if not fraction > 1.0:
+        return None
+    return (f"roofline fraction {fraction:.2f} is above 1: this run's copy-bandwidth probe "
+            f"({bandwidth_bytes_per_s / 1e12:.2f} TB/s) ran below what the decode steps moved, so its "
+            "fractions are too high; compare them only with runs whose probe measured the same")

@@ -146,6 +146,23 @@ def test_summarize_single_sample_and_bad_input():
         stats.summarize([1.0, float("nan")])
 
 
+def test_roofline_note_only_above_one():
+    assert stats.roofline_note(0.93, 3.9e12) is None and stats.roofline_note(1.0, 3.9e12) is None
+    note = stats.roofline_note(1.02, 3.63e12)
+    assert "1.02" in note and "3.63 TB/s" in note and "probe" in note
+
+
+def test_notes_carry_each_points_note_and_roofline_note():
+    from harness.report import Point, notes_of
+
+    high = stats.roofline_note(1.02, 3.63e12)
+    a, b = Point("q0f16", {}, summary={"roofline_note": high}), Point("q4f16_1", {}, summary={})
+    assert notes_of([b]) is None
+    assert notes_of([a]) == high
+    c = Point("q8f16_1", {}, summary={"note": "ran as pipeline", "roofline_note": high})
+    assert notes_of([a, b, c]) == f"- q0f16: {high}\n- q8f16_1: ran as pipeline; {high}"
+
+
 def test_roofline_fraction():
     # 16 GB per token at 4 TB/s is a 4 ms floor; 5 ms measured is 80% of roofline.
     assert stats.roofline_fraction(16e9, 4e12, 5e-3) == pytest.approx(0.8)
