@@ -1560,8 +1560,7 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
     attribute[0].val.clusterDim.z = 1;
     // launched while the kernel before it (the qkv projection's GEMV, which allows it) still runs:
     // the kernels load what that kernel does not write, then lab::WaitForPrevious
-    attribute[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute[1].val.programmaticStreamSerializationAllowed = 1;
+    attribute[1] = lab::AfterPreviousAttribute();
     config.attrs = attribute;
     config.numAttrs = 2;
     const ClusterKernel kernel = tensor_cores ? ForShape<MmaPick>(s.d, group) : ForShape<ClusterPick>(s.d, group);

@@ -144,11 +144,18 @@ T* Data(const DLTensor* t) {
 // does not lets the successor start only as its own blocks exit. In a captured CUDA graph the
 // dependency becomes a programmatic edge. On older GPUs the attribute is left out and both device
 // calls are no-ops.
+// The launch attribute that makes a launch one of these (for launches that need other attributes
+// beside it, e.g. a thread-block cluster's).
+inline cudaLaunchAttribute AfterPreviousAttribute() {
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  return attribute;
+}
+
 inline cudaError_t LaunchAfterPrevious(const void* kernel, dim3 grid, dim3 block, size_t shared_bytes,
                                        cudaStream_t stream, void** args, int device_major) {
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attribute[1] = {AfterPreviousAttribute()};
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
