@@ -257,6 +257,43 @@ struct TileCopies {
   }
 };
 
+// A block's K tiles, those of its split (blockIdx.z of gridDim.z: the split launch of Schedule,
+// below), and the ring of kStages pipeline stages they go through, each laid out as L (L::kX bytes
+// of x's tile, then L::kPacked of the packed tile, then the scales) from `smem` on.
+template <int Bits, int kThreads, int kBM, typename L, int kStages>
+struct TileRing {
+  unsigned char* smem;
+  int tiles;  // of this split
+  TileCopies<Bits, kThreads, kBM> copies;
+
+  // The tiles of the block's output rows m0.. (of m) and outputs n0.. (of n).
+  __device__ TileRing(unsigned char* smem_, const __half* x, const uint32_t* w, const __half* scale, int m, int n, int k,
+                      int m0, int n0)
+      : smem(smem_), tiles(SplitStart(k, blockIdx.z + 1) - SplitStart(k, blockIdx.z)),
+        copies(x, w, scale, m, n, k, m0, n0, SplitStart(k, blockIdx.z)) {}
+
+  // The first tile of split z (of gridDim.z; z = gridDim.z: the end).
+  static __device__ __forceinline__ int SplitStart(int k, unsigned z) {
+    return int(int64_t(k / kBK) * z / gridDim.z);
+  }
+
+  // Stage s's parts: x's tile, the packed weight tile, its scales.
+  __device__ __forceinline__ __half* X(int s) const { return reinterpret_cast<__half*>(smem + s * L::kStage); }
+  __device__ __forceinline__ uint4* Packed(int s) const { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); }
+  __device__ __forceinline__ __half* Scales(int s) const {
+    return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked);
+  }
+
+  // Tile t (of this split) into stage t % kStages; every call commits a group (maybe empty).
+  __device__ __forceinline__ void Issue(int t) {
+    if (t < tiles) {
+      const int s = t % kStages;
+      copies.Issue(X(s), Packed(s), Scales(s));
+    }
+    __pipeline_commit();
+  }
+};
+
 // A block's shape by its m16 tiles of rows (MT): up to 4, 4 warps of 32 outputs each; at 8 (65-128
 // rows), 8 warps of 16 outputs, each weight dequantized once for all 128 rows with 64 accumulators a
 // lane. (Measured the same as two blocks of 64 rows, which dequantize every weight twice: 245 us a
@@ -287,24 +324,7 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int q = tile_base + int(blockIdx.x);
   const int m0 = (q % row_tiles) * kBM, n0 = (q / row_tiles) * kBN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int all_tiles = k / kBK;
-  const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
-  const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
-
-  // Stage s's parts: x's tile, the packed weight tile, its scales.
-  auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
-  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
-  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
-
-  // Tile t (of this split) into stage t % kStages; every call commits a group (maybe empty).
-  TileCopies<Bits, kThreads, kBM> copies(x, w, scale, m, n, k, m0, n0, tile0);
-  auto issue = [&](int t) {
-    if (t < tiles) {
-      const int s = t % kStages;
-      copies.Issue(x_tile(s), packed_tile(s), scale_tile(s));
-    }
-    __pipeline_commit();
-  };
+  TileRing<Bits, kThreads, kBM, L, kStages> ring(smem, x, w, scale, m, n, k, m0, n0);
 
   // This lane's B operands: output rows warp * 8 NJ + j * 8 + lane / 4 (j < NJ), k = 2 t + {0, 1}
   // and + 8 of each slice (t = lane % 4).
@@ -319,16 +339,16 @@ GemmQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 
   // Tile t lives in group t of the committed cp.async groups.
 #pragma unroll
-  for (int t = 0; t < kStages - 1; ++t) issue(t);
+  for (int t = 0; t < kStages - 1; ++t) ring.Issue(t);
 
-  for (int t = 0; t < tiles; ++t) {
+  for (int t = 0; t < ring.tiles; ++t) {
     __pipeline_wait_prior(kStages - 2);  // tile t
     __syncthreads();  // every copy of tile t landed; tile t - 1's stage is free
-    issue(t + kStages - 1);  // into the stage tile t - 1 left
+    ring.Issue(t + kStages - 1);  // into the stage tile t - 1 left
     const int s = t % kStages;
-    const __half* xs = x_tile(s);
-    const uint32_t* ps = reinterpret_cast<const uint32_t*>(packed_tile(s));
-    const __half* ss = scale_tile(s);
+    const __half* xs = ring.X(s);
+    const uint32_t* ps = reinterpret_cast<const uint32_t*>(ring.Packed(s));
+    const __half* ss = ring.Scales(s);
     // The tile's B operands first (4 slices x NJ n8 tiles x 2 registers), then its products: the
     // loads and conversions of the whole tile are independent of each other and of the mma chain.
     uint32_t b[kBK / 16][NJ][2];
@@ -469,24 +489,7 @@ GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const 
   const uint32_t smem_address = raw_address + pad;
   const int q = tile_base + int(blockIdx.x);
   const int m0 = (q % row_tiles) * kWgBM, n0 = (q / row_tiles) * kBN;
-  const int all_tiles = k / kBK;
-  const int tile0 = int(int64_t(all_tiles) * blockIdx.z / gridDim.z);
-  const int tiles = int(int64_t(all_tiles) * (blockIdx.z + 1) / gridDim.z) - tile0;
-
-  // Stage s's parts: x's tile, the packed weight tile, its scales.
-  auto x_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage); };
-  auto packed_tile = [&](int s) { return reinterpret_cast<uint4*>(smem + s * L::kStage + L::kX); };
-  auto scale_tile = [&](int s) { return reinterpret_cast<__half*>(smem + s * L::kStage + L::kX + L::kPacked); };
-
-  // Tile t (of this split) into stage t % kS; every call commits a group (maybe empty).
-  TileCopies<Bits, kWgThreads, kWgBM> copies(x, w, scale, m, n, k, m0, n0, tile0);
-  auto issue = [&](int t) {
-    if (t < tiles) {
-      const int s = t % kS;
-      copies.Issue(x_tile(s), packed_tile(s), scale_tile(s));
-    }
-    __pipeline_commit();
-  };
+  TileRing<Bits, kWgThreads, kWgBM, L, kS> ring(smem, x, w, scale, m, n, k, m0, n0);
 
   // This thread's A operands: outputs r and r + 8 of the block's 128 (r below), k = 2 c + {0, 1} and
   // + 8 of each k16 slice.
@@ -499,17 +502,17 @@ GemmQuantWg(const __half* __restrict__ x, const uint32_t* __restrict__ w, const 
   for (int i = 0; i < 64; ++i) acc[i] = 0.f;
 
 #pragma unroll
-  for (int t = 0; t < kS - 1; ++t) issue(t);
+  for (int t = 0; t < kS - 1; ++t) ring.Issue(t);
 
-  for (int t = 0; t < tiles; ++t) {
+  for (int t = 0; t < ring.tiles; ++t) {
     __pipeline_wait_prior(kS - 2);  // tile t
     lab::wgmma::FenceSharedWrites();
     __syncthreads();  // tile t landed for every thread; every warpgroup is done with tile t - 1
-    issue(t + kS - 1);  // into tile t - 1's stage
+    ring.Issue(t + kS - 1);  // into tile t - 1's stage
     const int s = t % kS;
     uint32_t a[kBK / 16][4];  // 4 slices' A operands
-    const uint4* ps = packed_tile(s);
-    const __half2* ss = reinterpret_cast<const __half2*>(scale_tile(s));  // a row's two groups
+    const uint4* ps = ring.Packed(s);
+    const __half2* ss = reinterpret_cast<const __half2*>(ring.Scales(s));  // a row's two groups
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows r (a0, a2) and r + 8 (a1, a3)
       const int row = r + 8 * h;
