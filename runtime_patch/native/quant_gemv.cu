@@ -210,14 +210,12 @@ struct Fusion {
 __host__ __device__ inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 inline int SlotBytes(int64_t k) { return int(k / kSlotRows * 4); }
 
-// kNormed: 1 / sqrt(mean square + eps) of the row whose squares are summed in `slots` (shared
-// memory), by one warp (the sum in the same order in every warp).
-__device__ __forceinline__ float SlotsInverseRms(const float* slots, int k, float eps) {
-  const int lane = threadIdx.x % 32;
+// kNormed: 1 / sqrt(mean square + eps) of the row whose squares the block's warps summed in
+// `partials` (shared memory; the same order in every warp).
+__device__ __forceinline__ float InverseRmsOfPartials(const float* partials, int k, float eps) {
   float sum = 0.f;
-  for (int j = lane; j < k / kSlotRows; j += 32) sum += slots[j];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  for (int w = 0; w < kWarps; ++w) sum += partials[w];
   return rsqrtf(sum / float(k) + eps);
 }
 
@@ -278,9 +276,14 @@ constexpr int kMinBlocks =
     Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I).
-// The residual's rows of a block (kAdd, kAddNorm) and the norm's weight's (kAddNorm) are copied
-// into shared memory with x (16 bytes a thread: 8 rows), not read by lane 0 at the end behind the
-// block's last products (an L2 round trip at the tail of every warp).
+// The residual (kAdd, kAddNorm) and the norm's weight (kAddNorm) are read by lane 0 after the
+// warp's products (both loads in one round trip). Copying the block's rows of them into shared
+// memory with x was slower: q4's o projection with its add 6.7 against 4.9 us plain in a graph
+// (5.7-5.9 against 5.7 read at the end; bench.gemv, 1 x H200, 2026-12-01, twelfth round).
+// kNormed: the threads that copied the slots sum them before the block's barrier (a partial a
+// warp, in shared memory); each warp adds the kWarps partials after its products. Summed by every
+// warp from the slots (16 loads and adds a lane, 5 shuffles) it cost ~60 instructions a warp, 10%
+// of a gate_up warp's: 21.6 against 19.6 us.
 template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
@@ -300,21 +303,12 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
   float* slots_shared = reinterpret_cast<float*>(x_shared + SharedBytes(k) / 16);
-  // kAdds: the block's kWarps * kOut rows of the residual, then (kAddNorm) of the norm's weight
-  __shared__ uint4 row_extras[kAdds ? 2 * kOut : 1];
-  const auto after_wait = [&] {  // x's copy (and kNormed's slots, kAdds' rows) in one group
+  __shared__ float warp_squares[kWarps];  // kNormed: the slots' partial sums; kAddNorm: the warps' squares
+  const auto after_wait = [&] {  // x's copy (and kNormed's slots) in one group
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
     if constexpr (kPart == Part::kNormed) {
       for (int j = threadIdx.x; j < k / kSlotRows / 4; j += blockDim.x)
         __pipeline_memcpy_async(slots_shared + 4 * j, fusion.squares + 4 * j, 16);
-    }
-    if constexpr (kAdds) {
-      const int chunk = threadIdx.x % kOut, row = blockIdx.x * kWarps * kOut + 8 * chunk;
-      const __half* from = threadIdx.x < kOut ? fusion.residual : fusion.norm_weight;
-      if (threadIdx.x < (kPart == Part::kAddNorm ? 2 : 1) * kOut && row < outputs) {
-        const int rows = min(8, outputs - row);  // the rest of the 16 bytes zero-filled
-        __pipeline_memcpy_async(row_extras + threadIdx.x, from + row, 16, 2 * (8 - rows));
-      }
     }
     __pipeline_commit();
   };
@@ -351,7 +345,22 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
       __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
       PrepareX<Bits>(x_shared, k);
-      __syncthreads();  // x is ready in shared memory
+      if constexpr (kPart == Part::kNormed) {  // the slots this thread copied (complete), by warp
+        const int chunks = k / kSlotRows / 4;
+        if (threadIdx.x / 32 * 32 < chunks) {
+          float part = 0.f;
+          for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
+            const float4 v = reinterpret_cast<const float4*>(slots_shared)[j];
+            part += (v.x + v.y) + (v.z + v.w);
+          }
+#pragma unroll
+          for (int offset = 16; offset > 0; offset /= 2) part += __shfl_xor_sync(0xffffffffu, part, offset);
+          if (lane == 0) warp_squares[threadIdx.x / 32] = part;
+        } else if (lane == 0) {
+          warp_squares[threadIdx.x / 32] = 0.f;
+        }
+      }
+      __syncthreads();  // x (and kNormed's partials) ready in shared memory
     }
     if (!active) continue;
 #pragma unroll
@@ -381,7 +390,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   float squares = 0.f;  // kAddNorm: of this warp's rows of out, as rounded
   if (active) {
     float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
-    if constexpr (kPart == Part::kNormed) unscale *= SlotsInverseRms(slots_shared, k, fusion.eps);
+    if constexpr (kPart == Part::kNormed) unscale *= InverseRmsOfPartials(warp_squares, k, fusion.eps);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -393,13 +402,11 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       for (int o = 0; o < kOut; ++o) {
         if (out0 + o >= outputs) break;
         float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
-        const int in_block = threadIdx.x / 32 * kOut + o;
-        if constexpr (kAdds) v += __half2float(reinterpret_cast<const __half*>(row_extras)[in_block]);
+        if constexpr (kAdds) v += __half2float(fusion.residual[out0 + o]);
         out[out0 + o] = OutT(v);
         if constexpr (kPart == Part::kAddNorm) {
           const float h = RoundHalf(v);
-          const float w = __half2float(reinterpret_cast<const __half*>(row_extras + kOut)[in_block]);
-          fusion.weighted[out0 + o] = __float2half_rn(h * w);
+          fusion.weighted[out0 + o] = __float2half_rn(h * __half2float(__ldg(fusion.norm_weight + out0 + o)));
           squares += h * h;
         }
       }
@@ -407,7 +414,6 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
   if constexpr (kPart == Part::kAddNorm) {
     // The block's rows are kWarps * kOut / kSlotRows whole slots, each of kSlotRows / kOut warps.
-    __shared__ float warp_squares[kWarps];
     if (lane == 0) warp_squares[threadIdx.x / 32] = squares;
     __syncthreads();
     constexpr int kSlots = kWarps * kOut / kSlotRows, kWarpsPerSlot = kSlotRows / kOut;
