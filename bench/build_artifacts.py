@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.compile import BuildSpec, compile_model
-from engine.config import DECODE_NORMS, KERNEL_OPTIONS, KERNEL_SOURCES, preset
+from engine.config import KERNEL_OPTIONS, preset
 
 
 def kernel_flag(option: str) -> str:
@@ -33,9 +33,8 @@ def kernel_flag(option: str) -> str:
 def add_kernel_args(ap: argparse.ArgumentParser) -> None:
     """One comma-separated flag per kernel option; each combination is one artifact."""
     for option in KERNEL_OPTIONS:
-        choices = DECODE_NORMS if option == "decode_norm" else KERNEL_SOURCES
         ap.add_argument(kernel_flag(option), default="auto",
-                        help=f"{option}: auto, {', '.join(choices)} (comma-separated; one artifact each)")
+                        help=f"{option}: auto, library, tir (comma-separated; one artifact each)")
 
 
 def kernel_variants(args: argparse.Namespace) -> list[dict[str, str]]:

@@ -258,16 +258,13 @@ def run_norm(out: Path, sha: str | None) -> None:
 IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at q4: each call reads HBM)
 
 
-# The fused GEMVs (runtime_patch.functions.GEMV_FUSIONS) that the model calls, by SHAPES entry:
-# decode_norm=library's, then split's (the norm's halves: add_norm makes them, normed reads them)
-FUSIONS = {"qkv": ("normed",), "o": ("add", "add_norm"), "gate_up": ("swiglu", "normed_swiglu"),
-           "down": ("add", "add_norm")}
-NORM_EPS = 1e-5  # the normed GEMVs' epsilon here
+# The fused GEMVs (runtime_patch.functions.GEMV_FUSIONS) that the model calls, by SHAPES entry
+FUSIONS = {"o": ("add",), "gate_up": ("swiglu",), "down": ("add",)}
 
 
 def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
-    """The fused GEMVs (the residual add, SiLU after gate_up, the split norm's halves: FUSIONS)
-    checked against their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
+    """The fused GEMVs (the residual add, SiLU after gate_up: FUSIONS) checked against
+    their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
     8B's shapes; then, per shape, the plain GEMV and each fused one timed as the model calls them:
     IN_GRAPH_LAYERS calls (one per layer's weights) in one CUDA graph, per call (a separately
     launched call under ~8 us is timed by its launch)."""
@@ -289,26 +286,16 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
                                      quant_spec(quant)) for _ in range(IN_GRAPH_LAYERS)]
             x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
             residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
-            norm_weight = torch.rand(n, device="cuda", generator=g).add(0.5).half()
-            # the squares of a row 2.5 x, as an add_norm GEMV would have summed them
-            x_squares = (2.5 * x.float()).square().reshape(1, 1, -1, functions.NORM_SLOT_ROWS).sum(-1)
-            outs = {f: [torch.empty(1, 1, n // 2 if "swiglu" in f else n, device="cuda", dtype=torch.float16)]
+            outs = {f: torch.empty(1, 1, n // 2 if "swiglu" in f else n, device="cuda", dtype=torch.float16)
                     for f in ("", *fusions)}
-            if "add_norm" in outs:  # its weighted row and squares
-                outs["add_norm"] += [torch.empty(1, 1, n, device="cuda", dtype=torch.float16),
-                                     torch.empty(1, 1, n // functions.NORM_SLOT_ROWS, device="cuda")]
 
             def extra(fusion):
-                return {"add": [residual], "add_norm": [residual, norm_weight]}.get(fusion, [x_squares]
-                                                                                     if "normed" in fusion else [])
-
-            def ffi(a):
-                return tvm_ffi.from_dlpack(a) if isinstance(a, torch.Tensor) else a
+                return [residual] if fusion == "add" else []
 
             def call(fusion, weights):
-                args = [x, *weights, *extra(fusion), *([NORM_EPS] if "normed" in fusion else []), *outs[fusion]]
+                args = [x, *weights, *extra(fusion), outs[fusion]]
                 with tvm_ffi.use_torch_stream():
-                    tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(*[ffi(a) for a in args])
+                    tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(*[tvm_ffi.from_dlpack(a) for a in args])
 
             def in_graph_us(fusion):
                 stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
@@ -325,12 +312,12 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
             for fusion in fusions:
                 call(fusion, layers[0])
                 torch.cuda.synchronize()
-                wants = [np.zeros(tuple(o.shape), o.cpu().numpy().dtype) for o in outs[fusion]]
-                cpu_args = [a.cpu().numpy() for a in extra(fusion)] + ([NORM_EPS] if "normed" in fusion else [])
+                want = np.zeros(tuple(outs[fusion].shape), np.float16)
+                cpu_args = [a.cpu().numpy() for a in extra(fusion)]
                 cpu_functions.IMPLEMENTATIONS[functions.GEMV[bits, fusion]](
-                    x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), *cpu_args, *wants)
-                err = max(float(np.abs(o.float().cpu().numpy() - w.astype(np.float32)).max()
-                                / (np.abs(w.astype(np.float32)).max() + 1e-6)) for o, w in zip(outs[fusion], wants))
+                    x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), *cpu_args, want)
+                want = want.astype(np.float32)
+                err = float(np.abs(outs[fusion].float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
                 fused = in_graph_us(fusion)
                 row = {"name": f"{quant}-{shape}-{fusion}" + (f"-rows{rows}" if rows else ""), "quant": quant,
                        "shape": shape, "variant": f"{fusion}_in_graph", "fusion": fusion, "rows": rows, "n": n, "k": k,

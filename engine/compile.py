@@ -24,8 +24,7 @@ from pathlib import Path
 
 from runtime_patch import functions, settings
 
-from .config import (AUTO_LIBRARY_GEMV_BITS, DECODE_NORMS, KERNEL_OPTIONS, KERNEL_SOURCES, KV_CACHES, ConfigError,
-                     ModelConfig)
+from .config import AUTO_LIBRARY_GEMV_BITS, KERNEL_OPTIONS, KERNEL_SOURCES, KV_CACHES, ConfigError, ModelConfig
 from .quantize import QuantSpec, quant_spec
 from .sharding import ShardPlan
 
@@ -52,8 +51,7 @@ class BuildSpec:
     lm_head: str = "auto"
     # Kernel sources (engine.config.KERNEL_OPTIONS): "library" (runtime_patch: cuBLAS and CUDA
     # kernels on cuda, NumPy on llvm) or "tir" (TVM's); "auto" is library on cuda, tir on llvm
-    # (decode_gemv: library on cuda for the widths in AUTO_LIBRARY_GEMV_BITS only; decode_norm:
-    # split on cuda, DECODE_NORMS).
+    # (decode_gemv: library on cuda for the widths in AUTO_LIBRARY_GEMV_BITS only).
     prefill_gemm: str = "auto"
     prefill_attention: str = "auto"
     decode_attention: str = "auto"
@@ -88,9 +86,9 @@ class BuildSpec:
         for name in KERNEL_OPTIONS:
             if getattr(self, name) == "auto":
                 object.__setattr__(self, name, self._auto_source(name))
-            choices = DECODE_NORMS if name == "decode_norm" else KERNEL_SOURCES
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, {', '.join(choices)}")
+            if getattr(self, name) not in KERNEL_SOURCES:
+                raise ConfigError(f"unknown {name} {getattr(self, name)!r}; choose one of: auto, "
+                                  f"{', '.join(KERNEL_SOURCES)}")
         if self.quant_spec.bits not in functions.GEMV_BY_BITS:  # nothing for the option to choose: one artifact
             object.__setattr__(self, "decode_gemv", "tir")
         object.__setattr__(self, "kv_cache", self.resolved_kv_cache(self.kv_cache, self.target))
@@ -107,14 +105,11 @@ class BuildSpec:
 
     def _auto_source(self, option: str) -> str:
         """What `auto` means for a kernel option: the library's kernels on cuda (the batch-1 GEMV
-        only for the weight widths where it is faster than TVM's; the norms split over the GEMVs
-        where they can be, engine.config), TVM's on llvm."""
+        only for the weight widths where it is faster than TVM's), TVM's on llvm."""
         if self.target != "cuda":
             return "tir"
         if option == "decode_gemv":
             return "library" if self.quant_spec.bits in AUTO_LIBRARY_GEMV_BITS else "tir"
-        if option == "decode_norm":
-            return "split"
         return "library"
 
     def _settle_pipeline_options(self) -> None:

@@ -20,12 +20,7 @@ from typing import Any
 #   decode_gemv        the batch-1 decode GEMVs of q4f16_1 and q8f16_1 weights: TVM's (dlight)
 #                      kernels, or the project's (runtime_patch/native/quant_gemv.cu)
 #   decode_norm        the decode steps' RMSNorms (batch 1 and batched): TVM's kernel, or the
-#                      project's (runtime_patch/native/rms_norm.cu: one memory round trip a row),
-#                      or `split` (DECODE_NORMS; auto on cuda): the project's, but where a batch-1
-#                      decode's GEMVs are the library's at tp=1 each norm after the first is split
-#                      over the GEMVs around it (quant_gemv.cu: the GEMV that makes the row writes it
-#                      times the norm's weight and its sums of squares, the GEMVs that read it scale
-#                      their products) and has no kernel of its own
+#                      project's (runtime_patch/native/rms_norm.cu: one memory round trip a row)
 #   allreduce          tp > 1: TVM's CCL collective (NCCL; cpu_shm on llvm), or the project's
 #                      one-shot allreduce over CUDA IPC (NCCL where peers have no P2P access)
 KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "decode_gemv", "decode_norm", "allreduce")
@@ -35,8 +30,6 @@ KERNEL_OPTIONS = ("prefill_gemm", "prefill_attention", "decode_attention", "deco
 # it was chosen), docs/BENCHMARKS.md.
 AUTO_LIBRARY_GEMV_BITS = (4, 8)
 KERNEL_SOURCES = ("tir", "library")
-# What decode_norm takes besides the kernel sources (above)
-DECODE_NORMS = (*KERNEL_SOURCES, "split")
 # The KV cache (BuildSpec.kv_cache): TVM's paged cache (its attention calls split the decode's CUDA
 # graph), or the project's pre-allocated one (engine/model/static_kv.py: the decode step is one
 # graph); "auto" is static on cuda, paged on llvm.

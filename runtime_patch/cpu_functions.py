@@ -72,35 +72,19 @@ def _silu_times(gate, up):
 
 def _numpy_gemv(bits: int, fusion: str = ""):
     """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and their fused forms (functions.GEMV_FUSIONS):
-    _add (..., residual, out), _swiglu (..., out), _add_norm (..., residual, norm_weight, out,
-    weighted, squares), _normed and _normed_swiglu (..., squares, eps, out). q_weight [N, K * bits /
-    32] uint32, 32 / bits values per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale;
-    float32 products; the residual added to the float32 product before its rounding; add_norm's
-    weighted = out * norm_weight rounded once, squares[j] the float32 sum of out^2 over slot j's
-    NORM_SLOT_ROWS rows; normed's product times 1 / sqrt(sum(squares) / K + eps) before its
-    rounding (swiglu's halves before the SiLU); swiglu's [gate; up] products rounded to float16
-    before silu(gate) * up."""
+    _add (..., residual, out), _swiglu (..., out). q_weight [N, K * bits / 32] uint32, 32 / bits
+    values per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale; float32 products;
+    the residual added to the float32 product before its rounding; swiglu's [gate; up] products
+    rounded to float16 before silu(gate) * up."""
     def gemv(x, q_weight, q_scale, *rest) -> None:
-        xa, wa, sa = (np.from_dlpack(t) for t in (x, q_weight, q_scale))
-        if fusion == "add_norm":
-            residual, norm_weight, out, weighted, squares = (np.from_dlpack(t) for t in rest)
-        else:
-            out = np.from_dlpack(rest[-1])
+        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
         product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
-        if fusion in ("add", "add_norm"):
+        if fusion == "add":
             product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
-        if fusion.startswith("normed"):
-            total = np.from_dlpack(rest[0]).reshape(len(product), -1).sum(axis=-1, dtype=np.float32)
-            product *= (1 / np.sqrt(total / np.float32(xa.shape[-1]) + np.float32(rest[1])))[:, None]
-        if fusion.endswith("swiglu"):
+        if fusion == "swiglu":
             gate, up = np.split(product.astype(np.float16), 2, axis=-1)
             product = _silu_times(gate, up)
-        np.copyto(out.reshape(-1, out.shape[-1]), product.astype(out.dtype, copy=False))
-        if fusion == "add_norm":
-            h = out.reshape(product.shape).astype(np.float32)
-            np.copyto(weighted.reshape(h.shape), (h * norm_weight.astype(np.float32)).astype(weighted.dtype))
-            slots = (h * h).reshape(len(h), -1, functions.NORM_SLOT_ROWS).sum(axis=-1, dtype=np.float32)
-            np.copyto(squares.reshape(slots.shape), slots)
+        np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
     return gemv
 

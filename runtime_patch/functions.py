@@ -16,19 +16,7 @@ Matrix products (plugin cuda_gemm):
                                         layer's o and down projections at tp=1
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
-    "add_norm" (x, q_weight, q_scale, residual, norm_weight, out, weighted, squares)
-                                        out = residual + W x, and the first half of the RMSNorm
-                                        after it (decode_norm=split, batch 1 at tp=1): weighted =
-                                        out * norm_weight (rounded to float16), squares [.., N /
-                                        NORM_SLOT_ROWS] float32, squares[j] the sum of out[i]^2
-                                        over slot j's rows: the o and down projections
-    "normed" (x, q_weight, q_scale, squares, eps, out)   the second half: x a `weighted`,
-                                        out = (W x) / sqrt(sum(squares) / K + eps), the product
-                                        scaled in float32 before its rounding: the qkv projection
-                                        and the LM head after such a norm
-    "normed_swiglu" (x, q_weight, q_scale, squares, eps, out)   the same into "swiglu" (both
-                                        halves scaled before the SiLU): gate_up after the norm
-  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("", "add" or "add_norm") launched while the kernel
+  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("" or "add") launched while the kernel
                                         before it still runs (programmatic dependent launch, sm_90:
                                         its weight loads overlap that kernel, which must let it start
                                         early): the o projection after the static decode attention,
@@ -38,7 +26,7 @@ Matrix products (plugin cuda_gemm):
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   RMS_NORM(x, weight, eps, out)        out = rms_norm(x) * weight over the last dimension, rounded as
                                         transformers' LlamaRMSNorm: the decode steps' norms
-                                        (decode_norm=library; with split, those not inside GEMVs)
+                                        (decode_norm=library)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count one tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused"),
@@ -133,13 +121,11 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # What a decode GEMV may do besides its product (the docstring above), each a function named by
 # its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
-GEMV_FUSIONS = ("", "add", "swiglu", "add_norm", "normed", "normed_swiglu")
+GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
-# The GEMVs launched early (the docstring above), by the same key, name suffix "_early"
-GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add", "add_norm")}
-# Rows of an add_norm GEMV's output whose squares one float of `squares` sums (quant_gemv.cu kSlotRows)
-NORM_SLOT_ROWS = 8
+# The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
+GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 RMS_NORM = "lab.norm.rms"

@@ -1,8 +1,6 @@
 """prefill_gemm=library: the prefill linears call `lab.gemm.nt` (cuBLAS on CUDA; NumPy here),
 and the model still computes what transformers computes."""
 
-from collections import Counter
-
 import numpy as np
 import pytest
 
@@ -126,56 +124,41 @@ def gemv_calls(library_calls):
     return {name: library_calls(name) for name in [*functions.GEMV.values(), *functions.GEMV_EARLY.values()]}
 
 
-@pytest.mark.parametrize("quant, bits, kv_cache, norm", [("q4f16_1", 4, "paged", "tir"), ("q8f16_1", 8, "paged", "tir"),
-                                                         ("q4f16_1", 4, "static", "tir"),
-                                                         ("q4f16_1", 4, "static", "split"),
-                                                         ("q8f16_1", 8, "paged", "split")])
-def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, library_calls, quant, bits,
-                                                  kv_cache, norm):
+@pytest.mark.parametrize("quant, bits, kv_cache", [("q4f16_1", 4, "paged"), ("q8f16_1", 8, "paged"),
+                                                   ("q4f16_1", 4, "static")])
+def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
     projections inside them (lab.gemv.q4_swiglu, q4_add; the early one, q4_add_early, for the down
     projection after gate_up's and for the o projection after the static cache's attention), and
-    the logits match transformers on the quantized-then-dequantized weights. decode_norm=split: every
-    norm of a decode step but the first layer's input norm is made inside the o and down projections'
-    GEMVs (q4_add_norm) and finished inside the GEMVs after it (q4_normed: qkv and the LM head,
-    q4_normed_swiglu: gate_up); the one norm kernel left is the first layer's."""
+    the logits match transformers on the quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache, decode_norm=norm)
+    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
     layers = config.num_hidden_layers
-    # o (early after the static cache's attention) and down (early after gate_up) with their adds;
-    # qkv, gate_up and the LM head
-    add = "add_norm" if norm == "split" else "add"
-    per_step = Counter({(functions.GEMV_EARLY if kv_cache == "static" else functions.GEMV)[bits, add]: layers})
-    per_step[functions.GEMV_EARLY[bits, add]] += layers
-    if norm == "split":  # the first layer's qkv after the norm kernel; the rest after split norms
-        per_step.update({functions.GEMV[bits, ""]: 1, functions.GEMV[bits, "normed"]: layers,
-                         functions.GEMV[bits, "normed_swiglu"]: layers})
-    else:
-        per_step.update({functions.GEMV[bits, ""]: layers + 1, functions.GEMV[bits, "swiglu"]: layers})
-    norms_per_step = 1 if norm == "split" else 0  # the first layer's input norm (tir: TVM's kernels)
+    plain = functions.GEMV[bits, ""]
+    # qkv and the LM head; gate_up; o (early after the static cache's attention); down (early after gate_up)
+    o = functions.GEMV_EARLY[bits, "add"] if kv_cache == "static" else functions.GEMV[bits, "add"]
+    per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers, o: layers}
+    per_step[functions.GEMV_EARLY[bits, "add"]] = per_step.get(functions.GEMV_EARLY[bits, "add"], 0) + layers
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
-    norms = library_calls(functions.RMS_NORM) if norm == "split" else []
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec(quant))
     prompt = np.random.default_rng(4).integers(0, config.vocab_size, PROMPT).tolist()
     continuation = reference.greedy(prompt, STEPS)
     tokens = prompt + continuation[:-1]
-    for calls in [*gemv_calls.values(), norms]:
+    for calls in gemv_calls.values():
         calls.clear()
     assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * count for name, count in per_step.items()}
-    assert len(norms) == (STEPS - 1) * norms_per_step
 
     for calls in gemv_calls.values():
         calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
     # the prefill's one-row LM head is a plain GEMV too
-    plain = functions.GEMV[bits, ""]
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * count + (name == plain) for name, count in per_step.items()}
 
@@ -185,8 +168,7 @@ def test_fused_gemvs_compute_their_definitions(bits):
     """Each fused decode GEMV (functions.GEMV_FUSIONS) equals its definition computed here with
     NumPy from the dequantized weight: the plain product rounded once; _add the residual added to
     the float32 product before that rounding; _swiglu silu(gate) * up of the product's two halves,
-    each rounded to float16 as the separate kernels round; _add_norm's and _normed's halves of an
-    RMSNorm. (The CPU versions that the CUDA kernels
+    each rounded to float16 as the separate kernels round. (The CPU versions that the CUDA kernels
     are checked against on the box, bench.gemv.)"""
     import tvm_ffi
 
@@ -215,37 +197,6 @@ def test_fused_gemvs_compute_their_definitions(bits):
     np.testing.assert_array_equal(call("add", residual), (product + residual.astype(np.float32)).astype(np.float16))
     np.testing.assert_array_equal(call("swiglu", outputs=n // 2), swiglu)
     assert not np.array_equal(swiglu, gate.astype(np.float16))  # the SiLU changes the result: the test sees it
-
-    # add_norm: out as _add's, weighted = out * w rounded once, the squares of out by slots of rows
-    norm_weight = rng.uniform(0.5, 1.5, n).astype(np.float16)
-    out, weighted = np.zeros((1, n), np.float16), np.zeros((1, n), np.float16)
-    squares = np.zeros((1, n // functions.NORM_SLOT_ROWS), np.float32)
-    tvm_ffi.get_global_func(functions.GEMV[bits, "add_norm"])(
-        *[tvm_ffi.from_dlpack(a) for a in (x, q_weight, q_scale, residual, norm_weight, out, weighted, squares)])
-    h = (product + residual.astype(np.float32)).astype(np.float16)
-    np.testing.assert_array_equal(out, h)
-    np.testing.assert_array_equal(weighted, (h.astype(np.float32) * norm_weight.astype(np.float32)).astype(np.float16))
-    hf = h.astype(np.float32)
-    np.testing.assert_allclose(squares, (hf * hf).reshape(1, -1, functions.NORM_SLOT_ROWS).sum(-1), rtol=1e-6)
-    # normed: the product of a weighted x times 1 / sqrt(mean square + eps), the mean from k's slots
-    # (here the squares of a row 2.5 x), before the rounding; normed_swiglu before the SiLU
-    x_squares = ((2.5 * x.astype(np.float32)) ** 2).reshape(1, -1, functions.NORM_SLOT_ROWS).sum(-1)
-    eps = 1e-5
-    inverse = 1 / np.sqrt(x_squares.sum() / k + eps)
-
-    def normed(fusion, outputs):
-        out = np.zeros((1, outputs), np.float16)
-        tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(
-            *[tvm_ffi.from_dlpack(a) for a in (x, q_weight, q_scale, x_squares)], eps, tvm_ffi.from_dlpack(out))
-        return out
-
-    np.testing.assert_allclose(normed("normed", n).astype(np.float32), product * inverse, rtol=2e-3, atol=1e-3)
-    scaled = product * inverse
-    gate, up = scaled[:, : n // 2].astype(np.float16).astype(np.float32), scaled[:, n // 2:].astype(np.float16)
-    silu = (gate / (1 + np.exp(-gate))).astype(np.float16)
-    np.testing.assert_allclose(normed("normed_swiglu", n // 2).astype(np.float32),
-                               silu.astype(np.float32) * up.astype(np.float32), rtol=2e-3, atol=1e-3)
-    assert abs(inverse - 1) > 0.1  # the scale changes the result: the test sees it
 
 
 @pytest.mark.parametrize("bits", [4, 8])

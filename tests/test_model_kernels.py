@@ -6,7 +6,6 @@ import pytest
 import tvm
 
 from engine.compile import BuildSpec, export
-from engine.config import ConfigError
 
 
 def _prefill_attention_blocks(mod) -> dict[str, int]:
@@ -61,8 +60,7 @@ def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
     # nothing to choose for unquantized weights: one artifact whatever is asked
     assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", decode_gemv="library").decode_gemv == "tir"
     for quant, name, other in (("q4f16_1", "lab.gemv.q4", "lab.gemv.q8"), ("q8f16_1", "lab.gemv.q8", "lab.gemv.q4")):
-        mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library",
-                                  decode_norm="library"))
+        mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, decode_gemv="library"))
         decode = mod[f"decode{s}"].script()
         assert name in decode and other not in decode
         # the SiLU after gate_up and (at tp=1) the residual adds are inside the GEMVs
@@ -79,14 +77,12 @@ def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)
 def test_library_norm_only_in_the_decode_phases(tiny_config, kv_cache):
-    """decode_norm: split on cuda under auto, TVM's on llvm; with the library's, the decode steps
+    """decode_norm: library on cuda under auto, TVM's on llvm; with the library's, the decode steps
     (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm, the prefills
     keep TVM's."""
     s = SUFFIX[kv_cache]
-    assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "split"
+    assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "library"
     assert BuildSpec(tiny_config, "q4f16_1", 1, "llvm").decode_norm == "tir"
-    with pytest.raises(ConfigError, match="decode_norm.*split"):
-        BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", decode_norm="fused")
     mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="library"))
     for name in (f"decode{s}", f"batch_decode{s}"):
         script = mod[name].script()
@@ -94,21 +90,3 @@ def test_library_norm_only_in_the_decode_phases(tiny_config, kv_cache):
     assert "lab.norm.rms" not in mod[f"prefill_logits{s}"].script() and "R.nn.rms_norm(" in mod[f"prefill_logits{s}"].script()
     tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir"))
     assert "lab.norm.rms" not in tir[f"decode{s}"].script()
-
-
-@pytest.mark.parametrize("kv_cache", SUFFIX)
-def test_split_norms_inside_the_batch1_gemvs(tiny_config, kv_cache):
-    """decode_norm=split: the batch-1 decode at tp=1 with the library's q4 GEMVs keeps one norm
-    kernel (the first layer's input norm); every other norm is made by the o and down projections'
-    GEMVs (add_norm) and finished by the qkv, gate_up and LM head GEMVs (normed); the batched decode
-    and unquantized or tp > 1 builds keep the library's norm kernels."""
-    layers = tiny_config.num_hidden_layers
-    s = SUFFIX[kv_cache]
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="split"))
-    decode = mod[f"decode{s}"].script()
-    assert decode.count('"lab.norm.rms"') == 1
-    assert decode.count("lab.gemv.q4_add_norm") == 2 * layers and decode.count('"lab.gemv.q4_add"') == 0
-    assert decode.count('"lab.gemv.q4_normed"') == layers and decode.count('"lab.gemv.q4_normed_swiglu"') == layers
-    assert mod[f"batch_decode{s}"].script().count('"lab.norm.rms"') == 2 * layers + 1
-    plain, _ = export(BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="split"))
-    assert plain[f"decode{s}"].script().count('"lab.norm.rms"') == 2 * layers + 1

@@ -19,10 +19,7 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 
 The RMSNorms (`RMSNorm`) of the DECODE and BATCH phases are `lab.norm.rms` with
 `decode_norm="library"` (one memory round trip a row where TVM's kernel takes two), TVM's
-`rms_norm` otherwise and in prefills. With `decode_norm="split"` a DECODE norm that follows a
-library GEMV with its residual add is split over that GEMV and the ones that read the norm
-(`Linear.plus_norm` makes a `SplitNorm`, which `Linear.forward`, `Linear.swiglu` and
-`Embedding.lm_head` finish: functions.GEMV "add_norm" and "normed"); the model uses it at tp=1.
+`rms_norm` otherwise and in prefills.
 """
 
 from __future__ import annotations
@@ -47,20 +44,15 @@ class KernelPlan:
     library_decode_gemv: bool = False
     library_allreduce: bool = False  # lab.ccl.allreduce (one-shot over CUDA IPC) instead of TVM's CCL
     library_decode_norm: bool = False
-    split_decode_norm: bool = False  # decode_norm=split (the module doc)
 
     @staticmethod
     def of(spec) -> "KernelPlan":
         return KernelPlan(spec.prefill_gemm == "library", spec.decode_gemv == "library", spec.allreduce == "library",
-                          spec.decode_norm in ("library", "split"), spec.decode_norm == "split")
+                          spec.decode_norm == "library")
 
     def library_norm(self, phase: str) -> bool:
         """The RMSNorm through `lab.norm.rms` (the decode phases, batch 1 and batched)."""
         return phase in (DECODE, BATCH) and self.library_decode_norm
-
-    def split_norm(self, phase: str, quant: QuantSpec) -> bool:
-        """A norm after a GEMV of `quant` weights split over the GEMVs around it (SplitNorm)."""
-        return self.split_decode_norm and self.library_gemv(phase, quant)
 
     def library_gemm(self, phase: str) -> bool:
         return phase == PREFILL and self.library_prefill_gemm
@@ -73,27 +65,6 @@ class KernelPlan:
     def fp16_weights(phase: str) -> bool:
         """Quantized weights through an fp16 producer stage, except in the batch-1 decode GEMV."""
         return phase != DECODE
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitNorm:
-    """An RMSNorm's output rms_norm(h) * w left in its two halves (decode_norm=split): `weighted` =
-    h * w, `squares` [.., hidden / functions.NORM_SLOT_ROWS] the sums of h^2 over slots of rows;
-    the library GEMV that reads it divides its products by sqrt(mean(h^2) + eps)."""
-
-    weighted: Tensor
-    squares: Tensor
-    eps: float
-
-    @property
-    def shape(self):
-        return self.weighted.shape
-
-    def rows(self, n: int) -> "SplitNorm":
-        """The same as n rows ([n, hidden])."""
-        hidden = self.weighted.shape[-1]
-        return SplitNorm(op.reshape(self.weighted, (n, hidden)),
-                         op.reshape(self.squares, (n, hidden // functions.NORM_SLOT_ROWS)), self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -131,12 +102,9 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
-    def forward(self, x: Tensor | SplitNorm, phase: str, early: bool = False) -> Tensor:
+    def forward(self, x: Tensor, phase: str, early: bool = False) -> Tensor:
         """`early`: the library GEMV may start while the kernel before it runs (functions.GEMV_EARLY;
-        only after a kernel that lets it: the static decode attention, a library GEMV). A SplitNorm
-        x is finished inside the library GEMV."""
-        if isinstance(x, SplitNorm):
-            return self._gemv("normed", x.weighted, extra=[x.squares, x.eps])
+        only after a kernel that lets it: the static decode attention, a library GEMV)."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, early=early)
         if self.plan.library_gemm(phase):
@@ -144,12 +112,9 @@ class Linear(nn.Module):
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
                                  [x, *self._weights()])
 
-    def swiglu(self, x: Tensor | SplitNorm, phase: str) -> Tensor:
+    def swiglu(self, x: Tensor, phase: str) -> Tensor:
         """silu(gate) * up, [gate, up] = W x (this linear's rows: the gate's, then the up's): one
-        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`; `_normed_swiglu`
-        finishing a SplitNorm x)."""
-        if isinstance(x, SplitNorm):
-            return self._gemv("normed_swiglu", x.weighted, extra=[x.squares, x.eps])
+        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`)."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("swiglu", x)
         gate, up = op.split(self(x, phase), 2, axis=-1)
@@ -160,32 +125,18 @@ class Linear(nn.Module):
         (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV);
         `early` as in forward."""
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("add", x, extra=[residual], early=early)
+            return self._gemv("add", x, residual=residual, early=early)
         return residual + self(x, phase)
 
-    def plus_norm(self, x: Tensor, residual: Tensor, norm: RMSNorm, phase: str,
-                  early: bool = False) -> tuple[Tensor, Tensor | SplitNorm]:
-        """(h, norm(h)), h = residual + W x: norm(h) a SplitNorm made inside the library GEMV
-        (`lab.gemv.q4_add_norm`, ...) where the plan splits this phase's norms, else plus and the
-        norm's own kernel."""
-        if not self.plan.split_norm(phase, self.spec):
-            h = self.plus(x, residual, phase, early)
-            return h, norm(h, phase)
-        rows = self.q_weight.shape[0]
-        outs = [Tensor.placeholder([*x.shape[:-1], rows], self.out_dtype) for _ in range(2)]
-        outs.append(Tensor.placeholder([*x.shape[:-1], rows // functions.NORM_SLOT_ROWS], "float32"))
-        name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, "add_norm"]
-        h, weighted, squares = extern(name, [x, self.q_weight, self.q_scale, residual, norm.weight], outs)
-        return h, SplitNorm(weighted, squares, float(norm.epsilon))
-
-    def _gemv(self, fusion: str, x: Tensor, extra: list | None = None, out_dtype: str | None = None,
+    def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,
               early: bool = False) -> Tensor:
         """The library GEMV functions.GEMV[bits, fusion] (GEMV_EARLY where `early`) of x (one row)
-        with this linear's weight and the function's `extra` arguments."""
-        rows = self.q_weight.shape[0] // (2 if fusion.endswith("swiglu") else 1)
+        with this linear's weight."""
+        rows = self.q_weight.shape[0] // (2 if fusion == "swiglu" else 1)
+        extra = [residual] if residual is not None else []
         out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
         name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, fusion]
-        return extern(name, [x, self.q_weight, self.q_scale, *(extra or [])], [out])
+        return op.extern(name, [x, self.q_weight, self.q_scale, *extra], out)
 
     def _library_gemm(self, x: Tensor) -> Tensor:
         n = self.weight.shape[0] if not self.spec.quantized else self.q_weight.shape[0]
@@ -225,9 +176,7 @@ class Embedding(Linear):
     def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
         return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
-    def lm_head(self, x: Tensor | SplitNorm, phase: str) -> Tensor:
-        if isinstance(x, SplitNorm):
-            return self._gemv("normed", x.weighted, extra=[x.squares, x.eps], out_dtype="float32")
+    def lm_head(self, x: Tensor, phase: str) -> Tensor:
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, out_dtype="float32")
         return op.tensor_expr_op(te_linear(self.spec, "float32", self.plan.fp16_weights(phase)), "lm_head",

@@ -47,7 +47,7 @@ from runtime_patch import functions
 
 from ..sharding import ShardPlan
 from . import static_kv
-from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, RMSNorm, SplitNorm, extern
+from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, RMSNorm, extern
 from .kv_cache import create_paged_kv_cache
 
 
@@ -58,21 +58,14 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def attend(self, x: Tensor | SplitNorm, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
-        """attention(qkv_proj(x)), x normalised: the o projection's input."""
-        b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
-        return op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
-                          (b, s, self.q_heads * self.head_dim))
-
-    @staticmethod
-    def o_early(kv: PagedKVCache) -> bool:
-        """The static cache's decode attention lets the o projection's GEMV load its weight while it runs."""
-        return isinstance(kv, static_kv.StaticKV)
-
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
         """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
-        out, early = self.attend(x, kv, layer_id, phase), self.o_early(kv)
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
+        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
+                         (b, s, self.q_heads * self.head_dim))
+        # the static cache's decode attention lets the o projection's GEMV load its weight while it runs
+        early = isinstance(kv, static_kv.StaticKV)
         return self.o_proj(out, phase, early) if residual is None else self.o_proj.plus(out, residual, phase, early)
 
 
@@ -123,21 +116,11 @@ class DecoderLayer(nn.Module):
                                outs)
         return total, normed
 
-    def forward_normed(self, x: Tensor, normed: Tensor | SplitNorm, kv: PagedKVCache, layer_id: int, phase: str,
-                       next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | SplitNorm | None]:
-        """The layer on x and input_layernorm(x) (`normed`, made by the layer before); returns its
-        output and next_norm of it (None where next_norm is None). tp > 1 with the library allreduce:
-        the residual adds and norms inside the allreduces; tp=1 with split norms: inside the o and
-        down projections' GEMVs (Linear.plus_norm: `normed` a SplitNorm after the first layer)."""
-        if self.tp == 1:
-            attention, mlp = self.self_attn, self.mlp
-            x, normed = attention.o_proj.plus_norm(attention.attend(normed, kv, layer_id, phase), x,
-                                                   self.post_attention_layernorm, phase, attention.o_early(kv))
-            hidden = mlp.gate_up_proj.swiglu(normed, phase)
-            # the library GEMV with SiLU lets the down projection's start early (in its last wave)
-            if next_norm is None:
-                return mlp.down_proj.plus(hidden, x, phase, early=True), None
-            return mlp.down_proj.plus_norm(hidden, x, next_norm, phase, early=True)
+    def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
+                       next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+        """tp > 1 with the library allreduce: the layer on x and input_layernorm(x) (`normed`, made
+        by the previous layer's last allreduce); returns its output and next_norm of it (None where
+        next_norm is None), the residual adds and norms inside the allreduces."""
         x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase), x, self.post_attention_layernorm)
         partial = self.mlp(normed, phase)
         if next_norm is None:
@@ -186,9 +169,6 @@ class LlamaModel(nn.Module):
         # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
         # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
         self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
-        # tp=1 with split norms: in the phases whose GEMVs split them (DecoderLayer.forward_normed)
-        self.kernels, self.quant = kernels, spec
-        self.tp = plan.tp
 
     def _numbered(self):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
@@ -196,8 +176,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
         layers = list(self._numbered())
-        split = self.tp == 1 and self.kernels.split_norm(phase, self.quant)
-        if (self.norms_in_allreduce or split) and layers:
+        if self.norms_in_allreduce and layers:
             normed = layers[0][1].input_layernorm(hidden, phase)
             for i, (layer_id, layer) in enumerate(layers):
                 if i + 1 < len(layers):
@@ -295,10 +274,10 @@ class LlamaForCausalLM(nn.Module):
 
     def _decode(self, input_ids: Tensor, kv: PagedKVCache, phase: str):
         hidden = self.model(self._enter(input_ids), kv, phase)
-        b = hidden.shape[0]
+        b, _, h = hidden.shape
         if not self.plan.last_stage:
             return (*self._pass_on(hidden, ([b], "int32"), ([b, self.config.vocab_size], "float32")), kv)
-        logits = self._logits(_rows(hidden, b), phase)
+        logits = self._logits(op.reshape(hidden, (b, h)), phase)
         return _argmax_last(logits), logits, kv
 
     def _to_first_stage(self, *values: Tensor):
@@ -378,7 +357,8 @@ class LlamaForCausalLM(nn.Module):
         b, _ = ids.shape
         x = self.model.embed_tokens(ids) if self.plan.first_stage else self._enter(ids)
         hidden = self.model(x, kv, phase)
-        tokens, logits = self._static_results(hidden, lambda y: self._logits(_rows(y, b), phase), b)
+        h = self.config.hidden_size
+        tokens, logits = self._static_results(hidden, lambda y: self._logits(op.reshape(y, (b, h)), phase), b)
         return static_kv.advance(tokens, ids, positions), logits
 
     def decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor):
@@ -444,11 +424,6 @@ class LlamaForCausalLM(nn.Module):
             "batch_decode_static": {**state("batch_size"), "$": packed},
             "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
         }
-
-
-def _rows(hidden: Tensor | SplitNorm, n: int) -> Tensor | SplitNorm:
-    """The last stage's output as n rows [n, hidden] (a split norm's halves alike)."""
-    return hidden.rows(n) if isinstance(hidden, SplitNorm) else op.reshape(hidden, (n, hidden.shape[-1]))
 
 
 def _take_last(hidden: Tensor) -> Tensor:

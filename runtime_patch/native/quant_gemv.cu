@@ -15,14 +15,7 @@
 // squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
 // norm's own kernel; docs/BENCHMARKS.md, seventh round.)
 //
-// lab.gemv.q4_add_norm / q8_add_norm (x, q_weight, q_scale, residual, norm_weight, out, weighted,
-// squares) and lab.gemv.q4_normed / q8_normed / q4_normed_swiglu / q8_normed_swiglu (x, q_weight,
-// q_scale, squares, eps, out): a layer's RMSNorm split over the GEMVs around it (decode_norm=split;
-// Part below): the add GEMV also writes its row times the norm's weight and the sums of its
-// squares by slots of 8 rows, and the GEMV after the norm reads that row as x and scales its
-// products by 1 / sqrt(mean square + eps).
-//
-// lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early (and the add_norm ones): the plain and add GEMVs launched
+// lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
 // loads are issued before lab::WaitForPrevious, x and the writes after it. For the GEMVs after a
 // kernel that lets its successor start (lab::AllowNext): the o projection after the static decode
@@ -173,51 +166,23 @@ __device__ uint4 PairedChunk(uint4 raw) {
   return paired;
 }
 
-// A layer's RMSNorm split over the GEMVs around it (decode_norm=split, batch 1 at tp=1): the norm
-// rms_norm(h) * w of a residual row h is h * w / sqrt(mean(h^2) + eps), and the scalar commutes
-// with the next GEMV's product. So the GEMV that makes h (the o or down projection with its residual
-// add: kAddNorm) also writes h * w and the sums of the squares of h over each slot of kSlotRows rows
-// (a block's rows are whole slots: a barrier, no atomics, the same sums every run); the GEMVs after
-// the norm (qkv, gate_up with SiLU, the LM head: kNormed) take h * w as x, copy the slots with x,
-// and scale their float32 products by 1 / sqrt(sum of the slots / K + eps). The norm's kernel and its
-// hop between two GEMVs are gone; no block sums the squares of all of x or reads the norm's weight
-// (every block of the GEMV after the norm did, in the three forms of the norm inside the GEMVs that
-// lost, above). Rounding: h * w is rounded once to float16 (transformers rounds h / rms, then its
-// product with w).
-constexpr int kSlotRows = 8;  // rows a slot of squares sums (runtime_patch/functions.py NORM_SLOT_ROWS)
-
 // What a GEMV adds to its product, a template parameter (like Swiglu, which maps rows): a kernel's
-// code is the code it runs.
+// code is the code it runs. (With the add chosen at run time, a null residual skipped, every GEMV
+// carried the add's code: q4f16_1 608.3 tokens/s against 617.0 with the add compiled in only where
+// it runs, one call on an H200, docs/BENCHMARKS.md twelfth round.)
 enum class Part {
   kProduct,  // out = W x
   kAdd,      // out = residual + W x (lab.gemv.q4_add / q8_add)
-  kAddNorm,  // the same, and the next norm's half: weighted = out * w, the squares of out's slots
-  kNormed,   // x is a weighted row: the products times 1 / sqrt(sum of the slots / k + eps)
 };
 
-// The tensors and values the parts use.
+// The tensors the parts use.
 struct Fusion {
-  const __half* residual = nullptr;     // kAdd, kAddNorm: [n]
-  bool early = false;                   // launched by lab::LaunchAfterPrevious (the *_early functions)
-  const __half* norm_weight = nullptr;  // kAddNorm: w [n] of the norm after this GEMV
-  __half* weighted = nullptr;           // kAddNorm: out * w [n], rounded to float16
-  float* squares = nullptr;             // kAddNorm: written, [n / kSlotRows]; kNormed: read, [k / kSlotRows]
-  float eps = 0.f;                      // kNormed: the norm's epsilon
+  const __half* residual = nullptr;  // kAdd: [n]
 };
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
-// permutes aligned runs of 8 chunks); then kNormed's slots of squares.
-__host__ __device__ inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
-inline int SlotBytes(int64_t k) { return int(k / kSlotRows * 4); }
-
-// kNormed: 1 / sqrt(mean square + eps) of the row whose squares the block's warps summed in
-// `partials` (shared memory; the same order in every warp).
-__device__ __forceinline__ float InverseRmsOfPartials(const float* partials, int k, float eps) {
-  float sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kWarps; ++w) sum += partials[w];
-  return rsqrtf(sum / float(k) + eps);
-}
+// permutes aligned runs of 8 chunks).
+inline int SharedBytes(int64_t k) { return int((k + 63) / 64 * 64 * 2); }
 
 // x in shared memory made ready for the rounds, each thread on the chunks it copied (its own
 // asynchronous copies are complete: no barrier before): q4 pairs them (PairedChunk). The caller's
@@ -258,7 +223,7 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // by asynchronous copies issued before the first round's weight loads (right after them in an
 // early GEMV, below), so its latency overlaps theirs (q4 then pairs each chunk in place, PairedChunk); loading x per group from global memory
 // in the compute loop put an L2 round trip after every round's weights (a 4096 x 4096 q4 GEMV took
-// 8 us in the model). An early GEMV (fusion.early, launched by lab::LaunchAfterPrevious) issues
+// 8 us in the model). An early GEMV (Early, launched by lab::LaunchAfterPrevious) issues
 // its first round's weight loads before lab::WaitForPrevious, then x's copy (the previous kernel's
 // output); every write comes after; any other GEMV waits for the kernel ahead before it copies x.
 // Every GEMV lets its successor start at once (lab::AllowNext): the kernels launched early take it
@@ -275,25 +240,19 @@ template <int Bits, int kRows, int P, bool Swiglu>
 constexpr int kMinBlocks =
     Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
-// n: rows of W (2I with Swiglu, whose output has I).
-// The residual (kAdd, kAddNorm) and the norm's weight (kAddNorm) are read by lane 0 after the
-// warp's products (both loads in one round trip). Copying the block's rows of them into shared
-// memory with x was slower: q4's o projection with its add 6.7 against 4.9 us plain in a graph
-// (5.7-5.9 against 5.7 read at the end; bench.gemv, 1 x H200, 2026-12-01, twelfth round).
-// kNormed: the threads that copied the slots sum them before the block's barrier (a partial a
-// warp, in shared memory); each warp adds the kWarps partials after its products. Summed by every
-// warp from the slots (16 loads and adds a lane, 5 shuffles) it cost ~60 instructions a warp, 10%
-// of a gate_up warp's: 21.6 against 19.6 us.
-template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart>
+// n: rows of W (2I with Swiglu, whose output has I). Early: launched by lab::LaunchAfterPrevious
+// with its first round's weight loads before lab::WaitForPrevious (the *_early functions), a
+// template parameter like the Part.
+// The residual (kAdd) is read by lane 0 after the warp's products. Copied into shared memory with x
+// (16 bytes a block) it was slower: q4's o projection with its add 6.7 against 4.9 us plain in a
+// graph, 5.1 read at the end (bench.gemv, 1 x H200, 2026-12-01, twelfth round).
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k, Fusion fusion) {
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
-  constexpr bool kAdds = kPart == Part::kAdd || kPart == Part::kAddNorm;
-  static_assert(kPart != Part::kAddNorm || (kSlotRows % kOut == 0 && kWarps * kOut % kSlotRows == 0 && !Swiglu),
-                "a block's rows are whole slots, each of whole warps");
-  extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled; then kNormed's slots
+  extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
   const int lane = threadIdx.x % 32;
   const int outputs = Swiglu ? n / 2 : n;
   const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
@@ -302,20 +261,14 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  float* slots_shared = reinterpret_cast<float*>(x_shared + SharedBytes(k) / 16);
-  __shared__ float warp_squares[kWarps];  // kNormed: the slots' partial sums; kAddNorm: the warps' squares
-  const auto after_wait = [&] {  // x's copy (and kNormed's slots) in one group
+  const auto copy_x = [&] {
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
-    if constexpr (kPart == Part::kNormed) {
-      for (int j = threadIdx.x; j < k / kSlotRows / 4; j += blockDim.x)
-        __pipeline_memcpy_async(slots_shared + 4 * j, fusion.squares + 4 * j, 16);
-    }
     __pipeline_commit();
   };
   lab::AllowNext();  // only a kernel launched early takes it up (the *_early GEMVs, the static decode attention)
-  if (!fusion.early) {
+  if constexpr (!Early) {
     lab::WaitForPrevious();  // launched after the previous kernel has let it start: nothing before this
-    after_wait();
+    copy_x();
   }
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -337,30 +290,15 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
     if (round == 0) {
-      if (fusion.early) {
+      if constexpr (Early) {
         // the weights and scales are constants: the first round's loads are in flight before the
         // previous kernel, whose output x is, has finished
         lab::WaitForPrevious();
-        after_wait();
+        copy_x();
       }
       __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
       PrepareX<Bits>(x_shared, k);
-      if constexpr (kPart == Part::kNormed) {  // the slots this thread copied (complete), by warp
-        const int chunks = k / kSlotRows / 4;
-        if (threadIdx.x / 32 * 32 < chunks) {
-          float part = 0.f;
-          for (int j = threadIdx.x; j < chunks; j += blockDim.x) {
-            const float4 v = reinterpret_cast<const float4*>(slots_shared)[j];
-            part += (v.x + v.y) + (v.z + v.w);
-          }
-#pragma unroll
-          for (int offset = 16; offset > 0; offset /= 2) part += __shfl_xor_sync(0xffffffffu, part, offset);
-          if (lane == 0) warp_squares[threadIdx.x / 32] = part;
-        } else if (lane == 0) {
-          warp_squares[threadIdx.x / 32] = 0.f;
-        }
-      }
-      __syncthreads();  // x (and kNormed's partials) ready in shared memory
+      __syncthreads();  // x is ready in shared memory
     }
     if (!active) continue;
 #pragma unroll
@@ -387,43 +325,21 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
   }
-  float squares = 0.f;  // kAddNorm: of this warp's rows of out, as rounded
-  if (active) {
-    float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
-    if constexpr (kPart == Part::kNormed) unscale *= InverseRmsOfPartials(warp_squares, k, fusion.eps);
+  if (!active) return;
+  const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kRows; ++r) {
 #pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
-      acc[r] *= unscale;
-    }
-    if (lane == 0) {
-#pragma unroll
-      for (int o = 0; o < kOut; ++o) {
-        if (out0 + o >= outputs) break;
-        float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
-        if constexpr (kAdds) v += __half2float(fusion.residual[out0 + o]);
-        out[out0 + o] = OutT(v);
-        if constexpr (kPart == Part::kAddNorm) {
-          const float h = RoundHalf(v);
-          fusion.weighted[out0 + o] = __float2half_rn(h * __half2float(__ldg(fusion.norm_weight + out0 + o)));
-          squares += h * h;
-        }
-      }
-    }
+    for (int offset = 16; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], offset);
+    acc[r] *= unscale;
   }
-  if constexpr (kPart == Part::kAddNorm) {
-    // The block's rows are kWarps * kOut / kSlotRows whole slots, each of kSlotRows / kOut warps.
-    if (lane == 0) warp_squares[threadIdx.x / 32] = squares;
-    __syncthreads();
-    constexpr int kSlots = kWarps * kOut / kSlotRows, kWarpsPerSlot = kSlotRows / kOut;
-    const int slot = blockIdx.x * kSlots + threadIdx.x;
-    if (threadIdx.x < kSlots && slot < n / kSlotRows) {
-      float sum = 0.f;
+  if (lane != 0) return;
 #pragma unroll
-      for (int i = 0; i < kWarpsPerSlot; ++i) sum += warp_squares[threadIdx.x * kWarpsPerSlot + i];
-      fusion.squares[slot] = sum;
-    }
+  for (int o = 0; o < kOut; ++o) {
+    if (out0 + o >= outputs) break;
+    float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
+    if constexpr (kPart == Part::kAdd) v += __half2float(fusion.residual[out0 + o]);
+    out[out0 + o] = OutT(v);
   }
 }
 
@@ -458,9 +374,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart>
+template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -473,17 +389,18 @@ int Resident(const void* kernel, int smem) {
 
 std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
 
-template <int Bits, bool Swiglu, typename OutT, Part kPart>
+template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   Shape candidates[3];
   int count = 0;
-  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart>();
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart>()
-                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart>();
+  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart, Early>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart, Early>()
+                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart, Early>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart>() : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart, Early>()
+                              : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart, Early>();
   const auto take = [smem](const Shape& c) {
     Resident(c.kernel, smem);  // allows its shared memory
     return c;
@@ -513,11 +430,11 @@ int SetRows(int rows) {
   return g_rows.exchange(rows);
 }
 
-template <int Bits, bool Swiglu, typename OutT, Part kPart>
+template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
-  const int smem = SharedBytes(k) + (kPart == Part::kNormed ? SlotBytes(k) : 0);
-  const Shape shape = Choose<Bits, Swiglu, OutT, kPart>(n, k, smem, device);
+  const int smem = SharedBytes(k);
+  const Shape shape = Choose<Bits, Swiglu, OutT, kPart, Early>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
@@ -530,41 +447,17 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
 // What a registered function computes (runtime_patch/functions.py GEMV_FUSIONS), and its name.
 struct Fused {
   Part part;
-  bool swiglu, early;  // early: launched by lab::LaunchAfterPrevious (the *_early functions)
+  bool swiglu;
   const char* name;
 };
 
-// A function's tensors (those its Fused uses) and the norm's epsilon.
-struct Operands {
-  DLTensor *x, *w, *scale, *out;
-  DLTensor *residual = nullptr, *norm_weight = nullptr, *weighted = nullptr, *squares = nullptr;
-  double eps = 0;
-};
-
-// One float16 (or float32) row of `length` values, compact on the GPU.
-void CheckRow(const char* fn, const char* what, const DLTensor* t, int64_t length, bool f32 = false) {
-  lab::CheckOnGpuCompact(fn, {t});
-  const bool type = f32 ? t->dtype.code == kDLFloat && t->dtype.bits == 32 && t->dtype.lanes == 1 : lab::IsHalf(t->dtype);
-  if (!type || t->ndim == 0 || Rows(t) != 1 || t->shape[t->ndim - 1] != length)
-    TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be one " << (f32 ? "float32" : "float16") << " row of "
-                              << length;
-}
-
-void CheckAligned(const char* fn, const char* what, const DLTensor* t) {
-  if (reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0) TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be 16-byte aligned";
-}
-
 // Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
-// float16; out [.., N] (or [.., N / 2] with swiglu) float16, or float32 for a product without an
-// add or SiLU (the LM head); residual [.., N] float16 (add, add_norm); norm_weight [N], weighted
-// [.., N] float16 and squares [.., N / kSlotRows] float32 (add_norm); squares [.., K / kSlotRows]
-// float32 (normed). x, residual, norm_weight and normed's squares 16-byte aligned (copied 16 bytes
-// at a time).
-template <int Bits>
-void Gemv(const Fused& fused, const Operands& a) {
+// float16; residual [.., N] float16 or null; out [.., N] (or [.., N / 2] with swiglu) float16, or
+// float32 where nothing is fused (the LM head). Early: the *_early functions (plain and add).
+template <int Bits, bool Early>
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const char* fn = fused.name;
   constexpr int per_word = 32 / Bits;
-  DLTensor *x = a.x, *w = a.w, *scale = a.scale, *out = a.out;
   lab::CheckOnGpuCompact(fn, {x, w, scale, out});
   if (!lab::IsHalf(x->dtype) || w->dtype.code != kDLUInt || w->dtype.bits != 32 || scale->dtype.bits != 16 || w->ndim != 2 ||
       scale->ndim != 2)
@@ -578,67 +471,33 @@ void Gemv(const Fused& fused, const Operands& a) {
                               << "], q_weight [" << n << ", " << w->shape[1] << "], out [.., "
                               << out->shape[out->ndim - 1] << "]" << (fused.swiglu ? ": N / 2 outputs of an even N" : "")
                               << ")";
-  CheckAligned(fn, "x", x);
+  if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
+    TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
-  fusion.early = fused.early;
-  const Part part = fused.part;
-  if (part == Part::kAdd || part == Part::kAddNorm) {
-    CheckRow(fn, "residual", a.residual, outputs);
-    CheckAligned(fn, "residual", a.residual);
-    fusion.residual = Data<__half>(a.residual);
-  }
-  if (part == Part::kAddNorm) {
-    if (n % kSlotRows != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": " << n << " outputs are not whole slots of " << kSlotRows << " rows";
-    CheckRow(fn, "norm_weight", a.norm_weight, n);
-    CheckAligned(fn, "norm_weight", a.norm_weight);
-    CheckRow(fn, "weighted", a.weighted, n);
-    CheckRow(fn, "squares", a.squares, n / kSlotRows, true);
-    fusion.norm_weight = Data<__half>(a.norm_weight);
-    fusion.weighted = Data<__half>(a.weighted);
-    fusion.squares = Data<float>(a.squares);
-  }
-  if (part == Part::kNormed) {
-    CheckRow(fn, "squares", a.squares, k / kSlotRows, true);
-    CheckAligned(fn, "squares", a.squares);
-    fusion.squares = Data<float>(a.squares);
-    fusion.eps = float(a.eps);
+  if (fused.part == Part::kAdd) {
+    lab::CheckOnGpuCompact(fn, {residual});
+    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
+      TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
+    fusion.residual = Data<__half>(residual);
   }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
-  const bool f32_allowed = (part == Part::kProduct || part == Part::kNormed) && !fused.swiglu;
+  const bool f32_allowed = fused.part == Part::kProduct && !fused.swiglu;
   if (!lab::IsHalf(out->dtype) && !(f32 && f32_allowed))
     TVM_FFI_THROW(TypeError) << fn << ": out must be float16" << (f32_allowed ? " or float32" : "");
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  __half* oh = f32 ? nullptr : Data<__half>(out);
-  switch (part) {
-    case Part::kProduct:
-      if (f32) {
-        Launch<Bits, false, float, Part::kProduct>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
-      } else if (fused.swiglu) {
-        Launch<Bits, true, __half, Part::kProduct>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      } else {
-        Launch<Bits, false, __half, Part::kProduct>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      }
-      break;
-    case Part::kAdd:
-      Launch<Bits, false, __half, Part::kAdd>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      break;
-    case Part::kAddNorm:
-      Launch<Bits, false, __half, Part::kAddNorm>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      break;
-    case Part::kNormed:
-      if (f32) {
-        Launch<Bits, false, float, Part::kNormed>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
-      } else if (fused.swiglu) {
-        Launch<Bits, true, __half, Part::kNormed>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      } else {
-        Launch<Bits, false, __half, Part::kNormed>(n, k, xp, wp, sp, oh, fusion, device, stream);
-      }
-      break;
+  if (fused.part == Part::kAdd) {
+    Launch<Bits, false, __half, Part::kAdd, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+  } else if (f32) {
+    Launch<Bits, false, float, Part::kProduct, Early>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
+  } else if (fused.swiglu) {
+    if constexpr (!Early) Launch<Bits, true, __half, Part::kProduct, false>(n, k, xp, wp, sp, Data<__half>(out), fusion,
+                                                                           device, stream);
+  } else {
+    Launch<Bits, false, __half, Part::kProduct, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
   lab::CheckLaunch(fn);
 }
@@ -646,40 +505,20 @@ void Gemv(const Fused& fused, const Operands& a) {
 template <int Bits, bool Early>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_early" : "lab.gemv.q4") : (Early ? "lab.gemv.q8_early" : "lab.gemv.q8");
-  Gemv<Bits>({Part::kProduct, false, Early, name}, {x, w, scale, out});
+  Gemv<Bits, Early>({Part::kProduct, false, name}, x, w, scale, nullptr, out);
 }
 
 template <int Bits, bool Early>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_early" : "lab.gemv.q4_add")
                                : (Early ? "lab.gemv.q8_add_early" : "lab.gemv.q8_add");
-  Operands a{x, w, scale, out};
-  a.residual = residual;
-  Gemv<Bits>({Part::kAdd, false, Early, name}, a);
+  Gemv<Bits, Early>({Part::kAdd, false, name}, x, w, scale, residual, out);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits>({Part::kProduct, true, false, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, {x, w, scale, out});
-}
-
-template <int Bits, bool Early>
-void GemvAddNorm(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight, DLTensor* out,
-                 DLTensor* weighted, DLTensor* squares) {
-  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_norm_early" : "lab.gemv.q4_add_norm")
-                               : (Early ? "lab.gemv.q8_add_norm_early" : "lab.gemv.q8_add_norm");
-  Operands a{x, w, scale, out};
-  a.residual = residual, a.norm_weight = norm_weight, a.weighted = weighted, a.squares = squares;
-  Gemv<Bits>({Part::kAddNorm, false, Early, name}, a);
-}
-
-template <int Bits, bool Swiglu>
-void GemvNormed(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* squares, double eps, DLTensor* out) {
-  const char* name = Bits == 4 ? (Swiglu ? "lab.gemv.q4_normed_swiglu" : "lab.gemv.q4_normed")
-                               : (Swiglu ? "lab.gemv.q8_normed_swiglu" : "lab.gemv.q8_normed");
-  Operands a{x, w, scale, out};
-  a.squares = squares, a.eps = eps;
-  Gemv<Bits>({Part::kNormed, Swiglu, false, name}, a);
+  Gemv<Bits, false>({Part::kProduct, true, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr,
+                    out);
 }
 
 }  // namespace
@@ -697,12 +536,4 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
-  refl::GlobalDef().def("lab.gemv.q4_add_norm", GemvAddNorm<4, false>);
-  refl::GlobalDef().def("lab.gemv.q8_add_norm", GemvAddNorm<8, false>);
-  refl::GlobalDef().def("lab.gemv.q4_add_norm_early", GemvAddNorm<4, true>);
-  refl::GlobalDef().def("lab.gemv.q8_add_norm_early", GemvAddNorm<8, true>);
-  refl::GlobalDef().def("lab.gemv.q4_normed", GemvNormed<4, false>);
-  refl::GlobalDef().def("lab.gemv.q8_normed", GemvNormed<8, false>);
-  refl::GlobalDef().def("lab.gemv.q4_normed_swiglu", GemvNormed<4, true>);
-  refl::GlobalDef().def("lab.gemv.q8_normed_swiglu", GemvNormed<8, true>);
 }
