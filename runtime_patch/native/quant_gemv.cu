@@ -246,10 +246,13 @@ constexpr int kMinBlocks =
 // The residual (kAdd) is read by lane 0 after the warp's products. Copied into shared memory with x
 // (16 bytes a block) it was slower: q4's o projection with its add 6.7 against 4.9 us plain in a
 // graph, 5.1 read at the end (bench.gemv, 1 x H200, 2026-12-01, twelfth round).
-template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early>
+// K: the inputs as a compile-time constant (0: k at run time; kQ4ConstantK, Launch): the rounds,
+// bounds and addresses are then constants.
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-          OutT* __restrict__ out, int n, int k, Fusion fusion) {
+          OutT* __restrict__ out, int n, int k_arg, Fusion fusion) {
+  const int k = K != 0 ? K : k_arg;
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
   extern __shared__ uint4 x_shared[];  // k / 8 chunks, Swizzled
@@ -367,6 +370,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 //   20.8 against 23.2 us, 70B's 8192 x 14336 at tp=2 36.3 against 38.4, the 128256-row LM head
 //   134.3 against 146.0); for qkv, o and gate_up 1 row was as fast or faster.
 constexpr int64_t kQ4WideFrom = 16384;
+constexpr int kQ4ConstantK = 4096;  // the q4 inputs compiled into their own kernels (Launch)
 constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
@@ -374,9 +378,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early>
+template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early, K>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -389,18 +393,18 @@ int Resident(const void* kernel, int smem) {
 
 std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
 
-template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
+template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   Shape candidates[3];
   int count = 0;
-  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart, Early>();
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart, Early>()
-                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart, Early>();
+  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart, Early, K>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart, Early, K>()
+                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart, Early, K>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart, Early>()
-                              : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart, Early>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart, Early, K>()
+                              : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart, Early, K>();
   const auto take = [smem](const Shape& c) {
     Resident(c.kernel, smem);  // allows its shared memory
     return c;
@@ -434,7 +438,14 @@ template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
   const int smem = SharedBytes(k);
-  const Shape shape = Choose<Bits, Swiglu, OutT, kPart, Early>(n, k, smem, device);
+  // q4 with Llama's 4096 inputs (every Llama-3-8B GEMV but down) with k compiled in
+  Shape shape;
+  if constexpr (Bits == 4) {
+    shape = k == kQ4ConstantK ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device)
+                              : Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
+  } else {
+    shape = Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
+  }
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
