@@ -197,15 +197,14 @@ __device__ void PrepareX(uint4* x_shared, int k) {
 // The rows a warp computes, kRows of them from output row `out0` on: with Swiglu the first half
 // are gate rows out0.., the second the up rows I + out0.. (I = n / 2 outputs); a row past the end
 // repeats the last (computed, not stored).
-// Exact: every warp's rows exist (the grid covers the output exactly): no clamp.
-template <int kRows, bool Swiglu, bool Exact>
+template <int kRows, bool Swiglu>
 __device__ __forceinline__ int RowOf(int r, int out0, int n) {
   if constexpr (!Swiglu) {
-    return Exact ? out0 + r : min(out0 + r, n - 1);
+    return min(out0 + r, n - 1);
   } else {
     constexpr int kOut = kRows / 2;
     const int outputs = n / 2;
-    const int o = Exact ? out0 + r % kOut : min(out0 + r % kOut, outputs - 1);
+    const int o = min(out0 + r % kOut, outputs - 1);
     return r < kOut ? o : outputs + o;
   }
 }
@@ -247,8 +246,8 @@ constexpr int kMinBlocks =
 // The residual (kAdd) is read by lane 0 after the warp's products. Copied into shared memory with x
 // (16 bytes a block) it was slower: q4's o projection with its add 6.7 against 4.9 us plain in a
 // graph, 5.1 read at the end (bench.gemv, 1 x H200, 2026-12-01, twelfth round).
-// K: the inputs as a compile-time constant (0: k at run time; kQ4ConstantK, Launch); such a kernel
-// is launched only where its blocks cover the output exactly (every warp active, no clamps).
+// K: the inputs as a compile-time constant (0: k at run time; kQ4ConstantK, Launch): the rounds,
+// bounds and addresses are then constants.
 template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
@@ -260,8 +259,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int lane = threadIdx.x % 32;
   const int outputs = Swiglu ? n / 2 : n;
   const int out0 = (blockIdx.x * kWarps + threadIdx.x / 32) * kOut;
-  constexpr bool kExact = K != 0;
-  const bool active = kExact || out0 < outputs;  // the whole warp; an inactive one still takes part in the barriers
+  const bool active = out0 < outputs;  // the whole warp; an inactive one still takes part in the barriers
   const int groups = k / 32;
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
@@ -286,7 +284,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       const int g = g0 + 32 * p;
 #pragma unroll
       for (int r = 0; r < kRows; ++r) {
-        const int row = RowOf<kRows, Swiglu, kExact>(r, out0, n);
+        const int row = RowOf<kRows, Swiglu>(r, out0, n);
         if (active && g < groups) {
 #pragma unroll
           for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
@@ -341,7 +339,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   if (lane != 0) return;
 #pragma unroll
   for (int o = 0; o < kOut; ++o) {
-    if (!kExact && out0 + o >= outputs) break;
+    if (out0 + o >= outputs) break;
     float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
     if constexpr (kPart == Part::kAdd) v += __half2float(fusion.residual[out0 + o]);
     out[out0 + o] = OutT(v);
@@ -372,23 +370,17 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 //   20.8 against 23.2 us, 70B's 8192 x 14336 at tp=2 36.3 against 38.4, the 128256-row LM head
 //   134.3 against 146.0); for qkv, o and gate_up 1 row was as fast or faster.
 constexpr int64_t kQ4WideFrom = 16384;
-// The q4 input width compiled into kernels of its own (Launch; GemvQuant's K): Llama's 4096 (every
-// Llama-3-8B GEMV but down, 70B's o at tp=2). With k known the rounds, bounds and addresses are
-// constants: 30-50 SASS instructions fewer a kernel, and q4f16_1 decode 614.6-614.8 -> 623.9-624.0
-// tokens/s (one call on an H200, docs/BENCHMARKS.md twelfth round). 14336 (the down projections)
-// made the two-row kernel of 8 groups a round spill (56 bytes) and is not compiled in.
-constexpr int kQ4ConstantK = 4096;
+constexpr int kQ4ConstantK = 4096;  // the q4 inputs compiled into their own kernels (Launch)
 constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
   int rows, groups_per_round;
   const void* kernel;
-  bool constant_k;  // k compiled in: launched only where its blocks cover the output exactly
 };
 
 template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early, K>), K != 0};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early, K>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -446,7 +438,7 @@ template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
   const int smem = SharedBytes(k);
-  // q4 with Llama's 4096 inputs compiled in (kQ4ConstantK)
+  // q4 with Llama's 4096 inputs (every Llama-3-8B GEMV but down) with k compiled in
   Shape shape;
   if constexpr (Bits == 4) {
     shape = k == kQ4ConstantK ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device)
@@ -455,10 +447,8 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
     shape = Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
   }
   const int64_t outputs = Swiglu ? n / 2 : n;
-  const auto per_block = [](const Shape& c) { return int64_t(kWarps) * (Swiglu ? c.rows / 2 : c.rows); };
-  if (shape.constant_k && outputs % per_block(shape) != 0)  // not exact: the kernel with k at run time
-    shape = Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
-  const unsigned blocks = unsigned((outputs + per_block(shape) - 1) / per_block(shape));
+  const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
+  const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
   int n32 = int(n), k32 = int(k);
   void* args[] = {&x, &w, &s, &out, &n32, &k32, &fusion};
   LAB_CHECK_CUDA(lab::LaunchAfterPrevious(shape.kernel, dim3(blocks), dim3(kWarps * 32), size_t(smem), stream, args,
