@@ -370,7 +370,14 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 //   20.8 against 23.2 us, 70B's 8192 x 14336 at tp=2 36.3 against 38.4, the 128256-row LM head
 //   134.3 against 146.0); for qkv, o and gate_up 1 row was as fast or faster.
 constexpr int64_t kQ4WideFrom = 16384;
-constexpr int kQ4ConstantK = 4096;  // the q4 inputs compiled into their own kernels (Launch)
+// The q4 input width compiled into kernels of its own (Launch; GemvQuant's K): Llama's 4096 (every
+// Llama-3-8B GEMV but down, 70B's o at tp=2). With k known the rounds, bounds and addresses are
+// constants: 30-50 SASS instructions fewer a kernel, q4f16_1 decode 614.6-614.8 -> 623.9-624.0
+// tokens/s (one call on an H200, docs/BENCHMARKS.md twelfth round). Tried and dropped: 14336 as
+// well (the down projections' two-row kernel of 8 groups a round then spilled 56 bytes), and these
+// kernels without the row clamps and the warp's active test where the grid covers the output
+// exactly (598.0 against 628.9-629.1 tokens/s in one call).
+constexpr int kQ4ConstantK = 4096;
 constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
