@@ -10,10 +10,13 @@
 // [.., I] = silu(W_gate x) * (W_up x), a warp computing gate row i and up row i, both rounded to
 // float16 first, silu(gate) rounded, then the product (the separate kernels' roundings): the SiLU
 // kernel after every gate_up projection (~1.8 us in a graph) is gone. (The layer's RMSNorm in the
-// GEMVs was tried and dropped three times: every block normalising x in its prologue cost 1.7-4 us
+// GEMVs was tried and dropped four times: every block normalising x in its prologue cost 1.7-4 us
 // a call, and so did the norm as a scalar on the products, x scaled by the norm's weight and its
 // squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
-// norm's own kernel; docs/BENCHMARKS.md, seventh round.)
+// norm's own kernel; docs/BENCHMARKS.md, seventh round. The fourth form split it over the GEMVs
+// around it: the o and down GEMVs also wrote h * w and the sums of h^2 by slots of 8 rows, the
+// qkv, gate_up and LM head GEMVs copied the slots with x and scaled their products: each part
+// 1.5-2.2 us slower than the GEMV without it, q4f16_1 576.7 against 617.0 tokens/s; twelfth round.)
 //
 // lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
