@@ -376,11 +376,13 @@ constexpr int64_t kQ4WideFrom = 16384;
 // The q4 input width compiled into kernels of its own (Launch; GemvQuant's K): Llama's 4096 (every
 // Llama-3-8B GEMV but down, 70B's o at tp=2). With k known the rounds, bounds and addresses are
 // constants: 30-50 SASS instructions fewer a kernel, q4f16_1 decode 614.6-614.8 -> 623.9-624.0
-// tokens/s (one call on an H200, docs/BENCHMARKS.md twelfth round). Tried and dropped: 14336 as
-// well (the down projections' two-row kernel of 8 groups a round then spilled 56 bytes), and these
-// kernels without the row clamps and the warp's active test where the grid covers the output
-// exactly (598.0 against 628.9-629.1 tokens/s in one call).
+// tokens/s (one call on an H200, docs/BENCHMARKS.md twelfth round); and the down projections'
+// 14336 (kQ4DownK: the two-row kernel of 8 groups a round 1504 -> 1456 instructions). Tried and
+// dropped: these kernels without the row clamps and the warp's active test where the grid covers
+// the output exactly (598.0 against 628.9-629.1 tokens/s in one call; with 14336 compiled in as
+// well, its two-row kernel then spilled 56 bytes).
 constexpr int kQ4ConstantK = 4096;
+constexpr int kQ4DownK = 14336;  // the down projections' (8B; 70B at tp=2)
 constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
@@ -452,6 +454,7 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   Shape shape;
   if constexpr (Bits == 4) {
     shape = k == kQ4ConstantK ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device)
+            : k == kQ4DownK   ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4DownK>(n, k, smem, device)
                               : Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
   } else {
     shape = Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
