@@ -171,8 +171,8 @@ __device__ uint4 PairedChunk(uint4 raw) {
 
 // What a GEMV adds to its product, a template parameter (like Swiglu, which maps rows): a kernel's
 // code is the code it runs. (With the add chosen at run time, a null residual skipped, every GEMV
-// carried the add's code: q4f16_1 608.3 tokens/s against 617.0 with the add compiled in only where
-// it runs, one call on an H200, docs/BENCHMARKS.md twelfth round.)
+// carried the add's code: q4f16_1 606.0-608.3 tokens/s against 611.0-617.0 with the add compiled
+// in only where it runs, two calls on an H200, docs/BENCHMARKS.md twelfth round.)
 enum class Part {
   kProduct,  // out = W x
   kAdd,      // out = residual + W x (lab.gemv.q4_add / q8_add)
@@ -450,7 +450,7 @@ template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
   const int smem = SharedBytes(k);
-  // q4 with Llama's 4096 inputs (every Llama-3-8B GEMV but down) with k compiled in
+  // q4 with Llama's input widths compiled in (kQ4ConstantK, kQ4DownK)
   Shape shape;
   if constexpr (Bits == 4) {
     shape = k == kQ4ConstantK ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device)
@@ -518,8 +518,11 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   } else if (f32) {
     Launch<Bits, false, float, Part::kProduct, Early>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
   } else if (fused.swiglu) {
-    if constexpr (!Early) Launch<Bits, true, __half, Part::kProduct, false>(n, k, xp, wp, sp, Data<__half>(out), fusion,
-                                                                           device, stream);
+    if constexpr (Early) {
+      TVM_FFI_THROW(InternalError) << fn << ": there is no early SwiGLU GEMV";
+    } else {
+      Launch<Bits, true, __half, Part::kProduct, false>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    }
   } else {
     Launch<Bits, false, __half, Part::kProduct, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   }
