@@ -7,7 +7,7 @@ figures (decode tokens/s, speedup, efficiency, allreduce share, roofline fractio
 raw per-step samples kept. Prints Markdown table rows for docs/BENCHMARKS.md.
 
 `write_checked_record` is the record of a GPU benchmark whose results carry their own check
-(`ok`): bench.static_kv's, bench.attention_o's and `bench.gemv norm`'s.
+(`ok`): bench.static_kv's, bench.attention_o's and bench.gemv's.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 from harness.results import atomic_write_json, atomic_write_text, git_info
 
 
-def write_checked_record(out: Path, module: str, results: list[dict], sha: str | None = None) -> bool:
+def write_checked_record(out: Path, module: str, results: list[dict], sha: str | None = None,
+                         extra: dict | None = None) -> bool:
     """`results` (each with its `ok`) as a record at `out`, written atomically: card, date, git SHA
     (`sha` where the benchmark was given the one that built its plugins, else this checkout's), the
     command (`python -m bench.<module>` and this process's arguments), torch's version, `ok` (every
-    result's). Returns that `ok`."""
+    result's), and the benchmark's `extra` fields (e.g. the copy bandwidth it measured). Returns that
+    `ok`."""
     import torch
 
     ok = all(r["ok"] for r in results)
@@ -33,7 +35,7 @@ def write_checked_record(out: Path, module: str, results: list[dict], sha: str |
         "card": torch.cuda.get_device_name(0), "date": time.strftime("%Y-%m-%d"),
         "git_sha": sha if sha is not None else (git_info() or {}).get("sha"),
         "command": " ".join(["python", "-m", f"bench.{module}", *sys.argv[1:]]), "torch": torch.__version__,
-        "ok": ok, "results": results}, indent=1))
+        **(extra or {}), "ok": ok, "results": results}, indent=1))
     return ok
 
 

@@ -28,10 +28,12 @@ Matrix products (plugin cuda_gemm):
                                         transformers' LlamaRMSNorm: the decode steps' norms
                                         (decode_norm=library)
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
-                                        linears: up to a row count one tensor-core kernel that
-                                        dequantizes the packed weight in registers ("fused"),
-                                        above it the weight dequantized into workspace [N, K]
-                                        float16 and cuBLAS ("dequant"; runtime_patch/native/quant_gemm.cu)
+                                        linears: up to a row count a tensor-core kernel that
+                                        dequantizes the packed weight in registers ("fused": mma.sync
+                                        up to 64 rows on sm_90, 128 elsewhere; on sm_90 the warpgroup
+                                        MMA from 65 to 256), above it the weight dequantized into
+                                        workspace [N, K] float16 and cuBLAS ("dequant";
+                                        runtime_patch/native/quant_gemm.cu)
   GEMM_Q8(...)                          the same of a q8f16_1 weight
   QUANT_GEMM_PATH(name) -> previous     "auto" (the default: by the row count), "fused" or "dequant":
                                         which GEMM_Q4 / GEMM_Q8 run in this process, for the
