@@ -241,7 +241,7 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // of 4 groups a round at most 64; q8's others unbounded (bounded, they spill).
 template <int Bits, int kRows, int P, bool Swiglu>
 constexpr int kMinBlocks =
-    Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
+    Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : kRows == 2 && P == 4 ? 2 : 1);
 
 // n: rows of W (2I with Swiglu, whose output has I). Early: launched by lab::LaunchAfterPrevious
 // with its first round's weight loads before lab::WaitForPrevious (the *_early functions), a
@@ -278,60 +278,62 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
+  uint4 words[P][kRows][L];
+  __half scales[P][kRows];
+  // group p of a round into words[p] / scales[p]
+  const auto load = [&](int round, int p) {
+    const int g = round * 32 * P + lane + 32 * p;
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int row = RowOf<kRows, Swiglu>(r, out0, n);
+      if (active && g < groups) {
+#pragma unroll
+        for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
+        scales[p][r] = scale[int64_t(row) * groups + g];
+      }
+    }
+  };
+#pragma unroll
+  for (int p = 0; p < P; ++p) load(0, p);
+  if constexpr (Early) {
+    // the weights and scales are constants: the first round's loads are in flight before the
+    // previous kernel, whose output x is, has finished
+    lab::WaitForPrevious();
+    copy_x();
+  }
+  __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
+  PrepareX<Bits>(x_shared, k);
+  __syncthreads();  // x is ready in shared memory (the block's only barrier)
+  if (!active) return;
   for (int round = 0; round < rounds; ++round) {
-    const int g0 = round * 32 * P + lane;
-    uint4 words[P][kRows][L];
-    __half scales[P][kRows];
 #pragma unroll
     for (int p = 0; p < P; ++p) {
-      const int g = g0 + 32 * p;
+      const int g = round * 32 * P + lane + 32 * p;
+      if (g < groups) {
+        uint4 xc[4];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const int row = RowOf<kRows, Swiglu>(r, out0, n);
-        if (active && g < groups) {
+        for (int c = 0; c < 4; ++c) xc[c] = x_shared[Swizzled(4 * g + c)];
+        if constexpr (Bits == 4) {
+          const __half2* xp = reinterpret_cast<const __half2*>(xc);
 #pragma unroll
-          for (int l = 0; l < L; ++l) words[p][r][l] = __ldg(wv + row * row_vecs + int64_t(g) * L + l);
-          scales[p][r] = scale[int64_t(row) * groups + g];
+          for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
+        } else {
+          float xf[32];
+          const __half2* xh = reinterpret_cast<const __half2*>(xc);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            const float2 f = __half22float2(xh[i]);
+            xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
+          }
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
         }
       }
-    }
-    if (round == 0) {
-      if constexpr (Early) {
-        // the weights and scales are constants: the first round's loads are in flight before the
-        // previous kernel, whose output x is, has finished
-        lab::WaitForPrevious();
-        copy_x();
-      }
-      __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
-      PrepareX<Bits>(x_shared, k);
-      __syncthreads();  // x is ready in shared memory
-    }
-    if (!active) continue;
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int g = g0 + 32 * p;
-      if (g >= groups) break;
-      uint4 xc[4];
-#pragma unroll
-      for (int c = 0; c < 4; ++c) xc[c] = x_shared[Swizzled(4 * g + c)];
-      if constexpr (Bits == 4) {
-        const __half2* xp = reinterpret_cast<const __half2*>(xc);
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
-      } else {
-        float xf[32];
-        const __half2* xh = reinterpret_cast<const __half2*>(xc);
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const float2 f = __half22float2(xh[i]);
-          xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
-        }
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
-      }
+      // the next round's group p into the registers just used: its loads stream while this
+      // round's later groups are computed
+      if (round + 1 < rounds) load(round + 1, p);
     }
   }
-  if (!active) return;
   const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
