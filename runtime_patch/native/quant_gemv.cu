@@ -241,7 +241,19 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // of 4 groups a round at most 64; q8's others unbounded (bounded, they spill).
 template <int Bits, int kRows, int P, bool Swiglu>
 constexpr int kMinBlocks =
-    Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : kRows == 2 && P == 4 ? 2 : 1);
+    Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
+
+// Where a lane has more than one round (the down projections' 14336 inputs: 14 groups a lane, two
+// rounds of 8), the rolling kernels load the next round's group p into the registers of this
+// round's group p as soon as it is computed, so that a round's loads stream while the round ahead
+// is computed; the others issue a round's loads after the round ahead (a single-wave kernel's
+// memory then idles while its warps compute). Rolling: q4 with k compiled in (K != 0: only the
+// down projections' kernels have two rounds). q4f16_1 decode 628.3-628.4 -> 635.2-635.4 tokens/s in
+// one call on an H200 (docs/BENCHMARKS.md thirteenth round); where k is a run-time value (70B's and
+// the tp = 2 shapes, several waves) and in q8's kernels it lost (bench.gemv: q4 70B gate_up at tp=2
+// 47.7 against 37.3 us, q8's every shape 5-10% slower, q8f16_1 decode 370.5 against 405.0).
+template <int Bits, int K>
+constexpr bool kRolling = Bits == 4 && K != 0;
 
 // n: rows of W (2I with Swiglu, whose output has I). Early: launched by lab::LaunchAfterPrevious
 // with its first round's weight loads before lab::WaitForPrevious (the *_early functions), a
@@ -293,46 +305,68 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       }
     }
   };
-#pragma unroll
-  for (int p = 0; p < P; ++p) load(0, p);
-  if constexpr (Early) {
-    // the weights and scales are constants: the first round's loads are in flight before the
-    // previous kernel, whose output x is, has finished
-    lab::WaitForPrevious();
-    copy_x();
-  }
-  __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
-  PrepareX<Bits>(x_shared, k);
-  __syncthreads();  // x is ready in shared memory (the block's only barrier)
-  if (!active) return;
-  for (int round = 0; round < rounds; ++round) {
-#pragma unroll
-    for (int p = 0; p < P; ++p) {
-      const int g = round * 32 * P + lane + 32 * p;
-      if (g < groups) {
-        uint4 xc[4];
-#pragma unroll
-        for (int c = 0; c < 4; ++c) xc[c] = x_shared[Swizzled(4 * g + c)];
-        if constexpr (Bits == 4) {
-          const __half2* xp = reinterpret_cast<const __half2*>(xc);
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
-        } else {
-          float xf[32];
-          const __half2* xh = reinterpret_cast<const __half2*>(xc);
-#pragma unroll
-          for (int i = 0; i < 16; ++i) {
-            const float2 f = __half22float2(xh[i]);
-            xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
-          }
-#pragma unroll
-          for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
-        }
-      }
-      // the next round's group p into the registers just used: its loads stream while this
-      // round's later groups are computed
-      if (round + 1 < rounds) load(round + 1, p);
+  // after the first round's loads are issued: x in shared memory, ready for the products
+  const auto x_ready = [&] {
+    if constexpr (Early) {
+      // the weights and scales are constants: the first round's loads are in flight before the
+      // previous kernel, whose output x is, has finished
+      lab::WaitForPrevious();
+      copy_x();
     }
+    __pipeline_wait_prior(0);  // this thread's chunks of x have arrived
+    PrepareX<Bits>(x_shared, k);
+    __syncthreads();  // x is ready in shared memory
+  };
+  // the products of group g, held in words[p] / scales[p]
+  const auto accumulate = [&](int p, int g) {
+    uint4 xc[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) xc[c] = x_shared[Swizzled(4 * g + c)];
+    if constexpr (Bits == 4) {
+      const __half2* xp = reinterpret_cast<const __half2*>(xc);
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ4(words[p][r][0], xp);
+    } else {
+      float xf[32];
+      const __half2* xh = reinterpret_cast<const __half2*>(xc);
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const float2 f = __half22float2(xh[i]);
+        xf[2 * i] = f.x, xf[2 * i + 1] = f.y;
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
+    }
+  };
+  if constexpr (kRolling<Bits, K>) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) load(0, p);
+    x_ready();
+    if (!active) return;
+    for (int round = 0; round < rounds; ++round) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int g = round * 32 * P + lane + 32 * p;
+        if (g < groups) accumulate(p, g);
+        // the next round's group p into the registers just used: its loads stream while this
+        // round's later groups are computed
+        if (round + 1 < rounds) load(round + 1, p);
+      }
+    }
+  } else {
+    for (int round = 0; round < rounds; ++round) {
+#pragma unroll
+      for (int p = 0; p < P; ++p) load(round, p);
+      if (round == 0) x_ready();
+      if (!active) continue;
+#pragma unroll
+      for (int p = 0; p < P; ++p) {
+        const int g = round * 32 * P + lane + 32 * p;
+        if (g >= groups) break;
+        accumulate(p, g);
+      }
+    }
+    if (!active) return;
   }
   const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
 #pragma unroll
