@@ -48,9 +48,11 @@
 // lanes consecutive groups, so a warp load reads 512 or 1024 contiguous bytes of a row. A lane
 // first issues the loads of 4 or 8 groups of each of its rows (and their scales), then computes
 // on them: the earlier loop, one group's load then its arithmetic, waited a memory latency per
-// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth. (q8 lanes on consecutive
-// 16-byte vectors, half a group each, were tried: 8 vectors a round took registers past the one-row
-// kernels' 64 and the q8 GEMVs got 5-15% slower.)
+// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth. In q4's kernels of k
+// compiled in (the down projections' two rounds a lane) the next round's loads go out group by
+// group as this round's are computed (kRolling). (q8 lanes on consecutive 16-byte vectors, half a
+// group each, were tried: 8 vectors a round took registers past the one-row kernels' 64 and the q8
+// GEMVs got 5-15% slower.)
 //
 // x is copied into shared memory once per block, its 16-byte chunks XOR-permuted (Swizzled): a
 // lane reads the 4 chunks of its group, and with the chunks in order the 8 lanes of a
