@@ -48,8 +48,8 @@
 // lanes consecutive groups, so a warp load reads 512 or 1024 contiguous bytes of a row. A lane
 // first issues the loads of 4 or 8 groups of each of its rows (and their scales), then computes
 // on them: the earlier loop, one group's load then its arithmetic, waited a memory latency per
-// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth. In q4's kernels of k
-// compiled in (the down projections' two rounds a lane) the next round's loads go out group by
+// group and left the 4096-row GEMVs at 36-49% of the copy bandwidth. In the kernels of k compiled
+// in (the down projections' two or four rounds a lane) the next round's loads go out group by
 // group as this round's are computed (kRolling). (q8 lanes on consecutive 16-byte vectors, half a
 // group each, were tried: 8 vectors a round took registers past the one-row kernels' 64 and the q8
 // GEMVs got 5-15% slower.)
@@ -245,17 +245,19 @@ template <int Bits, int kRows, int P, bool Swiglu>
 constexpr int kMinBlocks =
     Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
 
-// Where a lane has more than one round (the down projections' 14336 inputs: 14 groups a lane, two
-// rounds of 8), the rolling kernels load the next round's group p into the registers of this
-// round's group p as soon as it is computed, so that a round's loads stream while the round ahead
-// is computed; the others issue a round's loads after the round ahead (a single-wave kernel's
-// memory then idles while its warps compute). Rolling: q4 with k compiled in (K != 0: only the
-// down projections' kernels have two rounds). q4f16_1 decode 628.3-628.4 -> 635.2-635.4 tokens/s in
-// one call on an H200 (docs/BENCHMARKS.md thirteenth round); where k is a run-time value (70B's and
-// the tp = 2 shapes, several waves) and in q8's kernels it lost (bench.gemv: q4 70B gate_up at tp=2
-// 47.7 against 37.3 us, q8's every shape 5-10% slower, q8f16_1 decode 370.5 against 405.0).
+// Where a lane has more than one round (the down projections' 14336 inputs: q4's 14 groups a lane
+// in two rounds of 8, q8's in four of 4), the rolling kernels load the next round's group p into
+// the registers of this round's group p as soon as it is computed, so that a round's loads stream
+// while the round ahead is computed; the others issue a round's loads after the round ahead (a
+// single-wave kernel's memory then idles while its warps compute). Rolling: the kernels with k
+// compiled in (K != 0: q4's 4096 and 14336, q8's 14336; only the 14336 ones have more than one
+// round). On an H200 (docs/BENCHMARKS.md thirteenth round), in one call each: q4f16_1 decode
+// 630.0-630.2 -> 639.5-640.0 tokens/s, q8f16_1 411.5 -> 417.1-417.2 (q8's 14336 compiled in and
+// rolling). Where k is a run-time value (70B's and the tp = 2 shapes, several waves) rolling lost:
+// a first version rolling every kernel took q4's 70B gate_up at tp=2 from 37.3 to 47.7 us
+// (bench.gemv), and q8's kernels, bounded to 2 blocks an SM with it, 5-10% slower at every shape.
 template <int Bits, int K>
-constexpr bool kRolling = Bits == 4 && K != 0;
+constexpr bool kRolling = K != 0;
 
 // n: rows of W (2I with Swiglu, whose output has I). Early: launched by lab::LaunchAfterPrevious
 // with its first round's weight loads before lab::WaitForPrevious (the *_early functions), a
@@ -411,16 +413,16 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
 //   20.8 against 23.2 us, 70B's 8192 x 14336 at tp=2 36.3 against 38.4, the 128256-row LM head
 //   134.3 against 146.0); for qkv, o and gate_up 1 row was as fast or faster.
 constexpr int64_t kQ4WideFrom = 16384;
-// The q4 input width compiled into kernels of its own (Launch; GemvQuant's K): Llama's 4096 (every
+// The input widths compiled into kernels of their own (Launch; GemvQuant's K): q4's Llama 4096 (every
 // Llama-3-8B GEMV but down, 70B's o at tp=2). With k known the rounds, bounds and addresses are
 // constants: 30-50 SASS instructions fewer a kernel, q4f16_1 decode 614.6-614.8 -> 623.9-624.0
 // tokens/s (one call on an H200, docs/BENCHMARKS.md twelfth round); and the down projections'
-// 14336 (kQ4DownK: the two-row kernel of 8 groups a round 1504 -> 1456 instructions). Tried and
-// dropped: these kernels without the row clamps and the warp's active test where the grid covers
-// the output exactly (598.0 against 628.9-629.1 tokens/s in one call; with 14336 compiled in as
-// well, its two-row kernel then spilled 56 bytes).
+// 14336 (kDownK, q4's and q8's: q4's two-row kernel of 8 groups a round 1504 -> 1456 instructions;
+// these kernels load rolling, kRolling). Tried and dropped: these kernels without the row clamps
+// and the warp's active test where the grid covers the output exactly (598.0 against 628.9-629.1
+// tokens/s in one call; with 14336 compiled in as well, its two-row kernel then spilled 56 bytes).
 constexpr int kQ4ConstantK = 4096;
-constexpr int kQ4DownK = 14336;  // the down projections' (8B; 70B at tp=2)
+constexpr int kDownK = 14336;  // the down projections' (8B; 70B at tp=2)
 constexpr int64_t kQ8WideFrom = 32768;
 
 struct Shape {
@@ -488,15 +490,15 @@ template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
   const int smem = SharedBytes(k);
-  // q4 with Llama's input widths compiled in (kQ4ConstantK, kQ4DownK)
+  // Llama's input widths compiled in (kQ4ConstantK for q4, kDownK)
   Shape shape;
+  bool chosen = false;
   if constexpr (Bits == 4) {
-    shape = k == kQ4ConstantK ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device)
-            : k == kQ4DownK   ? Choose<Bits, Swiglu, OutT, kPart, Early, kQ4DownK>(n, k, smem, device)
-                              : Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
-  } else {
-    shape = Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
+    if (k == kQ4ConstantK) shape = Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device), chosen = true;
   }
+  if (!chosen)
+    shape = k == kDownK ? Choose<Bits, Swiglu, OutT, kPart, Early, kDownK>(n, k, smem, device)
+                        : Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
