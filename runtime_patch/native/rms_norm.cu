@@ -14,6 +14,9 @@
 // the row (the GEMV's output) after, so the norm's launch and its first round trip hide under the
 // GEMV's last blocks. It lets its own successor launch at once (lab::AllowNext): the qkv and gate_up
 // GEMVs after it, which wait for it before anything (quant_gemv.cu), are resident when it ends.
+// (Letting them start only once its own wait has returned, with their first weight loads issued
+// before theirs to stream while the norm runs, lost: q4f16_1 604 against 628 tokens/s; the late
+// start alone was neutral. docs/BENCHMARKS.md, thirteenth round.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
