@@ -256,7 +256,7 @@ constexpr int kMinBlocks =
 // rolling). Where k is a run-time value (70B's and the tp = 2 shapes, several waves) rolling lost:
 // a first version rolling every kernel took q4's 70B gate_up at tp=2 from 37.3 to 47.7 us
 // (bench.gemv), and q8's kernels, bounded to 2 blocks an SM with it, 5-10% slower at every shape.
-template <int Bits, int K>
+template <int K>
 constexpr bool kRolling = K != 0;
 
 // n: rows of W (2I with Swiglu, whose output has I). Early: launched by lab::LaunchAfterPrevious
@@ -296,9 +296,11 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   float acc[kRows] = {};
   uint4 words[P][kRows][L];
   __half scales[P][kRows];
+  // the group of a row that this lane takes as a round's p-th
+  const auto group = [&](int round, int p) { return round * 32 * P + lane + 32 * p; };
   // group p of a round into words[p] / scales[p]
   const auto load = [&](int round, int p) {
-    const int g = round * 32 * P + lane + 32 * p;
+    const int g = group(round, p);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int row = RowOf<kRows, Swiglu>(r, out0, n);
@@ -342,7 +344,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       for (int r = 0; r < kRows; ++r) acc[r] += __half2float(scales[p][r]) * GroupQ8(words[p][r], xf);
     }
   };
-  if constexpr (kRolling<Bits, K>) {
+  if constexpr (kRolling<K>) {
 #pragma unroll
     for (int p = 0; p < P; ++p) load(0, p);
     x_ready();
@@ -350,7 +352,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     for (int round = 0; round < rounds; ++round) {
 #pragma unroll
       for (int p = 0; p < P; ++p) {
-        const int g = round * 32 * P + lane + 32 * p;
+        const int g = group(round, p);
         if (g < groups) accumulate(p, g);
         // the next round's group p into the registers just used: its loads stream while this
         // round's later groups are computed
@@ -365,7 +367,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
       if (!active) continue;
 #pragma unroll
       for (int p = 0; p < P; ++p) {
-        const int g = round * 32 * P + lane + 32 * p;
+        const int g = group(round, p);
         if (g >= groups) break;
         accumulate(p, g);
       }
