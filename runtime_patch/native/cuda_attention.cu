@@ -57,6 +57,9 @@
 // lab.kv.argmax(logits [b, vocab] float32, out [b] int32)   the greedy tokens (ArgmaxRows)
 // lab.kv.advance(next [b], ids, positions, out)     ids[:, 0] = next, positions += 1, out = next; and
 //                                                   the tokens into the device's mailbox, if it has one
+//   (argmax and advance are launched while the kernel ahead still runs, lab::LaunchAfterPrevious,
+//   and wait for it before reading anything: after the decode's graph the LM head's GEMV lets the
+//   argmax start at once, and the argmax the advance, so neither waits for a launch)
 // lab.kv.mailbox() -> address                       pinned host words the advance calls write (below)
 // lab.kv.settle_prefill(next [n], ids, positions, slot, length, out)
 //                                                   ids[slot] = next[n-1], positions[slot] = length
@@ -1098,6 +1101,8 @@ struct Mailbox {
 // One block of at least n threads (n <= kMailboxSlots) where there is a mailbox, else a grid.
 __global__ void Advance(const int32_t* __restrict__ next, int32_t* __restrict__ ids, int32_t* __restrict__ positions,
                         int32_t* __restrict__ out, int n, Mailbox mailbox) {
+  lab::AllowNext();
+  lab::WaitForPrevious();  // launched while the argmax runs (LaunchAfterPrevious): its tokens after this
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   const int32_t call = mailbox.calls != nullptr ? *mailbox.calls : 0;
   if (i < n) {
@@ -1156,6 +1161,8 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 ArgmaxRows(const float* __restrict__ logits, int64_t vocab, float* __restrict__ part_value,
            int* __restrict__ part_index, unsigned* __restrict__ arrivals, int32_t* __restrict__ out) {
   __shared__ Best shared[kArgmaxThreads / 32];
+  lab::AllowNext();  // the advance after it may launch (it waits for this kernel)
+  lab::WaitForPrevious();  // launched while the LM head runs (LaunchAfterPrevious): the logits after this
   const int part = blockIdx.x, parts = gridDim.x, row = blockIdx.y;
   const int64_t per_part = (vocab + parts - 1) / parts;
   const int64_t begin = part * per_part, end = min(vocab, begin + per_part);
@@ -1381,20 +1388,29 @@ int64_t SetDecodeTensorCores(int64_t on) {
 // (batch 1: 8 pairs at tp=1); their blocks (one per SM: ~190 registers x 256 threads) must fit
 // one wave, or a batch of 16 runs 8 waves of them (44.6 us a call against ~20 for one block
 // per pair). So: sm_90 or later, a cache of at most kMaxCluster blocks of two rounds each (longer
-// ones are read faster split over more blocks), and one block per kClusterKeys keys, at most
-// kMaxCluster, at most as many as leave one block per SM.
+// ones are read faster split over more blocks), and one block per kClusterKeys keys (the SIMT
+// kernel) or per kMmaClusterKeys (StaticDecodeMma: each warp one tile of the cache at its full
+// length), at most kMaxCluster, at most as many as leave one block per SM (fewer than 2: the split
+// kernel).
+// StaticDecodeMma at 32 keys a block put half its warps on no tile where a cache is shorter than
+// 512 keys: at 64, Llama-3-8B's 256-key cache of the decode benchmark (prompt 128 + 128 new
+// tokens) takes clusters of 4 instead of 8, q4f16_1 decode 641.0-641.4 -> 645.3-645.4 tokens/s,
+// q8f16_1 416.2-416.7 -> 417.1-417.4; at 128 keys (clusters of 2) it lost, 616.6 (one call, 1 x H200,
+// 2026-12-01, docs/BENCHMARKS.md fourteenth round).
 // lab.kv.decode_cluster(n) -> the previous n: the benchmarks' choice of cluster size for a process
 // (bench.static_kv times several in one run); 0 (the default) is the rule above, 1 the split kernel,
 // 2..kMaxCluster that size where clusters apply.
 constexpr int64_t kClusterKeys = 32;
+constexpr int64_t kMmaClusterKeys = kMmaWarps * kMmaTile;
 std::atomic<int> cluster_override{0};
 
 int64_t ClusterSize(const DeviceState& state, int64_t pairs, int64_t max_len, int64_t d, int64_t group) {
   if (state.major < 9 || max_len > kMaxCluster * StaticKeysPerSplit(int(d), int(group))) return 0;
   const int chosen = cluster_override.load(std::memory_order_relaxed);
   if (chosen == 1) return 0;
+  const int64_t keys = UseTensorCores(d) ? kMmaClusterKeys : kClusterKeys;
   const int64_t size = std::min<int64_t>({chosen > 1 ? int64_t(chosen) : int64_t(kMaxCluster),
-                                          (max_len + kClusterKeys - 1) / kClusterKeys,
+                                          (max_len + keys - 1) / keys,
                                           state.sms / std::max<int64_t>(1, pairs)});
   return size >= 2 ? size : 0;
 }
@@ -1717,9 +1733,12 @@ void KvAdvance(DLTensor* next, DLTensor* ids, DLTensor* positions, DLTensor* out
     if (it != Mailboxes().end() && n <= kMailboxSlots) mailbox = it->second.first;
   }
   const unsigned threads = mailbox.host != nullptr ? unsigned(std::max<int64_t>(32, (n + 31) / 32 * 32)) : 128;
-  Advance<<<unsigned((n + threads - 1) / threads), threads, 0, StreamOf(next)>>>(
-      Data<int32_t>(next), Data<int32_t>(ids), Data<int32_t>(positions), Data<int32_t>(out), int(n), mailbox);
-  LAB_CHECK_CUDA(cudaGetLastError());
+  const int32_t* next_data = Data<int32_t>(next);
+  int32_t *ids_data = Data<int32_t>(ids), *positions_data = Data<int32_t>(positions), *out_data = Data<int32_t>(out);
+  int n32 = int(n);
+  void* args[] = {&next_data, &ids_data, &positions_data, &out_data, &n32, &mailbox};
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(Advance), dim3(unsigned((n + threads - 1) / threads)),
+                                          dim3(threads), 0, StreamOf(next), args, lab::Facts(next->device.device_id).major));
 }
 
 void KvSettlePrefill(DLTensor* next, DLTensor* ids, DLTensor* positions, int64_t slot, int64_t length, DLTensor* out) {
@@ -1751,9 +1770,11 @@ void KvArgmax(DLTensor* logits, DLTensor* out) {
   float* part_value = static_cast<float*>(StableBuffer(device, 2, rows * parts * 8, stream));
   int* part_index = reinterpret_cast<int*>(part_value + rows * parts);
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 3, rows * 4, stream));
-  ArgmaxRows<<<dim3(unsigned(parts), unsigned(rows)), kArgmaxThreads, 0, stream>>>(
-      Data<float>(logits), vocab, part_value, part_index, arrivals, Data<int32_t>(out));
-  LAB_CHECK_CUDA(cudaGetLastError());
+  const float* logits_data = Data<float>(logits);
+  int32_t* out_data = Data<int32_t>(out);
+  void* args[] = {&logits_data, const_cast<int64_t*>(&vocab), &part_value, &part_index, &arrivals, &out_data};
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(ArgmaxRows), dim3(unsigned(parts), unsigned(rows)),
+                                          dim3(kArgmaxThreads), 0, stream, args, lab::Facts(device).major));
 }
 
 void KvSetIds(DLTensor* new_ids, DLTensor* ids, DLTensor* out) {
