@@ -935,7 +935,10 @@ StaticDecodeMma(StepQkv step, __half* __restrict__ k_cache, __half* __restrict__
   uint4 kt[2][kOwn], vt[2][kOwn];  // the tile's keys and values r, r + 8
   if (first * kMmaTile < max_len) LoadTile<D>(k_rows, v_rows, first, r, max_len, -1, kt, vt);
   lab::WaitForPrevious();
-  lab::AllowNext();  // the next kernel (the o projection's GEMV) may load its weights meanwhile
+  // the next kernel (the o projection's GEMV) may load its weights meanwhile; allowed before the
+  // wait, o's blocks took SMs and bandwidth from the qkv GEMV's last wave (q4f16_1 628.6 against
+  // 641.0 tokens/s, docs/BENCHMARKS.md fourteenth round)
+  lab::AllowNext();
   // the slot's position, query head r's chunks, the step's key and value
   const int position = positions[b];
   uint4 q[kOwn], k_new[kOwn], v_new[kOwn];
