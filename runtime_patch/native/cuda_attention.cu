@@ -1388,7 +1388,8 @@ int64_t SetDecodeTensorCores(int64_t on) {
 
 // The static decode's cluster size for a cache of max_len keys and `pairs` (slot, KV head) pairs:
 // 0 where the split kernel runs instead. Clusters help where the pairs alone leave most SMs idle
-// (batch 1: 8 pairs at tp=1); their blocks (one per SM: ~190 registers x 256 threads) must fit
+// (batch 1: 8 pairs at tp=1); their blocks (~190 registers x 256 threads for the SIMT kernel, 214 x
+// 128 for StaticDecodeMma) must fit
 // one wave, or a batch of 16 runs 8 waves of them (44.6 us a call against ~20 for one block
 // per pair). So: sm_90 or later, a cache of at most kMaxCluster blocks of two rounds each (longer
 // ones are read faster split over more blocks), and one block per kClusterKeys keys (the SIMT
@@ -1774,8 +1775,9 @@ void KvArgmax(DLTensor* logits, DLTensor* out) {
   int* part_index = reinterpret_cast<int*>(part_value + rows * parts);
   auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 3, rows * 4, stream));
   const float* logits_data = Data<float>(logits);
+  int64_t vocab_arg = vocab;
   int32_t* out_data = Data<int32_t>(out);
-  void* args[] = {&logits_data, const_cast<int64_t*>(&vocab), &part_value, &part_index, &arrivals, &out_data};
+  void* args[] = {&logits_data, &vocab_arg, &part_value, &part_index, &arrivals, &out_data};
   LAB_CHECK_CUDA(lab::LaunchAfterPrevious(reinterpret_cast<const void*>(ArgmaxRows), dim3(unsigned(parts), unsigned(rows)),
                                           dim3(kArgmaxThreads), 0, stream, args, lab::Facts(device).major));
 }
