@@ -9,8 +9,11 @@
 // lab.gemv.q4_swiglu / q8_swiglu (x, q_weight, q_scale, out): W = [W_gate; W_up] (2I rows), out
 // [.., I] = silu(W_gate x) * (W_up x), a warp computing gate row i and up row i, both rounded to
 // float16 first, silu(gate) rounded, then the product (the separate kernels' roundings): the SiLU
-// kernel after every gate_up projection (~1.8 us in a graph) is gone. (The layer's RMSNorm in the
-// GEMVs was tried and dropped four times: every block normalising x in its prologue cost 1.7-4 us
+// kernel after every gate_up projection (~1.8 us in a graph) is gone. (Streamed, a grid of one wave
+// whose warps each load their next output's weights while computing the current one, it was slower:
+// 20.4 us in a graph, q4f16_1 641.1 against 645.0-645.2 tokens/s; docs/BENCHMARKS.md fourteenth
+// round. The layer's RMSNorm in the GEMVs was tried and dropped four times: every block
+// normalising x in its prologue cost 1.7-4 us
 // a call, and so did the norm as a scalar on the products, x scaled by the norm's weight and its
 // squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
 // norm's own kernel; docs/BENCHMARKS.md, seventh round. The fourth form split it over the GEMVs
