@@ -12,14 +12,14 @@
 // kernel after every gate_up projection (~1.8 us in a graph) is gone. (Streamed, a grid of one wave
 // whose warps each load their next output's weights while computing the current one, it was slower:
 // 20.4 us in a graph, q4f16_1 641.1 against 645.0-645.2 tokens/s; docs/BENCHMARKS.md fourteenth
-// round. The layer's RMSNorm in the GEMVs was tried and dropped four times: every block
-// normalising x in its prologue cost 1.7-4 us
-// a call, and so did the norm as a scalar on the products, x scaled by the norm's weight and its
-// squares summed while x is prepared (no extra pass or barrier): 1.7-2.1 us, as much as the
-// norm's own kernel; docs/BENCHMARKS.md, seventh round. The fourth form split it over the GEMVs
-// around it: the o and down GEMVs also wrote h * w and the sums of h^2 by slots of 8 rows, the
-// qkv, gate_up and LM head GEMVs copied the slots with x and scaled their products: each part
-// 1.5-2.2 us slower than the GEMV without it, q4f16_1 576.7 against 617.0 tokens/s; twelfth round.)
+// round.) (The layer's RMSNorm in the GEMVs was tried and dropped four times: every block
+// normalising x in its prologue cost 1.7-4 us a call, and so did the norm as a scalar on the
+// products, x scaled by the norm's weight and its squares summed while x is prepared (no extra pass
+// or barrier): 1.7-2.1 us, as much as the norm's own kernel; docs/BENCHMARKS.md, seventh round.
+// The fourth form split it over the GEMVs around it: the o and down GEMVs also wrote h * w and the
+// sums of h^2 by slots of 8 rows, the qkv, gate_up and LM head GEMVs copied the slots with x and
+// scaled their products: each part 1.5-2.2 us slower than the GEMV without it, q4f16_1 576.7
+// against 617.0 tokens/s; twelfth round.)
 //
 // lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
