@@ -6,10 +6,12 @@ float32 PyTorch reference, timed beside PyTorch's fused attention (SDPA).
 Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 / 4).
 `lab.attention.prefill_ragged`: one sequence of 128, 1024 and 4096 tokens (causal
 self-attention: what a first prefill does), and a ragged batch of three sequences whose queries
-are the last tokens of longer key ranges (what a chunked prefill with a prefix does); both of its
-paths in the same process (`lab.attention.prefill_path`: the fused flash kernel and the cuBLAS +
-softmax one it replaced), beside PyTorch's SDPA. Also head dims 64 and 32 (the fused kernel's
-other instances; the tiny test model's heads are 32 wide) and a non-causal case, checked and timed.
+are the last tokens of longer key ranges (what a chunked prefill with a prefix does); each of its
+paths in the same process (`lab.attention.prefill_path`: the fused flash kernel — its warpgroup-MMA
+version on sm_90 at head dim 128 —, the same on mma.sync only, and the cuBLAS + softmax one it
+replaced), beside PyTorch's SDPA. Also head dims 64 and 32 (the fused kernel's other instances; the
+tiny test model's heads are 32 wide), a non-causal case, and odd GQA groups (MHA, 3) at head dim
+128, checked and timed.
 `lab.attention.decode_paged`: batch 1 and 16 at contexts of 1024 and 4096 tokens, over pages of
 16 tokens in shuffled order. Output and the base-2 log-sum-exp are compared; each case is timed
 with CUDA events (median and p95 of repeated calls, after warm-up).
@@ -31,9 +33,14 @@ HEAD_DIM = 128
 # (name, [(query tokens, key tokens)] per sequence)
 CASES = [("n128", [(128, 128)]), ("n1024", [(1024, 1024)]), ("n4096", [(4096, 4096)]),
          ("ragged3", [(300, 700), (17, 17), (512, 1536)])]
-# (head dim, causal, name, sequences): the fused kernel's other instances and the full mask
-OTHER_CASES = [(64, True, "n1000-d64", [(1000, 1000)]), (32, True, "ragged2-d32", [(77, 300), (200, 200)]),
-               (128, False, "full-n500", [(500, 700)])]
+# (head dim, causal, name, sequences, (query heads, KV heads)): the fused kernel's other instances,
+# the full mask, and for the warpgroup kernel (head dim 128 on sm_90) row counts off its 64-row
+# tiles and odd GQA groups (MHA, 3), which it runs as 128 rows of one head instead of two heads
+OTHER_CASES = [(64, True, "n1000-d64", [(1000, 1000)], (32, 8)),
+               (32, True, "ragged2-d32", [(77, 300), (200, 200)], (32, 8)),
+               (128, False, "full-n500", [(500, 700)], (32, 8)),
+               (128, True, "ragged2-mha", [(1000, 1000), (77, 300)], (8, 8)),
+               (128, True, "ragged2-g3", [(999, 999), (130, 200)], (12, 4))]
 
 
 def reference(q, k, v, seqs, sm_scale, causal: bool = True):
@@ -218,8 +225,8 @@ def run(out: Path, sha: str | None) -> None:
     set_path = tvm_ffi.get_global_func(functions.PREFILL_PATH)
     sm_scale = 1 / math.sqrt(HEAD_DIM)
     results = []
-    for d, causal, case, seqs in OTHER_CASES:
-        results.append(prefill_case(fn, set_path, "tp1", *HEADS["tp1"], d, causal, case, seqs))
+    for d, causal, case, seqs, (hq, hkv) in OTHER_CASES:
+        results.append(prefill_case(fn, set_path, f"{hq}/{hkv}", hq, hkv, d, causal, case, seqs))
     for heads_name, (hq, hkv) in HEADS.items():
         for case, seqs in CASES:
             results.append(prefill_case(fn, set_path, heads_name, hq, hkv, HEAD_DIM, True, case, seqs))

@@ -47,9 +47,11 @@ Matrix products (plugin cuda_gemm):
   DEQUANT_Q8(q_weight, q_scale, out)    the same of a q8f16_1 weight
 Attention of TVM's paged KV cache, in the slots of its TIR kernels (plugin cuda_attention):
   PREFILL_RAGGED(...)                   a prefill's self-attention over the tokens it appends
-  PREFILL_PATH(name) -> previous        "fused" (flash attention, the default) or "unfused" (cuBLAS
-                                        GEMMs and a softmax through memory): which the prefills run,
-                                        for the benchmarks; one path on llvm
+  PREFILL_PATH(name) -> previous        "fused" (flash attention, the default; on sm_90 with head
+                                        dim 128 its warpgroup-MMA kernel), "fused_mma" (the flash
+                                        kernel on mma.sync only) or "unfused" (cuBLAS GEMMs and a
+                                        softmax through memory): which the prefills run, for the
+                                        benchmarks; one path on llvm
   DECODE_PAGED(...)                     a decode step's attention over the pages, split over the keys
   DECODE_PAGED_INVARIANT(...)           the same, split as for a batch of 1 whatever the batch
                                         (build option batch_invariant: bit-identical sums per sequence)
@@ -144,7 +146,7 @@ DEQUANT_Q8 = "lab.dequant.q8"
 DEQUANT_BY_BITS = {4: DEQUANT_Q4, 8: DEQUANT_Q8}
 PREFILL_RAGGED = "lab.attention.prefill_ragged"
 PREFILL_PATH = "lab.attention.prefill_path"
-PREFILL_PATHS = ("fused", "unfused")
+PREFILL_PATHS = ("fused", "fused_mma", "unfused")
 DECODE_PAGED = "lab.attention.decode_paged"
 DECODE_PAGED_INVARIANT = "lab.attention.decode_paged_invariant"
 ALLREDUCE_BEGIN = "lab.ccl.allreduce_begin"

@@ -120,15 +120,17 @@ def test_attention_choice(tiny_config):
 
 
 def test_prefill_path_choice():
-    """`lab.attention.prefill_path` switches the CUDA prefill between the fused kernel and the
-    cuBLAS + softmax path (the benchmarks time both): it returns the previous choice and refuses
-    any other name, on every target."""
+    """`lab.attention.prefill_path` switches the CUDA prefill between the fused kernel (its
+    warpgroup-MMA version where it applies), the fused kernel on mma.sync only and the cuBLAS +
+    softmax path (the benchmarks time them): it returns the previous choice and refuses any other
+    name, on every target."""
     import tvm_ffi
 
     functions.register("llvm", [functions.PREFILL_PATH])
     choose = tvm_ffi.get_global_func(functions.PREFILL_PATH)
     assert choose("unfused") == "fused"
-    assert choose("fused") == "unfused"
+    assert choose("fused_mma") == "unfused"
+    assert choose("fused") == "fused_mma"
     with pytest.raises(Exception, match="flash"):
         choose("flash")
     assert choose("fused") == "fused"

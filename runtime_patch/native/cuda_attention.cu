@@ -1209,9 +1209,11 @@ std::vector<int32_t> HostIndptr(const DLTensor* t, cudaStream_t stream) {
   return host;
 }
 
-// Which prefill attention CausalAttention runs where both apply (lab.attention.prefill_path: the
-// benchmarks time both in one process); the fused kernel by default.
-enum PrefillKernel { kFused = 0, kUnfused = 1 };
+// Which prefill attention CausalAttention runs where they apply (lab.attention.prefill_path: the
+// benchmarks time them in one process): the fused kernel by default (its warpgroup-MMA version on
+// sm_90), the fused kernel on mma.sync only, or the unfused one.
+enum PrefillKernel { kFused = 0, kUnfused = 1, kFusedMma = 2 };
+constexpr const char* kPrefillKernelNames[] = {"fused", "unfused", "fused_mma"};
 std::atomic<int> prefill_path{kFused};
 int PrefillPath() { return prefill_path.load(std::memory_order_relaxed); }
 
@@ -1232,7 +1234,9 @@ void CausalAttention(DeviceState& state, cudaStream_t stream, cublasHandle_t han
   flash.q = q, flash.q_ld = q_ld, flash.k = k, flash.v = v, flash.kv_ld = kv_ld, flash.kv_head_stride = kv_head_stride;
   flash.out = out, flash.lse = lse, flash.lse_row0 = lse_row0, flash.n = n, flash.m = m, flash.q_heads = q_heads;
   flash.kv_heads = kv_heads, flash.d = d, flash.causal = causal, flash.scale2 = scale2;
-  if (PrefillPath() == kFused && lab::FlashPrefillApplies(flash, state.major)) return lab::FlashPrefill(flash, stream);
+  const int path = PrefillPath();
+  flash.warpgroup = path == kFused;
+  if (path != kUnfused && lab::FlashPrefillApplies(flash, state.major)) return lab::FlashPrefill(flash, stream);
   const float one = 1.f, zero = 0.f;
   const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, kWorkspaceBytes / (q_heads * m * 6)));
   char* ws = static_cast<char*>(state.workspace.Get(q_heads * chunk * m * 6, stream));
@@ -1267,17 +1271,11 @@ void CausalAttention(DeviceState& state, cudaStream_t stream, cublasHandle_t han
   }
 }
 
-// lab.attention.prefill_path(name) -> the previous name: "fused" or "unfused" (above).
+// lab.attention.prefill_path(name) -> the previous name: "fused", "fused_mma" or "unfused" (above).
 std::string SetPrefillPath(const std::string& name) {
-  int want;
-  if (name == "fused") {
-    want = kFused;
-  } else if (name == "unfused") {
-    want = kUnfused;
-  } else {
-    TVM_FFI_THROW(ValueError) << "lab.attention.prefill_path: " << name << " is not fused or unfused";
-  }
-  return prefill_path.exchange(want) == kFused ? "fused" : "unfused";
+  for (int want : {kFused, kFusedMma, kUnfused})
+    if (name == kPrefillKernelNames[want]) return kPrefillKernelNames[prefill_path.exchange(want)];
+  TVM_FFI_THROW(ValueError) << "lab.attention.prefill_path: " << name << " is not fused, fused_mma or unfused";
 }
 
 void PrefillRagged(DLTensor* q, DLTensor* q_indptr, DLTensor* k, DLTensor* v, DLTensor* kv_indptr,

@@ -22,14 +22,16 @@ struct FlashPrefillArgs {
   int64_t n = 0, m = 0, q_heads = 0, kv_heads = 0, d = 0;
   bool causal = true;
   float scale2 = 0.f;              // sm_scale * log2(e): scores in base 2
+  bool warpgroup = true;           // the warpgroup-MMA kernel where it applies (d = 128 on sm_90)
 };
 
 // Whether the fused kernel handles these shapes on a device of compute capability `major`
 // (tensor-core mma.sync needs 8.0): d of 32, 64 or 128 and rows on 16-byte boundaries.
 bool FlashPrefillApplies(const FlashPrefillArgs& args, int major);
 
-// Launches it on `stream` (FlashPrefillApplies must hold). The scores and probabilities stay in
-// registers: nothing of size n x m is written to memory.
+// Launches it on `stream` (FlashPrefillApplies must hold): on a device of compute capability 9.0
+// with d = 128 and args.warpgroup, the warpgroup-MMA (wgmma) kernel, else the mma.sync one. The
+// scores and probabilities stay in registers: nothing of size n x m is written to memory.
 void FlashPrefill(const FlashPrefillArgs& args, cudaStream_t stream);
 
 }  // namespace lab

@@ -1,8 +1,9 @@
 // Warpgroup MMA (wgmma, sm_90a): the Hopper tensor-core instructions the prefill's quantized GEMM
-// uses (quant_gemm.cu GemmQuantWg). A warpgroup is 4 consecutive warps (128 threads); one
-// wgmma.mma_async multiplies A [64 x 16] by B [16 x N] into D [64 x N] float32, A from registers,
-// B from shared memory through a descriptor, asynchronously: it is ordered by Fence, grouped by
-// Commit, and waited for by Wait.
+// (quant_gemm.cu GemmQuantWg) and the fused prefill attention (flash_prefill.cu) use. A warpgroup
+// is 4 consecutive warps (128 threads); one wgmma.mma_async multiplies A [64 x 16] by B [16 x N]
+// into D [64 x N] float32, A from registers or shared memory, B from shared memory (in shared
+// memory each through a descriptor), asynchronously: it is ordered by Fence, grouped by Commit,
+// and waited for by Wait.
 //
 // Fragments of one thread (warp w of the warpgroup, lane l, g = l / 4, c = l % 4; PTX ISA,
 // "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"):
@@ -32,6 +33,15 @@ namespace wgmma {
 // groups of 8 are 1024 bytes apart (the stride), the leading offset unused.
 __device__ __forceinline__ uint64_t SwizzledRowsDescriptor(uint32_t address) {
   return uint64_t((address & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+// The descriptor of an operand in shared memory whose 64-element (128-byte) rows run along M or N
+// (MN-major: B = V [keys, d] of O = P V, the keys being K), 16-byte chunks swizzled as above (chunk
+// c of row r at c ^ (r % 8)): a k16 slice's 16 rows (K) from `address` on, 8-row groups 1024 bytes
+// apart (the stride), the next 64 columns (M / N) `column_bytes` further (the leading offset).
+__device__ __forceinline__ uint64_t SwizzledColumnsDescriptor(uint32_t address, uint32_t column_bytes) {
+  return uint64_t((address & 0x3FFFFu) >> 4) | (uint64_t((column_bytes >> 4) & 0x3FFFu) << 16) |
+         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
 // Orders the registers' earlier writes (A, D) before the wgmmas after it.
@@ -79,6 +89,47 @@ __device__ __forceinline__ void MmaM64N128K16(float (&d)[64], const uint32_t (&a
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
       "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+      "}\n"
+      : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24), LAB_WGMMA_D8(32), LAB_WGMMA_D8(40),
+        LAB_WGMMA_D8(48), LAB_WGMMA_D8(56)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+#else
+  __trap();
+#endif
+}
+
+// d [64 x 64] (+)= a [64 x 16] b [16 x 64], both by descriptor, K-major (SwizzledRowsDescriptor);
+// `accumulate` false overwrites d (the first k16 slice of a product).
+__device__ __forceinline__ void MmaM64N64K16SS(float (&d)[32], uint64_t a, uint64_t b, bool accumulate) {
+#if LAB_WGMMA
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n"
+      "}\n"
+      : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24)
+      : "l"(a), "l"(b), "r"(int(accumulate)));
+#else
+  __trap();
+#endif
+}
+
+// d [64 x 128] += a [64 x 16] b [16 x 128], a from registers, b MN-major by its descriptor
+// (SwizzledColumnsDescriptor: the instruction's transpose-B flag).
+__device__ __forceinline__ void MmaM64N128K16TransposedB(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
+#if LAB_WGMMA
+  asm volatile(
+      "{\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
       "}\n"
       : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24), LAB_WGMMA_D8(32), LAB_WGMMA_D8(40),
         LAB_WGMMA_D8(48), LAB_WGMMA_D8(56)
