@@ -205,15 +205,15 @@ def _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, 
         o[b] = _attend(qa[b:b + 1].astype(np.float32), keys, values, sm_scale, causal=False)[0][0].astype(o.dtype)
 
 
-def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
-                 high_freq_factor: float, original_max: float) -> np.ndarray:
-    """x [heads, d] rotated at `position` as TVM's llama_rope_with_position_map computes it (float32
-    angles, cos and sin; x * cos + rotate_half(x) * sin rounded once to x's dtype); factor 0: no
-    scaling, else Llama-3's."""
+def _rope_rows(x: np.ndarray, positions: np.ndarray, theta: float, factor: float, low_freq_factor: float,
+               high_freq_factor: float, original_max: float) -> np.ndarray:
+    """x [rows, heads, d], row r rotated at positions[r] as TVM's llama_rope_with_position_map
+    computes it (float32 angles, cos and sin; x * cos + rotate_half(x) * sin rounded once to x's
+    dtype); factor 0: no scaling, else Llama-3's."""
     d = x.shape[-1]
     half = d // 2
     exponent = (2 * np.arange(half)).astype(np.float32) / np.float32(d)
-    s = np.float32(position)
+    s = np.asarray(positions).astype(np.float32)[:, None, None]  # [rows, 1 (heads), 1 (elements)]
     if factor:
         inv_diff = 1.0 / (high_freq_factor - low_freq_factor)
         alpha, beta = np.float32(original_max / (2 * np.pi) * inv_diff), np.float32(low_freq_factor * inv_diff)
@@ -233,11 +233,8 @@ def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_f
     """Split the fused projection, rotate q and k at each slot's position, then as
     _kv_decode_attention."""
     x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
-    q_heads, kv_heads = o.shape[1], np.from_dlpack(cache).shape[3]
     rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
-    q = np.stack([rope_rotated(x[b, :q_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
-    k = np.stack([rope_rotated(x[b, q_heads:q_heads + kv_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
-    v = np.ascontiguousarray(x[:, q_heads + kv_heads:])
+    q, k, v = _rotated_qkv(x, pos, o.shape[1], np.from_dlpack(cache).shape[3], rope)
     _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out)
 
 
@@ -245,6 +242,29 @@ def _kv_settle_prefill(next_ids, ids, positions, slot, length, out) -> None:
     nxt = np.from_dlpack(next_ids)
     np.from_dlpack(ids)[slot, 0] = nxt[-1]
     np.from_dlpack(positions)[slot] = length
+def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
+                 high_freq_factor: float, original_max: float) -> np.ndarray:
+    """x [heads, d] rotated at `position` (_rope_rows of one row)."""
+    return _rope_rows(x[None], np.array([position]), theta, factor, low_freq_factor, high_freq_factor,
+                      original_max)[0]
+
+
+def _rotated_qkv(qkv: np.ndarray, positions: np.ndarray, q_heads: int, kv_heads: int, rope: tuple):
+    """A layer's fused projection qkv [rows, q_heads + 2 kv_heads, d] as (q, k, v), q and k rotated
+    at each row's position."""
+    rotated = _rope_rows(qkv[:, :q_heads + kv_heads], positions, *rope)
+    return rotated[:, :q_heads], rotated[:, q_heads:], np.ascontiguousarray(qkv[:, q_heads + kv_heads:])
+
+
+def _kv_prefill_attention_rope(qkv, cache, layer, slot, start, theta, factor, low_freq_factor, high_freq_factor,
+                               original_max, sm_scale, out) -> None:
+    """Split the fused projection, rotate q and k at positions start.., then as _kv_prefill_attention."""
+    x, o = np.from_dlpack(qkv), np.from_dlpack(out)
+    rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
+    q, k, v = _rotated_qkv(x, np.arange(start, start + x.shape[0]), o.shape[1], np.from_dlpack(cache).shape[3], rope)
+    _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out)
+
+
     np.copyto(np.from_dlpack(out), nxt)
 
 
@@ -329,3 +349,4 @@ IMPLEMENTATIONS = {
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }
+    functions.KV_PREFILL_ATTENTION_ROPE: _kv_prefill_attention_rope,

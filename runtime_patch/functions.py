@@ -87,6 +87,12 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         invariant=1: keys split as for one slot (batch_invariant)
   KV_DECODE_ATTENTION_ROPE(qkv, cache, layer, positions, rope_theta, rope_factor, low_freq_factor,
                            high_freq_factor, original_max_position_embeddings, sm_scale, invariant, out)
+  KV_PREFILL_ATTENTION_ROPE(qkv, cache, layer, slot, start, rope_theta, rope_factor, low_freq_factor,
+                            high_freq_factor, original_max_position_embeddings, sm_scale, out)
+                                        the same from the layer's fused projection qkv [n, Hq + 2 Hkv,
+                                        d]: q and k rotated at positions start.. as KV_DECODE_ATTENTION_ROPE
+                                        rotates them, the rotated k and v written, then the attention:
+                                        what the model's prefill calls (no RoPE kernel before it)
                                         the same from the layer's fused projection qkv [b, Hq + 2 Hkv,
                                         d]: q and k rotated (RoPE at positions[slot], as TVM's
                                         llama_rope_with_position_map; rope_factor 0: no scaling, else
@@ -169,6 +175,7 @@ KV_DECODE_CLUSTER = "lab.kv.decode_cluster"
 KV_DECODE_TENSOR_CORES = "lab.kv.decode_tensor_cores"
 KV_SET_IDS = "lab.kv.set_ids"
 KV_MAILBOX = "lab.kv.mailbox"
+KV_PREFILL_ATTENTION_ROPE = "lab.kv.prefill_attention_rope"
 PP_SEND_NEXT = "lab.pp.send_next"
 PP_SEND_FIRST = "lab.pp.send_first"
 PP_RECV_LAST = "lab.pp.recv_last"
@@ -192,7 +199,8 @@ PLUGIN = {
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
     IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",
-    KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
+    KV_PREFILL_ATTENTION: "cuda_attention", KV_PREFILL_ATTENTION_ROPE: "cuda_attention",
+    KV_DECODE_ATTENTION: "cuda_attention",
     KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
