@@ -19,6 +19,15 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
+def _numpy_gemm_nt_add(x, w, residual, out) -> None:
+    """lab.gemm.nt_add: out = residual + x @ w^T, the residual added to the float32 product before
+    its one rounding (cuBLASLt's epilogue with beta = 1)."""
+    xa, wa, ra, oa = (np.from_dlpack(t) for t in (x, w, residual, out))
+    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T
+    product += ra.reshape(product.shape).astype(np.float32)
+    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+
 def _dequantized(wa, sa, bits: int):
     """[N, K * bits / 32] uint32 words and [N, K / 32] scales -> float32 [N, K]: (q - offset) * scale,
     32 / bits values per word lowest bits first (engine/quantize.py's layout)."""
@@ -63,11 +72,19 @@ def _rms_norm_out(x, weight, eps, out) -> None:
 
 
 def _silu_times(gate, up):
-    """silu(gate) * up of float16 rows, rounded as the separate kernels (and the CUDA GEMV) do:
-    silu(gate) to float16, then the product."""
+    """silu(gate) * up of rows of one dtype (float16 in the GPU's model), rounded as transformers'
+    LlamaMLP, the separate kernels and the CUDA GEMV and lab.swiglu do: silu(gate) in float32 to the
+    dtype, then the float32 product to the dtype."""
     g = gate.astype(np.float32)
-    silu = (g / (1 + np.exp(-g))).astype(np.float16)
-    return (silu.astype(np.float32) * up.astype(np.float32)).astype(np.float16)
+    silu = (g / (1 + np.exp(-g))).astype(gate.dtype)
+    return (silu.astype(np.float32) * up.astype(np.float32)).astype(gate.dtype)
+
+
+def _swiglu(gate_up, out) -> None:
+    """lab.swiglu: out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]."""
+    ga, oa = np.from_dlpack(gate_up), np.from_dlpack(out)
+    gate, up = np.split(ga, 2, axis=-1)
+    np.copyto(oa, _silu_times(gate, up).astype(oa.dtype, copy=False))
 
 
 def _numpy_gemv(bits: int, fusion: str = ""):
@@ -228,20 +245,6 @@ def _rope_rows(x: np.ndarray, positions: np.ndarray, theta: float, factor: float
     return np.concatenate([cos * first - sin * second, cos * second + sin * first], axis=-1).astype(x.dtype)
 
 
-def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,
-                              original_max, sm_scale, invariant, out) -> None:
-    """Split the fused projection, rotate q and k at each slot's position, then as
-    _kv_decode_attention."""
-    x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
-    rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
-    q, k, v = _rotated_qkv(x, pos, o.shape[1], np.from_dlpack(cache).shape[3], rope)
-    _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out)
-
-
-def _kv_settle_prefill(next_ids, ids, positions, slot, length, out) -> None:
-    nxt = np.from_dlpack(next_ids)
-    np.from_dlpack(ids)[slot, 0] = nxt[-1]
-    np.from_dlpack(positions)[slot] = length
 def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
                  high_freq_factor: float, original_max: float) -> np.ndarray:
     """x [heads, d] rotated at `position` (_rope_rows of one row)."""
@@ -265,6 +268,20 @@ def _kv_prefill_attention_rope(qkv, cache, layer, slot, start, theta, factor, lo
     _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out)
 
 
+def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,
+                              original_max, sm_scale, invariant, out) -> None:
+    """Split the fused projection, rotate q and k at each slot's position, then as
+    _kv_decode_attention."""
+    x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
+    rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
+    q, k, v = _rotated_qkv(x, pos, o.shape[1], np.from_dlpack(cache).shape[3], rope)
+    _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out)
+
+
+def _kv_settle_prefill(next_ids, ids, positions, slot, length, out) -> None:
+    nxt = np.from_dlpack(next_ids)
+    np.from_dlpack(ids)[slot, 0] = nxt[-1]
+    np.from_dlpack(positions)[slot] = length
     np.copyto(np.from_dlpack(out), nxt)
 
 
@@ -313,6 +330,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
+    functions.GEMM_NT_ADD: _numpy_gemm_nt_add,
+    functions.SWIGLU: _swiglu,
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV.items()},
     # an early launch is a GPU's scheduling: the same product
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV_EARLY.items()},
@@ -338,6 +357,7 @@ IMPLEMENTATIONS = {
     functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",
     functions.IPC_DISABLE: lambda why: None,
     functions.KV_PREFILL_ATTENTION: _kv_prefill_attention,
+    functions.KV_PREFILL_ATTENTION_ROPE: _kv_prefill_attention_rope,
     functions.KV_DECODE_ATTENTION: _kv_decode_attention,
     functions.KV_DECODE_ATTENTION_ROPE: _kv_decode_attention_rope,
     functions.KV_SETTLE_PREFILL: _kv_settle_prefill,
@@ -349,4 +369,3 @@ IMPLEMENTATIONS = {
     functions.KV_SET_IDS: _kv_set_ids,
     functions.KV_MAILBOX: _kv_mailbox,
 }
-    functions.KV_PREFILL_ATTENTION_ROPE: _kv_prefill_attention_rope,
