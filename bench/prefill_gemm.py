@@ -9,12 +9,23 @@ of their paths, beside cuBLAS on the float16 weight (`lab.gemm.nt`, what a q0f16
   how many of them run with K split).
 
     python -m bench.prefill_gemm --out F.json [--sha SHA] [--quants q4f16_1,q8f16_1] [--rows 1,16,128,...]
+    python -m bench.prefill_gemm --out F.json --section fusions [--fusion-rows 128,1024,4096]
 
 Llama-3-8B's linears at tp=1 and tp=2 (the prefill's M x K activations against an N x K weight).
 Each output is checked against float32 products of the same float16 dequantized weight
 (relative error of the largest); each call is timed with CUDA events over weight copies of at
 least 4x the L2 cache (every call reads its weight from HBM), median of 5 samples, TFLOP/s of
 2 M N K. Run on a CUDA machine; writes one record (card, date, command, SHA, raw samples).
+
+`--section fusions` (in the record's `fusions`; `all`, the default, runs both sections): what a
+float16 prefill runs after its GEMMs, on Llama-3-8B's tp=1 shapes, each checked against PyTorch and
+timed beside the path it replaced:
+- `lab.swiglu` on gate_up [M, 2 x 14336]: against torch's float16 `silu(gate) * up` (the same
+  roundings: at most one float16 ulp apart, from the last bit of expf); beside torch's silu and mul
+  (TVM's fused split/silu/multiply kernel, which the model ran before, is not in this benchmark).
+- `lab.gemm.nt_add` for the o (4096 x 4096) and down (4096 x 14336) projections with the residual:
+  against float32 `residual + x @ w^T` (relative error of the largest); beside `lab.gemm.nt` then
+  torch's add (for TVM's add kernel), and `lab.gemm.nt` alone.
 """
 
 from __future__ import annotations
@@ -39,14 +50,123 @@ def calls_per_sample(seconds_guess: float) -> int:
     return max(3, min(200, int(5e-3 / max(seconds_guess, 1e-6))))
 
 
-def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
+# Llama-3-8B's tp=1 fusion shapes: gate_up's I, and the (N, K) of the projections with a residual add
+SWIGLU_WIDTH = 14336
+ADD_SHAPES = {"o": (4096, 4096), "down": (4096, 14336)}
+FUSION_ROWS = "128,1024,4096"
+
+
+def copies(make, moved_bytes: int) -> list:
+    """`make()` called enough times that calls rotating over the results read each from HBM (at
+    least 4x the L2 cache in all)."""
+    return [make() for _ in range(max(1, -(-4 * L2_BYTES // moved_bytes)))]
+
+
+def timing(call, params: list) -> dict:
+    """Median and p95 microseconds per `call(p)` over `params` (CUDA events, warm-up first), and the samples."""
+    from harness import stats
+
+    guess = per_call_seconds(call, params, warmup=2, calls=3, samples=1)[0]
+    samples = per_call_seconds(call, params, warmup=3, calls=calls_per_sample(guess), samples=11)
+    t = stats.summarize(samples)
+    return {"us": t["p50"] * 1e6, "p95_us": t["p95"] * 1e6, "raw_s": samples}
+
+
+def run_fusions(rows: list[int]) -> list[dict]:
+    """The fusions section (module doc): one result per function and row count."""
+    import torch
+    import tvm_ffi
+
+    from runtime_patch import functions
+
+    functions.register("cuda", [functions.GEMM_NT, functions.GEMM_NT_ADD, functions.SWIGLU])
+    gemm_nt, gemm_nt_add, swiglu = (tvm_ffi.get_global_func(n) for n in
+                                    (functions.GEMM_NT, functions.GEMM_NT_ADD, functions.SWIGLU))
+    results = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for m in rows:
+        # lab.swiglu
+        width = SWIGLU_WIDTH
+        inputs = copies(lambda: torch.randn(m, 2 * width, device="cuda", dtype=torch.float16, generator=g) * 3,
+                        m * width * 6)
+        out = torch.empty(m, width, device="cuda", dtype=torch.float16)
+        pairs = [(tvm_ffi.from_dlpack(x), x) for x in inputs]
+        outt = tvm_ffi.from_dlpack(out)
+        swiglu(pairs[0][0], outt)
+        gate, up = inputs[0].chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+        torch.cuda.synchronize()
+        ulps = (out.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        row = {"function": "lab.swiglu", "m": m, "width": width, "max_ulps": int(ulps.max()),
+               "ulps_differing": float((ulps > 0).float().mean()), "ok": bool(ulps.max() <= 1),
+               "library": timing(lambda p: swiglu(p[0], outt), pairs),
+               "torch_silu_mul": timing(lambda p: torch.mul(torch.nn.functional.silu(p[1][:, :width]),
+                                                            p[1][:, width:]), pairs),
+               "old_path_note": "torch's silu and mul stand in for TVM's fused split/silu/multiply kernel"}
+        print(f"lab.swiglu      m={m:5d} I={width}: {row['library']['us']:8.1f} us (p95 {row['library']['p95_us']:.1f}); "
+              f"torch silu*mul {row['torch_silu_mul']['us']:8.1f} us; max {row['max_ulps']} ulp"
+              f"{'' if row['ok'] else '  WRONG'}", flush=True)
+        results.append(row)
+        del inputs, pairs
+        # lab.gemm.nt_add
+        for shape, (n, k) in ADD_SHAPES.items():
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
+            residual = torch.randn(m, n, device="cuda", dtype=torch.float16, generator=g)
+            weights = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
+                             n * k * 2)
+            params = [(tvm_ffi.from_dlpack(w), w) for w in weights]
+            y, z = (torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2))
+            xt, rt, yt, zt = (tvm_ffi.from_dlpack(t) for t in (x, residual, y, z))
+            gemm_nt_add(xt, params[0][0], rt, yt)
+            want = residual.float() + x.float() @ weights[0].float().T
+            torch.cuda.synchronize()
+            err = float((y.float() - want).abs().max() / want.abs().max())
+
+            def old(p):
+                gemm_nt(xt, p[0], zt)
+                torch.add(z, residual, out=z)
+
+            old(params[0])
+            torch.cuda.synchronize()
+            old_err = float((z.float() - want).abs().max() / want.abs().max())
+            row = {"function": "lab.gemm.nt_add", "shape": shape, "m": m, "n": n, "k": k, "rel_error": err,
+                   "old_path_rel_error": old_err, "ok": err <= TOLERANCE,
+                   "library": timing(lambda p: gemm_nt_add(xt, p[0], rt, yt), params),
+                   "gemm_nt_then_torch_add": timing(old, params),
+                   "gemm_nt_alone": timing(lambda p: gemm_nt(xt, p[0], zt), params),
+                   "old_path_note": "lab.gemm.nt then torch's add stand in for lab.gemm.nt then TVM's add kernel"}
+            for key in ("library", "gemm_nt_then_torch_add", "gemm_nt_alone"):
+                row[key]["tflop_s"] = 2.0 * m * n * k / (row[key]["us"] * 1e-6) / 1e12
+            print(f"lab.gemm.nt_add m={m:5d} {shape:4s} {n}x{k}: {row['library']['us']:8.1f} us "
+                  f"(p95 {row['library']['p95_us']:.1f}); nt + torch add {row['gemm_nt_then_torch_add']['us']:8.1f} us; "
+                  f"nt alone {row['gemm_nt_alone']['us']:8.1f} us; err {err:.1e}{'' if row['ok'] else '  WRONG'}",
+                  flush=True)
+            results.append(row)
+            del weights, params
+        torch.cuda.empty_cache()
+    return results
+
+
+def write_record(out: Path, sha: str | None, results: list[dict], fusions: list[dict]) -> None:
+    import torch
+
+    from harness.results import atomic_write_text
+
+    atomic_write_text(out, json.dumps({
+        "card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
+        "command": " ".join(["python", "-m", "bench.prefill_gemm", *sys.argv[1:]]), "tolerance": TOLERANCE,
+        "all_ok": all(r[p]["ok"] for r in results for p in ("fused", "dequant", "fp16_cublas"))
+        and all(r["ok"] for r in fusions), "results": results, "fusions": fusions}, indent=1))
+    print(f"wrote {out}")
+
+
+def run(quants: list[str], rows: list[int]) -> list[dict]:
     import numpy as np
     import torch
     import tvm_ffi
 
     from engine.quantize import dequantize, quant_spec, quantize_torch
     from harness import stats
-    from harness.results import atomic_write_text
     from runtime_patch import functions
 
     functions.register("cuda", [functions.GEMM_NT, functions.QUANT_GEMM_PATH, functions.QUANT_GEMM_PLAN,
@@ -108,12 +228,7 @@ def run(out: Path, sha: str | None, quants: list[str], rows: list[int]) -> None:
                 torch.cuda.empty_cache()
     finally:
         set_path("auto")
-    atomic_write_text(out, json.dumps({
-        "card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
-        "command": " ".join(["python", "-m", "bench.prefill_gemm", *sys.argv[1:]]), "tolerance": TOLERANCE,
-        "all_ok": all(r[p]["ok"] for r in results for p in ("fused", "dequant", "fp16_cublas")),
-        "results": results}, indent=1))
-    print(f"wrote {out}")
+    return results
 
 
 def main() -> None:
@@ -121,18 +236,28 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--sha", default=None, help="git SHA of the code")
     ap.add_argument("--quants", default="q4f16_1,q8f16_1")
-    ap.add_argument("--rows", default=ROWS, help="comma list of row counts M (prompt tokens)")
+    ap.add_argument("--rows", default=ROWS, help="comma list of row counts M (prompt tokens) of the quant section")
+    ap.add_argument("--section", choices=("quant", "fusions", "all"), default="all",
+                    help="the quantized GEMMs, the fusions after the float16 GEMMs (lab.swiglu, lab.gemm.nt_add), or both")
+    ap.add_argument("--fusion-rows", default=FUSION_ROWS, help="comma list of row counts M of the fusions section")
     args = ap.parse_args()
-    try:
-        rows = [int(r) for r in args.rows.split(",")]
-    except ValueError:
-        ap.error(f"--rows: {args.rows!r} is not a comma list of integers")
-    if any(r < 1 for r in rows):
-        ap.error("--rows: row counts must be at least 1")
+
+    def row_counts(text: str, flag: str) -> list[int]:
+        try:
+            counts = [int(r) for r in text.split(",")]
+        except ValueError:
+            ap.error(f"{flag}: {text!r} is not a comma list of integers")
+        if any(r < 1 for r in counts):
+            ap.error(f"{flag}: row counts must be at least 1")
+        return counts
+
+    rows, fusion_rows = row_counts(args.rows, "--rows"), row_counts(args.fusion_rows, "--fusion-rows")
     unknown = set(args.quants.split(",")) - {"q4f16_1", "q8f16_1"}
     if unknown:
         ap.error(f"--quants: {', '.join(sorted(unknown))} is not one of q4f16_1, q8f16_1")
-    run(args.out, args.sha, args.quants.split(","), rows)
+    results = run(args.quants.split(","), rows) if args.section in ("quant", "all") else []
+    fusions = run_fusions(fusion_rows) if args.section in ("fusions", "all") else []
+    write_record(args.out, args.sha, results, fusions)
 
 
 if __name__ == "__main__":

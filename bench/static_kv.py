@@ -8,6 +8,14 @@ Shapes: Llama-3-8B's heads at tp=1 (32 query / 8 KV heads of 128) and tp=2 (16 /
 also at Llama-3.2-1B's (32 / 8 of 64).
 - `lab.kv.prefill_attention`: a chunk of 128 tokens at positions 0.. and a chunk at 512.. of a
   slot (the rows are written into the cache, then causal attention over 0..start+n).
+- `lab.kv.prefill_attention_rope` (the prefill the model runs: q and k of a fused qkv rotated by
+  the function, the rotated keys and the values written, then the attention) against a float32
+  reference (RoPE with transformers' Llama-3 frequencies, then causal attention): chunks at 0 and
+  past 0 (and a whole 4096-token prompt at tp=1), with and without Llama-3 scaling, on the fused
+  and the unfused attention (`lab.attention.prefill_path`); the rows written (rotated keys within
+  float16 rounding, values exact, every other row untouched). Timed beside what the model ran
+  before it, TVM's RoPE kernel then `lab.kv.prefill_attention`: TVM is not in this benchmark, so
+  that RoPE is PyTorch's equivalent (elementwise ops on the same float16 qkv; `old_path_s`).
 - `lab.kv.decode_attention_rope` (the decode the model runs: q and k of a fused qkv rotated in the
   kernel) on both paths (clusters and split), with and without Llama-3 RoPE scaling, against the
   reference on q and k rotated by runtime_patch.cpu_functions.rope_rotated; and at batch 1 and
@@ -82,11 +90,13 @@ class Functions:
 
         names = [functions.KV_PREFILL_ATTENTION, functions.KV_DECODE_ATTENTION, functions.KV_DECODE_ATTENTION_ROPE,
                  functions.KV_ADVANCE, functions.KV_SETTLE_PREFILL, functions.KV_SET_IDS, functions.KV_DECODE_CLUSTER,
-                 functions.KV_ARGMAX, functions.KV_DECODE_TENSOR_CORES]
+                 functions.KV_ARGMAX, functions.KV_DECODE_TENSOR_CORES, functions.KV_PREFILL_ATTENTION_ROPE,
+                 functions.PREFILL_PATH]
         functions.register("cuda", names)
         self.tvm_ffi = tvm_ffi
-        (self.prefill, self.decode, self.decode_rope, self.advance, self.settle,
-         self.set_ids, self.cluster, self.argmax, self.tensor_cores) = (tvm_ffi.get_global_func(n) for n in names)
+        (self.prefill, self.decode, self.decode_rope, self.advance, self.settle, self.set_ids, self.cluster,
+         self.argmax, self.tensor_cores, self.prefill_rope, self.prefill_path) = (tvm_ffi.get_global_func(n)
+                                                                                  for n in names)
 
     def __call__(self, fn, *args):
         wrapped = [self.tvm_ffi.from_dlpack(a) if hasattr(a, "data_ptr") else a for a in args]
@@ -117,6 +127,86 @@ def check_prefill(f: Functions, hq: int, hkv: int, start: int, n: int, max_len: 
     return {"function": "lab.kv.prefill_attention", "q_heads": hq, "kv_heads": hkv, "start": start, "tokens": n,
             "max_len": max_len, "rel_error": err, "rows_written": written,
             "ok": written and err < TOLERANCE, "library_s": lib, "sdpa_s": sdpa}
+
+
+def rope_reference(x, positions, rope):
+    """x [n, H, d] (float16 on the GPU) rotated at `positions` in float32: frequencies and angles in
+    float64 (transformers' Llama-3 scaling where rope's factor is not 0: (1 - s) f / factor + s f,
+    s = clamp((original_max f / 2 pi - low) / (high - low), 0, 1)), x cos + rotate_half(x) sin in
+    float32, not rounded."""
+    import torch
+
+    theta, factor, low, high, original_max = rope
+    d = x.shape[-1]
+    f = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d)
+    if factor:
+        smooth = ((original_max * f / (2 * math.pi) - low) / (high - low)).clamp(0, 1)
+        f = (1 - smooth) * f / factor + smooth * f
+    angle = positions.to(torch.float64)[:, None, None] * f  # [n, 1, d / 2]
+    cos, sin = torch.cos(angle).float(), torch.sin(angle).float()
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1)
+
+
+def torch_rope(x, cos, sin):
+    """TVM's llama_rope_with_position_map's work in PyTorch ops on float16 x [n, H, d] with float32
+    cos, sin [n, 1, d / 2] (the old path's RoPE kernel, for the timing only: TVM is not here)."""
+    import torch
+
+    first, second = x.float().chunk(2, dim=-1)
+    return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).half()
+
+
+def check_prefill_rope(f: Functions, hq: int, hkv: int, start: int, n: int, max_len: int, rope: tuple,
+                       path: str = "fused") -> dict:
+    """lab.kv.prefill_attention_rope on a chunk of n tokens at `start` of a slot, the attention on
+    `path` (lab.attention.prefill_path)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(start + n + int(rope[1]))
+    cache = torch.randn(LAYERS, 2, 2, hkv, max_len, D, device="cuda", dtype=torch.float16, generator=g)
+    before = cache.clone()
+    qkv = torch.randn(n, hq + 2 * hkv, D, device="cuda", dtype=torch.float16, generator=g)
+    out = torch.full((n, hq, D), float("nan"), device="cuda", dtype=torch.float16)
+    slot, scale = 1, 1 / math.sqrt(D)
+    positions = torch.arange(start, start + n, device="cuda")
+    previous = f.prefill_path(path)
+    try:
+        f(f.prefill_rope, qkv, cache, LAYER, slot, start, *rope, scale, out)
+        torch.cuda.synchronize()
+        q, k = rope_reference(qkv[:, :hq], positions, rope), rope_reference(qkv[:, hq:hq + hkv], positions, rope)
+        v = qkv[:, hq + hkv:]
+        k_written = cache[LAYER, 0, slot, :, start:start + n].transpose(0, 1)
+        k_err = float((k_written.float() - k).abs().max())
+        v_ok = torch.equal(cache[LAYER, 1, slot, :, start:start + n].transpose(0, 1), v)
+        others = before.clone()
+        others[LAYER, :, slot, :, start:start + n] = cache[LAYER, :, slot, :, start:start + n]
+        untouched = torch.equal(others, cache)
+        keys = torch.cat([before[LAYER, 0, slot, :, :start].transpose(0, 1).float(), k])
+        values = torch.cat([before[LAYER, 1, slot, :, :start].transpose(0, 1).float(), v.float()])
+        err = rel_error(out, attention(q, keys, values, start))
+        lib = timed(lambda: f(f.prefill_rope, qkv, cache, LAYER, slot, start, *rope, scale, out))
+        # the old path: a RoPE kernel (PyTorch's ops standing in for TVM's), then lab.kv.prefill_attention
+        cos, sin = (torch.rand(n, 1, D // 2, device="cuda", generator=g) for _ in range(2))  # values do not matter
+        q16, k16 = q.half(), k.half()
+        v16 = v.contiguous()
+
+        def old():
+            q_rot, k_rot = torch_rope(qkv[:, :hq], cos, sin), torch_rope(qkv[:, hq:hq + hkv], cos, sin)
+            f(f.prefill, q_rot, k_rot, v16, cache, LAYER, slot, start, scale, out)
+
+        old_s = timed(old)
+        rope_only_s = timed(lambda: (torch_rope(qkv[:, :hq], cos, sin), torch_rope(qkv[:, hq:hq + hkv], cos, sin)))
+        attention_only_s = timed(lambda: f(f.prefill, q16, k16, v16, cache, LAYER, slot, start, scale, out))
+    finally:
+        f.prefill_path(previous)
+    # a rotated key: float16 rounding of a float32 value up to ~5 (an ulp of 0.004), and float32 angles
+    written = k_err <= 1.5e-2 and v_ok and untouched
+    return {"function": "lab.kv.prefill_attention_rope", "q_heads": hq, "kv_heads": hkv, "start": start, "tokens": n,
+            "max_len": max_len, "rope": list(rope), "path": path, "rel_error": err, "k_abs_error": k_err,
+            "rows_written": bool(written), "ok": bool(written and err < TOLERANCE), "library_s": lib,
+            "old_path_s": old_s, "old_path_note": "PyTorch's RoPE ops (for TVM's RoPE kernel) + lab.kv.prefill_attention",
+            "torch_rope_s": rope_only_s, "prefill_attention_s": attention_only_s}
 
 
 def decode_reference(q, k_new, v_new, cache, positions):
@@ -298,11 +388,20 @@ def check_state(f: Functions) -> dict:
     return {"function": "lab.kv.advance, settle_prefill, set_ids", "ok": bool(ok)}
 
 
-def all_checks(f: Functions) -> list[dict]:
-    results = [check_state(f), *check_argmax(f)]
+def all_checks(f: Functions, prefill_only: bool = False) -> list[dict]:
+    results = [] if prefill_only else [check_state(f), *check_argmax(f)]
     for name, (hq, hkv) in HEADS.items():
         for start, n, max_len in ((0, 128, 256), (512, 128, 1024)):
             results.append({"heads": name, **check_prefill(f, hq, hkv, start, n, max_len)})
+        for rope in ROPES:
+            for start, n, max_len in ((0, 128, 256), (512, 128, 1024), (1000, 77, 2048)):
+                for path in ("fused", "unfused"):
+                    results.append({"heads": name, **check_prefill_rope(f, hq, hkv, start, n, max_len, rope, path)})
+        # a whole Llama-3-8B prompt of 4096 tokens (the TTFT(4096) the work aims at), and its second half
+        for start, n in ((0, 4096), (2048, 2048)) if name == "tp1" else ():
+            results.append({"heads": name, **check_prefill_rope(f, hq, hkv, start, n, 4096, ROPES[0])})
+        if prefill_only:
+            continue
         for batch in (1, 16):
             for max_len in (256, 4096):
                 results.append({"heads": name, **check_decode(f, hq, hkv, batch, max_len)})
@@ -322,6 +421,8 @@ def all_checks(f: Functions) -> list[dict]:
                 results.append({"heads": name, **check_decode(f, hq, hkv, 1, context + 16, context=context,
                                                               rope=ROPES[0], cluster=cluster,
                                                               tensor_cores=tensor_cores)})
+    if prefill_only:
+        return results
     # head_dim 64 (Llama-3.2-1B's 32 / 8 heads): the tensor-core kernel's other instance
     for context, tensor_cores in ((1, True), (128, True), (256, True), (256, False), (1024, True)):
         results.append({"heads": "d64", **check_decode(f, 32, 8, 1, context + 16, context=context, rope=ROPES[0],
@@ -335,6 +436,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--profile", type=int, metavar="CONTEXT",
                     help="only the batch-1 decode with RoPE at this context (tp=1 heads), for a profiler")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="only the prefill functions (lab.kv.prefill_attention, prefill_attention_rope)")
     args = ap.parse_args()
     from harness import stats
 
@@ -345,17 +448,19 @@ def main() -> None:
         hq, hkv = HEADS["tp1"]
         results = [check_decode(f, hq, hkv, 1, args.profile + 16, context=args.profile, rope=ROPES[0])]
     else:
-        results = all_checks(f)
+        results = all_checks(f, prefill_only=args.prefill_only)
     for r in results:
         for key in [k for k in r if k.endswith("_s") and isinstance(r[k], list)]:
             r[key + "_summary"] = stats.summarize(r[key])
         time_s = r.get("library_in_graph_s_summary", r.get("library_s_summary"))
         when = f" {time_s['p50'] * 1e6:8.1f} us" if time_s else ""
+        if "old_path_s_summary" in r:
+            when += f" (old path {r['old_path_s_summary']['p50'] * 1e6:.1f} us)"
         err = max(r.get("rel_errors", [r.get("rel_error", 0.0)]))
         print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['function']:26s} {r.get('heads', ''):4s} "
               f"b={r.get('batch', '-')} max_len={r.get('max_len', '-')} start={r.get('start', '-')} "
               f"context={r.get('context') or '-'} cluster={r.get('cluster', '-')} "
-              f"{r.get('cluster_kernel', '')}{when}  "
+              f"{r.get('cluster_kernel', '')}{r.get('path', '')}{when}  "
               f"err {err:.1e}", flush=True)
     ok = write_checked_record(args.out, "static_kv", results)
     print(f"wrote {args.out}")

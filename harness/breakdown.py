@@ -70,7 +70,7 @@ RULES: tuple[Rule, ...] = (
                         r"(?<![a-z])rope(?![a-z])"),
          "everything between the q/k/v projection and the o projection: RoPE (fused_rope, tir_split_rotary), "
          "the KV caches' appends and page copies (tir_kv_cache_transpose_append, copy_single_page, "
-         "compact_kv_copy, AppendRows), TVM's attention kernels (batch_decode_paged_kv, batch_prefill_ragged_kv, "
+         "compact_kv_copy, AppendRows, RopeAppendRows: the static prefill's RoPE and append), TVM's attention kernels (batch_decode_paged_kv, batch_prefill_ragged_kv, "
          "tree_attn, tir_attention_merge_state) and ours (DecodePartial, DecodeMerge, CausalSoftmax, StaticDecode, "
          "StaticDecodeCluster, StaticDecodeMma)"),
     Rule(WEIGHTS, _rx(r"linear|matmul|dense|dequantize|gemm|gemv|nvjet|cutlass|xmma|splitK_?reduce"),

@@ -19,6 +19,15 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
+def _numpy_gemm_nt_add(x, w, residual, out) -> None:
+    """lab.gemm.nt_add: out = residual + x @ w^T, the residual added to the float32 product before
+    its one rounding (cuBLASLt's epilogue with beta = 1)."""
+    xa, wa, ra, oa = (np.from_dlpack(t) for t in (x, w, residual, out))
+    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T
+    product += ra.reshape(product.shape).astype(np.float32)
+    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+
+
 def _dequantized(wa, sa, bits: int):
     """[N, K * bits / 32] uint32 words and [N, K / 32] scales -> float32 [N, K]: (q - offset) * scale,
     32 / bits values per word lowest bits first (engine/quantize.py's layout)."""
@@ -63,11 +72,19 @@ def _rms_norm_out(x, weight, eps, out) -> None:
 
 
 def _silu_times(gate, up):
-    """silu(gate) * up of float16 rows, rounded as the separate kernels (and the CUDA GEMV) do:
-    silu(gate) to float16, then the product."""
+    """silu(gate) * up of rows of one dtype (float16 in the GPU's model), rounded as transformers'
+    LlamaMLP, the separate kernels and the CUDA GEMV and lab.swiglu do: silu(gate) in float32 to the
+    dtype, then the float32 product to the dtype."""
     g = gate.astype(np.float32)
-    silu = (g / (1 + np.exp(-g))).astype(np.float16)
-    return (silu.astype(np.float32) * up.astype(np.float32)).astype(np.float16)
+    silu = (g / (1 + np.exp(-g))).astype(gate.dtype)
+    return (silu.astype(np.float32) * up.astype(np.float32)).astype(gate.dtype)
+
+
+def _swiglu(gate_up, out) -> None:
+    """lab.swiglu: out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]."""
+    ga, oa = np.from_dlpack(gate_up), np.from_dlpack(out)
+    gate, up = np.split(ga, 2, axis=-1)
+    np.copyto(oa, _silu_times(gate, up).astype(oa.dtype, copy=False))
 
 
 def _numpy_gemv(bits: int, fusion: str = ""):
@@ -205,15 +222,15 @@ def _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, 
         o[b] = _attend(qa[b:b + 1].astype(np.float32), keys, values, sm_scale, causal=False)[0][0].astype(o.dtype)
 
 
-def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
-                 high_freq_factor: float, original_max: float) -> np.ndarray:
-    """x [heads, d] rotated at `position` as TVM's llama_rope_with_position_map computes it (float32
-    angles, cos and sin; x * cos + rotate_half(x) * sin rounded once to x's dtype); factor 0: no
-    scaling, else Llama-3's."""
+def _rope_rows(x: np.ndarray, positions: np.ndarray, theta: float, factor: float, low_freq_factor: float,
+               high_freq_factor: float, original_max: float) -> np.ndarray:
+    """x [rows, heads, d], row r rotated at positions[r] as TVM's llama_rope_with_position_map
+    computes it (float32 angles, cos and sin; x * cos + rotate_half(x) * sin rounded once to x's
+    dtype); factor 0: no scaling, else Llama-3's."""
     d = x.shape[-1]
     half = d // 2
     exponent = (2 * np.arange(half)).astype(np.float32) / np.float32(d)
-    s = np.float32(position)
+    s = np.asarray(positions).astype(np.float32)[:, None, None]  # [rows, 1 (heads), 1 (elements)]
     if factor:
         inv_diff = 1.0 / (high_freq_factor - low_freq_factor)
         alpha, beta = np.float32(original_max / (2 * np.pi) * inv_diff), np.float32(low_freq_factor * inv_diff)
@@ -228,16 +245,36 @@ def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_
     return np.concatenate([cos * first - sin * second, cos * second + sin * first], axis=-1).astype(x.dtype)
 
 
+def rope_rotated(x: np.ndarray, position: int, theta: float, factor: float, low_freq_factor: float,
+                 high_freq_factor: float, original_max: float) -> np.ndarray:
+    """x [heads, d] rotated at `position` (_rope_rows of one row)."""
+    return _rope_rows(x[None], np.array([position]), theta, factor, low_freq_factor, high_freq_factor,
+                      original_max)[0]
+
+
+def _rotated_qkv(qkv: np.ndarray, positions: np.ndarray, q_heads: int, kv_heads: int, rope: tuple):
+    """A layer's fused projection qkv [rows, q_heads + 2 kv_heads, d] as (q, k, v), q and k rotated
+    at each row's position."""
+    rotated = _rope_rows(qkv[:, :q_heads + kv_heads], positions, *rope)
+    return rotated[:, :q_heads], rotated[:, q_heads:], np.ascontiguousarray(qkv[:, q_heads + kv_heads:])
+
+
+def _kv_prefill_attention_rope(qkv, cache, layer, slot, start, theta, factor, low_freq_factor, high_freq_factor,
+                               original_max, sm_scale, out) -> None:
+    """Split the fused projection, rotate q and k at positions start.., then as _kv_prefill_attention."""
+    x, o = np.from_dlpack(qkv), np.from_dlpack(out)
+    rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
+    q, k, v = _rotated_qkv(x, np.arange(start, start + x.shape[0]), o.shape[1], np.from_dlpack(cache).shape[3], rope)
+    _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out)
+
+
 def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,
                               original_max, sm_scale, invariant, out) -> None:
     """Split the fused projection, rotate q and k at each slot's position, then as
     _kv_decode_attention."""
     x, o, pos = np.from_dlpack(qkv), np.from_dlpack(out), np.from_dlpack(positions)
-    q_heads, kv_heads = o.shape[1], np.from_dlpack(cache).shape[3]
     rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
-    q = np.stack([rope_rotated(x[b, :q_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
-    k = np.stack([rope_rotated(x[b, q_heads:q_heads + kv_heads], int(pos[b]), *rope) for b in range(x.shape[0])])
-    v = np.ascontiguousarray(x[:, q_heads + kv_heads:])
+    q, k, v = _rotated_qkv(x, pos, o.shape[1], np.from_dlpack(cache).shape[3], rope)
     _kv_decode_attention(q, k, v, cache, layer, positions, sm_scale, invariant, out)
 
 
@@ -293,6 +330,8 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
+    functions.GEMM_NT_ADD: _numpy_gemm_nt_add,
+    functions.SWIGLU: _swiglu,
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV.items()},
     # an early launch is a GPU's scheduling: the same product
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV_EARLY.items()},
@@ -318,6 +357,7 @@ IMPLEMENTATIONS = {
     functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",
     functions.IPC_DISABLE: lambda why: None,
     functions.KV_PREFILL_ATTENTION: _kv_prefill_attention,
+    functions.KV_PREFILL_ATTENTION_ROPE: _kv_prefill_attention_rope,
     functions.KV_DECODE_ATTENTION: _kv_decode_attention,
     functions.KV_DECODE_ATTENTION_ROPE: _kv_decode_attention_rope,
     functions.KV_SETTLE_PREFILL: _kv_settle_prefill,

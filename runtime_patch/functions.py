@@ -9,6 +9,13 @@ registered under the same names, so the CPU test suite runs the same compiled gr
 
 Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
+  GEMM_NT_ADD(x, w, residual, out)      out = residual + x @ w^T (float16; float32 sums, one rounding:
+                                        cuBLASLt's epilogue adds the residual): the prefill's o and down
+                                        projections of a float16 weight at tp=1, the residual adds inside
+  SWIGLU(gate_up, out)                  out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]
+                                        (float16, rounded as transformers' LlamaMLP: silu(gate) to
+                                        float16, then the product): the prefill's SiLU after a library
+                                        gate_up GEMM (runtime_patch/native/swiglu.cu)
   GEMV_Q4(x, q_weight, q_scale, out)    the batch-1 decode GEMV of a q4f16_1 weight
   GEMV_Q8(x, q_weight, q_scale, out)    the same of a q8f16_1 weight
   GEMV[bits, fusion]                    the same with more in the kernel (GEMV_FUSIONS, by name suffix):
@@ -82,6 +89,12 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
   KV_PREFILL_ATTENTION(q, k, v, cache, layer, slot, start, sm_scale, out)
                                         a prompt chunk's k, v written at start.. of the slot, then
                                         causal attention of its q over positions 0..start+len
+  KV_PREFILL_ATTENTION_ROPE(qkv, cache, layer, slot, start, rope_theta, rope_factor, low_freq_factor,
+                            high_freq_factor, original_max_position_embeddings, sm_scale, out)
+                                        the same from the layer's fused projection qkv [n, Hq + 2 Hkv,
+                                        d]: q and k rotated at positions start.. as KV_DECODE_ATTENTION_ROPE
+                                        rotates them, the rotated k and v written, then the attention:
+                                        what the model's prefill calls (no RoPE kernel before it)
   KV_DECODE_ATTENTION(q, k, v, cache, layer, positions, sm_scale, invariant, out)
                                         one token per slot: k, v written at positions[slot], attention
                                         over 0..positions[slot]; launch shape fixed by the tensors'
@@ -119,6 +132,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 GEMM_NT = "lab.gemm.nt"
+GEMM_NT_ADD = "lab.gemm.nt_add"
+SWIGLU = "lab.swiglu"
 GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
 # The batch-1 decode GEMV of each quantized weight width (bits) that has one
@@ -162,6 +177,7 @@ IPC_OPEN = "lab.ccl.ipc_open"
 IPC_STATUS = "lab.ccl.ipc_status"
 IPC_DISABLE = "lab.ccl.ipc_disable"
 KV_PREFILL_ATTENTION = "lab.kv.prefill_attention"
+KV_PREFILL_ATTENTION_ROPE = "lab.kv.prefill_attention_rope"
 KV_DECODE_ATTENTION = "lab.kv.decode_attention"
 KV_DECODE_ATTENTION_ROPE = "lab.kv.decode_attention_rope"
 KV_SETTLE_PREFILL = "lab.kv.settle_prefill"
@@ -188,13 +204,14 @@ def mailbox_entry(call: int) -> int:
 PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
-    GEMM_NT: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
+    GEMM_NT: "cuda_gemm", GEMM_NT_ADD: "cuda_gemm", SWIGLU: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm", QUANT_GEMM_PLAN: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
     ALLREDUCE: "cuda_allreduce", ALLREDUCE_ADD_RMS_NORM: "cuda_allreduce", IPC_CREATE: "cuda_allreduce", IPC_OPEN: "cuda_allreduce",
     IPC_STATUS: "cuda_allreduce", IPC_DISABLE: "cuda_allreduce",
-    KV_PREFILL_ATTENTION: "cuda_attention", KV_DECODE_ATTENTION: "cuda_attention",
+    KV_PREFILL_ATTENTION: "cuda_attention", KV_PREFILL_ATTENTION_ROPE: "cuda_attention",
+    KV_DECODE_ATTENTION: "cuda_attention",
     KV_DECODE_ATTENTION_ROPE: "cuda_attention",
     KV_SETTLE_PREFILL: "cuda_attention", KV_ADVANCE: "cuda_attention", KV_SET_IDS: "cuda_attention",
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",

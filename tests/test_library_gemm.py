@@ -6,7 +6,7 @@ import pytest
 
 from engine.config import from_hf_folder
 from engine.generate import Generator
-from engine.session import VMSession
+from engine.session import VMSession, open_session
 from engine.weights import open_source
 from harness.oracle import Reference, relative_error
 from runtime_patch import functions
@@ -27,11 +27,27 @@ def quant_gemm_calls(library_calls):
             for name in functions.GEMM_BY_BITS.values()}
 
 
+@pytest.fixture
+def prefill_fusion_calls(library_calls):
+    """The calls of lab.gemm.nt_add and lab.swiglu in this process, by name."""
+    return {name: library_calls(name) for name in (functions.GEMM_NT_ADD, functions.SWIGLU)}
+
+
+def prefill_calls_per_layer(quantized: bool, gemm: str) -> dict[str, int]:
+    """The library calls of one layer of a tp=1 prefill with prefill_gemm=library: qkv and gate_up
+    through the weight's GEMM, SiLU through lab.swiglu, o and down with their residual adds through
+    lab.gemm.nt_add, a quantized weight's o and down through its GEMM (TVM's add after it)."""
+    if quantized:
+        return {gemm: 4, functions.SWIGLU: 1, functions.GEMM_NT_ADD: 0}
+    return {gemm: 2, functions.SWIGLU: 1, functions.GEMM_NT_ADD: 2}
+
+
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2), ("q8f16_1", 1e-2)])
-def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant_gemm_calls, quant,
-                                             tolerance):
+def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant_gemm_calls,
+                                             prefill_fusion_calls, quant, tolerance):
     """The prefill's linears through lab.gemm.nt, a quantized weight's through the library's GEMM of
-    its width (lab.gemm.q4 / q8), one call per linear."""
+    its width (lab.gemm.q4 / q8), one call per linear; with SiLU (lab.swiglu) and the residual adds
+    of a float weight (lab.gemm.nt_add) in the library too."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
@@ -48,16 +64,44 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
 
     logits = gen.teacher_forced_logits(tokens, PROMPT)
     assert relative_error(logits, reference.logits(tokens)) <= tolerance
-    # prefill_logits: four linears per layer and the LM head (untied), all through the library
-    per_layer = 4 * config.num_hidden_layers
-    calls = {functions.GEMM_NT: gemm_calls, **quant_gemm_calls}
-    assert len(calls[gemm]) >= per_layer + (0 if config.tie_word_embeddings else 1)
+    # prefill_logits: the layers' linears and the LM head (untied), all through the library
+    layers = config.num_hidden_layers
+    per_layer = prefill_calls_per_layer(quant_spec(quant).quantized, gemm)
+    calls = {functions.GEMM_NT: gemm_calls, **quant_gemm_calls, **prefill_fusion_calls}
+    assert len(calls[gemm]) >= per_layer[gemm] * layers + (0 if config.tie_word_embeddings else 1)
 
     for each in calls.values():
         each.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
     # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none; no other GEMM
-    assert {name: len(each) for name, each in calls.items()} == {name: per_layer if name == gemm else 0 for name in calls}
+    assert {name: len(each) for name, each in calls.items()} == \
+        {name: per_layer.get(name, 0) * layers for name in calls}
+
+
+def test_library_prefill_on_the_static_cache_matches_transformers(compiled, gqa_checkpoint, library_calls):
+    """q0f16 on the static KV cache with prefill_gemm=library, the CUDA default's layout: every
+    layer's prefill through lab.kv.prefill_attention_rope, lab.swiglu and lab.gemm.nt_add (their
+    NumPy versions here, rounding as the CUDA kernels round) computes what transformers computes in
+    float16, chunk after chunk."""
+    config = from_hf_folder(gqa_checkpoint)
+    artifact = compiled(config, "q0f16", kv_cache="static", prefill_gemm="library")
+    layers = config.num_hidden_layers
+    per_layer = {**prefill_calls_per_layer(False, functions.GEMM_NT), functions.KV_PREFILL_ATTENTION_ROPE: 1}
+    assert set(per_layer) <= set(artifact.functions) and functions.KV_PREFILL_ATTENTION not in artifact.functions
+    calls = {name: library_calls(name) for name in per_layer}
+    reference = Reference(gqa_checkpoint)
+    prompt = np.random.default_rng(6).integers(0, config.vocab_size, 40).tolist()
+    continuation = reference.greedy(prompt, STEPS)
+    tokens = prompt + continuation[:-1]
+    with open_session(artifact, open_source(config, gqa_checkpoint)) as session:
+        gen = Generator(session, max_batch=2, max_total_len=96, prefill_chunk=16)
+        assert relative_error(gen.teacher_forced_logits(tokens, 40), reference.logits(tokens)) <= 1e-2
+        for each in calls.values():
+            each.clear()
+        assert gen.generate([prompt], STEPS).tokens[0] == continuation
+    chunks = -(-len(prompt) // 16)  # the prompt's chunks (at 0, 16 and 32: the later ones attend to the earlier)
+    assert {name: len(each) for name, each in calls.items()} == {name: count * layers * chunks
+                                                                 for name, count in per_layer.items()}
 
 
 def test_tir_prefill_calls_no_library(compiled, tiny_checkpoint, gemm_calls):
@@ -238,3 +282,51 @@ def test_quant_gemm_path_choice():
     with pytest.raises(Exception, match="auto, fused, dequant"):
         choose("marlin")
     assert choose("auto") == "dequant"
+
+
+def test_swiglu_is_llama_mlps_float16_activation():
+    """lab.swiglu (its NumPy version; the CUDA kernel is held to torch on the box by
+    bench.prefill_gemm) equals what transformers' LlamaMLP computes in float16 on gate_up's halves:
+    act_fn(gate) * up, each op rounded to float16 (torch's silu and mul on the CPU: float32 inside).
+    Not the float32 product rounded once: that rounding differs, and the test sees it."""
+    import torch
+    import tvm_ffi
+    from transformers.activations import ACT2FN
+
+    rng = np.random.default_rng(7)
+    gate_up = (rng.standard_normal((2, 9, 2 * 48)) * 3).astype(np.float16)
+    out = np.zeros((2, 9, 48), np.float16)
+    functions.register("llvm", [functions.SWIGLU])
+    tvm_ffi.get_global_func(functions.SWIGLU)(tvm_ffi.from_dlpack(gate_up), tvm_ffi.from_dlpack(out))
+    gate, up = torch.from_numpy(gate_up).chunk(2, dim=-1)
+    want = (ACT2FN["silu"](gate) * up).numpy()
+    assert want.dtype == np.float16
+    # torch's exp and NumPy's may differ in the last bit of a float32, which can move a float16
+    # rounding by one ulp (rarely: a handful of 864 values at most)
+    ulps = np.abs(out.view(np.int16).astype(np.int32) - want.view(np.int16).astype(np.int32))
+    assert ulps.max() <= 1 and (ulps > 0).mean() < 0.01
+    g, u = gate.float().numpy(), up.float().numpy()
+    once = (g / (1 + np.exp(-g)) * u).astype(np.float16)
+    assert not np.array_equal(once, want)
+
+
+def test_gemm_nt_add_rounds_once():
+    """lab.gemm.nt_add: residual + x @ w^T with float32 sums and one rounding to float16 (cuBLASLt's
+    epilogue, beta = 1). Integer inputs keep the float32 sums exact in any order, so the result is
+    exactly the exact sum rounded once; rounding the product to float16 before the add (what a GEMM
+    then an add kernel computes) differs, and the test sees it."""
+    import tvm_ffi
+
+    rng = np.random.default_rng(8)
+    m, n, k = 7, 24, 40
+    x = rng.integers(-40, 41, (1, m, k)).astype(np.float16)  # products of thousands: float16 steps of 2-4
+    w = rng.integers(-40, 41, (n, k)).astype(np.float16)
+    residual = (rng.integers(-64, 65, (1, m, n)) + 0.5).astype(np.float16)
+    out = np.zeros((1, m, n), np.float16)
+    functions.register("llvm", [functions.GEMM_NT_ADD])
+    tvm_ffi.get_global_func(functions.GEMM_NT_ADD)(*[tvm_ffi.from_dlpack(a) for a in (x, w, residual, out)])
+    exact = x.astype(np.float64) @ w.astype(np.float64).T + residual.astype(np.float64)
+    np.testing.assert_array_equal(out, exact.astype(np.float16))
+    product = (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float16)
+    twice = (product.astype(np.float64) + residual.astype(np.float64)).astype(np.float16)
+    assert not np.array_equal(twice, out)

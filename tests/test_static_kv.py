@@ -85,8 +85,10 @@ def test_static_decode_is_one_graph_on_cuda(tiny_config):
     captured = lowered["decode_static_cuda_graph_capture"].script()
     layers = tiny_config.num_hidden_layers
     assert captured.count(functions.KV_DECODE_ATTENTION_ROPE) == layers
-    # RoPE inside the attention: no RoPE kernel in the step (the prefill keeps TVM's)
-    assert "fused_rope(" not in captured and "fused_rope(" in lowered["prefill_static"].script()
+    # RoPE inside the attention functions: no RoPE kernel in the step, nor in the prefill
+    prefill = lowered["prefill_static"].script()
+    assert "fused_rope(" not in captured and "fused_rope(" not in prefill
+    assert prefill.count(functions.KV_PREFILL_ATTENTION_ROPE) == layers
     assert captured.count("runtime.disco.allreduce") == 2 * layers
     assert "broadcast_from_worker0" not in captured  # every rank holds the same tokens
     outside = step.split("run_or_capture", 1)[1]
@@ -121,31 +123,44 @@ def test_library_allreduce_in_the_model_over_cpu_shm(compiled, tiny_checkpoint):
     assert tokens["tir", "replicated"] == Reference(tiny_checkpoint).greedy(prompt, 6)
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}])
-def test_decode_rope_is_the_prefills_rope(scaling):
-    """The decode's attention rotates q and k itself (lab.kv.decode_attention_rope; its NumPy
-    version's rope_rotated has the formula of cuda_attention.cu's RopeTable / RotateHalf); prefill
-    runs TVM's llama_rope_with_position_map. Both must rotate alike: bit for bit at short positions,
-    within a few float16 ulps far out (float32 cos/sin of angles of 10^4-10^5 radians differ in
-    their last bits between libraries). A wrong sign, pairing or frequency is off by O(1)."""
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+def tvm_rope(qkv: np.ndarray, positions: np.ndarray, theta: float, q_heads: int, kv_heads: int, scaling):
+    """(q, k, v) of qkv [rows, q_heads + 2 kv_heads, d] by TVM's llama_rope_with_position_map (the
+    RoPE kernel TVM's KV cache runs, and the static cache's prefill ran before
+    lab.kv.prefill_attention_rope), compiled for the CPU: row r rotated at positions[r]."""
     import tvm
     from tvm import tirx
     from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
+    d = qkv.shape[-1]
+    rope = llama_rope_with_position_map(theta, 1.0, d, q_heads, kv_heads, "float16", dict(scaling or {}))
+    rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})  # apply_rope
+    kernel = tvm.compile(tvm.IRModule({"main": rope}), target="llvm")["main"]
+    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in
+               (qkv, positions.astype(np.int32), *(np.zeros((len(qkv), h, d), np.float16)
+                                                   for h in (q_heads, kv_heads, kv_heads)))]
+    kernel(*tensors)
+    return tuple(t.numpy() for t in tensors[2:])
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
+def test_decode_rope_is_the_prefills_rope(scaling):
+    """The decode's attention rotates q and k itself (lab.kv.decode_attention_rope; its NumPy
+    version's rope_rotated has the formula of cuda_attention.cu's RopeTable / RotateHalf), and so
+    does the prefill's (lab.kv.prefill_attention_rope, the same formula); TVM's
+    llama_rope_with_position_map is what they replace. They must rotate alike: bit for bit at short
+    positions, within a few float16 ulps far out (float32 cos/sin of angles of 10^4-10^5 radians
+    differ in their last bits between libraries). A wrong sign, pairing or frequency is off by O(1)."""
     from engine.model.static_kv import rope_arguments
     from runtime_patch.cpu_functions import rope_rotated
 
     theta, hq, hkv, d = 500000.0, 4, 2, 64
-    rope = llama_rope_with_position_map(theta, 1.0, d, hq, hkv, "float16", dict(scaling or {}))
-    rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})
-    kernel = tvm.compile(tvm.IRModule({"main": rope}), target="llvm")["main"]
     positions = np.array([0, 1, 17, 200, 4095, 70000], np.int32)
     qkv = np.random.default_rng(0).standard_normal((len(positions), hq + 2 * hkv, d)).astype(np.float16)
-    tensors = [tvm.runtime.tensor(a, tvm.cpu()) for a in
-               (qkv, positions, *(np.zeros((len(positions), h, d), np.float16) for h in (hq, hkv, hkv)))]
-    kernel(*tensors)
-    want_q, want_k = tensors[2].numpy(), tensors[3].numpy()
+    want_q, want_k, _ = tvm_rope(qkv, positions, theta, hq, hkv, scaling)
     args = rope_arguments(theta, scaling)
     for b, position in enumerate(positions.tolist()):
         q = rope_rotated(qkv[b, :hq], position, *args)
@@ -154,3 +169,47 @@ def test_decode_rope_is_the_prefills_rope(scaling):
             assert np.array_equal(q, want_q[b]) and np.array_equal(k, want_k[b])
         np.testing.assert_allclose(q.astype(np.float32), want_q[b], rtol=0, atol=1.5e-2)
         np.testing.assert_allclose(k.astype(np.float32), want_k[b], rtol=0, atol=1.5e-2)
+
+
+@pytest.mark.parametrize("scaling", [None, LLAMA3_SCALING])
+@pytest.mark.parametrize("start", [0, 23, 4000])
+def test_prefill_attention_rope_is_tvm_rope_then_prefill_attention(scaling, start):
+    """lab.kv.prefill_attention_rope (what the static cache's prefill calls; its NumPy version here,
+    which the CUDA kernel is held to on the box by bench.static_kv) gives what the prefill computed
+    before it: TVM's llama_rope_with_position_map at positions start.., then
+    lab.kv.prefill_attention on the rotated q, k and the v: the same output and the same cache rows
+    (the rotated keys, the values), the slot's earlier rows and the other slot untouched."""
+    import tvm_ffi
+
+    from engine.model.static_kv import rope_arguments
+
+    theta, hq, hkv, d, n, max_len, layer, slot = 500000.0, 8, 2, 64, 16, 4032, 1, 1
+    rng = np.random.default_rng(start)
+    qkv = rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float16)
+    earlier = rng.standard_normal((2, 2, 2, hkv, max_len, d)).astype(np.float16)  # what the cache held before
+    functions.register("llvm", [functions.KV_PREFILL_ATTENTION, functions.KV_PREFILL_ATTENTION_ROPE])
+    call = lambda name, *args: tvm_ffi.get_global_func(name)(  # noqa: E731
+        *[tvm_ffi.from_dlpack(a) if isinstance(a, np.ndarray) else a for a in args])
+    scale = d ** -0.5
+
+    want_cache, want = earlier.copy(), np.full((n, hq, d), np.nan, np.float16)
+    q, k, v = tvm_rope(qkv, np.arange(start, start + n), theta, hq, hkv, scaling)
+    call(functions.KV_PREFILL_ATTENTION, q, k, v, want_cache, layer, slot, start, scale, want)
+    cache, out = earlier.copy(), np.full((n, hq, d), np.nan, np.float16)
+    call(functions.KV_PREFILL_ATTENTION_ROPE, qkv, cache, layer, slot, start, *rope_arguments(theta, scaling), scale,
+         out)
+
+    # the rotated keys within a few float16 ulps (TVM's compiled kernel rounds an odd element of
+    # its k an ulp away from its q's formula even at position 2; far out, the float32 cos/sin differ:
+    # test_decode_rope_is_the_prefills_rope), the values and every other row exact
+    written = (layer, 0, slot, slice(None), slice(start, start + n))
+    np.testing.assert_allclose(cache[written].astype(np.float32), want_cache[written], rtol=0, atol=1.5e-2)
+    cache[written] = want_cache[written]
+    assert np.array_equal(cache, want_cache)
+    assert not np.array_equal(want_cache, earlier)  # the chunk's rows were written
+    np.testing.assert_allclose(out.astype(np.float32), want, rtol=0, atol=2e-3)
+    # without the rotation (or at other positions) the attention is another one: the check above sees it
+    unrotated = np.full((n, hq, d), np.nan, np.float16)
+    call(functions.KV_PREFILL_ATTENTION, np.ascontiguousarray(qkv[:, :hq]), np.ascontiguousarray(qkv[:, hq:hq + hkv]),
+         np.ascontiguousarray(qkv[:, hq + hkv:]), earlier.copy(), layer, slot, start, scale, unrotated)
+    assert np.abs(unrotated.astype(np.float32) - want).max() > 0.05

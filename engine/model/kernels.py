@@ -7,6 +7,11 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 - PREFILL with `prefill_gemm="library"`: `lab.gemm.nt` (cuBLAS on CUDA, NumPy on CPU) through
   call_dps_packed; a quantized weight through `lab.gemm.q4` / `q8` (a tensor-core kernel that
   dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
+  What follows the products is the library's too: SiLU after gate_up is `lab.swiglu`
+  (`Linear.swiglu`), and the residual adds after the o and down projections of a float16 weight
+  (`Linear.plus`, tp=1) are inside the GEMM (`lab.gemm.nt_add`, cuBLASLt's epilogue); a quantized
+  weight's keep TVM's add. (TVM's kernels for these took 244 us (SiLU) and 2 x 63 us (adds) a layer
+  of a 4096-token Llama-3-8B prefill on an H200.)
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
@@ -114,18 +119,27 @@ class Linear(nn.Module):
 
     def swiglu(self, x: Tensor, phase: str) -> Tensor:
         """silu(gate) * up, [gate, up] = W x (this linear's rows: the gate's, then the up's): one
-        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`)."""
+        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`); after the
+        library's prefill GEMM, `lab.swiglu`."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("swiglu", x)
-        gate, up = op.split(self(x, phase), 2, axis=-1)
+        gate_up = self(x, phase)
+        if self.plan.library_gemm(phase):
+            *rows, width = gate_up.shape
+            return op.extern(functions.SWIGLU, [gate_up], Tensor.placeholder([*rows, width // 2], gate_up.dtype))
+        gate, up = op.split(gate_up, 2, axis=-1)
         return op.silu(gate) * up
 
     def plus(self, x: Tensor, residual: Tensor, phase: str, early: bool = False) -> Tensor:
         """residual + W x: the add inside the library GEMV where the phase has one
-        (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV);
-        `early` as in forward."""
+        (`lab.gemv.q4_add` / `q8_add`) and inside the library's prefill GEMM of a float16 weight
+        (`lab.gemm.nt_add`), else a separate add (which TVM may fuse into its own GEMV); `early` as
+        in forward."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("add", x, residual=residual, early=early)
+        if self.plan.library_gemm(phase) and not self.spec.quantized:
+            return op.extern(functions.GEMM_NT_ADD, [x, self.weight, residual],
+                             Tensor.placeholder([*x.shape[:-1], self.weight.shape[0]], self.out_dtype))
         return residual + self(x, phase)
 
     def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,

@@ -15,14 +15,18 @@ that the rewrite captures:
   ids        [slots, 1] int32  each slot's next input token (written by the previous step on the
              device: decode steps are fed without the host)
 
-Prefill (one slot, a chunk of tokens at `start`): RoPE (TVM's llama_rope_with_position_map, the
-kernel TVM's cache uses) at positions start.., then `lab.kv.prefill_attention`: the chunk's keys
-and values written into the slot, causal attention over the slot's positions 0..start+len.
+Prefill (one slot, a chunk of tokens at `start`): `lab.kv.prefill_attention_rope` on the layer's
+fused qkv projection: q and k rotated at positions start.. and the chunk's rotated keys and values
+written into the slot in one pass over qkv (on a GPU, a kernel that computes each row's cos/sin
+once for all its heads, where TVM's llama_rope_with_position_map took 153 us a layer of a
+4096-token Llama-3-8B prefill on an H200 and the append 21 more), then causal attention over the
+slot's positions 0..start+len.
 Decode (every slot, one token each): `lab.kv.decode_attention_rope` on the layer's fused qkv
 projection: q and k rotated at `positions` (RoPE inside the attention kernel, in place of a RoPE
 kernel of 1.7 us a layer on an H200; the rotation adds ~1.1 us to the attention), the token's key and
 value written at its position, attention over 0..position (split over the keys on a GPU, merged in
-the same kernel). After the LM head and the argmax (`lab.kv.argmax`), `lab.kv.advance` writes the
+the same kernel). Both rotate as TVM's llama_rope_with_position_map (tests/test_static_kv.py holds
+them to it), with the arguments `rope_arguments` makes. After the LM head and the argmax (`lab.kv.argmax`), `lab.kv.advance` writes the
 tokens into `ids` and adds 1 to `positions` (on the device), so the next step needs nothing from
 the host; `lab.kv.set_ids` writes host tokens into `ids` where the host feeds the step (teacher
 forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
@@ -30,9 +34,7 @@ forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.se
 
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
 
 from runtime_patch import functions
 
@@ -47,45 +49,27 @@ class StaticKV:
         c, plan = build.config, build.plan
         self.cache, self.kind, self.positions = cache, kind, positions
         self.invariant = int(build.batch_invariant)
-        self._position_map_of_step = None
         self.slot, self.start = slot, start
         self.q_heads, self.kv_heads, self.head_dim = plan.q_heads, plan.kv_heads, c.head_dim
-        rope = llama_rope_with_position_map(c.rope_theta, 1.0, c.head_dim, plan.q_heads, plan.kv_heads,
-                                            build.quant_spec.model_dtype, dict(c.rope_scaling or {}))
-        self.rope = rope.specialize({rope.params[-1]: tirx.IntImm("int64", 1)})  # apply_rope: always
         self.rope_args = rope_arguments(c.rope_theta, c.rope_scaling)
-
-    def _position_map(self, tokens) -> Tensor:
-        """The position of each token of the step: `positions` (decode), start.. (prefill; made
-        once for all layers)."""
-        if self.kind == DECODE:
-            return self.positions
-        if self._position_map_of_step is None:
-            self._position_map_of_step = op.arange(self.start, self.start + tokens, dtype="int32")
-        return self._position_map_of_step
 
     def attention_with_fused_qkv(self, layer_id: int, qkv: Tensor, num_qo_heads: int, sm_scale: float) -> Tensor:
         b, s, heads, d = qkv.shape
-        dtype = qkv.dtype
         flat = op.reshape(qkv, (b * s, heads, d))
-        out = Tensor.placeholder((b * s, self.q_heads, d), dtype)
+        out = Tensor.placeholder((b * s, self.q_heads, d), qkv.dtype)
         if self.kind == DECODE:
             out = op.extern(functions.KV_DECODE_ATTENTION_ROPE, [flat, self.cache, layer_id, self.positions,
                                                                  *self.rope_args, float(sm_scale), self.invariant], out)
-            return op.reshape(out, (b, s, self.q_heads, d))
-        q, k, v = op.tensor_ir_op(
-            self.rope, "rope", [flat, self._position_map(b * s)],
-            [Tensor.placeholder((b * s, self.q_heads, d), dtype), Tensor.placeholder((b * s, self.kv_heads, d), dtype),
-             Tensor.placeholder((b * s, self.kv_heads, d), dtype)])
-        out = op.extern(functions.KV_PREFILL_ATTENTION, [q, k, v, self.cache, layer_id, self.slot, self.start,
-                                                         float(sm_scale)], out)
+        else:
+            out = op.extern(functions.KV_PREFILL_ATTENTION_ROPE, [flat, self.cache, layer_id, self.slot, self.start,
+                                                                  *self.rope_args, float(sm_scale)], out)
         return op.reshape(out, (b, s, self.q_heads, d))
 
 
 def rope_arguments(theta: float, scaling: dict | None) -> tuple[float, float, float, float, float]:
-    """lab.kv.decode_attention_rope's RoPE arguments: (theta, factor, low_freq_factor,
-    high_freq_factor, original_max_position_embeddings), factor 0 without scaling (the config allows
-    none or Llama-3's, engine.config)."""
+    """The RoPE arguments of lab.kv.prefill_attention_rope and decode_attention_rope: (theta, factor,
+    low_freq_factor, high_freq_factor, original_max_position_embeddings), factor 0 without scaling
+    (the config allows none or Llama-3's, engine.config)."""
     if not scaling or scaling.get("rope_type") != "llama3":
         return float(theta), 0.0, 0.0, 0.0, 0.0
     return (float(theta), float(scaling["factor"]), float(scaling["low_freq_factor"]),

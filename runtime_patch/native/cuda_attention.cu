@@ -36,6 +36,11 @@
 // lab.kv.prefill_attention(q [n, Hq, d], k [n, Hkv, d], v, cache, layer, slot, start, sm_scale, out)
 //   the chunk's k and v written at positions start.. of the slot, then the causal attention of its
 //   queries over positions 0..start+n, the prefill's attention above with keys read in place.
+// lab.kv.prefill_attention_rope(qkv [n, Hq + 2 Hkv, d], cache, layer, slot, start, rope_theta,
+//   rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale, out)
+//   the same on a layer's fused projection: one kernel (RopeAppendRows) rotates q into out and k
+//   into the cache (RoPE at positions start.., RopeSpec, as the decode below rotates) and copies v
+//   there, then the attention with out as its q; what the model's prefill calls (no RoPE kernel).
 // lab.kv.decode_attention(q [b, Hq, d], k [b, Hkv, d], v, cache, layer, positions, sm_scale, out)
 //   one token per slot at positions[slot]: its k and v written there, attention over 0..position.
 //   Split over the keys as decode_paged, with the splits fixed by the shapes (fill the GPU, at
@@ -1089,6 +1094,65 @@ __global__ void AppendRows(const __half* __restrict__ k, const __half* __restric
   }
 }
 
+// 8 floats as a 16-byte vector of halfs, each rounded to nearest.
+__device__ uint4 Pack8(const float* x) {
+  uint4 raw;
+  __half2* h = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+  return raw;
+}
+
+constexpr int kRopeAppendThreads = 128;
+
+// Static prefill with RoPE (lab.kv.prefill_attention_rope): row i of a layer's fused projection
+// qkv [n, Hq + 2 Hkv, D], at position start + i: its q heads rotated into q_out [n, Hq, D] (the
+// attention's q), its k heads rotated and its v heads copied into the slot's cache rows
+// [Hkv, max_len, D] at start + i. One pass over qkv: a block per row makes the row's cos/sin table
+// (RopeTable: D/2 sincosf, one per frequency, shared by all the row's q and k heads; TVM's
+// llama_rope_with_position_map computed a power, a cos and a sin per element, 153 us a layer of a
+// 4096-token Llama-3-8B prefill on an H200), then each thread takes a 16-byte vector j < D/16 of a q
+// or k head with its rotate_half partner j + D/16 (elements e and e + D/2 pair), so the rotation
+// needs no exchange between threads, or a 16-byte vector of a v head. Rotated as RotateHalf
+// rotates the decode's q and k (float32, rounded once to float16).
+template <int D>
+__global__ void __launch_bounds__(kRopeAppendThreads) RopeAppendRows(const __half* __restrict__ qkv, RopeSpec rope,
+                                                                    __half* __restrict__ q_out,
+                                                                    __half* __restrict__ k_rows,
+                                                                    __half* __restrict__ v_rows, int q_heads,
+                                                                    int kv_heads, int max_len, int start) {
+  constexpr int kVectors = D / 8, kPair = D / 16;  // a head's 16-byte vectors; a vector's partner, that many further
+  static_assert(D / 2 <= kRopeAppendThreads, "RopeTable takes a thread per frequency");
+  __shared__ __align__(16) float cos_sin[D];       // cos of element e < D/2 at e, its sin at D/2 + e
+  const int i = blockIdx.x, pos = start + i;
+  RopeTable<D>(rope, pos, cos_sin);
+  __syncthreads();
+  const uint4* row = reinterpret_cast<const uint4*>(qkv) + int64_t(i) * (q_heads + 2 * kv_heads) * kVectors;
+  const int rotated = (q_heads + kv_heads) * kPair, copied = kv_heads * kVectors;
+  for (int t = threadIdx.x; t < rotated + copied; t += blockDim.x) {
+    if (t >= rotated) {  // a vector of a v head
+      const int h = (t - rotated) / kVectors, j = (t - rotated) % kVectors;
+      reinterpret_cast<uint4*>(v_rows + (int64_t(h) * max_len + pos) * D)[j] = __ldg(row + (q_heads + kv_heads + h) * kVectors + j);
+      continue;
+    }
+    const int h = t / kPair, j = t % kPair;
+    float lo[8], hi[8], lo_out[8], hi_out[8];
+    Unpack8(__ldg(row + h * kVectors + j), lo);
+    Unpack8(__ldg(row + h * kVectors + j + kPair), hi);
+    const float* c = cos_sin + 8 * j;
+    const float* sn = cos_sin + D / 2 + 8 * j;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      lo_out[e] = c[e] * lo[e] + sn[e] * -hi[e];
+      hi_out[e] = c[e] * hi[e] + sn[e] * lo[e];
+    }
+    uint4* dst = reinterpret_cast<uint4*>(h < q_heads ? q_out + (int64_t(i) * q_heads + h) * D
+                                                      : k_rows + (int64_t(h - q_heads) * max_len + pos) * D);
+    dst[j] = Pack8(lo_out);
+    dst[j + kPair] = Pack8(hi_out);
+  }
+}
+
 // The steps' tokens for the host, in pinned host memory the GPU writes (lab.kv.mailbox): int32
 // words [0] = how many advance calls of this device have written (the last word written), then a
 // ring of kMailboxRing entries of kMailboxSlots tokens, call k's tokens in entry k % kMailboxRing.
@@ -1523,30 +1587,51 @@ __half* CacheRows(DLTensor* cache, const StaticShape& s, int64_t layer, int kv) 
   return Data<__half>(cache) + (layer * 2 + kv) * s.slots * s.kv_heads * s.max_len * s.d;
 }
 
+// A prompt chunk of n tokens at `start` of `slot`: checked to fit the cache; its layer's K and V rows
+// of the slot ([kv_heads, max_len, d] each).
+struct ChunkRows {
+  __half* k;
+  __half* v;
+  int64_t head_rows;  // elements from one KV head's rows to the next's
+};
+
+ChunkRows CheckChunk(const char* fn, DLTensor* cache, const StaticShape& s, int64_t layer, int64_t slot,
+                     int64_t start, int64_t n) {
+  if (slot < 0 || slot >= s.slots || start < 0 || start + n > s.max_len)
+    TVM_FFI_THROW(ValueError) << fn << ": slot " << slot << " positions " << start << ".." << start + n
+                              << " do not fit a cache of " << s.slots << " slots of " << s.max_len;
+  const int64_t head_rows = s.max_len * s.d, slot_offset = slot * s.kv_heads * head_rows;
+  return {CacheRows(cache, s, layer, 0) + slot_offset, CacheRows(cache, s, layer, 1) + slot_offset, head_rows};
+}
+
+// The causal attention of a chunk's n queries (q [n, q_heads, d]) over the slot's positions
+// 0..start+n, the chunk's keys and values already in the cache rows, into out [n, q_heads, d]; q
+// may be out itself (lab.kv.prefill_attention_rope): each of CausalAttention's kernels reads a
+// block's (or chunk's) query rows of a head before it writes the output rows of the same head and
+// rows, and no other block or chunk reads them.
+void AttendChunk(const char* fn, int device, cudaStream_t stream, const StaticShape& s, const ChunkRows& rows,
+                 const __half* q, int64_t n, int64_t q_heads, int64_t start, double sm_scale, __half* out) {
+  DeviceState& state = State(device);
+  cublasHandle_t handle = lab::CublasHandle(device);
+  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
+  float* lse = static_cast<float*>(state.lse.Get(n * q_heads * 4, stream));  // not needed: no merge follows
+  CausalAttention(state, stream, handle, q, q_heads * s.d, n, rows.k, rows.v, s.d, rows.head_rows, start + n, true,
+                  out, lse, 0, q_heads, s.kv_heads, s.d, float(sm_scale * 1.4426950408889634), fn);
+}
+
 void KvPrefillAttention(DLTensor* q, DLTensor* k, DLTensor* v, DLTensor* cache, int64_t layer, int64_t slot,
                         int64_t start, double sm_scale, DLTensor* out) {
   const char* fn = "lab.kv.prefill_attention";
   const StaticShape s = CheckStatic(fn, q, k, v, cache, out, layer);
   const int64_t n = q->shape[0], q_heads = q->shape[1];
-  if (slot < 0 || slot >= s.slots || start < 0 || start + n > s.max_len)
-    TVM_FFI_THROW(ValueError) << fn << ": slot " << slot << " positions " << start << ".." << start + n
-                              << " do not fit a cache of " << s.slots << " slots of " << s.max_len;
+  const ChunkRows rows = CheckChunk(fn, cache, s, layer, slot, start, n);
   if (n == 0) return;
   const int device = q->device.device_id;
-  DeviceState& state = State(device);
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  cublasHandle_t handle = lab::CublasHandle(device);
-  LAB_CHECK_CUBLAS(cublasSetStream(handle, stream));
-  const int64_t head_rows = s.max_len * s.d, slot_offset = slot * s.kv_heads * head_rows;
-  __half* k_rows = CacheRows(cache, s, layer, 0) + slot_offset;
-  __half* v_rows = CacheRows(cache, s, layer, 1) + slot_offset;
   AppendRows<<<dim3(unsigned(n), unsigned(s.kv_heads)), unsigned(std::min<int64_t>(256, s.d)), 0, stream>>>(
-      Data<__half>(k), Data<__half>(v), k_rows, v_rows, int(s.kv_heads), int(s.max_len), int(start), int(s.d));
+      Data<__half>(k), Data<__half>(v), rows.k, rows.v, int(s.kv_heads), int(s.max_len), int(start), int(s.d));
   LAB_CHECK_CUDA(cudaGetLastError());
-  float* lse = static_cast<float*>(state.lse.Get(n * q_heads * 4, stream));  // not needed: no merge follows
-  CausalAttention(state, stream, handle, Data<__half>(q), q_heads * s.d, n, k_rows, v_rows, s.d, head_rows,
-                  start + n, true, Data<__half>(out), lse, 0, q_heads, s.kv_heads, s.d,
-                  float(sm_scale * 1.4426950408889634), fn);
+  AttendChunk(fn, device, stream, s, rows, Data<__half>(q), n, q_heads, start, sm_scale, Data<__half>(out));
 }
 
 // The static decode of a step whose tokens `step` holds (q_heads query heads each).
@@ -1652,28 +1737,69 @@ const float* RopeFrequencies(int device, int64_t d, const RopeParameters& rope, 
 // rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
 // invariant, out [b, Hq, d]): RopeSpec (rope_factor 0: no scaling; else Llama-3's, its constants
 // derived as TVM's rope_freq_llama3 derives them).
-void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTensor* positions, double theta,
-                           double factor, double low_freq_factor, double high_freq_factor, double original_max,
-                           double sm_scale, int64_t invariant, DLTensor* out) {
-  const char* fn = "lab.kv.decode_attention_rope";
+// A layer's fused projection qkv [rows, q_heads + 2 kv_heads, head_dim] and its RoPE parameters
+// (the functions' arguments, as engine.model.static_kv.rope_arguments makes them), checked against
+// out and the cache; the RoPE's frequency table on the device.
+RopeSpec CheckQkvRope(const char* fn, DLTensor* qkv, DLTensor* out, const StaticShape& s, const RopeParameters& rope,
+                      cudaStream_t stream) {
   Check(qkv, "qkv", 3, 16, kDLFloat);
-  const StaticShape s = CheckCache(fn, cache, out, layer);
   const int64_t rows = qkv->shape[0], q_heads = out->shape[1];
   if (qkv->shape[2] != s.d || out->shape[2] != s.d || out->shape[0] != rows ||
       qkv->shape[1] != q_heads + 2 * s.kv_heads || q_heads % s.kv_heads != 0)
     TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out [rows, q_heads, head_dim] "
                                  "and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do not agree";
+  const auto [theta, factor, low_freq_factor, high_freq_factor, original_max] = rope;
   if (!(theta > 0.0)) TVM_FFI_THROW(ValueError) << fn << ": rope_theta must be positive, got " << theta;
   if (factor != 0.0 && (!(factor > 0.0) || !(high_freq_factor > low_freq_factor)))
     TVM_FFI_THROW(ValueError) << fn << ": Llama-3 RoPE scaling needs factor > 0 and high_freq_factor > low_freq_factor";
+  RopeSpec spec;
+  spec.freqs = RopeFrequencies(out->device.device_id, s.d, rope, stream);
+  return spec;
+}
+
+void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTensor* positions, double theta,
+                           double factor, double low_freq_factor, double high_freq_factor, double original_max,
+                           double sm_scale, int64_t invariant, DLTensor* out) {
+  const char* fn = "lab.kv.decode_attention_rope";
+  const StaticShape s = CheckCache(fn, cache, out, layer);
+  const int64_t q_heads = out->shape[1];
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, out->device.device_id));
-  RopeSpec rope;
-  rope.freqs = RopeFrequencies(out->device.device_id, s.d, {theta, factor, low_freq_factor, high_freq_factor, original_max},
-                               stream);
+  const RopeSpec rope =
+      CheckQkvRope(fn, qkv, out, s, {theta, factor, low_freq_factor, high_freq_factor, original_max}, stream);
   const int64_t stride = qkv->shape[1] * s.d;
   const __half* base = Data<__half>(qkv);
   const StepQkv step{base, base + q_heads * s.d, base + (q_heads + s.kv_heads) * s.d, stride, stride, rope};
   StaticDecodeLaunch(fn, step, s, q_heads, cache, layer, positions, sm_scale, invariant, out);
+}
+
+// lab.kv.prefill_attention_rope(qkv [n, Hq + 2 Hkv, d], cache, layer, slot, start, rope_theta,
+// rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
+// out [n, Hq, d]): RopeAppendRows (q rotated into out, k rotated and v into the slot's rows at
+// start..), then the chunk's causal attention with out as its q (AttendChunk: in place).
+void KvPrefillAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, int64_t slot, int64_t start, double theta,
+                            double factor, double low_freq_factor, double high_freq_factor, double original_max,
+                            double sm_scale, DLTensor* out) {
+  const char* fn = "lab.kv.prefill_attention_rope";
+  const StaticShape s = CheckCache(fn, cache, out, layer);
+  const int64_t n = qkv->shape[0], q_heads = out->shape[1];
+  const int device = out->device.device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  const RopeSpec rope =
+      CheckQkvRope(fn, qkv, out, s, {theta, factor, low_freq_factor, high_freq_factor, original_max}, stream);
+  const ChunkRows rows = CheckChunk(fn, cache, s, layer, slot, start, n);
+  for (const DLTensor* t : {qkv, cache, out})
+    if (reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0)
+      TVM_FFI_THROW(ValueError) << fn << ": qkv, the cache and out must be 16-byte aligned";
+  if (n == 0) return;
+  auto kernel = s.d == 32 ? RopeAppendRows<32> : s.d == 64 ? RopeAppendRows<64> : s.d == 128 ? RopeAppendRows<128>
+              : s.d == 256 ? RopeAppendRows<256> : nullptr;
+  if (kernel == nullptr)
+    TVM_FFI_THROW(ValueError) << fn << ": head_dim " << s.d << " is not 32, 64, 128 or 256 (use kv_cache=paged)";
+  __half* q = Data<__half>(out);
+  kernel<<<unsigned(n), kRopeAppendThreads, 0, stream>>>(Data<__half>(qkv), rope, q, rows.k, rows.v, int(q_heads),
+                                                          int(s.kv_heads), int(s.max_len), int(start));
+  LAB_CHECK_CUDA(cudaGetLastError());
+  AttendChunk(fn, device, stream, s, rows, q, n, q_heads, start, sm_scale, q);
 }
 
 void CheckInt32(const char* fn, std::initializer_list<std::pair<const DLTensor*, const char*>> tensors) {
@@ -1813,6 +1939,7 @@ TVM_FFI_STATIC_INIT_BLOCK() {
                                       rotary_mode, sm_scale);
                         });
   refl::GlobalDef().def("lab.kv.prefill_attention", KvPrefillAttention);
+  refl::GlobalDef().def("lab.kv.prefill_attention_rope", KvPrefillAttentionRope);
   refl::GlobalDef().def("lab.kv.decode_attention", KvDecodeAttention);
   refl::GlobalDef().def("lab.kv.decode_attention_rope", KvDecodeAttentionRope);
   refl::GlobalDef().def("lab.kv.advance", KvAdvance);
