@@ -103,8 +103,8 @@ def run_fusions(rows: list[int]) -> list[dict]:
                "torch_silu_mul": timing(lambda p: torch.mul(torch.nn.functional.silu(p[1][:, :width]),
                                                             p[1][:, width:]), pairs),
                "old_path_note": "torch's silu and mul stand in for TVM's fused split/silu/multiply kernel"}
-        print(f"lab.swiglu      m={m:5d} I={width}: {row['library']['us']:8.1f} us (p95 {row['library']['p95_us']:.1f}); "
-              f"torch silu*mul {row['torch_silu_mul']['us']:8.1f} us; max {row['max_ulps']} ulp"
+        print(f"lab.swiglu      m={m:5d} I={width}: {row['library']['us']:8.1f} us "
+              f"(p95 {row['library']['p95_us']:.1f}); torch silu*mul {row['torch_silu_mul']['us']:8.1f} us; max {row['max_ulps']} ulp"
               f"{'' if row['ok'] else '  WRONG'}", flush=True)
         results.append(row)
         del inputs, pairs
@@ -138,8 +138,8 @@ def run_fusions(rows: list[int]) -> list[dict]:
             for key in ("library", "gemm_nt_then_torch_add", "gemm_nt_alone"):
                 row[key]["tflop_s"] = 2.0 * m * n * k / (row[key]["us"] * 1e-6) / 1e12
             print(f"lab.gemm.nt_add m={m:5d} {shape:4s} {n}x{k}: {row['library']['us']:8.1f} us "
-                  f"(p95 {row['library']['p95_us']:.1f}); nt + torch add {row['gemm_nt_then_torch_add']['us']:8.1f} us; "
-                  f"nt alone {row['gemm_nt_alone']['us']:8.1f} us; err {err:.1e}{'' if row['ok'] else '  WRONG'}",
+                  f"(p95 {row['library']['p95_us']:.1f}); "
+                  f"nt + torch add {row['gemm_nt_then_torch_add']['us']:8.1f} us; nt alone {row['gemm_nt_alone']['us']:8.1f} us; err {err:.1e}{'' if row['ok'] else '  WRONG'}",
                   flush=True)
             results.append(row)
             del weights, params
@@ -238,7 +238,8 @@ def main() -> None:
     ap.add_argument("--quants", default="q4f16_1,q8f16_1")
     ap.add_argument("--rows", default=ROWS, help="comma list of row counts M (prompt tokens) of the quant section")
     ap.add_argument("--section", choices=("quant", "fusions", "all"), default="all",
-                    help="the quantized GEMMs, the fusions after the float16 GEMMs (lab.swiglu, lab.gemm.nt_add), or both")
+                    help="the quantized GEMMs, the fusions after the float16 GEMMs (lab.swiglu, "
+                    "lab.gemm.nt_add), or both")
     ap.add_argument("--fusion-rows", default=FUSION_ROWS, help="comma list of row counts M of the fusions section")
     args = ap.parse_args()
 

@@ -205,7 +205,8 @@ def check_prefill_rope(f: Functions, hq: int, hkv: int, start: int, n: int, max_
     return {"function": "lab.kv.prefill_attention_rope", "q_heads": hq, "kv_heads": hkv, "start": start, "tokens": n,
             "max_len": max_len, "rope": list(rope), "path": path, "rel_error": err, "k_abs_error": k_err,
             "rows_written": bool(written), "ok": bool(written and err < TOLERANCE), "library_s": lib,
-            "old_path_s": old_s, "old_path_note": "PyTorch's RoPE ops (for TVM's RoPE kernel) + lab.kv.prefill_attention",
+            "old_path_s": old_s,
+            "old_path_note": "PyTorch's RoPE ops (for TVM's RoPE kernel) + lab.kv.prefill_attention",
             "torch_rope_s": rope_only_s, "prefill_attention_s": attention_only_s}
 
 

@@ -6,6 +6,7 @@ import pytest
 import tvm
 
 from engine.compile import BuildSpec, export
+from runtime_patch import functions
 
 
 def _prefill_attention_blocks(mod) -> dict[str, int]:
@@ -36,18 +37,25 @@ SUFFIX = {"paged": "", "static": "_static"}
 @pytest.mark.parametrize("kv_cache", SUFFIX)
 def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cache):
     """prefill_gemm=library: the prefills' linears call the library's GEMM (lab.gemm.nt on float16
-    weights, lab.gemm.q4 / q8 on quantized ones, with no separate dequantize); decode steps none."""
+    weights, lab.gemm.q4 / q8 on quantized ones, with no separate dequantize), SiLU after gate_up
+    is lab.swiglu, and at tp=1 a float16 weight's o and down projections take their residual adds
+    inside (lab.gemm.nt_add; a quantized one's stay TVM's); decode steps none of them."""
     s = SUFFIX[kv_cache]
+    fusions = (functions.SWIGLU, functions.GEMM_NT_ADD)
     for quant, gemm in (("q0f16", "lab.gemm.nt"), ("q4f16_1", "lab.gemm.q4"), ("q8f16_1", "lab.gemm.q8")):
         mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache))
         others = {"lab.gemm.nt", "lab.gemm.q4", "lab.gemm.q8", "lab.dequant."} - {gemm}
+        layers = tiny_config.num_hidden_layers
         for name in (f"prefill{s}", f"prefill_logits{s}"):
             script = mod[name].script()
-            assert gemm in script and not any(other in script for other in others), (quant, name)
+            assert gemm in script and not any(other in script.replace(functions.GEMM_NT_ADD, "") for other in others)
+            assert script.count(functions.SWIGLU) == layers, (quant, name)
+            assert script.count(functions.GEMM_NT_ADD) == (2 * layers if quant == "q0f16" else 0), (quant, name)
         for name in (f"decode{s}", f"batch_decode{s}"):
-            assert "lab.gemm." not in mod[name].script(), (quant, name)
+            script = mod[name].script()
+            assert "lab.gemm." not in script and functions.SWIGLU not in script, (quant, name)
         tir, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, prefill_gemm="tir"))
-        assert "lab.gemm." not in tir[f"prefill{s}"].script()
+        assert not any(name in tir[f"prefill{s}"].script() for name in ("lab.gemm.", *fusions))
 
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)

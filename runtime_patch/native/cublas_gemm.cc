@@ -95,7 +95,8 @@ const LtPlan& PlanFor(int device, const LtDevice& lt, int64_t m, int64_t n, int6
   auto plan = std::make_unique<LtPlan>();
   LAB_CHECK_CUBLAS(cublasLtMatmulDescCreate(&plan->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   const cublasOperation_t transpose = CUBLAS_OP_T, none = CUBLAS_OP_N;
-  LAB_CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose)));
+  LAB_CHECK_CUBLAS(
+      cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSA, &transpose, sizeof(transpose)));
   LAB_CHECK_CUBLAS(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &none, sizeof(none)));
   LAB_CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan->a, CUDA_R_16F, uint64_t(k), uint64_t(n), k));
   LAB_CHECK_CUBLAS(cublasLtMatrixLayoutCreate(&plan->b, CUDA_R_16F, uint64_t(k), uint64_t(m), k));

@@ -1132,7 +1132,8 @@ __global__ void __launch_bounds__(kRopeAppendThreads) RopeAppendRows(const __hal
   for (int t = threadIdx.x; t < rotated + copied; t += blockDim.x) {
     if (t >= rotated) {  // a vector of a v head
       const int h = (t - rotated) / kVectors, j = (t - rotated) % kVectors;
-      reinterpret_cast<uint4*>(v_rows + (int64_t(h) * max_len + pos) * D)[j] = __ldg(row + (q_heads + kv_heads + h) * kVectors + j);
+      const uint4 value = __ldg(row + (q_heads + kv_heads + h) * kVectors + j);
+      reinterpret_cast<uint4*>(v_rows + (int64_t(h) * max_len + pos) * D)[j] = value;
       continue;
     }
     const int h = t / kPair, j = t % kPair;

@@ -57,7 +57,8 @@ void Launch(const uint4* gate_up, uint4* out, int64_t total, int64_t half_vector
   const auto kernel = SwigluRows<Index>;
   const int64_t resident = int64_t(lab::ResidentBlocks(reinterpret_cast<const void*>(kernel), kSwigluThreads, 0)) *
                            lab::Facts(device).sms;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(resident, (total + kSwigluThreads - 1) / kSwigluThreads));
+  const int64_t needed = (total + kSwigluThreads - 1) / kSwigluThreads;
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(resident, needed));
   kernel<<<unsigned(blocks), kSwigluThreads, 0, stream>>>(gate_up, out, Index(total), Index(half_vectors));
   lab::CheckLaunch("lab.swiglu");
 }
