@@ -20,12 +20,12 @@ def _numpy_gemm_nt(x, w, out) -> None:
 
 
 def _numpy_gemm_nt_add(x, w, residual, out) -> None:
-    """lab.gemm.nt_add: out = residual + x @ w^T, the residual added to the float32 product before
-    its one rounding (cuBLASLt's epilogue with beta = 1)."""
+    """lab.gemm.nt_add: out = residual + x @ w^T, the product rounded to out's dtype, then the sum
+    (transformers' `residual + o_proj(x)`; the CUDA version's GEMM, then its add)."""
     xa, wa, ra, oa = (np.from_dlpack(t) for t in (x, w, residual, out))
-    product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T
-    product += ra.reshape(product.shape).astype(np.float32)
-    np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+    product = (xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T).astype(oa.dtype)
+    total = product.astype(np.float32) + ra.reshape(product.shape).astype(np.float32)
+    np.copyto(oa.reshape(-1, oa.shape[-1]), total.astype(oa.dtype, copy=False))
 
 
 def _dequantized(wa, sa, bits: int):

@@ -9,9 +9,10 @@ registered under the same names, so the CPU test suite runs the same compiled gr
 
 Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
-  GEMM_NT_ADD(x, w, residual, out)      out = residual + x @ w^T (float16; float32 sums, one rounding:
-                                        cuBLASLt's epilogue adds the residual): the prefill's o and down
-                                        projections of a float16 weight at tp=1, the residual adds inside
+  GEMM_NT_ADD(x, w, residual, out)      out = residual + x @ w^T (float16; float32 sums, the product
+                                        rounded, then the sum, as transformers rounds): the prefill's o
+                                        and down projections of a float16 weight at tp=1 with their
+                                        residual adds (cuBLAS, then an add kernel of ours in place)
   SWIGLU(gate_up, out)                  out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]
                                         (float16, rounded as transformers' LlamaMLP: silu(gate) to
                                         float16, then the product): the prefill's SiLU after a library

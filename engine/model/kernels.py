@@ -9,9 +9,10 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
   What follows the products is the library's too: SiLU after gate_up is `lab.swiglu`
   (`Linear.swiglu`), and the residual adds after the o and down projections of a float16 weight
-  (`Linear.plus`, tp=1) are inside the GEMM (`lab.gemm.nt_add`, cuBLASLt's epilogue); a quantized
-  weight's keep TVM's add. (TVM's kernels for these took 244 us (SiLU) and 2 x 63 us (adds) a layer
-  of a 4096-token Llama-3-8B prefill on an H200.)
+  (`Linear.plus`, tp=1) come with the GEMM (`lab.gemm.nt_add`: cuBLAS, then an add of ours in
+  place, rounded as transformers rounds); a quantized weight's keep TVM's add. (TVM's kernels for
+  these took 244 us (SiLU) and 2 x 63 us (adds) a layer of a 4096-token Llama-3-8B prefill on an
+  H200.)
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the

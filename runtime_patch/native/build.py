@@ -3,9 +3,9 @@
 - `cpu_shm` (cpu_shm.cc, ours): a CCL for TVM disco over shared memory, so TP runs on any CPU;
 - `nccl`: TVM's shipped `disco/nccl/nccl.cc` with our nccl_overlap.cc (allreduces on a
   communication stream, `full_overlap`);
-- `cuda_gemm` (cublas_gemm.cc, quant_gemv.cu, quant_gemm.cu, rms_norm.cu, swiglu.cu): the prefill's
-  cuBLAS GEMM (and cuBLASLt's with the residual add), the q4 and q8 decode GEMVs, the prefill's q4 and
-  q8 GEMMs, the decode's RMSNorm, the prefill's SiLU;
+- `cuda_gemm` (cublas_gemm.cc, residual_add.cu, quant_gemv.cu, quant_gemm.cu, rms_norm.cu, swiglu.cu):
+  the prefill's cuBLAS GEMM (and its residual add), the q4 and q8 decode GEMVs, the prefill's q4 and q8
+  GEMMs, the decode's RMSNorm, the prefill's SiLU;
 - `cuda_attention` (cuda_attention.cu, flash_prefill.cu): the paged KV cache's prefill and decode attention, and
   the static KV cache's functions (`lab.kv.*`: attention, append, the step's advance and mailbox);
 - `cuda_allreduce` (oneshot_allreduce.cu): the one-shot allreduce over CUDA IPC (`lab.ccl.*`).
@@ -42,14 +42,14 @@ CCLS = ("cpu_shm", "nccl")
 @dataclass(frozen=True)
 class CudaPlugin:
     """A plugin of CUDA kernels: its sources (in this folder), compiled by nvcc, and whether it
-    links against cuBLAS (and cuBLASLt)."""
+    links against cuBLAS."""
 
     sources: tuple[str, ...]
     cublas: bool = True
 
 
-CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "quant_gemv.cu", "quant_gemm.cu", "rms_norm.cu",
-                                         "swiglu.cu")),
+CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "residual_add.cu", "quant_gemv.cu", "quant_gemm.cu",
+                                         "rms_norm.cu", "swiglu.cu")),
                 "cuda_attention": CudaPlugin(("cuda_attention.cu", "flash_prefill.cu")),
                 "cuda_allreduce": CudaPlugin(("oneshot_allreduce.cu",), cublas=False)}
 PLUGINS = (*CCLS, *CUDA_PLUGINS)
@@ -146,7 +146,7 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
                 cublas_inc, cublas_lib = toolchain.cublas_dirs()
                 r.include_dirs.insert(2, cublas_inc)
                 r.lib_dirs.insert(1, cublas_lib)
-                r.libs = ["-ltvm_ffi", *toolchain.cublas_lib_flags(cublas_lib), "-lcudart"]
+                r.libs = ["-ltvm_ffi", toolchain.cublas_lib_flag(cublas_lib), "-lcudart"]
         return r
     raise ValueError(f"unknown plugin {name!r}; choose one of {PLUGINS}")
 

@@ -134,21 +134,8 @@ def cublas_dirs() -> tuple[Path, Path]:
                            "prefill_attention=tir")
 
 
-def cublas_lib_flags(lib: Path) -> list[str]:
-    """The link flags of cuBLAS and cuBLASLt (lab.gemm.nt_add) in `lib`: -lcublas where the toolkit's
-    unversioned names are, else the wheel's versioned file (libcublas.so.13). A plugin that calls
-    nothing of cuBLASLt does not keep it (--as-needed)."""
-    flags = []
-    for name in ("cublas", "cublasLt"):
-        if (lib / f"lib{name}.so").exists():
-            flags.append(f"-l{name}")
-        else:
-            found = sorted(lib.glob(f"lib{name}.so.*"))
-            if not found:
-                raise PluginBuildError(f"lib{name}.so not found in {lib}: install the CUDA toolkit or "
-                                       "pip install nvidia-cublas, or set CUBLAS_HOME")
-            flags.append(f"-l:{found[0].name}")
-    return flags
+def cublas_lib_flag(lib: Path) -> str:
+    return "-lcublas" if (lib / "libcublas.so").exists() else f"-l:{sorted(lib.glob('libcublas.so.*'))[0].name}"
 
 
 def cxx() -> str:
