@@ -2,7 +2,10 @@
 
 The token stream is a seeded random prompt followed by the reference's own greedy continuation.
 Both models are run teacher-forced over it (prompt in one prefill, then one decode step per
-token), and the engine also generates freely from the prompt. The reference runs the weights the
+token), and the engine also generates freely from the prompt. It passes when the logits are within
+the tolerance, the top-1 tokens agree wherever the reference is not at a near-tie (its top-2 margin
+above twice the logits difference: harness.oracle.confident_rows), and the free continuation
+equals the reference's, or first leaves it at a near-tie (after which the two go their own ways). The reference runs the weights the
 engine runs: for a quantized model, transformers gets the quantized-then-dequantized weights, so
 the comparison tests the compiled kernels; the error that quantization itself adds (against the
 original weights) is reported beside it.
@@ -70,6 +73,8 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
     atomic_save_npy(run_dir.path("reference_logits.npy"), ref_logits.astype(np.float32))
     err = oracle.relative_error(engine_logits, ref_logits)
     agree, confident_rows = oracle.confident_agreement(engine_logits, ref_logits)
+    first_difference, at_near_tie = oracle.greedy_divergence(free, continuation, engine_logits, ref_logits,
+                                                             prompt_len - 1)
     summary = {
         "relative_logits_error": err,
         "tolerance": float(cfg.tolerance),
@@ -78,19 +83,32 @@ def run(cfg: DictConfig, run_dir: RunDir) -> dict:
         "confident_rows": confident_rows,
         "greedy_tokens_identical": free == continuation,
         "greedy_steps": steps,
+        "greedy_first_difference": first_difference,
+        "greedy_difference_at_near_tie": at_near_tie,
         "engine_greedy": free,
         "reference_greedy": continuation,
     }
     if quant.quantized:  # what quantization itself costs, against the original weights
         original = oracle.Reference(folder).logits(tokens)
         summary["quantization_error_vs_original"] = oracle.relative_error(engine_logits, original)
-    ok = err <= cfg.tolerance and agree == 1.0 and summary["greedy_tokens_identical"]
+    ok = err <= cfg.tolerance and agree == 1.0 and (summary["greedy_tokens_identical"] or at_near_tie)
     summary["passed"] = ok
     extra = {"token_ids": tokens, "prompt_len": prompt_len, "checkpoint": folder, "artifact": str(stages[0].path),
              "artifacts": [str(a.path) for a in stages],
              "build": build.to_dict()}
     run_dir.write_results(OmegaConf.to_container(cfg, resolve=True), [], summary, "ok" if ok else "failed", extra)
     return summary
+
+
+def greedy_words(summary: dict) -> str:
+    """How the free continuation compared, in words."""
+    steps, first = summary["greedy_steps"], summary["greedy_first_difference"]
+    if summary["greedy_tokens_identical"]:
+        return f"identical over {steps} steps"
+    if summary["greedy_difference_at_near_tie"]:
+        return (f"identical over {first} of {steps} steps, then a near-tie (the reference's top-2 margin "
+                "within twice the logits difference: a legitimate flip)")
+    return f"DIFFERENT from step {first} of {steps}"
 
 
 @hydra.main(config_path="../conf", config_name="verify", version_base="1.3")
@@ -101,8 +119,7 @@ def main(cfg: DictConfig, run_dir: RunDir) -> int:
     pp = f" pp={cfg.pp}" if cfg.get("pp", 1) > 1 else ""
     line = (f"{cfg.quant.name} tp={cfg.tp}{pp}: relative logits error {summary['relative_logits_error']:.2e} "
             f"(tolerance {summary['tolerance']:.0e}), top-1 agreement {summary['top1_agreement']:.3f}, "
-            f"greedy {'identical' if summary['greedy_tokens_identical'] else 'DIFFERENT'} over "
-            f"{summary['greedy_steps']} steps")
+            f"greedy {greedy_words(summary)}")
     if "quantization_error_vs_original" in summary:
         line += f"; quantization error vs original weights {summary['quantization_error_vs_original']:.2e}"
     log.info(line)

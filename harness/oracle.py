@@ -100,14 +100,35 @@ def relative_error(engine: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(engine - reference).max() / max(np.abs(reference).max(), 1e-30))
 
 
-def confident_agreement(engine: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
-    """Top-1 agreement over the rows where the reference's top-1/top-2 margin exceeds the largest
-    absolute logits difference (elsewhere a flip is a legitimate near-tie). (fraction, rows)."""
-    top2 = np.sort(reference, axis=-1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+def confident_rows(engine: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The rows [.., vocab] where the reference's top-1/top-2 margin exceeds twice the largest
+    absolute logits difference of that row: elsewhere the engine picking the other token is a
+    legitimate near-tie of float16 arithmetic, not a wrong kernel."""
+    top2 = np.sort(reference, axis=-1)[..., -2:]
+    margin = top2[..., 1] - top2[..., 0]
     diff = np.abs(engine - reference).max(axis=-1)
-    rows = margin > 2 * diff
+    return margin > 2 * diff
+
+
+def confident_agreement(engine: np.ndarray, reference: np.ndarray) -> tuple[float, int]:
+    """Top-1 agreement over the confident rows (confident_rows). (fraction, rows)."""
+    rows = confident_rows(engine, reference)
     if not rows.any():
         return 1.0, 0
     agree = engine[rows].argmax(-1) == reference[rows].argmax(-1)
     return float(agree.mean()), int(rows.sum())
+
+
+def greedy_divergence(engine_tokens: list[int], reference_tokens: list[int], engine_logits: np.ndarray,
+                      reference_logits: np.ndarray, first_row: int) -> tuple[int | None, bool]:
+    """Where two greedy continuations of the same prompt first differ, and whether that step is a
+    near-tie: (the first differing step or None, near_tie). Step i was predicted, teacher-forced, by
+    row first_row + i of the logits (the prompt's last row predicts step 0). After a legitimate
+    near-tie the continuations go their own ways, so only the first difference can be judged."""
+    first = next((i for i, (a, b) in enumerate(zip(engine_tokens, reference_tokens)) if a != b), None)
+    if first is None and len(engine_tokens) != len(reference_tokens):
+        first = min(len(engine_tokens), len(reference_tokens))
+    if first is None or first_row + first >= len(reference_logits):
+        return first, False
+    row = first_row + first
+    return first, not bool(confident_rows(engine_logits[row], reference_logits[row]))

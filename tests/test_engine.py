@@ -140,3 +140,25 @@ def test_a_runtime_only_tvm_names_the_missing_artifact(tiny_config, tmp_path, mo
     monkeypatch.setenv("TVM_USE_RUNTIME_LIB", "1")
     with pytest.raises(ConfigError, match="no compiled artifact tiny-q0f32-tp1-llvm-.* runtime-only .* bench.build_artifacts"):
         compile_model(BuildSpec(tiny_config, "q0f32"), tmp_path)
+
+
+def test_greedy_divergence_is_judged_at_its_first_step():
+    """experiments.verify's greedy criterion (harness.oracle.greedy_divergence): continuations that
+    first differ where the reference's top-2 margin is within twice the logits difference are a
+    near-tie (a legitimate float16 flip); a difference at a confident row is not, and later steps
+    are not judged (after a flip the continuations go their own ways)."""
+    from harness.oracle import greedy_divergence
+
+    vocab, first_row = 8, 3
+    reference = np.zeros((first_row + 4, vocab), np.float32)
+    reference[:, 1] = 1.0  # every row: token 1 by a margin of 1
+    engine = reference + 0.01
+    tokens = [1, 1, 1, 1]
+    assert greedy_divergence(tokens, tokens, engine, reference, first_row) == (None, False)
+    # step 2 differs where the reference is confident: not a near-tie
+    assert greedy_divergence([1, 1, 5, 5], tokens, engine, reference, first_row) == (2, False)
+    # the same step at a near-tie: tokens 1 and 5 within 0.005, the engine 0.01 off
+    reference[first_row + 2, 5] = 0.995
+    assert greedy_divergence([1, 1, 5, 7], tokens, engine, reference, first_row) == (2, True)
+    # a confident difference before the near-tie decides
+    assert greedy_divergence([1, 6, 5, 7], tokens, engine, reference, first_row) == (1, False)

@@ -2,9 +2,9 @@
 // float(residual)), in place over float16 vectors of 8 (16 bytes), by a grid that fills the GPU
 // (its resident blocks) and strides over the vectors. With the GEMM's own rounding of its output
 // this is transformers' `residual + o_proj(x)` in float16, rounded twice. (cuBLASLt's epilogue,
-// which adds the residual before one rounding, was tried: 2.4 ms faster over a 4096-token
-// Llama-3-8B prefill, but its residual stream left transformers' by an ulp an add and experiments.verify's
-// greedy tokens differed on tiny-d128 q0f16; docs/BENCHMARKS.md, fifteenth round.)
+// which adds the residual before one rounding, was tried: ~1.4 ms less over a 4096-token
+// Llama-3-8B prefill by bench.prefill_gemm, the same TTFT end to end, but its residual stream left
+// transformers' by an ulp an add; docs/BENCHMARKS.md, fifteenth round.)
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
