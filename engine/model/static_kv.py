@@ -26,10 +26,10 @@ projection: q and k rotated at `positions` (RoPE inside the attention kernel, in
 kernel of 1.7 us a layer on an H200; the rotation adds ~1.1 us to the attention), the token's key and
 value written at its position, attention over 0..position (split over the keys on a GPU, merged in
 the same kernel). Both rotate as TVM's llama_rope_with_position_map (tests/test_static_kv.py holds
-them to it), with the arguments `rope_arguments` makes. After the LM head and the argmax (`lab.kv.argmax`), `lab.kv.advance` writes the
-tokens into `ids` and adds 1 to `positions` (on the device), so the next step needs nothing from
-the host; `lab.kv.set_ids` writes host tokens into `ids` where the host feeds the step (teacher
-forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
+them to it), with the arguments `rope_arguments` makes. After the LM head and the argmax
+(`lab.kv.argmax`), `lab.kv.advance` writes the tokens into `ids` and adds 1 to `positions` (on the
+device), so the next step needs nothing from the host; `lab.kv.set_ids` writes host tokens into
+`ids` where the host feeds the step (teacher forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
 """
 
 from __future__ import annotations
