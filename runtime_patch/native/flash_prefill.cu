@@ -14,6 +14,10 @@
 //
 // GQA: the block's query head h reads KV head h / (q_heads / kv_heads); the other query heads of
 // the group read the same tiles through L2.
+//
+// On sm_90 at head dim 128 a second kernel, on the warpgroup MMA, runs instead once its blocks fill
+// the SMs (FlashPrefillWgKernel below: the tensor cores read Q, K and V from shared memory once for
+// a warpgroup of four warps; docs/ARCHITECTURE.md, docs/BENCHMARKS.md fifteenth round).
 #include "flash_prefill.h"
 
 #include <cuda_fp16.h>
