@@ -94,6 +94,14 @@ inline int ResidentBlocks(const void* kernel, int threads, int smem) {
   return resident.emplace(key, blocks).first->second;
 }
 
+// Blocks of a grid-stride kernel (no dynamic shared memory) over `items` items, `threads` a block,
+// one item a thread a stride: as many as are resident on all SMs of `device` at once, no more than
+// the items need, at least 1.
+inline int64_t GridStrideBlocks(const void* kernel, int threads, int64_t items, int device) {
+  const int64_t resident = int64_t(ResidentBlocks(kernel, threads, 0)) * Facts(device).sms;
+  return std::max<int64_t>(1, std::min<int64_t>(resident, (items + threads - 1) / threads));
+}
+
 // Row-major with no gaps (strides of size-1 dimensions do not matter).
 inline bool IsCompact(const DLTensor* t) {
   if (t->strides == nullptr) return true;

@@ -72,6 +72,32 @@ __device__ void CopyRows(__half* smem, const __half* src, int64_t ld, int count,
   }
 }
 
+// The end of either kernel for one warp's 16 query rows from warp_row on (head h): each row's sum
+// over the 4 lanes of its quad, then rows warp_row + lane / 4 and + 8 of O (accumulators o[4c + e]
+// of column tile c: mma.sync's and wgmma's layout) divided by it into a.out, and the row's base-2
+// log-sum-exp into a.lse where asked. Rows from a.n on are not written.
+template <int D>
+__device__ __forceinline__ void WriteRows(const FlashPrefillArgs& a, const float (&o)[D / 2], float (&row_sum)[2],
+                                          const float (&row_max)[2], int warp_row, int h, int lane) {
+  const int g = lane / 4, t4 = lane % 4;
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int row = warp_row + g + r * 8;
+    if (row >= int(a.n)) continue;
+    const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
+    __half* dst = a.out + int64_t(row) * a.q_ld + h * D + 2 * t4;
+#pragma unroll
+    for (int c = 0; c < D / 8; ++c)
+      *reinterpret_cast<__half2*>(dst + c * 8) = __floats2half2_rn(o[4 * c + 2 * r] * inverse, o[4 * c + 2 * r + 1] * inverse);
+    if (a.lse != nullptr && t4 == 0)
+      a.lse[(a.lse_row0 + row) * a.q_heads + h] =
+          row_sum[r] > 0.f ? row_max[r] * a.scale2 + log2f(row_sum[r]) : -INFINITY;
+  }
+}
+
 template <int D>
 __global__ void __launch_bounds__(kThreads, 2) FlashPrefillKernel(FlashPrefillArgs a) {
   using T = Tile<D>;
@@ -193,22 +219,7 @@ __global__ void __launch_bounds__(kThreads, 2) FlashPrefillKernel(FlashPrefillAr
     __syncthreads();  // this buffer is refilled by the copies issued at tile t + 1
   }
 
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp_row + g + r * 8;
-    if (row >= n) continue;
-    const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-    __half* dst = a.out + row * a.q_ld + h * D + 2 * t4;
-    #pragma unroll
-    for (int c = 0; c < T::kColumns; ++c)
-      *reinterpret_cast<__half2*>(dst + c * 8) = __floats2half2_rn(o[c][2 * r] * inverse, o[c][2 * r + 1] * inverse);
-    if (a.lse != nullptr && t4 == 0)
-      a.lse[(a.lse_row0 + row) * a.q_heads + h] =
-          row_sum[r] > 0.f ? row_max[r] * a.scale2 + log2f(row_sum[r]) : -INFINITY;
-  }
+  WriteRows<D>(a, reinterpret_cast<const float(&)[D / 2]>(o), row_sum, row_max, warp_row, h, lane);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -383,28 +394,13 @@ __global__ void __launch_bounds__(kWgThreadsFlash, 2) FlashPrefillWgKernel(Flash
       wgmma::Fence();
 #pragma unroll
       for (int kk = 0; kk < kWgKeys / 16; ++kk)  // keys 16 kk.. are V's rows 16 kk.. (2048 bytes a slice)
-        wgmma::MmaM64N128K16TransposedB(o, p[kk], wgmma::SwizzledColumnsDescriptor(v_address + kk * 2048, kWgHalf));
+        wgmma::MmaM64N128K16<true>(o, p[kk], wgmma::SwizzledColumnsDescriptor(v_address + kk * 2048, kWgHalf));
       wgmma::Commit();
       wgmma::Wait<0>();
     }
   }
 
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
-  for (int r = 0; r < 2; ++r) {
-    const int row = warp_row + g + r * 8;
-    if (row >= n) continue;
-    const float inverse = row_sum[r] > 0.f ? 1.f / row_sum[r] : 0.f;
-    __half* dst = a.out + int64_t(row) * a.q_ld + h * kWgD + 2 * t4;
-#pragma unroll
-    for (int j = 0; j < kWgD / 8; ++j)
-      *reinterpret_cast<__half2*>(dst + j * 8) = __floats2half2_rn(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-    if (a.lse != nullptr && t4 == 0)
-      a.lse[(a.lse_row0 + row) * a.q_heads + h] =
-          row_sum[r] > 0.f ? row_max[r] * a.scale2 + log2f(row_sum[r]) : -INFINITY;
-  }
+  WriteRows<kWgD>(a, o, row_sum, row_max, warp_row, h, lane);
 #else
   __trap();
 #endif
@@ -417,9 +413,7 @@ dim3 WgGrid(const FlashPrefillArgs& args, bool* pair_heads) {
   return dim3(unsigned((args.n + block_rows - 1) / block_rows), unsigned(*pair_heads ? args.q_heads / 2 : args.q_heads));
 }
 
-void LaunchWg(const FlashPrefillArgs& args, cudaStream_t stream) {
-  bool pair_heads = false;
-  const dim3 grid = WgGrid(args, &pair_heads);
+void LaunchWg(const FlashPrefillArgs& args, dim3 grid, bool pair_heads, cudaStream_t stream) {
   LAB_CHECK_CUDA(cudaFuncSetAttribute(FlashPrefillWgKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kWgSmem));
   FlashPrefillWgKernel<<<grid, kWgThreadsFlash, kWgSmem, stream>>>(args, int(pair_heads));
   LAB_CHECK_CUDA(cudaGetLastError());
@@ -460,7 +454,7 @@ void FlashPrefill(const FlashPrefillArgs& args, cudaStream_t stream) {
       bool pair_heads = false;
       const dim3 grid = WgGrid(args, &pair_heads);
       if (args.warpgroup && facts.major == 9 && facts.minor == 0 && int64_t(grid.x) * grid.y >= facts.sms)
-        return LaunchWg(args, stream);
+        return LaunchWg(args, grid, pair_heads, stream);
       return Launch<128>(args, stream);
     }
     default: TVM_FFI_THROW(ValueError) << "lab.attention: no fused prefill kernel for head dim " << args.d;

@@ -39,9 +39,7 @@ namespace lab {
 void AddResidualInPlace(int device, cudaStream_t stream, __half* out, const __half* residual, int64_t count) {
   const int64_t vectors = count / 8;
   if (vectors == 0) return;
-  const int64_t resident = int64_t(ResidentBlocks(reinterpret_cast<const void*>(AddInPlace), kAddThreads, 0)) *
-                           Facts(device).sms;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(resident, (vectors + kAddThreads - 1) / kAddThreads));
+  const int64_t blocks = GridStrideBlocks(reinterpret_cast<const void*>(AddInPlace), kAddThreads, vectors, device);
   AddInPlace<<<unsigned(blocks), kAddThreads, 0, stream>>>(reinterpret_cast<uint4*>(out),
                                                            reinterpret_cast<const uint4*>(residual), vectors);
   CheckLaunch("lab.gemm.nt_add");

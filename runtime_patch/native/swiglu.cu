@@ -55,10 +55,7 @@ __global__ void __launch_bounds__(kSwigluThreads) SwigluRows(const uint4* __rest
 template <typename Index>
 void Launch(const uint4* gate_up, uint4* out, int64_t total, int64_t half_vectors, int device, cudaStream_t stream) {
   const auto kernel = SwigluRows<Index>;
-  const int64_t resident = int64_t(lab::ResidentBlocks(reinterpret_cast<const void*>(kernel), kSwigluThreads, 0)) *
-                           lab::Facts(device).sms;
-  const int64_t needed = (total + kSwigluThreads - 1) / kSwigluThreads;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(resident, needed));
+  const int64_t blocks = lab::GridStrideBlocks(reinterpret_cast<const void*>(kernel), kSwigluThreads, total, device);
   kernel<<<unsigned(blocks), kSwigluThreads, 0, stream>>>(gate_up, out, Index(total), Index(half_vectors));
   lab::CheckLaunch("lab.swiglu");
 }

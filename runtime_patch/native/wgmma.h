@@ -78,7 +78,10 @@ __device__ __forceinline__ void FenceSharedWrites() {
 #define LAB_WGMMA_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                         "+f"(d[i + 6]), "+f"(d[i + 7])
 
-// d [64 x 128] += a [64 x 16] b [16 x 128], b by its descriptor (B^T's rows K-major).
+// d [64 x 128] += a [64 x 16] b [16 x 128], a from registers, b by its descriptor: K-major (B^T's
+// rows, SwizzledRowsDescriptor), or with TransposeB MN-major (SwizzledColumnsDescriptor: the
+// instruction's transpose-B flag).
+template <bool TransposeB = false>
 __device__ __forceinline__ void MmaM64N128K16(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
 #if LAB_WGMMA
   asm volatile(
@@ -88,11 +91,11 @@ __device__ __forceinline__ void MmaM64N128K16(float (&d)[64], const uint32_t (&a
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
       "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, 1, 1, 1, 0;\n"
+      "{%64, %65, %66, %67}, %68, 1, 1, 1, %69;\n"
       "}\n"
       : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24), LAB_WGMMA_D8(32), LAB_WGMMA_D8(40),
         LAB_WGMMA_D8(48), LAB_WGMMA_D8(56)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "n"(int(TransposeB)));
 #else
   __trap();
 #endif
@@ -113,27 +116,6 @@ __device__ __forceinline__ void MmaM64N64K16SS(float (&d)[32], uint64_t a, uint6
       "}\n"
       : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24)
       : "l"(a), "l"(b), "r"(int(accumulate)));
-#else
-  __trap();
-#endif
-}
-
-// d [64 x 128] += a [64 x 16] b [16 x 128], a from registers, b MN-major by its descriptor
-// (SwizzledColumnsDescriptor: the instruction's transpose-B flag).
-__device__ __forceinline__ void MmaM64N128K16TransposedB(float (&d)[64], const uint32_t (&a)[4], uint64_t b) {
-#if LAB_WGMMA
-  asm volatile(
-      "{\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "{%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-      "}\n"
-      : LAB_WGMMA_D8(0), LAB_WGMMA_D8(8), LAB_WGMMA_D8(16), LAB_WGMMA_D8(24), LAB_WGMMA_D8(32), LAB_WGMMA_D8(40),
-        LAB_WGMMA_D8(48), LAB_WGMMA_D8(56)
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b));
 #else
   __trap();
 #endif
