@@ -9,14 +9,15 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
     python -m bench.gemv build --out DIR           # any machine: compile each variant to DIR/*.so
     python -m bench.gemv run --dir DIR --out F.json   # on the GPU: check against NumPy, time
                                                       # (without DIR/manifest.json: library only)
-    python -m bench.gemv norm --out F.json            # on the GPU: lab.norm.rms only
+    python -m bench.gemv norm --out F.json            # on the GPU: lab.norm.rms and lab.norm.add_rms only
 
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
 on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_add`, `_swiglu`:
 FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV; and the decode's
-RMSNorm `lab.norm.rms` against its CPU version (NORM_CASES), timed in a graph. `run` times each kernel with CUDA events
+RMSNorm `lab.norm.rms` (NORM_CASES, the decode's and the prefill's rows) and the prefill's
+`lab.norm.add_rms` (ADD_NORM_CASES) against their CPU versions, timed in a graph. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
 reports GB/s of weight bytes (packed weights + scales) beside the device's copy bandwidth.
 `--rows 0,1,2` times the library's GEMVs under each rows-per-warp choice (`lab.gemv.rows`; 0 is the
@@ -194,11 +195,18 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[
         sys.exit(1)
 
 
-# lab.norm.rms (the decode's RMSNorm, decode_norm=library): (hidden, rows, dtype) cases; a step of
-# Llama-3-8B calls it 65 times on one 4096-wide float16 row
+# lab.norm.rms (the decode's RMSNorm, decode_norm=library, and the library prefill's): (hidden, rows,
+# dtype) cases; a step of Llama-3-8B calls it 65 times on one 4096-wide float16 row, a 4096-token
+# prefill 65 times on 4096 rows (from 512 rows on the warp-per-row kernel: the last five cases)
 NORM_CASES = ((4096, 1, "float16"), (4096, 16, "float16"), (8192, 1, "float16"), (4096, 1, "bfloat16"),
-              (2048, 4, "float32"), (128, 3, "float16"))
+              (2048, 4, "float32"), (128, 3, "float16"),
+              (4096, 4096, "float16"), (8192, 1024, "float16"), (4096, 600, "bfloat16"), (2048, 700, "float32"),
+              (128, 520, "float16"))
 NORM_CALLS = 65  # calls per timed graph
+# lab.norm.add_rms (the library prefill's residual add with the norm after it): (hidden, rows,
+# dtype); 16384 float16 is 2048 vectors a row, past what a warp holds (the kernel's read-back path)
+ADD_NORM_CASES = ((4096, 4096, "float16"), (4096, 3, "float16"), (8192, 1024, "float16"), (2048, 700, "float32"),
+                  (128, 520, "float16"), (4096, 600, "bfloat16"), (16384, 64, "float16"))
 
 
 def norm_results() -> list[dict]:
@@ -246,8 +254,65 @@ def norm_results() -> list[dict]:
         row = {"name": f"rms_norm-{hidden}-rows{rows}-{dtype}", "variant": "rms_norm_in_graph", "hidden": hidden,
                "rows": rows, "dtype": dtype, "rel_error_vs_cpu": err, "ok": err <= tolerance,
                "us": float(np.median(raw)) * 1e6, "raw_s": raw}
-        print(f"{functions.RMS_NORM:24s} {hidden:5d} x {rows:2d} {dtype:8s} {row['us']:7.2f} us per call in a graph; "
+        print(f"{functions.RMS_NORM:24s} {hidden:5d} x {rows:4d} {dtype:8s} {row['us']:7.2f} us per call in a graph; "
               f"error against the CPU version {err:.1e}{'' if row['ok'] else ' NOT OK'}", flush=True)
+        results.append(row)
+    return results
+
+
+def add_norm_results() -> list[dict]:
+    """`lab.norm.add_rms` against its CPU version on ADD_NORM_CASES (the sum and the norm), each
+    timed as a 4096-token prefill calls it: NORM_CALLS calls in one CUDA graph, per call."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from runtime_patch import cpu_functions, functions
+
+    functions.register("cuda", [functions.ADD_RMS_NORM])
+    add_norm = tvm_ffi.get_global_func(functions.ADD_RMS_NORM)
+    results = []
+    for hidden, rows, dtype in ADD_NORM_CASES:
+        g = torch.Generator(device="cuda").manual_seed(hidden + 7 * rows)
+        partial = (torch.randn(rows, hidden, device="cuda", generator=g) * 3).to(getattr(torch, dtype))
+        residual = (torch.randn(rows, hidden, device="cuda", generator=g) * 3).to(getattr(torch, dtype))
+        weight = (1 + 0.1 * torch.randn(hidden, device="cuda", generator=g)).to(getattr(torch, dtype))
+        total, normed = torch.empty_like(partial), torch.empty_like(partial)
+
+        def call():
+            with tvm_ffi.use_torch_stream():
+                add_norm(*[tvm_ffi.from_dlpack(t) for t in (partial, residual, weight)], 1e-5,
+                         tvm_ffi.from_dlpack(total), tvm_ffi.from_dlpack(normed))
+
+        call()
+        torch.cuda.synchronize()
+        as_np = (lambda t: t.float().cpu().numpy()) if dtype == "bfloat16" else (lambda t: t.cpu().numpy())
+        want_total, want_normed = np.zeros(tuple(partial.shape), as_np(partial).dtype), np.zeros(tuple(partial.shape),
+                                                                                                 as_np(partial).dtype)
+        # bfloat16: NumPy has none; the float32 formula, bfloat16's rounding apart
+        cpu_functions.IMPLEMENTATIONS[functions.ADD_RMS_NORM](as_np(partial), as_np(residual), as_np(weight), 1e-5,
+                                                              want_total, want_normed)
+        errors = [float(np.abs(got.float().cpu().numpy() - want.astype(np.float32)).max()
+                        / (np.abs(want.astype(np.float32)).max() + 1e-6))
+                  for got, want in ((total, want_total), (normed, want_normed))]
+        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            call()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph, stream=stream):
+                for _ in range(NORM_CALLS):
+                    call()
+        torch.cuda.synchronize()
+        raw = [t / NORM_CALLS for t in attention_bench.timed(graph.replay, repeats=10)]
+        tolerance = 1.6e-2 if dtype == "bfloat16" else 1e-3
+        row = {"name": f"add_rms_norm-{hidden}-rows{rows}-{dtype}", "variant": "add_rms_norm_in_graph",
+               "hidden": hidden, "rows": rows, "dtype": dtype, "rel_error_vs_cpu": max(errors),
+               "total_rel_error_vs_cpu": errors[0], "normed_rel_error_vs_cpu": errors[1],
+               "ok": max(errors) <= tolerance, "us": float(np.median(raw)) * 1e6, "raw_s": raw,
+               "bytes_moved": 4 * rows * hidden * partial.element_size()}
+        print(f"{functions.ADD_RMS_NORM:24s} {hidden:5d} x {rows:4d} {dtype:8s} {row['us']:7.2f} us per call in a graph "
+              f"({row['bytes_moved'] / row['us'] / 1e3:.0f} GB/s); error against the CPU version: sum {errors[0]:.1e}, "
+              f"norm {errors[1]:.1e}{'' if row['ok'] else ' NOT OK'}", flush=True)
         results.append(row)
     return results
 
@@ -255,7 +320,7 @@ def norm_results() -> list[dict]:
 def run_norm(out: Path, sha: str | None) -> None:
     from .records import write_checked_record
 
-    if not write_checked_record(out, "gemv", norm_results(), sha):
+    if not write_checked_record(out, "gemv", norm_results() + add_norm_results(), sha):
         sys.exit(1)
 
 

@@ -23,10 +23,8 @@ timed beside the path it replaced:
 - `lab.swiglu` on gate_up [M, 2 x 14336]: against torch's float16 `silu(gate) * up` (the same
   roundings: at most one float16 ulp apart, from the last bit of expf); beside torch's silu and mul
   (TVM's fused split/silu/multiply kernel, which the model ran before, is not in this benchmark).
-- `lab.gemm.nt_add` for the o (4096 x 4096) and down (4096 x 14336) projections with the residual:
-  against float32 `residual + x @ w^T` (relative error of the largest) and bit for bit against
-  `lab.gemm.nt` then torch's float16 add (the same two roundings, transformers'); timed beside that
-  pair (torch's add standing in for TVM's add kernel) and `lab.gemm.nt` alone.
+(The residual adds after the o and down projections come with the norms after them,
+`lab.norm.add_rms`: checked and timed by `python -m bench.gemv norm`.)
 """
 
 from __future__ import annotations
@@ -53,7 +51,6 @@ def calls_per_sample(seconds_guess: float) -> int:
 
 # Llama-3-8B's tp=1 fusion shapes: gate_up's I, and the (N, K) of the projections with a residual add
 SWIGLU_WIDTH = 14336
-ADD_SHAPES = {"o": (4096, 4096), "down": (4096, 14336)}
 FUSION_ROWS = "128,1024,4096"
 
 
@@ -80,9 +77,8 @@ def run_fusions(rows: list[int]) -> list[dict]:
 
     from runtime_patch import functions
 
-    functions.register("cuda", [functions.GEMM_NT, functions.GEMM_NT_ADD, functions.SWIGLU])
-    gemm_nt, gemm_nt_add, swiglu = (tvm_ffi.get_global_func(n) for n in
-                                    (functions.GEMM_NT, functions.GEMM_NT_ADD, functions.SWIGLU))
+    functions.register("cuda", [functions.SWIGLU])
+    swiglu = tvm_ffi.get_global_func(functions.SWIGLU)
     results = []
     g = torch.Generator(device="cuda").manual_seed(1)
     for m in rows:
@@ -109,44 +105,6 @@ def run_fusions(rows: list[int]) -> list[dict]:
               f"{'' if row['ok'] else '  WRONG'}", flush=True)
         results.append(row)
         del inputs, pairs
-        # lab.gemm.nt_add
-        for shape, (n, k) in ADD_SHAPES.items():
-            x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
-            residual = torch.randn(m, n, device="cuda", dtype=torch.float16, generator=g)
-            weights = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
-                             n * k * 2)
-            params = [(tvm_ffi.from_dlpack(w), w) for w in weights]
-            y, z = (torch.empty(m, n, device="cuda", dtype=torch.float16) for _ in range(2))
-            xt, rt, yt, zt = (tvm_ffi.from_dlpack(t) for t in (x, residual, y, z))
-            gemm_nt_add(xt, params[0][0], rt, yt)
-            want = residual.float() + x.float() @ weights[0].float().T
-            torch.cuda.synchronize()
-            err = float((y.float() - want).abs().max() / want.abs().max())
-
-            def old(p):
-                gemm_nt(xt, p[0], zt)
-                torch.add(z, residual, out=z)
-
-            old(params[0])
-            torch.cuda.synchronize()
-            old_err = float((z.float() - want).abs().max() / want.abs().max())
-            identical = bool(torch.equal(y, z))
-            row = {"function": "lab.gemm.nt_add", "shape": shape, "m": m, "n": n, "k": k, "rel_error": err,
-                   "old_path_rel_error": old_err, "identical_to_nt_then_add": identical,
-                   "ok": err <= TOLERANCE and identical,
-                   "library": timing(lambda p: gemm_nt_add(xt, p[0], rt, yt), params),
-                   "gemm_nt_then_torch_add": timing(old, params),
-                   "gemm_nt_alone": timing(lambda p: gemm_nt(xt, p[0], zt), params),
-                   "old_path_note": "lab.gemm.nt then torch's add stand in for lab.gemm.nt then TVM's add kernel"}
-            for key in ("library", "gemm_nt_then_torch_add", "gemm_nt_alone"):
-                row[key]["tflop_s"] = 2.0 * m * n * k / (row[key]["us"] * 1e-6) / 1e12
-            print(f"lab.gemm.nt_add m={m:5d} {shape:4s} {n}x{k}: {row['library']['us']:8.1f} us "
-                  f"(p95 {row['library']['p95_us']:.1f}); "
-                  f"nt + torch add {row['gemm_nt_then_torch_add']['us']:8.1f} us; nt alone {row['gemm_nt_alone']['us']:8.1f} us; "
-                  f"err {err:.1e}, {'identical to' if identical else 'DIFFERS from'} nt + add{'' if row['ok'] else '  WRONG'}",
-                  flush=True)
-            results.append(row)
-            del weights, params
         torch.cuda.empty_cache()
     return results
 
@@ -242,8 +200,8 @@ def main() -> None:
     ap.add_argument("--quants", default="q4f16_1,q8f16_1")
     ap.add_argument("--rows", default=ROWS, help="comma list of row counts M (prompt tokens) of the quant section")
     ap.add_argument("--section", choices=("quant", "fusions", "all"), default="all",
-                    help="the quantized GEMMs, the fusions after the float16 GEMMs (lab.swiglu, "
-                    "lab.gemm.nt_add), or both")
+                    help="the quantized GEMMs, the fusion after the float16 gate_up GEMM (lab.swiglu), "
+                    "or both")
     ap.add_argument("--fusion-rows", default=FUSION_ROWS, help="comma list of row counts M of the fusions section")
     args = ap.parse_args()
 

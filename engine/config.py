@@ -12,7 +12,8 @@ from typing import Any
 # Where the engine's heavy kernels come from (BuildSpec options, each "tir" (TVM's own) or
 # "library" (runtime_patch.functions: the project's CUDA plugins, NumPy on llvm); "auto" is
 # library on cuda, tir on llvm, except decode_gemv, see AUTO_LIBRARY_GEMV_BITS):
-#   prefill_gemm       the prefill linears: TVM's TIR matmuls, or cuBLAS
+#   prefill_gemm       the prefill linears: TVM's TIR matmuls, or cuBLAS with the project's RMSNorm,
+#                      SiLU and residual adds around them (engine.model.kernels)
 #   prefill_attention  a prefill's attention over the tokens it appends (paged KV cache): TVM's TIR
 #                      kernel, or cuBLAS GEMMs and a softmax kernel
 #   decode_attention   a decode step's attention over the paged KV cache's pages: TVM's TIR kernel,

@@ -19,15 +19,6 @@ def _numpy_gemm_nt(x, w, out) -> None:
     np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
 
-def _numpy_gemm_nt_add(x, w, residual, out) -> None:
-    """lab.gemm.nt_add: out = residual + x @ w^T, the product rounded to out's dtype, then the sum
-    (transformers' `residual + o_proj(x)`; the CUDA version's GEMM, then its add)."""
-    xa, wa, ra, oa = (np.from_dlpack(t) for t in (x, w, residual, out))
-    product = (xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ wa.astype(np.float32).T).astype(oa.dtype)
-    total = product.astype(np.float32) + ra.reshape(product.shape).astype(np.float32)
-    np.copyto(oa.reshape(-1, oa.shape[-1]), total.astype(oa.dtype, copy=False))
-
-
 def _dequantized(wa, sa, bits: int):
     """[N, K * bits / 32] uint32 words and [N, K / 32] scales -> float32 [N, K]: (q - offset) * scale,
     32 / bits values per word lowest bits first (engine/quantize.py's layout)."""
@@ -69,6 +60,15 @@ def _rms_norm(xa, norm_weight, eps: float):
 def _rms_norm_out(x, weight, eps, out) -> None:
     """`lab.norm.rms` on the CPU."""
     np.copyto(np.from_dlpack(out), _rms_norm(np.from_dlpack(x), np.from_dlpack(weight), eps))
+
+
+def _add_rms_norm(partial, residual, weight, eps, total, normed) -> None:
+    """`lab.norm.add_rms` on the CPU: total = residual + partial rounded to their dtype, then
+    normed = its RMSNorm (as _rms_norm)."""
+    pa, ra = np.from_dlpack(partial), np.from_dlpack(residual)
+    ta = (pa.astype(np.float32) + ra.astype(np.float32)).astype(pa.dtype)
+    np.copyto(np.from_dlpack(total), ta)
+    np.copyto(np.from_dlpack(normed), _rms_norm(ta, np.from_dlpack(weight), eps))
 
 
 def _silu_times(gate, up):
@@ -330,7 +330,6 @@ def _kv_set_ids(new_ids, ids, out) -> None:
 
 IMPLEMENTATIONS = {
     functions.GEMM_NT: _numpy_gemm_nt,
-    functions.GEMM_NT_ADD: _numpy_gemm_nt_add,
     functions.SWIGLU: _swiglu,
     **{name: _numpy_gemv(bits, fusion) for (bits, fusion), name in functions.GEMV.items()},
     # an early launch is a GPU's scheduling: the same product
@@ -352,6 +351,7 @@ IMPLEMENTATIONS = {
     functions.ALLREDUCE: _allreduce,
     functions.ALLREDUCE_ADD_RMS_NORM: _allreduce_add_rms_norm,
     functions.RMS_NORM: _rms_norm_out,
+    functions.ADD_RMS_NORM: _add_rms_norm,
     functions.IPC_CREATE: lambda rank, world, max_bytes: "",
     functions.IPC_OPEN: lambda handles: False,
     functions.IPC_STATUS: lambda: "cpu_shm (CPU): no one-shot",

@@ -9,10 +9,6 @@ registered under the same names, so the CPU test suite runs the same compiled gr
 
 Matrix products (plugin cuda_gemm):
   GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
-  GEMM_NT_ADD(x, w, residual, out)      out = residual + x @ w^T (float16; float32 sums, the product
-                                        rounded, then the sum, as transformers rounds): the prefill's o
-                                        and down projections of a float16 weight at tp=1 with their
-                                        residual adds (cuBLAS, then an add kernel of ours in place)
   SWIGLU(gate_up, out)                  out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]
                                         (float16, rounded as transformers' LlamaMLP: silu(gate) to
                                         float16, then the product): the prefill's SiLU after a library
@@ -34,7 +30,11 @@ Matrix products (plugin cuda_gemm):
                                         plugin's rule) or 1, 2, 4, for the benchmarks; remembered on llvm
   RMS_NORM(x, weight, eps, out)        out = rms_norm(x) * weight over the last dimension, rounded as
                                         transformers' LlamaRMSNorm: the decode steps' norms
-                                        (decode_norm=library)
+                                        (decode_norm=library) and the library prefill's first one
+  ADD_RMS_NORM(partial, residual, weight, eps, total, normed)   total = residual + partial (rounded
+                                        to their dtype, as transformers' residual add), normed =
+                                        RMS_NORM of total: the library prefill's residual adds (tp=1),
+                                        each with the norm after it, in one pass over the rows
   GEMM_Q4(x, q_weight, q_scale, out, workspace)   out = x @ W^T of a q4f16_1 weight, the prefill
                                         linears: up to a row count a tensor-core kernel that
                                         dequantizes the packed weight in registers ("fused": mma.sync
@@ -133,7 +133,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 GEMM_NT = "lab.gemm.nt"
-GEMM_NT_ADD = "lab.gemm.nt_add"
 SWIGLU = "lab.swiglu"
 GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
@@ -149,6 +148,7 @@ GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_
 GEMV_ROWS = "lab.gemv.rows"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 RMS_NORM = "lab.norm.rms"
+ADD_RMS_NORM = "lab.norm.add_rms"
 GEMM_Q4 = "lab.gemm.q4"
 GEMM_Q8 = "lab.gemm.q8"
 # The prefill GEMM of each quantized weight width, by bits
@@ -205,7 +205,7 @@ def mailbox_entry(call: int) -> int:
 PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
-    GEMM_NT: "cuda_gemm", GEMM_NT_ADD: "cuda_gemm", SWIGLU: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
+    GEMM_NT: "cuda_gemm", SWIGLU: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm", QUANT_GEMM_PLAN: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",
@@ -218,7 +218,7 @@ PLUGIN = {
     KV_ARGMAX: "cuda_attention", KV_DECODE_CLUSTER: "cuda_attention", KV_DECODE_TENSOR_CORES: "cuda_attention",
     KV_MAILBOX: "cuda_attention",
     **{name: "cuda_gemm" for name in GEMV.values()}, **{name: "cuda_gemm" for name in GEMV_EARLY.values()},
-    GEMV_ROWS: "cuda_gemm", RMS_NORM: "cuda_gemm",
+    GEMV_ROWS: "cuda_gemm", RMS_NORM: "cuda_gemm", ADD_RMS_NORM: "cuda_gemm",
     # not a native plugin: Python over disco's point-to-point operations, on every target
     PP_SEND_NEXT: PYTHON, PP_SEND_FIRST: PYTHON, PP_RECV_LAST: PYTHON,
 }

@@ -29,29 +29,29 @@ def quant_gemm_calls(library_calls):
 
 @pytest.fixture
 def prefill_fusion_calls(library_calls):
-    """The calls of lab.gemm.nt_add and lab.swiglu in this process, by name."""
-    return {name: library_calls(name) for name in (functions.GEMM_NT_ADD, functions.SWIGLU)}
+    """The calls of lab.swiglu and lab.norm.add_rms in this process, by name."""
+    return {name: library_calls(name) for name in (functions.SWIGLU, functions.ADD_RMS_NORM)}
 
 
 def prefill_calls_per_layer(quantized: bool, gemm: str) -> dict[str, int]:
-    """The library calls of one layer of a tp=1 prefill with prefill_gemm=library: qkv and gate_up
-    through the weight's GEMM, SiLU through lab.swiglu, o and down with their residual adds through
-    lab.gemm.nt_add, a quantized weight's o and down through its GEMM (TVM's add after it)."""
-    if quantized:
-        return {gemm: 4, functions.SWIGLU: 1, functions.GEMM_NT_ADD: 0}
-    return {gemm: 2, functions.SWIGLU: 1, functions.GEMM_NT_ADD: 2}
+    """The library calls of one layer of a tp=1 prefill with prefill_gemm=library: the four linears
+    through the weight's GEMM, SiLU through lab.swiglu, each residual add with the norm after it
+    through lab.norm.add_rms (the next layer's input norm, or the model's final one, after the
+    down projection's add)."""
+    return {gemm: 4, functions.SWIGLU: 1, functions.ADD_RMS_NORM: 2}
 
 
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2), ("q8f16_1", 1e-2)])
 def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant_gemm_calls,
-                                             prefill_fusion_calls, quant, tolerance):
+                                             prefill_fusion_calls, library_calls, quant, tolerance):
     """The prefill's linears through lab.gemm.nt, a quantized weight's through the library's GEMM of
-    its width (lab.gemm.q4 / q8), one call per linear; with SiLU (lab.swiglu) and the residual adds
-    of a float weight (lab.gemm.nt_add) in the library too."""
+    its width (lab.gemm.q4 / q8), one call per linear; with the RMSNorms (lab.norm.rms), SiLU
+    (lab.swiglu) and each residual add with the norm after it (lab.norm.add_rms) in the library too."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
     artifact = compiled(config, quant, prefill_gemm="library")
+    norms = library_calls(functions.RMS_NORM)
     bits = quant_spec(quant).bits
     gemm = functions.GEMM_BY_BITS.get(bits, functions.GEMM_NT)
     assert artifact.spec.prefill_gemm == "library" and gemm in artifact.functions
@@ -70,25 +70,28 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
     calls = {functions.GEMM_NT: gemm_calls, **quant_gemm_calls, **prefill_fusion_calls}
     assert len(calls[gemm]) >= per_layer[gemm] * layers + (0 if config.tie_word_embeddings else 1)
 
-    for each in calls.values():
+    for each in (*calls.values(), norms):
         each.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
     # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none; no other GEMM
     assert {name: len(each) for name, each in calls.items()} == \
         {name: per_layer.get(name, 0) * layers for name in calls}
+    assert len(norms) == 1  # the prefill's first norm (one chunk; the others come with the adds); decode: TVM's on llvm
 
 
 def test_library_prefill_on_the_static_cache_matches_transformers(compiled, gqa_checkpoint, library_calls):
     """q0f16 on the static KV cache with prefill_gemm=library, the CUDA default's layout: every
-    layer's prefill through lab.kv.prefill_attention_rope, lab.swiglu and lab.gemm.nt_add (their
+    layer's prefill through lab.kv.prefill_attention_rope, lab.swiglu and lab.norm.add_rms (their
     NumPy versions here, rounding as the CUDA kernels round) computes what transformers computes in
     float16, chunk after chunk."""
     config = from_hf_folder(gqa_checkpoint)
     artifact = compiled(config, "q0f16", kv_cache="static", prefill_gemm="library")
     layers = config.num_hidden_layers
     per_layer = {**prefill_calls_per_layer(False, functions.GEMM_NT), functions.KV_PREFILL_ATTENTION_ROPE: 1}
-    assert set(per_layer) <= set(artifact.functions) and functions.KV_PREFILL_ATTENTION not in artifact.functions
+    assert {name for name, count in per_layer.items() if count} <= set(artifact.functions)
+    assert functions.KV_PREFILL_ATTENTION not in artifact.functions
     calls = {name: library_calls(name) for name in per_layer}
+    norms = library_calls(functions.RMS_NORM)
     reference = Reference(gqa_checkpoint)
     prompt = np.random.default_rng(6).integers(0, config.vocab_size, 40).tolist()
     continuation = reference.greedy(prompt, STEPS)
@@ -96,12 +99,13 @@ def test_library_prefill_on_the_static_cache_matches_transformers(compiled, gqa_
     with open_session(artifact, open_source(config, gqa_checkpoint)) as session:
         gen = Generator(session, max_batch=2, max_total_len=96, prefill_chunk=16)
         assert relative_error(gen.teacher_forced_logits(tokens, 40), reference.logits(tokens)) <= 1e-2
-        for each in calls.values():
+        for each in (*calls.values(), norms):
             each.clear()
         assert gen.generate([prompt], STEPS).tokens[0] == continuation
     chunks = -(-len(prompt) // 16)  # the prompt's chunks (at 0, 16 and 32: the later ones attend to the earlier)
     assert {name: len(each) for name, each in calls.items()} == {name: count * layers * chunks
                                                                  for name, count in per_layer.items()}
+    assert len(norms) == chunks  # each chunk's first norm (the others come with the adds; decode_norm is tir on llvm)
 
 
 def test_tir_prefill_calls_no_library(compiled, tiny_checkpoint, gemm_calls):
@@ -130,7 +134,7 @@ def test_library_prefill_in_disco_workers(compiled, tiny_checkpoint):
 
 def test_library_decode_norm_matches_transformers(compiled, tiny_checkpoint, library_calls):
     """decode_norm=library: every RMSNorm of a decode step (two a layer and the final one) is
-    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's, and the logits and greedy
+    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's (prefill_gemm=tir), and the logits and greedy
     tokens match transformers."""
     from engine.quantize import quant_spec
 
@@ -310,24 +314,29 @@ def test_swiglu_is_llama_mlps_float16_activation():
     assert not np.array_equal(once, want)
 
 
-def test_gemm_nt_add_rounds_as_transformers():
-    """lab.gemm.nt_add: residual + x @ w^T with float32 sums, the product rounded to float16 and then
-    the sum, as transformers computes `residual + o_proj(x)` in float16. Integer inputs keep the
-    float32 sums exact in any order, so the result is exactly that; adding the residual before one
-    rounding (a GEMM epilogue's way, which left transformers' residual stream by an ulp an add)
-    differs, and the test sees it."""
+def test_add_rms_norm_rounds_as_transformers():
+    """lab.norm.add_rms: total = residual + partial rounded to float16 (transformers' residual add),
+    normed = LlamaRMSNorm(total) as transformers computes it in float16 (the normalised row rounded,
+    then times the weight, rounded). The CPU version against transformers' module on the same
+    values: the sum bit for bit, the norm within one float16 ulp (torch's and NumPy's float32 mean
+    and rsqrt may differ in the last bit)."""
+    import torch
     import tvm_ffi
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     rng = np.random.default_rng(8)
-    m, n, k = 7, 24, 40
-    x = rng.integers(-40, 41, (1, m, k)).astype(np.float16)  # products of thousands: float16 steps of 2-4
-    w = rng.integers(-40, 41, (n, k)).astype(np.float16)
-    residual = (rng.integers(-64, 65, (1, m, n)) + 0.5).astype(np.float16)
-    out = np.zeros((1, m, n), np.float16)
-    functions.register("llvm", [functions.GEMM_NT_ADD])
-    tvm_ffi.get_global_func(functions.GEMM_NT_ADD)(*[tvm_ffi.from_dlpack(a) for a in (x, w, residual, out)])
-    product = (x.astype(np.float64) @ w.astype(np.float64).T).astype(np.float16)
-    twice = (product.astype(np.float64) + residual.astype(np.float64)).astype(np.float16)
-    np.testing.assert_array_equal(out, twice)
-    once = (x.astype(np.float64) @ w.astype(np.float64).T + residual.astype(np.float64)).astype(np.float16)
-    assert not np.array_equal(once, out)
+    partial = (rng.standard_normal((2, 9, 64)) * 3).astype(np.float16)
+    residual = (rng.standard_normal((2, 9, 64)) * 3).astype(np.float16)
+    weight = (1 + 0.1 * rng.standard_normal(64)).astype(np.float16)
+    total, normed = np.zeros_like(partial), np.zeros_like(partial)
+    functions.register("llvm", [functions.ADD_RMS_NORM])
+    tvm_ffi.get_global_func(functions.ADD_RMS_NORM)(*[tvm_ffi.from_dlpack(a) for a in (partial, residual, weight)], 1e-5,
+                                                    tvm_ffi.from_dlpack(total), tvm_ffi.from_dlpack(normed))
+    want_total = torch.from_numpy(residual) + torch.from_numpy(partial)
+    np.testing.assert_array_equal(total, want_total.numpy())
+    norm = LlamaRMSNorm(64, eps=1e-5).half()
+    with torch.no_grad():
+        norm.weight.copy_(torch.from_numpy(weight))
+        want_normed = norm(want_total).numpy()
+    ulps = np.abs(normed.view(np.int16).astype(np.int32) - want_normed.view(np.int16).astype(np.int32))
+    assert ulps.max() <= 1 and (ulps > 0).mean() < 0.02

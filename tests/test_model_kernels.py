@@ -38,22 +38,22 @@ SUFFIX = {"paged": "", "static": "_static"}
 def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cache):
     """prefill_gemm=library: the prefills' linears call the library's GEMM (lab.gemm.nt on float16
     weights, lab.gemm.q4 / q8 on quantized ones, with no separate dequantize), SiLU after gate_up
-    is lab.swiglu, and at tp=1 a float16 weight's o and down projections take their residual adds
-    inside (lab.gemm.nt_add; a quantized one's stay TVM's); decode steps none of them."""
+    is lab.swiglu, and at tp=1 each residual add comes with the norm after it (lab.norm.add_rms,
+    every weight width); decode steps none of them."""
     s = SUFFIX[kv_cache]
-    fusions = (functions.SWIGLU, functions.GEMM_NT_ADD)
+    fusions = (functions.SWIGLU, functions.ADD_RMS_NORM)
     for quant, gemm in (("q0f16", "lab.gemm.nt"), ("q4f16_1", "lab.gemm.q4"), ("q8f16_1", "lab.gemm.q8")):
         mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache))
         others = {"lab.gemm.nt", "lab.gemm.q4", "lab.gemm.q8", "lab.dequant."} - {gemm}
         layers = tiny_config.num_hidden_layers
         for name in (f"prefill{s}", f"prefill_logits{s}"):
             script = mod[name].script()
-            assert gemm in script and not any(other in script.replace(functions.GEMM_NT_ADD, "") for other in others)
+            assert gemm in script and not any(other in script for other in others)
             assert script.count(functions.SWIGLU) == layers, (quant, name)
-            assert script.count(functions.GEMM_NT_ADD) == (2 * layers if quant == "q0f16" else 0), (quant, name)
+            assert script.count(functions.ADD_RMS_NORM) == 2 * layers, (quant, name)
         for name in (f"decode{s}", f"batch_decode{s}"):
             script = mod[name].script()
-            assert "lab.gemm." not in script and functions.SWIGLU not in script, (quant, name)
+            assert "lab.gemm." not in script and not any(f in script for f in fusions), (quant, name)
         tir, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache, prefill_gemm="tir"))
         assert not any(name in tir[f"prefill{s}"].script() for name in ("lab.gemm.", *fusions))
 
@@ -84,17 +84,26 @@ def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
 
 
 @pytest.mark.parametrize("kv_cache", SUFFIX)
-def test_library_norm_only_in_the_decode_phases(tiny_config, kv_cache):
+def test_library_norm_by_phase(tiny_config, kv_cache):
     """decode_norm: library on cuda under auto, TVM's on llvm; with the library's, the decode steps
-    (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm, the prefills
-    keep TVM's."""
+    (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm. The prefills'
+    RMSNorms follow prefill_gemm, whatever decode_norm says: the library prefill's first norm is
+    lab.norm.rms and every other comes with the residual add before it (lab.norm.add_rms, no TVM
+    add or norm left); TVM's prefill keeps TVM's."""
     s = SUFFIX[kv_cache]
+    norms = 2 * tiny_config.num_hidden_layers + 1
     assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "library"
     assert BuildSpec(tiny_config, "q4f16_1", 1, "llvm").decode_norm == "tir"
-    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="library"))
+    mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="library",
+                              prefill_gemm="tir"))
     for name in (f"decode{s}", f"batch_decode{s}"):
         script = mod[name].script()
-        assert script.count('"lab.norm.rms"') == 2 * tiny_config.num_hidden_layers + 1 and "R.nn.rms_norm(" not in script
+        assert script.count('"lab.norm.rms"') == norms and "R.nn.rms_norm(" not in script
     assert "lab.norm.rms" not in mod[f"prefill_logits{s}"].script() and "R.nn.rms_norm(" in mod[f"prefill_logits{s}"].script()
-    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir"))
+    tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir",
+                              prefill_gemm="library"))
     assert "lab.norm.rms" not in tir[f"decode{s}"].script()
+    for name in (f"prefill{s}", f"prefill_logits{s}"):
+        script = tir[name].script()
+        assert script.count('"lab.norm.rms"') == 1 and script.count('"lab.norm.add_rms"') == norms - 1
+        assert "R.nn.rms_norm(" not in script and "R.add(" not in script

@@ -7,12 +7,13 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 - PREFILL with `prefill_gemm="library"`: `lab.gemm.nt` (cuBLAS on CUDA, NumPy on CPU) through
   call_dps_packed; a quantized weight through `lab.gemm.q4` / `q8` (a tensor-core kernel that
   dequantizes in shared memory for short prompts, a dequantize pass and cuBLAS for long ones).
-  What follows the products is the library's too: SiLU after gate_up is `lab.swiglu`
-  (`Linear.swiglu`), and the residual adds after the o and down projections of a float16 weight
-  (`Linear.plus`, tp=1) come with the GEMM (`lab.gemm.nt_add`: cuBLAS, then an add of ours in
-  place, rounded as transformers rounds); a quantized weight's keep TVM's add. (TVM's kernels for
-  these took 244 us (SiLU) and 2 x 63 us (adds) a layer of a 4096-token Llama-3-8B prefill on an
-  H200.)
+  What surrounds the products is the library's too: SiLU after gate_up is `lab.swiglu`
+  (`Linear.swiglu`); the first RMSNorm is `lab.norm.rms`, and at tp=1 each residual add comes with
+  the RMSNorm after it in one call, `lab.norm.add_rms` (`library_add_norm`: the layers run as
+  LlamaModel.forward_normed, the o and down projections plain GEMMs), rounded as transformers
+  rounds (the sum to float16, then the norm). (TVM's kernels for these took 244 us (SiLU), 2 x 63
+  us (adds) and 2 x 35 us (norms) a layer of a 4096-token Llama-3-8B prefill on an H200; ours
+  94 us and 2 x 35 us (add and norm).)
 - DECODE: a TIR GEMV that computes a quantized weight in float32 inside its reduction (no fp16
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
@@ -23,9 +24,10 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 
-The RMSNorms (`RMSNorm`) of the DECODE and BATCH phases are `lab.norm.rms` with
-`decode_norm="library"` (one memory round trip a row where TVM's kernel takes two), TVM's
-`rms_norm` otherwise and in prefills.
+The RMSNorms (`RMSNorm`) are `lab.norm.rms` (one memory round trip a row where TVM's kernel takes
+two) in the DECODE and BATCH phases with `decode_norm="library"` and in the PREFILL phase with
+`prefill_gemm="library"` (TVM's took 35-36 us a norm of 4096 rows of Llama-3-8B on an H200, 65 of
+them a prefill), TVM's `rms_norm` otherwise.
 """
 
 from __future__ import annotations
@@ -57,10 +59,18 @@ class KernelPlan:
                           spec.decode_norm == "library")
 
     def library_norm(self, phase: str) -> bool:
-        """The RMSNorm through `lab.norm.rms` (the decode phases, batch 1 and batched)."""
+        """The RMSNorm through `lab.norm.rms`: the decode phases' (batch 1 and batched) with
+        decode_norm=library, the prefill's with the library prefill (prefill_gemm=library)."""
+        if phase == PREFILL:
+            return self.library_prefill_gemm
         return phase in (DECODE, BATCH) and self.library_decode_norm
 
     def library_gemm(self, phase: str) -> bool:
+        return phase == PREFILL and self.library_prefill_gemm
+
+    def library_add_norm(self, phase: str) -> bool:
+        """Each residual add and the RMSNorm after it in one call of `lab.norm.add_rms` (the library
+        prefill at tp=1; the o and down projections are then plain GEMMs)."""
         return phase == PREFILL and self.library_prefill_gemm
 
     def library_gemv(self, phase: str, quant: QuantSpec) -> bool:
@@ -133,14 +143,11 @@ class Linear(nn.Module):
 
     def plus(self, x: Tensor, residual: Tensor, phase: str, early: bool = False) -> Tensor:
         """residual + W x: the add inside the library GEMV where the phase has one
-        (`lab.gemv.q4_add` / `q8_add`) and inside the library's prefill GEMM of a float16 weight
-        (`lab.gemm.nt_add`), else a separate add (which TVM may fuse into its own GEMV); `early` as
-        in forward."""
+        (`lab.gemv.q4_add` / `q8_add`), else a separate add (which TVM may fuse into its own GEMV;
+        the library prefill's adds come with the norms after them instead: KernelPlan.library_add_norm);
+        `early` as in forward."""
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("add", x, residual=residual, early=early)
-        if self.plan.library_gemm(phase) and not self.spec.quantized:
-            return op.extern(functions.GEMM_NT_ADD, [x, self.weight, residual],
-                             Tensor.placeholder([*x.shape[:-1], self.weight.shape[0]], self.out_dtype))
         return residual + self(x, phase)
 
     def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,

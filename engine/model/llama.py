@@ -110,17 +110,19 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(x, phase), phase)
 
     def _reduce_add_norm(self, partial: Tensor, residual: Tensor, norm: RMSNorm) -> tuple[Tensor, Tensor]:
-        """(residual + allreduce(partial), norm of that): one call of the library allreduce."""
+        """(residual + allreduce(partial), norm of that): one call of the library allreduce; at
+        tp=1 (the library prefill) the add and the norm in one call of lab.norm.add_rms."""
         outs = [Tensor.placeholder(partial.shape, partial.dtype) for _ in range(2)]
-        total, normed = extern(functions.ALLREDUCE_ADD_RMS_NORM, [partial, residual, norm.weight, float(norm.epsilon)],
-                               outs)
+        name = functions.ADD_RMS_NORM if self.tp == 1 else functions.ALLREDUCE_ADD_RMS_NORM
+        total, normed = extern(name, [partial, residual, norm.weight, float(norm.epsilon)], outs)
         return total, normed
 
     def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
                        next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
-        """tp > 1 with the library allreduce: the layer on x and input_layernorm(x) (`normed`, made
-        by the previous layer's last allreduce); returns its output and next_norm of it (None where
-        next_norm is None), the residual adds and norms inside the allreduces."""
+        """The layer on x and input_layernorm(x) (`normed`, made by the previous layer's last add);
+        returns its output and next_norm of it (None where next_norm is None), each residual add
+        with the norm after it in one call (LlamaModel.adds_norms: tp > 1 with the library
+        allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms)."""
         x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase), x, self.post_attention_layernorm)
         partial = self.mlp(normed, phase)
         if next_norm is None:
@@ -169,6 +171,12 @@ class LlamaModel(nn.Module):
         # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
         # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
         self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
+        self.kernels, self.tp = kernels, plan.tp
+
+    def adds_norms(self, phase: str) -> bool:
+        """Whether each residual add comes with the RMSNorm after it in one call (forward_normed):
+        in the allreduce (above), or at tp=1 in the library prefill's lab.norm.add_rms."""
+        return self.norms_in_allreduce or (self.tp == 1 and self.kernels.library_add_norm(phase))
 
     def _numbered(self):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
@@ -176,7 +184,7 @@ class LlamaModel(nn.Module):
 
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
         layers = list(self._numbered())
-        if self.norms_in_allreduce and layers:
+        if self.adds_norms(phase) and layers:
             normed = layers[0][1].input_layernorm(hidden, phase)
             for i, (layer_id, layer) in enumerate(layers):
                 if i + 1 < len(layers):

@@ -3,9 +3,9 @@
 - `cpu_shm` (cpu_shm.cc, ours): a CCL for TVM disco over shared memory, so TP runs on any CPU;
 - `nccl`: TVM's shipped `disco/nccl/nccl.cc` with our nccl_overlap.cc (allreduces on a
   communication stream, `full_overlap`);
-- `cuda_gemm` (cublas_gemm.cc, residual_add.cu, quant_gemv.cu, quant_gemm.cu, rms_norm.cu, swiglu.cu):
-  the prefill's cuBLAS GEMM (and its residual add), the q4 and q8 decode GEMVs, the prefill's q4 and q8
-  GEMMs, the decode's RMSNorm, the prefill's SiLU;
+- `cuda_gemm` (cublas_gemm.cc, quant_gemv.cu, quant_gemm.cu, rms_norm.cu, swiglu.cu):
+  the prefill's cuBLAS GEMM, the q4 and q8 decode GEMVs, the prefill's q4 and q8 GEMMs, the
+  RMSNorms (and the prefill's residual adds with them), the prefill's SiLU;
 - `cuda_attention` (cuda_attention.cu, flash_prefill.cu): the paged KV cache's prefill and decode attention, and
   the static KV cache's functions (`lab.kv.*`: attention, append, the step's advance and mailbox);
 - `cuda_allreduce` (oneshot_allreduce.cu): the one-shot allreduce over CUDA IPC (`lab.ccl.*`).
@@ -48,7 +48,7 @@ class CudaPlugin:
     cublas: bool = True
 
 
-CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "residual_add.cu", "quant_gemv.cu", "quant_gemm.cu",
+CUDA_PLUGINS = {"cuda_gemm": CudaPlugin(("cublas_gemm.cc", "quant_gemv.cu", "quant_gemm.cu",
                                          "rms_norm.cu", "swiglu.cu")),
                 "cuda_attention": CudaPlugin(("cuda_attention.cu", "flash_prefill.cu")),
                 "cuda_allreduce": CudaPlugin(("oneshot_allreduce.cu",), cublas=False)}

@@ -1,11 +1,7 @@
 // lab.gemm.nt(x, w, out): out = x @ w^T on the GPU with cuBLAS (tensor cores), for the prefill
 // linears of engine/model.py (relax call_dps_packed). x [..., K] and w [N, K] are float16,
 // out [..., N] is float16 or float32; accumulation is in float32, as in the TIR linears.
-// lab.gemm.nt_add(x, w, residual, out): out = residual + x @ w^T, all float16, rounded as
-// transformers computes `residual + o_proj(x)`: the product rounded to out, then the residual added
-// in place and rounded again (residual_add.cu, 16-byte vectors: the prefill's o and down projections
-// at tp=1, engine.model.kernels.Linear.plus; TVM's add kernel took 63 us each for a 4096-token
-// Llama-3-8B prefill on an H200).
+// (The prefill's residual adds come with the RMSNorm after them: lab.norm.add_rms, rms_norm.cu.)
 // The GEMMs run on the stream TVM's kernels use (TVMFFIEnvGetStream), so they are ordered with them.
 #include <cublas_v2.h>
 #include <cuda_fp16.h>
@@ -72,40 +68,9 @@ void GemmNT(DLTensor* x, DLTensor* w, DLTensor* out) {
                     Data<__half>(w), Data<void>(out), out->dtype.bits == 32);
 }
 
-void GemmNTAdd(DLTensor* x, DLTensor* w, DLTensor* residual, DLTensor* out) {
-  const char* fn = "lab.gemm.nt_add";
-  lab::CheckOnGpuCompact(fn, {x, w, residual, out});
-  for (const DLTensor* t : {x, w, residual, out}) {
-    if (!lab::IsHalf(t->dtype)) TVM_FFI_THROW(TypeError) << fn << ": x, w, residual and out must be float16";
-    if (t->ndim < 1) TVM_FFI_THROW(ValueError) << fn << ": a tensor is a scalar";
-  }
-  if (w->ndim != 2) TVM_FFI_THROW(ValueError) << fn << ": w must be [N, K]";
-  const int64_t n = w->shape[0], k = w->shape[1];
-  const int64_t m = lab::Rows(x);
-  if (x->shape[x->ndim - 1] != k || out->shape[out->ndim - 1] != n || residual->shape[residual->ndim - 1] != n ||
-      lab::Rows(out) != m || lab::Rows(residual) != m)
-    TVM_FFI_THROW(ValueError) << fn << ": shapes do not agree (x [.., " << x->shape[x->ndim - 1] << "], w [" << n
-                              << ", " << k << "], residual [.., " << residual->shape[residual->ndim - 1]
-                              << "], out [.., " << out->shape[out->ndim - 1] << "], rows " << m << ", "
-                              << lab::Rows(residual) << ", " << lab::Rows(out) << ")";
-  if (Data<char>(out) == Data<char>(residual))
-    TVM_FFI_THROW(ValueError) << fn << ": out must not be residual (give the sum a tensor of its own)";
-  if (n % 8 != 0)
-    TVM_FFI_THROW(ValueError) << fn << ": N = " << n << " is not a multiple of 8 (the add's 16-byte vectors)";
-  for (const DLTensor* t : {residual, out})
-    if (reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": residual and out must be 16-byte aligned";
-  if (m == 0) return;
-  const int device = x->device.device_id;
-  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  lab::CublasGemmNT(device, stream, m, n, k, Data<__half>(x), Data<__half>(w), Data<void>(out), false);
-  lab::AddResidualInPlace(device, stream, Data<__half>(out), Data<__half>(residual), m * n);
-}
-
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef().def("lab.gemm.nt", GemmNT);
-  refl::GlobalDef().def("lab.gemm.nt_add", GemmNTAdd);
 }

@@ -1,5 +1,5 @@
 // The cuBLAS GEMM of the prefill linears (cublas_gemm.cc), also called by quant_gemm.cu's dequant
-// path on the weight it dequantized; and the residual add after it (residual_add.cu).
+// path on the weight it dequantized.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -13,9 +13,5 @@ namespace lab {
 // or float32 where `out_f32`).
 void CublasGemmNT(int device, cudaStream_t stream, int64_t m, int64_t n, int64_t k, const __half* x, const __half* w,
                   void* out, bool out_f32);
-
-// out[i] = fp16(float(out[i]) + float(residual[i])) for i < count (a multiple of 8; both 16-byte
-// aligned) on `stream`: lab.gemm.nt_add's add after its GEMM.
-void AddResidualInPlace(int device, cudaStream_t stream, __half* out, const __half* residual, int64_t count);
 
 }  // namespace lab

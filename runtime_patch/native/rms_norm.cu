@@ -1,6 +1,10 @@
 // lab.norm.rms(x, weight, eps, out): out = rms_norm(x) * weight over the last dimension, rounded as
 // transformers' LlamaRMSNorm (rms_norm.h): the decode steps' RMSNorms (decode_norm=library,
-// engine.model.kernels.RMSNorm). x and out [.., hidden] float16, bfloat16 or float32 (the same),
+// engine.model.kernels.RMSNorm) and the library prefill's first.
+// lab.norm.add_rms(partial, residual, weight, eps, total, normed): total = residual + partial
+// rounded to the dtype (transformers' residual add), normed = rms_norm(total) * weight: the
+// library prefill's residual adds at tp=1, each with the norm after it (engine.model.llama), in
+// one pass (NormRows): a GEMM's output and the residual read once, the sum and its norm written. x and out [.., hidden] float16, bfloat16 or float32 (the same),
 // weight [hidden] of that dtype; rows of a multiple of 16 bytes, at most kNormThreads x
 // kNormVectors vectors; every tensor 16-byte aligned.
 //
@@ -80,6 +84,103 @@ __global__ void __launch_bounds__(kNormThreads) RmsNormRows(const uint4* __restr
   }
 }
 
+// Many rows (a prefill's): a block of 128 threads per row, V vectors a thread (4 for a 4096-wide
+// float16 row), so that 16 rows an SM are resident where the 512-thread blocks above keep 4 (their
+// load, reduction and store per row in turn: 34 us a norm of 4096 rows of 4096 on an H200; a warp
+// per row, 16 vectors a lane, needed 154 registers and reached only 24). With Add, total =
+// residual + partial (rounded to T, as transformers' residual add) is written and normalised (the
+// add and the norm after it in one pass). V = 0: rows of any length, each thread's sums written
+// first and read back for the norm. The weight is read after the reduction (L1/L2: the same for
+// every row). The same rounding as RmsNormRows.
+constexpr int kRowThreads = 128;
+
+template <typename T, int V, bool Add>
+__global__ void __launch_bounds__(kRowThreads) NormRows(const uint4* __restrict__ x, const uint4* __restrict__ residual,
+                                                       const uint4* __restrict__ weight, uint4* total,
+                                                       uint4* __restrict__ normed, int row_vectors, float eps) {
+  __shared__ float shared_squares[kRowThreads / 32];
+  constexpr int N = Lanes<T>::N;
+  constexpr int kHeld = V > 0 ? V : 1;
+  const int64_t first = int64_t(blockIdx.x) * row_vectors;
+  lab::WaitForPrevious();
+  uint4 v[kHeld], r[kHeld];
+  float squares = 0.f;
+  // v (with Add: v + r, stored to total) as floats, its squares counted
+  auto settle = [&](uint4 row, uint4 res, int i) {
+    float a[N];
+    Lanes<T>::Unpack(row, a);
+    if constexpr (Add) {
+      float b[N];
+      Lanes<T>::Unpack(res, b);
+#pragma unroll
+      for (int n = 0; n < N; ++n) a[n] += b[n];
+      row = Lanes<T>::Pack(a);
+      total[first + i] = row;
+      Lanes<T>::Unpack(row, a);
+    }
+#pragma unroll
+    for (int n = 0; n < N; ++n) squares += a[n] * a[n];
+    return row;
+  };
+  if constexpr (V > 0) {
+    // every load issued before the first store (total may be x or residual, so a load after a
+    // store would wait for it)
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int i = threadIdx.x + kRowThreads * k;
+      if (i < row_vectors) {
+        v[k] = x[first + i];
+        if constexpr (Add) r[k] = residual[first + i];
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int i = threadIdx.x + kRowThreads * k;
+      if (i < row_vectors) v[k] = settle(v[k], r[k], i);
+    }
+  } else {
+    for (int i = threadIdx.x; i < row_vectors; i += kRowThreads)
+      settle(x[first + i], Add ? residual[first + i] : uint4{}, i);
+  }
+  const float inverse = InverseRms(squares, int64_t(row_vectors) * N, eps, shared_squares);
+  if constexpr (V > 0) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int i = threadIdx.x + kRowThreads * k;
+      if (i < row_vectors) normed[first + i] = Normalised<T>(v[k], __ldg(weight + i), inverse);
+    }
+  } else {
+    for (int i = threadIdx.x; i < row_vectors; i += kRowThreads)  // this thread's own values, read back
+      normed[first + i] = Normalised<T>(Add ? total[first + i] : x[first + i], __ldg(weight + i), inverse);
+  }
+}
+
+// NormRows of T for rows of `row_vectors`: V the threads' share rounded up to 1, 2, 4 or 8, else 0
+template <typename T, bool Add>
+const void* NormRowsKernel(int64_t row_vectors) {
+  if (row_vectors <= kRowThreads * 1) return reinterpret_cast<const void*>(NormRows<T, 1, Add>);
+  if (row_vectors <= kRowThreads * 2) return reinterpret_cast<const void*>(NormRows<T, 2, Add>);
+  if (row_vectors <= kRowThreads * 4) return reinterpret_cast<const void*>(NormRows<T, 4, Add>);
+  if (row_vectors <= kRowThreads * 8) return reinterpret_cast<const void*>(NormRows<T, 8, Add>);
+  return reinterpret_cast<const void*>(NormRows<T, 0, Add>);
+}
+
+template <bool Add>
+void LaunchNormRows(DLDataType t, int64_t rows, int64_t row_vectors, const uint4* x, const uint4* residual,
+                    const uint4* weight, uint4* total, uint4* normed, float eps, cudaStream_t stream, int device) {
+  const bool f16 = t.code == kDLFloat && t.bits == 16, bf16 = t.code == kDLBfloat && t.bits == 16;
+  const void* kernel = f16 ? NormRowsKernel<__half, Add>(row_vectors)
+                       : bf16 ? NormRowsKernel<__nv_bfloat16, Add>(row_vectors) : NormRowsKernel<float, Add>(row_vectors);
+  int row_vectors32 = int(row_vectors);
+  void* args[] = {&x, &residual, &weight, &total, &normed, &row_vectors32, &eps};
+  LAB_CHECK_CUDA(lab::LaunchAfterPrevious(kernel, dim3(unsigned(rows)), dim3(kRowThreads), 0, stream, args,
+                                          lab::Facts(device).major));
+}
+
+// From this many rows on, NormRows (a prefill's; a decode step's 1-64 rows keep the 512-thread
+// kernel, which overlaps the GEMV ahead of it)
+constexpr int64_t kNormRowsFrom = 512;
+
 void RmsNorm(DLTensor* x, DLTensor* weight, double eps, DLTensor* out) {
   const char* fn = "lab.norm.rms";
   lab::CheckOnGpuCompact(fn, {x, weight, out});
@@ -105,6 +206,11 @@ void RmsNorm(DLTensor* x, DLTensor* weight, double eps, DLTensor* out) {
   if (rows == 0 || row_vectors == 0) return;
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  if (rows >= kNormRowsFrom && row_vectors <= int64_t(kRowThreads) * 8) {
+    LaunchNormRows<false>(t, rows, row_vectors, Data<uint4>(x), nullptr, Data<uint4>(weight), nullptr, Data<uint4>(out),
+                          float(eps), stream, device);
+    return;
+  }
   const unsigned threads = unsigned(std::min<int64_t>(kNormThreads, (row_vectors + 31) / 32 * 32));
   auto kernel = f16 ? RmsNormRows<__half> : bf16 ? RmsNormRows<__nv_bfloat16> : RmsNormRows<float>;
   const uint4* x_data = Data<uint4>(x);
@@ -117,9 +223,45 @@ void RmsNorm(DLTensor* x, DLTensor* weight, double eps, DLTensor* out) {
                                           stream, args, lab::Facts(device).major));
 }
 
+void AddRmsNorm(DLTensor* partial, DLTensor* residual, DLTensor* weight, double eps, DLTensor* total,
+                DLTensor* normed) {
+  const char* fn = "lab.norm.add_rms";
+  lab::CheckOnGpuCompact(fn, {partial, residual, weight, total, normed});
+  const DLDataType t = partial->dtype;
+  const bool f16 = t.code == kDLFloat && t.bits == 16, bf16 = t.code == kDLBfloat && t.bits == 16,
+             f32 = t.code == kDLFloat && t.bits == 32;
+  auto same = [&](const DLTensor* o) { return o->dtype.code == t.code && o->dtype.bits == t.bits && o->dtype.lanes == 1; };
+  if (!(f16 || bf16 || f32) || t.lanes != 1 || !same(residual) || !same(weight) || !same(total) || !same(normed))
+    TVM_FFI_THROW(TypeError) << fn << ": partial, residual, weight, total and normed must all be float16, bfloat16 or "
+                                      "float32";
+  const int64_t hidden = partial->ndim > 0 ? partial->shape[partial->ndim - 1] : 0;
+  bool shapes = partial->ndim > 0 && weight->ndim == 1 && weight->shape[0] == hidden;
+  for (const DLTensor* o : {residual, total, normed}) {
+    shapes = shapes && o->ndim == partial->ndim;
+    for (int i = 0; shapes && i < partial->ndim; ++i) shapes = o->shape[i] == partial->shape[i];
+  }
+  if (!shapes)
+    TVM_FFI_THROW(ValueError) << fn << ": partial, residual, total and normed [.., hidden] (one shape) and weight "
+                                       "[hidden] do not agree";
+  const int64_t row_bytes = hidden * (t.bits / 8), row_vectors = row_bytes / 16;
+  if (row_bytes % 16 != 0 || row_vectors > INT32_MAX)
+    TVM_FFI_THROW(ValueError) << fn << ": rows of " << row_bytes << " bytes; the kernel takes a multiple of 16";
+  for (const DLTensor* p : {partial, residual, weight, total, normed})
+    if (reinterpret_cast<uintptr_t>(Data<char>(p)) % 16 != 0)
+      TVM_FFI_THROW(ValueError) << fn << ": every tensor must be 16-byte aligned";
+  const int64_t rows = lab::Rows(partial);
+  if (rows == 0 || row_vectors == 0) return;
+  const int device = partial->device.device_id;
+  auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  if (rows > INT32_MAX) TVM_FFI_THROW(ValueError) << fn << ": " << rows << " rows; at most 2^31 - 1";
+  LaunchNormRows<true>(t, rows, row_vectors, Data<uint4>(partial), Data<uint4>(residual), Data<uint4>(weight),
+                       Data<uint4>(total), Data<uint4>(normed), float(eps), stream, device);
+}
+
 }  // namespace
 
 TVM_FFI_STATIC_INIT_BLOCK() {
   namespace refl = tvm::ffi::reflection;
   refl::GlobalDef().def("lab.norm.rms", RmsNorm);
+  refl::GlobalDef().def("lab.norm.add_rms", AddRmsNorm);
 }
