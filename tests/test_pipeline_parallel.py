@@ -26,13 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 12, 6
 
 
-def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto", cluster=None, check_session=None):
+def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto", cluster=None, check_session=None, prefill_gemm="auto"):
     """Teacher-forced logits and a batch of two greedy generations at (tp, pp) (on `cluster`;
     `check_session(session)` is called on the open session). Shared with tests/test_multihost.py."""
     from engine.session import open_session
 
     config = from_hf_folder(folder)
-    stages = compile_pipeline(BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache), cache_dir)
+    spec = BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache, prefill_gemm=prefill_gemm)
+    stages = compile_pipeline(spec, cache_dir)
     with open_session(stages, open_source(config, folder), cluster) as session:
         if check_session is not None:
             check_session(session)
@@ -59,6 +60,21 @@ def test_stages_give_the_tokens_of_one(tiny_checkpoint, cache_dir, tiny_tp1, tp,
     # and the oracle: transformers on the same checkpoint
     oracle = Reference(tiny_checkpoint).logits(tokens)
     assert relative_error(logits, oracle) < 1e-4
+
+
+def test_stages_with_the_library_prefill(tiny_checkpoint, cache_dir, tiny_tp1, library_calls):
+    """pp=2 at tp=1 with prefill_gemm=library: each stage's prefill adds each residual and
+    normalises in one call (lab.norm.add_rms, its NumPy version here), the first stage ending on a
+    plain add (no norm after its last layer), the last on the model's final norm; the tokens and
+    logits of one stage."""
+    from runtime_patch import functions
+
+    add_norms = library_calls(functions.ADD_RMS_NORM)
+    tokens, reference, generated = tiny_tp1
+    _, logits, got = _run(tiny_checkpoint, "q0f32", 1, 2, cache_dir, prefill_gemm="library")
+    assert add_norms  # the prefills ran through it
+    assert got == generated
+    assert relative_error(logits, reference) < 1e-4
 
 
 def test_micro_batches_interleaved_over_the_stages(tiny_checkpoint, cache_dir):
