@@ -197,16 +197,44 @@ def run(folder: Path, out: Path, sha: str | None, quants: list[str], rows: list[
 
 # lab.norm.rms (the decode's RMSNorm, decode_norm=library, and the library prefill's): (hidden, rows,
 # dtype) cases; a step of Llama-3-8B calls it 65 times on one 4096-wide float16 row, a 4096-token
-# prefill 65 times on 4096 rows (from 512 rows on the warp-per-row kernel: the last five cases)
+# prefill 65 times on 4096 rows (from 512 rows on the kernel of 128 threads a row: the last five cases)
 NORM_CASES = ((4096, 1, "float16"), (4096, 16, "float16"), (8192, 1, "float16"), (4096, 1, "bfloat16"),
               (2048, 4, "float32"), (128, 3, "float16"),
               (4096, 4096, "float16"), (8192, 1024, "float16"), (4096, 600, "bfloat16"), (2048, 700, "float32"),
               (128, 520, "float16"))
 NORM_CALLS = 65  # calls per timed graph
 # lab.norm.add_rms (the library prefill's residual add with the norm after it): (hidden, rows,
-# dtype); 16384 float16 is 2048 vectors a row, past what a warp holds (the kernel's read-back path)
+# dtype); 16384 float16 is 2048 vectors a row, more than the kernel's threads hold (its read-back path)
 ADD_NORM_CASES = ((4096, 4096, "float16"), (4096, 3, "float16"), (8192, 1024, "float16"), (2048, 700, "float32"),
                   (128, 520, "float16"), (4096, 600, "bfloat16"), (16384, 64, "float16"))
+
+
+def per_call_in_graph(warm, issue, calls: int) -> list[float]:
+    """Seconds per call of a CUDA graph of `calls` calls: `warm()` once on a side stream, `issue()`
+    (the calls) captured there, the graph replayed 10 times (attention_bench.timed)."""
+    import torch
+
+    stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        warm()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=stream):
+            issue()
+    torch.cuda.synchronize()
+    return [t / calls for t in attention_bench.timed(graph.replay, repeats=10)]
+
+
+def norm_error(got, want) -> float:
+    """The largest difference of a GPU norm's output (a tensor) from its CPU version's (an array),
+    relative to the largest of the latter."""
+    import numpy as np
+
+    want = want.astype(np.float32)
+    return float(np.abs(got.float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
+
+
+def norm_tolerance(dtype: str) -> float:
+    return 1.6e-2 if dtype == "bfloat16" else 1e-3  # bfloat16: two roundings of 2^-8 apart at most
 
 
 def norm_results() -> list[dict]:
@@ -239,20 +267,10 @@ def norm_results() -> list[dict]:
         else:
             want = np.zeros(tuple(x.shape), x.cpu().numpy().dtype)
             cpu_functions.IMPLEMENTATIONS[functions.RMS_NORM](x.cpu().numpy(), weight.cpu().numpy(), 1e-5, want)
-        want = want.astype(np.float32)
-        err = float(np.abs(out.float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
-        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            call()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                for _ in range(NORM_CALLS):
-                    call()
-        torch.cuda.synchronize()
-        raw = [t / NORM_CALLS for t in attention_bench.timed(graph.replay, repeats=10)]
-        tolerance = 1.6e-2 if dtype == "bfloat16" else 1e-3  # bfloat16: two roundings of 2^-8 apart at most
+        err = norm_error(out, want)
+        raw = per_call_in_graph(call, lambda: [call() for _ in range(NORM_CALLS)], NORM_CALLS)
         row = {"name": f"rms_norm-{hidden}-rows{rows}-{dtype}", "variant": "rms_norm_in_graph", "hidden": hidden,
-               "rows": rows, "dtype": dtype, "rel_error_vs_cpu": err, "ok": err <= tolerance,
+               "rows": rows, "dtype": dtype, "rel_error_vs_cpu": err, "ok": err <= norm_tolerance(dtype),
                "us": float(np.median(raw)) * 1e6, "raw_s": raw}
         print(f"{functions.RMS_NORM:24s} {hidden:5d} x {rows:4d} {dtype:8s} {row['us']:7.2f} us per call in a graph; "
               f"error against the CPU version {err:.1e}{'' if row['ok'] else ' NOT OK'}", flush=True)
@@ -292,23 +310,12 @@ def add_norm_results() -> list[dict]:
         # bfloat16: NumPy has none; the float32 formula, bfloat16's rounding apart
         cpu_functions.IMPLEMENTATIONS[functions.ADD_RMS_NORM](as_np(partial), as_np(residual), as_np(weight), 1e-5,
                                                               want_total, want_normed)
-        errors = [float(np.abs(got.float().cpu().numpy() - want.astype(np.float32)).max()
-                        / (np.abs(want.astype(np.float32)).max() + 1e-6))
-                  for got, want in ((total, want_total), (normed, want_normed))]
-        stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            call()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph, stream=stream):
-                for _ in range(NORM_CALLS):
-                    call()
-        torch.cuda.synchronize()
-        raw = [t / NORM_CALLS for t in attention_bench.timed(graph.replay, repeats=10)]
-        tolerance = 1.6e-2 if dtype == "bfloat16" else 1e-3
+        errors = [norm_error(total, want_total), norm_error(normed, want_normed)]
+        raw = per_call_in_graph(call, lambda: [call() for _ in range(NORM_CALLS)], NORM_CALLS)
         row = {"name": f"add_rms_norm-{hidden}-rows{rows}-{dtype}", "variant": "add_rms_norm_in_graph",
                "hidden": hidden, "rows": rows, "dtype": dtype, "rel_error_vs_cpu": max(errors),
                "total_rel_error_vs_cpu": errors[0], "normed_rel_error_vs_cpu": errors[1],
-               "ok": max(errors) <= tolerance, "us": float(np.median(raw)) * 1e6, "raw_s": raw,
+               "ok": max(errors) <= norm_tolerance(dtype), "us": float(np.median(raw)) * 1e6, "raw_s": raw,
                "bytes_moved": 4 * rows * hidden * partial.element_size()}
         print(f"{functions.ADD_RMS_NORM:24s} {hidden:5d} x {rows:4d} {dtype:8s} {row['us']:7.2f} us per call in a graph "
               f"({row['bytes_moved'] / row['us'] / 1e3:.0f} GB/s); error against the CPU version: sum {errors[0]:.1e}, "
@@ -367,15 +374,8 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
                     tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(*[tvm_ffi.from_dlpack(a) for a in args])
 
             def in_graph_us(fusion):
-                stream, graph = torch.cuda.Stream(), torch.cuda.CUDAGraph()
-                with torch.cuda.stream(stream):
-                    call(fusion, layers[0])
-                    torch.cuda.synchronize()
-                    with torch.cuda.graph(graph, stream=stream):
-                        for weights in layers:
-                            call(fusion, weights)
-                torch.cuda.synchronize()
-                return [t / IN_GRAPH_LAYERS for t in attention_bench.timed(graph.replay, repeats=10)]
+                return per_call_in_graph(lambda: call(fusion, layers[0]),
+                                         lambda: [call(fusion, weights) for weights in layers], IN_GRAPH_LAYERS)
 
             plain = in_graph_us("")
             for fusion in fusions:
