@@ -32,6 +32,7 @@
 #include <tvm/ffi/reflection/registry.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <cstdint>
 
 #include "cuda_common.h"
@@ -181,27 +182,49 @@ void LaunchNormRows(DLDataType t, int64_t rows, int64_t row_vectors, const uint4
 // kernel, which overlaps the GEMV ahead of it)
 constexpr int64_t kNormRowsFrom = 512;
 
+// What both functions check of their tensors: `rowed` ([.., hidden], one shape: the first's) and
+// `weight` [hidden] on the GPU, compact, of one type (float16, bfloat16 or float32) and 16-byte
+// aligned; `names` names them all in the errors. Returns the type and a row's bytes.
+struct NormTensors {
+  DLDataType type;
+  int64_t row_bytes;
+};
+
+NormTensors CheckNormTensors(const char* fn, const char* names, std::initializer_list<const DLTensor*> rowed,
+                             const DLTensor* weight) {
+  const DLTensor* first = *rowed.begin();
+  lab::CheckOnGpuCompact(fn, rowed);
+  lab::CheckOnGpuCompact(fn, {weight});
+  const DLDataType t = first->dtype;
+  const bool floats = (t.code == kDLFloat && (t.bits == 16 || t.bits == 32)) || (t.code == kDLBfloat && t.bits == 16);
+  auto same = [&](const DLTensor* o) { return o->dtype.code == t.code && o->dtype.bits == t.bits && o->dtype.lanes == 1; };
+  bool types = floats && t.lanes == 1 && same(weight);
+  for (const DLTensor* o : rowed) types = types && same(o);
+  if (!types) TVM_FFI_THROW(TypeError) << fn << ": " << names << " must all be float16, bfloat16 or float32";
+  const int64_t hidden = first->ndim > 0 ? first->shape[first->ndim - 1] : 0;
+  bool shapes = first->ndim > 0 && weight->ndim == 1 && weight->shape[0] == hidden;
+  for (const DLTensor* o : rowed) {
+    shapes = shapes && o->ndim == first->ndim;
+    for (int i = 0; shapes && i < first->ndim; ++i) shapes = o->shape[i] == first->shape[i];
+  }
+  if (!shapes)
+    TVM_FFI_THROW(ValueError) << fn << ": " << names
+                              << " do not agree (weight [hidden], the others [.., hidden] of one shape)";
+  auto aligned = [](const DLTensor* p) { return reinterpret_cast<uintptr_t>(Data<char>(p)) % 16 == 0; };
+  bool all_aligned = aligned(weight);
+  for (const DLTensor* p : rowed) all_aligned = all_aligned && aligned(p);
+  if (!all_aligned) TVM_FFI_THROW(ValueError) << fn << ": " << names << " must be 16-byte aligned";
+  return {t, hidden * (t.bits / 8)};
+}
+
 void RmsNorm(DLTensor* x, DLTensor* weight, double eps, DLTensor* out) {
   const char* fn = "lab.norm.rms";
-  lab::CheckOnGpuCompact(fn, {x, weight, out});
-  const DLDataType t = x->dtype;
-  const bool f16 = t.code == kDLFloat && t.bits == 16, bf16 = t.code == kDLBfloat && t.bits == 16,
-             f32 = t.code == kDLFloat && t.bits == 32;
-  auto same = [&](const DLTensor* o) { return o->dtype.code == t.code && o->dtype.bits == t.bits && o->dtype.lanes == 1; };
-  if (!(f16 || bf16 || f32) || t.lanes != 1 || !same(weight) || !same(out))
-    TVM_FFI_THROW(TypeError) << fn << ": x, weight and out must all be float16, bfloat16 or float32";
-  const int64_t hidden = x->ndim > 0 ? x->shape[x->ndim - 1] : 0;
-  bool shapes = x->ndim > 0 && out->ndim == x->ndim && weight->ndim == 1 && weight->shape[0] == hidden;
-  for (int i = 0; shapes && i < x->ndim; ++i) shapes = out->shape[i] == x->shape[i];
-  if (!shapes)
-    TVM_FFI_THROW(ValueError) << fn << ": x [.., hidden], weight [hidden] and out (x's shape) do not agree";
-  const int64_t row_bytes = hidden * (t.bits / 8), row_vectors = row_bytes / 16;
+  const auto [t, row_bytes] = CheckNormTensors(fn, "x, weight and out", {x, out}, weight);
+  const bool f16 = t.code == kDLFloat && t.bits == 16, bf16 = t.code == kDLBfloat && t.bits == 16;
+  const int64_t row_vectors = row_bytes / 16;
   if (row_bytes % 16 != 0 || row_vectors > int64_t(kNormThreads) * kNormVectors)
     TVM_FFI_THROW(ValueError) << fn << ": rows of " << row_bytes << " bytes; the kernel takes a multiple of 16 up to "
                               << kNormThreads * kNormVectors * 16 << " (build with decode_norm=tir)";
-  for (const DLTensor* p : {x, weight, out})
-    if (reinterpret_cast<uintptr_t>(Data<char>(p)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": x, weight and out must be 16-byte aligned";
   const int64_t rows = lab::Rows(x);
   if (rows == 0 || row_vectors == 0) return;
   const int device = x->device.device_id;
@@ -226,29 +249,11 @@ void RmsNorm(DLTensor* x, DLTensor* weight, double eps, DLTensor* out) {
 void AddRmsNorm(DLTensor* partial, DLTensor* residual, DLTensor* weight, double eps, DLTensor* total,
                 DLTensor* normed) {
   const char* fn = "lab.norm.add_rms";
-  lab::CheckOnGpuCompact(fn, {partial, residual, weight, total, normed});
-  const DLDataType t = partial->dtype;
-  const bool f16 = t.code == kDLFloat && t.bits == 16, bf16 = t.code == kDLBfloat && t.bits == 16,
-             f32 = t.code == kDLFloat && t.bits == 32;
-  auto same = [&](const DLTensor* o) { return o->dtype.code == t.code && o->dtype.bits == t.bits && o->dtype.lanes == 1; };
-  if (!(f16 || bf16 || f32) || t.lanes != 1 || !same(residual) || !same(weight) || !same(total) || !same(normed))
-    TVM_FFI_THROW(TypeError) << fn << ": partial, residual, weight, total and normed must all be float16, bfloat16 or "
-                                      "float32";
-  const int64_t hidden = partial->ndim > 0 ? partial->shape[partial->ndim - 1] : 0;
-  bool shapes = partial->ndim > 0 && weight->ndim == 1 && weight->shape[0] == hidden;
-  for (const DLTensor* o : {residual, total, normed}) {
-    shapes = shapes && o->ndim == partial->ndim;
-    for (int i = 0; shapes && i < partial->ndim; ++i) shapes = o->shape[i] == partial->shape[i];
-  }
-  if (!shapes)
-    TVM_FFI_THROW(ValueError) << fn << ": partial, residual, total and normed [.., hidden] (one shape) and weight "
-                                       "[hidden] do not agree";
-  const int64_t row_bytes = hidden * (t.bits / 8), row_vectors = row_bytes / 16;
+  const auto [t, row_bytes] =
+      CheckNormTensors(fn, "partial, residual, weight, total and normed", {partial, residual, total, normed}, weight);
+  const int64_t row_vectors = row_bytes / 16;
   if (row_bytes % 16 != 0 || row_vectors > INT32_MAX)
     TVM_FFI_THROW(ValueError) << fn << ": rows of " << row_bytes << " bytes; the kernel takes a multiple of 16";
-  for (const DLTensor* p : {partial, residual, weight, total, normed})
-    if (reinterpret_cast<uintptr_t>(Data<char>(p)) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": every tensor must be 16-byte aligned";
   const int64_t rows = lab::Rows(partial);
   if (rows == 0 || row_vectors == 0) return;
   const int device = partial->device.device_id;
