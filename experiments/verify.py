@@ -5,10 +5,10 @@ Both models are run teacher-forced over it (prompt in one prefill, then one deco
 token), and the engine also generates freely from the prompt. It passes when the logits are within
 the tolerance, the top-1 tokens agree wherever the reference is not at a near-tie (its top-2 margin
 above twice the logits difference: harness.oracle.confident_rows), and the free continuation
-equals the reference's, or first leaves it at a near-tie (after which the two go their own ways). The reference runs the weights the
-engine runs: for a quantized model, transformers gets the quantized-then-dequantized weights, so
-the comparison tests the compiled kernels; the error that quantization itself adds (against the
-original weights) is reported beside it.
+equals the reference's, or first leaves it at a near-tie (after which the two go their own ways).
+The reference runs the weights the engine runs: for a quantized model, transformers gets the
+quantized-then-dequantized weights, so the comparison tests the compiled kernels; the error that
+quantization itself adds (against the original weights) is reported beside it.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ the same kernel). Both rotate as TVM's llama_rope_with_position_map (tests/test_
 them to it), with the arguments `rope_arguments` makes. After the LM head and the argmax
 (`lab.kv.argmax`), `lab.kv.advance` writes the tokens into `ids` and adds 1 to `positions` (on the
 device), so the next step needs nothing from the host; `lab.kv.set_ids` writes host tokens into
-`ids` where the host feeds the step (teacher forcing). Prefill's last chunk sets the slot's `ids` and `positions` (`lab.kv.settle_prefill`).
+`ids` where the host feeds the step (teacher forcing). Prefill's last chunk sets the slot's `ids`
+and `positions` (`lab.kv.settle_prefill`).
 """
 
 from __future__ import annotations
