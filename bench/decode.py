@@ -35,8 +35,7 @@ from runtime_patch import functions
 
 
 # The default of each per-process path switch the benchmark sets
-DEFAULT_PATH = {functions.PREFILL_PATH: functions.PREFILL_PATHS[0], functions.QUANT_GEMM_PATH: functions.QUANT_GEMM_PATHS[0],
-                functions.GEMM_NT_PATH: functions.GEMM_NT_PATHS[0]}
+DEFAULT_PATH = {functions.PREFILL_PATH: functions.PREFILL_PATHS[0], functions.QUANT_GEMM_PATH: functions.QUANT_GEMM_PATHS[0]}
 
 
 def find_artifact(root: Path, spec: BuildSpec) -> Artifact:
@@ -135,9 +134,6 @@ def main() -> None:
     ap.add_argument("--quant-gemm-paths", default=functions.QUANT_GEMM_PATHS[0],
                     help="comma list of the quantized prefill GEMM's paths to time "
                          f"({', '.join(functions.QUANT_GEMM_PATHS)}; quantized models with the library prefill GEMM)")
-    ap.add_argument("--gemm-nt-paths", default=functions.GEMM_NT_PATHS[0],
-                    help="comma list of the float16 prefill GEMM's (cuBLAS) paths to time "
-                         f"({', '.join(functions.GEMM_NT_PATHS)}; models with the library prefill GEMM)")
     add_kernel_args(ap)  # the engine runs once per artifact
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
@@ -145,8 +141,7 @@ def main() -> None:
     ap.add_argument("--sha", default=None, help="git SHA of the code (when run outside a checkout)")
     args = ap.parse_args()
     for option, value, choices in (("--prefill-paths", args.prefill_paths, functions.PREFILL_PATHS),
-                                   ("--quant-gemm-paths", args.quant_gemm_paths, functions.QUANT_GEMM_PATHS),
-                                   ("--gemm-nt-paths", args.gemm_nt_paths, functions.GEMM_NT_PATHS)):
+                                   ("--quant-gemm-paths", args.quant_gemm_paths, functions.QUANT_GEMM_PATHS)):
         unknown = set(value.split(",")) - set(choices)
         if unknown:
             ap.error(f"{option}: {', '.join(sorted(unknown))} is not one of {', '.join(choices)}")
@@ -169,14 +164,12 @@ def main() -> None:
         t0 = time.perf_counter()
         session = VMSession(artifact, source)
         load_s = time.perf_counter() - t0
-        # the prefill attention's and the GEMMs' paths, each timed in this process
+        # the prefill attention's and the quantized GEMM's paths, each timed in this process
         switches = {}
         if kernels["prefill_attention"] == "library":
             switches[functions.PREFILL_PATH] = args.prefill_paths.split(",")
         if kernels["prefill_gemm"] == "library" and spec.quant_spec.bits in functions.GEMM_BY_BITS:
             switches[functions.QUANT_GEMM_PATH] = args.quant_gemm_paths.split(",")
-        if kernels["prefill_gemm"] == "library":
-            switches[functions.GEMM_NT_PATH] = args.gemm_nt_paths.split(",")
         functions.register("cuda", list(switches))
         set_path = {name: tvm_ffi.get_global_func(name) for name in switches}
         paths = [dict(zip(switches, chosen)) for chosen in itertools.product(*switches.values())]
@@ -189,8 +182,7 @@ def main() -> None:
             per_step = measure.decode_bytes_per_step(artifact.spec, session.weight_bytes,
                                                      artifact.param_bytes("model.embed_tokens"), batch, context)
             r.update(quant=quant, **kernels, prefill_path=chosen.get(functions.PREFILL_PATH),
-                     quant_gemm_path=chosen.get(functions.QUANT_GEMM_PATH),
-                     gemm_nt_path=chosen.get(functions.GEMM_NT_PATH), prompt=prompt, batch=batch, load_s=load_s,
+                     quant_gemm_path=chosen.get(functions.QUANT_GEMM_PATH), prompt=prompt, batch=batch, load_s=load_s,
                      bytes_per_step=per_step,
                      roofline_fraction=stats.roofline_fraction(per_step, bandwidth["bytes_per_s"],
                                                                r["step_s"]["p50"]))

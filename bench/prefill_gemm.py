@@ -10,7 +10,6 @@ of their paths, beside cuBLAS on the float16 weight (`lab.gemm.nt`, what a q0f16
 
     python -m bench.prefill_gemm --out F.json [--sha SHA] [--quants q4f16_1,q8f16_1] [--rows 1,16,128,...]
     python -m bench.prefill_gemm --out F.json --section fusions [--fusion-rows 128,1024,4096]
-    python -m bench.prefill_gemm --out F.json --section cublas [--cublas-rows 128,1024,4096]
 
 Llama-3-8B's linears at tp=1 and tp=2 (the prefill's M x K activations against an N x K weight).
 Each output is checked against float32 products of the same float16 dequantized weight
@@ -26,12 +25,6 @@ timed beside the path it replaced:
   (TVM's fused split/silu/multiply kernel, which the model ran before, is not in this benchmark).
 (The residual adds after the o and down projections come with the norms after them,
 `lab.norm.add_rms`: checked and timed by `python -m bench.gemv norm`.)
-
-`--section cublas` (in the record's `cublas`): `lab.gemm.nt` on Llama-3-8B's float16 shapes at
-`--cublas-rows`, on both of its paths: `default` (cuBLAS's own choice, cublasGemmEx) and `tuned`
-(the kernel the plugin chose by timing cuBLAS's default against cuBLASLt's heuristic algorithms on
-the first call of a shape: runtime_patch/native/cublas_gemm.cc), with the plugin's account of the
-choice (`lab.gemm.nt_plan`). Each path's first call (the tuning) is in the warm-up.
 """
 
 from __future__ import annotations
@@ -116,61 +109,7 @@ def run_fusions(rows: list[int]) -> list[dict]:
     return results
 
 
-CUBLAS_ROWS = "128,1024,4096"
-CUBLAS_PATHS = ("default", "tuned")
-
-
-def run_cublas(rows: list[int]) -> list[dict]:
-    """The cublas section (module doc): one result per shape and row count, both paths."""
-    import torch
-    import tvm_ffi
-
-    from runtime_patch import functions
-
-    functions.register("cuda", [functions.GEMM_NT, functions.GEMM_NT_PATH, functions.GEMM_NT_PLAN])
-    gemm_nt = tvm_ffi.get_global_func(functions.GEMM_NT)
-    set_path = tvm_ffi.get_global_func(functions.GEMM_NT_PATH)
-    plan = tvm_ffi.get_global_func(functions.GEMM_NT_PLAN)
-    results = []
-    try:
-        for shape, (n, k) in SHAPES.items():
-            if shape.startswith("tp2-"):
-                continue
-            g = torch.Generator(device="cuda").manual_seed(0)
-            weights = copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.float16, generator=g) * 0.02,
-                             n * k * 2)
-            params = [[tvm_ffi.from_dlpack(w)] for w in weights]
-            for m in rows:
-                x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=g)
-                y = torch.empty(m, n, device="cuda", dtype=torch.float16)
-                xt, yt = tvm_ffi.from_dlpack(x), tvm_ffi.from_dlpack(y)
-                want = x.float() @ weights[0].float().T
-                flop = 2.0 * m * n * k
-                row = {"name": f"fp16-{shape}-m{m}", "shape": shape, "m": m, "n": n, "k": k}
-                for path in CUBLAS_PATHS:
-                    set_path(path)
-                    y.zero_()
-                    gemm_nt(xt, params[0][0], yt)
-                    torch.cuda.synchronize()
-                    err = float((y.float() - want).abs().max() / (want.abs().max() + 1e-6))
-                    t = timing(lambda p: gemm_nt(xt, p[0], yt), params)
-                    row[path] = {**t, "tflop_s": flop / (t["us"] * 1e-6) / 1e12, "rel_error": err,
-                                 "ok": err <= TOLERANCE, "plan": str(plan(m, n, k, False))}
-                row["ok"] = all(row[p]["ok"] for p in CUBLAS_PATHS)
-                row["tuned_over_default"] = row["tuned"]["us"] / row["default"]["us"]
-                print(f"{row['name']:22s} default {row['default']['us']:9.1f} us ({row['default']['tflop_s']:5.0f} TFLOP/s) "
-                      f"tuned {row['tuned']['us']:9.1f} us ({row['tuned']['tflop_s']:5.0f}; "
-                      f"x{row['tuned_over_default']:.3f}): {row['tuned']['plan']}{'' if row['ok'] else '  WRONG'}",
-                      flush=True)
-                results.append(row)
-            del weights, params
-            torch.cuda.empty_cache()
-    finally:
-        set_path("tuned")
-    return results
-
-
-def write_record(out: Path, sha: str | None, results: list[dict], fusions: list[dict], cublas: list[dict]) -> None:
+def write_record(out: Path, sha: str | None, results: list[dict], fusions: list[dict]) -> None:
     import torch
 
     from harness.results import atomic_write_text
@@ -179,8 +118,7 @@ def write_record(out: Path, sha: str | None, results: list[dict], fusions: list[
         "card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "git_sha": sha,
         "command": " ".join(["python", "-m", "bench.prefill_gemm", *sys.argv[1:]]), "tolerance": TOLERANCE,
         "all_ok": all(r[p]["ok"] for r in results for p in ("fused", "dequant", "fp16_cublas"))
-        and all(r["ok"] for r in fusions) and all(r["ok"] for r in cublas), "results": results, "fusions": fusions,
-        "cublas": cublas}, indent=1))
+        and all(r["ok"] for r in fusions), "results": results, "fusions": fusions}, indent=1))
     print(f"wrote {out}")
 
 
@@ -261,11 +199,10 @@ def main() -> None:
     ap.add_argument("--sha", default=None, help="git SHA of the code")
     ap.add_argument("--quants", default="q4f16_1,q8f16_1")
     ap.add_argument("--rows", default=ROWS, help="comma list of row counts M (prompt tokens) of the quant section")
-    ap.add_argument("--section", choices=("quant", "fusions", "cublas", "all"), default="all",
+    ap.add_argument("--section", choices=("quant", "fusions", "all"), default="all",
                     help="the quantized GEMMs, the fusion after the float16 gate_up GEMM (lab.swiglu), "
-                    "the float16 GEMM's paths (lab.gemm.nt), or all three")
+                    "or both")
     ap.add_argument("--fusion-rows", default=FUSION_ROWS, help="comma list of row counts M of the fusions section")
-    ap.add_argument("--cublas-rows", default=CUBLAS_ROWS, help="comma list of row counts M of the cublas section")
     args = ap.parse_args()
 
     def row_counts(text: str, flag: str) -> list[int]:
@@ -278,14 +215,12 @@ def main() -> None:
         return counts
 
     rows, fusion_rows = row_counts(args.rows, "--rows"), row_counts(args.fusion_rows, "--fusion-rows")
-    cublas_rows = row_counts(args.cublas_rows, "--cublas-rows")
     unknown = set(args.quants.split(",")) - {"q4f16_1", "q8f16_1"}
     if unknown:
         ap.error(f"--quants: {', '.join(sorted(unknown))} is not one of q4f16_1, q8f16_1")
     results = run(args.quants.split(","), rows) if args.section in ("quant", "all") else []
     fusions = run_fusions(fusion_rows) if args.section in ("fusions", "all") else []
-    cublas = run_cublas(cublas_rows) if args.section in ("cublas", "all") else []
-    write_record(args.out, args.sha, results, fusions, cublas)
+    write_record(args.out, args.sha, results, fusions)
 
 
 if __name__ == "__main__":

@@ -341,8 +341,6 @@ IMPLEMENTATIONS = {
     functions.PREFILL_PATH: _path_switch(functions.PREFILL_PATH, functions.PREFILL_PATHS),
     functions.QUANT_GEMM_PATH: _path_switch(functions.QUANT_GEMM_PATH, functions.QUANT_GEMM_PATHS),
     functions.QUANT_GEMM_PLAN: lambda m, n, k, bits: "numpy",
-    functions.GEMM_NT_PATH: _path_switch(functions.GEMM_NT_PATH, functions.GEMM_NT_PATHS),
-    functions.GEMM_NT_PLAN: lambda m, n, k, out_f32: "numpy",
     # NumPy attends each sequence on its own: its sums never depend on the batch
     functions.DECODE_PAGED: _numpy_decode_paged,
     functions.DECODE_PAGED_INVARIANT: _numpy_decode_paged,

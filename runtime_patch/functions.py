@@ -8,16 +8,7 @@ call: on cuda the plugins are built (on first use) and loaded, on llvm the NumPy
 registered under the same names, so the CPU test suite runs the same compiled graph as the GPU.
 
 Matrix products (plugin cuda_gemm):
-  GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA: the kernel
-                                        of each shape and row bucket chosen by timing cuBLAS's default
-                                        against cuBLASLt's heuristic algorithms on its first call;
-                                        runtime_patch/native/cublas_gemm.cc)
-  GEMM_NT_PATH(name) -> previous        "tuned" (the default) or "default" (cuBLAS's own choice on every
-                                        call): which GEMM_NT runs in this process, for the benchmarks;
-                                        one path on llvm
-  GEMM_NT_PLAN(m, n, k, out_f32) -> text   what GEMM_NT of m rows against an n x k weight runs here
-                                        ("not tuned yet", or the choice and its measured times; "numpy"
-                                        on llvm)
+  GEMM_NT(x, w, out)                    out = x @ w^T, the prefill linears (cuBLAS on CUDA)
   SWIGLU(gate_up, out)                  out [.., I] = silu(gate) * up of gate_up [.., 2I] = [gate, up]
                                         (float16, rounded as transformers' LlamaMLP: silu(gate) to
                                         float16, then the product): the prefill's SiLU after a library
@@ -142,9 +133,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 GEMM_NT = "lab.gemm.nt"
-GEMM_NT_PATH = "lab.gemm.nt_path"
-GEMM_NT_PATHS = ("tuned", "default")
-GEMM_NT_PLAN = "lab.gemm.nt_plan"
 SWIGLU = "lab.swiglu"
 GEMV_Q4 = "lab.gemv.q4"
 GEMV_Q8 = "lab.gemv.q8"
@@ -217,7 +205,7 @@ def mailbox_entry(call: int) -> int:
 PYTHON = "python"  # a PLUGIN entry: Python functions registered on every target
 # The native plugin (runtime_patch.native.build) that provides each function on CUDA.
 PLUGIN = {
-    GEMM_NT: "cuda_gemm", GEMM_NT_PATH: "cuda_gemm", GEMM_NT_PLAN: "cuda_gemm", SWIGLU: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
+    GEMM_NT: "cuda_gemm", SWIGLU: "cuda_gemm", DEQUANT_Q4: "cuda_gemm", DEQUANT_Q8: "cuda_gemm",
     GEMM_Q4: "cuda_gemm", GEMM_Q8: "cuda_gemm", QUANT_GEMM_PATH: "cuda_gemm", QUANT_GEMM_PLAN: "cuda_gemm",
     PREFILL_RAGGED: "cuda_attention", PREFILL_PATH: "cuda_attention", DECODE_PAGED: "cuda_attention", DECODE_PAGED_INVARIANT: "cuda_attention",
     ALLREDUCE_BEGIN: "nccl", ALLREDUCE_WAIT: "nccl", OVERLAP_INIT: "nccl", SET_OVERLAP: "nccl",

@@ -288,21 +288,6 @@ def test_quant_gemm_path_choice():
     assert choose("auto") == "dequant"
 
 
-def test_gemm_nt_path_choice():
-    """`lab.gemm.nt_path` chooses whether the CUDA float16 GEMM runs the kernel it tuned for a shape
-    or cuBLAS's default every call (the benchmarks time both): it returns the previous choice and
-    refuses any other name; the plan names the CPU's one path."""
-    import tvm_ffi
-
-    functions.register("llvm", [functions.GEMM_NT_PATH, functions.GEMM_NT_PLAN])
-    choose = tvm_ffi.get_global_func(functions.GEMM_NT_PATH)
-    assert choose("default") == "tuned"
-    with pytest.raises(Exception, match="tuned, default"):
-        choose("cublaslt")
-    assert choose("tuned") == "default"
-    assert tvm_ffi.get_global_func(functions.GEMM_NT_PLAN)(4096, 6144, 4096, False) == "numpy"
-
-
 def test_swiglu_is_llama_mlps_float16_activation():
     """lab.swiglu (its NumPy version; the CUDA kernel is held to torch on the box by
     bench.prefill_gemm) equals what transformers' LlamaMLP computes in float16 on gate_up's halves:

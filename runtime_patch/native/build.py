@@ -146,7 +146,7 @@ def _recipe(name: str, for_build: bool) -> _Recipe:
                 cublas_inc, cublas_lib = toolchain.cublas_dirs()
                 r.include_dirs.insert(2, cublas_inc)
                 r.lib_dirs.insert(1, cublas_lib)
-                r.libs = ["-ltvm_ffi", *toolchain.cublas_lib_flags(cublas_lib), "-lcudart"]
+                r.libs = ["-ltvm_ffi", toolchain.cublas_lib_flag(cublas_lib), "-lcudart"]
         return r
     raise ValueError(f"unknown plugin {name!r}; choose one of {PLUGINS}")
 

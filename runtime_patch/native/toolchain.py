@@ -134,10 +134,8 @@ def cublas_dirs() -> tuple[Path, Path]:
                            "prefill_attention=tir")
 
 
-def cublas_lib_flags(lib: Path) -> list[str]:
-    """The linker flags of cuBLAS and cuBLASLt in `lib` (a wheel has only the versioned names)."""
-    return ["-l" + name if (lib / f"lib{name}.so").exists() else f"-l:{sorted(lib.glob(f'lib{name}.so.*'))[0].name}"
-            for name in ("cublas", "cublasLt")]
+def cublas_lib_flag(lib: Path) -> str:
+    return "-lcublas" if (lib / "libcublas.so").exists() else f"-l:{sorted(lib.glob('libcublas.so.*'))[0].name}"
 
 
 def cxx() -> str:
