@@ -1,6 +1,8 @@
 """prefill_gemm=library: the prefill linears call `lab.gemm.nt` (cuBLAS on CUDA; NumPy here),
 and the model still computes what transformers computes."""
 
+import collections
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,15 @@ def prefill_calls_per_layer(quantized: bool, gemm: str) -> dict[str, int]:
     return {gemm: 4, functions.SWIGLU: 1, functions.ADD_RMS_NORM: 2}
 
 
+def prefill_calls_last_row(layers: int, gemm: str) -> dict[str, int]:
+    """The same calls of a whole `prefill` chunk, which returns only its last position's logits:
+    every layer's as above but the last one's, whose o projection, MLP and the final norm run on
+    the last row alone, as in a decode step (LlamaModel.forward, last_row_only): of that layer only
+    the qkv GEMM goes through the prefill's library calls."""
+    per_layer = prefill_calls_per_layer(False, gemm)
+    return {name: count * (layers - 1) + (1 if name == gemm else 0) for name, count in per_layer.items()}
+
+
 @pytest.mark.parametrize("quant,tolerance", [("q0f32", 1e-4), ("q4f16_1", 1e-2), ("q8f16_1", 1e-2)])
 def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_calls, quant_gemm_calls,
                                              prefill_fusion_calls, library_calls, quant, tolerance):
@@ -73,9 +84,10 @@ def test_library_prefill_matches_transformers(compiled, tiny_checkpoint, gemm_ca
     for each in (*calls.values(), norms):
         each.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    # prefill: the layers' linears (its one-row LM head stays a GEMV); decode steps: none; no other GEMM
-    assert {name: len(each) for name, each in calls.items()} == \
-        {name: per_layer.get(name, 0) * layers for name in calls}
+    # prefill: the layers' linears but the last layer's after its qkv (its last row and the one-row
+    # LM head are GEMVs); decode steps: none; no other GEMM
+    last_row = prefill_calls_last_row(layers, gemm)
+    assert {name: len(each) for name, each in calls.items()} == {name: last_row.get(name, 0) for name in calls}
     assert len(norms) == 1  # the prefill's first norm (one chunk; the others come with the adds); decode: TVM's on llvm
 
 
@@ -103,8 +115,8 @@ def test_library_prefill_on_the_static_cache_matches_transformers(compiled, gqa_
             each.clear()
         assert gen.generate([prompt], STEPS).tokens[0] == continuation
     chunks = -(-len(prompt) // 16)  # the prompt's chunks (at 0, 16 and 32: the later ones attend to the earlier)
-    assert {name: len(each) for name, each in calls.items()} == {name: count * layers * chunks
-                                                                 for name, count in per_layer.items()}
+    last_row = {**prefill_calls_last_row(layers, functions.GEMM_NT), functions.KV_PREFILL_ATTENTION_ROPE: layers}
+    assert {name: len(each) for name, each in calls.items()} == {name: count * chunks for name, count in last_row.items()}
     assert len(norms) == chunks  # each chunk's first norm (the others come with the adds; decode_norm is tir on llvm)
 
 
@@ -134,8 +146,8 @@ def test_library_prefill_in_disco_workers(compiled, tiny_checkpoint):
 
 def test_library_decode_norm_matches_transformers(compiled, tiny_checkpoint, library_calls):
     """decode_norm=library: every RMSNorm of a decode step (two a layer and the final one) is
-    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's (prefill_gemm=tir), and the logits and greedy
-    tokens match transformers."""
+    `lab.norm.rms` (its NumPy version here), the prefill's stay TVM's (prefill_gemm=tir) but on its
+    last row, and the logits and greedy tokens match transformers."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
@@ -153,7 +165,9 @@ def test_library_decode_norm_matches_transformers(compiled, tiny_checkpoint, lib
     assert len(calls) == (STEPS - 1) * per_step and all(shape[-1] == config.hidden_size for shape in calls)
     calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    assert len(calls) == (STEPS - 1) * per_step  # none in the prefill
+    # the prefill's are TVM's but for its last row's two (the last layer's post-attention norm and the
+    # final one: that layer finishes on the last row as a decode step does, LlamaModel.forward)
+    assert len(calls) == (STEPS - 1) * per_step + 2
 
 
 def test_bad_prefill_gemm_is_refused(tiny_config):
@@ -206,9 +220,13 @@ def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gem
     for calls in gemv_calls.values():
         calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    # the prefill's one-row LM head is a plain GEMV too
+    # the prefill's one-row LM head is a plain GEMV too, and so are its last layer's o projection
+    # (with its add; not early: a row copy is ahead of it), gate_up and down on the last row
+    # (LlamaModel.forward, last_row_only)
+    prefill = collections.Counter({plain: 1, functions.GEMV[bits, "swiglu"]: 1, functions.GEMV[bits, "add"]: 1,
+                                   functions.GEMV_EARLY[bits, "add"]: 1})
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
-        {name: (STEPS - 1) * count + (name == plain) for name, count in per_step.items()}
+        {name: (STEPS - 1) * per_step.get(name, 0) + prefill[name] for name in {*per_step, *prefill}}
 
 
 @pytest.mark.parametrize("bits", [4, 8])

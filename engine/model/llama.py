@@ -2,6 +2,8 @@
 
 Exported functions (parameters packed into one tuple argument, as MLC does):
   prefill(input_ids[1, s], kv)          -> (next_token[1], logits[1, vocab], kv)   last position
+                                        (the last layer's o projection and MLP on that row only:
+                                        LlamaModel.forward, last_row_only)
   prefill_logits(input_ids[1, s], kv)   -> (logits[s, vocab], kv)                  every position
   decode(input_ids[1, 1], kv)           -> (next_token[1], logits[1, vocab], kv)   static batch 1
   batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
@@ -58,12 +60,17 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
-        """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
+    def attend(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+        """attention(qkv_proj(x)) [b, s, q_heads * head_dim], x normalised; every row's keys and
+        values go into the KV cache."""
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
-        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
-                         (b, s, self.q_heads * self.head_dim))
+        return op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
+                          (b, s, self.q_heads * self.head_dim))
+
+    def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
+        """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
+        out = self.attend(x, kv, layer_id, phase)
         # the static cache's decode attention lets the o projection's GEMV load its weight while it runs
         early = isinstance(kv, static_kv.StaticKV)
         return self.o_proj(out, phase, early) if residual is None else self.o_proj.plus(out, residual, phase, early)
@@ -136,6 +143,15 @@ class DecoderLayer(nn.Module):
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 
+    def finish(self, x: Tensor, attended: Tensor, phase: str) -> Tensor:
+        """The layer after its attention, on rows of its input `x` and of its attention's output
+        `attended` (Attention.attend): x + o_proj(attended), then the MLP block, in `phase`."""
+        if self.tp == 1:
+            x = self.self_attn.o_proj.plus(attended, x, phase)
+            return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
+        x = x + self._reduce(self.self_attn.o_proj(attended, phase))
+        return x + self._reduce(self.mlp_partial(x, phase))
+
 
 class _InFlight:
     """A block's partial output whose allreduce has been begun (tp > 1), and the residual its sum
@@ -182,20 +198,38 @@ class LlamaModel(nn.Module):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
         return enumerate(self.layers.modules.values())
 
-    def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str) -> Tensor:
+    def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str, last_row_only: bool = False) -> Tensor:
+        """The stage's layers on `hidden` [b, s, h] (the final norm on the last stage). With
+        `last_row_only` (a prefill that returns only its last position's logits) the last stage's
+        last layer finishes on the last row alone, as a decode step does: its attention still runs
+        on every row (their keys and values go into the cache), but the rows after it would feed
+        nothing but the logits of positions never read, so its o projection, MLP and final norm
+        take the last row only (DECODE phase: the batch-1 GEMVs), and the result is [b, 1, h]. On
+        Llama-3-8B that is most of a layer's GEMMs of a long prompt (o, gate_up, down: 88% of a
+        layer's weights)."""
         layers = list(self._numbered())
+        cut = last_row_only and self.last_stage and bool(layers)
         if self.adds_norms(phase) and layers:
             normed = layers[0][1].input_layernorm(hidden, phase)
             for i, (layer_id, layer) in enumerate(layers):
+                if cut and i + 1 == len(layers):
+                    return self._finish_last_row(layer, hidden, layer.self_attn.attend(normed, kv, layer_id, phase))
                 if i + 1 < len(layers):
                     next_norm = layers[i + 1][1].input_layernorm
                 else:
                     next_norm = self.norm if self.last_stage else None
                 hidden, normed = layer.forward_normed(hidden, normed, kv, layer_id, phase, next_norm)
             return normed if self.last_stage else hidden
-        for layer_id, layer in layers:
+        for i, (layer_id, layer) in enumerate(layers):
+            if cut and i + 1 == len(layers):
+                attended = layer.self_attn.attend(layer.input_layernorm(hidden, phase), kv, layer_id, phase)
+                return self._finish_last_row(layer, hidden, attended)
             hidden = layer(hidden, kv, layer_id, phase)
         return self.norm(hidden, phase) if self.last_stage else hidden
+
+    def _finish_last_row(self, layer: DecoderLayer, hidden: Tensor, attended: Tensor) -> Tensor:
+        """The last layer after its attention, and the final norm, on the last row (forward)."""
+        return self.norm(layer.finish(_last_row(hidden), _last_row(attended), DECODE), DECODE)
 
     def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
         """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
@@ -267,7 +301,7 @@ class LlamaForCausalLM(nn.Module):
         return extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
 
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
-        hidden = self.model(self._enter(input_ids), kv, PREFILL)
+        hidden = self.model(self._enter(input_ids), kv, PREFILL, last_row_only=True)
         if not self.plan.last_stage:
             return (*self._pass_on(hidden, ([1], "int32"), ([1, self.config.vocab_size], "float32")), kv)
         logits = self._logits(_take_last(hidden), DECODE)  # one row: the GEMV
@@ -346,7 +380,7 @@ class LlamaForCausalLM(nn.Module):
     def prefill_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
         """A chunk of one slot's prompt at `start`; the slot's ids and positions are set for decoding."""
         kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
-        hidden = self.model(self._enter(input_ids), kv, PREFILL)
+        hidden = self.model(self._enter(input_ids), kv, PREFILL, last_row_only=True)
         _, s = input_ids.shape
         tokens, logits = self._static_results(hidden, lambda h: self._logits(_take_last(h), DECODE), 1)
         return static_kv.settle_prefill(tokens, ids, positions, slot, start + s), logits
@@ -432,6 +466,15 @@ class LlamaForCausalLM(nn.Module):
             "batch_decode_static": {**state("batch_size"), "$": packed},
             "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
         }
+
+
+def _last_row(x: Tensor) -> Tensor:
+    """x[:, -1:, :] of x [b, s, h]: [b, 1, h]."""
+    def compute(t):
+        s = t.shape[1]
+        return te.compute((t.shape[0], 1, t.shape[2]), lambda i, _, j: t[i, s - 1, j], name="last_row")
+
+    return op.tensor_expr_op(compute, "last_row", [x])
 
 
 def _take_last(hidden: Tensor) -> Tensor:
