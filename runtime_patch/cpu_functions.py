@@ -198,8 +198,16 @@ def _allreduce_add_rms_norm(partial, residual, norm_weight, eps, out, normed) ->
 def _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out) -> None:
     """Write the chunk's k, v into the slot at start.., then causal attention over 0..start+n."""
     qa, ka, va = (np.from_dlpack(t) for t in (q, k, v))  # [n, H, d]
+    if not qa.shape[0] == ka.shape[0] == va.shape[0]:
+        raise ValueError(f"{functions.KV_PREFILL_ATTENTION}: q, k and v must have a row per token")
+    _append_attend(qa, ka, va, cache, layer, slot, start, sm_scale, out)
+
+
+def _append_attend(qa, ka, va, cache, layer, slot, start, sm_scale, out) -> None:
+    """k, v [n, Hkv, d] written into the slot at start.., then causal attention over 0..start+n of
+    the chunk's last len(qa) rows (qa [r, Hq, d], r <= n)."""
     kv, o = np.from_dlpack(cache), np.from_dlpack(out)  # [layers, 2, slots, Hkv, max_len, d]
-    n, end = qa.shape[0], start + qa.shape[0]
+    end = start + ka.shape[0]
     if end > kv.shape[4]:
         raise ValueError(f"{functions.KV_PREFILL_ATTENTION}: positions up to {end} past the cache's {kv.shape[4]}")
     kv[layer, 0, slot, :, start:end] = ka.transpose(1, 0, 2)
@@ -261,11 +269,15 @@ def _rotated_qkv(qkv: np.ndarray, positions: np.ndarray, q_heads: int, kv_heads:
 
 def _kv_prefill_attention_rope(qkv, cache, layer, slot, start, theta, factor, low_freq_factor, high_freq_factor,
                                original_max, sm_scale, out) -> None:
-    """Split the fused projection, rotate q and k at positions start.., then as _kv_prefill_attention."""
+    """Split the fused projection, rotate q and k at positions start.., then as
+    _kv_prefill_attention, for the chunk's last len(out) rows (1 <= len(out) <= the chunk's)."""
     x, o = np.from_dlpack(qkv), np.from_dlpack(out)
+    if not (1 <= o.shape[0] <= x.shape[0] or o.shape[0] == x.shape[0] == 0):
+        raise ValueError(f"{functions.KV_PREFILL_ATTENTION_ROPE}: out has {o.shape[0]} rows for a chunk of "
+                         f"{x.shape[0]} (1 to {x.shape[0]}: the attention of its last rows)")
     rope = (theta, factor, low_freq_factor, high_freq_factor, original_max)
     q, k, v = _rotated_qkv(x, np.arange(start, start + x.shape[0]), o.shape[1], np.from_dlpack(cache).shape[3], rope)
-    _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out)
+    _append_attend(q[x.shape[0] - o.shape[0]:], k, v, cache, layer, slot, start, sm_scale, out)
 
 
 def _kv_decode_attention_rope(qkv, cache, layer, positions, theta, factor, low_freq_factor, high_freq_factor,

@@ -95,7 +95,9 @@ max_len, d], positions [slots], ids [slots, 1]; plugin cuda_attention, runtime_p
                                         the same from the layer's fused projection qkv [n, Hq + 2 Hkv,
                                         d]: q and k rotated at positions start.. as KV_DECODE_ATTENTION_ROPE
                                         rotates them, the rotated k and v written, then the attention:
-                                        what the model's prefill calls (no RoPE kernel before it)
+                                        what the model's prefill calls (no RoPE kernel before it). out
+                                        [r, Hq, d], 1 <= r <= n: the attention of the chunk's last r
+                                        rows (the model's last layer in a prefill asks for its last row)
   KV_DECODE_ATTENTION(q, k, v, cache, layer, positions, sm_scale, invariant, out)
                                         one token per slot: k, v written at positions[slot], attention
                                         over 0..positions[slot]; launch shape fixed by the tensors'

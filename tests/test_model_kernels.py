@@ -39,18 +39,25 @@ def test_library_prefill_calls_the_gemm_and_decode_does_not(tiny_config, kv_cach
     """prefill_gemm=library: the prefills' linears call the library's GEMM (lab.gemm.nt on float16
     weights, lab.gemm.q4 / q8 on quantized ones, with no separate dequantize), SiLU after gate_up
     is lab.swiglu, and at tp=1 each residual add comes with the norm after it (lab.norm.add_rms,
-    every weight width); decode steps none of them."""
+    every weight width); decode steps none of them. `prefill`, which returns the last position's
+    logits only, finishes its last layer on the last row as a decode step does (its o projection
+    and MLP the decode's GEMVs: no lab.swiglu, no lab.norm.add_rms there); `prefill_logits` keeps
+    every row of every layer."""
     s = SUFFIX[kv_cache]
     fusions = (functions.SWIGLU, functions.ADD_RMS_NORM)
     for quant, gemm in (("q0f16", "lab.gemm.nt"), ("q4f16_1", "lab.gemm.q4"), ("q8f16_1", "lab.gemm.q8")):
         mod, _ = export(BuildSpec(tiny_config, quant, 1, "cuda", "sm_90", kv_cache=kv_cache))
         others = {"lab.gemm.nt", "lab.gemm.q4", "lab.gemm.q8", "lab.dequant."} - {gemm}
         layers = tiny_config.num_hidden_layers
-        for name in (f"prefill{s}", f"prefill_logits{s}"):
+        for name, full_layers in ((f"prefill{s}", layers - 1), (f"prefill_logits{s}", layers)):
             script = mod[name].script()
             assert gemm in script and not any(other in script for other in others)
-            assert script.count(functions.SWIGLU) == layers, (quant, name)
-            assert script.count(functions.ADD_RMS_NORM) == 2 * layers, (quant, name)
+            assert script.count(functions.SWIGLU) == full_layers, (quant, name)
+            assert script.count(functions.ADD_RMS_NORM) == 2 * full_layers, (quant, name)
+        if quant != "q0f16":  # the last row's gate_up: the decode's GEMV with SiLU (q4 and q8 under auto)
+            bits = 4 if quant == "q4f16_1" else 8
+            assert functions.GEMV[bits, "swiglu"] in mod[f"prefill{s}"].script()
+            assert functions.GEMV[bits, "swiglu"] not in mod[f"prefill_logits{s}"].script()
         for name in (f"decode{s}", f"batch_decode{s}"):
             script = mod[name].script()
             assert "lab.gemm." not in script and not any(f in script for f in fusions), (quant, name)
@@ -89,7 +96,8 @@ def test_library_norm_by_phase(tiny_config, kv_cache):
     (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm. The prefills'
     RMSNorms follow prefill_gemm, whatever decode_norm says: the library prefill's first norm is
     lab.norm.rms and every other comes with the residual add before it (lab.norm.add_rms, no TVM
-    add or norm left); TVM's prefill keeps TVM's."""
+    add or norm left), but in `prefill` the last row's two (its last layer finishes on that row as
+    a decode step: decode_norm's); TVM's prefill keeps TVM's."""
     s = SUFFIX[kv_cache]
     norms = 2 * tiny_config.num_hidden_layers + 1
     assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "library"
@@ -103,7 +111,10 @@ def test_library_norm_by_phase(tiny_config, kv_cache):
     tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir",
                               prefill_gemm="library"))
     assert "lab.norm.rms" not in tir[f"decode{s}"].script()
-    for name in (f"prefill{s}", f"prefill_logits{s}"):
-        script = tir[name].script()
-        assert script.count('"lab.norm.rms"') == 1 and script.count('"lab.norm.add_rms"') == norms - 1
-        assert "R.nn.rms_norm(" not in script and "R.add(" not in script
+    script = tir[f"prefill_logits{s}"].script()
+    assert script.count('"lab.norm.rms"') == 1 and script.count('"lab.norm.add_rms"') == norms - 1
+    assert "R.nn.rms_norm(" not in script and "R.add(" not in script
+    # prefill: the last row's post-attention and final norms are the decode's (TVM's here)
+    script = tir[f"prefill{s}"].script()
+    assert script.count('"lab.norm.rms"') == 1 and script.count('"lab.norm.add_rms"') == norms - 3
+    assert script.count("R.nn.rms_norm(") == 2

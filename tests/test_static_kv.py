@@ -213,3 +213,35 @@ def test_prefill_attention_rope_is_tvm_rope_then_prefill_attention(scaling, star
     call(functions.KV_PREFILL_ATTENTION, np.ascontiguousarray(qkv[:, :hq]), np.ascontiguousarray(qkv[:, hq:hq + hkv]),
          np.ascontiguousarray(qkv[:, hq + hkv:]), earlier.copy(), layer, slot, start, scale, unrotated)
     assert np.abs(unrotated.astype(np.float32) - want).max() > 0.05
+
+
+@pytest.mark.parametrize("start", [0, 37])
+def test_prefill_attention_rope_of_the_last_rows(start):
+    """lab.kv.prefill_attention_rope with an `out` of r < n rows (the model's last layer in a prefill
+    asks for its last row, LlamaModel.forward): the chunk's last r rows of the full call's output,
+    and the same cache (every row's keys and values written); an out of 0 rows, or of more rows than
+    the chunk has, is refused."""
+    import tvm_ffi
+
+    from engine.model.static_kv import rope_arguments
+
+    theta, hq, hkv, d, n, max_len, layer, slot = 500000.0, 8, 2, 64, 16, 128, 0, 1
+    rng = np.random.default_rng(11 + start)
+    qkv = rng.standard_normal((n, hq + 2 * hkv, d)).astype(np.float16)
+    earlier = rng.standard_normal((1, 2, 2, hkv, max_len, d)).astype(np.float16)
+    functions.register("llvm", [functions.KV_PREFILL_ATTENTION_ROPE])
+    call = lambda *args: tvm_ffi.get_global_func(functions.KV_PREFILL_ATTENTION_ROPE)(  # noqa: E731
+        *[tvm_ffi.from_dlpack(a) if isinstance(a, np.ndarray) else a for a in args])
+    rope, scale = rope_arguments(theta, LLAMA3_SCALING), d ** -0.5
+    full_cache, full = earlier.copy(), np.full((n, hq, d), np.nan, np.float16)
+    call(qkv, full_cache, layer, slot, start, *rope, scale, full)
+    for rows in (1, 5):
+        cache, out = earlier.copy(), np.full((rows, hq, d), np.nan, np.float16)
+        call(qkv, cache, layer, slot, start, *rope, scale, out)
+        assert np.array_equal(cache, full_cache)
+        np.testing.assert_array_equal(out, full[n - rows:])
+        # not the chunk's first rows (their attention sees fewer keys)
+        assert not np.allclose(out.astype(np.float32), full[:rows].astype(np.float32), atol=1e-2)
+    for rows in (0, n + 1):
+        with pytest.raises(Exception, match="rows"):
+            call(qkv, earlier.copy(), layer, slot, start, *rope, scale, np.zeros((rows, hq, d), np.float16))

@@ -60,13 +60,19 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def attend(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
+    def attend(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, last_row_only: bool = False) -> Tensor:
         """attention(qkv_proj(x)) [b, s, q_heads * head_dim], x normalised; every row's keys and
-        values go into the KV cache."""
+        values go into the KV cache. With `last_row_only` the last row's alone, [b, 1, ...]: the
+        static cache computes only that row's attention, TVM's paged cache every row's."""
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x, phase), (b, s, self.q_heads + 2 * self.kv_heads, self.head_dim))
-        return op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=self.head_dim**-0.5),
-                          (b, s, self.q_heads * self.head_dim))
+        scale = self.head_dim**-0.5
+        if last_row_only and isinstance(kv, static_kv.StaticKV):
+            out = kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=scale, last_row_only=True)
+            return op.reshape(out, (1, 1, self.q_heads * self.head_dim))
+        out = op.reshape(kv.attention_with_fused_qkv(layer_id, qkv, self.q_heads, sm_scale=scale),
+                         (b, s, self.q_heads * self.head_dim))
+        return _last_row(out) if last_row_only else out
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, residual: Tensor | None = None) -> Tensor:
         """(residual +) o_proj(attention(qkv_proj(x))), x normalised."""
@@ -204,7 +210,8 @@ class LlamaModel(nn.Module):
         last layer finishes on the last row alone, as a decode step does: its attention still runs
         on every row (their keys and values go into the cache), but the rows after it would feed
         nothing but the logits of positions never read, so its o projection, MLP and final norm
-        take the last row only (DECODE phase: the batch-1 GEMVs), and the result is [b, 1, h]. On
+        take the last row only (DECODE phase: the batch-1 GEMVs), and the result is [b, 1, h]; on
+        the static cache its attention, too, is the last row's alone (Attention.attend). On
         Llama-3-8B that is most of a layer's GEMMs of a long prompt (o, gate_up, down: 88% of a
         layer's weights)."""
         layers = list(self._numbered())
@@ -213,7 +220,8 @@ class LlamaModel(nn.Module):
             normed = layers[0][1].input_layernorm(hidden, phase)
             for i, (layer_id, layer) in enumerate(layers):
                 if cut and i + 1 == len(layers):
-                    return self._finish_last_row(layer, hidden, layer.self_attn.attend(normed, kv, layer_id, phase))
+                    return self._finish_last_row(layer, hidden, layer.self_attn.attend(normed, kv, layer_id, phase,
+                                                                                      last_row_only=True))
                 if i + 1 < len(layers):
                     next_norm = layers[i + 1][1].input_layernorm
                 else:
@@ -222,14 +230,16 @@ class LlamaModel(nn.Module):
             return normed if self.last_stage else hidden
         for i, (layer_id, layer) in enumerate(layers):
             if cut and i + 1 == len(layers):
-                attended = layer.self_attn.attend(layer.input_layernorm(hidden, phase), kv, layer_id, phase)
+                attended = layer.self_attn.attend(layer.input_layernorm(hidden, phase), kv, layer_id, phase,
+                                                  last_row_only=True)
                 return self._finish_last_row(layer, hidden, attended)
             hidden = layer(hidden, kv, layer_id, phase)
         return self.norm(hidden, phase) if self.last_stage else hidden
 
     def _finish_last_row(self, layer: DecoderLayer, hidden: Tensor, attended: Tensor) -> Tensor:
-        """The last layer after its attention, and the final norm, on the last row (forward)."""
-        return self.norm(layer.finish(_last_row(hidden), _last_row(attended), DECODE), DECODE)
+        """The last layer after its attention (`attended`: the last row's), and the final norm, on
+        the last row (forward)."""
+        return self.norm(layer.finish(_last_row(hidden), attended, DECODE), DECODE)
 
     def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
         """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so

@@ -41,6 +41,8 @@
 //   the same on a layer's fused projection: one kernel (RopeAppendRows) rotates q into out and k
 //   into the cache (RoPE at positions start.., RopeSpec, as the decode below rotates) and copies v
 //   there, then the attention with out as its q; what the model's prefill calls (no RoPE kernel).
+//   out may have fewer rows than qkv, r: the attention of the chunk's last r rows only (every
+//   row's k and v still written; the model's last layer in a prefill asks for its last row).
 // lab.kv.decode_attention(q [b, Hq, d], k [b, Hkv, d], v, cache, layer, positions, sm_scale, out)
 //   one token per slot at positions[slot]: its k and v written there, attention over 0..position.
 //   Split over the keys as decode_paged, with the splits fixed by the shapes (fill the GPU, at
@@ -1106,9 +1108,9 @@ __device__ uint4 Pack8(const float* x) {
 constexpr int kRopeAppendThreads = 128;
 
 // Static prefill with RoPE (lab.kv.prefill_attention_rope): row i of a layer's fused projection
-// qkv [n, Hq + 2 Hkv, D], at position start + i: its q heads rotated into q_out [n, Hq, D] (the
-// attention's q), its k heads rotated and its v heads copied into the slot's cache rows
-// [Hkv, max_len, D] at start + i. One pass over qkv: a block per row makes the row's cos/sin table
+// qkv [n, Hq + 2 Hkv, D], at position start + i: its q heads, from row q_from on, rotated into
+// q_out [n - q_from, Hq, D] (the attention's q: the rows whose attention is asked for), its k
+// heads rotated and its v heads copied into the slot's cache rows [Hkv, max_len, D] at start + i. One pass over qkv: a block per row makes the row's cos/sin table
 // (RopeTable: D/2 sincosf, one per frequency, shared by all the row's q and k heads; TVM's
 // llama_rope_with_position_map computed a power, a cos and a sin per element, 153 us a layer of a
 // 4096-token Llama-3-8B prefill on an H200), then each thread takes a 16-byte vector j < D/16 of a q
@@ -1120,7 +1122,8 @@ __global__ void __launch_bounds__(kRopeAppendThreads) RopeAppendRows(const __hal
                                                                     __half* __restrict__ q_out,
                                                                     __half* __restrict__ k_rows,
                                                                     __half* __restrict__ v_rows, int q_heads,
-                                                                    int kv_heads, int max_len, int start) {
+                                                                    int kv_heads, int max_len, int start,
+                                                                    int q_from) {
   constexpr int kVectors = D / 8, kPair = D / 16;  // a head's 16-byte vectors; a vector's partner, that many further
   static_assert(D / 2 <= kRopeAppendThreads, "RopeTable takes a thread per frequency");
   __shared__ __align__(16) float cos_sin[D];       // cos of element e < D/2 at e, its sin at D/2 + e
@@ -1129,7 +1132,7 @@ __global__ void __launch_bounds__(kRopeAppendThreads) RopeAppendRows(const __hal
   __syncthreads();
   const uint4* row = reinterpret_cast<const uint4*>(qkv) + int64_t(i) * (q_heads + 2 * kv_heads) * kVectors;
   const int rotated = (q_heads + kv_heads) * kPair, copied = kv_heads * kVectors;
-  for (int t = threadIdx.x; t < rotated + copied; t += blockDim.x) {
+  for (int t = i < q_from ? q_heads * kPair + threadIdx.x : threadIdx.x; t < rotated + copied; t += blockDim.x) {
     if (t >= rotated) {  // a vector of a v head
       const int h = (t - rotated) / kVectors, j = (t - rotated) % kVectors;
       const uint4 value = __ldg(row + (q_heads + kv_heads + h) * kVectors + j);
@@ -1147,7 +1150,7 @@ __global__ void __launch_bounds__(kRopeAppendThreads) RopeAppendRows(const __hal
       lo_out[e] = c[e] * lo[e] + sn[e] * -hi[e];
       hi_out[e] = c[e] * hi[e] + sn[e] * lo[e];
     }
-    uint4* dst = reinterpret_cast<uint4*>(h < q_heads ? q_out + (int64_t(i) * q_heads + h) * D
+    uint4* dst = reinterpret_cast<uint4*>(h < q_heads ? q_out + (int64_t(i - q_from) * q_heads + h) * D
                                                       : k_rows + (int64_t(h - q_heads) * max_len + pos) * D);
     dst[j] = Pack8(lo_out);
     dst[j + kPair] = Pack8(hi_out);
@@ -1741,14 +1744,18 @@ const float* RopeFrequencies(int device, int64_t d, const RopeParameters& rope, 
 // A layer's fused projection qkv [rows, q_heads + 2 kv_heads, head_dim] and its RoPE parameters
 // (the functions' arguments, as engine.model.static_kv.rope_arguments makes them), checked against
 // out and the cache; the RoPE's frequency table on the device.
+// `last_rows`: out may hold the last 1..rows rows only (a prefill asked for those rows' attention).
 RopeSpec CheckQkvRope(const char* fn, DLTensor* qkv, DLTensor* out, const StaticShape& s, const RopeParameters& rope,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, bool last_rows = false) {
   Check(qkv, "qkv", 3, 16, kDLFloat);
   const int64_t rows = qkv->shape[0], q_heads = out->shape[1];
-  if (qkv->shape[2] != s.d || out->shape[2] != s.d || out->shape[0] != rows ||
+  const bool rows_agree = last_rows ? out->shape[0] <= rows && (out->shape[0] >= 1 || rows == 0) : out->shape[0] == rows;
+  if (qkv->shape[2] != s.d || out->shape[2] != s.d || !rows_agree ||
       qkv->shape[1] != q_heads + 2 * s.kv_heads || q_heads % s.kv_heads != 0)
-    TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out [rows, q_heads, head_dim] "
-                                 "and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do not agree";
+    TVM_FFI_THROW(ValueError) << fn << ": qkv [rows, q_heads + 2 kv_heads, head_dim], out ["
+                              << (last_rows ? "1..rows" : "rows")
+                              << ", q_heads, head_dim] and the cache [layers, 2, slots, kv_heads, max_len, head_dim] do "
+                                 "not agree";
   const auto [theta, factor, low_freq_factor, high_freq_factor, original_max] = rope;
   if (!(theta > 0.0)) TVM_FFI_THROW(ValueError) << fn << ": rope_theta must be positive, got " << theta;
   if (factor != 0.0 && (!(factor > 0.0) || !(high_freq_factor > low_freq_factor)))
@@ -1775,8 +1782,10 @@ void KvDecodeAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, DLTens
 
 // lab.kv.prefill_attention_rope(qkv [n, Hq + 2 Hkv, d], cache, layer, slot, start, rope_theta,
 // rope_factor, low_freq_factor, high_freq_factor, original_max_position_embeddings, sm_scale,
-// out [n, Hq, d]): RopeAppendRows (q rotated into out, k rotated and v into the slot's rows at
-// start..), then the chunk's causal attention with out as its q (AttendChunk: in place).
+// out [r, Hq, d], 1 <= r <= n): RopeAppendRows (the last r rows' q rotated into out, every row's k
+// rotated and v into the slot's rows at start..), then the causal attention of the chunk's last r
+// rows with out as their q (AttendChunk: in place; r = 1 where only the last position's output is
+// needed, the model's last layer in a prefill).
 void KvPrefillAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, int64_t slot, int64_t start, double theta,
                             double factor, double low_freq_factor, double high_freq_factor, double original_max,
                             double sm_scale, DLTensor* out) {
@@ -1785,22 +1794,23 @@ void KvPrefillAttentionRope(DLTensor* qkv, DLTensor* cache, int64_t layer, int64
   const int64_t n = qkv->shape[0], q_heads = out->shape[1];
   const int device = out->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  const RopeSpec rope =
-      CheckQkvRope(fn, qkv, out, s, {theta, factor, low_freq_factor, high_freq_factor, original_max}, stream);
+  const RopeSpec rope = CheckQkvRope(fn, qkv, out, s, {theta, factor, low_freq_factor, high_freq_factor, original_max},
+                                     stream, /*last_rows=*/true);
   const ChunkRows rows = CheckChunk(fn, cache, s, layer, slot, start, n);
   for (const DLTensor* t : {qkv, cache, out})
     if (reinterpret_cast<uintptr_t>(Data<char>(t)) % 16 != 0)
       TVM_FFI_THROW(ValueError) << fn << ": qkv, the cache and out must be 16-byte aligned";
   if (n == 0) return;
+  const int64_t asked = out->shape[0], q_from = n - asked;  // the rows whose attention out holds
   auto kernel = s.d == 32 ? RopeAppendRows<32> : s.d == 64 ? RopeAppendRows<64> : s.d == 128 ? RopeAppendRows<128>
               : s.d == 256 ? RopeAppendRows<256> : nullptr;
   if (kernel == nullptr)
     TVM_FFI_THROW(ValueError) << fn << ": head_dim " << s.d << " is not 32, 64, 128 or 256 (use kv_cache=paged)";
   __half* q = Data<__half>(out);
   kernel<<<unsigned(n), kRopeAppendThreads, 0, stream>>>(Data<__half>(qkv), rope, q, rows.k, rows.v, int(q_heads),
-                                                          int(s.kv_heads), int(s.max_len), int(start));
+                                                          int(s.kv_heads), int(s.max_len), int(start), int(q_from));
   LAB_CHECK_CUDA(cudaGetLastError());
-  AttendChunk(fn, device, stream, s, rows, q, n, q_heads, start, sm_scale, q);
+  AttendChunk(fn, device, stream, s, rows, q, asked, q_heads, start + q_from, sm_scale, q);
 }
 
 void CheckInt32(const char* fn, std::initializer_list<std::pair<const DLTensor*, const char*>> tensors) {
