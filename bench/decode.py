@@ -57,7 +57,7 @@ def time_engine(session, config, prompt_len: int, batch: int, new_tokens: int, w
     steps = [t for s in samples for t in s.itl_s]
     return {"ttft_s": stats.summarize([s.ttft_s for s in samples]), "step_s": stats.summarize(steps),
             "tokens_per_s": batch / float(np.median(steps)), "raw_step_s": steps,
-            "raw_ttft_s": [s.ttft_s for s in samples]}
+            "raw_ttft_s": [s.ttft_s for s in samples], "raw_gc_s": [s.gc_s for s in samples]}
 
 
 def time_peer(kind: str, source, config, prompt_len: int, batch: int, new_tokens: int, repeats: int) -> dict:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import time
 
 import numpy as np
@@ -24,6 +26,7 @@ class RunSample:
     start: float
     end: float
     steps: list[StepTiming]
+    gc_s: float = 0.0  # how long Python's cyclic collector ran during the run (timed_runs)
 
     @property
     def ttft_s(self) -> float:
@@ -45,7 +48,7 @@ class RunSample:
     def to_dict(self) -> dict:
         return {"repeat": self.repeat, "batch": self.batch, "prompt_len": self.prompt_len,
                 "new_tokens": self.new_tokens, "ttft_s": self.ttft_s, "e2e_s": self.e2e_s,
-                "prefill_s": self.prefill_s, "itl_s": self.itl_s}
+                "prefill_s": self.prefill_s, "itl_s": self.itl_s, "gc_s": self.gc_s}
 
 
 def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> list[list[int]]:
@@ -53,25 +56,66 @@ def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> list[l
     return [rng.integers(0, vocab, prompt_len).tolist() for _ in range(batch)]
 
 
+@contextlib.contextmanager
+def _heap_exempt_from_collector():
+    """What exists on entry (the weights' and the peers' Python objects, the compiled modules) is
+    left out of the cyclic collector's passes until exit (gc.freeze, then gc.unfreeze: nothing
+    frozen outlives the timed runs). A full pass over that heap took ~10-15 ms, and one fell inside
+    a timed 4096-token prefill in most runs of seven on the GPU box (2026-12-02: the last run of a
+    bench.decode call 12-15 ms slower than the six before it)."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+class _CollectorClock:
+    """Seconds Python's cyclic collector ran while installed (gc.callbacks)."""
+
+    def __init__(self):
+        self.seconds, self._started = 0.0, None
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.seconds += time.perf_counter() - self._started
+            self._started = None
+
+    def __enter__(self):
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        gc.callbacks.remove(self)
+
+
 def timed_runs(gen: Generator, prompts: list[list[int]], new_tokens: int, warmup: int, repeats: int,
                progress=None, scheduler=None) -> tuple[list[RunSample], list[list[int]]]:
     """`warmup` untimed generations, then `repeats` timed ones. Returns samples and the tokens.
-    `scheduler`: how decode steps are ordered (runtime_patch.stream_overlap), default synchronous."""
+    `scheduler`: how decode steps are ordered (runtime_patch.stream_overlap), default synchronous.
+    The timed runs keep the heap that exists before them out of the cyclic collector's passes
+    (_heap_exempt_from_collector), and each sample records how long the collector ran in it."""
     samples, tokens = [], []
 
     def one_run():
-        start = time.perf_counter()
-        result = gen.generate(prompts, new_tokens, scheduler)
+        with _CollectorClock() as collector:
+            start = time.perf_counter()
+            result = gen.generate(prompts, new_tokens, scheduler)
+            end = time.perf_counter()
         if progress is not None:
             progress.update(1)
-        return start, time.perf_counter(), result
+        return start, end, result, collector.seconds
 
     for _ in range(warmup):
         one_run()
-    with profiler_range():  # what `profile_gpu.sh -m nsight` captures (LAB_PROFILER_RANGE=1)
+    # what `profile_gpu.sh -m nsight` captures (LAB_PROFILER_RANGE=1)
+    with _heap_exempt_from_collector(), profiler_range():
         for i in range(repeats):
-            start, end, result = one_run()
-            samples.append(RunSample(i, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps))
+            start, end, result, gc_s = one_run()
+            samples.append(RunSample(i, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps, gc_s))
             tokens = result.tokens
     return samples, tokens
 
