@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import time
@@ -56,23 +55,11 @@ def random_prompts(vocab: int, batch: int, prompt_len: int, seed: int) -> list[l
     return [rng.integers(0, vocab, prompt_len).tolist() for _ in range(batch)]
 
 
-@contextlib.contextmanager
-def _heap_exempt_from_collector():
-    """What exists on entry (the weights' and the peers' Python objects, the compiled modules) is
-    left out of the cyclic collector's passes until exit (gc.freeze, then gc.unfreeze: nothing
-    frozen outlives the timed runs). A full pass over that heap took ~10-15 ms, and one fell inside
-    a timed 4096-token prefill in most runs of seven on the GPU box (2026-12-02: the last run of a
-    bench.decode call 12-15 ms slower than the six before it)."""
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 class _CollectorClock:
-    """Seconds Python's cyclic collector ran while installed (gc.callbacks)."""
+    """Seconds Python's cyclic collector ran while installed (gc.callbacks): a run's host time that
+    is neither the engine's nor the GPU's. (The last of seven TTFT(4096) runs was often 10-15 ms
+    slower on the GPU box; the collector ran 0 ms in every timed run there, 2026-12-02, so it is
+    not that; docs/BENCHMARKS.md seventeenth round.)"""
 
     def __init__(self):
         self.seconds, self._started = 0.0, None
@@ -96,8 +83,7 @@ def timed_runs(gen: Generator, prompts: list[list[int]], new_tokens: int, warmup
                progress=None, scheduler=None) -> tuple[list[RunSample], list[list[int]]]:
     """`warmup` untimed generations, then `repeats` timed ones. Returns samples and the tokens.
     `scheduler`: how decode steps are ordered (runtime_patch.stream_overlap), default synchronous.
-    The timed runs keep the heap that exists before them out of the cyclic collector's passes
-    (_heap_exempt_from_collector), and each sample records how long the collector ran in it."""
+    Each sample records how long Python's cyclic collector ran in it (gc_s)."""
     samples, tokens = [], []
 
     def one_run():
@@ -111,8 +97,7 @@ def timed_runs(gen: Generator, prompts: list[list[int]], new_tokens: int, warmup
 
     for _ in range(warmup):
         one_run()
-    # what `profile_gpu.sh -m nsight` captures (LAB_PROFILER_RANGE=1)
-    with _heap_exempt_from_collector(), profiler_range():
+    with profiler_range():  # what `profile_gpu.sh -m nsight` captures (LAB_PROFILER_RANGE=1)
         for i in range(repeats):
             start, end, result, gc_s = one_run()
             samples.append(RunSample(i, len(prompts), len(prompts[0]), new_tokens, start, end, result.steps, gc_s))

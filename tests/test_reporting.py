@@ -163,6 +163,27 @@ def test_notes_carry_each_points_note_and_roofline_note():
     assert notes_of([a, b, c]) == f"- q0f16: {high}\n- q8f16_1: ran as pipeline; {high}"
 
 
+def test_collector_clock_counts_the_cyclic_collectors_time():
+    """measure's per-run collector clock (RunSample.gc_s): the seconds of a collection made while it
+    is installed, none of one made after; it leaves gc.callbacks as it found them."""
+    import gc
+
+    from harness import measure
+
+    before = list(gc.callbacks)
+    with measure._CollectorClock() as clock:
+        garbage = [[] for _ in range(20000)]
+        for a, b in zip(garbage, garbage[1:]):  # cycles only the collector frees
+            a.append(b)
+            b.append(a)
+        del garbage, a, b
+        gc.collect()
+    seen = clock.seconds
+    assert seen > 0 and gc.callbacks == before
+    gc.collect()
+    assert clock.seconds == seen
+
+
 def test_roofline_fraction():
     # 16 GB per token at 4 TB/s is a 4 ms floor; 5 ms measured is 80% of roofline.
     assert stats.roofline_fraction(16e9, 4e12, 5e-3) == pytest.approx(0.8)
