@@ -2,8 +2,9 @@
 
 Exported functions (parameters packed into one tuple argument, as MLC does):
   prefill(input_ids[1, s], kv)          -> (next_token[1], logits[1, vocab], kv)   last position
-                                        (the last layer's o projection and MLP on that row only:
-                                        LlamaModel.forward, last_row_only)
+                                        (the last layer's o projection, MLP and, on the static
+                                        cache, attention on that row only: LlamaModel.forward,
+                                        last_row_only)
   prefill_logits(input_ids[1, s], kv)   -> (logits[s, vocab], kv)                  every position
   decode(input_ids[1, 1], kv)           -> (next_token[1], logits[1, vocab], kv)   static batch 1
   batch_decode(input_ids[b, 1], kv)     -> (next_token[b], logits[b, vocab], kv)
@@ -149,14 +150,23 @@ class DecoderLayer(nn.Module):
         x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return x + self._reduce(self.mlp_partial(x, phase))
 
-    def finish(self, x: Tensor, attended: Tensor, phase: str) -> Tensor:
-        """The layer after its attention, on rows of its input `x` and of its attention's output
-        `attended` (Attention.attend): x + o_proj(attended), then the MLP block, in `phase`."""
+    def finish(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm, adds_norms: bool) -> Tensor:
+        """next_norm of the layer's output, from its attention on: on rows of its input `x` and of
+        its attention's output `attended` (Attention.attend), x + o_proj(attended), then the MLP
+        block, in `phase`; with `adds_norms` (LlamaModel.adds_norms of that phase: tp > 1 with the
+        library allreduce) each residual add with the norm after it in the allreduce, as
+        forward_normed."""
+        if adds_norms:
+            x, normed = self._reduce_add_norm(self.self_attn.o_proj(attended, phase), x,
+                                              self.post_attention_layernorm)
+            return self._reduce_add_norm(self.mlp(normed, phase), x, next_norm)[1]
         if self.tp == 1:
             x = self.self_attn.o_proj.plus(attended, x, phase)
-            return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
-        x = x + self._reduce(self.self_attn.o_proj(attended, phase))
-        return x + self._reduce(self.mlp_partial(x, phase))
+            x = self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
+        else:
+            x = x + self._reduce(self.self_attn.o_proj(attended, phase))
+            x = x + self._reduce(self.mlp_partial(x, phase))
+        return next_norm(x, phase)
 
 
 class _InFlight:
@@ -207,13 +217,13 @@ class LlamaModel(nn.Module):
     def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str, last_row_only: bool = False) -> Tensor:
         """The stage's layers on `hidden` [b, s, h] (the final norm on the last stage). With
         `last_row_only` (a prefill that returns only its last position's logits) the last stage's
-        last layer finishes on the last row alone, as a decode step does: its attention still runs
-        on every row (their keys and values go into the cache), but the rows after it would feed
-        nothing but the logits of positions never read, so its o projection, MLP and final norm
-        take the last row only (DECODE phase: the batch-1 GEMVs), and the result is [b, 1, h]; on
-        the static cache its attention, too, is the last row's alone (Attention.attend). On
-        Llama-3-8B that is most of a layer's GEMMs of a long prompt (o, gate_up, down: 88% of a
-        layer's weights)."""
+        last layer finishes on the last row alone, as a decode step does: its qkv projection runs on
+        every row (their keys and values go into the cache), but what follows would feed nothing
+        but the logits of positions never read, so its attention (on the static cache; TVM's paged
+        cache attends every row: Attention.attend), o projection, MLP and final norm take the last
+        row only (DECODE phase after the attention: the batch-1 GEMVs), and the result is
+        [b, 1, h]. On Llama-3-8B that is most of a layer's GEMMs of a long prompt (o, gate_up,
+        down: 88% of a layer's weights)."""
         layers = list(self._numbered())
         cut = last_row_only and self.last_stage and bool(layers)
         if self.adds_norms(phase) and layers:
@@ -239,7 +249,7 @@ class LlamaModel(nn.Module):
     def _finish_last_row(self, layer: DecoderLayer, hidden: Tensor, attended: Tensor) -> Tensor:
         """The last layer after its attention (`attended`: the last row's), and the final norm, on
         the last row (forward)."""
-        return self.norm(layer.finish(_last_row(hidden), attended, DECODE), DECODE)
+        return layer.finish(_last_row(hidden), attended, DECODE, self.norm, self.adds_norms(DECODE))
 
     def forward_pair(self, hidden: list[Tensor], kvs: list[PagedKVCache], tp: int, phase: str) -> list[Tensor]:
         """Two micro-batches, each in its own KV cache, interleaved half-layer by half-layer so
