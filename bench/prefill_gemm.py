@@ -49,7 +49,7 @@ def calls_per_sample(seconds_guess: float) -> int:
     return max(3, min(200, int(5e-3 / max(seconds_guess, 1e-6))))
 
 
-# Llama-3-8B's tp=1 fusion shapes: gate_up's I, and the (N, K) of the projections with a residual add
+# Llama-3-8B's tp=1 fusion shape: gate_up's I
 SWIGLU_WIDTH = 14336
 FUSION_ROWS = "128,1024,4096"
 

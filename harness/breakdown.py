@@ -81,7 +81,8 @@ RULES: tuple[Rule, ...] = (
          "cuBLAS GEMMs of the prefill attention are moved to attention (see step_breakdown)"),
     Rule(EMBEDDING, _rx(r"embedding|take|argmax|argsort|top_?[kp]|sampl|multinomial|softmax|cumsum|gather|"
                         r"Advance|SettlePrefill"),
-         "the token embedding gather, take_last (the last position's hidden state for the LM head), "
+         "the token embedding gather, take_last_row (the last position's rows a prefill's last layer "
+         "finishes on), "
          "argmax and sampling kernels (TVM's argmax_kernel, our ArgmaxRows; a softmax that is not the attention's), "
          "and the hand-over of the chosen token to the next step (the static KV cache's Advance, SettlePrefill)"),
     Rule(NORMS, _rx(r"norm|silu|gelu|swiglu|relu|multiply|(?<![a-z])add(?![a-z])|subtract|divide|"

@@ -190,9 +190,7 @@ def _allreduce_add_rms_norm(partial, residual, norm_weight, eps, out, normed) ->
     """`lab.ccl.allreduce_add_rms_norm` on the CPU: TVM's allreduce into out, then out += residual
     and normed = rms_norm(out) * norm_weight, rounded where the CUDA kernel rounds."""
     _allreduce_begin(partial, out)
-    oa, ra, na = np.from_dlpack(out), np.from_dlpack(residual), np.from_dlpack(normed)
-    np.copyto(oa, (oa.astype(np.float32) + ra.astype(np.float32)).astype(oa.dtype))
-    np.copyto(na, _rms_norm(oa, np.from_dlpack(norm_weight), eps))
+    _add_rms_norm(out, residual, norm_weight, eps, out, normed)
 
 
 def _kv_prefill_attention(q, k, v, cache, layer, slot, start, sm_scale, out) -> None:

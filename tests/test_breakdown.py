@@ -65,6 +65,7 @@ def test_every_fixture_kernel_lands_in_a_named_category():
     ("rms_norm1_kernel", bd.NORMS), ("add1_kernel", bd.NORMS), ("fused_split1_silu1_multiply1_kernel", bd.NORMS),
     ("fused_reshape5_reshape6_kernel", bd.NORMS),
     ("embedding_kernel", bd.EMBEDDING), ("take_last_kernel", bd.EMBEDDING), ("argmax_kernel", bd.EMBEDDING),
+    ("take_last_row_kernel", bd.EMBEDDING),  # the rows a prefill's last layer finishes on (engine.model.llama)
     ("void (anonymous namespace)::ArgmaxRows(float const*, long, float*, int*, unsigned int*, int*)", bd.EMBEDDING),
     # ours (runtime_patch/native), mangled as CUPTI reports them and demangled
     ("_ZN56_GLOBAL__N__3b0ad47d_17_cuda_attention_cu_2642a290_1103013CausalSoftmaxEPKfP6__halfPfiiiiiliilf", bd.ATTENTION),

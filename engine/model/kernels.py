@@ -71,7 +71,7 @@ class KernelPlan:
     def library_add_norm(self, phase: str) -> bool:
         """Each residual add and the RMSNorm after it in one call of `lab.norm.add_rms` (the library
         prefill at tp=1; the o and down projections are then plain GEMMs)."""
-        return phase == PREFILL and self.library_prefill_gemm
+        return self.library_gemm(phase)
 
     def library_gemv(self, phase: str, quant: QuantSpec) -> bool:
         """The batch-1 decode GEMV of a q4 or q8 weight through `lab.gemv.q4` / `lab.gemv.q8`."""

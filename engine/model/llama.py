@@ -320,11 +320,16 @@ class LlamaForCausalLM(nn.Module):
         `results` the last stage computes (module doc)."""
         return extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
 
+    def _one_row(self, hidden: Tensor) -> Tensor:
+        """The last stage's output of a last-row prefill ([1, 1, h]: LlamaModel.forward,
+        last_row_only) as the LM head's [1, h]."""
+        return op.reshape(hidden, (1, self.config.hidden_size))
+
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
         hidden = self.model(self._enter(input_ids), kv, PREFILL, last_row_only=True)
         if not self.plan.last_stage:
             return (*self._pass_on(hidden, ([1], "int32"), ([1, self.config.vocab_size], "float32")), kv)
-        logits = self._logits(_take_last(hidden), DECODE)  # one row: the GEMV
+        logits = self._logits(self._one_row(hidden), DECODE)  # one row: the GEMV
         return _argmax_last(logits), logits, kv
 
     def prefill_logits(self, input_ids: Tensor, kv: PagedKVCache):
@@ -402,7 +407,7 @@ class LlamaForCausalLM(nn.Module):
         kv = static_kv.StaticKV(self.build, cache, static_kv.PREFILL, positions, slot, start)
         hidden = self.model(self._enter(input_ids), kv, PREFILL, last_row_only=True)
         _, s = input_ids.shape
-        tokens, logits = self._static_results(hidden, lambda h: self._logits(_take_last(h), DECODE), 1)
+        tokens, logits = self._static_results(hidden, lambda h: self._logits(self._one_row(h), DECODE), 1)
         return static_kv.settle_prefill(tokens, ids, positions, slot, start + s), logits
 
     def prefill_logits_static(self, input_ids: Tensor, cache: Tensor, positions: Tensor, ids: Tensor, slot, start):
@@ -489,18 +494,11 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _last_row(x: Tensor) -> Tensor:
-    """x[:, -1:, :] of x [b, s, h]: [b, 1, h]."""
+    """x[:, -1:, :] of x [b, s, h]: [b, 1, h] (its kernel named take_last_row, which
+    harness.breakdown counts with the embedding and sampling)."""
     def compute(t):
         s = t.shape[1]
-        return te.compute((t.shape[0], 1, t.shape[2]), lambda i, _, j: t[i, s - 1, j], name="last_row")
+        return te.compute((t.shape[0], 1, t.shape[2]), lambda i, _, j: t[i, s - 1, j], name="take_last_row")
 
-    return op.tensor_expr_op(compute, "last_row", [x])
+    return op.tensor_expr_op(compute, "take_last_row", [x])
 
-
-def _take_last(hidden: Tensor) -> Tensor:
-    """hidden[0, -1, :] as [1, h]."""
-    def compute(x):
-        s = x.shape[1]
-        return te.compute((1, x.shape[2]), lambda i, j: x[0, s - 1, j], name="take_last")
-
-    return op.tensor_expr_op(compute, "take_last", [hidden])

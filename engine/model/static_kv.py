@@ -59,14 +59,10 @@ class StaticKV:
         """[b, s, q_heads, d]; with `last_row_only` (a prefill chunk) [1, 1, q_heads, d], the
         attention of the chunk's last row (every row's keys and values still written)."""
         b, s, heads, d = qkv.shape
+        if last_row_only and self.kind != PREFILL:
+            raise ValueError("the static cache's attention of the last row only is a prefill's")
         flat = op.reshape(qkv, (b * s, heads, d))
-        if last_row_only:
-            if self.kind != PREFILL:
-                raise ValueError("the static cache's attention of the last row only is a prefill's")
-            out = op.extern(functions.KV_PREFILL_ATTENTION_ROPE, [flat, self.cache, layer_id, self.slot, self.start,
-                                                                  *self.rope_args, float(sm_scale)],
-                            Tensor.placeholder((1, self.q_heads, d), qkv.dtype))
-            return op.reshape(out, (1, 1, self.q_heads, d))
+        b, s = (1, 1) if last_row_only else (b, s)  # the rows asked for
         out = Tensor.placeholder((b * s, self.q_heads, d), qkv.dtype)
         if self.kind == DECODE:
             out = op.extern(functions.KV_DECODE_ATTENTION_ROPE, [flat, self.cache, layer_id, self.positions,
