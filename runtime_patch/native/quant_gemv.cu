@@ -38,7 +38,20 @@
 // 397.0-397.3 -> 400.0-401.0, one call on an H200, docs/BENCHMARKS.md eleventh round). Their
 // weight loads stay after the wait: issued before it, the first 1 or 2 of 4 groups a lane, the
 // step got slower (494.7 and 578.5 tokens/s against 609.6), and so did an L2 prefetch of the
-// weights before the wait (585).
+// weights before the wait (585). So did the qkv and gate_up rows and scales taken by 1-D bulk
+// copies (cp.async.bulk into shared memory, a warp's on its mbarrier) issued before the wait:
+// 576.5-576.9 against 637.0-638.0 tokens/s, the norm ahead 1.5 -> 3.2 us a call in the trace; and
+// with the norm letting them launch only once it had read its row, on an SM of its own (190 KB of
+// shared memory asked), 565.7-565.8 against 644.2-644.9 (docs/BENCHMARKS.md eighteenth round):
+// whatever the path, weight bytes in flight across the boundary slow the short reads the chain
+// waits on (the norm's row, the next GEMV's x).
+//
+// The weights go into registers, not shared memory: a copy of the same kernels staging each
+// lane's groups in shared memory by cp.async (qkv at 6 blocks an SM, one wave; gate_up at 5) was
+// no faster alone (in a graph qkv 6.31 against 6.32 us, gate_up with SiLU 19.55 against 19.54)
+// and slower in the step (612.1-613.3 against 639.3-640.2 tokens/s: with more of their blocks
+// resident, the attention's and the down projection's early blocks found no room: attention 4.1
+// -> 5.2 us, down 8.9 -> 10.4; eighteenth round).
 //
 // lab.gemv.rows(r) -> the previous r: rows per warp for this process's GEMVs, 0 (the default: the
 // rule, Choose) or 1, 2, 4 (where the kernel has that shape: 4 for q4 only, 2 or 4 with swiglu;
@@ -241,9 +254,11 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // two-row SwiGLU kernel of 4 groups a round at most 85 (3 blocks an SM: 78 used, no spills;
 // Llama-3-8B's gate_up 20.7 us in a graph against 22.5 with 4 rows a warp at 2 blocks; the plain
 // two-row kernel at 3 blocks made the rule tie it with one row on the qkv projection, 8.2-8.4 us
-// against 7.8, and stays at 2), its others at most 128 (2 blocks: at 133 registers the 4-row kernel
-// held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead of 26.4); q8's one-row kernel
-// of 4 groups a round at most 64; q8's others unbounded (bounded, they spill). (q4's one-row kernels
+// against 7.8, and stays at 2: the qkv projection in one wave so, q4f16_1 decoded 643.6-643.8
+// against 645.1-645.6 tokens/s, eighteenth round), its others at most 128 (2 blocks: at 133
+// registers the 4-row kernel held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead
+// of 26.4); q8's one-row kernel of 4 groups a round at most 64; q8's others unbounded (bounded,
+// they spill). (q4's one-row kernels
 // at 5 blocks an SM, 48 registers without spills, were neutral or slower in the step, also for the
 // o projection alone; at 6, 40 registers and spills, q4f16_1 lost 5%: docs/BENCHMARKS.md
 // fourteenth round.)

@@ -20,7 +20,9 @@
 // GEMVs after it, which wait for it before anything (quant_gemv.cu), are resident when it ends.
 // (Letting them start only once its own wait has returned, with their first weight loads issued
 // before theirs to stream while the norm runs, lost: q4f16_1 604 against 628 tokens/s; the late
-// start alone was neutral. docs/BENCHMARKS.md, thirteenth round.)
+// start alone was neutral. docs/BENCHMARKS.md, thirteenth round. Letting them start once the row
+// has been read, on an SM of the norm's own, lost 0.8% alone (639.2-639.4 against 644.2-644.9)
+// and 12% with their weights by bulk copies before their wait; eighteenth round.)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
