@@ -4,9 +4,10 @@
 // lab.norm.add_rms(partial, residual, weight, eps, total, normed): total = residual + partial
 // rounded to the dtype (transformers' residual add), normed = rms_norm(total) * weight: the
 // library prefill's residual adds at tp=1, each with the norm after it (engine.model.llama), in
-// one pass (NormRows): a GEMM's output and the residual read once, the sum and its norm written. x and out [.., hidden] float16, bfloat16 or float32 (the same),
-// weight [hidden] of that dtype; rows of a multiple of 16 bytes, at most kNormThreads x
-// kNormVectors vectors; every tensor 16-byte aligned.
+// one pass (NormRows): a GEMM's output and the residual read once, the sum and its norm written.
+// x and out [.., hidden] float16, bfloat16 or float32 (the same), weight [hidden] of that dtype;
+// rows of a multiple of 16 bytes, at most kNormThreads x kNormVectors vectors; every tensor
+// 16-byte aligned.
 //
 // A block per row. Each thread loads its 16-byte vectors of the weight, then of the row, without
 // waiting in between, so the row's one memory round trip covers both; the squares are summed in
