@@ -258,10 +258,9 @@ __device__ __forceinline__ float SiluTimes(float gate, float up) {
 // against 645.1-645.6 tokens/s, eighteenth round), its others at most 128 (2 blocks: at 133
 // registers the 4-row kernel held one block an SM, and Llama-3-8B's gate_up took 32.4 us instead
 // of 26.4); q8's one-row kernel of 4 groups a round at most 64; q8's others unbounded (bounded,
-// they spill). (q4's one-row kernels
-// at 5 blocks an SM, 48 registers without spills, were neutral or slower in the step, also for the
-// o projection alone; at 6, 40 registers and spills, q4f16_1 lost 5%: docs/BENCHMARKS.md
-// fourteenth round.)
+// they spill). (q4's one-row kernels at 5 blocks an SM, 48 registers without spills, were neutral
+// or slower in the step, also for the o projection alone; at 6, 40 registers and spills, q4f16_1
+// lost 5%: docs/BENCHMARKS.md fourteenth round.)
 template <int Bits, int kRows, int P, bool Swiglu>
 constexpr int kMinBlocks =
     Bits == 4 ? (kRows == 1 ? 4 : kRows == 2 && P == 4 && Swiglu ? 3 : 2) : (kRows == 1 && P == 4 ? 4 : 1);
