@@ -131,24 +131,38 @@ class DecoderLayer(nn.Module):
         total, normed = extern(name, [partial, residual, norm.weight, float(norm.epsilon)], outs)
         return total, normed
 
+    def _rest_normed(self, x: Tensor, attention: Tensor, phase: str,
+                     next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+        """From the attention block's output (`attention`: this rank's partial) on, each residual
+        add with the norm after it in one call (forward_normed): the layer's output and next_norm
+        of it (None where next_norm is None)."""
+        x, normed = self._reduce_add_norm(attention, x, self.post_attention_layernorm)
+        partial = self.mlp(normed, phase)
+        if next_norm is None:
+            return x + self._reduce(partial), None
+        return self._reduce_add_norm(partial, x, next_norm)
+
+    def _mlp_block(self, x: Tensor, phase: str) -> Tensor:
+        """x + the MLP block of x (at tp=1 the residual add in the down projection's last
+        products, a library GEMV's epilogue)."""
+        if self.tp == 1:
+            return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
+        return x + self._reduce(self.mlp_partial(x, phase))
+
     def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
                        next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
         """The layer on x and input_layernorm(x) (`normed`, made by the previous layer's last add);
         returns its output and next_norm of it (None where next_norm is None), each residual add
         with the norm after it in one call (LlamaModel.adds_norms: tp > 1 with the library
         allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms)."""
-        x, normed = self._reduce_add_norm(self.self_attn(normed, kv, layer_id, phase), x, self.post_attention_layernorm)
-        partial = self.mlp(normed, phase)
-        if next_norm is None:
-            return x + self._reduce(partial), None
-        return self._reduce_add_norm(partial, x, next_norm)
+        return self._rest_normed(x, self.self_attn(normed, kv, layer_id, phase), phase, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
         if self.tp == 1:  # the residual adds go into the blocks' last products (a library GEMV's epilogue)
             x = self.self_attn(self.input_layernorm(x, phase), kv, layer_id, phase, residual=x)
-            return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
-        x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
-        return x + self._reduce(self.mlp_partial(x, phase))
+        else:
+            x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
+        return self._mlp_block(x, phase)
 
     def finish(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm, adds_norms: bool) -> Tensor:
         """next_norm of the layer's output, from its attention on: on rows of its input `x` and of
@@ -157,16 +171,12 @@ class DecoderLayer(nn.Module):
         library allreduce) each residual add with the norm after it in the allreduce, as
         forward_normed."""
         if adds_norms:
-            x, normed = self._reduce_add_norm(self.self_attn.o_proj(attended, phase), x,
-                                              self.post_attention_layernorm)
-            return self._reduce_add_norm(self.mlp(normed, phase), x, next_norm)[1]
+            return self._rest_normed(x, self.self_attn.o_proj(attended, phase), phase, next_norm)[1]
         if self.tp == 1:
             x = self.self_attn.o_proj.plus(attended, x, phase)
-            x = self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
         else:
             x = x + self._reduce(self.self_attn.o_proj(attended, phase))
-            x = x + self._reduce(self.mlp_partial(x, phase))
-        return next_norm(x, phase)
+        return next_norm(self._mlp_block(x, phase), phase)
 
 
 class _InFlight:
