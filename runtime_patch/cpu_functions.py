@@ -89,25 +89,19 @@ def _swiglu(gate_up, out) -> None:
 
 def _numpy_gemv(bits: int, fusion: str = ""):
     """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and their fused forms (functions.GEMV_FUSIONS):
-    _add (..., residual, out), _swiglu (..., out), _add_rms (..., residual, norm_weight, eps, out,
-    normed). q_weight [N, K * bits / 32] uint32, 32 / bits values per word lowest bits first; value =
-    (q - (2^(bits-1) - 1)) * scale; float32 products; the residual added to the float32 product
-    before its rounding (add_rms: then the RMSNorm of the rounded sum, as _rms_norm); swiglu's
-    [gate; up] products rounded to float16 before silu(gate) * up."""
+    _add (..., residual, out), _swiglu (..., out). q_weight [N, K * bits / 32] uint32, 32 / bits
+    values per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale; float32 products;
+    the residual added to the float32 product before its rounding; swiglu's [gate; up] products
+    rounded to float16 before silu(gate) * up."""
     def gemv(x, q_weight, q_scale, *rest) -> None:
-        out = rest[3] if fusion == "add_rms" else rest[-1]
-        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
+        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
         product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
-        if fusion in ("add", "add_rms"):
+        if fusion == "add":
             product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
         if fusion == "swiglu":
             gate, up = np.split(product.astype(np.float16), 2, axis=-1)
             product = _silu_times(gate, up)
-        total = product.astype(oa.dtype, copy=False)
-        np.copyto(oa.reshape(-1, oa.shape[-1]), total)
-        if fusion == "add_rms":
-            normed = np.from_dlpack(rest[4])
-            np.copyto(normed.reshape(total.shape), _rms_norm(total, np.from_dlpack(rest[1]), rest[2]))
+        np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
 
     return gemv
 

@@ -20,11 +20,7 @@ Matrix products (plugin cuda_gemm):
                                         layer's o and down projections at tp=1
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
-    "add_rms" (x, q_weight, q_scale, residual, norm_weight, eps, out, normed)   out = residual + W x,
-                                        normed = RMS_NORM of out: at tp=1 the o and down projections
-                                        with the residual add and the RMSNorm after it (the last block
-                                        of the GEMV to finish normalises the row)
-  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("", "add" or "add_rms") launched while the kernel
+  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("" or "add") launched while the kernel
                                         before it still runs (programmatic dependent launch, sm_90:
                                         its weight loads overlap that kernel, which must let it start
                                         early): the o projection after the static decode attention,
@@ -146,12 +142,11 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # What a decode GEMV may do besides its product (the docstring above), each a function named by
 # its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
-GEMV_FUSIONS = ("", "add", "swiglu", "add_rms")
+GEMV_FUSIONS = ("", "add", "swiglu")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 # The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
-GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS
-              for fusion in ("", "add", "add_rms")}
+GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
 GEMV_ROWS = "lab.gemv.rows"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 RMS_NORM = "lab.norm.rms"

@@ -186,54 +186,47 @@ def gemv_calls(library_calls):
     return {name: library_calls(name) for name in [*functions.GEMV.values(), *functions.GEMV_EARLY.values()]}
 
 
-@pytest.mark.parametrize("quant, bits, kv_cache, norm", [("q4f16_1", 4, "paged", "tir"), ("q8f16_1", 8, "paged", "tir"),
-                                                         ("q4f16_1", 4, "static", "library")])
-def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, library_calls, quant, bits,
-                                                  kv_cache, norm):
+@pytest.mark.parametrize("quant, bits, kv_cache", [("q4f16_1", 4, "paged"), ("q8f16_1", 8, "paged"),
+                                                   ("q4f16_1", 4, "static")])
+def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
     projections inside them (lab.gemv.q4_swiglu, q4_add; the early one, q4_add_early, for the down
-    projection after gate_up's and for the o projection after the static cache's attention); with
-    decode_norm=library each add with the RMSNorm after it (q4_add_rms, q4_add_rms_early: no
-    lab.norm.rms in a step but the first layer's); the logits match transformers on the
-    quantized-then-dequantized weights."""
+    projection after gate_up's and for the o projection after the static cache's attention), and
+    the logits match transformers on the quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache, decode_norm=norm)
+    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
     layers = config.num_hidden_layers
     plain = functions.GEMV[bits, ""]
-    add = "add_rms" if norm == "library" else "add"
     # qkv and the LM head; gate_up; o (early after the static cache's attention); down (early after gate_up)
-    o = functions.GEMV_EARLY[bits, add] if kv_cache == "static" else functions.GEMV[bits, add]
+    o = functions.GEMV_EARLY[bits, "add"] if kv_cache == "static" else functions.GEMV[bits, "add"]
     per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers, o: layers}
-    per_step[functions.GEMV_EARLY[bits, add]] = per_step.get(functions.GEMV_EARLY[bits, add], 0) + layers
+    per_step[functions.GEMV_EARLY[bits, "add"]] = per_step.get(functions.GEMV_EARLY[bits, "add"], 0) + layers
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
-    norms = library_calls(functions.RMS_NORM) if norm == "library" else []
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec(quant))
     prompt = np.random.default_rng(4).integers(0, config.vocab_size, PROMPT).tolist()
     continuation = reference.greedy(prompt, STEPS)
     tokens = prompt + continuation[:-1]
-    for calls in [*gemv_calls.values(), norms]:
+    for calls in gemv_calls.values():
         calls.clear()
     assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * count for name, count in per_step.items()}
-    assert len(norms) == (STEPS - 1 if norm == "library" else 0)  # the first layer's input norm alone
 
-    for calls in [*gemv_calls.values(), norms]:
+    for calls in gemv_calls.values():
         calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
     # the prefill's one-row LM head is a plain GEMV too, and so are its last layer's o projection
     # (with its add; not early: a row copy is ahead of it), gate_up and down on the last row
-    # (LlamaModel.forward, last_row_only); the norms after those adds in them with decode_norm=library
-    prefill = collections.Counter({plain: 1, functions.GEMV[bits, "swiglu"]: 1, functions.GEMV[bits, add]: 1,
-                                   functions.GEMV_EARLY[bits, add]: 1})
+    # (LlamaModel.forward, last_row_only)
+    prefill = collections.Counter({plain: 1, functions.GEMV[bits, "swiglu"]: 1, functions.GEMV[bits, "add"]: 1,
+                                   functions.GEMV_EARLY[bits, "add"]: 1})
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * per_step.get(name, 0) + prefill[name] for name in {*per_step, *prefill}}
-    assert len(norms) == (STEPS - 1 if norm == "library" else 0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -241,9 +234,8 @@ def test_fused_gemvs_compute_their_definitions(bits):
     """Each fused decode GEMV (functions.GEMV_FUSIONS) equals its definition computed here with
     NumPy from the dequantized weight: the plain product rounded once; _add the residual added to
     the float32 product before that rounding; _swiglu silu(gate) * up of the product's two halves,
-    each rounded to float16 as the separate kernels round; _add_rms _add's rounded sum and its
-    RMSNorm (rounded as transformers'). (The CPU versions that the CUDA kernels are checked against
-    on the box, bench.gemv.)"""
+    each rounded to float16 as the separate kernels round. (The CPU versions that the CUDA kernels
+    are checked against on the box, bench.gemv.)"""
     import tvm_ffi
 
     from engine.quantize import dequantize, quant_spec, quantize
@@ -271,20 +263,6 @@ def test_fused_gemvs_compute_their_definitions(bits):
     np.testing.assert_array_equal(call("add", residual), (product + residual.astype(np.float32)).astype(np.float16))
     np.testing.assert_array_equal(call("swiglu", outputs=n // 2), swiglu)
     assert not np.array_equal(swiglu, gate.astype(np.float16))  # the SiLU changes the result: the test sees it
-    # _add_rms: the add's rounded sum, and its RMSNorm rounded as transformers' LlamaRMSNorm
-    norm_weight = (1 + 0.1 * rng.standard_normal(n)).astype(np.float16)
-    eps = 1e-5
-    total = (product + residual.astype(np.float32)).astype(np.float16)
-    out, normed = np.zeros((1, n), np.float16), np.zeros((1, n), np.float16)
-    tvm_ffi.get_global_func(functions.GEMV[bits, "add_rms"])(
-        *[tvm_ffi.from_dlpack(a) for a in (x, q_weight, q_scale, residual)], tvm_ffi.from_dlpack(norm_weight), eps,
-        tvm_ffi.from_dlpack(out), tvm_ffi.from_dlpack(normed))
-    t32 = total.astype(np.float32)
-    expected = (t32 / np.sqrt(np.mean(t32 * t32) + np.float32(eps))).astype(np.float16)
-    expected = (expected.astype(np.float32) * norm_weight.astype(np.float32)).astype(np.float16)
-    np.testing.assert_array_equal(out, total)
-    np.testing.assert_array_equal(normed, expected)
-    assert not np.array_equal(normed, total)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

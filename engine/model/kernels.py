@@ -18,11 +18,9 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
   model has it (runtime_patch.functions.GEMV): SiLU after gate_up (`Linear.swiglu`), and at tp=1
-  the residual adds after the o and down projections (`Linear.plus`), and with the library norm
-  each with the RMSNorm after it (`Linear.plus_norm`: the layers run as LlamaModel.forward_normed;
-  the GEMV's last block to finish normalises the row). The o projection after the static cache's
-  attention and the down projection after gate_up's GEMV start before the kernel ahead has
-  finished (`early`: functions.GEMV_EARLY).
+  the residual adds after the o and down projections (`Linear.plus`). The o projection after the
+  static cache's attention and the down projection after gate_up's GEMV start before the kernel
+  ahead has finished (`early`: functions.GEMV_EARLY).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
   tensor-core matmul can use.
 
@@ -78,12 +76,6 @@ class KernelPlan:
     def library_gemv(self, phase: str, quant: QuantSpec) -> bool:
         """The batch-1 decode GEMV of a q4 or q8 weight through `lab.gemv.q4` / `lab.gemv.q8`."""
         return phase == DECODE and self.library_decode_gemv and quant.bits in functions.GEMV_BY_BITS
-
-    def gemv_add_norm(self, phase: str, quant: QuantSpec) -> bool:
-        """Each residual add (at tp=1) and the RMSNorm after it inside the library GEMV that ends the
-        block (`Linear.plus_norm`: the o and down projections): the library GEMV and the library norm
-        in this phase."""
-        return self.library_gemv(phase, quant) and self.library_norm(phase)
 
     @staticmethod
     def fp16_weights(phase: str) -> bool:
@@ -157,18 +149,6 @@ class Linear(nn.Module):
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("add", x, residual=residual, early=early)
         return residual + self(x, phase)
-
-    def plus_norm(self, x: Tensor, residual: Tensor, norm: "RMSNorm", phase: str,
-                  early: bool = False) -> tuple[Tensor, Tensor]:
-        """(residual + W x, norm of it) in one library GEMV (`lab.gemv.q4_add_rms` / `q8_add_rms`:
-        its last block to finish normalises the row; KernelPlan.gemv_add_norm says where);
-        `early` as in forward."""
-        assert self.plan.gemv_add_norm(phase, self.spec), "plus_norm: no library GEMV with the norm in this phase"
-        shape = [*x.shape[:-1], self.q_weight.shape[0]]
-        outs = [Tensor.placeholder(shape, self.out_dtype) for _ in range(2)]
-        name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, "add_rms"]
-        total, normed = extern(name, [x, self.q_weight, self.q_scale, residual, norm.weight, float(norm.epsilon)], outs)
-        return total, normed
 
     def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,
               early: bool = False) -> Tensor:

@@ -96,11 +96,6 @@ class MLP(nn.Module):
         return self.down_proj(hidden, phase, early=True) if residual is None else \
             self.down_proj.plus(hidden, residual, phase, early=True)
 
-    def plus_norm(self, x: Tensor, residual: Tensor, norm: RMSNorm, phase: str) -> tuple[Tensor, Tensor]:
-        """(residual + the MLP of x, norm of it): the add and the norm in the down projection's
-        library GEMV (Linear.plus_norm)."""
-        return self.down_proj.plus_norm(self.gate_up_proj.swiglu(x, phase), residual, norm, phase, early=True)
-
 
 def _rms_norm(config, spec, kernels: KernelPlan) -> RMSNorm:
     return RMSNorm(config.hidden_size, config.rms_norm_eps, spec.model_dtype, kernels)
@@ -109,7 +104,6 @@ def _rms_norm(config, spec, kernels: KernelPlan) -> RMSNorm:
 class DecoderLayer(nn.Module):
     def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
         self.tp, self.library_allreduce = plan.tp, kernels.library_allreduce
-        self.spec, self.kernels = spec, kernels
         self.input_layernorm = _rms_norm(plan.config, spec, kernels)
         self.self_attn = Attention(plan, spec, kernels)
         self.post_attention_layernorm = _rms_norm(plan.config, spec, kernels)
@@ -148,22 +142,6 @@ class DecoderLayer(nn.Module):
             return x + self._reduce(partial), None
         return self._reduce_add_norm(partial, x, next_norm)
 
-    def gemv_adds_norms(self, phase: str) -> bool:
-        """Whether the residual adds and the norms after them are in the o and down projections'
-        library GEMVs (tp=1, KernelPlan.gemv_add_norm)."""
-        return self.tp == 1 and self.kernels.gemv_add_norm(phase, self.spec)
-
-    def _rest_in_gemvs(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm | None,
-                       early: bool) -> tuple[Tensor, Tensor | None]:
-        """As _rest_normed from the attention's output before the o projection (`attended`), each
-        residual add and the norm after it in the GEMV that ends its block (gemv_adds_norms): the
-        o projection (launched `early`) and the down projection. next_norm None: the last add
-        alone."""
-        x, normed = self.self_attn.o_proj.plus_norm(attended, x, self.post_attention_layernorm, phase, early)
-        if next_norm is None:
-            return self.mlp(normed, phase, residual=x), None
-        return self.mlp.plus_norm(normed, x, next_norm, phase)
-
     def _mlp_block(self, x: Tensor, phase: str) -> Tensor:
         """x + the MLP block of x (at tp=1 the residual add in the down projection's last
         products, a library GEMV's epilogue)."""
@@ -176,12 +154,7 @@ class DecoderLayer(nn.Module):
         """The layer on x and input_layernorm(x) (`normed`, made by the previous layer's last add);
         returns its output and next_norm of it (None where next_norm is None), each residual add
         with the norm after it in one call (LlamaModel.adds_norms: tp > 1 with the library
-        allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms; the
-        library decode GEMVs at tp=1, gemv_adds_norms)."""
-        if self.gemv_adds_norms(phase):
-            # the static cache's decode attention lets the o projection's GEMV start early
-            early = isinstance(kv, static_kv.StaticKV)
-            return self._rest_in_gemvs(x, self.self_attn.attend(normed, kv, layer_id, phase), phase, next_norm, early)
+        allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms)."""
         return self._rest_normed(x, self.self_attn(normed, kv, layer_id, phase), phase, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
@@ -197,8 +170,6 @@ class DecoderLayer(nn.Module):
         block, in `phase`; with `adds_norms` (LlamaModel.adds_norms of that phase: tp > 1 with the
         library allreduce) each residual add with the norm after it in the allreduce, as
         forward_normed."""
-        if self.gemv_adds_norms(phase):
-            return self._rest_in_gemvs(x, attended, phase, next_norm, early=False)[1]
         if adds_norms:
             return self._rest_normed(x, self.self_attn.o_proj(attended, phase), phase, next_norm)[1]
         if self.tp == 1:
@@ -242,14 +213,12 @@ class LlamaModel(nn.Module):
         # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
         # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
         self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
-        self.kernels, self.tp, self.spec = kernels, plan.tp, spec
+        self.kernels, self.tp = kernels, plan.tp
 
     def adds_norms(self, phase: str) -> bool:
         """Whether each residual add comes with the RMSNorm after it in one call (forward_normed):
-        in the allreduce (above), or at tp=1 in the library prefill's lab.norm.add_rms or in the
-        library decode GEMVs (KernelPlan.gemv_add_norm)."""
-        return self.norms_in_allreduce or (self.tp == 1 and (self.kernels.library_add_norm(phase)
-                                                             or self.kernels.gemv_add_norm(phase, self.spec)))
+        in the allreduce (above), or at tp=1 in the library prefill's lab.norm.add_rms."""
+        return self.norms_in_allreduce or (self.tp == 1 and self.kernels.library_add_norm(phase))
 
     def _numbered(self):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""

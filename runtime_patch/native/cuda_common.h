@@ -1,8 +1,7 @@
 // Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
 // checks (a tensor's device and layout, a launch), the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
-// LAB_NO_CUBLAS), a device's SM count and compute capability, a kernel's resident blocks, reading
-// DLTensors, device buffers that a captured graph may keep, programmatic dependent launch and the
-// last block of a grid to arrive. Each plugin compiles its own copy (inline).
+// LAB_NO_CUBLAS), a device's SM count and compute capability, a kernel's resident blocks, and
+// reading DLTensors. Each plugin compiles its own copy (inline).
 #pragma once
 
 #ifndef LAB_NO_CUBLAS
@@ -143,33 +142,6 @@ T* Data(const DLTensor* t) {
   return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
 }
 
-// A device buffer for a function captured into a CUDA graph (the graph keeps its address), made at
-// the function's first call of a shape, which TVM runs before capturing (its warm-up run); an error
-// naming the fix while a capture is under way.
-inline void* NewBufferOutsideCapture(int64_t bytes, cudaStream_t stream) {
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  LAB_CHECK_CUDA(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing != cudaStreamCaptureStatusNone)
-    TVM_FFI_THROW(RuntimeError) << "lab: a buffer of " << bytes << " bytes is first needed while a CUDA graph is "
-                                << "being captured; call the function once before capturing";
-  void* data = nullptr;
-  LAB_CHECK_CUDA(cudaMalloc(&data, bytes));
-  return data;
-}
-
-// A zeroed device buffer that never moves once made, one per (thread, device, purpose, size) in
-// each plugin (a disco worker is one thread on one device; a plugin numbers its own purposes).
-inline void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
-  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
-  const auto key = std::make_tuple(device, purpose, bytes);
-  auto it = buffers.find(key);
-  if (it != buffers.end()) return it->second;
-  void* data = NewBufferOutsideCapture(bytes, stream);
-  LAB_CHECK_CUDA(cudaMemsetAsync(data, 0, bytes, stream));
-  buffers.emplace(key, data);
-  return data;
-}
-
 // Programmatic dependent launch (compute capability 9.0 and newer). A kernel launched by
 // LaunchAfterPrevious may start before the kernel ahead of it on the stream has finished: once every
 // block of that kernel has called AllowNext or exited. Until WaitForPrevious it may only do work that
@@ -213,24 +185,6 @@ __device__ __forceinline__ void AllowNext() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" :::);
 #endif
-}
-// Whether this block is the last of `count` blocks to arrive at `counter` (every thread calls it).
-// The block's global writes before the call are visible to the last block when it returns true
-// there; the last block resets the counter itself when done (graph-safe). The block's barrier
-// orders its threads' writes before thread 0's arrival, an acquire-release atomic at device scope
-// (the pattern of cooperative groups' grid barrier): one fence a block. (With __threadfence in
-// every thread, a sequentially consistent fence each, a 4096-row GEMV that normalised its output
-// this way took 9.0 us in a graph against 4.9 without; docs/BENCHMARKS.md nineteenth round.)
-__device__ inline bool LastToArrive(unsigned* counter, unsigned count) {
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    unsigned before;
-    asm volatile("atom.add.acq_rel.gpu.u32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
-    last = before == count - 1;
-  }
-  __syncthreads();
-  return last;
 }
 #endif  // __CUDACC__
 

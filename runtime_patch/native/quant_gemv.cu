@@ -19,7 +19,10 @@
 // The fourth form split it over the GEMVs around it: the o and down GEMVs also wrote h * w and the
 // sums of h^2 by slots of 8 rows, the qkv, gate_up and LM head GEMVs copied the slots with x and
 // scaled their products: each part 1.5-2.2 us slower than the GEMV without it, q4f16_1 576.7
-// against 617.0 tokens/s; twelfth round.)
+// against 617.0 tokens/s; twelfth round. The fifth: the o and down GEMVs with their add also wrote
+// the norm of their output, normalised by the grid's last block to arrive (an arrival counter):
+// the tail cost 3.7-5.6 us a call in a graph against the norm kernel's ~1.4 (which its early launch
+// hides in part), q4f16_1 555.4-555.6 against 645.1-645.5 tokens/s in one call; nineteenth round.)
 //
 // lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
@@ -105,7 +108,6 @@
 
 #include "cuda_common.h"
 #include "half_bits.h"
-#include "rms_norm.h"
 
 namespace {
 
@@ -195,21 +197,12 @@ __device__ uint4 PairedChunk(uint4 raw) {
 enum class Part {
   kProduct,  // out = W x
   kAdd,      // out = residual + W x (lab.gemv.q4_add / q8_add)
-  kAddNorm,  // kAdd, and normed = rms_norm(out) * norm_weight (lab.gemv.q4_add_rms / q8_add_rms)
 };
 
 // The tensors the parts use.
 struct Fusion {
-  const __half* residual = nullptr;     // kAdd, kAddNorm: [n]
-  const __half* norm_weight = nullptr;  // kAddNorm: [n]
-  __half* normed = nullptr;             // kAddNorm: [n]
-  unsigned* arrivals = nullptr;         // kAddNorm: the grid's arrival counter (0 between calls)
-  float eps = 0.f;                      // kAddNorm
+  const __half* residual = nullptr;  // kAdd: [n]
 };
-
-// kAddNorm's last block holds this many 16-byte vectors of the row a thread (NormOfTotal): a row of
-// up to 8192 values (Llama-3-70B's) is read once.
-constexpr int kNormHeld = 4;
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
 // permutes aligned runs of 8 chunks).
@@ -298,9 +291,9 @@ constexpr bool kRolling = K != 0;
 // K: the inputs as a compile-time constant (0: k at run time; kQ4ConstantK, Launch): the rounds,
 // bounds and addresses are then constants.
 template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
-__device__ __forceinline__ void Products(const __half* __restrict__ x, const uint32_t* __restrict__ w,
-                                         const __half* __restrict__ scale, OutT* __restrict__ out, int n, int k_arg,
-                                         const Fusion& fusion) {
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
+GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
+          OutT* __restrict__ out, int n, int k_arg, Fusion fusion) {
   const int k = K != 0 ? K : k_arg;
   constexpr int L = kLoadsPerGroup<Bits>;
   constexpr int kOut = Swiglu ? kRows / 2 : kRows;  // output rows per warp
@@ -416,68 +409,8 @@ __device__ __forceinline__ void Products(const __half* __restrict__ x, const uin
   for (int o = 0; o < kOut; ++o) {
     if (out0 + o >= outputs) break;
     float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
-    if constexpr (kPart != Part::kProduct) v += __half2float(fusion.residual[out0 + o]);
+    if constexpr (kPart == Part::kAdd) v += __half2float(fusion.residual[out0 + o]);
     out[out0 + o] = OutT(v);
-  }
-}
-
-// Part::kAddNorm's last block: normed = rms_norm(total) * norm_weight over the n values of the row
-// `total` the grid has written (rounded as lab.norm.rms: rms_norm.h), V 16-byte vectors a thread
-// held in registers (a row of up to V * 8 * blockDim.x values read once; the rest of a longer
-// row read again for the products). `total` is read through L2 (the other blocks wrote it).
-template <int V>
-__device__ void NormOfTotal(const __half* total, const Fusion& fusion, int n) {
-  using lab::norm::Lanes;
-  __shared__ float shared_squares[kWarps];
-  const int vectors = n / 8;
-  const uint4* tv = reinterpret_cast<const uint4*>(total);
-  const uint4* wv = reinterpret_cast<const uint4*>(fusion.norm_weight);
-  uint4* nv = reinterpret_cast<uint4*>(fusion.normed);
-  uint4 v[V], wt[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int j = threadIdx.x + i * blockDim.x;
-    if (j < vectors) v[i] = __ldcg(tv + j), wt[i] = __ldg(wv + j);
-  }
-  float squares = 0.f;
-  const auto add_squares = [&](uint4 u) {
-    float f[8];
-    Lanes<__half>::Unpack(u, f);
-#pragma unroll
-    for (int e = 0; e < 8; ++e) squares += f[e] * f[e];
-  };
-#pragma unroll
-  for (int i = 0; i < V; ++i)
-    if (threadIdx.x + i * blockDim.x < vectors) add_squares(v[i]);
-  for (int j = threadIdx.x + V * blockDim.x; j < vectors; j += blockDim.x) add_squares(__ldcg(tv + j));
-  const float inverse = lab::norm::InverseRms(squares, n, fusion.eps, shared_squares);
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int j = threadIdx.x + i * blockDim.x;
-    if (j < vectors) nv[j] = lab::norm::Normalised<__half>(v[i], wt[i], inverse);
-  }
-  for (int j = threadIdx.x + V * blockDim.x; j < vectors; j += blockDim.x)
-    nv[j] = lab::norm::Normalised<__half>(__ldcg(tv + j), __ldg(wv + j), inverse);
-}
-
-// The GEMV (Products); with Part::kAddNorm the last block to finish also writes the norm of the
-// row the grid has written (NormOfTotal; its arrival counter, fusion.arrivals, reset by that block),
-// and every block first asks L2 for a line of the norm's weight, so that the last block finds it
-// there.
-template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
-__global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
-GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
-          OutT* __restrict__ out, int n, int k_arg, Fusion fusion) {
-  if constexpr (kPart == Part::kAddNorm) {
-    const int lines = (n * 2 + 127) / 128;
-    if (threadIdx.x == 0)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(fusion.norm_weight + (blockIdx.x % lines) * 64));
-  }
-  Products<Bits, kRows, P, Swiglu, OutT, kPart, Early, K>(x, w, scale, out, n, k_arg, fusion);
-  if constexpr (kPart == Part::kAddNorm) {
-    if (!lab::LastToArrive(fusion.arrivals, gridDim.x)) return;
-    NormOfTotal<kNormHeld>(reinterpret_cast<const __half*>(out), fusion, n);
-    if (threadIdx.x == 0) *fusion.arrivals = 0;
   }
 }
 
@@ -536,11 +469,6 @@ int Resident(const void* kernel, int smem) {
 }
 
 std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
-
-// lab::StableBuffer's purposes in this plugin: Part::kAddNorm's arrival counter, one a (thread,
-// device): a stream runs one GEMV of that part at a time (every GEMV after it waits for it to
-// finish before it writes, and the next one of the part comes after such a GEMV).
-constexpr int kArrivalsPurpose = 0;
 
 template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
@@ -616,8 +544,7 @@ struct Fused {
 // float16; residual [.., N] float16 or null; out [.., N] (or [.., N / 2] with swiglu) float16, or
 // float32 where nothing is fused (the LM head). Early: the *_early functions (plain and add).
 template <int Bits, bool Early>
-void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out,
-          DLTensor* norm_weight = nullptr, double eps = 0., DLTensor* normed = nullptr) {
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const char* fn = fused.name;
   constexpr int per_word = 32 / Bits;
   lab::CheckOnGpuCompact(fn, {x, w, scale, out});
@@ -636,24 +563,14 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
   Fusion fusion;
-  const auto one_row = [&](DLTensor* t, const char* role) {
-    lab::CheckOnGpuCompact(fn, {t});
-    if (!lab::IsHalf(t->dtype) || Rows(t) != 1 || t->shape[t->ndim - 1] != outputs)
-      TVM_FFI_THROW(ValueError) << fn << ": " << role << " must be one float16 row of " << outputs;
-    return Data<__half>(t);
-  };
-  if (fused.part != Part::kProduct) fusion.residual = one_row(residual, "residual");
+  if (fused.part == Part::kAdd) {
+    lab::CheckOnGpuCompact(fn, {residual});
+    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
+      TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
+    fusion.residual = Data<__half>(residual);
+  }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
-  if (fused.part == Part::kAddNorm) {
-    fusion.norm_weight = one_row(norm_weight, "norm_weight");
-    fusion.normed = one_row(normed, "normed");
-    if (outputs % 8 != 0 || reinterpret_cast<uintptr_t>(Data<char>(out)) % 16 != 0 ||
-        reinterpret_cast<uintptr_t>(fusion.norm_weight) % 16 != 0 || reinterpret_cast<uintptr_t>(fusion.normed) % 16 != 0)
-      TVM_FFI_THROW(ValueError) << fn << ": out, norm_weight and normed must be 16-byte aligned rows of a multiple of 8";
-    fusion.eps = float(eps);
-    fusion.arrivals = static_cast<unsigned*>(lab::StableBuffer(device, kArrivalsPurpose, sizeof(unsigned), stream));
-  }
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
   const bool f32_allowed = fused.part == Part::kProduct && !fused.swiglu;
   if (!lab::IsHalf(out->dtype) && !(f32 && f32_allowed))
@@ -663,8 +580,6 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   const auto* sp = Data<__half>(scale);
   if (fused.part == Part::kAdd) {
     Launch<Bits, false, __half, Part::kAdd, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
-  } else if (fused.part == Part::kAddNorm) {
-    Launch<Bits, false, __half, Part::kAddNorm, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
   } else if (f32) {
     Launch<Bits, false, float, Part::kProduct, Early>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
   } else if (fused.swiglu) {
@@ -692,14 +607,6 @@ void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTe
   Gemv<Bits, Early>({Part::kAdd, false, name}, x, w, scale, residual, out);
 }
 
-template <int Bits, bool Early>
-void GemvAddNorm(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight, double eps,
-                 DLTensor* out, DLTensor* normed) {
-  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_rms_early" : "lab.gemv.q4_add_rms")
-                               : (Early ? "lab.gemv.q8_add_rms_early" : "lab.gemv.q8_add_rms");
-  Gemv<Bits, Early>({Part::kAddNorm, false, name}, x, w, scale, residual, out, norm_weight, eps, normed);
-}
-
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   Gemv<Bits, false>({Part::kProduct, true, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr,
@@ -718,10 +625,6 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.q8_early", GemvPlain<8, true>);
   refl::GlobalDef().def("lab.gemv.q4_add_early", GemvAdd<4, true>);
   refl::GlobalDef().def("lab.gemv.q8_add_early", GemvAdd<8, true>);
-  refl::GlobalDef().def("lab.gemv.q4_add_rms", GemvAddNorm<4, false>);
-  refl::GlobalDef().def("lab.gemv.q8_add_rms", GemvAddNorm<8, false>);
-  refl::GlobalDef().def("lab.gemv.q4_add_rms_early", GemvAddNorm<4, true>);
-  refl::GlobalDef().def("lab.gemv.q8_add_rms_early", GemvAddNorm<8, true>);
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
