@@ -14,8 +14,8 @@ for tensor cores); and `library`, runtime_patch/native/quant_gemv.cu's `lab.gemv
 TVM's kernels are built for Llama-3-8B's batch-1 decode linears at tp=1 (SHAPES); the library's
 also run on the per-rank shapes of Llama-3-8B at tp=2, Llama-3-70B at tp=2 and the 8B's LM head
 (LIBRARY_SHAPES); and `lab.dequant.q4` / `q8`, the prefill's dequantize before its cuBLAS GEMM,
-on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_add`, `_swiglu`:
-FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV; and the decode's
+on SHAPES (checked bit for bit); the fused GEMVs the model calls (`lab.gemv.q4_add`, `_swiglu`, the
+split norm's `_add_sq`, `_rms`, `_swiglu_rms`: FUSIONS) against their CPU versions, timed in a CUDA graph beside the plain GEMV; and the decode's
 RMSNorm `lab.norm.rms` (NORM_CASES, the decode's and the prefill's rows) and the prefill's
 `lab.norm.add_rms` (ADD_NORM_CASES) against their CPU versions, timed in a graph. `run` times each kernel with CUDA events
 over many calls, rotating over enough weight copies (4x the L2 cache) that every call reads from HBM, and
@@ -335,11 +335,41 @@ IN_GRAPH_LAYERS = 8  # layers of weights a timed graph rotates over (> 4x L2 at 
 
 
 # The fused GEMVs (runtime_patch.functions.GEMV_FUSIONS) that the model calls, by SHAPES entry
-FUSIONS = {"o": ("add",), "gate_up": ("swiglu",), "down": ("add",)}
+FUSIONS = {"qkv": ("rms",), "o": ("add", "add_sq"), "gate_up": ("swiglu", "swiglu_rms"), "down": ("add", "add_sq")}
+NORM_EPS = 1e-5  # the split norm's epsilon (Llama-3's)
+NORM_SITE = 0  # the norm site the add_sq GEMVs add into and the rms GEMVs read
+
+
+def _set_norm_site(bits: int, width: int, g) -> None:
+    """Norm site NORM_SITE of the GPU's GEMV plugin and of the CPU versions holding the same sum
+    (up to its order): an add_sq GEMV of `width` outputs into the other site, which zeroes
+    NORM_SITE, then one into NORM_SITE, run on both."""
+    import numpy as np
+    import torch
+    import tvm_ffi
+
+    from engine.quantize import quant_spec, quantize_torch
+    from runtime_patch import cpu_functions, functions
+
+    k = 32
+    weights = quantize_torch(torch.randn(width, k, device="cuda", dtype=torch.float16, generator=g) * 0.1,
+                             quant_spec(f"q{bits}f16_1"))
+    x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
+    residual = torch.randn(1, 1, width, device="cuda", dtype=torch.float16, generator=g)
+    norm_weight = torch.ones(width, device="cuda", dtype=torch.float16)
+    outs = [torch.empty(1, 1, width, device="cuda", dtype=torch.float16) for _ in range(2)]
+    name = functions.GEMV[bits, "add_sq"]
+    for site in (1 - NORM_SITE, NORM_SITE):
+        with tvm_ffi.use_torch_stream():
+            tvm_ffi.get_global_func(name)(*[tvm_ffi.from_dlpack(a) for a in (x, *weights, residual, norm_weight)], site,
+                                          *[tvm_ffi.from_dlpack(o) for o in outs])
+        cpu_functions.IMPLEMENTATIONS[name](*[a.cpu().numpy() for a in (x, *weights, residual, norm_weight)], site,
+                                            *[np.zeros(tuple(o.shape), np.float16) for o in outs])
+    torch.cuda.synchronize()
 
 
 def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
-    """The fused GEMVs (the residual add, SiLU after gate_up: FUSIONS) checked against
+    """The fused GEMVs (the residual add, SiLU after gate_up, the split norm's halves: FUSIONS) checked against
     their CPU versions (runtime_patch.cpu_functions, the CPU tests' oracle-checked ones) on the
     8B's shapes; then, per shape, the plain GEMV and each fused one timed as the model calls them:
     IN_GRAPH_LAYERS calls (one per layer's weights) in one CUDA graph, per call (a separately
@@ -362,16 +392,23 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
                                      quant_spec(quant)) for _ in range(IN_GRAPH_LAYERS)]
             x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16, generator=g)
             residual = torch.randn(1, 1, n, device="cuda", dtype=torch.float16, generator=g)
+            norm_weight = 1 + 0.1 * torch.randn(n, device="cuda", dtype=torch.float16, generator=g)
             outs = {f: torch.empty(1, 1, n // 2 if "swiglu" in f else n, device="cuda", dtype=torch.float16)
                     for f in ("", *fusions)}
+            scaled = torch.empty(1, 1, n, device="cuda", dtype=torch.float16)
 
             def extra(fusion):
-                return [residual] if fusion == "add" else []
+                return {"add": [residual], "add_sq": [residual, norm_weight, NORM_SITE],
+                        "rms": [NORM_SITE, NORM_EPS], "swiglu_rms": [NORM_SITE, NORM_EPS]}.get(fusion, [])
+
+            def written(fusion):
+                return [outs[fusion], scaled] if fusion == "add_sq" else [outs[fusion]]
 
             def call(fusion, weights):
-                args = [x, *weights, *extra(fusion), outs[fusion]]
+                args = [x, *weights, *extra(fusion), *written(fusion)]
                 with tvm_ffi.use_torch_stream():
-                    tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(*[tvm_ffi.from_dlpack(a) for a in args])
+                    tvm_ffi.get_global_func(functions.GEMV[bits, fusion])(
+                        *[tvm_ffi.from_dlpack(a) if isinstance(a, torch.Tensor) else a for a in args])
 
             def in_graph_us(fusion):
                 return per_call_in_graph(lambda: call(fusion, layers[0]),
@@ -379,14 +416,17 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
 
             plain = in_graph_us("")
             for fusion in fusions:
+                if fusion in ("rms", "swiglu_rms"):  # x stands for a pending norm's scaled row
+                    _set_norm_site(bits, k, g)
                 call(fusion, layers[0])
                 torch.cuda.synchronize()
-                want = np.zeros(tuple(outs[fusion].shape), np.float16)
-                cpu_args = [a.cpu().numpy() for a in extra(fusion)]
+                wants = [np.zeros(tuple(t.shape), np.float16) for t in written(fusion)]
+                cpu_args = [a.cpu().numpy() if isinstance(a, torch.Tensor) else a for a in extra(fusion)]
                 cpu_functions.IMPLEMENTATIONS[functions.GEMV[bits, fusion]](
-                    x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), *cpu_args, want)
-                want = want.astype(np.float32)
-                err = float(np.abs(outs[fusion].float().cpu().numpy() - want).max() / (np.abs(want).max() + 1e-6))
+                    x.cpu().numpy(), *(t.cpu().numpy() for t in layers[0]), *cpu_args, *wants)
+                # the largest relative error of what the call writes (add_sq: the sum and its scaled row)
+                err = max(float(np.abs(t.float().cpu().numpy() - w.astype(np.float32)).max()
+                                / (np.abs(w.astype(np.float32)).max() + 1e-6)) for t, w in zip(written(fusion), wants))
                 fused = in_graph_us(fusion)
                 row = {"name": f"{quant}-{shape}-{fusion}" + (f"-rows{rows}" if rows else ""), "quant": quant,
                        "shape": shape, "variant": f"{fusion}_in_graph", "fusion": fusion, "rows": rows, "n": n, "k": k,

@@ -7,6 +7,7 @@ runs the graph the GPU runs and compares it with `transformers`. Registered by
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -87,21 +88,49 @@ def _swiglu(gate_up, out) -> None:
     np.copyto(oa, _silu_times(gate, up).astype(oa.dtype, copy=False))
 
 
+# The pending RMSNorms' sums (functions.GEMV[bits, "add_sq"] and the "rms" GEMVs), one per norm
+# site, of this thread (as the CUDA plugin keeps them per thread and device)
+_norm_sums = threading.local()
+
+
+def _norm_site(site: int) -> np.ndarray:
+    """The one-element float32 sum of norm site `site` (0 or 1) of this thread."""
+    if site not in functions.NORM_SITES:
+        raise ValueError(f"norm site {site} is not one of {functions.NORM_SITES}")
+    if not hasattr(_norm_sums, "sites"):
+        _norm_sums.sites = [np.zeros(1, np.float32) for _ in functions.NORM_SITES]
+    return _norm_sums.sites[site]
+
+
 def _numpy_gemv(bits: int, fusion: str = ""):
     """lab.gemv.q4 / q8 (x, q_weight, q_scale, out) and their fused forms (functions.GEMV_FUSIONS):
-    _add (..., residual, out), _swiglu (..., out). q_weight [N, K * bits / 32] uint32, 32 / bits
+    _add (..., residual, out), _swiglu (..., out), _add_sq (..., residual, norm_weight, site, out,
+    scaled), _rms and _swiglu_rms (..., site, eps, out). q_weight [N, K * bits / 32] uint32, 32 / bits
     values per word lowest bits first; value = (q - (2^(bits-1) - 1)) * scale; float32 products;
-    the residual added to the float32 product before its rounding; swiglu's [gate; up] products
-    rounded to float16 before silu(gate) * up."""
+    the residual added to the float32 product before its rounding; add_sq's scaled = the rounded
+    sum times the norm's weight, rounded, and the sum of its squares into the site (the other
+    zeroed); rms's products times 1 / sqrt(site's sum / K + eps) before anything else; swiglu's
+    [gate; up] products rounded to float16 before silu(gate) * up."""
     def gemv(x, q_weight, q_scale, *rest) -> None:
-        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, rest[-1]))
+        out = rest[3] if fusion == "add_sq" else rest[-1]
+        xa, wa, sa, oa = (np.from_dlpack(t) for t in (x, q_weight, q_scale, out))
         product = xa.reshape(-1, xa.shape[-1]).astype(np.float32) @ _dequantized(wa, sa, bits).T
-        if fusion == "add":
+        if fusion in ("add", "add_sq"):
             product += np.from_dlpack(rest[0]).reshape(product.shape).astype(np.float32)
-        if fusion == "swiglu":
+        if fusion in ("rms", "swiglu_rms"):
+            site, eps = int(rest[0]), float(rest[1])
+            product *= np.float32(1 / math.sqrt(float(_norm_site(site)[0]) / xa.shape[-1] + eps))
+        if fusion in ("swiglu", "swiglu_rms"):
             gate, up = np.split(product.astype(np.float16), 2, axis=-1)
             product = _silu_times(gate, up)
-        np.copyto(oa.reshape(-1, oa.shape[-1]), product.astype(oa.dtype, copy=False))
+        total = product.astype(oa.dtype, copy=False)
+        np.copyto(oa.reshape(-1, oa.shape[-1]), total)
+        if fusion == "add_sq":
+            weight, site, scaled = np.from_dlpack(rest[1]), int(rest[2]), np.from_dlpack(rest[4])
+            h = total.astype(np.float32)
+            _norm_site(site)[0] += np.float32(np.square(h).sum(dtype=np.float32))
+            _norm_site(1 - site)[0] = 0
+            np.copyto(scaled.reshape(h.shape), (h * weight.astype(np.float32)).astype(scaled.dtype))
 
     return gemv
 

@@ -20,7 +20,18 @@ Matrix products (plugin cuda_gemm):
                                         layer's o and down projections at tp=1
     "swiglu" (x, q_weight, q_scale, out)   W = [W_gate; W_up] (2I rows), out [.., I] =
                                         silu(W_gate x) * (W_up x): the gate_up projection and SiLU
-  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("" or "add") launched while the kernel
+    "add_sq" (x, q_weight, q_scale, residual, norm_weight, site, out, scaled)   out = residual +
+                                        W x (rounded), scaled = out * norm_weight (rounded), and the
+                                        sum of out^2 added into norm site `site` (0 or 1; the site
+                                        1 - site zeroed): at tp=1 the o and down projections with the
+                                        first half of the RMSNorm after them
+    "rms" (x, q_weight, q_scale, site, eps, out)   out = (W x) / sqrt(sum / K + eps), sum the norm
+                                        site's: x is `scaled` of an add_sq, the product its norm's
+                                        (the qkv projection, the LM head)
+    "swiglu_rms" (x, q_weight, q_scale, site, eps, out)   swiglu of the same scaled product (gate_up)
+                                        The norm sites live in the plugin (two, each zeroed by the
+                                        add_sq into the other: the model alternates them, NORM_SITES)
+  GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("", "add" or "add_sq") launched while the kernel
                                         before it still runs (programmatic dependent launch, sm_90:
                                         its weight loads overlap that kernel, which must let it start
                                         early): the o projection after the static decode attention,
@@ -142,11 +153,15 @@ GEMV_Q8 = "lab.gemv.q8"
 GEMV_BY_BITS = {4: GEMV_Q4, 8: GEMV_Q8}
 # What a decode GEMV may do besides its product (the docstring above), each a function named by
 # its suffix: GEMV[bits, fusion], GEMV[bits, ""] = GEMV_BY_BITS[bits]
-GEMV_FUSIONS = ("", "add", "swiglu")
+GEMV_FUSIONS = ("", "add", "swiglu", "add_sq", "rms", "swiglu_rms")
 GEMV = {(bits, fusion): name + (f"_{fusion}" if fusion else "") for bits, name in GEMV_BY_BITS.items()
         for fusion in GEMV_FUSIONS}
 # The plain and add GEMVs launched early (the docstring above), by the same key, name suffix "_early"
-GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS for fusion in ("", "add")}
+GEMV_EARLY = {(bits, fusion): GEMV[bits, fusion] + "_early" for bits in GEMV_BY_BITS
+              for fusion in ("", "add", "add_sq")}
+# The norm sites of GEMV[bits, "add_sq"] and the "rms" GEMVs: a layer's o projection adds into the
+# first, its down projection into the second (each zeroes the other: they must alternate)
+NORM_SITES = (0, 1)
 GEMV_ROWS = "lab.gemv.rows"
 GEMV_ROWS_CHOICES = (0, 1, 2, 4)  # what GEMV_ROWS accepts: 0 for the plugin's rule
 RMS_NORM = "lab.norm.rms"

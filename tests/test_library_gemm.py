@@ -186,47 +186,61 @@ def gemv_calls(library_calls):
     return {name: library_calls(name) for name in [*functions.GEMV.values(), *functions.GEMV_EARLY.values()]}
 
 
-@pytest.mark.parametrize("quant, bits, kv_cache", [("q4f16_1", 4, "paged"), ("q8f16_1", 8, "paged"),
-                                                   ("q4f16_1", 4, "static")])
-def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, quant, bits, kv_cache):
+@pytest.mark.parametrize("quant, bits, kv_cache, norm", [("q4f16_1", 4, "paged", "tir"), ("q8f16_1", 8, "paged", "tir"),
+                                                         ("q4f16_1", 4, "static", "tir"),
+                                                         ("q4f16_1", 4, "static", "library")])
+def test_library_decode_gemv_matches_transformers(compiled, tiny_checkpoint, gemv_calls, library_calls, quant, bits,
+                                                  kv_cache, norm):
     """decode_gemv=library: the batch-1 decode's quantized linears and LM head call the library's
     GEMVs of their width, with the SiLU after gate_up and the residual adds after the o and down
     projections inside them (lab.gemv.q4_swiglu, q4_add; the early one, q4_add_early, for the down
-    projection after gate_up's and for the o projection after the static cache's attention), and
-    the logits match transformers on the quantized-then-dequantized weights."""
+    projection after gate_up's and for the o projection after the static cache's attention); with
+    decode_norm=library the RMSNorm after each add split over the GEMVs around it (q4_add_sq,
+    q4_add_sq_early start it, q4_rms and q4_swiglu_rms finish it: no lab.norm.rms in a step but
+    the first layer's); the logits match transformers on the quantized-then-dequantized weights."""
     from engine.quantize import quant_spec
 
     config = from_hf_folder(tiny_checkpoint)
-    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache)
+    artifact = compiled(config, quant, decode_gemv="library", kv_cache=kv_cache, decode_norm=norm)
     layers = config.num_hidden_layers
-    plain = functions.GEMV[bits, ""]
+    split = norm == "library"
+    plain, swiglu = functions.GEMV[bits, ""], functions.GEMV[bits, "swiglu"]
+    add = "add_sq" if split else "add"
     # qkv and the LM head; gate_up; o (early after the static cache's attention); down (early after gate_up)
-    o = functions.GEMV_EARLY[bits, "add"] if kv_cache == "static" else functions.GEMV[bits, "add"]
-    per_step = {plain: layers + 1, functions.GEMV[bits, "swiglu"]: layers, o: layers}
-    per_step[functions.GEMV_EARLY[bits, "add"]] = per_step.get(functions.GEMV_EARLY[bits, "add"], 0) + layers
+    o = functions.GEMV_EARLY[bits, add] if kv_cache == "static" else functions.GEMV[bits, add]
+    if split:  # the first layer's qkv takes lab.norm.rms's output; the others and the LM head a pending norm
+        per_step = {plain: 1, functions.GEMV[bits, "rms"]: layers, functions.GEMV[bits, "swiglu_rms"]: layers}
+    else:
+        per_step = {plain: layers + 1, swiglu: layers}
+    per_step[o] = layers
+    per_step[functions.GEMV_EARLY[bits, add]] = per_step.get(functions.GEMV_EARLY[bits, add], 0) + layers
     assert artifact.spec.decode_gemv == "library" and set(per_step) <= set(artifact.functions)
+    norms = library_calls(functions.RMS_NORM)
     gen = Generator(VMSession(artifact, open_source(config, tiny_checkpoint)), max_batch=2, max_total_len=128,
                     prefill_chunk=64)
     reference = Reference(tiny_checkpoint, quant_spec(quant))
     prompt = np.random.default_rng(4).integers(0, config.vocab_size, PROMPT).tolist()
     continuation = reference.greedy(prompt, STEPS)
     tokens = prompt + continuation[:-1]
-    for calls in gemv_calls.values():
+    for calls in [*gemv_calls.values(), norms]:
         calls.clear()
     assert relative_error(gen.teacher_forced_logits(tokens, PROMPT), reference.logits(tokens)) <= 1e-2
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * count for name, count in per_step.items()}
+    assert len(norms) == (STEPS - 1 if split else 0)  # the first layer's input norm alone
 
-    for calls in gemv_calls.values():
+    for calls in [*gemv_calls.values(), norms]:
         calls.clear()
     assert gen.generate([prompt], STEPS).tokens[0] == continuation
-    # the prefill's one-row LM head is a plain GEMV too, and so are its last layer's o projection
+    # the prefill's one-row LM head is a library GEMV too, and so are its last layer's o projection
     # (with its add; not early: a row copy is ahead of it), gate_up and down on the last row
-    # (LlamaModel.forward, last_row_only)
-    prefill = collections.Counter({plain: 1, functions.GEMV[bits, "swiglu"]: 1, functions.GEMV[bits, "add"]: 1,
-                                   functions.GEMV_EARLY[bits, "add"]: 1})
+    # (LlamaModel.forward, last_row_only); with the norms split, the norms after those adds in them
+    prefill = collections.Counter({functions.GEMV[bits, "rms"] if split else plain: 1,
+                                   functions.GEMV[bits, "swiglu_rms"] if split else swiglu: 1,
+                                   functions.GEMV[bits, add]: 1, functions.GEMV_EARLY[bits, add]: 1})
     assert {name: len(calls) for name, calls in gemv_calls.items() if calls} == \
         {name: (STEPS - 1) * per_step.get(name, 0) + prefill[name] for name in {*per_step, *prefill}}
+    assert len(norms) == (STEPS - 1 if split else 0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -263,6 +277,65 @@ def test_fused_gemvs_compute_their_definitions(bits):
     np.testing.assert_array_equal(call("add", residual), (product + residual.astype(np.float32)).astype(np.float16))
     np.testing.assert_array_equal(call("swiglu", outputs=n // 2), swiglu)
     assert not np.array_equal(swiglu, gate.astype(np.float16))  # the SiLU changes the result: the test sees it
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_split_norm_gemvs_compute_their_definitions(bits):
+    """The RMSNorm split over the GEMVs around it: _add_sq writes total = residual + W x (rounded),
+    scaled = total * norm_weight (rounded) and adds sum(total^2) into its norm site, zeroing the
+    other; _rms and _swiglu_rms multiply scaled's product by 1 / sqrt(site's sum / K + eps) before
+    anything else. Computed here with NumPy from the dequantized weights; a site holds one add_sq's
+    sum, and the one zeroed makes the product's scale 1 / sqrt(eps)."""
+    import tvm_ffi
+
+    from engine.quantize import dequantize, quant_spec, quantize
+
+    spec = quant_spec(f"q{bits}f16_1")
+    rng = np.random.default_rng(20 + bits)
+    k, h, n = 64, 96, 48  # the add_sq GEMV's input, its output (the norm's width), the next GEMV's output
+    weights = [quantize(rng.standard_normal(shape).astype(np.float32), spec) for shape in ((h, k), (n, h))]
+    dense = [dequantize(*w, spec).astype(np.float32) for w in weights]
+    x = rng.standard_normal((1, k)).astype(np.float16)
+    residual = rng.standard_normal((1, h)).astype(np.float16)
+    norm_weight = (1 + 0.1 * rng.standard_normal(h)).astype(np.float16)
+    eps = 1e-5
+    functions.register("llvm", [functions.GEMV[bits, f] for f in functions.GEMV_FUSIONS])
+
+    def fn(fusion):
+        return tvm_ffi.get_global_func(functions.GEMV[bits, fusion])
+
+    def arrays(*a):
+        return [tvm_ffi.from_dlpack(t) if isinstance(t, np.ndarray) else t for t in a]
+
+    def add_sq(site):
+        total, scaled = np.zeros((1, h), np.float16), np.zeros((1, h), np.float16)
+        fn("add_sq")(*arrays(x, *weights[0], residual, norm_weight, site, total, scaled))
+        return total, scaled
+
+    def finish(fusion, scaled, site, epsilon=eps):
+        out = np.zeros((1, n // 2 if "swiglu" in fusion else n), np.float16)
+        fn(fusion)(*arrays(scaled, *weights[1], site, epsilon, out))
+        return out
+
+    add_sq(1)  # site 1 holds a sum, site 0 is zero
+    total, scaled = add_sq(0)  # site 0 holds this sum, site 1 is zero again
+    expected_total = (x.astype(np.float32) @ dense[0].T + residual.astype(np.float32)).astype(np.float16)
+    t32 = expected_total.astype(np.float32)
+    np.testing.assert_array_equal(total, expected_total)
+    np.testing.assert_array_equal(scaled, (t32 * norm_weight.astype(np.float32)).astype(np.float16))
+
+    product = scaled.astype(np.float32) @ dense[1].T
+    inv_rms = np.float32(1 / np.sqrt(np.float32(np.square(t32).sum(dtype=np.float32)) / h + eps))
+    np.testing.assert_allclose(finish("rms", scaled, 0), (product * inv_rms).astype(np.float16), rtol=1e-3, atol=1e-3)
+    gate, up = np.split((product * inv_rms).astype(np.float16), 2, axis=-1)
+    silu = (gate.astype(np.float32) / (1 + np.exp(-gate.astype(np.float32)))).astype(np.float16)
+    swiglu = (silu.astype(np.float32) * up.astype(np.float32)).astype(np.float16)
+    np.testing.assert_allclose(finish("swiglu_rms", scaled, 0), swiglu, rtol=1e-3, atol=1e-3)
+    # the zeroed site: the product scaled by 1 / sqrt(0 + epsilon), here 1 / 2
+    np.testing.assert_allclose(finish("rms", scaled, 1, epsilon=4.0), (product / 2).astype(np.float16), rtol=1e-3,
+                               atol=1e-3)
+    with pytest.raises(Exception, match="norm site"):
+        finish("rms", scaled, 2)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

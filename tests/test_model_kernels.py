@@ -103,10 +103,25 @@ def test_library_norm_by_phase(tiny_config, kv_cache):
     assert BuildSpec(tiny_config, "q0f16", 1, "cuda", "sm_90").decode_norm == "library"
     assert BuildSpec(tiny_config, "q4f16_1", 1, "llvm").decode_norm == "tir"
     mod, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="library",
-                              prefill_gemm="tir"))
+                              prefill_gemm="tir", decode_gemv="tir"))
     for name in (f"decode{s}", f"batch_decode{s}"):
         script = mod[name].script()
         assert script.count('"lab.norm.rms"') == norms and "R.nn.rms_norm(" not in script
+    # with the library GEMVs (the default on cuda) the batch-1 step's norms but the first are split
+    # over the GEMVs around them: the o and down projections' (with the residual add) start them,
+    # the next qkv, gate_up and LM head GEMVs finish them
+    layers = tiny_config.num_hidden_layers
+    library, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache,
+                                  decode_norm="library", prefill_gemm="tir"))
+    script = library[f"decode{s}"].script()
+    assert script.count('"lab.norm.rms"') == 1 and "R.nn.rms_norm(" not in script
+    assert script.count('"lab.gemv.q4_add_sq') == norms - 1
+    assert script.count('"lab.gemv.q4_rms"') == layers and script.count('"lab.gemv.q4_swiglu_rms"') == layers
+    assert '"lab.gemv.q4_add"' not in script and '"lab.gemv.q4_add_early"' not in script
+    assert library[f"batch_decode{s}"].script().count('"lab.norm.rms"') == norms
+    # the prefill's last row finishes as a decode step does: its two norms in its GEMVs
+    script = library[f"prefill{s}"].script()
+    assert script.count('"lab.gemv.q4_add_sq') == 2 and script.count("R.nn.rms_norm(") == norms - 2
     assert "lab.norm.rms" not in mod[f"prefill_logits{s}"].script() and "R.nn.rms_norm(" in mod[f"prefill_logits{s}"].script()
     tir, _ = export(BuildSpec(tiny_config, "q4f16_1", 1, "cuda", "sm_90", kv_cache=kv_cache, decode_norm="tir",
                               prefill_gemm="library"))

@@ -18,7 +18,12 @@ sequence), `DECODE` (one token: the batch-1 GEMV), `BATCH` (a decode step of sev
   round trip; engine.quantize.te_linear); with `decode_gemv="library"` a q4f16_1 or q8f16_1
   weight goes to `lab.gemv.q4` / `lab.gemv.q8` instead, with what follows it inside where the
   model has it (runtime_patch.functions.GEMV): SiLU after gate_up (`Linear.swiglu`), and at tp=1
-  the residual adds after the o and down projections (`Linear.plus`). The o projection after the
+  the residual adds after the o and down projections (`Linear.plus`); with the library norm as
+  well (`KernelPlan.gemv_norms`), the RMSNorm after each of those adds split over the GEMVs around
+  it: the o or down projection's GEMV writes the sum and sum * the norm's weight and adds up the
+  sum's squares (`Linear.plus_norm_start`, a `PendingNorm`), the GEMV that reads it divides its
+  products by the root mean square (the next qkv, gate_up or LM head; the layers run as
+  LlamaModel.forward_normed; no norm kernel in a step but the first). The o projection after the
   static cache's attention and the down projection after gate_up's GEMV start before the kernel
   ahead has finished (`early`: functions.GEMV_EARLY).
 - BATCH and TIR prefills: a quantized weight through an fp16 producer stage that dlight's
@@ -77,6 +82,11 @@ class KernelPlan:
         """The batch-1 decode GEMV of a q4 or q8 weight through `lab.gemv.q4` / `lab.gemv.q8`."""
         return phase == DECODE and self.library_decode_gemv and quant.bits in functions.GEMV_BY_BITS
 
+    def gemv_norms(self, phase: str, quant: QuantSpec) -> bool:
+        """The RMSNorms after the residual adds split over the library GEMVs around them (at tp=1:
+        Linear.plus_norm_start, PendingNorm): the library GEMV and the library norm in this phase."""
+        return self.library_gemv(phase, quant) and self.library_norm(phase)
+
     @staticmethod
     def fp16_weights(phase: str) -> bool:
         """Quantized weights through an fp16 producer stage, except in the batch-1 decode GEMV."""
@@ -104,6 +114,24 @@ def _weight_params(spec: QuantSpec, rows: int, cols: int) -> dict[str, nn.Parame
             "q_scale": nn.Parameter((rows, cols // GROUP_SIZE), "float16")}
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingNorm:
+    """rms_norm(h) * w, not yet divided by rms(h): `scaled` = h * w (rounded to float16), the sum of
+    h^2 in the GEMV plugin's norm site `site` (functions.GEMV[bits, "add_sq"]); the library GEMV
+    that takes it as x divides its products by sqrt(sum / hidden + epsilon) (Linear.forward,
+    Linear.swiglu, Embedding.lm_head)."""
+    scaled: Tensor
+    site: int
+    epsilon: float
+
+    @property
+    def shape(self):
+        return self.scaled.shape
+
+    def reshape(self, shape) -> "PendingNorm":
+        return dataclasses.replace(self, scaled=op.reshape(self.scaled, shape))
+
+
 class Linear(nn.Module):
     """y = x W^T, W [out, in], (de)quantized inline in the reduction (or by a kernel of its own
     before a library GEMM)."""
@@ -118,9 +146,12 @@ class Linear(nn.Module):
     def _weights(self) -> list[Tensor]:
         return [self.weight] if not self.spec.quantized else [self.q_weight, self.q_scale]
 
-    def forward(self, x: Tensor, phase: str, early: bool = False) -> Tensor:
+    def forward(self, x: Tensor | PendingNorm, phase: str, early: bool = False) -> Tensor:
         """`early`: the library GEMV may start while the kernel before it runs (functions.GEMV_EARLY;
-        only after a kernel that lets it: the static decode attention, a library GEMV)."""
+        only after a kernel that lets it: the static decode attention, a library GEMV). x a
+        PendingNorm: the library GEMV that finishes the norm (functions.GEMV[bits, "rms"])."""
+        if isinstance(x, PendingNorm):
+            return self._gemv_normed("rms", x)
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, early=early)
         if self.plan.library_gemm(phase):
@@ -128,10 +159,12 @@ class Linear(nn.Module):
         return op.tensor_expr_op(te_linear(self.spec, self.out_dtype, self.plan.fp16_weights(phase)), "linear",
                                  [x, *self._weights()])
 
-    def swiglu(self, x: Tensor, phase: str) -> Tensor:
+    def swiglu(self, x: Tensor | PendingNorm, phase: str) -> Tensor:
         """silu(gate) * up, [gate, up] = W x (this linear's rows: the gate's, then the up's): one
-        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`); after the
-        library's prefill GEMM, `lab.swiglu`."""
+        library GEMV where the phase has one (`lab.gemv.q4_swiglu` / `q8_swiglu`; of a PendingNorm
+        `q4_swiglu_rms` / `q8_swiglu_rms`); after the library's prefill GEMM, `lab.swiglu`."""
+        if isinstance(x, PendingNorm):
+            return self._gemv_normed("swiglu_rms", x)
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("swiglu", x)
         gate_up = self(x, phase)
@@ -149,6 +182,26 @@ class Linear(nn.Module):
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("add", x, residual=residual, early=early)
         return residual + self(x, phase)
+
+    def plus_norm_start(self, x: Tensor, residual: Tensor, norm: RMSNorm, site: int, phase: str,
+                        early: bool = False) -> tuple[Tensor, PendingNorm]:
+        """(residual + W x, norm of it pending) in one library GEMV (functions.GEMV[bits, "add_sq"]:
+        the sum, the sum times norm's weight, and the sum's squares into norm site `site`;
+        KernelPlan.gemv_norms says where); `early` as in forward."""
+        assert self.plan.gemv_norms(phase, self.spec), "plus_norm_start: no library GEMV and norm in this phase"
+        shape = [*x.shape[:-1], self.q_weight.shape[0]]
+        outs = [Tensor.placeholder(shape, self.out_dtype) for _ in range(2)]
+        name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, "add_sq"]
+        total, scaled = extern(name, [x, self.q_weight, self.q_scale, residual, norm.weight, site], outs)
+        return total, PendingNorm(scaled, site, float(norm.epsilon))
+
+    def _gemv_normed(self, fusion: str, x: PendingNorm, out_dtype: str | None = None) -> Tensor:
+        """The library GEMV functions.GEMV[bits, fusion] ("rms" or "swiglu_rms") of a pending norm."""
+        assert self.spec.quantized and self.spec.bits in functions.GEMV_BY_BITS, "a PendingNorm needs a library GEMV"
+        rows = self.q_weight.shape[0] // (2 if fusion == "swiglu_rms" else 1)
+        out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
+        return extern(functions.GEMV[self.spec.bits, fusion],
+                      [x.scaled, self.q_weight, self.q_scale, x.site, x.epsilon], [out])
 
     def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,
               early: bool = False) -> Tensor:
@@ -198,7 +251,9 @@ class Embedding(Linear):
     def forward(self, ids: Tensor) -> Tensor:  # type: ignore[override]
         return op.tensor_expr_op(te_embedding(self.spec, self.spec.model_dtype), "embedding", [ids, *self._weights()])
 
-    def lm_head(self, x: Tensor, phase: str) -> Tensor:
+    def lm_head(self, x: Tensor | PendingNorm, phase: str) -> Tensor:
+        if isinstance(x, PendingNorm):
+            return self._gemv_normed("rms", x, out_dtype="float32")
         if self.plan.library_gemv(phase, self.spec):
             return self._gemv("", x, out_dtype="float32")
         return op.tensor_expr_op(te_linear(self.spec, "float32", self.plan.fp16_weights(phase)), "lm_head",

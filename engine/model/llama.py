@@ -50,7 +50,7 @@ from runtime_patch import functions
 
 from ..sharding import ShardPlan
 from . import static_kv
-from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, RMSNorm, extern
+from .kernels import BATCH, DECODE, PREFILL, Embedding, KernelPlan, Linear, PendingNorm, RMSNorm, extern
 from .kv_cache import create_paged_kv_cache
 
 
@@ -61,8 +61,10 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(*plan.linear_shape("self_attn.qkv_proj"), spec, kernels)
         self.o_proj = Linear(*plan.linear_shape("self_attn.o_proj"), spec, kernels)
 
-    def attend(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str, last_row_only: bool = False) -> Tensor:
-        """attention(qkv_proj(x)) [b, s, q_heads * head_dim], x normalised; every row's keys and
+    def attend(self, x: Tensor | PendingNorm, kv: PagedKVCache, layer_id: int, phase: str,
+               last_row_only: bool = False) -> Tensor:
+        """attention(qkv_proj(x)) [b, s, q_heads * head_dim], x normalised (or its norm pending,
+        finished by the qkv projection's library GEMV); every row's keys and
         values go into the KV cache. With `last_row_only` the last row's alone, [b, 1, ...]: the
         static cache computes only that row's attention, TVM's paged cache every row's."""
         b, s, _ = x.shape
@@ -96,6 +98,12 @@ class MLP(nn.Module):
         return self.down_proj(hidden, phase, early=True) if residual is None else \
             self.down_proj.plus(hidden, residual, phase, early=True)
 
+    def plus_norm_start(self, x: PendingNorm, residual: Tensor, norm: RMSNorm, phase: str) -> tuple[Tensor, PendingNorm]:
+        """(residual + the MLP of x, norm of it pending): gate_up's GEMV finishes x's norm, the
+        down projection's starts `norm` (Linear.plus_norm_start, the second norm site)."""
+        hidden = self.gate_up_proj.swiglu(x, phase)
+        return self.down_proj.plus_norm_start(hidden, residual, norm, functions.NORM_SITES[1], phase, early=True)
+
 
 def _rms_norm(config, spec, kernels: KernelPlan) -> RMSNorm:
     return RMSNorm(config.hidden_size, config.rms_norm_eps, spec.model_dtype, kernels)
@@ -104,6 +112,7 @@ def _rms_norm(config, spec, kernels: KernelPlan) -> RMSNorm:
 class DecoderLayer(nn.Module):
     def __init__(self, plan: ShardPlan, spec, kernels: KernelPlan):
         self.tp, self.library_allreduce = plan.tp, kernels.library_allreduce
+        self.spec, self.kernels = spec, kernels
         self.input_layernorm = _rms_norm(plan.config, spec, kernels)
         self.self_attn = Attention(plan, spec, kernels)
         self.post_attention_layernorm = _rms_norm(plan.config, spec, kernels)
@@ -142,6 +151,23 @@ class DecoderLayer(nn.Module):
             return x + self._reduce(partial), None
         return self._reduce_add_norm(partial, x, next_norm)
 
+    def gemv_norms(self, phase: str) -> bool:
+        """Whether the norms after the residual adds are split over the library GEMVs around them
+        (tp=1, KernelPlan.gemv_norms)."""
+        return self.tp == 1 and self.kernels.gemv_norms(phase, self.spec)
+
+    def _rest_in_gemvs(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm,
+                       early: bool) -> tuple[Tensor, PendingNorm]:
+        """As _rest_normed from the attention's output before the o projection (`attended`), each
+        residual add with the norm after it started in the GEMV that ends its block (gemv_norms:
+        the o projection, launched `early`, into the first norm site, the down projection into the
+        second) and finished in the GEMV after it. Only with a next norm: each GEMV that adds into a
+        site zeroes the other, so a graph's o and down projections must alternate and end with a
+        down projection's (functions.NORM_SITES)."""
+        x, pending = self.self_attn.o_proj.plus_norm_start(attended, x, self.post_attention_layernorm,
+                                                           functions.NORM_SITES[0], phase, early)
+        return self.mlp.plus_norm_start(pending, x, next_norm, phase)
+
     def _mlp_block(self, x: Tensor, phase: str) -> Tensor:
         """x + the MLP block of x (at tp=1 the residual add in the down projection's last
         products, a library GEMV's epilogue)."""
@@ -149,12 +175,18 @@ class DecoderLayer(nn.Module):
             return self.mlp(self.post_attention_layernorm(x, phase), phase, residual=x)
         return x + self._reduce(self.mlp_partial(x, phase))
 
-    def forward_normed(self, x: Tensor, normed: Tensor, kv: PagedKVCache, layer_id: int, phase: str,
-                       next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | None]:
+    def forward_normed(self, x: Tensor, normed: Tensor | PendingNorm, kv: PagedKVCache, layer_id: int, phase: str,
+                       next_norm: RMSNorm | None) -> tuple[Tensor, Tensor | PendingNorm | None]:
         """The layer on x and input_layernorm(x) (`normed`, made by the previous layer's last add);
         returns its output and next_norm of it (None where next_norm is None), each residual add
         with the norm after it in one call (LlamaModel.adds_norms: tp > 1 with the library
-        allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms)."""
+        allreduce, inside the allreduces; the library prefill at tp=1, lab.norm.add_rms), or split
+        over the GEMVs around it (the library decode GEMVs at tp=1, gemv_norms: the norm pending;
+        not in a pipeline stage's last layer, which has no next norm: _rest_in_gemvs)."""
+        if self.gemv_norms(phase) and next_norm is not None:
+            # the static cache's decode attention lets the o projection's GEMV start early
+            early = isinstance(kv, static_kv.StaticKV)
+            return self._rest_in_gemvs(x, self.self_attn.attend(normed, kv, layer_id, phase), phase, next_norm, early)
         return self._rest_normed(x, self.self_attn(normed, kv, layer_id, phase), phase, next_norm)
 
     def forward(self, x: Tensor, kv: PagedKVCache, layer_id: int, phase: str) -> Tensor:
@@ -164,12 +196,15 @@ class DecoderLayer(nn.Module):
             x = x + self._reduce(self.attention_partial(x, kv, layer_id, phase))
         return self._mlp_block(x, phase)
 
-    def finish(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm, adds_norms: bool) -> Tensor:
+    def finish(self, x: Tensor, attended: Tensor, phase: str, next_norm: RMSNorm,
+               adds_norms: bool) -> Tensor | PendingNorm:
         """next_norm of the layer's output, from its attention on: on rows of its input `x` and of
         its attention's output `attended` (Attention.attend), x + o_proj(attended), then the MLP
         block, in `phase`; with `adds_norms` (LlamaModel.adds_norms of that phase: tp > 1 with the
         library allreduce) each residual add with the norm after it in the allreduce, as
-        forward_normed."""
+        forward_normed; with the norms in the GEMVs (gemv_norms) the norm is pending."""
+        if self.gemv_norms(phase):
+            return self._rest_in_gemvs(x, attended, phase, next_norm, early=False)[1]
         if adds_norms:
             return self._rest_normed(x, self.self_attn.o_proj(attended, phase), phase, next_norm)[1]
         if self.tp == 1:
@@ -213,19 +248,22 @@ class LlamaModel(nn.Module):
         # tp > 1 with the library allreduce: each allreduce also adds the residual and computes the
         # next RMSNorm (lab.ccl.allreduce_add_rms_norm), the model's final norm included
         self.norms_in_allreduce = plan.tp > 1 and kernels.library_allreduce
-        self.kernels, self.tp = kernels, plan.tp
+        self.kernels, self.tp, self.spec = kernels, plan.tp, spec
 
     def adds_norms(self, phase: str) -> bool:
         """Whether each residual add comes with the RMSNorm after it in one call (forward_normed):
-        in the allreduce (above), or at tp=1 in the library prefill's lab.norm.add_rms."""
-        return self.norms_in_allreduce or (self.tp == 1 and self.kernels.library_add_norm(phase))
+        in the allreduce (above), or at tp=1 in the library prefill's lab.norm.add_rms or split over
+        the library decode GEMVs (KernelPlan.gemv_norms)."""
+        return self.norms_in_allreduce or (self.tp == 1 and (self.kernels.library_add_norm(phase)
+                                                             or self.kernels.gemv_norms(phase, self.spec)))
 
     def _numbered(self):
         """(index in this stage's KV cache, layer): a stage's cache holds its own layers only."""
         return enumerate(self.layers.modules.values())
 
-    def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str, last_row_only: bool = False) -> Tensor:
-        """The stage's layers on `hidden` [b, s, h] (the final norm on the last stage). With
+    def forward(self, hidden: Tensor, kv: PagedKVCache, phase: str, last_row_only: bool = False) -> Tensor | PendingNorm:
+        """The stage's layers on `hidden` [b, s, h] (the final norm on the last stage: pending where
+        the norms are in the decode GEMVs, KernelPlan.gemv_norms, for the LM head's GEMV). With
         `last_row_only` (a prefill that returns only its last position's logits) the last stage's
         last layer finishes on the last row alone, as a decode step does: its qkv projection runs on
         every row (their keys and values go into the cache), but what follows would feed nothing
@@ -256,7 +294,7 @@ class LlamaModel(nn.Module):
             hidden = layer(hidden, kv, layer_id, phase)
         return self.norm(hidden, phase) if self.last_stage else hidden
 
-    def _finish_last_row(self, layer: DecoderLayer, hidden: Tensor, attended: Tensor) -> Tensor:
+    def _finish_last_row(self, layer: DecoderLayer, hidden: Tensor, attended: Tensor) -> Tensor | PendingNorm:
         """The last layer after its attention (`attended`: the last row's), and the final norm, on
         the last row (forward)."""
         return layer.finish(_last_row(hidden), attended, DECODE, self.norm, self.adds_norms(DECODE))
@@ -294,7 +332,7 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings and self.plan.holds("lm_head"):
             self.lm_head = Linear(*self.plan.linear_shape("lm_head"), self.quant, kernels, out_dtype="float32")
 
-    def _logits(self, hidden: Tensor, phase: str) -> Tensor:
+    def _logits(self, hidden: Tensor | PendingNorm, phase: str) -> Tensor:
         """[n, hidden] -> float32 logits [n, vocab] on every rank."""
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.lm_head(hidden, phase)
@@ -330,10 +368,10 @@ class LlamaForCausalLM(nn.Module):
         `results` the last stage computes (module doc)."""
         return extern(functions.PP_SEND_NEXT, [hidden], [Tensor.placeholder(shape, dtype) for shape, dtype in results])
 
-    def _one_row(self, hidden: Tensor) -> Tensor:
+    def _one_row(self, hidden: Tensor | PendingNorm) -> Tensor | PendingNorm:
         """The last stage's output of a last-row prefill ([1, 1, h]: LlamaModel.forward,
         last_row_only) as the LM head's [1, h]."""
-        return op.reshape(hidden, (1, self.config.hidden_size))
+        return _reshape(hidden, (1, self.config.hidden_size))
 
     def prefill(self, input_ids: Tensor, kv: PagedKVCache):
         hidden = self.model(self._enter(input_ids), kv, PREFILL, last_row_only=True)
@@ -354,7 +392,7 @@ class LlamaForCausalLM(nn.Module):
         b, _, h = hidden.shape
         if not self.plan.last_stage:
             return (*self._pass_on(hidden, ([b], "int32"), ([b, self.config.vocab_size], "float32")), kv)
-        logits = self._logits(op.reshape(hidden, (b, h)), phase)
+        logits = self._logits(_reshape(hidden, (b, h)), phase)
         return _argmax_last(logits), logits, kv
 
     def _to_first_stage(self, *values: Tensor):
@@ -435,7 +473,7 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(ids) if self.plan.first_stage else self._enter(ids)
         hidden = self.model(x, kv, phase)
         h = self.config.hidden_size
-        tokens, logits = self._static_results(hidden, lambda y: self._logits(op.reshape(y, (b, h)), phase), b)
+        tokens, logits = self._static_results(hidden, lambda y: self._logits(_reshape(y, (b, h)), phase), b)
         return static_kv.advance(tokens, ids, positions), logits
 
     def decode_static(self, cache: Tensor, positions: Tensor, ids: Tensor):
@@ -501,6 +539,11 @@ class LlamaForCausalLM(nn.Module):
             "batch_decode_static": {**state("batch_size"), "$": packed},
             "set_ids": {"input_ids": ids("batch_size", 1), "ids": ids("batch_size", 1), "$": packed},
         }
+
+
+def _reshape(x: Tensor | PendingNorm, shape) -> Tensor | PendingNorm:
+    """op.reshape of a tensor or of a pending norm's rows."""
+    return x.reshape(shape) if isinstance(x, PendingNorm) else op.reshape(x, shape)
 
 
 def _last_row(x: Tensor) -> Tensor:

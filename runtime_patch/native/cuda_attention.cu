@@ -142,32 +142,6 @@ DeviceState& State(int device) {
   return s;
 }
 
-// A device buffer for a function captured into a CUDA graph (the graph keeps its address), made at
-// the function's first call of a shape, which TVM runs before capturing (its warm-up run); an error
-// naming the fix while a capture is under way.
-void* NewBufferOutsideCapture(int64_t bytes, cudaStream_t stream) {
-  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
-  LAB_CHECK_CUDA(cudaStreamIsCapturing(stream, &capturing));
-  if (capturing != cudaStreamCaptureStatusNone)
-    TVM_FFI_THROW(RuntimeError) << "lab.kv: a buffer of " << bytes << " bytes is first needed while a CUDA graph is "
-                                << "being captured; call the function once before capturing";
-  void* data = nullptr;
-  LAB_CHECK_CUDA(cudaMalloc(&data, bytes));
-  return data;
-}
-
-// A zeroed device buffer that never moves once made, one per (device, purpose, size).
-void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
-  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
-  const auto key = std::make_tuple(device, purpose, bytes);
-  auto it = buffers.find(key);
-  if (it != buffers.end()) return it->second;
-  void* data = NewBufferOutsideCapture(bytes, stream);
-  LAB_CHECK_CUDA(cudaMemsetAsync(data, 0, bytes, stream));
-  buffers.emplace(key, data);
-  return data;
-}
-
 __device__ float BlockReduce(float value, bool is_max, float* shared) {
   for (int offset = 16; offset > 0; offset /= 2) {
     float other = __shfl_xor_sync(0xffffffffu, value, offset);
@@ -1682,9 +1656,9 @@ void StaticDecodeLaunch(const char* fn, const StepQkv& step, const StaticShape& 
   const int64_t splits = DecodeSplits(state, invariant ? 1 : batch, s.kv_heads,
                                       std::min<int64_t>(kMaxSplits, (s.max_len + keys_per_split - 1) / keys_per_split));
   const int64_t partials = batch * q_heads * splits;
-  float* part_o = static_cast<float*>(StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
+  float* part_o = static_cast<float*>(lab::StableBuffer(device, 0, partials * (s.d + 1) * 4, stream));
   float* part_lse = part_o + partials * s.d;
-  auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
+  auto* arrivals = static_cast<unsigned*>(lab::StableBuffer(device, 1, batch * s.kv_heads * 4, stream));
   StepQkv step_arg = step;
   __half* k_cache = CacheRows(cache, s, layer, 0);
   __half* v_cache = CacheRows(cache, s, layer, 1);
@@ -1730,7 +1704,7 @@ const float* RopeFrequencies(int device, int64_t d, const RopeParameters& rope, 
     }
     freqs[size_t(i)] = float(f);
   }
-  auto* table = static_cast<float*>(NewBufferOutsideCapture(int64_t(freqs.size() * sizeof(float)), stream));
+  auto* table = static_cast<float*>(lab::NewBufferOutsideCapture(int64_t(freqs.size() * sizeof(float)), stream));
   LAB_CHECK_CUDA(cudaMemcpyAsync(table, freqs.data(), freqs.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
   LAB_CHECK_CUDA(cudaStreamSynchronize(stream));  // `freqs` is freed on return
   tables.emplace(key, table);
@@ -1906,9 +1880,9 @@ void KvArgmax(DLTensor* logits, DLTensor* out) {
   cudaStream_t stream = StreamOf(logits);
   const int64_t parts = std::min<int64_t>(kArgmaxMaxParts, (vocab + kArgmaxThreads * kArgmaxPerThread - 1) /
                                                                (kArgmaxThreads * kArgmaxPerThread));
-  float* part_value = static_cast<float*>(StableBuffer(device, 2, rows * parts * 8, stream));
+  float* part_value = static_cast<float*>(lab::StableBuffer(device, 2, rows * parts * 8, stream));
   int* part_index = reinterpret_cast<int*>(part_value + rows * parts);
-  auto* arrivals = static_cast<unsigned*>(StableBuffer(device, 3, rows * 4, stream));
+  auto* arrivals = static_cast<unsigned*>(lab::StableBuffer(device, 3, rows * 4, stream));
   const float* logits_data = Data<float>(logits);
   int64_t vocab_arg = vocab;
   int32_t* out_data = Data<int32_t>(out);

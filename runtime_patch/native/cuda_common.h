@@ -1,7 +1,8 @@
 // Helpers shared by runtime_patch's CUDA plugins (runtime_patch/native/build.py CUDA_PLUGINS): error
 // checks (a tensor's device and layout, a launch), the cuBLAS handle of a (thread, device) (not in plugins built without cuBLAS:
-// LAB_NO_CUBLAS), a device's SM count and compute capability, a kernel's resident blocks, and
-// reading DLTensors. Each plugin compiles its own copy (inline).
+// LAB_NO_CUBLAS), a device's SM count and compute capability, a kernel's resident blocks, reading
+// DLTensors, device buffers that a captured graph may keep, and programmatic dependent launch. Each
+// plugin compiles its own copy (inline).
 #pragma once
 
 #ifndef LAB_NO_CUBLAS
@@ -140,6 +141,33 @@ inline void CheckLaunch(const char* fn) {
 template <typename T>
 T* Data(const DLTensor* t) {
   return reinterpret_cast<T*>(static_cast<char*>(t->data) + t->byte_offset);
+}
+
+// A device buffer for a function captured into a CUDA graph (the graph keeps its address), made at
+// the function's first call of a shape, which TVM runs before capturing (its warm-up run); an error
+// naming the fix while a capture is under way.
+inline void* NewBufferOutsideCapture(int64_t bytes, cudaStream_t stream) {
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  LAB_CHECK_CUDA(cudaStreamIsCapturing(stream, &capturing));
+  if (capturing != cudaStreamCaptureStatusNone)
+    TVM_FFI_THROW(RuntimeError) << "lab: a buffer of " << bytes << " bytes is first needed while a CUDA graph is "
+                                << "being captured; call the function once before capturing";
+  void* data = nullptr;
+  LAB_CHECK_CUDA(cudaMalloc(&data, bytes));
+  return data;
+}
+
+// A zeroed device buffer that never moves once made, one per (thread, device, purpose, size) in
+// each plugin (a disco worker is one thread on one device; a plugin numbers its own purposes).
+inline void* StableBuffer(int device, int purpose, int64_t bytes, cudaStream_t stream) {
+  thread_local std::map<std::tuple<int, int, int64_t>, void*> buffers;
+  const auto key = std::make_tuple(device, purpose, bytes);
+  auto it = buffers.find(key);
+  if (it != buffers.end()) return it->second;
+  void* data = NewBufferOutsideCapture(bytes, stream);
+  LAB_CHECK_CUDA(cudaMemsetAsync(data, 0, bytes, stream));
+  buffers.emplace(key, data);
+  return data;
 }
 
 // Programmatic dependent launch (compute capability 9.0 and newer). A kernel launched by

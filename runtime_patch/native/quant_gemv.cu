@@ -105,6 +105,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.h"
 #include "half_bits.h"
@@ -195,13 +196,37 @@ __device__ uint4 PairedChunk(uint4 raw) {
 // carried the add's code: q4f16_1 606.0-608.3 tokens/s against 611.0-617.0 with the add compiled
 // in only where it runs, two calls on an H200, docs/BENCHMARKS.md twelfth round.)
 enum class Part {
-  kProduct,  // out = W x
-  kAdd,      // out = residual + W x (lab.gemv.q4_add / q8_add)
+  kProduct,     // out = W x
+  kAdd,         // out = residual + W x (lab.gemv.q4_add / q8_add)
+  kAddSquares,  // out = residual + W x, scaled = out * norm_weight, the sum of out^2 into a site's
+                // slots (lab.gemv.q4_add_sq / q8_add_sq: the next RMSNorm's parts, NormSums)
 };
+
+// The RMSNorm split over the GEMVs around it (lab.gemv.*_add_sq and *_rms): rms_norm(h) * w =
+// (h * w) / rms(h), and the scalar commutes with the next product. The GEMV that makes h (the o or
+// down projection with its residual add, Part::kAddSquares) writes h and h * w and adds each warp's
+// sum of h^2 into one of kSumSlots slots of a site (an atomic add, no barrier); the GEMV that reads
+// it (qkv, gate_up with SiLU, the LM head: a kernel with NormedInput) takes h * w as x, sums the
+// site's slots (a lane each, a warp's shuffles) and scales its float32 products by 1 / rms(h). The
+// sites are two (the model alternates them: the o projections' 0, the down projections' 1), in a
+// zeroed buffer of the plugin's own (lab::StableBuffer); the GEMV that adds into site s zeroes site
+// 1 - s after lab::WaitForPrevious (its one reader, the kernel ahead or the one before it, has
+// finished by then), so each site is zero again before its next producer. (The twelfth round's form
+// of this wrote a slot a block, 512 of them, and each reader copied and summed them all: 1.5-2.2 us
+// a call; docs/BENCHMARKS.md.)
+constexpr int kSumSlots = 32;       // a site's slots: a warp adds into slot (its index % kSumSlots)
+constexpr int kSumSlotFloats = 32;  // a slot's stride: 128 bytes, a cache line of its own
+constexpr int kSumSites = 2;
+constexpr int kNormSumsPurpose = 0;  // lab::StableBuffer's purposes in this plugin's GEMVs
 
 // The tensors the parts use.
 struct Fusion {
-  const __half* residual = nullptr;  // kAdd: [n]
+  const __half* residual = nullptr;     // kAdd, kAddSquares: [n]
+  const __half* norm_weight = nullptr;  // kAddSquares: [n], the next RMSNorm's weight
+  __half* scaled = nullptr;             // kAddSquares: [n], out * norm_weight
+  float* sums = nullptr;                // kAddSquares: the site added into; NormedInput: the site read
+  float* clear = nullptr;               // kAddSquares: the other site, zeroed
+  float epsilon = 0.f;                  // NormedInput: the RMSNorm's
 };
 
 // Dynamic shared memory of a block: x, k rounded up to a multiple of 64 values (Swizzled
@@ -290,7 +315,9 @@ constexpr bool kRolling = K != 0;
 // graph, 5.1 read at the end (bench.gemv, 1 x H200, 2026-12-01, twelfth round).
 // K: the inputs as a compile-time constant (0: k at run time; kQ4ConstantK, Launch): the rounds,
 // bounds and addresses are then constants.
-template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
+// NormedInput: x is h * w of an RMSNorm's input h, the sum of h^2 in fusion.sums (NormSums above);
+// the products are scaled by 1 / rms(h) before anything else (SiLU, the rounding).
+template <int Bits, int kRows, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K, bool NormedInput>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks<Bits, kRows, P, Swiglu>)
 GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __half* __restrict__ scale,
           OutT* __restrict__ out, int n, int k_arg, Fusion fusion) {
@@ -306,14 +333,28 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
+  float norm_part = 0.f;  // NormedInput: this lane's slot of the site
+  // what comes after lab::WaitForPrevious: x (the previous kernel's output) into shared memory; the
+  // norm's sum read, or the other site zeroed
   const auto copy_x = [&] {
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
     __pipeline_commit();
+    if constexpr (NormedInput) norm_part = fusion.sums[lane * kSumSlotFloats];
+    if constexpr (kPart == Part::kAddSquares) {
+      if (blockIdx.x == 0 && threadIdx.x < kSumSlots) fusion.clear[threadIdx.x * kSumSlotFloats] = 0.f;
+    }
   };
   lab::AllowNext();  // only a kernel launched early takes it up (the *_early GEMVs, the static decode attention)
   if constexpr (!Early) {
     lab::WaitForPrevious();  // launched after the previous kernel has let it start: nothing before this
     copy_x();
+  }
+  // kAddSquares: lane 0's weights of the norm after it, for its output rows (constants)
+  float norm_weight[kOut];
+  if constexpr (kPart == Part::kAddSquares) {
+#pragma unroll
+    for (int o = 0; o < kOut; ++o)
+      norm_weight[o] = lane == 0 && active ? __half2float(fusion.norm_weight[min(out0 + o, outputs - 1)]) : 0.f;
   }
   const int rounds = (groups + 32 * P - 1) / (32 * P);  // the same for every thread of the block
   float acc[kRows] = {};
@@ -397,7 +438,12 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     }
     if (!active) return;
   }
-  const float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
+  float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
+  if constexpr (NormedInput) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) norm_part += __shfl_xor_sync(0xffffffffu, norm_part, offset);
+    unscale *= rsqrtf(norm_part / float(k) + fusion.epsilon);
+  }
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
 #pragma unroll
@@ -405,13 +451,21 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
     acc[r] *= unscale;
   }
   if (lane != 0) return;
+  float squares = 0.f;  // kAddSquares
 #pragma unroll
   for (int o = 0; o < kOut; ++o) {
     if (out0 + o >= outputs) break;
     float v = Swiglu ? SiluTimes(acc[o], acc[kOut + o]) : acc[o];
-    if constexpr (kPart == Part::kAdd) v += __half2float(fusion.residual[out0 + o]);
+    if constexpr (kPart == Part::kAdd || kPart == Part::kAddSquares) v += __half2float(fusion.residual[out0 + o]);
     out[out0 + o] = OutT(v);
+    if constexpr (kPart == Part::kAddSquares) {
+      const float h = float(OutT(v));  // the row as stored: the norm's input
+      squares += h * h;
+      fusion.scaled[out0 + o] = __float2half_rn(h * norm_weight[o]);
+    }
   }
+  if constexpr (kPart == Part::kAddSquares)
+    atomicAdd(fusion.sums + (blockIdx.x * kWarps + threadIdx.x / 32) % kSumSlots * kSumSlotFloats, squares);
 }
 
 // The kernel shape for an output of n rows and k inputs: rows per warp and groups per round.
@@ -455,9 +509,9 @@ struct Shape {
   const void* kernel;
 };
 
-template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
+template <int Bits, int R, int P, bool Swiglu, typename OutT, Part kPart, bool Early, int K, bool NormedInput>
 Shape ShapeOf() {
-  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early, K>)};
+  return {R, P, reinterpret_cast<const void*>(GemvQuant<Bits, R, P, Swiglu, OutT, kPart, Early, K, NormedInput>)};
 }
 
 // Resident blocks per SM of a kernel with `smem` bytes of dynamic shared memory (lab::ResidentBlocks:
@@ -470,18 +524,18 @@ int Resident(const void* kernel, int smem) {
 
 std::atomic<int> g_rows{0};  // lab.gemv.rows: 0 for the rule
 
-template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early, int K>
+template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early, int K, bool NormedInput>
 Shape Choose(int64_t n, int64_t k, int smem, int device) {
   const int64_t per_lane = (k / 32 + 31) / 32;  // groups of a row per lane
   const bool few = per_lane <= 4;
   Shape candidates[3];
   int count = 0;
-  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart, Early, K>();
-  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart, Early, K>()
-                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart, Early, K>();
+  if constexpr (Bits == 4) candidates[count++] = ShapeOf<Bits, 4, 4, Swiglu, OutT, kPart, Early, K, NormedInput>();
+  candidates[count++] = few || Bits == 8 ? ShapeOf<Bits, 2, 4, Swiglu, OutT, kPart, Early, K, NormedInput>()
+                                         : ShapeOf<Bits, 2, 8, Swiglu, OutT, kPart, Early, K, NormedInput>();
   if constexpr (!Swiglu)
-    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart, Early, K>()
-                              : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart, Early, K>();
+    candidates[count++] = few ? ShapeOf<Bits, 1, 4, Swiglu, OutT, kPart, Early, K, NormedInput>()
+                              : ShapeOf<Bits, 1, 8, Swiglu, OutT, kPart, Early, K, NormedInput>();
   const auto take = [smem](const Shape& c) {
     Resident(c.kernel, smem);  // allows its shared memory
     return c;
@@ -511,7 +565,7 @@ int SetRows(int rows) {
   return g_rows.exchange(rows);
 }
 
-template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early>
+template <int Bits, bool Swiglu, typename OutT, Part kPart, bool Early, bool NormedInput>
 void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __half* s, OutT* out, Fusion fusion,
             int device, cudaStream_t stream) {
   const int smem = SharedBytes(k);
@@ -519,11 +573,11 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
   Shape shape;
   bool chosen = false;
   if constexpr (Bits == 4) {
-    if (k == kQ4ConstantK) shape = Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK>(n, k, smem, device), chosen = true;
+    if (k == kQ4ConstantK) shape = Choose<Bits, Swiglu, OutT, kPart, Early, kQ4ConstantK, NormedInput>(n, k, smem, device), chosen = true;
   }
   if (!chosen)
-    shape = k == kDownK ? Choose<Bits, Swiglu, OutT, kPart, Early, kDownK>(n, k, smem, device)
-                        : Choose<Bits, Swiglu, OutT, kPart, Early, 0>(n, k, smem, device);
+    shape = k == kDownK ? Choose<Bits, Swiglu, OutT, kPart, Early, kDownK, NormedInput>(n, k, smem, device)
+                        : Choose<Bits, Swiglu, OutT, kPart, Early, 0, NormedInput>(n, k, smem, device);
   const int64_t outputs = Swiglu ? n / 2 : n;
   const int64_t per_block = int64_t(kWarps) * (Swiglu ? shape.rows / 2 : shape.rows);
   const unsigned blocks = unsigned((outputs + per_block - 1) / per_block);
@@ -537,14 +591,34 @@ void Launch(int64_t n, int64_t k, const __half* x, const uint32_t* w, const __ha
 struct Fused {
   Part part;
   bool swiglu;
+  bool normed_input;  // the *_rms functions: x is h * w of a pending RMSNorm (NormSums)
   const char* name;
+};
+
+// The pending RMSNorms' sums of a device (NormSums): kSumSites sites of kSumSlots slots.
+float* NormSite(int device, int64_t site, cudaStream_t stream, const char* fn) {
+  if (site < 0 || site >= kSumSites)
+    TVM_FFI_THROW(ValueError) << fn << ": norm site " << site << " is not 0 or 1";
+  auto* sums = static_cast<float*>(
+      lab::StableBuffer(device, kNormSumsPurpose, int64_t(kSumSites) * kSumSlots * kSumSlotFloats * 4, stream));
+  return sums + site * kSumSlots * kSumSlotFloats;
+}
+
+// What a GEMV function takes besides x, its weight and out (null where it takes none): the residual
+// (add, add_sq), the next norm's weight and `scaled` (add_sq), the site (add_sq, rms) and epsilon (rms).
+struct Extra {
+  DLTensor* residual = nullptr;
+  DLTensor* norm_weight = nullptr;
+  DLTensor* scaled = nullptr;
+  int64_t site = 0;
+  double epsilon = 0.;
 };
 
 // Every GEMV function: x [.., K] one row; q_weight [N, K * bits / 32] uint32; q_scale [N, K / 32]
 // float16; residual [.., N] float16 or null; out [.., N] (or [.., N / 2] with swiglu) float16, or
-// float32 where nothing is fused (the LM head). Early: the *_early functions (plain and add).
+// float32 where nothing is added (the LM head). Early: the *_early functions (plain, add, add_sq).
 template <int Bits, bool Early>
-void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
+void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out, const Extra& extra = {}) {
   const char* fn = fused.name;
   constexpr int per_word = 32 / Bits;
   lab::CheckOnGpuCompact(fn, {x, w, scale, out});
@@ -562,15 +636,30 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
                               << ")";
   if (reinterpret_cast<uintptr_t>(Data<char>(x)) % 16 != 0)
     TVM_FFI_THROW(ValueError) << fn << ": x must be 16-byte aligned";
-  Fusion fusion;
-  if (fused.part == Part::kAdd) {
-    lab::CheckOnGpuCompact(fn, {residual});
-    if (!lab::IsHalf(residual->dtype) || Rows(residual) != 1 || residual->shape[residual->ndim - 1] != outputs)
-      TVM_FFI_THROW(ValueError) << fn << ": residual must be one float16 row of " << outputs;
-    fusion.residual = Data<__half>(residual);
-  }
   const int device = x->device.device_id;
   auto stream = static_cast<cudaStream_t>(TVMFFIEnvGetStream(kDLCUDA, device));
+  Fusion fusion;
+  const auto one_half_row = [&](const DLTensor* t, const char* what) {
+    lab::CheckOnGpuCompact(fn, {t});
+    if (!lab::IsHalf(t->dtype) || Rows(t) != 1 || t->shape[t->ndim - 1] != outputs)
+      TVM_FFI_THROW(ValueError) << fn << ": " << what << " must be one float16 row of " << outputs;
+  };
+  if (fused.part == Part::kAdd || fused.part == Part::kAddSquares) {
+    one_half_row(extra.residual, "residual");
+    fusion.residual = Data<__half>(extra.residual);
+  }
+  if (fused.part == Part::kAddSquares) {
+    one_half_row(extra.norm_weight, "norm_weight");
+    one_half_row(extra.scaled, "scaled");
+    fusion.norm_weight = Data<__half>(extra.norm_weight);
+    fusion.scaled = Data<__half>(extra.scaled);
+    fusion.sums = NormSite(device, extra.site, stream, fn);
+    fusion.clear = NormSite(device, 1 - extra.site, stream, fn);
+  }
+  if (fused.normed_input) {
+    fusion.sums = NormSite(device, extra.site, stream, fn);
+    fusion.epsilon = float(extra.epsilon);
+  }
   const bool f32 = out->dtype.code == kDLFloat && out->dtype.bits == 32;
   const bool f32_allowed = fused.part == Part::kProduct && !fused.swiglu;
   if (!lab::IsHalf(out->dtype) && !(f32 && f32_allowed))
@@ -578,18 +667,35 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
   const auto* xp = Data<__half>(x);
   const auto* wp = Data<uint32_t>(w);
   const auto* sp = Data<__half>(scale);
-  if (fused.part == Part::kAdd) {
-    Launch<Bits, false, __half, Part::kAdd, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
-  } else if (f32) {
-    Launch<Bits, false, float, Part::kProduct, Early>(n, k, xp, wp, sp, Data<float>(out), fusion, device, stream);
-  } else if (fused.swiglu) {
-    if constexpr (Early) {
-      TVM_FFI_THROW(InternalError) << fn << ": there is no early SwiGLU GEMV";
+  // the kernels each function launches (a function is one Fused: the branches it does not take are
+  // not compiled for it where Early or the input rule them out)
+  const auto launch = [&](auto normed) {
+    constexpr bool kNormed = decltype(normed)::value;
+    if (fused.part == Part::kAdd) {
+      Launch<Bits, false, __half, Part::kAdd, Early, false>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    } else if (fused.part == Part::kAddSquares) {
+      Launch<Bits, false, __half, Part::kAddSquares, Early, false>(n, k, xp, wp, sp, Data<__half>(out), fusion,
+                                                                   device, stream);
+    } else if (f32) {
+      Launch<Bits, false, float, Part::kProduct, Early, kNormed>(n, k, xp, wp, sp, Data<float>(out), fusion, device,
+                                                                 stream);
+    } else if (fused.swiglu) {
+      if constexpr (Early) {
+        TVM_FFI_THROW(InternalError) << fn << ": there is no early SwiGLU GEMV";
+      } else {
+        Launch<Bits, true, __half, Part::kProduct, false, kNormed>(n, k, xp, wp, sp, Data<__half>(out), fusion, device,
+                                                                   stream);
+      }
     } else {
-      Launch<Bits, true, __half, Part::kProduct, false>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+      Launch<Bits, false, __half, Part::kProduct, Early, kNormed>(n, k, xp, wp, sp, Data<__half>(out), fusion, device,
+                                                                  stream);
     }
+  };
+  if constexpr (Early) {
+    if (fused.normed_input) TVM_FFI_THROW(InternalError) << fn << ": there is no early GEMV of a pending norm";
+    launch(std::false_type{});
   } else {
-    Launch<Bits, false, __half, Part::kProduct, Early>(n, k, xp, wp, sp, Data<__half>(out), fusion, device, stream);
+    fused.normed_input ? launch(std::true_type{}) : launch(std::false_type{});
   }
   lab::CheckLaunch(fn);
 }
@@ -597,20 +703,41 @@ void Gemv(const Fused& fused, DLTensor* x, DLTensor* w, DLTensor* scale, DLTenso
 template <int Bits, bool Early>
 void GemvPlain(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
   const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_early" : "lab.gemv.q4") : (Early ? "lab.gemv.q8_early" : "lab.gemv.q8");
-  Gemv<Bits, Early>({Part::kProduct, false, name}, x, w, scale, nullptr, out);
+  Gemv<Bits, Early>({Part::kProduct, false, false, name}, x, w, scale, out);
 }
 
 template <int Bits, bool Early>
 void GemvAdd(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* out) {
   const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_early" : "lab.gemv.q4_add")
                                : (Early ? "lab.gemv.q8_add_early" : "lab.gemv.q8_add");
-  Gemv<Bits, Early>({Part::kAdd, false, name}, x, w, scale, residual, out);
+  Extra extra;
+  extra.residual = residual;
+  Gemv<Bits, Early>({Part::kAdd, false, false, name}, x, w, scale, out, extra);
+}
+
+template <int Bits, bool Early>
+void GemvAddSquares(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* residual, DLTensor* norm_weight, int64_t site,
+                    DLTensor* out, DLTensor* scaled) {
+  const char* name = Bits == 4 ? (Early ? "lab.gemv.q4_add_sq_early" : "lab.gemv.q4_add_sq")
+                               : (Early ? "lab.gemv.q8_add_sq_early" : "lab.gemv.q8_add_sq");
+  Extra extra;
+  extra.residual = residual, extra.norm_weight = norm_weight, extra.scaled = scaled, extra.site = site;
+  Gemv<Bits, Early>({Part::kAddSquares, false, false, name}, x, w, scale, out, extra);
 }
 
 template <int Bits>
 void GemvSwiglu(DLTensor* x, DLTensor* w, DLTensor* scale, DLTensor* out) {
-  Gemv<Bits, false>({Part::kProduct, true, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w, scale, nullptr,
-                    out);
+  Gemv<Bits, false>({Part::kProduct, true, false, Bits == 4 ? "lab.gemv.q4_swiglu" : "lab.gemv.q8_swiglu"}, x, w,
+                    scale, out);
+}
+
+template <int Bits, bool Swiglu>
+void GemvNormed(DLTensor* x, DLTensor* w, DLTensor* scale, int64_t site, double epsilon, DLTensor* out) {
+  const char* name = Bits == 4 ? (Swiglu ? "lab.gemv.q4_swiglu_rms" : "lab.gemv.q4_rms")
+                               : (Swiglu ? "lab.gemv.q8_swiglu_rms" : "lab.gemv.q8_rms");
+  Extra extra;
+  extra.site = site, extra.epsilon = epsilon;
+  Gemv<Bits, false>({Part::kProduct, Swiglu, true, name}, x, w, scale, out, extra);
 }
 
 }  // namespace
@@ -628,4 +755,12 @@ TVM_FFI_STATIC_INIT_BLOCK() {
   refl::GlobalDef().def("lab.gemv.rows", SetRows);
   refl::GlobalDef().def("lab.gemv.q4_swiglu", GemvSwiglu<4>);
   refl::GlobalDef().def("lab.gemv.q8_swiglu", GemvSwiglu<8>);
+  refl::GlobalDef().def("lab.gemv.q4_add_sq", GemvAddSquares<4, false>);
+  refl::GlobalDef().def("lab.gemv.q8_add_sq", GemvAddSquares<8, false>);
+  refl::GlobalDef().def("lab.gemv.q4_add_sq_early", GemvAddSquares<4, true>);
+  refl::GlobalDef().def("lab.gemv.q8_add_sq_early", GemvAddSquares<8, true>);
+  refl::GlobalDef().def("lab.gemv.q4_rms", GemvNormed<4, false>);
+  refl::GlobalDef().def("lab.gemv.q8_rms", GemvNormed<8, false>);
+  refl::GlobalDef().def("lab.gemv.q4_swiglu_rms", GemvNormed<4, true>);
+  refl::GlobalDef().def("lab.gemv.q8_swiglu_rms", GemvNormed<8, true>);
 }
