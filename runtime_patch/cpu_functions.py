@@ -89,17 +89,18 @@ def _swiglu(gate_up, out) -> None:
 
 
 # The pending RMSNorms' sums (functions.GEMV[bits, "add_sq"] and the "rms" GEMVs), one per norm
-# site, of this thread (as the CUDA plugin keeps them per thread and device)
-_norm_sums = threading.local()
+# site, by the calling thread's id (as the CUDA plugin keeps them per thread and device). Not a
+# threading.local: a disco worker's thread calls in from C++, and its Python thread state (with
+# what a threading.local holds) does not outlive a call.
+_norm_sums: dict[int, list[np.ndarray]] = {}
 
 
 def _norm_site(site: int) -> np.ndarray:
-    """The one-element float32 sum of norm site `site` (0 or 1) of this thread."""
+    """The one-element float32 sum of norm site `site` (0 or 1) of the calling thread."""
     if site not in functions.NORM_SITES:
         raise ValueError(f"norm site {site} is not one of {functions.NORM_SITES}")
-    if not hasattr(_norm_sums, "sites"):
-        _norm_sums.sites = [np.zeros(1, np.float32) for _ in functions.NORM_SITES]
-    return _norm_sums.sites[site]
+    sites = _norm_sums.setdefault(threading.get_ident(), [np.zeros(1, np.float32) for _ in functions.NORM_SITES])
+    return sites[site]
 
 
 def _numpy_gemv(bits: int, fusion: str = ""):

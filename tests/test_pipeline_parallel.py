@@ -26,13 +26,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, STEPS = 12, 6
 
 
-def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto", cluster=None, check_session=None, prefill_gemm="auto"):
+def _run(folder, quant, tp, pp, cache_dir, kv_cache="auto", cluster=None, check_session=None, prefill_gemm="auto",
+         **build):
     """Teacher-forced logits and a batch of two greedy generations at (tp, pp) (on `cluster`;
-    `check_session(session)` is called on the open session). Shared with tests/test_multihost.py."""
+    `check_session(session)` is called on the open session; `build`: more BuildSpec options).
+    Shared with tests/test_multihost.py."""
     from engine.session import open_session
 
     config = from_hf_folder(folder)
-    spec = BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache, prefill_gemm=prefill_gemm)
+    spec = BuildSpec(config, quant, tp, pp=pp, kv_cache=kv_cache, prefill_gemm=prefill_gemm, **build)
     stages = compile_pipeline(spec, cache_dir)
     with open_session(stages, open_source(config, folder), cluster) as session:
         if check_session is not None:
@@ -75,6 +77,25 @@ def test_stages_with_the_library_prefill(tiny_checkpoint, cache_dir, tiny_tp1, l
     assert add_norms  # the prefills ran through it
     assert got == generated
     assert relative_error(logits, reference) < 1e-4
+
+
+def test_stages_with_the_norms_in_the_decode_gemvs(gqa_checkpoint, cache_dir, library_calls):
+    """pp=2 at tp=1 with the library decode GEMVs and norms: the RMSNorms after the residual adds
+    split over the GEMVs around them (lab.gemv.q4_add_sq starts one, q4_rms / q4_swiglu_rms finish
+    it) but in the first stage's last layer, which has no next norm (its adds and norm are
+    lab.norm.add_rms and a plain add: the norm sites stay in step); the logits and tokens of one
+    stage, and transformers' logits."""
+    from engine.quantize import quant_spec
+    from runtime_patch import functions
+
+    starts = library_calls(functions.GEMV[4, "add_sq"])
+    build = {"decode_gemv": "library", "decode_norm": "library"}
+    tokens, ref_logits, ref_tokens = _run(gqa_checkpoint, "q4f16_1", 1, 1, cache_dir, "static", **build)
+    assert starts
+    _, logits, got = _run(gqa_checkpoint, "q4f16_1", 1, 2, cache_dir, "static", **build)
+    assert got == ref_tokens
+    assert relative_error(logits, ref_logits) < 1e-3
+    assert relative_error(logits, Reference(gqa_checkpoint, quant_spec("q4f16_1")).logits(tokens)) < 1e-2
 
 
 def test_micro_batches_interleaved_over_the_stages(tiny_checkpoint, cache_dir):

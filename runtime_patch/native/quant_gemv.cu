@@ -206,15 +206,16 @@ enum class Part {
 // (h * w) / rms(h), and the scalar commutes with the next product. The GEMV that makes h (the o or
 // down projection with its residual add, Part::kAddSquares) writes h and h * w and adds each warp's
 // sum of h^2 into one of kSumSlots slots of a site (an atomic add, no barrier); the GEMV that reads
-// it (qkv, gate_up with SiLU, the LM head: a kernel with NormedInput) takes h * w as x, sums the
-// site's slots (a lane each, a warp's shuffles) and scales its float32 products by 1 / rms(h). The
-// sites are two (the model alternates them: the o projections' 0, the down projections' 1), in a
-// zeroed buffer of the plugin's own (lab::StableBuffer); the GEMV that adds into site s zeroes site
-// 1 - s after lab::WaitForPrevious (its one reader, the kernel ahead or the one before it, has
-// finished by then), so each site is zero again before its next producer. (The twelfth round's form
-// of this wrote a slot a block, 512 of them, and each reader copied and summed them all: 1.5-2.2 us
-// a call; docs/BENCHMARKS.md.)
+// it (qkv, gate_up with SiLU, the LM head: a kernel with NormedInput) takes h * w as x, copies the
+// site's slots into shared memory with x, sums them (a lane each, a warp's shuffles) and scales its
+// float32 products by 1 / rms(h). The sites are two (the model alternates them: the o projections'
+// 0, the down projections' 1), in a zeroed buffer of the plugin's own (lab::StableBuffer); the GEMV
+// that adds into site s zeroes site 1 - s after lab::WaitForPrevious (its one reader, the kernel
+// ahead or the one before it, has finished by then), so each site is zero again before its next
+// producer. (The twelfth round's form of this wrote a slot a block, 512 of them, and each reader
+// copied and summed them all: 1.5-2.2 us a call; docs/BENCHMARKS.md.)
 constexpr int kSumSlots = 32;       // a site's slots: a warp adds into slot (its index % kSumSlots)
+static_assert(kSumSlots == 32, "a reader's lane sums one slot");
 constexpr int kSumSlotFloats = 32;  // a slot's stride: 128 bytes, a cache line of its own
 constexpr int kSumSites = 2;
 constexpr int kNormSumsPurpose = 0;  // lab::StableBuffer's purposes in this plugin's GEMVs
@@ -333,13 +334,18 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   const int64_t row_vecs = int64_t(groups) * L;  // 16-byte vectors per row
   const uint4* wv = reinterpret_cast<const uint4*>(w);
   const uint4* xv = reinterpret_cast<const uint4*>(x);
-  float norm_part = 0.f;  // NormedInput: this lane's slot of the site
-  // what comes after lab::WaitForPrevious: x (the previous kernel's output) into shared memory; the
-  // norm's sum read, or the other site zeroed
+  // NormedInput: the site's slots, copied with x (in a register from the start the sum took one
+  // that q8's one-row kernel, at 64, spilled)
+  __shared__ float norm_slots[NormedInput ? kSumSlots : 1];
+  // what comes after lab::WaitForPrevious: x (the previous kernel's output) and the norm's slots into
+  // shared memory, or the other site zeroed
   const auto copy_x = [&] {
     for (int j = threadIdx.x; j < k / 8; j += blockDim.x) __pipeline_memcpy_async(x_shared + Swizzled(j), xv + j, 16);
+    if constexpr (NormedInput) {
+      if (threadIdx.x < kSumSlots)
+        __pipeline_memcpy_async(norm_slots + threadIdx.x, fusion.sums + threadIdx.x * kSumSlotFloats, 4);
+    }
     __pipeline_commit();
-    if constexpr (NormedInput) norm_part = fusion.sums[lane * kSumSlotFloats];
     if constexpr (kPart == Part::kAddSquares) {
       if (blockIdx.x == 0 && threadIdx.x < kSumSlots) fusion.clear[threadIdx.x * kSumSlotFloats] = 0.f;
     }
@@ -440,6 +446,7 @@ GemvQuant(const __half* __restrict__ x, const uint32_t* __restrict__ w, const __
   }
   float unscale = Bits == 4 ? 1.f / kXScale : 1.f;
   if constexpr (NormedInput) {
+    float norm_part = norm_slots[lane];  // written before x_ready's barrier
 #pragma unroll
     for (int offset = 16; offset > 0; offset /= 2) norm_part += __shfl_xor_sync(0xffffffffu, norm_part, offset);
     unscale *= rsqrtf(norm_part / float(k) + fusion.epsilon);
