@@ -12,17 +12,22 @@
 // kernel after every gate_up projection (~1.8 us in a graph) is gone. (Streamed, a grid of one wave
 // whose warps each load their next output's weights while computing the current one, it was slower:
 // 20.4 us in a graph, q4f16_1 641.1 against 645.0-645.2 tokens/s; docs/BENCHMARKS.md fourteenth
-// round.) (The layer's RMSNorm in the GEMVs was tried and dropped four times: every block
-// normalising x in its prologue cost 1.7-4 us a call, and so did the norm as a scalar on the
-// products, x scaled by the norm's weight and its squares summed while x is prepared (no extra pass
-// or barrier): 1.7-2.1 us, as much as the norm's own kernel; docs/BENCHMARKS.md, seventh round.
-// The fourth form split it over the GEMVs around it: the o and down GEMVs also wrote h * w and the
-// sums of h^2 by slots of 8 rows, the qkv, gate_up and LM head GEMVs copied the slots with x and
-// scaled their products: each part 1.5-2.2 us slower than the GEMV without it, q4f16_1 576.7
-// against 617.0 tokens/s; twelfth round. The fifth: the o and down GEMVs with their add also wrote
-// the norm of their output, normalised by the grid's last block to arrive (an arrival counter):
-// the tail cost 3.7-5.6 us a call in a graph against the norm kernel's ~1.4 (which its early launch
-// hides in part), q4f16_1 555.4-555.6 against 645.1-645.5 tokens/s in one call; nineteenth round.)
+// round.)
+//
+// lab.gemv.q4_add_sq / q8_add_sq (x, q_weight, q_scale, residual, norm_weight, site, out, scaled),
+// early too, and lab.gemv.q4_rms / q8_rms / q4_swiglu_rms / q8_swiglu_rms (x, q_weight, q_scale,
+// site, eps, out): the RMSNorm after each residual add split over the GEMVs around it (NormSums
+// below): the add GEMV writes out, scaled = out * norm_weight and adds the sum of out^2 into a norm
+// site; the next GEMV takes scaled as x and scales its products by 1 / rms(out). No norm kernel in a
+// decode step but the first layer's: q4f16_1 641.6-642.1 -> 673.4-674.3 tokens/s, q8f16_1
+// 414.7-415.6 -> 420.8-421.6, one call on an H200 (docs/BENCHMARKS.md twentieth round). The norm in
+// the GEMVs lost five times before: every block normalising x in its prologue (1.7-4 us a call); the
+// norm as a scalar on the products with the squares summed by every block while x is prepared
+// (1.7-2.1 us; seventh round); split as here, but with a slot a block (512) that every reader copied
+// and summed (1.5-2.2 us a part, q4f16_1 576.7 against 617.0; twelfth round); the add GEMV's last
+// block to arrive normalising the row (a serial tail of 3.7-5.6 us a call, 555.4-555.6 against
+// 645.1-645.5; nineteenth round). What differs here: a reader's extra work is one 128-byte copy with
+// x and a warp's shuffles, and the writer's atomics need no barrier.
 //
 // lab.gemv.q4_early / q8_early / q4_add_early / q8_add_early: the plain and add GEMVs launched
 // while the kernel before them still runs (lab::LaunchAfterPrevious, sm_90): their first weight
@@ -202,7 +207,7 @@ enum class Part {
                 // slots (lab.gemv.q4_add_sq / q8_add_sq: the next RMSNorm's parts, NormSums)
 };
 
-// The RMSNorm split over the GEMVs around it (lab.gemv.*_add_sq and *_rms): rms_norm(h) * w =
+// NormSums: the RMSNorm split over the GEMVs around it (lab.gemv.*_add_sq and *_rms): rms_norm(h) * w =
 // (h * w) / rms(h), and the scalar commutes with the next product. The GEMV that makes h (the o or
 // down projection with its residual add, Part::kAddSquares) writes h and h * w and adds each warp's
 // sum of h^2 into one of kSumSlots slots of a site (an atomic add, no barrier); the GEMV that reads
