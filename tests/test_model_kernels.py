@@ -93,7 +93,8 @@ def test_library_gemv_only_in_the_batch1_decode(tiny_config, kv_cache):
 @pytest.mark.parametrize("kv_cache", SUFFIX)
 def test_library_norm_by_phase(tiny_config, kv_cache):
     """decode_norm: library on cuda under auto, TVM's on llvm; with the library's, the decode steps
-    (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm. The prefills'
+    (batch 1 and batched) call lab.norm.rms for every RMSNorm and no TVM rms_norm, but with the
+    library GEMVs the batch-1 step's norms after the residual adds are split over its GEMVs. The prefills'
     RMSNorms follow prefill_gemm, whatever decode_norm says: the library prefill's first norm is
     lab.norm.rms and every other comes with the residual add before it (lab.norm.add_rms, no TVM
     add or norm left), but in `prefill` the last row's two (its last layer finishes on that row as

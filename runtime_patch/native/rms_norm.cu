@@ -1,6 +1,8 @@
 // lab.norm.rms(x, weight, eps, out): out = rms_norm(x) * weight over the last dimension, rounded as
 // transformers' LlamaRMSNorm (rms_norm.h): the decode steps' RMSNorms (decode_norm=library,
-// engine.model.kernels.RMSNorm) and the library prefill's first.
+// engine.model.kernels.RMSNorm; in a batch-1 step with the library GEMVs at tp=1 only the first
+// layer's, the others split over the GEMVs around them: quant_gemv.cu, NormSums) and the library
+// prefill's first.
 // lab.norm.add_rms(partial, residual, weight, eps, total, normed): total = residual + partial
 // rounded to the dtype (transformers' residual add), normed = rms_norm(total) * weight: the
 // library prefill's residual adds at tp=1, each with the norm after it (engine.model.llama), in
