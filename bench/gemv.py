@@ -340,10 +340,10 @@ NORM_EPS = 1e-5  # the split norm's epsilon (Llama-3's)
 NORM_SITE = 0  # the norm site the add_sq GEMVs add into and the rms GEMVs read
 
 
-def _set_norm_site(bits: int, width: int, g) -> None:
-    """Norm site NORM_SITE of the GPU's GEMV plugin and of the CPU versions holding the same sum
-    (up to its order): an add_sq GEMV of `width` outputs into the other site, which zeroes
-    NORM_SITE, then one into NORM_SITE, run on both."""
+def _set_norm_site(bits: int, width: int, g, site: int = NORM_SITE) -> None:
+    """Norm site `site` of the GPU's GEMV plugin and of the CPU versions holding the same sum (up
+    to its order), the other zero: an add_sq GEMV of `width` outputs into the other site, which
+    zeroes `site`, then one into `site`, run on both."""
     import numpy as np
     import torch
     import tvm_ffi
@@ -359,11 +359,11 @@ def _set_norm_site(bits: int, width: int, g) -> None:
     norm_weight = torch.ones(width, device="cuda", dtype=torch.float16)
     outs = [torch.empty(1, 1, width, device="cuda", dtype=torch.float16) for _ in range(2)]
     name = functions.GEMV[bits, "add_sq"]
-    for site in (1 - NORM_SITE, NORM_SITE):
+    for s in (1 - site, site):
         with tvm_ffi.use_torch_stream():
-            tvm_ffi.get_global_func(name)(*[tvm_ffi.from_dlpack(a) for a in (x, *weights, residual, norm_weight)], site,
+            tvm_ffi.get_global_func(name)(*[tvm_ffi.from_dlpack(a) for a in (x, *weights, residual, norm_weight)], s,
                                           *[tvm_ffi.from_dlpack(o) for o in outs])
-        cpu_functions.IMPLEMENTATIONS[name](*[a.cpu().numpy() for a in (x, *weights, residual, norm_weight)], site,
+        cpu_functions.IMPLEMENTATIONS[name](*[a.cpu().numpy() for a in (x, *weights, residual, norm_weight)], s,
                                             *[np.zeros(tuple(o.shape), np.float16) for o in outs])
     torch.cuda.synchronize()
 
@@ -437,6 +437,8 @@ def fused_results(quants: list[str], rows: int = 0) -> list[dict]:
                       f"(plain {row['plain_us']:.1f}); error against the CPU version {err:.1e}"
                       f"{'' if row['ok'] else ' NOT OK'}", flush=True)
                 results.append(row)
+        # the sites as a decode step leaves them (site 0 zero: a model's first o projection adds into it)
+        _set_norm_site(bits, SHAPES["o"][0], g, site=1)
     return results
 
 

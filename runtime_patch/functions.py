@@ -30,7 +30,10 @@ Matrix products (plugin cuda_gemm):
                                         (the qkv projection, the LM head)
     "swiglu_rms" (x, q_weight, q_scale, site, eps, out)   swiglu of the same scaled product (gate_up)
                                         The norm sites live in the plugin (two, each zeroed by the
-                                        add_sq into the other: the model alternates them, NORM_SITES)
+                                        add_sq into the other: the model alternates them, NORM_SITES,
+                                        and a step ends with site 0 zero, where the next step's
+                                        first add_sq adds; whoever calls these by hand must leave
+                                        it so)
   GEMV_EARLY[bits, fusion]              GEMV[bits, fusion] ("", "add" or "add_sq") launched while the kernel
                                         before it still runs (programmatic dependent launch, sm_90:
                                         its weight loads overlap that kernel, which must let it start
