@@ -180,7 +180,7 @@ class Linear(nn.Module):
         the library prefill's adds come with the norms after them instead: KernelPlan.library_add_norm);
         `early` as in forward."""
         if self.plan.library_gemv(phase, self.spec):
-            return self._gemv("add", x, residual=residual, early=early)
+            return self._gemv("add", x, [residual], early=early)
         return residual + self(x, phase)
 
     def plus_norm_start(self, x: Tensor, residual: Tensor, norm: RMSNorm, site: int, phase: str,
@@ -198,17 +198,13 @@ class Linear(nn.Module):
     def _gemv_normed(self, fusion: str, x: PendingNorm, out_dtype: str | None = None) -> Tensor:
         """The library GEMV functions.GEMV[bits, fusion] ("rms" or "swiglu_rms") of a pending norm."""
         assert self.spec.quantized and self.spec.bits in functions.GEMV_BY_BITS, "a PendingNorm needs a library GEMV"
-        rows = self.q_weight.shape[0] // (2 if fusion == "swiglu_rms" else 1)
-        out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
-        return extern(functions.GEMV[self.spec.bits, fusion],
-                      [x.scaled, self.q_weight, self.q_scale, x.site, x.epsilon], [out])
+        return self._gemv(fusion, x.scaled, [x.site, x.epsilon], out_dtype)
 
-    def _gemv(self, fusion: str, x: Tensor, residual: Tensor | None = None, out_dtype: str | None = None,
+    def _gemv(self, fusion: str, x: Tensor, extra: list | tuple = (), out_dtype: str | None = None,
               early: bool = False) -> Tensor:
         """The library GEMV functions.GEMV[bits, fusion] (GEMV_EARLY where `early`) of x (one row)
-        with this linear's weight."""
-        rows = self.q_weight.shape[0] // (2 if fusion == "swiglu" else 1)
-        extra = [residual] if residual is not None else []
+        with this linear's weight and the function's `extra` arguments (functions.GEMV_FUSIONS)."""
+        rows = self.q_weight.shape[0] // (2 if fusion.startswith("swiglu") else 1)
         out = Tensor.placeholder([*x.shape[:-1], rows], out_dtype or self.out_dtype)
         name = (functions.GEMV_EARLY if early else functions.GEMV)[self.spec.bits, fusion]
         return op.extern(name, [x, self.q_weight, self.q_scale, *extra], out)
